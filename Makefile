@@ -1,0 +1,41 @@
+# Two entry points: `make demo` and `make test`. Both set up everything they need first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test setup data protos clean
+
+demo: setup data
+	$(BIN)/prunefleet demo
+
+test: setup data
+	$(BIN)/python -m pytest -q
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[cloud,dev]'
+	touch $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package; install it when we may.
+data:
+	@if [ -f $(FMNIST_DIR)/t10k-labels-idx1-ubyte.gz ] || [ -f $(FMNIST_DIR)/t10k-labels-idx1-ubyte ]; then \
+		true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'" \
+		     "or pass --data-dir to a directory holding the four IDX files."; \
+	fi
+
+# Regenerate the gRPC stubs after editing protos/*.proto.
+protos: setup
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/*.proto
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,142 @@
+"""`prunefleet`: the operator and cloud CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import grpc
+
+from cloud import operator
+from cloud.store import PortfolioStore, StoreError
+from common.datasets import DatasetError
+from common.registry import UnknownNameError
+
+
+def _add_build(sub) -> None:
+    p = sub.add_parser("build", help="train a model and derive a portfolio of pruned variants")
+    p.add_argument("--method", default="shifter")
+    p.add_argument("--model", default="vgg11")
+    p.add_argument("--width", type=float, default=0.25, help="channel width multiplier")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--levels", type=int, default=3, help="pruning levels after the dense model")
+    p.add_argument("--rate", type=float, default=0.2, help="share of surviving weights pruned per level")
+    p.add_argument("--rewind-iteration", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--subset", type=int, default=0, help="training examples to use (0 = all)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunefleet", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    top = parser.add_subparsers(dest="command", required=True)
+    portfolio = top.add_parser("portfolio", help="build and inspect portfolios").add_subparsers(dest="action", required=True)
+    _add_build(portfolio)
+    portfolio.add_parser("list", help="the variants of a portfolio").add_argument("--store", type=Path, required=True)
+    show = portfolio.add_parser("show", help="one variant in full")
+    show.add_argument("--store", type=Path, required=True)
+    show.add_argument("id", help="variant id, unique id prefix, or name")
+    serve = top.add_parser("cloud", help="the cloud server").add_subparsers(dest="action", required=True).add_parser(
+        "serve", help="serve a portfolio and coordinate the fleet")
+    serve.add_argument("--store", type=Path, required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    serve.add_argument("--metrics-port", type=int, default=None)
+    serve.add_argument("--db", type=Path, default=None, help="SQLite file (default STORE/fleet.sqlite)")
+    fleet = top.add_parser("fleet", help="the fleet as the coordinator sees it").add_subparsers(dest="action", required=True)
+    fleet.add_parser("status").add_argument("--cloud", required=True, metavar="HOST:PORT")
+    events = fleet.add_parser("events", help="switch decisions with their reasons")
+    events.add_argument("--cloud", required=True, metavar="HOST:PORT")
+    events.add_argument("--edge", default="")
+    events.add_argument("--limit", type=int, default=100)
+    policy = top.add_parser("policy", help="the switching policy").add_subparsers(dest="action", required=True)
+    pset = policy.add_parser("set", help="change fields of the current policy")
+    pset.add_argument("--cloud", required=True, metavar="HOST:PORT")
+    pset.add_argument("--slo-ms", type=float)
+    pset.add_argument("--min-accuracy", type=float)
+    pset.add_argument("--down-windows", type=int)
+    pset.add_argument("--up-windows", type=int)
+    pset.add_argument("--up-headroom", type=float)
+    pset.add_argument("--dwell-s", type=float)
+    pset.add_argument("--pin", dest="pinned_variant", help="serve only this variant id ('' unpins)")
+    demo = top.add_parser("demo", help="build a portfolio and run a two-edge cluster under changing load")
+    demo.add_argument("--out", type=Path, default=Path("reports/demo"))
+    demo.add_argument("--data-dir", type=Path, default=None)
+    demo.add_argument("--quick", action="store_true", help="smaller model, data and phases (for tests)")
+    return parser
+
+
+def _portfolio(args) -> int:
+    if args.action == "build":
+        from cloud import portfolio, shifter
+        from cloud.train import TrainConfig
+
+        config = portfolio.BuildConfig(
+            out=args.out, method=args.method, model=args.model, width=args.width, dataset=args.dataset,
+            data_dir=args.data_dir, subset=args.subset, threads=args.threads, seed=args.seed,
+            train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
+            shifter=shifter.ShifterConfig(levels=args.levels, rate=args.rate, rewind_iteration=args.rewind_iteration))
+        manifest = portfolio.build(config)
+        print(operator.portfolio_table(manifest))
+        print(f"portfolio {manifest.portfolio_id} written to {args.out}")
+        return 0
+    store = PortfolioStore(args.store)
+    if args.action == "list":
+        manifest = store.manifest()
+        print(f"portfolio {manifest.portfolio_id}: {manifest.method} on {manifest.model} / {manifest.dataset}")
+        print(operator.portfolio_table(manifest))
+    else:
+        entry = store.find(args.id)
+        print(json.dumps({**entry.__dict__, "path": str(store.variant_path(entry.variant_id))}, indent=2))
+    return 0
+
+
+def _dispatch(args) -> int:
+    if args.command == "portfolio":
+        return _portfolio(args)
+    if args.command == "cloud":
+        from cloud.server import CloudConfig, serve
+
+        serve(CloudConfig(store=args.store, host=args.host, port=args.port, metrics_port=args.metrics_port, db=args.db))
+        return 0
+    if args.command == "fleet":
+        print(operator.fleet_status(args.cloud) if args.action == "status"
+              else operator.events_table(args.cloud, args.edge, args.limit))
+        return 0
+    if args.command == "policy":
+        policy = operator.set_policy(args.cloud, slo_ms=args.slo_ms, min_accuracy=args.min_accuracy,
+                                     down_windows=args.down_windows, up_windows=args.up_windows,
+                                     up_headroom=args.up_headroom, dwell_s=args.dwell_s,
+                                     pinned_variant=args.pinned_variant)
+        print(f"policy v{policy.version}: SLO p95 <= {policy.slo_ms:.1f} ms, pinned {policy.pinned_variant or 'none'}")
+        return 0
+    from cloud import demo
+
+    return demo.run(demo.DemoConfig(out=args.out, data_dir=args.data_dir, quick=args.quick))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    try:
+        return _dispatch(args)
+    except (StoreError, DatasetError, UnknownNameError, ValueError) as err:
+        print(f"prunefleet: error: {err}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as err:
+        print(f"prunefleet: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

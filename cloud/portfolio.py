@@ -1,0 +1,141 @@
+"""Build a portfolio: train, prune with a method, compact every sparse model, store the variants."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cloud import shifter, surgery
+from cloud.masks import sparsity as mask_sparsity
+from cloud.store import Manifest, PortfolioStore, VariantEntry, portfolio_id
+from cloud.train import TrainConfig, evaluate
+from common import datasets, models, variant
+from common.datasets import Dataset
+from common.profiling import measure_latency
+from common.registry import lookup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    out: Path
+    method: str = "shifter"
+    model: str = "vgg11"
+    width: float = 0.25
+    dataset: str = "fashion-mnist"
+    data_dir: Path | None = None
+    subset: int = 0  # training examples to use (0 = all)
+    threads: int = 2
+    seed: int = 0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    shifter: shifter.ShifterConfig = field(default_factory=shifter.ShifterConfig)
+    check_images: int = 256  # real test images for the surgery equivalence check
+
+    def __post_init__(self) -> None:
+        lookup(METHODS, "method", self.method)
+        lookup(models.MODELS, "architecture", self.model)
+        if self.subset < 0 or self.threads <= 0 or self.check_images <= 0:
+            raise ValueError("subset must be >= 0; threads and check_images positive")
+
+    def settings(self) -> dict:
+        raw = asdict(self)
+        raw.pop("out")
+        raw["data_dir"] = str(self.data_dir) if self.data_dir else None
+        return json.loads(json.dumps(raw, default=str))
+
+
+@dataclass(frozen=True)
+class SparseModel:
+    """What a pruning method hands to the portfolio: a trained sparse model and where it came from."""
+
+    level: int
+    model: nn.Module
+    masks: dict[str, torch.Tensor]
+
+
+def _model_kwargs(config: BuildConfig, info: datasets.DatasetInfo) -> dict:
+    return {"in_channels": info.input_shape[0], "num_classes": info.num_classes,
+            "input_size": info.input_shape[1], "width": config.width}
+
+
+def _shifter_levels(config: BuildConfig, data: Dataset, store: PortfolioStore):
+    torch.manual_seed(config.seed)
+    model = models.build(config.model, _model_kwargs(config, data.info))
+    for level in shifter.run_imp(model, data, config.train, config.shifter, store.work_dir):
+        sparse = models.build(config.model, _model_kwargs(config, data.info))
+        sparse.load_state_dict(level.state)
+        yield SparseModel(level.level, sparse.eval(), level.masks)
+
+
+METHODS: dict[str, Callable] = {"shifter": _shifter_levels}
+
+
+def _check_settings(config: BuildConfig, store: PortfolioStore) -> None:
+    """A resumed build must use the settings it started with."""
+    path = store.work_dir / "settings.json"
+    settings = config.settings()
+    if path.exists():
+        before = json.loads(path.read_text())
+        if before != settings:
+            changed = sorted(k for k in settings if settings.get(k) != before.get(k))
+            raise ValueError(f"{store.root} holds a build with other settings ({', '.join(changed)}); "
+                             "use another --out or remove its work/ folder")
+    else:
+        store.work_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2, sort_keys=True))
+
+
+def derive_variant(sparse: SparseModel, config: BuildConfig, data: Dataset, store: PortfolioStore,
+                   dense_params: int) -> VariantEntry:
+    """Compact one sparse model, prove it equivalent, measure it and store it as a variant file."""
+    check = datasets.normalize(data.test.images[: config.check_images], data.info.mean, data.info.std)
+    compact, report = surgery.compact(sparse.model, check[:1], check_inputs=check)
+    sparse_acc = evaluate(sparse.model, data.info, data.test)
+    compact_acc = evaluate(compact, data.info, data.test)
+    level_sparsity = mask_sparsity(sparse.masks)
+    spec = variant.VariantSpec(
+        arch=config.model, kwargs=_model_kwargs(config, data.info), input_shape=data.info.input_shape,
+        num_classes=data.info.num_classes, mean=data.info.mean, std=data.info.std, method=config.method,
+        sparsity=level_sparsity, accuracy=compact_acc, name=f"{config.model}-L{sparse.level}",
+        level=sparse.level, extra={"sparse_accuracy": sparse_acc, "max_abs_diff": report.max_abs_diff})
+    variant_id = store.put_variant(variant.encode(compact, spec))
+    params = models.count_params(compact)
+    return VariantEntry(
+        variant_id=variant_id, name=spec.name, level=sparse.level, method=config.method, arch=config.model,
+        params=params, size_bytes=store.variant_path(variant_id).stat().st_size, accuracy=compact_acc,
+        sparse_accuracy=sparse_acc, sparsity=level_sparsity, compression=1.0 / max(1e-12, 1.0 - level_sparsity),
+        params_ratio=dense_params / params,
+        latency_ms_b1=measure_latency(compact, data.info.input_shape, 1).p50_ms,
+        latency_ms_b32=measure_latency(compact, data.info.input_shape, 32, iters=10).p50_ms,
+        max_abs_diff=report.max_abs_diff)
+
+
+def build(config: BuildConfig) -> Manifest:
+    """Run the whole build; resumable, and atomic in what it publishes (the manifest goes last)."""
+    torch.set_num_threads(config.threads)
+    store = PortfolioStore(config.out)
+    _check_settings(config, store)
+    data = datasets.load(config.dataset, config.data_dir, seed=config.seed)
+    data = Dataset(data.info, data.train.subset(config.subset, config.seed), data.val, data.test)
+    dense_params = models.count_params(models.build(config.model, _model_kwargs(config, data.info)))
+    entries = []
+    levels = lookup(METHODS, "method", config.method)(config, data, store)
+    for sparse in tqdm(levels, desc=f"{config.method} portfolio", total=config.shifter.levels + 1, unit="level"):
+        entry = derive_variant(sparse, config, data, store, dense_params)
+        log.info("%s: sparsity %.1f%%, %d params, accuracy %.2f%% (sparse %.2f%%)", entry.name,
+                 100 * entry.sparsity, entry.params, 100 * entry.accuracy, 100 * entry.sparse_accuracy)
+        entries.append(entry)
+    manifest = Manifest(portfolio_id=portfolio_id([e.variant_id for e in entries]), model=config.model,
+                        dataset=config.dataset, method=config.method, created=time.time(),
+                        settings=config.settings(), variants=tuple(entries))
+    store.write_manifest(manifest)
+    return manifest

@@ -1,0 +1,111 @@
+"""The demo report: JSON with everything measured, a PNG timeline, and the verdict."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cloud.loadgen import Phase, Sample
+from cloud.operator import table
+from cloud.store import Manifest
+from common.files import atomic_write_json
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    text: str
+
+
+def _direction(event, params: dict[str, int]) -> str:
+    if not event.from_variant:
+        return "initial"
+    before, after = params.get(event.from_variant, 0), params.get(event.to_variant, 0)
+    return "down" if after < before else "up" if after > before else "same"
+
+
+def per_second(samples: Sequence[Sample], edge: str) -> list[dict]:
+    """Client-side p95 latency, throughput and the answering variant, per one-second bin."""
+    rows: dict[int, list[Sample]] = {}
+    for s in samples:
+        if s.edge == edge:
+            rows.setdefault(int(s.t), []).append(s)
+    series = []
+    for second in sorted(rows):
+        bin_ = rows[second]
+        ok = [s for s in bin_ if s.code == "OK"]
+        variants = [s.variant_id for s in ok]
+        series.append({"t": second, "requests": len(bin_), "errors": len(bin_) - len(ok),
+                       "p95_ms": float(np.percentile([s.latency_ms for s in ok], 95)) if ok else None,
+                       "variant": max(set(variants), key=variants.count) if variants else ""})
+    return series
+
+
+def _timeline(events, names: dict[str, str], params: dict[str, int], started: float) -> list[dict]:
+    return [{"t": round(e.event.timestamp - started, 2), "edge": e.edge, "direction": _direction(e.event, params),
+             "from": names.get(e.event.from_variant, ""), "to": names.get(e.event.to_variant, ""),
+             "reason_code": e.event.reason_code, "reason": e.event.reason, "switch_us": e.event.switch_us}
+            for e in events]
+
+
+def _plot(path: Path, series: dict[str, list[dict]], timeline: list[dict], slo_ms: float,
+          names: dict[str, str], order: list[str], phases: Sequence[Phase]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(series), 1, figsize=(11, 3.6 * len(series)), sharex=True, squeeze=False)
+    for ax, (edge, rows) in zip(axes[:, 0], series.items()):
+        t = [r["t"] for r in rows]
+        ax.plot(t, [r["p95_ms"] if r["p95_ms"] is not None else np.nan for r in rows], color="tab:blue",
+                label="p95 latency (client side)")
+        ax.axhline(slo_ms, color="tab:red", linestyle="--", label=f"SLO {slo_ms:.0f} ms")
+        ax.set_ylabel("ms")
+        ax.set_title(edge)
+        right = ax.twinx()
+        right.step(t, [order.index(names.get(r["variant"], order[0])) if r["variant"] else np.nan for r in rows],
+                   where="post", color="tab:green", label="active variant")
+        right.set_yticks(range(len(order)), order)
+        for event in timeline:
+            if event["edge"] == edge and event["direction"] in ("down", "up"):
+                ax.axvline(event["t"], color="tab:orange" if event["direction"] == "down" else "tab:purple",
+                           alpha=0.7, linewidth=1)
+        start = 0.0
+        for phase in phases:
+            ax.axvspan(start, start + phase.seconds, alpha=0.06 if phase.clients > 1 else 0.0, color="red")
+            start += phase.seconds
+        ax.legend(loc="upper left", fontsize=8)
+    axes[-1, 0].set_xlabel("seconds since load started (shaded: heavy phase; orange: switch down, purple: up)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(run_dir: Path, manifest: Manifest, outcome: dict, phases: Sequence[Phase], edges: Sequence[str]) -> Verdict:
+    names = outcome["names"]
+    params = {v.variant_id: v.params for v in manifest.variants}
+    order = [v.name for v in sorted(manifest.variants, key=lambda v: v.params)]
+    timeline = _timeline(outcome["events"], names, params, outcome["started"])
+    series = {edge: per_second(outcome["samples"], edge) for edge in edges}
+    samples = outcome["samples"]
+    failed = sum(1 for s in samples if s.code != "OK")
+    checks = {edge: {d: sum(1 for e in timeline if e["edge"] == edge and e["direction"] == d) for d in ("down", "up")}
+              for edge in edges}
+    ok = all(c["down"] >= 1 and c["up"] >= 1 for c in checks.values()) and failed == 0
+    atomic_write_json(run_dir / "report.json", {
+        "portfolio": manifest.to_json(), "slo_ms": outcome["slo_ms"], "phases": [asdict(p) for p in phases],
+        "switches": timeline, "per_second": series, "requests": len(samples), "failed_requests": failed,
+        "checks": checks, "ok": ok})
+    _plot(run_dir / "timeline.png", series, timeline, outcome["slo_ms"], names, order, phases)
+    rows = [(f"{e['t']:.1f}s", e["edge"], e["direction"], e["from"] or "-", e["to"], e["reason"]) for e in timeline]
+    lines = ["switch timeline (t = seconds since load started):",
+             table(("t", "edge", "step", "from", "to", "reason"), rows),
+             f"{len(samples)} requests, {failed} failed",
+             f"report: {run_dir / 'report.json'}  plot: {run_dir / 'timeline.png'}"]
+    for edge, c in checks.items():
+        lines.append(f"{edge}: {c['down']} switch(es) down, {c['up']} up -> {'ok' if c['down'] and c['up'] else 'MISSING'}")
+    return Verdict(ok, "\n".join(lines))

@@ -1,0 +1,196 @@
+"""The variant file: one `.safetensors` file, pickle-free, whose sha256 is its identity.
+
+Header metadata holds `format` = `prunefleet.variant/1` and a JSON `spec`. Shapes come from the
+tensors: a reader builds the base architecture from the zoo's allow-list and shrinks every layer to
+the stored shapes, so rebuilding a compact model needs neither torch-pruning nor the pruning history.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch import nn
+
+from common import models
+from common.files import atomic_write_bytes, sha256_bytes
+from common.registry import UnknownNameError
+
+FORMAT = "prunefleet.variant/1"
+MAX_VARIANT_BYTES = 1 << 30
+MAX_HEADER_BYTES = 16 << 20
+
+
+class VariantError(ValueError):
+    """A variant file that must not be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    arch: str
+    kwargs: dict
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    method: str
+    sparsity: float
+    accuracy: float
+    name: str = ""
+    level: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.input_shape) != 3 or any(int(d) <= 0 for d in self.input_shape):
+            raise VariantError(f"input_shape must be [C, H, W] of positive ints, got {self.input_shape}")
+        if self.num_classes <= 0:
+            raise VariantError(f"num_classes must be positive, got {self.num_classes}")
+        if len(self.mean) != self.input_shape[0] or len(self.std) != self.input_shape[0]:
+            raise VariantError(f"mean and std need one value per input channel ({self.input_shape[0]})")
+        if any(s <= 0 for s in self.std):
+            raise VariantError(f"std must be positive, got {self.std}")
+        if not 0.0 <= self.sparsity <= 1.0:
+            raise VariantError(f"sparsity must be in [0, 1], got {self.sparsity}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> VariantSpec:
+        try:
+            raw = json.loads(text)
+            raw["input_shape"] = tuple(int(d) for d in raw["input_shape"])
+            raw["mean"] = tuple(float(v) for v in raw["mean"])
+            raw["std"] = tuple(float(v) for v in raw["std"])
+            return cls(**raw)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            if isinstance(err, VariantError):
+                raise
+            raise VariantError(f"variant spec is malformed: {err}") from err
+
+
+@dataclass(frozen=True)
+class Variant:
+    spec: VariantSpec
+    model: nn.Module
+    sha256: str
+    size_bytes: int
+
+
+def encode(model: nn.Module, spec: VariantSpec) -> bytes:
+    """Serialize a (compact) model and its spec to variant-file bytes."""
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    return save_tensors(tensors, metadata={"format": FORMAT, "spec": spec.to_json()})
+
+
+def save(model: nn.Module, spec: VariantSpec, path: Path) -> str:
+    """Write a variant file atomically; returns its sha256."""
+    data = encode(model, spec)
+    atomic_write_bytes(path, data)
+    return sha256_bytes(data)
+
+
+def _header_metadata(data: bytes) -> dict[str, str]:
+    if len(data) < 8:
+        raise VariantError("variant file is shorter than its 8-byte header length")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
+        raise VariantError(f"variant header declares {header_len} bytes, beyond the file or the limit")
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise VariantError(f"variant header is not JSON: {err}") from err
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict):
+        raise VariantError("variant header has no metadata")
+    return metadata
+
+
+def decode(data: bytes, expected_sha256: str | None = None) -> tuple[VariantSpec, dict[str, torch.Tensor]]:
+    """Check and parse variant-file bytes. Nothing is built; nothing is unpickled."""
+    if len(data) > MAX_VARIANT_BYTES:
+        raise VariantError(f"variant file is {len(data)} bytes, over the {MAX_VARIANT_BYTES}-byte limit")
+    if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
+        raise VariantError(f"variant file sha256 does not match {expected_sha256}")
+    metadata = _header_metadata(data)
+    if metadata.get("format") != FORMAT:
+        raise VariantError(f"variant format is {metadata.get('format')!r}, expected {FORMAT!r}")
+    spec = VariantSpec.from_json(metadata.get("spec", ""))
+    if spec.arch not in models.MODELS:
+        raise VariantError(f"architecture {spec.arch!r} is not on the allow-list: {sorted(models.MODELS)}")
+    try:
+        tensors = load_tensors(data)
+    except (SafetensorError, ValueError) as err:
+        raise VariantError(f"variant tensors are unreadable: {err}") from err
+    return spec, tensors
+
+
+def _resize_tensor(module: nn.Module, attr: str, shape: torch.Size, dtype: torch.dtype) -> None:
+    blank = torch.empty(shape, dtype=dtype)
+    if attr in module._parameters:
+        setattr(module, attr, nn.Parameter(blank, requires_grad=module._parameters[attr].requires_grad))
+    else:
+        module._buffers[attr] = blank
+
+
+def _sync_shape_attributes(module: nn.Module) -> None:
+    if isinstance(module, nn.Conv2d):
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        module.out_channels = module.weight.shape[0]
+        if depthwise:
+            module.groups = module.out_channels
+        module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        module.num_features = module.running_mean.shape[0] if module.running_mean is not None else module.weight.shape[0]
+
+
+def build_model(spec: VariantSpec, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """Build the base architecture, shrink each layer to the stored shapes and load the weights."""
+    try:
+        model = models.build(spec.arch, spec.kwargs)
+    except (UnknownNameError, ValueError, TypeError) as err:
+        raise VariantError(f"cannot build {spec.arch!r} with {spec.kwargs}: {err}") from err
+    modules = dict(model.named_modules())
+    for key, value in tensors.items():
+        owner, _, attr = key.rpartition(".")
+        module = modules.get(owner)
+        if module is None or (attr not in module._parameters and attr not in module._buffers):
+            raise VariantError(f"tensor {key!r} has no place in {spec.arch}")
+        _resize_tensor(module, attr, value.shape, value.dtype)
+    for module in model.modules():
+        _sync_shape_attributes(module)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise VariantError(f"variant tensors do not match {spec.arch}: {err}") from err
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *spec.input_shape))
+    except RuntimeError as err:
+        raise VariantError(f"variant layer shapes do not fit together: {err}") from err
+    if tuple(out.shape) != (1, spec.num_classes):
+        raise VariantError(f"variant outputs {tuple(out.shape)}, expected (1, {spec.num_classes})")
+    return model
+
+
+def load_bytes(data: bytes, expected_sha256: str | None = None) -> Variant:
+    spec, tensors = decode(data, expected_sha256)
+    return Variant(spec, build_model(spec, tensors), sha256_bytes(data), len(data))
+
+
+def load(path: Path, expected_sha256: str | None = None) -> Variant:
+    """Read, verify and rebuild a variant file."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_VARIANT_BYTES:
+        raise VariantError(f"{path.name} is {size} bytes, over the {MAX_VARIANT_BYTES}-byte limit")
+    return load_bytes(path.read_bytes(), expected_sha256)

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for package prunefleet.v1 (regenerate with `make protos`)."""

@@ -1,0 +1,204 @@
+from protos import portfolio_pb2 as _portfolio_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Policy(_message.Message):
+    __slots__ = ("slo_ms", "min_accuracy", "down_windows", "up_windows", "up_headroom", "dwell_s", "window_s", "pinned_variant", "version")
+    SLO_MS_FIELD_NUMBER: _ClassVar[int]
+    MIN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    DOWN_WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    UP_WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    UP_HEADROOM_FIELD_NUMBER: _ClassVar[int]
+    DWELL_S_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    PINNED_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    slo_ms: float
+    min_accuracy: float
+    down_windows: int
+    up_windows: int
+    up_headroom: float
+    dwell_s: float
+    window_s: float
+    pinned_variant: str
+    version: int
+    def __init__(self, slo_ms: _Optional[float] = ..., min_accuracy: _Optional[float] = ..., down_windows: _Optional[int] = ..., up_windows: _Optional[int] = ..., up_headroom: _Optional[float] = ..., dwell_s: _Optional[float] = ..., window_s: _Optional[float] = ..., pinned_variant: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("edge", "address", "metrics_address", "threads")
+    EDGE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    edge: str
+    address: str
+    metrics_address: str
+    threads: int
+    def __init__(self, edge: _Optional[str] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., threads: _Optional[int] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ("policy", "variants", "portfolio_id")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    PORTFOLIO_ID_FIELD_NUMBER: _ClassVar[int]
+    policy: Policy
+    variants: _containers.RepeatedCompositeFieldContainer[_portfolio_pb2.VariantInfo]
+    portfolio_id: str
+    def __init__(self, policy: _Optional[_Union[Policy, _Mapping]] = ..., variants: _Optional[_Iterable[_Union[_portfolio_pb2.VariantInfo, _Mapping]]] = ..., portfolio_id: _Optional[str] = ...) -> None: ...
+
+class VariantProfile(_message.Message):
+    __slots__ = ("variant_id", "p50_ms_b1", "p95_ms_b1", "batch", "p50_ms_batch", "p95_ms_batch")
+    VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
+    P50_MS_B1_FIELD_NUMBER: _ClassVar[int]
+    P95_MS_B1_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    P50_MS_BATCH_FIELD_NUMBER: _ClassVar[int]
+    P95_MS_BATCH_FIELD_NUMBER: _ClassVar[int]
+    variant_id: str
+    p50_ms_b1: float
+    p95_ms_b1: float
+    batch: int
+    p50_ms_batch: float
+    p95_ms_batch: float
+    def __init__(self, variant_id: _Optional[str] = ..., p50_ms_b1: _Optional[float] = ..., p95_ms_b1: _Optional[float] = ..., batch: _Optional[int] = ..., p50_ms_batch: _Optional[float] = ..., p95_ms_batch: _Optional[float] = ...) -> None: ...
+
+class Telemetry(_message.Message):
+    __slots__ = ("timestamp", "active_variant", "request_rate", "p50_ms", "p95_ms", "p99_ms", "requests", "errors", "cpu_percent", "rss_bytes", "resident_variants")
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_RATE_FIELD_NUMBER: _ClassVar[int]
+    P50_MS_FIELD_NUMBER: _ClassVar[int]
+    P95_MS_FIELD_NUMBER: _ClassVar[int]
+    P99_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    timestamp: float
+    active_variant: str
+    request_rate: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+    cpu_percent: float
+    rss_bytes: int
+    resident_variants: int
+    def __init__(self, timestamp: _Optional[float] = ..., active_variant: _Optional[str] = ..., request_rate: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., resident_variants: _Optional[int] = ...) -> None: ...
+
+class SwitchEvent(_message.Message):
+    __slots__ = ("timestamp", "from_variant", "to_variant", "reason", "observed_p95_ms", "switch_us", "reason_code")
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    FROM_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    TO_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_P95_MS_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_US_FIELD_NUMBER: _ClassVar[int]
+    REASON_CODE_FIELD_NUMBER: _ClassVar[int]
+    timestamp: float
+    from_variant: str
+    to_variant: str
+    reason: str
+    observed_p95_ms: float
+    switch_us: float
+    reason_code: str
+    def __init__(self, timestamp: _Optional[float] = ..., from_variant: _Optional[str] = ..., to_variant: _Optional[str] = ..., reason: _Optional[str] = ..., observed_p95_ms: _Optional[float] = ..., switch_us: _Optional[float] = ..., reason_code: _Optional[str] = ...) -> None: ...
+
+class EdgeReport(_message.Message):
+    __slots__ = ("edge", "telemetry", "switch", "profile")
+    EDGE_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    edge: str
+    telemetry: Telemetry
+    switch: SwitchEvent
+    profile: VariantProfile
+    def __init__(self, edge: _Optional[str] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., switch: _Optional[_Union[SwitchEvent, _Mapping]] = ..., profile: _Optional[_Union[VariantProfile, _Mapping]] = ...) -> None: ...
+
+class Directive(_message.Message):
+    __slots__ = ("policy", "portfolio")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    PORTFOLIO_FIELD_NUMBER: _ClassVar[int]
+    policy: Policy
+    portfolio: _portfolio_pb2.ListVariantsResponse
+    def __init__(self, policy: _Optional[_Union[Policy, _Mapping]] = ..., portfolio: _Optional[_Union[_portfolio_pb2.ListVariantsResponse, _Mapping]] = ...) -> None: ...
+
+class EdgeStatus(_message.Message):
+    __slots__ = ("edge", "address", "metrics_address", "registered_at", "last_seen", "connected", "telemetry", "policy_version", "profiles")
+    EDGE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROFILES_FIELD_NUMBER: _ClassVar[int]
+    edge: str
+    address: str
+    metrics_address: str
+    registered_at: float
+    last_seen: float
+    connected: bool
+    telemetry: Telemetry
+    policy_version: int
+    profiles: _containers.RepeatedCompositeFieldContainer[VariantProfile]
+    def __init__(self, edge: _Optional[str] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., registered_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., connected: _Optional[bool] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., policy_version: _Optional[int] = ..., profiles: _Optional[_Iterable[_Union[VariantProfile, _Mapping]]] = ...) -> None: ...
+
+class GetFleetRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetFleetResponse(_message.Message):
+    __slots__ = ("edges", "policy", "portfolio_id")
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    PORTFOLIO_ID_FIELD_NUMBER: _ClassVar[int]
+    edges: _containers.RepeatedCompositeFieldContainer[EdgeStatus]
+    policy: Policy
+    portfolio_id: str
+    def __init__(self, edges: _Optional[_Iterable[_Union[EdgeStatus, _Mapping]]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., portfolio_id: _Optional[str] = ...) -> None: ...
+
+class SetPolicyRequest(_message.Message):
+    __slots__ = ("policy",)
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    policy: Policy
+    def __init__(self, policy: _Optional[_Union[Policy, _Mapping]] = ...) -> None: ...
+
+class SetPolicyResponse(_message.Message):
+    __slots__ = ("policy",)
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    policy: Policy
+    def __init__(self, policy: _Optional[_Union[Policy, _Mapping]] = ...) -> None: ...
+
+class EdgeEvent(_message.Message):
+    __slots__ = ("edge", "event")
+    EDGE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    edge: str
+    event: SwitchEvent
+    def __init__(self, edge: _Optional[str] = ..., event: _Optional[_Union[SwitchEvent, _Mapping]] = ...) -> None: ...
+
+class ListEventsRequest(_message.Message):
+    __slots__ = ("edge", "since", "limit")
+    EDGE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    edge: str
+    since: float
+    limit: int
+    def __init__(self, edge: _Optional[str] = ..., since: _Optional[float] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListEventsResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[EdgeEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[EdgeEvent, _Mapping]]] = ...) -> None: ...

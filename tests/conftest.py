@@ -1,0 +1,39 @@
+"""Shared fixtures: real Fashion-MNIST, small zoo models, and one small real portfolio per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import datasets
+from common.variant import VariantSpec
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist() -> datasets.Dataset:
+    try:
+        return datasets.load("fashion-mnist")
+    except datasets.DatasetError as err:
+        pytest.fail(f"Fashion-MNIST is required: {err}")
+
+
+def spec_for(arch: str, kwargs: dict, accuracy: float = 0.5, method: str = "dense") -> VariantSpec:
+    c, s = kwargs.get("in_channels", 1), kwargs.get("input_size", 28)
+    return VariantSpec(arch=arch, kwargs=kwargs, input_shape=(c, s, s), num_classes=kwargs.get("num_classes", 10),
+                       mean=(0.5,) * c, std=(0.25,) * c, method=method, sparsity=0.0, accuracy=accuracy)
+
+
+@pytest.fixture(scope="session")
+def small_portfolio(tmp_path_factory) -> Path:
+    """A real shifter portfolio: vgg11 at width 1/8 trained briefly on 1000 Fashion-MNIST images."""
+    from cloud import portfolio, shifter
+    from cloud.train import TrainConfig
+
+    out = tmp_path_factory.mktemp("portfolio")
+    torch.manual_seed(0)
+    portfolio.build(portfolio.BuildConfig(
+        out=out, model="vgg11", width=0.125, subset=1000, check_images=64,
+        train=TrainConfig(epochs=1, progress=False), shifter=shifter.ShifterConfig(levels=2, rate=0.75)))
+    return out
