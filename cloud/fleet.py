@@ -83,6 +83,9 @@ class FleetDB:
     def save_policy(self, policy: coordinator_pb2.Policy) -> None:
         self._write("INSERT OR REPLACE INTO policy (id, policy) VALUES (1, ?)", (policy.SerializeToString(),))
 
+    def edge_count(self) -> int:
+        return self._read("SELECT COUNT(*) FROM edges")[0][0]
+
     def edges(self) -> list[coordinator_pb2.EdgeStatus]:
         rows = self._read("SELECT name, address, metrics_address, registered_at, last_seen, telemetry, "
                           "policy_version FROM edges ORDER BY name")

@@ -65,7 +65,7 @@ def start(config: CloudConfig, registry: CollectorRegistry) -> CloudServer:
     sent = Counter("prunefleet_cloud_variant_bytes_sent_total", "Variant bytes streamed to edges",
                    registry=registry)
     edges = Gauge("prunefleet_cloud_edges", "Edges known to the coordinator", registry=registry)
-    edges.set_function(lambda: len(db.edges()))
+    edges.set_function(db.edge_count)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=SERVER_OPTIONS)
     portfolio_pb2_grpc.add_PortfolioServiceServicer_to_server(PortfolioServicer(store, on_bytes_sent=sent.inc), server)
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
