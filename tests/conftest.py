@@ -27,13 +27,13 @@ def spec_for(arch: str, kwargs: dict, accuracy: float = 0.5, method: str = "dens
 
 @pytest.fixture(scope="session")
 def small_portfolio(tmp_path_factory) -> Path:
-    """A real shifter portfolio: vgg11 at width 1/8 trained briefly on 1000 Fashion-MNIST images."""
+    """A real shifter portfolio: vgg11 at width 1/8 trained briefly on 2000 Fashion-MNIST images."""
     from cloud import portfolio, shifter
     from cloud.train import TrainConfig
 
     out = tmp_path_factory.mktemp("portfolio")
     torch.manual_seed(0)
     portfolio.build(portfolio.BuildConfig(
-        out=out, model="vgg11", width=0.125, subset=1000, check_images=64,
-        train=TrainConfig(epochs=1, progress=False), shifter=shifter.ShifterConfig(levels=2, rate=0.75)))
+        out=out, model="vgg11", width=0.125, subset=2000, check_images=64,
+        train=TrainConfig(epochs=1, batch_size=64, progress=False), shifter=shifter.ShifterConfig(levels=3, rate=0.85)))
     return out

@@ -1,0 +1,1 @@
+"""Edge agent: fetcher, runtime (in-memory variants, switching), policy, telemetry, metrics, server."""

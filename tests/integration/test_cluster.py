@@ -1,0 +1,126 @@
+"""The cloud and an edge agent as real processes on loopback: fetch, serve, switch under policy."""
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from cloud import operator, processes
+from cloud.store import PortfolioStore
+import torch
+
+from common import datasets, variant
+from common.wire import from_proto, to_proto
+from protos import coordinator_pb2, inference_pb2, inference_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster(small_portfolio, tmp_path_factory):
+    run = tmp_path_factory.mktemp("cluster")
+    cloud = processes.start("cloud", ["cloud.cli", "cloud", "serve", "--store", str(small_portfolio), "--port", "0",
+                                      "--db", str(run / "fleet.sqlite")], run / "logs")
+    children = [cloud]
+    try:
+        children.append(processes.start("edge", [
+            "edge.cli", "run", "--cloud", cloud.address, "--name", "edge-1", "--port", "0", "--metrics-port", "0",
+            "--cache", str(run / "cache"), "--threads", "1", "--batch", "8"], run / "logs"))
+        yield cloud, children[1], PortfolioStore(small_portfolio)
+    finally:
+        for child in reversed(children):
+            child.stop()
+
+
+def _wait(predicate, timeout_s=60.0, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _edge_status(cloud):
+    fleet = operator.coordinator_stub(cloud.address).GetFleet(coordinator_pb2.GetFleetRequest(), timeout=5)
+    return next((e for e in fleet.edges if e.edge == "edge-1"), None)
+
+
+def _predict(edge, images):
+    stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(edge.address))
+    return stub.Predict(inference_pb2.PredictRequest(input=to_proto(images)), timeout=10)
+
+
+def test_edge_fetches_profiles_and_serves_real_predictions(cluster, fashion_mnist):
+    cloud, edge, store = cluster
+    manifest = store.manifest()
+    status = _wait(lambda: (s := _edge_status(cloud)) and len(s.profiles) == len(manifest.variants) and s,
+                   what="profiles of every variant")
+    assert {p.variant_id for p in status.profiles} == {v.variant_id for v in manifest.variants}
+    images = fashion_mnist.test.images[:256].numpy()
+    reply = _predict(edge, images)
+    logits = from_proto(reply.output)
+    assert logits.shape == (256, 10) and reply.variant_id in {v.variant_id for v in manifest.variants}
+    # the edge answers exactly what the cloud's variant file computes on normalized pixels
+    served = variant.load(store.variant_path(reply.variant_id))
+    x = datasets.normalize(fashion_mnist.test.images[:256], served.spec.mean, served.spec.std)
+    with torch.no_grad():
+        expected = served.model(x).numpy()
+    assert np.abs(logits - expected).max() < 1e-4
+    accuracy = float((logits.argmax(1) == fashion_mnist.test.labels[:256].numpy()).mean())
+    assert accuracy > 0.3  # a trained model answered (chance is 0.1)
+
+
+@pytest.mark.parametrize("array, needle", [
+    (np.zeros((2, 3, 28, 28), np.float32), "[N, 1, 28, 28]"),
+    (np.zeros((2, 28, 28), np.uint8), "[N, 1, 28, 28]"),
+])
+def test_bad_shapes_get_invalid_argument_naming_the_expected_shape(cluster, array, needle):
+    _, edge, _ = cluster
+    with pytest.raises(grpc.RpcError) as err:
+        _predict(edge, array)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details()
+
+
+def test_bad_dtype_and_byte_count_get_invalid_argument(cluster):
+    _, edge, _ = cluster
+    stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(edge.address))
+    for tensor in (inference_pb2.Tensor(shape=[1, 1, 28, 28], dtype="float64", data=bytes(8 * 784)),
+                   inference_pb2.Tensor(shape=[1, 1, 28, 28], dtype="float32", data=bytes(10))):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Predict(inference_pb2.PredictRequest(input=tensor), timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details()
+
+
+def _events(cloud, code):
+    reply = operator.coordinator_stub(cloud.address).ListEvents(coordinator_pb2.ListEventsRequest(edge="edge-1"),
+                                                                timeout=5)
+    return [e.event for e in reply.events if e.event.reason_code == code]
+
+
+def test_policy_drives_a_switch_down_and_back_up(cluster, fashion_mnist):
+    cloud, edge, store = cluster
+    manifest = store.manifest()
+    _wait(lambda: (s := _edge_status(cloud)) and s.telemetry.active_variant, what="first telemetry")
+    by_id = {v.variant_id: v for v in manifest.variants}
+    images = fashion_mnist.test.images[:8].numpy()
+    operator.set_policy(cloud.address, slo_ms=0.001, down_windows=1, up_windows=1, dwell_s=0.0, window_s=0.5)
+
+    def loaded_until(predicate, what):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            _predict(edge, images)
+            if predicate():
+                return
+        raise AssertionError(f"timed out waiting for {what}")
+
+    loaded_until(lambda: _events(cloud, "slo_violation"), "a switch down")
+    down = _events(cloud, "slo_violation")[-1]
+    assert by_id[down.to_variant].params < by_id[down.from_variant].params and "SLO" in down.reason
+    assert _predict(edge, images).variant_id == down.to_variant
+    operator.set_policy(cloud.address, slo_ms=10_000.0)
+    loaded_until(lambda: _events(cloud, "headroom"), "a switch back up")
+    up = _events(cloud, "headroom")[-1]
+    assert by_id[up.to_variant].accuracy > by_id[up.from_variant].accuracy
