@@ -1,1 +1,7 @@
-"""Edge agent: fetcher, runtime (in-memory variants, switching), policy, telemetry, metrics, server."""
+"""Edge agent: holds a portfolio of variants in memory, serves inference, and switches variants locally.
+
+fetcher (content-addressed, resumable, verified downloads), runtime (in-memory variants, atomic switch),
+policy (pure switching decisions), profiler (on-device latency), telemetry (request windows), metrics
+(Prometheus), server (InferenceService, health, reflection), link (Register and the Connect stream),
+agent (the loops), cli (`prunefleet-edge`).
+"""

@@ -1,69 +1,84 @@
-"""The agent: register, fetch and verify the portfolio, profile it here, serve, decide, report.
+"""The agent: load and profile the portfolio here, serve, decide locally, report.
 
-Two loops run beside the gRPC server: the decision loop closes a telemetry window every `window_s`,
-asks the policy what to serve and switches locally; the link loop keeps one Connect stream to the
-coordinator (reports up, policy and portfolio down) and reconnects with backoff and jitter. The
-decision loop never waits for the link: with the cloud unreachable the agent keeps serving and
-switching under its last policy, and switch events wait in a bounded buffer until the link is back.
+The decision loop closes a telemetry window every `window_s`, asks the policy what to serve and
+switches locally. It never waits for the coordinator: with the cloud unreachable the agent keeps
+serving and switching under its last policy (the `Link` buffers the switch events meanwhile).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import random
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import torch
-from grpc_health.v1 import health_pb2
 
 from common import variant
-from common.profiling import measure_latency
-from common.wire import GRPC_OPTIONS
+from common.profiling import LatencyProfile
 from edge import policy as policies
-from edge.fetcher import FetchConfig, fetch
+from edge.fetcher import FetchError, RetryConfig, fetch
+from edge.link import Link, Outbox
 from edge.metrics import EdgeMetrics
-from edge.runtime import Runtime, loaded
-from edge.server import INFERENCE_SERVICE
-from protos import coordinator_pb2, coordinator_pb2_grpc, portfolio_pb2_grpc
+from edge.profiler import profile_interleaved
+from edge.runtime import Runtime, VariantInfo, loaded
+from edge.server import set_serving
+from edge.telemetry import ProcessStats, RequestWindow
+from protos import coordinator_pb2
 
 log = logging.getLogger(__name__)
-RPC_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
 class AgentConfig:
-    cloud: str
+    cloud: str  # host:port of the coordinator and portfolio service
     name: str
     cache_dir: Path
-    host: str = "127.0.0.1"
-    port: int = 0
+    host: str = "127.0.0.1"  # address to bind
+    advertise_host: str = ""  # how the coordinator and clients reach this edge; defaults to `host`
+    port: int = 0  # 0 picks a free port
     metrics_port: int = 0
-    threads: int = 1
-    batch: int = 8  # typical batch, profiled on arrival
+    threads: int = 1  # inference threads, and concurrent inferences
+    batch: int = 8  # the typical batch, profiled on arrival
     max_batch: int = 256
-    workers: int = 32
-    profile_iters: int = 20
-    max_pending_reports: int = 1000
-    fetch: FetchConfig = field(default_factory=FetchConfig)
+    window_s: float = 1.0  # telemetry window until the policy sets one
+    workers: int = 16  # gRPC server threads
+    profile_iters: int = 30
+    fetch_deadline_s: float = 300.0
+    fetch_attempts: int = 5
+    slo_ms: float = 50.0  # where the latency histogram gets its SLO bucket; the policy sets the real SLO
+    backoff_s: float = 0.5  # reconnect and re-register: exponential backoff with full jitter from here
+    max_backoff_s: float = 10.0
 
     def __post_init__(self) -> None:
-        if not self.name or self.threads < 1 or self.workers < 2:
-            raise ValueError("name must be set, threads >= 1 and workers >= 2")
+        if not self.cloud or not self.name:
+            raise ValueError("cloud and name must be set")
+        if self.threads < 1 or self.workers < 2 or self.profile_iters < 1 or self.fetch_attempts < 1:
+            raise ValueError("threads and fetch_attempts must be >= 1, workers >= 2 and profile_iters >= 1")
         if not 1 <= self.batch <= self.max_batch:
-            raise ValueError(f"batch must be in [1, {self.max_batch}]")
+            raise ValueError(f"batch must be in [1, max_batch={self.max_batch}]")
+        if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
+            raise ValueError("ports must be in [0, 65535]")
+        if self.window_s <= 0 or self.fetch_deadline_s <= 0 or self.slo_ms <= 0:
+            raise ValueError("window_s, fetch_deadline_s and slo_ms must be positive")
+        if not 0 <= self.backoff_s <= self.max_backoff_s:
+            raise ValueError("backoff_s must be in [0, max_backoff_s]")
+
+
+    @property
+    def public_host(self) -> str:
+        return self.advertise_host or self.host
 
 
 @dataclass(frozen=True)
 class Profile:
+    """A variant's latency on this device, at batch 1 and at the typical batch."""
+
     variant_id: str
-    b1: object
-    batch: object
+    b1: LatencyProfile
+    batch: LatencyProfile
 
     def to_proto(self) -> coordinator_pb2.VariantProfile:
         return coordinator_pb2.VariantProfile(
@@ -71,170 +86,193 @@ class Profile:
             p50_ms_batch=self.batch.p50_ms, p95_ms_batch=self.batch.p95_ms)
 
 
+def variant_info(info) -> VariantInfo:
+    """From a portfolio_pb2.VariantInfo."""
+    return VariantInfo(info.variant_id, info.name or info.variant_id[:12], info.accuracy, info.size_bytes,
+                       info.params)
+
+
 class Agent:
-    def __init__(self, config: AgentConfig, runtime: Runtime, metrics: EdgeMetrics, window, process_stats,
-                 health_servicer, address: str, metrics_address: str):
+    def __init__(self, config: AgentConfig, runtime: Runtime, metrics: EdgeMetrics, window: RequestWindow,
+                 process: ProcessStats, health, portfolio_stub, outbox: Outbox, stopping: threading.Event,
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
         self.config, self.runtime, self.metrics = config, runtime, metrics
-        self._window, self._process, self._health = window, process_stats, health_servicer
-        self._address, self._metrics_address = address, metrics_address
-        self._channel = grpc.insecure_channel(config.cloud, options=GRPC_OPTIONS)
-        self._coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(self._channel)
-        self._portfolio = portfolio_pb2_grpc.PortfolioServiceStub(self._channel)
-        self._policy = policies.PolicyConfig()
+        self._window, self._process, self._health = window, process, health
+        self._portfolio, self._outbox, self.stopping = portfolio_stub, outbox, stopping
+        self._clock, self._wall_clock = clock, wall_clock
+        self.policy = policies.PolicyConfig(slo_ms=config.slo_ms, window_s=config.window_s)
         self._state: policies.PolicyState | None = None
         self._profiles: dict[str, Profile] = {}
-        self._reports: queue.Queue = queue.Queue(maxsize=config.max_pending_reports)
-        self._unsent_switches: deque = deque(maxlen=config.max_pending_reports)
-        self._load_lock = threading.Lock()
-        self.stopping = threading.Event()
+        self._load_lock = threading.Lock()  # one portfolio change at a time
+        self._decide_lock = threading.Lock()  # the policy state and the switches that follow it
 
-    # --- portfolio -------------------------------------------------------------------------------
-    def _load(self, info) -> None:
+    def _report(self, **body) -> coordinator_pb2.EdgeReport:
+        return coordinator_pb2.EdgeReport(edge=self.config.name, **body)
+
+    # --- portfolio ---------------------------------------------------------------------------------
+    def _fetch_and_load(self, info) -> tuple[variant.Variant, float]:
+        """Fetch and verify (sha256 = variant id) and build one variant; the seconds it took."""
         start = time.perf_counter()
-        path = fetch(self._portfolio, info.variant_id, self.config.cache_dir, self.config.fetch)
-        loaded_variant = variant.load(path, expected_sha256=info.variant_id)
-        load_seconds = time.perf_counter() - start
-        model, shape = loaded_variant.model, loaded_variant.spec.input_shape
-        profile = Profile(info.variant_id, measure_latency(model, shape, 1, self.config.profile_iters),
-                          measure_latency(model, shape, self.config.batch, self.config.profile_iters))
-        self.runtime.add(loaded(info.variant_id, info.name or info.variant_id[:12], info.accuracy,
-                                loaded_variant.spec, model, loaded_variant.size_bytes))
-        self.metrics.loaded(info.variant_id, load_seconds,
-                            sum(v.size_bytes for v in self.runtime.variants().values()))
-        self._profiles = {**self._profiles, info.variant_id: profile}
-        self._send(coordinator_pb2.EdgeReport(edge=self.config.name, profile=profile.to_proto()))
-        log.info("loaded %s (%s): p50 %.2f ms at batch %d", info.name, info.variant_id[:12],
-                 profile.batch.p50_ms, self.config.batch)
+        path = fetch(self._portfolio, info.variant_id, self.config.cache_dir, self.config.fetch_deadline_s,
+                     retry=RetryConfig(attempts=self.config.fetch_attempts, backoff_s=self.config.backoff_s,
+                                       max_backoff_s=self.config.max_backoff_s))
+        return variant.load(path, expected_sha256=info.variant_id), time.perf_counter() - start
 
-    def sync_portfolio(self, variants) -> None:
-        """Fetch, verify, load and profile every variant not held yet. Bad variants are never loaded."""
+    def _profile_and_hold(self, fresh: list[tuple]) -> None:
+        """Warm up and profile the new variants here (interleaved), then hold and announce them."""
+        models = {info.variant_id: (held.model, held.spec.input_shape) for info, held, _ in fresh}
+        iters = self.config.profile_iters
+        b1 = profile_interleaved(models, 1, iters)
+        typical = profile_interleaved(models, self.config.batch, iters)
+        for info, held, load_s in fresh:
+            profile = Profile(info.variant_id, b1[info.variant_id], typical[info.variant_id])
+            self.runtime.add(loaded(variant_info(info), held.spec, held.model))
+            self._profiles = {**self._profiles, info.variant_id: profile}
+            self.metrics.loaded(info.variant_id, load_s, self.runtime.resident_bytes())
+            self._outbox.report(self._report(profile=profile.to_proto()))
+            log.info("loaded %s (%s) in %.2f s: p95 %.2f ms at batch 1, %.2f ms at batch %d", info.name,
+                     info.variant_id[:12], load_s, profile.b1.p95_ms, profile.batch.p95_ms, self.config.batch)
+
+    def sync_portfolio(self, variants: Iterable) -> None:
+        """Load every variant not held yet. A variant that fails to fetch or verify is never loaded."""
         with self._load_lock:
+            fresh = []
             for info in variants:
-                if info.variant_id in self.runtime.variants():
+                if self.stopping.is_set():
+                    return
+                if info.variant_id in self.runtime.variants() or any(f[0].variant_id == info.variant_id
+                                                                      for f in fresh):
                     continue
                 try:
-                    self._load(info)
-                except (variant.VariantError, OSError, RuntimeError) as err:
+                    fresh.append((info, *self._fetch_and_load(info)))
+                except (FetchError, variant.VariantError, OSError, RuntimeError, ValueError) as err:
                     log.error("variant %s refused: %s", info.variant_id[:12], err)
+            if fresh:
+                self._profile_and_hold(fresh)
+
+    def adopt_portfolio(self, variants: list) -> None:
+        """Load a new portfolio, move off the active variant if it left, and drop what left."""
+        self.sync_portfolio(variants)
+        wanted = {v.variant_id for v in variants}
+        with self._decide_lock:
+            if not any(o.variant_id in wanted for o in self.options()) or self.runtime.active is None:
+                return  # nothing of the new portfolio could be loaded: keep serving the old one
+            leaving = set(self.runtime.variants()) - wanted
+            self._profiles = {k: v for k, v in self._profiles.items() if k not in leaving}
+            if self.runtime.active.variant_id in leaving:
+                choice = policies.initial_choice(self.policy, self.options())
+                self._apply(choice.variant_id, f"portfolio changed; {choice.label} fits best", "portfolio", 0.0)
+            for variant_id in leaving:
+                self.runtime.remove(variant_id)
+                self.metrics.evicted(variant_id, self.runtime.resident_bytes())
+                log.info("dropped %s: no longer in the portfolio", variant_id[:12])
 
     def options(self) -> list[policies.Option]:
-        held = self.runtime.variants()
-        return [policies.Option(vid, held[vid].name, held[vid].accuracy, p.batch.p50_ms, p.batch.p95_ms)
-                for vid, p in self._profiles.items() if vid in held]
+        held, profiles = self.runtime.variants(), self._profiles
+        return [policies.Option(vid, held[vid].info.accuracy, p.batch.p50_ms, p.batch.p95_ms, held[vid].info.name)
+                for vid, p in profiles.items() if vid in held]
 
-    # --- decisions -------------------------------------------------------------------------------
-    def _apply(self, target: str, reason: str, reason_code: str, observed_p95: float) -> None:
-        switch = self.runtime.switch(target)
-        self.metrics.switched(reason_code, switch.switch_us / 1e6, self.runtime.variants(), target)
-        name = self.runtime.variants()[target].name
-        log.info("switch %s -> %s (%s): %s", switch.from_variant[:12] or "-", name, reason_code, reason)
-        event = coordinator_pb2.SwitchEvent(timestamp=time.time(), from_variant=switch.from_variant,
-                                            to_variant=target, reason=reason, reason_code=reason_code,
-                                            observed_p95_ms=observed_p95, switch_us=switch.switch_us)
-        self._unsent_switches.append(coordinator_pb2.EdgeReport(edge=self.config.name, switch=event))
+    def profile_reports(self) -> list[coordinator_pb2.EdgeReport]:
+        return [self._report(profile=p.to_proto()) for p in self._profiles.values()]
 
-    def start_serving(self) -> None:
-        choice = policies.initial_choice(self._policy, self.options())
-        self._state = policies.PolicyState(choice.variant_id, last_switch_at=time.monotonic())
-        self._apply(choice.variant_id, f"initial choice: most accurate variant with profiled p95 "
-                    f"{choice.p95_ms:.1f} ms within the SLO headroom", "initial", 0.0)
-        for name in ("", INFERENCE_SERVICE):
-            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-
-    def decide_once(self, now: float) -> None:
-        stats = self._window.close(now)
-        cpu, rss = self._process.sample()
-        active = self.runtime.active.variant_id
-        self._send(coordinator_pb2.EdgeReport(edge=self.config.name, telemetry=coordinator_pb2.Telemetry(
-            timestamp=time.time(), active_variant=active, request_rate=stats.rate, p50_ms=stats.p50_ms,
-            p95_ms=stats.p95_ms, p99_ms=stats.p99_ms, requests=stats.requests, errors=stats.errors,
-            cpu_percent=cpu, rss_bytes=rss, resident_variants=len(self.runtime.variants()))))
-        window = policies.Window(stats.requests, stats.rate, stats.p95_ms)
-        decision = policies.decide(self._policy, self.options(), self._state, window, self.runtime.slots, now)
-        self._state = decision.state
-        if decision.switch and decision.target != active:
-            self._apply(decision.target, decision.reason, decision.reason_code, stats.p95_ms)
-
-    def decision_loop(self) -> None:
-        while not self.stopping.wait(self._policy.window_s):
-            self.decide_once(time.monotonic())
-
-    # --- link to the coordinator -------------------------------------------------------------
-    def _send(self, report) -> None:
+    def set_policy(self, policy: coordinator_pb2.Policy) -> None:
         try:
-            self._reports.put_nowait(report)
-        except queue.Full:
-            pass  # telemetry is best-effort while the link is down; switch events are kept apart
+            self.policy = policies.PolicyConfig.from_proto(policy, window_s=self.config.window_s)
+        except ValueError as err:
+            log.error("policy v%d refused, keeping v%d: %s", policy.version, self.policy.version, err)
+            return
+        self.metrics.slo(self.policy.slo_ms / 1e3)
+        log.info("policy v%d: SLO p95 <= %.1f ms, pinned %s", self.policy.version, self.policy.slo_ms,
+                 self.policy.pinned_variant[:12] or "none")
 
-    def register(self):
-        reply = self._coordinator.Register(coordinator_pb2.RegisterRequest(
-            edge=self.config.name, address=self._address, metrics_address=self._metrics_address,
-            threads=self.config.threads), timeout=RPC_TIMEOUT_S)
+    # --- the coordinator's side of the link (edge.link.LinkHandler) ------------------------------
+    def registered(self, reply: coordinator_pb2.RegisterResponse) -> None:
         self.set_policy(reply.policy)
-        return reply
+        changed = {v.variant_id for v in reply.variants} != set(self.runtime.variants())
+        if changed and not self._load_lock.locked():  # a load in progress gets its turn first
+            self._in_background(self.adopt_portfolio, list(reply.variants))
 
-    def set_policy(self, policy) -> None:
-        self._policy = policies.PolicyConfig.from_proto(policy)
-        self.metrics.slo(self._policy.slo_ms / 1e3)
-        log.info("policy v%d: SLO p95 <= %.1f ms", self._policy.version, self._policy.slo_ms)
-
-    def _outgoing(self, alive: threading.Event):
-        for profile in list(self._profiles.values()):
-            yield coordinator_pb2.EdgeReport(edge=self.config.name, profile=profile.to_proto())
-        while alive.is_set() and not self.stopping.is_set():
-            while self._unsent_switches:
-                yield self._unsent_switches.popleft()
-            try:
-                yield self._reports.get(timeout=0.2)
-            except queue.Empty:
-                continue
-
-    def _handle(self, directive) -> None:
+    def directive(self, directive: coordinator_pb2.Directive) -> None:
         kind = directive.WhichOneof("body")
         if kind == "policy":
             self.set_policy(directive.policy)
         elif kind == "portfolio":
-            threading.Thread(target=self.sync_portfolio, args=(directive.portfolio.variants,), daemon=True).start()
+            self._in_background(self.adopt_portfolio, list(directive.portfolio.variants))
 
-    def link_loop(self, rng: random.Random) -> None:
-        attempt = 0
-        while not self.stopping.is_set():
-            alive = threading.Event()
-            alive.set()
+    def hello(self) -> list[coordinator_pb2.EdgeReport]:
+        return self.profile_reports()
+
+    def _in_background(self, work: Callable, *args) -> None:
+        threading.Thread(target=work, args=args, daemon=True, name="portfolio").start()
+
+    # --- decisions ---------------------------------------------------------------------------------
+    def _apply(self, target: str, reason: str, reason_code: str, observed_p95_ms: float) -> None:
+        """Switch (the caller holds the decision lock), then count, log and report it."""
+        record = self.runtime.switch(target, reason)
+        self._state = policies.PolicyState(target, last_switch_at=self._clock())
+        self.metrics.switched(reason_code, record.switch_us / 1e6, self.runtime.variants(), target)
+        name = self.runtime.variants()[target].info.name
+        log.info("switch %s -> %s in %.1f us (%s): %s", record.from_variant[:12] or "-", name, record.switch_us,
+                 reason_code, reason)
+        self._outbox.event(self._report(switch=coordinator_pb2.SwitchEvent(
+            timestamp=self._wall_clock(), from_variant=record.from_variant, to_variant=target, reason=reason,
+            reason_code=reason_code, observed_p95_ms=observed_p95_ms, switch_us=record.switch_us)))
+
+    def start_serving(self) -> None:
+        """Activate the initial choice and report SERVING."""
+        with self._decide_lock:
+            choice = policies.initial_choice(self.policy, self.options())
+            self._apply(choice.variant_id, f"initial choice: {choice.label}, profiled p95 {choice.p95_ms:.1f} ms "
+                        f"at batch {self.config.batch} (SLO {self.policy.slo_ms:.1f} ms)", "initial", 0.0)
+        set_serving(self._health, True)
+
+    def _telemetry(self, stats) -> coordinator_pb2.Telemetry:
+        cpu, rss = self._process.sample()
+        active = self.runtime.active
+        return coordinator_pb2.Telemetry(
+            timestamp=self._wall_clock(), active_variant=active.variant_id if active else "",
+            request_rate=stats.rate, p50_ms=stats.p50_ms, p95_ms=stats.p95_ms, p99_ms=stats.p99_ms,
+            requests=stats.requests, errors=stats.errors, cpu_percent=cpu, rss_bytes=rss,
+            resident_variants=len(self.runtime.variants()))
+
+    def decide_once(self) -> policies.Decision | None:
+        """Close the window, report it, and switch if the policy says so."""
+        now = self._clock()
+        stats = self._window.close_window(now)
+        self._outbox.report(self._report(telemetry=self._telemetry(stats)))
+        with self._decide_lock:
+            if self._state is None:
+                return None
+            answered = stats.requests - stats.errors
+            window = policies.Window(answered, stats.p95_ms, stats.rate, self.runtime.config.slots)
+            decision = policies.decide(self.policy, self.options(), self._state, window, now)
+            self._state = decision.state
+            if decision.switch and decision.target != self.runtime.active.variant_id:
+                self._apply(decision.target, decision.reason, decision.reason_code, stats.p95_ms)
+        return decision
+
+    def decision_loop(self) -> None:
+        while not self.stopping.wait(self.policy.window_s):
             try:
-                reply = self.register()
-                if {v.variant_id for v in reply.variants} - set(self.runtime.variants()):
-                    threading.Thread(target=self.sync_portfolio, args=(reply.variants,), daemon=True).start()
-                for directive in self._coordinator.Connect(self._outgoing(alive)):
-                    attempt = 0
-                    self._handle(directive)
-            except grpc.RpcError as err:
-                log.warning("link to %s lost: %s", self.config.cloud, err.code().name)
-            finally:
-                alive.clear()
-            attempt += 1
-            self.stopping.wait(rng.uniform(0, min(10.0, 0.5 * 2 ** min(attempt, 5))))
-
-    def close(self) -> None:
-        self.stopping.set()
-        self._channel.close()
+                self.decide_once()
+            except Exception:  # a bad window must not end the loop that keeps the edge within its SLO
+                log.exception("decision failed; keeping the active variant")
 
 
-def initial_portfolio(agent: Agent, rng: random.Random):
-    """Register (retrying with backoff) and load the portfolio the coordinator names."""
+def initial_portfolio(agent: Agent, link: Link) -> bool:
+    """Register (retrying with backoff) and load the portfolio the coordinator names, until at least
+    one variant is ready. False if the agent was stopped first."""
     attempt = 0
     while not agent.stopping.is_set():
         try:
-            reply = agent.register()
+            reply = link.register()
+            agent.set_policy(reply.policy)
             agent.sync_portfolio(reply.variants)
             if agent.options():
-                return
-            log.warning("no usable variant in portfolio %s yet", reply.portfolio_id)
+                return True
+            log.warning("no usable variant in portfolio %r yet", reply.portfolio_id)
         except grpc.RpcError as err:
-            log.warning("cannot register with %s: %s", agent.config.cloud, err.code().name)
+            log.warning("cannot register with %s: %s %s", agent.config.cloud, err.code().name, err.details())
         attempt += 1
-        agent.stopping.wait(rng.uniform(0, min(10.0, 0.5 * 2 ** min(attempt, 5))))
-
-
-def set_threads(threads: int) -> None:
-    torch.set_num_threads(threads)
+        link.backoff(attempt)
+    return False

@@ -1,84 +1,148 @@
-"""`prunefleet-edge`: the edge agent."""
+"""`prunefleet-edge`: the edge agent.
+
+    prunefleet-edge run --cloud HOST:PORT --name NAME --port PORT --metrics-port PORT --cache DIR
+
+Once the agent serves, it prints one line to stdout:
+`prunefleet-edge NAME serving on HOST:PORT metrics on HOST:MPORT` (the bound ports; 0 picks free ones).
+Logs go to stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import random
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+import torch
 from prometheus_client import CollectorRegistry, start_http_server
 
-from edge.agent import Agent, AgentConfig, initial_portfolio, set_threads
+from common.wire import GRPC_OPTIONS
+from edge.agent import Agent, AgentConfig, initial_portfolio
+from edge.link import Link, LinkConfig, Outbox
 from edge.metrics import EdgeMetrics
-from edge.runtime import Runtime
-from edge.server import InferenceServicer, make_server
+from edge.runtime import Runtime, RuntimeConfig
+from edge.server import InferenceServicer, make_server, set_serving
 from edge.telemetry import ProcessStats, RequestWindow
+from protos import coordinator_pb2_grpc, portfolio_pb2_grpc
 
 log = logging.getLogger("edge")
+STOP_GRACE_S = 2.0
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunefleet-edge", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser = argparse.ArgumentParser(prog="prunefleet-edge", description="The prunefleet edge agent.")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        type=str.upper)
     run = parser.add_subparsers(dest="command", required=True).add_parser("run", help="run an edge agent")
-    run.add_argument("--cloud", required=True, metavar="HOST:PORT")
-    run.add_argument("--name", required=True)
-    run.add_argument("--host", default="127.0.0.1")
-    run.add_argument("--port", type=int, default=50061, help="0 picks a free port")
-    run.add_argument("--metrics-port", type=int, default=9101, help="0 picks a free port")
-    run.add_argument("--cache", type=Path, required=True)
+    run.add_argument("--cloud", required=True, metavar="HOST:PORT", help="the coordinator and portfolio service")
+    run.add_argument("--name", required=True, help="this edge's unique name")
+    run.add_argument("--host", default="127.0.0.1", help="address to serve on")
+    run.add_argument("--advertise-host", default="", help="host the coordinator and clients use (default: --host)")
+    run.add_argument("--port", type=int, default=50061, help="InferenceService port; 0 picks a free one")
+    run.add_argument("--metrics-port", type=int, default=9101, help="Prometheus port; 0 picks a free one")
+    run.add_argument("--cache", type=Path, required=True, help="content-addressed variant cache directory")
     run.add_argument("--threads", type=int, default=1, help="inference threads (and concurrent inferences)")
     run.add_argument("--batch", type=int, default=8, help="typical batch size, profiled on arrival")
     run.add_argument("--max-batch", type=int, default=256)
+    run.add_argument("--window-s", type=float, default=1.0, help="telemetry window until the policy sets one")
+    run.add_argument("--slo-ms", type=float, default=50.0,
+                     help="latency histogram gets a bucket here (the coordinator's policy sets the SLO itself)")
+    # the log level may also come after `run`; SUPPRESS keeps the top-level value when it does not
+    run.add_argument("--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                     type=str.upper)
     return parser
 
 
-def run(args) -> int:
-    config = AgentConfig(cloud=args.cloud, name=args.name, cache_dir=args.cache, host=args.host, port=args.port,
-                         metrics_port=args.metrics_port, threads=args.threads, batch=args.batch,
-                         max_batch=args.max_batch)
-    set_threads(config.threads)
+def _config(args) -> AgentConfig:
+    return AgentConfig(cloud=args.cloud, name=args.name, cache_dir=args.cache, host=args.host,
+                       advertise_host=args.advertise_host, port=args.port,
+                       metrics_port=args.metrics_port, threads=args.threads, batch=args.batch,
+                       max_batch=args.max_batch, window_s=args.window_s, slo_ms=args.slo_ms)
+
+
+def _serve(agent: Agent, link: Link, banner: str) -> None:
+    threads = [threading.Thread(target=agent.decision_loop, daemon=True, name="decide"),
+               threading.Thread(target=link.run, args=(agent,), daemon=True, name="link")]
+    for thread in threads:
+        thread.start()
+    print(banner, flush=True)
+    while not agent.stopping.wait(0.5):
+        pass
+    log.info("shutting down")
+    for thread in threads:
+        thread.join(timeout=STOP_GRACE_S)
+
+
+@dataclass(frozen=True)
+class Node:
+    """One wired agent: its servers, channel and loops. `close` stops what `assemble` started."""
+
+    agent: Agent
+    link: Link
+    server: grpc.Server
+    health: object
+    http: object
+    channel: grpc.Channel
+    address: str
+    metrics_address: str
+
+    def banner(self) -> str:
+        return f"prunefleet-edge {self.agent.config.name} serving on {self.address} metrics on {self.metrics_address}"
+
+    def close(self) -> None:
+        set_serving(self.health, False)
+        self.server.stop(STOP_GRACE_S).wait()
+        self.channel.close()
+        self.http.shutdown()
+
+
+def assemble(config: AgentConfig, stopping: threading.Event) -> Node:
+    """Start the InferenceService (NOT_SERVING) and the metrics endpoint, and wire the agent to them."""
     registry = CollectorRegistry()
-    metrics = EdgeMetrics(registry, config.name, slo_s=0.05)
+    metrics = EdgeMetrics(registry, config.name, slo_s=config.slo_ms / 1e3)
     http, _ = start_http_server(config.metrics_port, config.host, registry=registry)
-    runtime = Runtime(slots=config.threads, max_batch=config.max_batch)
+    runtime = Runtime(RuntimeConfig(slots=config.threads, max_batch=config.max_batch))
     window = RequestWindow(time.monotonic())
     server, port, health = make_server(InferenceServicer(runtime, window, metrics), config.host, config.port,
                                        config.workers)
-    address, metrics_address = f"{config.host}:{port}", f"{config.host}:{http.server_port}"
-    agent = Agent(config, runtime, metrics, window, ProcessStats(), health, address, metrics_address)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: agent.stopping.set())
-    rng = random.Random()
-    initial_portfolio(agent, rng)
-    if agent.stopping.is_set():
-        server.stop(0)
-        return 0
-    agent.start_serving()
-    threads = [threading.Thread(target=agent.decision_loop, daemon=True, name="decide"),
-               threading.Thread(target=agent.link_loop, args=(rng,), daemon=True, name="link")]
-    for thread in threads:
-        thread.start()
-    print(f"prunefleet-edge {config.name} serving on {address} metrics on {metrics_address}", flush=True)
-    agent.stopping.wait()
-    log.info("shutting down")
-    server.stop(2.0).wait()
-    agent.close()
-    http.shutdown()
+    channel = grpc.insecure_channel(config.cloud, options=GRPC_OPTIONS)
+    address, metrics_address = f"{config.public_host}:{port}", f"{config.public_host}:{http.server_port}"
+    link_config = LinkConfig(edge=config.name, address=address, metrics_address=metrics_address,
+                             threads=config.threads, backoff_s=config.backoff_s, max_backoff_s=config.max_backoff_s)
+    outbox = Outbox(link_config.max_buffered, link_config.max_live)
+    agent = Agent(config, runtime, metrics, window, ProcessStats(), health,
+                  portfolio_pb2_grpc.PortfolioServiceStub(channel), outbox, stopping)
+    link = Link(link_config, coordinator_pb2_grpc.CoordinatorServiceStub(channel), outbox, stopping)
+    return Node(agent, link, server, health, http, channel, address, metrics_address)
+
+
+def run(config: AgentConfig, stopping: threading.Event) -> int:
+    torch.set_num_threads(config.threads)
+    node = assemble(config, stopping)
+    try:
+        if initial_portfolio(node.agent, node.link):
+            node.agent.start_serving()
+            _serve(node.agent, node.link, node.banner())
+    finally:
+        node.close()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
     try:
-        return run(args)
+        return run(_config(args), stopping)
     except (ValueError, OSError) as err:
         print(f"prunefleet-edge: error: {err}", file=sys.stderr)
         return 2

@@ -2,6 +2,9 @@
 
     CACHE/<sha256>.safetensors   complete and verified
     CACHE/<sha256>.part          a download in progress; the next fetch resumes from its size
+
+A variant id is the sha256 of its file; anything else is refused before the filesystem is touched.
+A .part whose hash does not match once complete is deleted, so the retry starts from zero.
 """
 
 from __future__ import annotations
@@ -21,45 +24,63 @@ from common.variant import MAX_VARIANT_BYTES
 from protos import portfolio_pb2
 
 log = logging.getLogger(__name__)
+PERMANENT = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+             grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED)
 
 
 class FetchError(RuntimeError):
-    """A download that failed verification or could not complete."""
+    """A download that failed verification or could not complete; the message says why."""
 
 
 @dataclass(frozen=True)
-class FetchConfig:
-    deadline_s: float = 300.0
+class RetryConfig:
     attempts: int = 5
-    backoff_s: float = 0.5
+    backoff_s: float = 0.5  # the first retry waits up to this long; each next one up to twice as long
     max_backoff_s: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.deadline_s <= 0 or self.attempts < 1 or self.backoff_s < 0:
-            raise ValueError("deadline_s must be positive, attempts >= 1, backoff_s >= 0")
+        if self.attempts < 1 or self.backoff_s < 0 or self.max_backoff_s < self.backoff_s:
+            raise ValueError("attempts must be >= 1 and 0 <= backoff_s <= max_backoff_s")
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """Full jitter: uniform in [0, min(max, base * 2^(attempt-1))]."""
+        return rng.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
 
 
-def cached_path(cache: Path, variant_id: str) -> Path:
+def cached_path(cache_dir: Path, variant_id: str) -> Path:
     if not is_sha256_hex(variant_id):
-        raise FetchError(f"variant id {variant_id[:80]!r} is not a sha256 hex string")
-    return cache / f"{variant_id}.safetensors"
+        raise FetchError(f"variant id {variant_id[:80]!r} is not a sha256 hex string (64 lowercase hex digits)")
+    return Path(cache_dir) / f"{variant_id}.safetensors"
+
+
+def _check_chunk(chunk: portfolio_pb2.VariantChunk, variant_id: str, offset: int, total: int | None) -> int:
+    if chunk.sha256 != variant_id or chunk.offset != offset:
+        raise FetchError(f"chunk of {chunk.sha256[:12]!r} at offset {chunk.offset}, expected {variant_id[:12]} "
+                         f"at {offset}")
+    if total is not None and chunk.total_size != total:
+        raise FetchError(f"total size changed from {total} to {chunk.total_size} mid-stream")
+    if chunk.total_size > MAX_VARIANT_BYTES or offset + len(chunk.data) > chunk.total_size:
+        raise FetchError(f"variant {variant_id[:12]} declares {chunk.total_size} bytes: over the "
+                         f"{MAX_VARIANT_BYTES}-byte limit or short of its own data")
+    return chunk.total_size
 
 
 def _stream_into(stub, variant_id: str, part: Path, deadline_s: float) -> None:
+    """Append the rest of the file to `part`, resuming from its size."""
     offset = part.stat().st_size if part.exists() else 0
     request = portfolio_pb2.FetchVariantRequest(variant_id=variant_id, offset=offset)
+    total = None
     with open(part, "ab") as f:
-        for chunk in stub.FetchVariant(request, timeout=deadline_s):
-            if chunk.sha256 != variant_id or chunk.offset != offset:
-                raise FetchError(f"chunk for {chunk.sha256[:12]} at offset {chunk.offset}, expected "
-                                 f"{variant_id[:12]} at {offset}")
-            if chunk.total_size > MAX_VARIANT_BYTES or offset + len(chunk.data) > chunk.total_size:
-                raise FetchError(f"variant {variant_id[:12]} declares {chunk.total_size} bytes, beyond the limit "
-                                 "or its own data")
-            f.write(chunk.data)
-            offset += len(chunk.data)
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            for chunk in stub.FetchVariant(request, timeout=deadline_s):
+                total = _check_chunk(chunk, variant_id, offset, total)
+                f.write(chunk.data)
+                offset += len(chunk.data)
+        finally:
+            f.flush()
+            os.fsync(f.fileno())
+    if total is not None and offset != total:
+        raise FetchError(f"stream of {variant_id[:12]} ended at byte {offset} of {total}")
 
 
 def _finish(part: Path, final: Path, variant_id: str) -> None:
@@ -71,36 +92,45 @@ def _finish(part: Path, final: Path, variant_id: str) -> None:
     fsync_dir(final.parent)
 
 
-def fetch_once(stub, variant_id: str, cache: Path, deadline_s: float) -> Path:
-    final = cached_path(cache, variant_id)
+def fetch_once(stub, variant_id: str, cache_dir: Path, deadline_s: float) -> Path:
+    """One attempt: the cached file if it verifies, else stream (resuming), verify and rename."""
+    final = cached_path(cache_dir, variant_id)
     if final.exists():
         if sha256_file(final) == variant_id:
             return final
-        log.warning("cached %s is corrupt; fetching again", final.name)
+        log.warning("cached %s is corrupt; fetching it again", final.name)
         final.unlink()
-    cache.mkdir(parents=True, exist_ok=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
     part = final.with_suffix(".part")
-    _stream_into(stub, variant_id, part, deadline_s)
+    if part.exists() and part.stat().st_size > MAX_VARIANT_BYTES:
+        part.unlink()
+    try:
+        _stream_into(stub, variant_id, part, deadline_s)
+    except grpc.RpcError as err:
+        if err.code() == grpc.StatusCode.OUT_OF_RANGE:  # our .part is longer than the file: start over
+            part.unlink(missing_ok=True)
+        raise
     _finish(part, final, variant_id)
     return final
 
 
-def fetch(stub, variant_id: str, cache: Path, config: FetchConfig,
+def fetch(stub, variant_id: str, cache_dir: Path, deadline_s: float = 300.0, *, retry: RetryConfig = RetryConfig(),
           sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None) -> Path:
-    """Fetch with retries: exponential backoff with full jitter between attempts."""
-    cached_path(cache, variant_id)  # refuse a bad id before any I/O
+    """The verified path of a variant file, fetched through `stub` (a PortfolioServiceStub) if needed.
+
+    Every attempt's stream has `deadline_s`; failed attempts are retried with exponential backoff and
+    full jitter, except for errors no retry can fix (bad id, unknown variant)."""
+    cached_path(cache_dir, variant_id)  # refuse a bad id before any I/O
     rng = rng or random.Random()
-    for attempt in range(1, config.attempts + 1):
+    for attempt in range(1, retry.attempts + 1):
         try:
-            return fetch_once(stub, variant_id, cache, config.deadline_s)
+            return fetch_once(stub, variant_id, cache_dir, deadline_s)
         except (grpc.RpcError, FetchError, OSError) as err:
-            permanent = isinstance(err, grpc.RpcError) and err.code() in (
-                grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED)
-            if permanent or attempt == config.attempts:
-                raise FetchError(f"fetching {variant_id[:12]} failed after {attempt} attempt(s): {err}") from err
-            delay = rng.uniform(0, min(config.max_backoff_s, config.backoff_s * 2 ** (attempt - 1)))
-            log.warning("fetching %s failed (%s); retrying in %.1f s", variant_id[:12], err, delay)
+            permanent = isinstance(err, grpc.RpcError) and err.code() in PERMANENT
+            detail = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.RpcError) else str(err)
+            if permanent or attempt == retry.attempts:
+                raise FetchError(f"fetching {variant_id[:12]} failed after {attempt} attempt(s): {detail}") from err
+            delay = retry.delay(attempt, rng)
+            log.warning("fetching %s failed (%s); retrying in %.2f s", variant_id[:12], detail, delay)
             sleep(delay)
     raise AssertionError("unreachable")
-
-

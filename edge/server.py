@@ -1,7 +1,14 @@
-"""InferenceService: a thin servicer over the runtime, with health and reflection."""
+"""InferenceService: a thin servicer over the runtime, with health and reflection.
+
+Status codes: a tensor the variant cannot take (dtype, shape, byte count, NaN/Inf) is
+INVALID_ARGUMENT with a message naming what is expected; a tensor declared larger than the message
+limit is RESOURCE_EXHAUSTED; before any variant is active, UNAVAILABLE.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from concurrent import futures
 
@@ -9,51 +16,91 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.wire import SERVER_OPTIONS, TensorError, from_proto, to_proto
+from common.wire import DTYPES, MAX_MESSAGE_BYTES, SERVER_OPTIONS, TensorError, from_proto, to_proto
 from edge.metrics import EdgeMetrics
 from edge.runtime import NotReadyError, Runtime
 from edge.telemetry import RequestWindow
 from protos import inference_pb2, inference_pb2_grpc
 
+log = logging.getLogger(__name__)
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+HEALTH_NAMES = ("", INFERENCE_SERVICE)
+
+
+class PayloadTooLargeError(ValueError):
+    """A tensor whose declared size is over the message limit."""
+
+
+def check_declared_size(tensor: inference_pb2.Tensor) -> None:
+    dtype = DTYPES.get(tensor.dtype)
+    if dtype is None or any(d < 0 for d in tensor.shape):
+        return  # from_proto names the problem
+    declared = math.prod(tensor.shape) * dtype.itemsize
+    if declared > MAX_MESSAGE_BYTES:
+        raise PayloadTooLargeError(f"shape {list(tensor.shape)} of {tensor.dtype} needs {declared} bytes, over "
+                                   f"the {MAX_MESSAGE_BYTES}-byte limit; send smaller batches")
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, runtime: Runtime, window: RequestWindow, metrics: EdgeMetrics):
         self._runtime, self._window, self._metrics = runtime, window, metrics
 
-    def _finish(self, start: float, variant: str, code: grpc.StatusCode) -> None:
+    def _finish(self, start: float, variant_id: str, code: grpc.StatusCode) -> None:
         elapsed = time.perf_counter() - start
         ok = code == grpc.StatusCode.OK
-        self._window.record(elapsed, ok)
-        self._metrics.request(variant, code.name, elapsed if ok else None)
+        self._window.record(elapsed, variant_id, ok)
+        self._metrics.request(variant_id, code.name, elapsed if ok else None)
+
+    def _fail(self, start: float, context, code: grpc.StatusCode, message: str):
+        self._finish(start, "", code)
+        context.abort(code, message)
+
+    def _decode(self, tensor: inference_pb2.Tensor):
+        check_declared_size(tensor)
+        try:
+            return from_proto(tensor)
+        except TensorError as err:
+            raise TensorError(f"{err}; {self._runtime.expected_input()}") from err
 
     def Predict(self, request, context):
         start = time.perf_counter()
         try:
-            logits, variant = self._runtime.predict(from_proto(request.input))
+            logits, variant_id = self._runtime.predict(self._decode(request.input))
+        except PayloadTooLargeError as err:
+            self._fail(start, context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except TensorError as err:
-            self._finish(start, "", grpc.StatusCode.INVALID_ARGUMENT)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            self._fail(start, context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except NotReadyError as err:
-            self._finish(start, "", grpc.StatusCode.UNAVAILABLE)
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-        self._finish(start, variant, grpc.StatusCode.OK)
-        return inference_pb2.PredictResponse(output=to_proto(logits), variant_id=variant)
+            self._fail(start, context, grpc.StatusCode.UNAVAILABLE, str(err))
+        except RuntimeError as err:  # torch failing on a valid input is our fault, not the caller's
+            log.exception("inference failed")
+            self._fail(start, context, grpc.StatusCode.INTERNAL, f"inference failed: {err}")
+        reply = inference_pb2.PredictResponse(output=to_proto(logits), variant_id=variant_id)
+        self._finish(start, variant_id, grpc.StatusCode.OK)
+        return reply
+
+
+def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in HEALTH_NAMES:
+        health_servicer.set(name, status)
 
 
 def make_server(servicer: InferenceServicer, host: str, port: int, workers: int
                 ) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A started server (NOT_SERVING until the caller says so) and its bound port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
+    """A started server, NOT_SERVING until the caller says otherwise, and its bound port (port 0 picks one)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict"),
+                         options=SERVER_OPTIONS)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as err:  # grpc raises when the address is taken
+        raise OSError(f"cannot bind {host}:{port}: {err}") from err
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
-    for name in ("", INFERENCE_SERVICE):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    set_serving(health_servicer, False)
     server.start()
     return server, bound, health_servicer

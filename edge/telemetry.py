@@ -1,4 +1,4 @@
-"""A thread-safe window of request outcomes, closed once per policy window."""
+"""A thread-safe window of request outcomes, closed once per policy window, and process statistics."""
 
 from __future__ import annotations
 
@@ -11,39 +11,43 @@ import psutil
 
 @dataclass(frozen=True)
 class WindowStats:
-    requests: int
+    requests: int  # answered and failed
     errors: int
-    rate: float
-    p50_ms: float
+    rate: float  # requests per second over the window
+    p50_ms: float  # latency percentiles of the answered requests; 0 when none was
     p95_ms: float
     p99_ms: float
 
 
 class RequestWindow:
+    """Latencies of the requests since the window opened. Failed requests count, but their (short)
+    latencies stay out of the percentiles. At most `max_samples` latencies are kept per window."""
+
     def __init__(self, started_at: float, max_samples: int = 100_000):
+        if max_samples < 1:
+            raise ValueError("max_samples must be >= 1")
         self._lock = threading.Lock()
         self._latencies: list[float] = []
+        self._requests = 0
         self._errors = 0
-        self._dropped = 0
         self._max = max_samples
         self._started_at = started_at
 
-    def record(self, latency_s: float, ok: bool) -> None:
+    def record(self, latency_s: float, variant_id: str, ok: bool) -> None:
+        """One request's outcome; `variant_id` is the variant that answered ("" when none did)."""
         with self._lock:
+            self._requests += 1
             if not ok:
                 self._errors += 1
             elif len(self._latencies) < self._max:
                 self._latencies.append(latency_s)
-            else:
-                self._dropped += 1
 
-    def close(self, now: float) -> WindowStats:
+    def close_window(self, now: float) -> WindowStats:
         """Statistics of the window that ends now; a new window starts."""
         with self._lock:
-            latencies, errors, dropped = self._latencies, self._errors, self._dropped
+            latencies, requests, errors = self._latencies, self._requests, self._errors
             started, self._started_at = self._started_at, now
-            self._latencies, self._errors, self._dropped = [], 0, 0
-        requests = len(latencies) + dropped + errors
+            self._latencies, self._requests, self._errors = [], 0, 0
         rate = requests / max(now - started, 1e-6)
         if not latencies:
             return WindowStats(requests, errors, rate, 0.0, 0.0, 0.0)
@@ -52,11 +56,11 @@ class RequestWindow:
 
 
 class ProcessStats:
-    """CPU percent since the previous call and resident memory of this process."""
+    """CPU percent of this process since the previous sample, and its resident memory."""
 
-    def __init__(self):
-        self._process = psutil.Process()
+    def __init__(self, process: psutil.Process | None = None):
+        self._process = process or psutil.Process()
         self._process.cpu_percent(None)
 
     def sample(self) -> tuple[float, int]:
-        return self._process.cpu_percent(None), self._process.memory_info().rss
+        return float(self._process.cpu_percent(None)), int(self._process.memory_info().rss)

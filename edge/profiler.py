@@ -1,0 +1,42 @@
+"""On-device latency of several variants, measured interleaved.
+
+Timing variants one after another lets a burst of load elsewhere on the device land on one of them
+and reorder variants whose true latencies differ by a few percent. Round-robin timing (one forward
+pass of each variant per round) spreads such bursts evenly, so the ranking the policy relies on holds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.profiling import LatencyProfile
+
+
+def profile_interleaved(models: Mapping[str, tuple[nn.Module, tuple[int, ...]]], batch: int, iters: int,
+                        warmup: int = 5) -> dict[str, LatencyProfile]:
+    """Latency of each model (keyed by id, with its [C, H, W] input shape) on random batches of `batch`."""
+    if iters < 1 or batch < 1 or warmup < 0:
+        raise ValueError("iters and batch must be >= 1 and warmup >= 0")
+    inputs = {key: torch.randn(batch, *shape) for key, (_, shape) in models.items()}
+    timings: dict[str, list[float]] = {key: [] for key in models}
+    with torch.inference_mode():
+        for key, (model, _) in models.items():
+            model.eval()
+            for _ in range(warmup):
+                model(inputs[key])
+        for _ in range(iters):
+            for key, (model, _) in models.items():
+                start = time.perf_counter()
+                model(inputs[key])
+                timings[key].append((time.perf_counter() - start) * 1e3)
+    return {key: _summary(batch, np.asarray(samples)) for key, samples in timings.items()}
+
+
+def _summary(batch: int, samples_ms: np.ndarray) -> LatencyProfile:
+    p50, p95 = np.percentile(samples_ms, [50, 95])
+    return LatencyProfile(batch, float(p50), float(p95), float(samples_ms.mean()))

@@ -1,0 +1,117 @@
+"""The wired agent against an in-process fake cloud: bring-up, the Connect contract, directives,
+decisions while the cloud is away, and flushing buffered switch events on reconnect."""
+
+import threading
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common.files import sha256_bytes
+from edge.agent import AgentConfig, initial_portfolio
+from edge.cli import assemble
+from edge_fixtures import FakeCloud, portfolio_of, wait_for
+from protos import coordinator_pb2, portfolio_pb2
+
+
+@pytest.fixture(scope="module")
+def portfolio(tmp_path_factory):
+    return portfolio_of(tmp_path_factory.mktemp("variants"), [("small", 0.125, 0.80), ("big", 0.25, 0.85)])
+
+
+@pytest.fixture
+def wired(portfolio, tmp_path):
+    files, infos = portfolio
+    lying = b"these bytes do not hash to their id"
+    liar = portfolio_pb2.VariantInfo(variant_id=sha256_bytes(b"the real file"), name="liar", accuracy=0.99)
+    cloud = FakeCloud({**files, liar.variant_id: lying}, infos + [liar])
+    address = cloud.start()
+    stopping = threading.Event()
+    config = AgentConfig(cloud=address, name="edge-t", cache_dir=tmp_path / "cache", profile_iters=3, batch=4,
+                         backoff_s=0.05, max_backoff_s=0.2, fetch_attempts=2)
+    node = assemble(config, stopping)
+    yield cloud, node, infos, liar
+    stopping.set()
+    node.close()
+    cloud.stop()
+
+
+def _start(node):
+    assert initial_portfolio(node.agent, node.link)
+    node.agent.start_serving()
+    thread = threading.Thread(target=node.link.run, args=(node.agent,), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_bring_up_loads_verified_variants_and_reports_over_connect(wired):
+    cloud, node, infos, liar = wired
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(node.address))
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    _start(node)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    held = set(node.agent.runtime.variants())
+    assert held == {v.variant_id for v in infos} and liar.variant_id not in held  # a mismatch is never loaded
+    request = cloud.registrations[0]
+    assert (request.edge, request.address, request.metrics_address) == ("edge-t", node.address, node.metrics_address)
+    wait_for(lambda: len(cloud.switches()) == 1, what="the initial switch event")
+    stream = cloud.streams[0]
+    assert stream[0].edge == "edge-t" and stream[0].WhichOneof("body") == "profile"
+    assert all(report.edge == "edge-t" for report in stream)
+    assert {r.profile.variant_id for r in stream if r.WhichOneof("body") == "profile"} == held
+    initial = cloud.switches()[0]
+    assert initial.reason_code == "initial" and initial.to_variant == infos[1].variant_id  # big: SLO is generous
+    node.agent.decide_once()
+    wait_for(lambda: any(r.WhichOneof("body") == "telemetry" for r in stream), what="a telemetry report")
+    telemetry = next(r.telemetry for r in stream if r.WhichOneof("body") == "telemetry")
+    assert telemetry.active_variant == infos[1].variant_id and telemetry.resident_variants == 2
+    assert telemetry.rss_bytes > 0
+
+
+def test_a_policy_directive_pins_and_the_switch_is_reported(wired):
+    cloud, node, infos, _ = wired
+    _start(node)
+    small = infos[0].variant_id
+    cloud.directives.put(coordinator_pb2.Directive(policy=coordinator_pb2.Policy(
+        slo_ms=1000.0, pinned_variant=small, version=2)))
+    wait_for(lambda: node.agent.policy.version == 2, what="the new policy")
+    decision = node.agent.decide_once()
+    assert decision.reason_code == "pinned" and node.agent.runtime.active.variant_id == small
+    event = wait_for(lambda: [e for e in cloud.switches() if e.reason_code == "pinned"], what="the pin event")[0]
+    assert event.from_variant == infos[1].variant_id and event.to_variant == small and event.switch_us > 0
+
+
+def test_decisions_go_on_without_the_cloud_and_events_flush_on_reconnect(wired):
+    cloud, node, infos, _ = wired
+    _start(node)
+    wait_for(lambda: cloud.switches(), what="the initial switch event")
+    cloud.stop()
+    small = infos[0].variant_id
+    node.agent.set_policy(coordinator_pb2.Policy(slo_ms=1000.0, pinned_variant=small, version=3))
+    assert node.agent.decide_once().reason_code == "pinned"  # decided and switched locally, cloud down
+    assert node.agent.runtime.active.variant_id == small
+    registrations = len(cloud.registrations)
+    cloud.start(cloud.port)
+    event = wait_for(lambda: [e for e in cloud.switches() if e.reason_code == "pinned"], timeout_s=15,
+                     what="the buffered switch event")[0]
+    assert event.to_variant == small
+    assert len(cloud.registrations) > registrations  # re-registered on reconnect
+    assert cloud.streams[-1][0].edge == "edge-t"
+
+
+def test_a_portfolio_directive_loads_new_variants_switches_in_and_drops_the_old(wired, tmp_path):
+    cloud, node, infos, _ = wired
+    _start(node)
+    files, (tiny,) = portfolio_of(tmp_path / "new", [("tiny", 0.0625, 0.70)])
+    cloud.files.update(files)
+    small, big = infos
+    assert node.agent.runtime.active.variant_id == big.variant_id
+    cloud.directives.put(coordinator_pb2.Directive(portfolio=portfolio_pb2.ListVariantsResponse(
+        variants=[small, tiny], portfolio_id="p2")))
+    event = wait_for(lambda: [e for e in cloud.switches() if e.reason_code == "portfolio"], what="the switch in")[0]
+    assert (event.from_variant, event.to_variant) == (big.variant_id, small.variant_id)  # the best that stayed
+    wait_for(lambda: set(node.agent.runtime.variants()) == {small.variant_id, tiny.variant_id}, what="the eviction")
+    assert {o.variant_id for o in node.agent.options()} == {small.variant_id, tiny.variant_id}
+    profiles = wait_for(lambda: [r for r in cloud.reports if r.WhichOneof("body") == "profile"
+                                 and r.profile.variant_id == tiny.variant_id], what="the new variant's profile")
+    assert profiles[0].edge == "edge-t"

@@ -1,0 +1,102 @@
+"""The request window, the process sample, the metrics layout, and the link's outbox."""
+
+import random
+import threading
+
+import pytest
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+
+from edge.link import LinkConfig, Outbox
+from edge.metrics import EdgeMetrics, latency_buckets
+from edge.telemetry import ProcessStats, RequestWindow
+from protos import coordinator_pb2
+
+
+def test_window_stats_and_reset():
+    window = RequestWindow(started_at=10.0)
+    for ms in range(1, 101):
+        window.record(ms / 1e3, "v", True)
+    window.record(0.0001, "", False)
+    stats = window.close_window(12.0)
+    assert (stats.requests, stats.errors, stats.rate) == (101, 1, 50.5)
+    assert stats.p50_ms == pytest.approx(50.5) and stats.p95_ms == pytest.approx(95.05)
+    assert stats.p99_ms == pytest.approx(99.01)  # the failed request's latency stays out
+    empty = window.close_window(13.0)
+    assert (empty.requests, empty.p95_ms, empty.rate) == (0, 0.0, 0.0)
+
+
+def test_window_is_thread_safe():
+    window = RequestWindow(started_at=0.0)
+    threads = [threading.Thread(target=lambda: [window.record(0.001, "v", True) for _ in range(2000)])
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert window.close_window(1.0).requests == 8000
+
+
+def test_process_sample():
+    cpu, rss = ProcessStats().sample()
+    assert cpu >= 0 and rss > 10 << 20
+
+
+def test_metrics_live_on_the_injected_registry_with_a_bucket_at_the_slo():
+    assert 0.042 in latency_buckets(0.042) and list(latency_buckets(0.042)) == sorted(latency_buckets(0.042))
+    registry = CollectorRegistry()
+    metrics = EdgeMetrics(registry, "e1", slo_s=0.042)
+    metrics.switched("slo_violation", 4e-6, ["a" * 64, "b" * 64], "b" * 64)
+    metrics.loaded("a" * 64, 0.5, 1234)
+    text = generate_latest(registry).decode()
+    assert 'prunefleet_edge_switches_total{edge="e1",reason="slo_violation"} 1.0' in text
+    assert f'prunefleet_edge_active_variant{{edge="e1",variant="{"b" * 12}"}} 1.0' in text
+    assert f'prunefleet_edge_active_variant{{edge="e1",variant="{"a" * 12}"}} 0.0' in text
+    assert 'prunefleet_edge_resident_bytes{edge="e1"} 1234.0' in text
+    assert "prunefleet_edge_switch_duration_seconds_bucket" in text
+    assert "prunefleet_edge" not in generate_latest(REGISTRY).decode()  # never the global registry
+
+
+def _report(kind: str, n: int) -> coordinator_pb2.EdgeReport:
+    if kind == "switch":
+        return coordinator_pb2.EdgeReport(edge="e1", switch=coordinator_pb2.SwitchEvent(timestamp=n))
+    return coordinator_pb2.EdgeReport(edge="e1", telemetry=coordinator_pb2.Telemetry(timestamp=n))
+
+
+def test_outbox_keeps_switch_events_while_disconnected_and_drops_stale_telemetry():
+    outbox = Outbox(max_buffered=3, max_live=10)
+    outbox.report(_report("telemetry", 0))  # nobody listening: dropped
+    for n in range(5):
+        outbox.event(_report("switch", n))  # bounded: the two oldest go
+    assert outbox.pending_events() == 3
+    alive = threading.Event()
+    alive.set()
+    hello = [coordinator_pb2.EdgeReport(edge="e1", profile=coordinator_pb2.VariantProfile(variant_id="v"))]
+    stream = outbox.stream(hello, alive)
+    assert next(stream).WhichOneof("body") == "profile"
+    assert [next(stream).switch.timestamp for _ in range(3)] == [2, 3, 4]
+    outbox.report(_report("telemetry", 7))
+    assert next(stream).telemetry.timestamp == 7
+    outbox.close(alive)
+    assert list(stream) == []
+
+
+def test_link_config_backoff_is_bounded_and_jittered():
+    config = LinkConfig(edge="e1", address="127.0.0.1:1", metrics_address="", backoff_s=0.5, max_backoff_s=4.0)
+    rng = random.Random(0)
+    delays = [config.delay(attempt, rng) for attempt in range(1, 40)]
+    assert all(0 <= d <= 4.0 for d in delays) and len(set(delays)) > 30
+    with pytest.raises(ValueError):
+        LinkConfig(edge="", address="x:1", metrics_address="")
+
+
+def test_interleaved_profiles_rank_a_bigger_model_slower():
+    from common import models
+    from edge.profiler import profile_interleaved
+
+    kwargs = {"in_channels": 1, "input_size": 28, "num_classes": 10}
+    pair = {"big": (models.build("vgg11", dict(kwargs, width=0.5)), (1, 28, 28)),
+            "tiny": (models.build("vgg11", dict(kwargs, width=0.0625)), (1, 28, 28))}
+    profiles = profile_interleaved(pair, batch=8, iters=10, warmup=2)
+    assert set(profiles) == {"big", "tiny"}
+    assert all(p.batch == 8 and 0 < p.p50_ms <= p.p95_ms for p in profiles.values())
+    assert profiles["tiny"].p50_ms < profiles["big"].p50_ms

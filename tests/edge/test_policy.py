@@ -1,0 +1,175 @@
+"""The switching policy is a pure function: drive it with made-up windows and a made-up clock."""
+
+from dataclasses import FrozenInstanceError
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge.policy import Option, PolicyConfig, PolicyState, Window, decide, frontier, initial_choice, predicted_p95
+from protos import coordinator_pb2
+
+FAST = Option("a" * 64, accuracy=0.80, p50_ms=3.0, p95_ms=4.0, name="fast")
+MID = Option("b" * 64, accuracy=0.85, p50_ms=8.0, p95_ms=10.0, name="mid")
+SLOW = Option("c" * 64, accuracy=0.90, p50_ms=20.0, p95_ms=25.0, name="slow")
+DOMINATED = Option("d" * 64, accuracy=0.84, p50_ms=9.0, p95_ms=12.0, name="dominated")  # slower than MID, less accurate
+OPTIONS = [SLOW, DOMINATED, FAST, MID]
+CONFIG = PolicyConfig(slo_ms=30.0, down_windows=2, up_windows=3, up_headroom=0.7, dwell_s=5.0)
+BY_ID = {o.variant_id: o for o in OPTIONS}
+
+
+def run(config, state, windows, start=100.0, step=1.0, options=OPTIONS):
+    """Feed windows one per `step` seconds; a window is a p95 factor times the active variant's p95
+    (the load), or a Window. Returns the switches [(time, decision)] and the final state."""
+    switches, now = [], start
+    for item in windows:
+        now += step
+        window = item if isinstance(item, Window) else Window(10, item * BY_ID[state.active].p95_ms)
+        decision = decide(config, options, state, window, now)
+        if decision.switch:
+            switches.append((now, decision))
+        state = decision.state
+    return switches, state
+
+
+def test_from_proto_takes_defaults_for_unset_fields():
+    config = PolicyConfig.from_proto(coordinator_pb2.Policy())
+    assert (config.slo_ms, config.down_windows, config.up_windows, config.up_headroom, config.dwell_s,
+            config.window_s) == (50.0, 2, 3, 0.7, 5.0, 1.0)
+    set_by_coordinator = PolicyConfig.from_proto(coordinator_pb2.Policy(slo_ms=20.0, dwell_s=0.0, version=4),
+                                                 window_s=0.5)
+    assert set_by_coordinator.dwell_s == 0.0 and set_by_coordinator.window_s == 0.5
+    assert set_by_coordinator.slo_ms == 20.0 and set_by_coordinator.version == 4
+
+
+@pytest.mark.parametrize("bad", [dict(slo_ms=0), dict(up_headroom=1.5), dict(down_windows=0), dict(dwell_s=-1),
+                                 dict(min_accuracy=2.0), dict(window_s=0)])
+def test_config_is_validated(bad):
+    with pytest.raises(ValueError):
+        PolicyConfig(**bad)
+
+
+def test_frontier_drops_variants_slower_and_not_more_accurate():
+    assert frontier(CONFIG, OPTIONS) == [FAST, MID, SLOW]
+    twin = Option("e" * 64, accuracy=0.80, p50_ms=5.0, p95_ms=6.0)  # slower than FAST, same accuracy
+    assert twin not in frontier(CONFIG, OPTIONS + [twin])
+
+
+def test_min_accuracy_filters_candidates_unless_none_qualifies():
+    assert frontier(PolicyConfig(slo_ms=30.0, min_accuracy=0.82), OPTIONS) == [MID, SLOW]
+    assert frontier(PolicyConfig(slo_ms=30.0, min_accuracy=0.99), OPTIONS) == [FAST, MID, SLOW]
+
+
+def test_initial_choice_is_most_accurate_with_headroom_else_fastest():
+    assert initial_choice(CONFIG, OPTIONS) == MID  # SLOW's 25 ms is over 30 * 0.7
+    assert initial_choice(PolicyConfig(slo_ms=100.0), OPTIONS) == SLOW
+    assert initial_choice(PolicyConfig(slo_ms=1.0), OPTIONS) == FAST
+    assert initial_choice(PolicyConfig(slo_ms=30.0, min_accuracy=0.88), OPTIONS) == SLOW  # the only candidate
+
+
+def test_sustained_overload_steps_down_exactly_once():
+    state = PolicyState(SLOW.variant_id, last_switch_at=0.0)
+    switches, state = run(CONFIG, state, [1.6] * 20)  # p95 = 1.6 x profile: 40 ms on SLOW, 16 ms on MID
+    assert len(switches) == 1
+    when, decision = switches[0]
+    assert when == 102.0  # the second window over the SLO
+    assert decision.target == MID.variant_id and decision.reason_code == "slo_violation"
+    assert decision.reason == "p95 40.0 ms over SLO 30.0 ms for 2 windows at 0.0 req/s; predicted 16.0 ms on mid"
+    assert state.active == MID.variant_id
+
+
+def test_overload_with_nothing_fitting_goes_to_the_fastest():
+    switches, state = run(CONFIG, PolicyState(SLOW.variant_id), [10.0] * 4)
+    assert [d.target for _, d in switches] == [FAST.variant_id] and "none fits" in switches[0][1].reason
+    assert state.active == FAST.variant_id
+
+
+def test_alternating_windows_around_the_slo_never_switch():
+    config = PolicyConfig(slo_ms=30.0, down_windows=2, up_windows=2, dwell_s=0.0)
+    switches, _ = run(config, PolicyState(SLOW.variant_id), [31 / 25, 29 / 25] * 50)
+    assert switches == []
+
+
+def test_alternating_windows_around_the_headroom_never_switch():
+    config = PolicyConfig(slo_ms=30.0, up_windows=2, dwell_s=0.0)
+    # on MID: 8 ms predicts 20 ms on SLOW (under 21 ms of headroom), 9 ms predicts 22.5 ms (not)
+    windows = [Window(10, 8.0), Window(10, 9.0)] * 50
+    switches, _ = run(config, PolicyState(MID.variant_id), windows)
+    assert switches == []
+
+
+def test_sustained_light_load_steps_up_after_up_windows_and_dwell():
+    state = PolicyState(FAST.variant_id, last_switch_at=100.0)
+    switches, state = run(CONFIG, state, [0.5] * 10)  # 2 ms on FAST predicts 12.5 ms on SLOW
+    assert len(switches) == 1
+    when, decision = switches[0]
+    assert when == 105.0  # three windows of headroom came at 103, the dwell ends at 105
+    assert decision.target == SLOW.variant_id and decision.reason_code == "headroom"
+    assert "predicted 12.5 ms on slow" in decision.reason
+
+
+def test_idle_windows_use_the_profiles():
+    idle = [Window(0, 0.0)] * 10
+    switches, state = run(CONFIG, PolicyState(FAST.variant_id, last_switch_at=100.0), idle)
+    assert [d.target for _, d in switches] == [MID.variant_id]  # SLOW's profiled 25 ms leaves no headroom
+    assert run(CONFIG, PolicyState(MID.variant_id), idle)[0] == []
+
+
+def test_pinned_variant_wins_and_holds_under_overload():
+    config = PolicyConfig(slo_ms=30.0, pinned_variant=SLOW.variant_id)
+    switches, state = run(config, PolicyState(FAST.variant_id), [5.0] * 10)
+    assert [(d.target, d.reason_code) for _, d in switches] == [(SLOW.variant_id, "pinned")]
+    assert state.active == SLOW.variant_id
+
+
+def test_pin_to_a_variant_not_loaded_is_ignored():
+    config = PolicyConfig(slo_ms=30.0, pinned_variant="f" * 64)
+    switches, _ = run(config, PolicyState(SLOW.variant_id), [1.6] * 3)
+    assert [d.reason_code for _, d in switches] == ["slo_violation"]
+
+
+def test_min_accuracy_floor_holds_when_stepping_down():
+    config = PolicyConfig(slo_ms=30.0, min_accuracy=0.82)
+    switches, _ = run(config, PolicyState(SLOW.variant_id), [10.0] * 4)
+    assert [d.target for _, d in switches] == [MID.variant_id]  # FAST would fit better but is below the floor
+
+
+def test_an_active_variant_without_profile_is_replaced():
+    decision = decide(CONFIG, OPTIONS, PolicyState("9" * 64), Window(0, 0.0), 1.0)
+    assert decision.switch and decision.reason_code == "initial" and decision.target == MID.variant_id
+
+
+def test_decisions_are_values():
+    state = PolicyState(SLOW.variant_id)
+    decide(CONFIG, OPTIONS, state, Window(10, 40.0), 1.0)
+    assert state == PolicyState(SLOW.variant_id)
+    with pytest.raises(FrozenInstanceError):
+        state.over_count = 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.floats(0.0, 100.0)), min_size=1, max_size=60),
+       st.integers(1, 4), st.integers(1, 4))
+def test_switches_are_always_separated_by_the_hysteresis(windows, down_windows, up_windows):
+    config = PolicyConfig(slo_ms=30.0, down_windows=down_windows, up_windows=up_windows, dwell_s=0.0)
+    switches, _ = run(config, PolicyState(MID.variant_id), [Window(r, p) for r, p in windows])
+    times = [when for when, _ in switches]
+    assert all(later - earlier >= min(down_windows, up_windows) for earlier, later in zip(times, times[1:]))
+    assert all(d.target in {FAST.variant_id, MID.variant_id, SLOW.variant_id} for _, d in switches)
+
+
+def test_a_variant_the_request_rate_would_overload_is_never_a_step_up():
+    """At 120 req/s one slot is busy 0.96 of the time on the largest variant: scaling its latency would
+    look fine, but its queue would grow without bound, so the policy stays down."""
+    big = Option("b" * 64, 0.9, p50_ms=8.0, p95_ms=9.0, name="big")
+    small = Option("s" * 64, 0.8, p50_ms=3.0, p95_ms=3.5, name="small")
+    config = PolicyConfig(slo_ms=40.0, up_windows=1, dwell_s=0.0)
+    loaded = Window(requests=120, p95_ms=4.0, rate=120.0, slots=1)
+    assert predicted_p95(big, small, loaded) == float("inf")
+    decision = decide(config, [big, small], PolicyState(small.variant_id), loaded, now=10.0)
+    assert not decision.switch
+    light = Window(requests=20, p95_ms=4.0, rate=20.0, slots=1)
+    decision = decide(config, [big, small], PolicyState(small.variant_id), light, now=10.0)
+    assert decision.switch and decision.target == big.variant_id and decision.reason_code == "headroom"
+    two_slots = Window(requests=120, p95_ms=4.0, rate=120.0, slots=2)
+    assert predicted_p95(big, small, two_slots) < float("inf")

@@ -1,0 +1,116 @@
+"""The runtime: atomic switching under concurrent requests, input validation, faithful outputs."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from common import datasets
+from common.wire import TensorError
+from edge.runtime import NotReadyError, Runtime, RuntimeConfig, UnknownVariantError
+from edge_fixtures import load_variant, write_variant
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("variants")
+    return (load_variant(*write_variant(directory, 0.125, 0.80, seed=0), name="small"),
+            load_variant(*write_variant(directory, 0.25, 0.85, seed=1), name="big"))
+
+
+@pytest.fixture
+def runtime(pair):
+    runtime = Runtime(RuntimeConfig(slots=2, max_batch=16))
+    for held in pair:
+        runtime.add(held)
+    runtime.switch(pair[0].variant_id, "initial")
+    return runtime
+
+
+def test_not_ready_before_any_switch(pair):
+    runtime = Runtime(RuntimeConfig())
+    runtime.add(pair[0])
+    with pytest.raises(NotReadyError):
+        runtime.predict(np.zeros((1, 1, 28, 28), np.uint8))
+
+
+def test_predict_matches_the_model_on_normalized_pixels(runtime, pair):
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 1, 28, 28), dtype=np.uint8)
+    logits, variant_id = runtime.predict(pixels)
+    assert variant_id == pair[0].variant_id and logits.dtype == np.float32 and logits.shape == (4, 10)
+    x = datasets.normalize(torch.from_numpy(pixels), pair[0].spec.mean, pair[0].spec.std)
+    with torch.no_grad():
+        expected = pair[0].model(x).numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-5)
+    as_float, _ = runtime.predict(pixels.astype(np.float32) / 255)  # float32 in [0, 1] means the same
+    np.testing.assert_allclose(as_float, logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 28, 28), (2, 28, 28), (0, 1, 28, 28), (17, 1, 28, 28), (1, 1, 28, 27)])
+def test_bad_shapes_name_the_expected_shape(runtime, shape):
+    with pytest.raises(TensorError) as err:
+        runtime.predict(np.zeros(shape, np.float32))
+    assert str(err.value) == f"expected shape [N, 1, 28, 28] with 1 <= N <= 16, got {list(shape)}"
+
+
+def test_bad_dtype_and_non_finite_values_are_rejected(runtime):
+    with pytest.raises(TensorError, match=r"dtype float64 .*expected shape \[N, 1, 28, 28\]"):
+        runtime.predict(np.zeros((1, 1, 28, 28), np.float64))
+    for bad in (np.nan, np.inf):
+        pixels = np.zeros((1, 1, 28, 28), np.float32)
+        pixels[0, 0, 3, 4] = bad
+        with pytest.raises(TensorError, match="NaN or Inf"):
+            runtime.predict(pixels)
+
+
+def test_switch_is_timed_and_refuses_unknown_variants(runtime, pair):
+    record = runtime.switch(pair[1].variant_id, "headroom")
+    assert (record.from_variant, record.to_variant, record.reason) == (pair[0].variant_id, pair[1].variant_id,
+                                                                       "headroom")
+    assert 0 < record.switch_us < 10_000
+    with pytest.raises(UnknownVariantError):
+        runtime.switch("0" * 64)
+    assert runtime.active.variant_id == pair[1].variant_id
+    with pytest.raises(ValueError):
+        runtime.remove(pair[1].variant_id)  # never drop the variant being served
+    runtime.remove(pair[0].variant_id)
+    assert set(runtime.variants()) == {pair[1].variant_id}
+
+
+def test_switching_1000_times_under_concurrent_predicts_fails_nothing(runtime, pair):
+    ids = {held.variant_id for held in pair}
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 1, 28, 28), dtype=np.uint8)
+    expected = {held.variant_id: runtime_on(held, pixels) for held in pair}
+    stop, failures, answers = threading.Event(), [], []
+
+    def hammer():
+        while not stop.is_set():
+            try:
+                logits, variant_id = runtime.predict(pixels)
+                answers.append(variant_id)
+                np.testing.assert_allclose(logits, expected[variant_id], atol=1e-5)  # not a mix of two models
+            except Exception as err:  # noqa: BLE001 - any failure fails the test
+                failures.append(err)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        for i in range(1000):
+            runtime.switch(pair[i % 2].variant_id, "test")
+            time.sleep(0.0005)  # let requests start on both sides of each switch
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert failures == []
+    assert set(answers) == ids  # both variants answered, and nothing else did
+
+
+def runtime_on(held, pixels):
+    single = Runtime(RuntimeConfig())
+    single.add(held)
+    single.switch(held.variant_id)
+    return single.predict(pixels)[0]
