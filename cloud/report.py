@@ -20,10 +20,11 @@ class Verdict:
     text: str
 
 
-def _direction(event, params: dict[str, int]) -> str:
+def _direction(event, accuracy: dict[str, float]) -> str:
+    """A step down trades accuracy for speed; a step up takes accuracy back."""
     if not event.from_variant:
         return "initial"
-    before, after = params.get(event.from_variant, 0), params.get(event.to_variant, 0)
+    before, after = accuracy.get(event.from_variant, 0.0), accuracy.get(event.to_variant, 0.0)
     return "down" if after < before else "up" if after > before else "same"
 
 
@@ -44,8 +45,8 @@ def per_second(samples: Sequence[Sample], edge: str) -> list[dict]:
     return series
 
 
-def _timeline(events, names: dict[str, str], params: dict[str, int], started: float) -> list[dict]:
-    return [{"t": round(e.event.timestamp - started, 2), "edge": e.edge, "direction": _direction(e.event, params),
+def _timeline(events, names: dict[str, str], accuracy: dict[str, float], started: float) -> list[dict]:
+    return [{"t": round(e.event.timestamp - started, 2), "edge": e.edge, "direction": _direction(e.event, accuracy),
              "from": names.get(e.event.from_variant, ""), "to": names.get(e.event.to_variant, ""),
              "reason_code": e.event.reason_code, "reason": e.event.reason, "switch_us": e.event.switch_us}
             for e in events]
@@ -87,9 +88,9 @@ def _plot(path: Path, series: dict[str, list[dict]], timeline: list[dict], slo_m
 
 def write(run_dir: Path, manifest: Manifest, outcome: dict, phases: Sequence[Phase], edges: Sequence[str]) -> Verdict:
     names = outcome["names"]
-    params = {v.variant_id: v.params for v in manifest.variants}
-    order = [v.name for v in sorted(manifest.variants, key=lambda v: v.params)]
-    timeline = _timeline(outcome["events"], names, params, outcome["started"])
+    accuracy = {v.variant_id: v.accuracy for v in manifest.variants}
+    order = [v.name for v in sorted(manifest.variants, key=lambda v: v.accuracy)]
+    timeline = _timeline(outcome["events"], names, accuracy, outcome["started"])
     series = {edge: per_second(outcome["samples"], edge) for edge in edges}
     samples = outcome["samples"]
     failed = sum(1 for s in samples if s.code != "OK")

@@ -118,9 +118,31 @@ def test_policy_drives_a_switch_down_and_back_up(cluster, fashion_mnist):
 
     loaded_until(lambda: _events(cloud, "slo_violation"), "a switch down")
     down = _events(cloud, "slo_violation")[-1]
-    assert by_id[down.to_variant].params < by_id[down.from_variant].params and "SLO" in down.reason
+    assert by_id[down.to_variant].accuracy < by_id[down.from_variant].accuracy and "SLO" in down.reason
     assert _predict(edge, images).variant_id == down.to_variant
     operator.set_policy(cloud.address, slo_ms=10_000.0)
     loaded_until(lambda: _events(cloud, "headroom"), "a switch back up")
     up = _events(cloud, "headroom")[-1]
     assert by_id[up.to_variant].accuracy > by_id[up.from_variant].accuracy
+
+
+def test_operator_cli_shows_the_fleet_and_sets_the_policy(cluster):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cloud, _, _ = cluster
+    cli = str(Path(sys.executable).parent / "prunefleet")
+    _wait(lambda: (s := _edge_status(cloud)) and s.telemetry.active_variant, what="first telemetry")
+    status = subprocess.run([cli, "fleet", "status", "--cloud", cloud.address], capture_output=True, text=True,
+                            timeout=30, check=True).stdout
+    assert "edge-1" in status and "live" in status and "vgg11-L" in status
+    changed = subprocess.run([cli, "policy", "set", "--cloud", cloud.address, "--slo-ms", "123"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    assert "123.0 ms" in changed
+    events = subprocess.run([cli, "fleet", "events", "--cloud", cloud.address], capture_output=True, text=True,
+                            timeout=30, check=True).stdout
+    assert "edge-1" in events and "initial" in events
+    bad = subprocess.run([cli, "policy", "set", "--cloud", cloud.address, "--slo-ms", "-5"], capture_output=True,
+                         text=True, timeout=30)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "slo_ms" in bad.stderr
