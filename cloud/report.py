@@ -28,6 +28,15 @@ def _direction(event, accuracy: dict[str, float]) -> str:
     return "down" if after < before else "up" if after > before else "same"
 
 
+def _steps(timeline: list[dict], edge: str) -> dict[str, int]:
+    """Steps down, steps up, and steps up that came after the first step down (the recovery)."""
+    mine = [e for e in timeline if e["edge"] == edge]
+    first_down = next((e["t"] for e in mine if e["direction"] == "down"), None)
+    return {"down": sum(e["direction"] == "down" for e in mine), "up": sum(e["direction"] == "up" for e in mine),
+            "up_after_down": sum(e["direction"] == "up" and first_down is not None and e["t"] > first_down
+                                 for e in mine)}
+
+
 def per_second(samples: Sequence[Sample], edge: str) -> list[dict]:
     """Client-side p95 latency, throughput and the answering variant, per one-second bin."""
     rows: dict[int, list[Sample]] = {}
@@ -94,9 +103,8 @@ def write(run_dir: Path, manifest: Manifest, outcome: dict, phases: Sequence[Pha
     series = {edge: per_second(outcome["samples"], edge) for edge in edges}
     samples = outcome["samples"]
     failed = sum(1 for s in samples if s.code != "OK")
-    checks = {edge: {d: sum(1 for e in timeline if e["edge"] == edge and e["direction"] == d) for d in ("down", "up")}
-              for edge in edges}
-    ok = all(c["down"] >= 1 and c["up"] >= 1 for c in checks.values()) and failed == 0
+    checks = {edge: _steps(timeline, edge) for edge in edges}
+    ok = all(c["down"] >= 1 and c["up_after_down"] >= 1 for c in checks.values()) and failed == 0
     atomic_write_json(run_dir / "report.json", {
         "portfolio": manifest.to_json(), "slo_ms": outcome["slo_ms"], "phases": [asdict(p) for p in phases],
         "switches": timeline, "per_second": series, "requests": len(samples), "failed_requests": failed,
@@ -108,5 +116,6 @@ def write(run_dir: Path, manifest: Manifest, outcome: dict, phases: Sequence[Pha
              f"{len(samples)} requests, {failed} failed",
              f"report: {run_dir / 'report.json'}  plot: {run_dir / 'timeline.png'}"]
     for edge, c in checks.items():
-        lines.append(f"{edge}: {c['down']} switch(es) down, {c['up']} up -> {'ok' if c['down'] and c['up'] else 'MISSING'}")
+        verdict = "ok" if c["down"] and c["up_after_down"] else "MISSING a step down and a recovery"
+        lines.append(f"{edge}: {c['down']} switch(es) down, {c['up_after_down']} back up after it -> {verdict}")
     return Verdict(ok, "\n".join(lines))
