@@ -1,4 +1,4 @@
-"""Surgery removes dead channels and changes no output (properties over zoo models and random masks)."""
+"""Surgery removes exactly the provably dead channels and changes no output (zoo models, random masks)."""
 
 import copy
 
@@ -9,168 +9,279 @@ from hypothesis import strategies as st
 from torch import nn
 
 from cloud import surgery
+from cloud.masks import conv_batchnorm_pairs
 from common import models, variant
 from conftest import spec_for
 
 X = torch.zeros(1, 1, 28, 28)
 
 
-def _build(arch: str, width: float = 0.25) -> nn.Module:
-    torch.manual_seed(0)
-    model = models.build(arch, {"in_channels": 1, "input_size": 28, "num_classes": 10, "width": width})
+def _trained_looking(model: nn.Module, sample_shape=(1, 28, 28), seed: int = 0) -> nn.Module:
+    """Random BatchNorm affine parameters, and statistics of the model's own activations on random
+    inputs, as after training: every layer passes a signal on, so a wrong removal shows in the outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):  # trained-looking statistics, nonzero biases
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.bias.uniform_(-0.5, 0.5)
+        for bn in norms:
+            bn.weight.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
+            bn.bias.copy_(torch.rand(bn.num_features, generator=gen) - 0.5)
+        return _calibrated(model, sample_shape, gen)
+
+
+def _calibrated(model: nn.Module, sample_shape, gen: torch.Generator | None = None) -> nn.Module:
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # a plain average over the calibration batch
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(64, *sample_shape, generator=gen))
+    for bn in norms:
+        bn.momentum = 0.1
     return model.eval()
 
 
-def _bn_after(model: nn.Module) -> dict[nn.Module, nn.Module]:
-    from cloud.masks import conv_batchnorm_pairs
+def _build(arch: str, width: float = 0.25) -> nn.Module:
+    torch.manual_seed(0)
+    return _trained_looking(models.build(arch, {"in_channels": 1, "input_size": 28, "num_classes": 10, "width": width}))
 
+
+def _mask(model: nn.Module, x: torch.Tensor, seed: int, filters: float = 0.3, reads: float = 0.2,
+          unstructured: float = 0.5, zero_bn: bool = True) -> None:
+    """Kill whole filters (and, like the pruning masks, their BatchNorm weight and bias), zero whole
+    input slices of readers, and zero single weights at random."""
+    gen = torch.Generator().manual_seed(seed)
     named = dict(model.named_modules())
-    return {named[c]: named[b] for c, b in conv_batchnorm_pairs(model, X).items()}
-
-
-def _kill_filters(model: nn.Module, share: float, seed: int, zero_bn: bool = True) -> None:
-    """Zero whole filters (and, like the pruning masks, their BatchNorm affine parameters)."""
-    gen = torch.Generator().manual_seed(seed)
-    pairs = _bn_after(model)
     with torch.no_grad():
-        for conv, bn in pairs.items():
-            dead = torch.rand(conv.out_channels, generator=gen) < share
-            conv.weight[dead] = 0
+        for conv_name, bn_name in conv_batchnorm_pairs(model, x).items():
+            dead = torch.rand(named[conv_name].out_channels, generator=gen) < filters
+            named[conv_name].weight[dead] = 0
             if zero_bn:
-                bn.weight[dead] = 0
-                bn.bias[dead] = 0
-
-
-def _zero_unstructured(model: nn.Module, share: float, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
+                named[bn_name].weight[dead] = 0
+                named[bn_name].bias[dead] = 0
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.weight[torch.rand(m.weight.shape, generator=gen) < share] = 0
+                m.weight[:, torch.rand(m.weight.shape[1], generator=gen) < reads] = 0
+                m.weight[torch.rand(m.weight.shape, generator=gen) < unstructured] = 0
+    _calibrated(model, x.shape[1:], gen)  # statistics of the sparse model, as training it would give
 
 
-def _assert_equal_outputs(a: nn.Module, b: nn.Module) -> None:
-    x = torch.randn(16, 1, 28, 28)
+def _assert_same_outputs(a: nn.Module, b: nn.Module, sample_shape=(1, 28, 28)) -> None:
+    x = torch.randn(16, *sample_shape, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         ya, yb = a(x), b(x)
     assert (ya - yb).abs().max() <= 1e-4
     assert torch.equal(ya.argmax(1), yb.argmax(1))
 
 
+def _out_channels(model: nn.Module) -> dict[str, int]:
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
 @pytest.mark.parametrize("arch", ["vgg11", "resnet20"])
-def test_dead_filters_are_removed_exactly_and_survive_the_variant_file(arch):
+def test_dead_channels_are_removed_exactly_and_survive_the_variant_file(arch):
     model = _build(arch)
-    _kill_filters(model, 0.4, seed=1)
-    _zero_unstructured(model, 0.5, seed=2)
-    before = copy.deepcopy(model.state_dict())
+    _mask(model, X, seed=1)
     compact, report = surgery.compact(model, X, check_inputs=torch.randn(8, 1, 28, 28))
-    assert report.params_after < report.params_before and report.channels_removed > 0
-    assert report.max_abs_diff <= 1e-4 and report.argmax_agreement == 1.0
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # argument untouched
-    _assert_equal_outputs(model, compact)
+    assert report.params_after < report.params_before == models.count_params(model)
+    assert report.params_after == models.count_params(compact)
+    assert 0 < report.channels_removed == sum(report.removed_by_group.values()) < report.channels_before
+    assert report.max_abs_diff <= 1e-4 and report.argmax_agreement == 1.0 and not report.skipped_groups
+    _assert_same_outputs(model, compact)
+    assert surgery.find_dead_channels(compact, X) == {}  # nothing provably dead is left
     rebuilt = variant.load_bytes(variant.encode(compact, spec_for(arch, {"width": 0.25}))).model
-    _assert_equal_outputs(model, rebuilt)
+    assert _out_channels(rebuilt) == _out_channels(compact)
+    _assert_same_outputs(model, rebuilt)
 
 
-def test_channels_read_by_nobody_are_removed():
-    model = _build("vgg11")
+def test_channels_nobody_reads_are_removed_also_through_a_flatten():
+    torch.manual_seed(0)
+    model = _trained_looking(models.VGG([8, "M", 12, "M"], 1, 10, 28, 1.0))  # ends in 12 x 7 x 7 features
     with torch.no_grad():
-        model.features[4].weight[:, [1, 3]] = 0  # second conv ignores channels 1 and 3 of the first
-    dead = surgery.find_dead_channels(model, X)
-    assert dead["features.0"] == [1, 3]
+        model.features[4].weight[:, [1, 3]] = 0  # the second conv ignores channels 1 and 3 of the first
+        model.classifier.weight.view(10, 12, 49)[:, 5] = 0  # the classifier ignores channel 5's 49 features
+    assert surgery.find_dead_channels(model, X) == {"features.0": [1, 3], "features.4": [5]}
     compact, _ = surgery.compact(model, X)
-    assert compact.features[0].out_channels == model.features[0].out_channels - 2
-    _assert_equal_outputs(model, compact)
+    assert compact.features[0].out_channels == 6 and compact.classifier.in_features == 11 * 49
+    _assert_same_outputs(model, compact)
 
 
-def test_a_dead_filter_whose_batchnorm_emits_a_constant_is_kept():
+@pytest.mark.parametrize("weight, bias, mean, removable", [
+    (0.0, 0.0, 0.3, True), (1.0, 0.0, 0.0, True), (0.0, 0.3, 0.0, False), (1.0, 0.0, 0.3, False)])
+def test_a_dead_filter_goes_only_if_its_batchnorm_emits_exactly_zero(weight, bias, mean, removable):
     model = _build("vgg11")
+    bn = model.features[1]
     with torch.no_grad():
-        model.features[0].weight[2] = 0  # BatchNorm bias stays nonzero: the channel emits a constant
-        model.features[1].bias[2] = 0.3
-    assert "features.0" not in surgery.find_dead_channels(model, X)
+        model.features[0].weight[2] = 0
+        bn.weight[2], bn.bias[2], bn.running_mean[2] = weight, bias, mean
+    assert ("features.0" in surgery.find_dead_channels(model, X)) == removable
     compact, _ = surgery.compact(model, X)
-    _assert_equal_outputs(model, compact)
+    assert compact.features[0].out_channels == model.features[0].out_channels - removable
+    _assert_same_outputs(model, compact)
 
 
-def _stage_convs(model):
-    """The convs that write into ResNet's second stage residual stream (block outputs + projection)."""
-    return [model.layers[i].conv2 for i in (3, 4, 5)] + [model.layers[3].shortcut[0]], \
-           [model.layers[i].bn2 for i in (3, 4, 5)] + [model.layers[3].shortcut[1]]
+def test_biases_and_hidden_linear_layers_count_as_writers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 13 * 13, 12),
+                          nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 10)).eval()
+    with torch.no_grad():
+        model[0].weight[[1, 2]] = 0
+        model[0].bias[1], model[0].bias[2] = 0.0, 0.5  # filter 2 still emits its bias
+        model[4].weight[[3, 4]] = 0
+        model[4].bias[[3, 4]] = 0
+        model[5].running_mean[4] = 0.7  # so BatchNorm1d emits -0.7 / std for hidden unit 4
+    assert surgery.find_dead_channels(model, X) == {"0": [1], "4": [3]}
+    compact, _ = surgery.compact(model, X)
+    assert compact[0].out_channels == 5 and compact[4].in_features == 5 * 169 and compact[4].out_features == 11
+    _assert_same_outputs(model, compact)
 
 
-def test_a_residual_channel_goes_only_when_dead_in_every_member():
+def _stage2_writers(model):
+    """(conv, bn) pairs that write ResNet-20's second-stage residual stream: block outputs and projection."""
+    blocks = [model.layers[i] for i in (3, 4, 5)]
+    return [(b.conv2, b.bn2) for b in blocks] + [(blocks[0].shortcut[0], blocks[0].shortcut[1])]
+
+
+def test_a_residual_channel_goes_only_when_dead_in_every_writer():
     model = _build("resnet20")
-    convs, bns = _stage_convs(model)
+    writers = _stage2_writers(model)
     with torch.no_grad():
-        for conv, bn in zip(convs, bns):
-            conv.weight[0] = 0
-            bn.weight[0] = bn.bias[0] = 0
-        for conv, bn in zip(convs[:-1], bns[:-1]):  # channel 1 dead everywhere but the shortcut
-            conv.weight[1] = 0
-            bn.weight[1] = bn.bias[1] = 0
-    dead = surgery.find_dead_channels(model, X)
-    (stage_dead,) = [v for k, v in dead.items() if k.startswith(("layers.3.shortcut", "layers.3.conv2",
-                                                                   "layers.4.conv2", "layers.5.conv2"))]
-    assert stage_dead == [0]
+        for i, (conv, bn) in enumerate(writers):  # channel 0 dead everywhere, channel 1 alive in the projection
+            dead = [0, 1] if i < len(writers) - 1 else [0]
+            conv.weight[dead] = 0
+            bn.weight[dead] = bn.bias[dead] = 0
+    (stage,) = [v for k, v in surgery.find_dead_channels(model, X).items() if k in _names(model, writers)]
+    assert stage == [0]
     compact, _ = surgery.compact(model, X)
-    assert compact.layers[3].shortcut[0].out_channels == model.layers[3].shortcut[0].out_channels - 1
-    _assert_equal_outputs(model, compact)
+    assert all(compact.layers[i].conv2.out_channels == 7 for i in (3, 4, 5))
+    _assert_same_outputs(model, compact)
 
 
-def test_a_layer_with_every_channel_dead_still_gives_a_working_model():
+def test_a_residual_channel_goes_only_when_every_reader_ignores_it():
+    model = _build("resnet20")  # the last stage's stream is read by blocks 7 and 8 and by the classifier
+    readers = [model.layers[7].conv1, model.layers[8].conv1, model.fc]
+    with torch.no_grad():
+        for layer in readers:
+            layer.weight[:, 4] = 0
+        for layer in readers[:-1]:  # channel 5: the classifier still reads it
+            layer.weight[:, 5] = 0
+    compact, report = surgery.compact(model, X)
+    assert compact.fc.in_features == model.fc.in_features - 1 and report.channels_removed == 1
+    _assert_same_outputs(model, compact)
+
+
+def _names(model, pairs):
+    names = {m: n for n, m in model.named_modules()}
+    return {names[conv] for conv, _ in pairs}
+
+
+def test_a_removed_reader_can_leave_its_inputs_unread():
     model = _build("vgg11")
     with torch.no_grad():
-        model.features[8].weight.zero_()
-        model.features[9].weight.zero_()
-        model.features[9].bias.zero_()
+        model.features[8].weight[:, 5] = 0  # filter 5 of the second conv is read by nobody ...
+        model.features[4].weight[:, 3] = 0  # ... and is the only reader of the first conv's channel 3
+        model.features[4].weight[5, 3] = 1.0
+    compact, report = surgery.compact(model, X)
+    assert report.removed_by_group == {"features.4": 1, "features.0": 1}
+    _assert_same_outputs(model, compact)
+
+
+@pytest.mark.parametrize("arch", ["vgg11", "resnet20"])
+def test_a_layer_with_every_channel_dead_still_gives_a_working_model(arch):
+    model = _build(arch)
+    writers = [(model.features[8], model.features[9])] if arch == "vgg11" else _stage2_writers(model)
+    with torch.no_grad():
+        for conv, bn in writers:
+            conv.weight.zero_()
+            bn.weight.zero_()
+            bn.bias.zero_()
     compact, _ = surgery.compact(model, X)
-    assert compact.features[8].out_channels == 1
-    _assert_equal_outputs(model, compact)
+    assert all(dict(compact.named_modules())[n].out_channels == 1 for n in _names(model, writers))
+    _assert_same_outputs(model, compact)
 
 
-def test_an_input_that_does_not_fit_is_a_clear_error():
-    with pytest.raises(surgery.SurgeryError, match="cannot trace VGG"):
+def test_the_argument_is_never_modified():
+    model = _build("resnet20")
+    _mask(model, X, seed=3)
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    params = [id(p) for p in model.parameters()]
+    surgery.find_dead_channels(model, X)
+    surgery.compact(model, X)
+    assert all(m.training for m in model.modules())
+    assert [id(p) for p in model.parameters()] == params
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(surgery.SurgeryError, match="cannot trace VGG with input of shape"):
         surgery.compact(_build("vgg11"), torch.zeros(1, 3, 28, 28))
-
-
-def test_a_model_without_prunable_layers_is_refused():
+    with pytest.raises(surgery.SurgeryError, match="check inputs have samples of shape"):
+        surgery.compact(_build("vgg11"), X, check_inputs=torch.zeros(4, 1, 32, 32))
     with pytest.raises(surgery.SurgeryError, match="no conv or linear"):
         surgery.compact(nn.Sequential(nn.ReLU()), X)
+    with pytest.raises(surgery.SurgeryError, match="classifier Linear is not a module of VGG"):
+        surgery.compact(_build("vgg11"), X, classifier=nn.Linear(2, 2))
 
 
-def test_an_op_that_breaks_zero_is_not_trusted():
-    class Shifted(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1, self.conv2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
-            self.fc = nn.Linear(4, 2)
+class _Odd(nn.Module):
+    """conv1 feeds an op that surgery must not trust; conv2 is read plainly by the classifier."""
 
-        def forward(self, x):
-            return self.fc(self.conv2(torch.sigmoid(self.conv1(x))).mean((2, 3)))
+    def __init__(self, op: str):
+        super().__init__()
+        self.op = op
+        self.conv1, self.side = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2, self.fc = nn.Conv2d(8 if op == "cat" else 4, 4, 3, padding=1), nn.Linear(4, 2)
 
-    model = Shifted().eval()
+    def forward(self, x):
+        h = self.conv1(x)
+        h = {"sigmoid": torch.sigmoid(h), "plus_one": h + 1, "channel_mean": h - h.mean(1, keepdim=True),
+             "cat": torch.cat([h, self.side(x)], 1)}[self.op]
+        return self.fc(self.conv2(h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("op", ["sigmoid", "plus_one", "channel_mean", "cat"])
+def test_a_group_with_an_untrusted_op_is_left_alone(op):
+    model = _Odd(op).eval()
     with torch.no_grad():
         model.conv1.weight[1] = 0
-        model.conv1.bias[1] = 0  # emits 0, but sigmoid(0) = 0.5 reaches conv2
-    assert "conv1" not in surgery.find_dead_channels(model, X)
-    _assert_equal_outputs(model, surgery.compact(model, X)[0])
-
-
-@settings(max_examples=12, deadline=None)
-@given(arch=st.sampled_from(["vgg11", "resnet20"]), width=st.sampled_from([0.125, 0.25]),
-       filters=st.floats(0.0, 0.9), unstructured=st.floats(0.0, 0.99), zero_bn=st.booleans(),
-       seed=st.integers(0, 10_000))
-def test_random_masks_give_an_equal_compact_model(arch, width, filters, unstructured, zero_bn, seed):
-    model = _build(arch, width)
-    _kill_filters(model, filters, seed, zero_bn)
-    _zero_unstructured(model, unstructured, seed + 1)
+        model.conv1.bias[1] = 0  # emits 0, but e.g. sigmoid(0) = 0.5 reaches conv2
     compact, report = surgery.compact(model, X)
-    assert report.params_after <= report.params_before
-    _assert_equal_outputs(model, compact)
+    assert "conv1" in report.skipped_groups and compact.conv1.out_channels == 4
+    _assert_same_outputs(model, compact)
+
+
+def test_a_wrong_claim_is_caught_and_names_the_group(monkeypatch):
+    model = _build("vgg11")
+    with torch.no_grad():
+        model.features[0].weight[2] = 0  # its BatchNorm emits 0.5: not dead
+        model.features[1].bias[2], model.features[1].running_mean[2] = 0.5, 0.0
+    before = copy.deepcopy(model.state_dict())
+    monkeypatch.setattr(surgery, "_batchnorm_emits", lambda bn: torch.zeros(bn.num_features, dtype=torch.bool))
+    with pytest.raises(surgery.SurgeryError, match=r"differs from the sparse model.*alone: \['features.0'\]"):
+        surgery.compact(model, X)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _random_zoo_model(draw_vgg: bool, config: list, depth: int, width: float, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = models.VGG(config, 1, 10, 16, width) if draw_vgg else models.ResNet(depth, 1, 10, width)
+    return _trained_looking(model, (1, 16, 16), seed)
+
+
+@settings(max_examples=10, deadline=None)
+@given(vgg=st.booleans(), config=st.lists(st.sampled_from([4, 8, 16, "M"]), min_size=1, max_size=5),
+       depth=st.sampled_from([8, 14]), width=st.sampled_from([0.25, 0.5, 1.0]), filters=st.floats(0.0, 1.0),
+       reads=st.floats(0.0, 0.6), unstructured=st.floats(0.0, 0.99), zero_bn=st.booleans(),
+       seed=st.integers(0, 10_000))
+def test_random_masks_give_an_equal_compact_model(vgg, config, depth, width, filters, reads, unstructured,
+                                                  zero_bn, seed):
+    if vgg and not any(isinstance(c, int) for c in config):
+        config = [8, *config]
+    model = _random_zoo_model(vgg, config, depth, width, seed)
+    x = torch.zeros(1, 1, 16, 16)
+    _mask(model, x, seed, filters, reads, unstructured, zero_bn)
+    compact, report = surgery.compact(model, x)
+    assert report.params_after <= report.params_before and not report.skipped_groups
+    assert surgery.find_dead_channels(compact, x) == {}
+    _assert_same_outputs(model, compact, (1, 16, 16))
