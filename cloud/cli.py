@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -68,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     pset.add_argument("--up-headroom", type=float)
     pset.add_argument("--dwell-s", type=float)
     pset.add_argument("--pin", dest="pinned_variant", help="serve only this variant id ('' unpins)")
+    bench = top.add_parser("bench", help="run a benchmark suite (python -m bench)", add_help=False)
+    bench.add_argument("args", nargs=argparse.REMAINDER)
     demo = top.add_parser("demo", help="build a portfolio and run a two-edge cluster under changing load")
     demo.add_argument("--out", type=Path, default=Path("reports/demo"))
     demo.add_argument("--data-dir", type=Path, default=None)
@@ -100,7 +103,15 @@ def _portfolio(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    """Benchmarks import cloud and edge side by side; they run as their own program so `cloud` never
+    imports `edge`."""
+    return subprocess.call([sys.executable, "-m", "bench", *args.args])
+
+
 def _dispatch(args) -> int:
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "portfolio":
         return _portfolio(args)
     if args.command == "cloud":

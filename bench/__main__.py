@@ -1,0 +1,51 @@
+"""`python -m bench SUITE --json PATH [--quick]` (what `prunefleet bench` runs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common.files import atomic_write_json
+from common.registry import UnknownNameError, lookup
+
+
+def _suites() -> dict:
+    from bench import surgery
+
+    return {"surgery": surgery.run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="prunefleet bench", description=__doc__)
+    parser.add_argument("suite")
+    parser.add_argument("--json", type=Path, required=True, help="where to write the results")
+    parser.add_argument("--quick", action="store_true", help="fewer models and points (minutes, for CI)")
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    try:
+        suite = lookup(_suites(), "benchmark suite", args.suite)
+    except UnknownNameError as err:
+        print(f"prunefleet bench: error: {err}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    result = suite(quick=args.quick, data_dir=args.data_dir)
+    result["meta"] = {"suite": args.suite, "quick": args.quick, "threads": args.threads, "seconds": time.time() - started,
+                      "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(),
+                                  "processor": platform.processor(), "torch": torch.__version__}}
+    atomic_write_json(args.json, result)
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
