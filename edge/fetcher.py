@@ -21,6 +21,7 @@ import grpc
 
 from common.files import fsync_dir, is_sha256_hex, sha256_file
 from common.variant import MAX_VARIANT_BYTES
+from edge.backoff import full_jitter
 from protos import portfolio_pb2
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,7 @@ class RetryConfig:
             raise ValueError("attempts must be >= 1 and 0 <= backoff_s <= max_backoff_s")
 
     def delay(self, attempt: int, rng: random.Random) -> float:
-        """Full jitter: uniform in [0, min(max, base * 2^(attempt-1))]."""
-        return rng.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
+        return full_jitter(attempt, self.backoff_s, self.max_backoff_s, rng)
 
 
 def cached_path(cache_dir: Path, variant_id: str) -> Path:

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import grpc
 
+from edge.backoff import full_jitter
 from protos import coordinator_pb2
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,7 @@ class LinkConfig:
             raise ValueError("max_buffered and max_live must be >= 1")
 
     def delay(self, attempt: int, rng: random.Random) -> float:
-        """Exponential backoff with full jitter."""
-        return rng.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** min(attempt - 1, 16)))
+        return full_jitter(attempt, self.backoff_s, self.max_backoff_s, rng)
 
 
 class Outbox:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,17 @@ import torch
 
 from common import datasets
 from common.variant import VariantSpec
+
+
+def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition", interval_s: float = 0.05):
+    """Poll until `predicate` returns something truthy, and return it; fail naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="session")

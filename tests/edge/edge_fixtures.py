@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from concurrent import futures
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import grpc
 import torch
 
 from common import models, variant
+from conftest import wait_for  # noqa: F401  (re-exported for the edge tests)
 from common.variant import VariantSpec
 from edge.runtime import LoadedVariant, VariantInfo, loaded
 from protos import coordinator_pb2, coordinator_pb2_grpc, portfolio_pb2, portfolio_pb2_grpc
@@ -112,12 +112,3 @@ def portfolio_of(directory: Path, variants: list[tuple[str, float, float]]):
                                                accuracy=accuracy, params=1, method="dense"))
     return files, infos
 
-
-def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")

@@ -11,6 +11,7 @@ from cloud.store import PortfolioStore
 import torch
 
 from common import datasets, variant
+from conftest import wait_for
 from common.wire import from_proto, to_proto
 from protos import coordinator_pb2, inference_pb2, inference_pb2_grpc
 
@@ -33,14 +34,9 @@ def cluster(small_portfolio, tmp_path_factory):
             child.stop()
 
 
-def _wait(predicate, timeout_s=60.0, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+
+def _wait_for(predicate, timeout_s=60.0, what="condition"):
+    return wait_for(predicate, timeout_s, what, interval_s=0.3)
 
 
 def _edge_status(cloud):
@@ -56,7 +52,7 @@ def _predict(edge, images):
 def test_edge_fetches_profiles_and_serves_real_predictions(cluster, fashion_mnist):
     cloud, edge, store = cluster
     manifest = store.manifest()
-    status = _wait(lambda: (s := _edge_status(cloud)) and len(s.profiles) == len(manifest.variants) and s,
+    status = _wait_for(lambda: (s := _edge_status(cloud)) and len(s.profiles) == len(manifest.variants) and s,
                    what="profiles of every variant")
     assert {p.variant_id for p in status.profiles} == {v.variant_id for v in manifest.variants}
     images = fashion_mnist.test.images[:256].numpy()
@@ -103,7 +99,7 @@ def _events(cloud, code):
 def test_policy_drives_a_switch_down_and_back_up(cluster, fashion_mnist):
     cloud, edge, store = cluster
     manifest = store.manifest()
-    _wait(lambda: (s := _edge_status(cloud)) and s.telemetry.active_variant, what="first telemetry")
+    _wait_for(lambda: (s := _edge_status(cloud)) and s.telemetry.active_variant, what="first telemetry")
     by_id = {v.variant_id: v for v in manifest.variants}
     images = fashion_mnist.test.images[:8].numpy()
     operator.set_policy(cloud.address, slo_ms=0.001, down_windows=1, up_windows=1, dwell_s=0.0, window_s=0.5)
@@ -133,7 +129,7 @@ def test_operator_cli_shows_the_fleet_and_sets_the_policy(cluster):
 
     cloud, _, _ = cluster
     cli = str(Path(sys.executable).parent / "prunefleet")
-    _wait(lambda: (s := _edge_status(cloud)) and s.telemetry.active_variant, what="first telemetry")
+    _wait_for(lambda: (s := _edge_status(cloud)) and s.telemetry.active_variant, what="first telemetry")
     status = subprocess.run([cli, "fleet", "status", "--cloud", cloud.address], capture_output=True, text=True,
                             timeout=30, check=True).stdout
     assert "edge-1" in status and "live" in status and "vgg11-L" in status
