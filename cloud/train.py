@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cloud.masks import check_masks
 from common.datasets import DatasetInfo, Split, batches
 from common.files import atomic_write_bytes
 
@@ -46,6 +47,7 @@ def apply_masks(model: nn.Module, masks: Masks | None) -> None:
     """Zero every masked entry in place: the sparse model is the dense shape times its mask."""
     if not masks:
         return
+    check_masks(model, masks)
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
             if name in masks:

@@ -57,7 +57,7 @@ def test_masked_weights_stay_zero_through_training(fashion_mnist):
 def test_imp_levels_rewind_and_resume(fashion_mnist, tmp_path):
     data = _tiny(fashion_mnist)
     config = shifter.ShifterConfig(levels=2, rate=0.5, rewind_iteration=1)
-    train_config = TrainConfig(epochs=1, batch_size=64, progress=False)
+    train_config = TrainConfig(epochs=2, batch_size=64, progress=False)
     torch.manual_seed(0)
     first = list(shifter.run_imp(models.build("vgg11", KWARGS), data, train_config, config, tmp_path))
     assert [lv.level for lv in first] == [0, 1, 2]

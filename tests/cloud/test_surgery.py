@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from cloud import surgery
+from cloud import channels, surgery
 from cloud.masks import conv_batchnorm_pairs
 from common import models, variant
 from conftest import spec_for
@@ -107,8 +107,9 @@ def test_channels_nobody_reads_are_removed_also_through_a_flatten():
 
 
 @pytest.mark.parametrize("weight, bias, mean, removable", [
-    (0.0, 0.0, 0.3, True), (1.0, 0.0, 0.0, True), (0.0, 0.3, 0.0, False), (1.0, 0.0, 0.3, False)])
-def test_a_dead_filter_goes_only_if_its_batchnorm_emits_exactly_zero(weight, bias, mean, removable):
+    (0.0, 0.0, 0.3, True), (1.0, 0.0, 0.0, True), (1.0, 0.0, 0.3, True),  # emits 0, 0, a negative cut by ReLU
+    (0.0, 0.3, 0.0, False), (1.0, 0.0, -0.3, False)])  # emits a positive constant into a padded 3x3 conv
+def test_a_dead_filter_goes_only_if_its_channel_emits_exactly_zero_after_relu(weight, bias, mean, removable):
     model = _build("vgg11")
     bn = model.features[1]
     with torch.no_grad():
@@ -120,20 +121,33 @@ def test_a_dead_filter_goes_only_if_its_batchnorm_emits_exactly_zero(weight, bia
     _assert_same_outputs(model, compact)
 
 
-def test_biases_and_hidden_linear_layers_count_as_writers():
+def test_constant_channels_fold_into_linear_readers_and_negative_ones_die_at_relu():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 13 * 13, 12),
                           nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 10)).eval()
     with torch.no_grad():
         model[0].weight[[1, 2]] = 0
-        model[0].bias[1], model[0].bias[2] = 0.0, 0.5  # filter 2 still emits its bias
-        model[4].weight[[3, 4]] = 0
-        model[4].bias[[3, 4]] = 0
-        model[5].running_mean[4] = 0.7  # so BatchNorm1d emits -0.7 / std for hidden unit 4
-    assert surgery.find_dead_channels(model, X) == {"0": [1], "4": [3]}
-    compact, _ = surgery.compact(model, X)
-    assert compact[0].out_channels == 5 and compact[4].in_features == 5 * 169 and compact[4].out_features == 11
+        model[0].bias[1], model[0].bias[2] = 0.0, 0.5  # filter 2 emits 0.5 everywhere: a constant
+        model[4].weight[[3, 4, 5]] = 0
+        model[4].bias[[3, 4, 5]] = torch.tensor([0.0, 0.0, 0.0])
+        model[5].running_mean[4] = 0.7  # BatchNorm1d emits -0.7 / std for hidden unit 4: ReLU zeroes it
+        model[5].running_mean[5] = -0.7  # ... and +0.7 / std for unit 5: a constant the last layer absorbs
+    assert surgery.find_dead_channels(model, X) == {"0": [1, 2], "4": [3, 4, 5]}
+    compact, report = surgery.compact(model, X)
+    assert compact[0].out_channels == 4 and compact[4].in_features == 4 * 169 and compact[4].out_features == 9
+    assert report.folded == 2 and report.exact  # 169 features of channel 2 into layer 4; unit 5 into layer 7
     _assert_same_outputs(model, compact)
+
+
+def test_a_constant_meeting_a_padded_conv_stays_unless_approximate():
+    model = _Odd("sigmoid").eval()  # sigmoid(0) = 0.5 reaches conv2, a padded 3x3 conv
+    with torch.no_grad():
+        model.conv1.weight[1], model.conv1.bias[1] = 0, 0
+    compact, report = surgery.compact(model, X)
+    assert compact.conv1.out_channels == 4 and not report.skipped_groups and report.exact
+    rough, report = surgery.compact(model, X, approximate=True)
+    assert rough.conv1.out_channels == 3 and report.folded == report.inexact_folds == 1 and not report.exact
+    assert 1e-4 < report.max_abs_diff < 1.0  # wrong only along the border, and said so
 
 
 def _stage2_writers(model):
@@ -235,17 +249,17 @@ class _Odd(nn.Module):
 
     def forward(self, x):
         h = self.conv1(x)
-        h = {"sigmoid": torch.sigmoid(h), "plus_one": h + 1, "channel_mean": h - h.mean(1, keepdim=True),
+        h = {"sigmoid": torch.sigmoid(h), "softmax": torch.softmax(h, 1), "plus_one": h + 1, "channel_mean": h - h.mean(1, keepdim=True),
              "cat": torch.cat([h, self.side(x)], 1)}[self.op]
         return self.fc(self.conv2(h).mean((2, 3)))
 
 
-@pytest.mark.parametrize("op", ["sigmoid", "plus_one", "channel_mean", "cat"])
+@pytest.mark.parametrize("op", ["softmax", "plus_one", "channel_mean", "cat"])
 def test_a_group_with_an_untrusted_op_is_left_alone(op):
     model = _Odd(op).eval()
     with torch.no_grad():
         model.conv1.weight[1] = 0
-        model.conv1.bias[1] = 0  # emits 0, but e.g. sigmoid(0) = 0.5 reaches conv2
+        model.conv1.bias[1] = 0  # emits 0, but what reaches conv2 depends on the other channels
     compact, report = surgery.compact(model, X)
     assert "conv1" in report.skipped_groups and compact.conv1.out_channels == 4
     _assert_same_outputs(model, compact)
@@ -257,7 +271,7 @@ def test_a_wrong_claim_is_caught_and_names_the_group(monkeypatch):
         model.features[0].weight[2] = 0  # its BatchNorm emits 0.5: not dead
         model.features[1].bias[2], model.features[1].running_mean[2] = 0.5, 0.0
     before = copy.deepcopy(model.state_dict())
-    monkeypatch.setattr(surgery, "_batchnorm_emits", lambda bn: torch.zeros(bn.num_features, dtype=torch.bool))
+    monkeypatch.setattr(channels, "_foldable", lambda module, size: True)  # wrong for features.4, a padded 3x3
     with pytest.raises(surgery.SurgeryError, match=r"differs from the sparse model.*alone: \['features.0'\]"):
         surgery.compact(model, X)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

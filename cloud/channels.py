@@ -1,0 +1,337 @@
+"""Which channels of a sparse model are provably dead, and what folding makes their removal exact.
+
+Over torch-pruning dependency groups (the layers that lose a channel together: a conv, its BatchNorm,
+activations, a depthwise conv, its readers; across residual adds the whole stage), each channel's value
+is propagated through the group's ops: a writer (conv or linear) whose filter is all zero emits its bias,
+a constant; BatchNorm, activations, pooling, depthwise convs and residual adds map constants to
+constants where that is exact; anything else is unknown. A channel is removable when every reader (a
+conv or linear layer taking it as input) either has zero weights on it, or receives exactly zero, or
+receives a constant it can absorb exactly into its bias (a linear layer, incl. after a flatten; an
+unpadded 1x1 conv). A constant that meets a padded conv is not foldable exactly (the zero padding at
+the border sees something else): the channel stays, unless the caller asks for approximate folding.
+
+Groups whose ops may mix channels or are not understood (concat, slices, other reshapes, reductions
+over channels, grouped convs, model outputs, layers run twice...) are left alone and reported.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn import functional as F
+
+OPTYPE = tp.ops.OPTYPE
+LAYERS = (nn.Conv2d, nn.Linear)  # matched by exact class: a subclass may transform its weights
+BATCHNORM = nn.modules.batchnorm._BatchNorm
+# Channel-wise autograd ops, and how they map a constant channel (None: only zero maps to zero exactly).
+UNARY = {
+    "ReluBackward0": lambda fn, v: v.clamp(min=0),
+    "HardtanhBackward0": lambda fn, v: v.clamp(float(fn._saved_min_val), float(fn._saved_max_val)),
+    "LeakyReluBackward0": lambda fn, v: F.leaky_relu(v, float(fn._saved_negative_slope)),
+    "SigmoidBackward0": lambda fn, v: torch.sigmoid(v),
+    "TanhBackward0": lambda fn, v: torch.tanh(v),
+    "SiluBackward0": lambda fn, v: F.silu(v),
+    "HardswishBackward0": lambda fn, v: F.hardswish(v),
+    "GeluBackward0": lambda fn, v: F.gelu(v, approximate=str(fn._saved_approximate)),
+    "CloneBackward0": lambda fn, v: v,
+    "MaxPool2DWithIndicesBackward0": lambda fn, v: v,  # pads with -inf: a constant map stays constant
+    "AdaptiveAvgPool2DBackward0": lambda fn, v: v,
+    "AdaptiveMaxPool2DBackward0": lambda fn, v: v,
+    "MeanBackward1": lambda fn, v: v,  # over spatial dims only (checked in _unsupported)
+    "SumBackward1": None,
+    "AvgPool2DBackward0": lambda fn, v: v if not (any(fn._saved_padding) and fn._saved_count_include_pad) else None,
+}
+SUMS = frozenset({"AddBackward0", "SubBackward0", "MulBackward0"})  # every operand must be traced
+
+
+class SurgeryError(RuntimeError):
+    """Surgery refused or failed; the message names the module or the layer groups involved."""
+
+
+@dataclass(frozen=True)
+class Trace:
+    graph: tp.DependencyGraph
+    names: dict  # module -> qualified name
+    outputs: frozenset  # autograd nodes of the model's outputs
+    calls: dict  # conv/linear/BatchNorm -> forward calls during the trace
+    flattens: frozenset  # reshape nodes that flatten (N, C, ...) into linear layers' inputs
+    classifier: nn.Module | None
+
+
+@dataclass(frozen=True)
+class Fold:
+    """Add `value` times the reader's weights on `channel` (a root channel) to the reader's bias."""
+    reader: nn.Module
+    channel: int
+    value: float
+    exact: bool
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    name: str
+    root: nn.Module
+    handler: object
+    dead: tuple[int, ...]
+    folds: tuple[Fold, ...] = ()
+
+
+@dataclass(frozen=True)
+class Analysis:
+    trace: Trace
+    plans: list[GroupPlan]  # one per supported group (dead may be empty)
+    skipped: dict[str, str] = field(default_factory=dict)  # group root -> why it was left alone
+    channels: int = 0
+
+
+def trace(model: nn.Module, example_input: torch.Tensor, classifier: nn.Module | None) -> Trace:
+    """Build the dependency graph once; it stays valid while groups are pruned."""
+    if not any(isinstance(m, LAYERS) for m in model.modules()):
+        raise SurgeryError(f"{type(model).__name__} has no conv or linear layer to prune")
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
+        shape = getattr(example_input, "shape", example_input)
+        raise SurgeryError(f"example input must be a batched tensor (N, C, ...), got {shape}")
+    order: list[nn.Module] = []
+    results: list = []
+
+    def forward(module, x):
+        results.append(module(x))
+        return results[-1]
+
+    hooks = [m.register_forward_hook(lambda module, _i, _o: order.append(module))
+             for m in model.modules() if isinstance(m, (*LAYERS, BATCHNORM))]
+    try:
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_input.detach(), forward_fn=forward, verbose=False)
+    except Exception as err:  # tracing surfaces any model error; report it with the model's name
+        raise SurgeryError(f"cannot trace {type(model).__name__} with input of shape "
+                           f"{tuple(example_input.shape)}: {err}") from err
+    finally:
+        for hook in hooks:
+            hook.remove()
+    outputs = frozenset(t.grad_fn for t in tp.utils.flatten_as_list(results[0]) if isinstance(t, torch.Tensor))
+    if classifier is None:  # the layer that writes the logits, else the last conv/linear that ran
+        layers = [m for m in order if isinstance(m, LAYERS)]
+        writers = [m for m in layers if m in graph.module2node and graph.module2node[m].grad_fn in outputs]
+        classifier = (writers or layers or [None])[-1]
+    flattens = frozenset(node for node in graph.module2node.values()
+                         if node.type == OPTYPE.RESHAPE and _is_flatten(node))
+    return Trace(graph, {m: n for n, m in model.named_modules()}, outputs - {None}, Counter(order), flattens,
+                 classifier)
+
+
+def _is_flatten(node) -> bool:
+    """A view (N, C, ...) -> (N, C * ...) read only by linear layers (judged at trace time)."""
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+    if sizes is None or len(sizes) < 2 or not node.outputs:
+        return False
+    features = int(torch.Size(sizes[1:]).numel())
+    return all(out.type == OPTYPE.LINEAR and out.module.in_features == features for out in node.outputs)
+
+
+def _fn_name(node) -> str:
+    fn = node.grad_fn
+    return fn.name() if hasattr(fn, "name") else ""
+
+
+def _is_weight_transpose(node) -> bool:
+    """A linear layer's transposed weight (not data), as torch-pruning traces it."""
+    return _fn_name(node) == "TBackward0" and not node.inputs and all(o.type == OPTYPE.LINEAR for o in node.outputs)
+
+
+def _elementwise_ok(node) -> bool:
+    fn, name = node.grad_fn, _fn_name(node)
+    if _is_weight_transpose(node):
+        return True
+    if name in SUMS:  # a constant or untraced operand (x + 1, x + model input) is not a channel of the group
+        return getattr(fn, "_saved_alpha", 1) == 1 and all(
+            f is not None and f.name() != "AccumulateGrad" for f, _ in fn.next_functions)
+    if name in ("MeanBackward1", "SumBackward1"):  # autograd stores negative dims as unsigned 64-bit ints
+        ndim = len(fn._saved_self_sym_sizes)
+        return ndim >= 2 and all((d - (1 << 64) if d >= 1 << 63 else d) % ndim != 1 for d in fn._saved_dim)
+    return name in UNARY
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
+
+
+def _unsupported(item, trace: Trace, channels: int) -> str | None:
+    """Why this item makes its group unsafe to analyse or to prune, or None if it is fine."""
+    node, handler = item.dep.target, item.dep.handler
+    module, label = node.module, trace.names.get(node.module, repr(node.module))
+    writes = trace.graph.is_out_channel_pruning_fn(handler)
+    if node.grad_fn in trace.outputs and (writes or not isinstance(module, LAYERS)):
+        return f"{label} is a model output"
+    if node.type in (OPTYPE.CONV, OPTYPE.DEPTHWISE_CONV, OPTYPE.LINEAR, OPTYPE.BN):
+        if type(module) not in LAYERS and not isinstance(module, BATCHNORM):
+            return f"{label} is a {type(module).__name__}"
+        if getattr(module, "transposed", False) or (getattr(module, "groups", 1) != 1 and not _is_depthwise(module)):
+            return f"{label} is a grouped (not depthwise) or transposed conv"
+        if isinstance(module, BATCHNORM) and module.running_mean is None:
+            return f"{label} normalizes with batch statistics"
+        if trace.calls.get(module, 0) != 1:
+            return f"{label} runs {trace.calls.get(module, 0)} times"
+        if isinstance(module, BATCHNORM) or _is_depthwise(module):
+            size = module.num_features if isinstance(module, BATCHNORM) else module.out_channels
+        else:
+            size = module.weight.shape[0 if writes else 1]
+        if size % channels or len(item.idxs) != size or any(  # layer index i must belong to root i // block
+                i // (size // channels) != r for i, r in zip(item.idxs, item.root_idxs)):
+            return f"{label} does not map block-wise onto the group's channels"
+        return None
+    if node.type == OPTYPE.RESHAPE:
+        return None if node in trace.flattens else f"reshape {label} is not a flatten into linear layers"
+    if node.type == OPTYPE.ELEMENTWISE:
+        return None if _elementwise_ok(node) else f"op {label} may mix channels or its effect is unknown"
+    return f"{node.type.name} op {label} is not supported"
+
+
+def _nonzero_along(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per index of `dim` (0 or 1): is any weight there nonzero, i.e. is the max or the min nonzero?
+    Reducing dim 0 first for dim 1 is fast and makes no weight-sized temporaries; NaN counts as nonzero."""
+    highs, lows = (weight.amax(dim=0), weight.amin(dim=0)) if dim == 1 else (weight, weight)
+    return highs.reshape(len(highs), -1).amax(dim=1).ne(0) | lows.reshape(len(lows), -1).amin(dim=1).ne(0)
+
+
+class _Values:
+    """Per node of one group: (known, value) per root channel; value is the channel's constant where known."""
+
+    def __init__(self, group, graph: tp.DependencyGraph, channels: int):
+        self.graph, self.channels = graph, channels
+        self.writes = {item.dep.target for item in group.items if graph.is_out_channel_pruning_fn(item.dep.handler)}
+        self.nodes = {item.dep.target for item in group.items}
+        self.memo: dict = {}
+
+    def _unknown(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(self.channels, dtype=torch.bool), torch.zeros(self.channels, dtype=torch.float64)
+
+    def _per_root(self, flags: torch.Tensor) -> torch.Tensor:
+        return flags.view(self.channels, -1).any(dim=1)
+
+    def inputs(self, node) -> list:
+        return [n for n in node.inputs if n in self.nodes and not _is_weight_transpose(n)]
+
+    def of(self, node) -> tuple[torch.Tensor, torch.Tensor]:
+        if node not in self.memo:
+            self.memo[node] = self._compute(node)
+        return self.memo[node]
+
+    def _compute(self, node) -> tuple[torch.Tensor, torch.Tensor]:
+        module = node.module
+        if isinstance(module, LAYERS) and not _is_depthwise(module):
+            if node not in self.writes:
+                return self._unknown()
+            zero = ~self._per_root(_nonzero_along(module.weight.detach(), 0))
+            rows = len(module.weight)
+            bias = module.bias.detach().double() if module.bias is not None else torch.zeros(rows, dtype=torch.float64)
+            bias = bias.view(self.channels, -1)
+            return zero & bias.eq(bias[:, :1]).all(dim=1), bias[:, 0] * zero
+        sources = [self.of(n) for n in self.inputs(node)]
+        if len(sources) != 1 and not (node.type == OPTYPE.ELEMENTWISE and _fn_name(node) in SUMS and sources):
+            return self._unknown()
+        if isinstance(module, BATCHNORM):
+            (known, value), bn = sources[0], module
+            weight = bn.weight.detach().double() if bn.weight is not None else 1.0
+            bias = bn.bias.detach().double() if bn.bias is not None else 0.0
+            scale = weight / torch.sqrt(bn.running_var.double() + bn.eps)
+            return known, (value - bn.running_mean.double()) * scale + bias
+        if _is_depthwise(module):
+            (known, value), conv = sources[0], module
+            weight = conv.weight.detach().double().flatten(1)
+            bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(self.channels, dtype=torch.float64)
+            blank = ~_nonzero_along(conv.weight.detach(), 0)
+            unpadded = _unpadded(conv)
+            constant = known & (value.eq(0) | unpadded)
+            return blank | constant, torch.where(blank, bias, value * weight.sum(1) + bias)
+        if node.type == OPTYPE.RESHAPE:
+            return sources[0]
+        name = _fn_name(node)
+        if name in SUMS:
+            known = torch.stack([k for k, _ in sources]).all(0)
+            values = torch.stack([v for _, v in sources])
+            if name == "AddBackward0":
+                return known, values.sum(0)
+            zeros = torch.stack([k & v.eq(0) for k, v in sources])  # x - x or x * 0: only zeros are certain
+            certain = zeros.all(0) if name == "SubBackward0" else zeros.any(0)
+            return certain, torch.zeros(self.channels, dtype=torch.float64)
+        known, value = sources[0]
+        rule = UNARY.get(name)
+        mapped = rule(node.grad_fn, value) if rule is not None else None
+        if mapped is None:
+            return known & value.eq(0), torch.zeros(self.channels, dtype=torch.float64)
+        return known, mapped
+
+
+def _foldable(module: nn.Module, channels: int) -> bool:
+    """Can this reader absorb a constant input channel into its bias exactly?"""
+    if isinstance(module, nn.Linear):
+        return True
+    return (not _is_depthwise(module) and module.groups == 1 and module.weight.shape[1] == channels
+            and tuple(module.kernel_size) == (1, 1) and _unpadded(module))
+
+
+def _unpadded(conv: nn.Conv2d) -> bool:
+    return conv.padding == "valid" or (not isinstance(conv.padding, str) and not any(conv.padding))
+
+
+def plan_group(group, graph: tp.DependencyGraph, channels: int, approximate: bool) -> tuple[list[int], list[Fold]]:
+    """Dead root channels of a supported group and the folds their removal needs."""
+    values = _Values(group, graph, channels)
+    removable = torch.ones(channels, dtype=torch.bool)
+    pending = []  # (reader, channels it would fold, their values, exactly?)
+    readers = 0
+    for item in group.items:
+        node, module = item.dep.target, item.dep.target.module
+        if not isinstance(module, LAYERS) or _is_depthwise(module) or node in values.writes:
+            continue
+        readers += 1
+        unread = ~values._per_root(_nonzero_along(module.weight.detach(), 1))
+        sources = [values.of(n) for n in values.inputs(node)]
+        known, value = sources[0] if len(sources) == 1 else values._unknown()
+        zero = known & value.eq(0)
+        constant = known & ~zero & ~unread
+        fits = _foldable(module, channels)
+        removable &= unread | zero | (constant if (fits or approximate) else torch.zeros_like(constant))
+        pending.append((module, constant, value, fits))
+    if not readers:
+        return [], []
+    if removable.all():  # keep one so the network stays well-formed
+        removable[0] = False
+    dead = removable.nonzero().flatten().tolist()
+    folds = [Fold(module, c, float(value[c]), fits)
+             for module, constant, value, fits in pending for c in dead if constant[c]]
+    return dead, folds
+
+
+def analyse(trace: Trace, approximate: bool = False) -> Analysis:
+    plans, skipped, total = [], {}, 0
+    ignored = [trace.classifier] if trace.classifier is not None else []
+    tp.dependency.index_mapping.update_index_mapping(trace.graph)
+    for group in trace.graph.get_all_groups(ignored_layers=ignored, root_module_types=LAYERS):
+        root = group[0].dep.target.module
+        name, channels = trace.names.get(root, repr(root)), len(group[0].idxs)
+        total += channels
+        reason = next(filter(None, (_unsupported(item, trace, channels) for item in group.items)), None)
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        dead, folds = plan_group(group, trace.graph, channels, approximate)
+        plans.append(GroupPlan(name, root, group[0].dep.handler, tuple(dead), tuple(folds)))
+    return Analysis(trace, plans, skipped, total)
+
+
+@torch.no_grad()
+def apply_fold(fold: Fold, channels: int) -> None:
+    """Add the constant's contribution to the reader's bias (created if the reader has none)."""
+    reader = fold.reader
+    if reader.bias is None:
+        reader.bias = nn.Parameter(torch.zeros(reader.weight.shape[0], dtype=reader.weight.dtype))
+    block = reader.weight.shape[1] // channels
+    columns = reader.weight[:, fold.channel * block:(fold.channel + 1) * block]
+    reader.bias += fold.value * columns.flatten(1).sum(1)
