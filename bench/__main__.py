@@ -24,7 +24,7 @@ def _suites() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prunefleet bench", description=__doc__)
-    parser.add_argument("suite")
+    parser.add_argument("suite", help=f"one of: {', '.join(_suites())}")
     parser.add_argument("--json", type=Path, required=True, help="where to write the results")
     parser.add_argument("--quick", action="store_true", help="fewer models and points (minutes, for CI)")
     parser.add_argument("--data-dir", type=Path, default=None)

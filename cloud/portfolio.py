@@ -106,7 +106,7 @@ def derive_variant(sparse: SparseModel, config: BuildConfig, data: Dataset, stor
         arch=config.model, kwargs=_model_kwargs(config, data.info), input_shape=data.info.input_shape,
         num_classes=data.info.num_classes, mean=data.info.mean, std=data.info.std, method=config.method,
         sparsity=level_sparsity, accuracy=compact_acc, name=f"{config.model}-L{sparse.level}",
-        level=sparse.level, extra={"sparse_accuracy": sparse_acc, "max_abs_diff": report.max_abs_diff})
+        level=sparse.level, extra={"sparse_accuracy": sparse_acc})  # nothing run-dependent: ids repeat
     variant_id = store.put_variant(variant.encode(compact, spec))
     params = models.count_params(compact)
     return VariantEntry(
