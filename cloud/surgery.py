@@ -75,16 +75,17 @@ def _prune(analysis: channels.Analysis, only: str | None = None) -> tuple[dict[s
 
 
 def _check_batches(example_input: torch.Tensor, check_inputs: torch.Tensor | None, random_checks: int) -> list:
-    """Random inputs shaped like the (checked) example, fixed seed; then the caller's real inputs."""
+    """Random inputs shaped like the (checked) example, fixed seed, then the caller's real inputs, in
+    batches of at most CHECK_BATCH."""
     shape = tuple(example_input.shape[1:])
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.randn(random_checks, *shape, generator=generator, dtype=example_input.dtype)]
+    inputs = [torch.randn(random_checks, *shape, generator=generator, dtype=example_input.dtype)]
     if check_inputs is not None and len(check_inputs):
         if tuple(check_inputs.shape[1:]) != shape:
             raise SurgeryError(f"check inputs have samples of shape {tuple(check_inputs.shape[1:])}, "
                                f"the example input {shape}")
-        batches += list(check_inputs.split(CHECK_BATCH))
-    return batches
+        inputs.append(check_inputs.to(example_input.dtype))
+    return list(torch.cat(inputs).split(CHECK_BATCH))
 
 
 @torch.no_grad()
