@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -13,13 +14,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cloud import shifter, surgery
+from cloud import distributed, shifter, surgery
 from cloud.masks import sparsity as mask_sparsity
 from cloud.store import Manifest, PortfolioStore, VariantEntry, portfolio_id
 from cloud.train import TrainConfig, evaluate
 from common import datasets, models, variant
 from common.datasets import Dataset
-from common.profiling import measure_latency
+from common.profiling import count_macs, measure_latency
 from common.registry import lookup
 
 log = logging.getLogger(__name__)
@@ -39,12 +40,15 @@ class BuildConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     shifter: shifter.ShifterConfig = field(default_factory=shifter.ShifterConfig)
     check_images: int = 256  # real test images for the surgery equivalence check
+    targets: tuple[float, ...] = ()  # keep the levels nearest these compressions (empty: every level)
 
     def __post_init__(self) -> None:
         lookup(METHODS, "method", self.method)
         lookup(models.MODELS, "architecture", self.model)
         if self.subset < 0 or self.threads <= 0 or self.check_images <= 0:
             raise ValueError("subset must be >= 0; threads and check_images positive")
+        if any(not t >= 1 for t in self.targets):
+            raise ValueError(f"target compressions must be >= 1, got {self.targets}")
 
     def settings(self) -> dict:
         raw = asdict(self)
@@ -79,6 +83,18 @@ def _shifter_levels(config: BuildConfig, data: Dataset, store: PortfolioStore):
 METHODS: dict[str, Callable] = {"shifter": _shifter_levels}
 
 
+def select_levels(compressions: list[float], targets: tuple[float, ...]) -> set[int]:
+    """Indices of the levels nearest (in log scale) to each target compression; all when no targets."""
+    if not targets:
+        return set(range(len(compressions)))
+    return {min(range(len(compressions)), key=lambda i: (abs(math.log(compressions[i] / t)), i)) for t in targets}
+
+
+def _planned_compressions(config: BuildConfig) -> list[float]:
+    """What each shifter level will reach: every level keeps 1 - rate of the surviving weights."""
+    return [(1.0 - config.shifter.rate) ** -level for level in range(config.shifter.levels + 1)]
+
+
 def _check_settings(config: BuildConfig, store: PortfolioStore) -> None:
     """A resumed build must use the settings it started with."""
     path = store.work_dir / "settings.json"
@@ -99,6 +115,7 @@ def derive_variant(sparse: SparseModel, config: BuildConfig, data: Dataset, stor
     """Compact one sparse model, prove it equivalent, measure it and store it as a variant file."""
     check = datasets.normalize(data.test.images[: config.check_images], data.info.mean, data.info.std)
     compact, report = surgery.compact(sparse.model, check[:1], check_inputs=check)
+    shape = data.info.input_shape
     sparse_acc = evaluate(sparse.model, data.info, data.test)
     compact_acc = evaluate(compact, data.info, data.test)
     level_sparsity = mask_sparsity(sparse.masks)
@@ -114,22 +131,33 @@ def derive_variant(sparse: SparseModel, config: BuildConfig, data: Dataset, stor
         params=params, size_bytes=store.variant_path(variant_id).stat().st_size, accuracy=compact_acc,
         sparse_accuracy=sparse_acc, sparsity=level_sparsity, compression=1.0 / max(1e-12, 1.0 - level_sparsity),
         params_ratio=dense_params / params,
-        latency_ms_b1=measure_latency(compact, data.info.input_shape, 1).p50_ms,
-        latency_ms_b32=measure_latency(compact, data.info.input_shape, 32, iters=10).p50_ms,
-        max_abs_diff=report.max_abs_diff)
+        latency_ms_b1=measure_latency(compact, shape, 1).p50_ms,
+        latency_ms_b32=measure_latency(compact, shape, 32, iters=10).p50_ms,
+        max_abs_diff=report.max_abs_diff, macs=count_macs(compact, shape),
+        sparse_params=models.count_params(sparse.model))
 
 
-def build(config: BuildConfig) -> Manifest:
-    """Run the whole build; resumable, and atomic in what it publishes (the manifest goes last)."""
+def build(config: BuildConfig) -> Manifest | None:
+    """Run the whole build; resumable, and atomic in what it publishes (the manifest goes last).
+    Under torchrun every process trains its shard and rank 0 alone derives and publishes (the others
+    return None)."""
+    distributed.init_from_env()
     torch.set_num_threads(config.threads)
     store = PortfolioStore(config.out)
-    _check_settings(config, store)
+    if distributed.is_main():
+        _check_settings(config, store)
+    distributed.barrier()
     data = datasets.load(config.dataset, config.data_dir, seed=config.seed)
     data = Dataset(data.info, data.train.subset(config.subset, config.seed), data.val, data.test)
     dense_params = models.count_params(models.build(config.model, _model_kwargs(config, data.info)))
     entries = []
     levels = lookup(METHODS, "method", config.method)(config, data, store)
-    for sparse in tqdm(levels, desc=f"{config.method} portfolio", total=config.shifter.levels + 1, unit="level"):
+    keep = select_levels(_planned_compressions(config), config.targets)
+    main = distributed.is_main()
+    for sparse in tqdm(levels, desc=f"{config.method} portfolio", total=config.shifter.levels + 1, unit="level",
+                       disable=not main):
+        if not main or sparse.level not in keep:
+            continue
         entry = derive_variant(sparse, config, data, store, dense_params)
         log.info("%s: sparsity %.1f%%, %d params, accuracy %.2f%% (sparse %.2f%%)", entry.name,
                  100 * entry.sparsity, entry.params, 100 * entry.accuracy, 100 * entry.sparse_accuracy)
@@ -137,5 +165,7 @@ def build(config: BuildConfig) -> Manifest:
     manifest = Manifest(portfolio_id=portfolio_id([e.variant_id for e in entries]), model=config.model,
                         dataset=config.dataset, method=config.method, created=time.time(),
                         settings=config.settings(), variants=tuple(entries))
+    if not main:
+        return None
     store.write_manifest(manifest)
     return manifest

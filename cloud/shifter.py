@@ -3,7 +3,8 @@
 Level 0 trains the dense model. Each further level prunes `rate` of the surviving conv and linear
 weights by global magnitude, rewinds the survivors to their values at iteration `rewind_iteration`
 and retrains them. Every finished level is a checkpoint (`work/level-L.pt`), and an interrupted build
-resumes at the last finished level (and inside a level at the last finished epoch).
+resumes at the last finished level (and inside a level at the last finished epoch). Under torchrun
+each level trains data-parallel and rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cloud import distributed
 from cloud import masks as masking
 from cloud.train import Masks, TrainConfig, apply_masks, train
 from common.datasets import Dataset
@@ -73,11 +75,12 @@ class _RewindCapture:
 def _train_dense(model: nn.Module, data: Dataset, train_config: TrainConfig, config: ShifterConfig,
                  work: Path) -> None:
     rewind_path = work / "rewind.pt"
-    if config.rewind_iteration == 0 and not rewind_path.exists():
+    if config.rewind_iteration == 0 and not rewind_path.exists() and distributed.is_main():
         _save(rewind_path, {"state": model.state_dict()})
     capture = _RewindCapture(config.rewind_iteration, rewind_path) if config.rewind_iteration else None
     train(model, data.info, data.train, train_config, checkpoint=work / "level-0.train.pt",
           desc="level 0 (dense)", after_step=capture)
+    distributed.barrier()
     if not rewind_path.exists():
         raise ValueError(f"rewind_iteration {config.rewind_iteration} is beyond the dense run's steps")
 
@@ -109,6 +112,8 @@ def run_imp(model: nn.Module, data: Dataset, train_config: TrainConfig, config: 
                   checkpoint=work / f"level-{level}.train.pt",
                   desc=f"level {level} (sparsity {masking.sparsity(masks):.1%})")
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        _save(done, {"state": state, "masks": masks})
-        (work / f"level-{level}.train.pt").unlink(missing_ok=True)
+        if distributed.is_main():  # under torchrun every process holds the same state; one writes it
+            _save(done, {"state": state, "masks": masks})
+            (work / f"level-{level}.train.pt").unlink(missing_ok=True)
+        distributed.barrier()
         yield Level(level, state, masks)

@@ -35,6 +35,8 @@ class VariantEntry:
     latency_ms_b1: float
     latency_ms_b32: float
     max_abs_diff: float = 0.0  # surgery equivalence check
+    macs: int = 0  # conv and linear multiply-accumulates per input, compact model
+    sparse_params: int = 0  # parameters of the sparse parent as stored dense (its pruned zeros included)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cloud import distributed
 from cloud.masks import check_masks
 from common.datasets import DatasetInfo, Split, batches
 from common.files import atomic_write_bytes
@@ -45,9 +46,14 @@ class TrainConfig:
 
 def apply_masks(model: nn.Module, masks: Masks | None) -> None:
     """Zero every masked entry in place: the sparse model is the dense shape times its mask."""
+    if masks:
+        check_masks(model, masks)
+        _mask(model, masks)
+
+
+def _mask(model: nn.Module, masks: Masks | None) -> None:
     if not masks:
         return
-    check_masks(model, masks)
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
             if name in masks:
@@ -82,31 +88,36 @@ def train(
     desc: str = "train",
     after_step: Callable[[nn.Module], None] | None = None,
 ) -> nn.Module:
-    """SGD with momentum and a step schedule; masked entries stay zero. Resumes from `checkpoint`."""
+    """SGD with momentum and a step schedule; masked entries stay zero. Resumes from `checkpoint`.
+    Under torchrun, each process trains on its shard of every batch (DDP); only rank 0 writes the
+    checkpoint and calls `after_step`."""
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     milestones = sorted({max(1, round(m * config.epochs)) for m in config.milestones})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=config.gamma)
     start = _resume(checkpoint, model, optimizer, scheduler)
-    apply_masks(model, masks)
+    apply_masks(model, masks)  # checks the masks once; the loop below reapplies them unchecked
+    net, shard, main = distributed.wrap(model), (distributed.rank(), distributed.world()), distributed.is_main()
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(start, config.epochs):
-        model.train()
-        steps = tqdm(batches(split, info, config.batch_size, shuffle_seed=config.seed * 1000 + epoch),
+        net.train()
+        steps = tqdm(batches(split, info, config.batch_size, shuffle_seed=config.seed * 1000 + epoch, shard=shard,
+                             train=True),
                      total=-(-len(split) // config.batch_size), desc=f"{desc} epoch {epoch + 1}/{config.epochs}",
-                     disable=not config.progress, leave=False)
+                     disable=not (config.progress and main), leave=False)
         for inputs, labels in steps:
-            loss = loss_fn(model(inputs), labels)
+            loss = loss_fn(net(inputs), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            apply_masks(model, masks)
-            if after_step is not None:
+            _mask(model, masks)
+            if after_step is not None and main:
                 after_step(model)
             steps.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         scheduler.step()
-        if checkpoint is not None:
+        if checkpoint is not None and main:
             _save_checkpoint(checkpoint, model, optimizer, scheduler, epoch + 1)
+        distributed.barrier()
     model.eval()
     return model
 

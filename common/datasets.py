@@ -1,7 +1,10 @@
 """Datasets read from their original files; nothing is downloaded at run time.
 
 Fashion-MNIST comes from its IDX files (Debian package `dataset-fashion-mnist`, or any directory that
-holds the four files, gzipped or not). Images stay uint8 in memory; `batches` normalizes on the fly.
+holds the four files, gzipped or not); CIFAR-10 from its binary distribution (`cifar-10-batches-bin`).
+Images stay uint8 in memory; `batches` normalizes on the fly, and augments training batches of the
+datasets that call for it (CIFAR-10: random 32x32 crops of the 4-pixel zero-padded image, random
+horizontal flips). Under data-parallel training each process takes its shard of every epoch.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class DatasetInfo:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    augment: bool = False  # random crop (padding 4) and horizontal flip while training
 
 
 @dataclass(frozen=True)
@@ -127,7 +131,42 @@ def load_fashion_mnist(data_dir: Path | None = None, val_fraction: float = 0.1, 
     return Dataset(FASHION_MNIST, train, val, _idx_split(data_dir, "t10k"))
 
 
-LOADERS = {"fashion-mnist": load_fashion_mnist}
+CIFAR10 = DatasetInfo("cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), augment=True)
+CIFAR10_HINT = ("pass --data-dir DIR holding CIFAR-10's binary distribution: data_batch_1.bin ... "
+                "data_batch_5.bin and test_batch.bin (the cifar-10-batches-bin folder of cifar-10-binary.tar.gz)")
+_CIFAR_RECORD = 1 + 3 * 32 * 32
+
+
+def _cifar_file(path: Path) -> Split:
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DatasetError(f"cannot read {path}: {err}; {CIFAR10_HINT}") from err
+    if not raw or len(raw) % _CIFAR_RECORD:
+        raise DatasetError(f"{path} holds {len(raw)} bytes, not a whole number of {_CIFAR_RECORD}-byte CIFAR-10 "
+                           f"records; it is corrupt or truncated")
+    records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() >= 10:
+        raise DatasetError(f"{path}: label {labels.max()} out of range; is it CIFAR-100?")
+    images = records[:, 1:].reshape(-1, 3, 32, 32).copy()
+    return Split(torch.from_numpy(images), torch.from_numpy(labels))
+
+
+def load_cifar10(data_dir: Path | None = None, val_fraction: float = 0.1, seed: int = 0) -> Dataset:
+    """CIFAR-10 from its binary batches, with a deterministic train/validation split of the 50k."""
+    if data_dir is None:
+        raise DatasetError(f"CIFAR-10 has no default location; {CIFAR10_HINT}")
+    data_dir = Path(data_dir)
+    if (data_dir / "cifar-10-batches-bin").is_dir():
+        data_dir = data_dir / "cifar-10-batches-bin"
+    parts = [_cifar_file(data_dir / f"data_batch_{i}.bin") for i in range(1, 6)]
+    full = Split(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
+    train, val = _split_train_val(full, val_fraction, seed)
+    return Dataset(CIFAR10, train, val, _cifar_file(data_dir / "test_batch.bin"))
+
+
+LOADERS = {"fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10}
 
 
 def load(name: str, data_dir: Path | None = None, val_fraction: float = 0.1, seed: int = 0) -> Dataset:
@@ -142,15 +181,44 @@ def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     return x.sub_(m).div_(s)
 
 
+def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random crops of the zero-padded uint8 images at their own size, and random horizontal flips."""
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1)
+    cols = dx.view(n, 1) + torch.arange(w)
+    cols = torch.where(flip.view(n, 1), cols.flip(1), cols).view(n, 1, 1, w)
+    batch = torch.arange(n).view(n, 1, 1, 1)
+    channel = torch.arange(images.shape[1]).view(1, -1, 1, 1)
+    return padded[batch, channel, rows, cols]
+
+
 def batches(
-    split: Split, info: DatasetInfo, batch_size: int, shuffle_seed: int | None = None
+    split: Split, info: DatasetInfo, batch_size: int, shuffle_seed: int | None = None,
+    shard: tuple[int, int] = (0, 1), train: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalized (inputs, labels) batches; shuffled deterministically when a seed is given."""
+    """Normalized (inputs, labels) batches; shuffled deterministically when a seed is given. With
+    `shard=(rank, world)` this process gets every world-th example of the (padded) order, in batches of
+    batch_size // world, so every process takes the same number of steps. `train` augments the
+    datasets that call for it (deterministically, from the shuffle seed)."""
+    rank, world = shard
+    if batch_size % world:
+        raise ValueError(f"batch size {batch_size} does not split over {world} processes")
     n = len(split)
     if shuffle_seed is None:
         order = torch.arange(n)
     else:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed))
-    for start in range(0, n, batch_size):
+    if world > 1:
+        order = torch.cat([order, order[: (-n) % world]])[rank::world]  # pad by wrapping, as samplers do
+        batch_size //= world
+    generator = torch.Generator().manual_seed((shuffle_seed or 0) * 7919 + rank)
+    for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        yield normalize(split.images[idx], info.mean, info.std), split.labels[idx]
+        images = split.images[idx]
+        if train and info.augment:
+            images = augment(images, generator)
+        yield normalize(images, info.mean, info.std), split.labels[idx]

@@ -1,4 +1,4 @@
-"""CPU latency measurement, shared by the cloud (manifest) and the edge (on-device profile)."""
+"""CPU latency and MACs, shared by the cloud (manifest, benchmarks) and the edge (on-device profile)."""
 
 from __future__ import annotations
 
@@ -36,3 +36,24 @@ def measure_latency(
             timings.append((time.perf_counter() - start) * 1e3)
     arr = np.asarray(timings)
     return LatencyProfile(batch, float(np.percentile(arr, 50)), float(np.percentile(arr, 95)), float(arr.mean()))
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of conv and linear layers for one input (as the layers are shaped)."""
+    total = 0
+
+    def count(module, _inputs, output):
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            total += output[0].numel() * module.weight[0].numel()
+        elif isinstance(module, nn.Linear):
+            total += module.weight.numel()
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, *input_shape))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
