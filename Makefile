@@ -5,12 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test setup data protos clean
+.PHONY: demo test setup data tools protos clean
 
 demo: setup data
 	$(BIN)/prunefleet demo
 
-test: setup data
+test: setup data tools
 	$(BIN)/python -m pytest -q
 
 setup: $(STAMP)
@@ -31,6 +31,20 @@ data:
 	else \
 		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist'" \
 		     "or pass --data-dir to a directory holding the four IDX files."; \
+	fi
+
+# Prometheus (the monitoring tests and `prunefleet cluster`) and docker-compose (validates
+# docker-compose.yml) come from Debian's prometheus and docker-compose packages; install them when we may.
+TOOLS := prometheus docker-compose
+tools:
+	@missing=""; for tool in $(TOOLS); do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -z "$$missing" ]; then \
+		true; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	else \
+		echo "Missing:$$missing. Run 'sudo apt-get install$$missing' so the monitoring and compose" \
+		     "tests run instead of being skipped."; \
 	fi
 
 # Regenerate the gRPC stubs after editing protos/*.proto.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from cloud import operator
+from cloud import cluster_cli, operator
 from cloud.store import PortfolioStore, StoreError
 from common.datasets import DatasetError
 from common.registry import UnknownNameError
@@ -75,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("reports/demo"))
     demo.add_argument("--data-dir", type=Path, default=None)
     demo.add_argument("--quick", action="store_true", help="smaller model, data and phases (for tests)")
+    cluster_cli.add_parser(top)
     return parser
 
 
@@ -114,6 +115,8 @@ def _dispatch(args) -> int:
         return _bench(args)
     if args.command == "portfolio":
         return _portfolio(args)
+    if args.command == "cluster":
+        return cluster_cli.main(args)
     if args.command == "cloud":
         from cloud.server import CloudConfig, serve
 

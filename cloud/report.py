@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cloud import plots
 from cloud.loadgen import Phase, Sample
 from cloud.operator import table
 from cloud.store import Manifest
@@ -110,11 +111,12 @@ def write(run_dir: Path, manifest: Manifest, outcome: dict, phases: Sequence[Pha
         "switches": timeline, "per_second": series, "requests": len(samples), "failed_requests": failed,
         "checks": checks, "ok": ok})
     _plot(run_dir / "timeline.png", series, timeline, outcome["slo_ms"], names, order, phases)
+    plots.frontier(run_dir / "frontier.png", manifest)
     rows = [(f"{e['t']:.1f}s", e["edge"], e["direction"], e["from"] or "-", e["to"], e["reason"]) for e in timeline]
     lines = ["switch timeline (t = seconds since load started):",
              table(("t", "edge", "step", "from", "to", "reason"), rows),
              f"{len(samples)} requests, {failed} failed",
-             f"report: {run_dir / 'report.json'}  plot: {run_dir / 'timeline.png'}"]
+             f"report: {run_dir / 'report.json'}  plots: {run_dir / 'timeline.png'}, {run_dir / 'frontier.png'}"]
     for edge, c in checks.items():
         verdict = "ok" if c["down"] and c["up_after_down"] else "MISSING a step down and a recovery"
         lines.append(f"{edge}: {c['down']} switch(es) down, {c['up_after_down']} back up after it -> {verdict}")

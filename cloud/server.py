@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, start_http_server
 
 from cloud.coordinator import CoordinatorServicer
 from cloud.fleet import FleetDB
@@ -58,6 +58,14 @@ def _service_names() -> tuple[str, ...]:
             health.SERVICE_NAME, reflection.SERVICE_NAME)
 
 
+def _portfolio_gauges(store: PortfolioStore, registry: CollectorRegistry) -> None:
+    """What an edge must hold to have the whole portfolio: the dashboard's transfer progress."""
+    Gauge("prunefleet_cloud_portfolio_variants", "Variants in the portfolio being served",
+          registry=registry).set_function(lambda: len(store.manifest().variants))
+    Gauge("prunefleet_cloud_portfolio_bytes", "Bytes of the variant files of the portfolio being served",
+          registry=registry).set_function(lambda: sum(v.size_bytes for v in store.manifest().variants))
+
+
 def start(config: CloudConfig, registry: CollectorRegistry) -> CloudServer:
     store = PortfolioStore(config.store)
     store.manifest()  # fail now, with the store's message, when there is no portfolio
@@ -66,6 +74,8 @@ def start(config: CloudConfig, registry: CollectorRegistry) -> CloudServer:
                    registry=registry)
     edges = Gauge("prunefleet_cloud_edges", "Edges known to the coordinator", registry=registry)
     edges.set_function(db.edge_count)
+    _portfolio_gauges(store, registry)
+    ProcessCollector(registry=registry)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=SERVER_OPTIONS)
     portfolio_pb2_grpc.add_PortfolioServiceServicer_to_server(PortfolioServicer(store, on_bytes_sent=sent.inc), server)
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(

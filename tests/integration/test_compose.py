@@ -1,0 +1,119 @@
+"""The docker-compose cluster and what it mounts: compose file, images, Prometheus and Grafana files."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from cloud.server import CloudConfig, start
+from edge.metrics import EdgeMetrics
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+COMPOSE = ROOT / "docker-compose.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "prunefleet.json"
+SERVICES = {"trainer", "cloud", "policy", "edge-1", "edge-2", "edge-3", "loadgen", "prometheus", "grafana"}
+LONG_RUNNING = {"cloud", "edge-1", "edge-2", "edge-3", "prometheus", "grafana"}
+
+
+def _compose() -> list[str]:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    pytest.skip("docker-compose is missing: 'apt-get install docker-compose' (make test installs it as root)")
+
+
+def _blocks(rendered: str) -> dict[str, str]:
+    """The rendered config's text per service (services sit at two spaces under `services:`)."""
+    start = re.search(r"^services:\n", rendered, flags=re.M)
+    body = re.split(r"\n(?=\S)", rendered[start.end():], maxsplit=1)[0]
+    parts = re.split(r"^  ([\w.-]+):\n", body, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+@pytest.fixture(scope="module")
+def rendered() -> str:
+    result = subprocess.run([*_compose(), "-f", str(COMPOSE), "config"], capture_output=True, text=True,
+                            timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_docker_compose_config_validates_the_topology(rendered):
+    blocks = _blocks(rendered)
+    assert set(blocks) == SERVICES
+    for name, block in blocks.items():
+        assert "restart:" in block, f"{name} has no restart policy"
+    for name in LONG_RUNNING:
+        assert "healthcheck:" in blocks[name], f"{name} has no health check"
+    cpus = [float(re.search(r"cpus: ([\d.]+)", blocks[f"edge-{i}"]).group(1)) for i in (1, 2, 3)]
+    assert len(set(cpus)) == 3, "the edges need different CPU limits"
+    assert "service_completed_successfully" in blocks["cloud"] and "service_healthy" in blocks["loadgen"]
+
+
+def test_the_compose_file_holds_no_secrets():
+    text = COMPOSE.read_text()
+    assert not re.search(r"(?i)(password|secret|token|api_key|private_key)\s*[:=]", text)
+    assert "GF_SECURITY_ADMIN" not in text
+
+
+def test_the_edge_image_installs_no_cloud_extra():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    base = " ".join(pyproject["project"]["dependencies"])
+    assert "torch-pruning" not in base and "matplotlib" not in base
+    extras = " ".join(pyproject["project"]["optional-dependencies"]["cloud"])
+    assert "torch-pruning" in extras and "matplotlib" in extras
+    edge = (DEPLOY / "edge.Dockerfile").read_text()
+    installs = [line for line in edge.splitlines() if "pip install" in line]
+    assert any(re.search(r"pip install \.$", line) for line in installs)
+    assert not any("[" in line or "matplotlib" in line or "pruning" in line for line in installs)
+    assert 'pip install ".[cloud]"' in (DEPLOY / "cloud.Dockerfile").read_text()
+
+
+def test_prometheus_scrapes_the_cloud_and_every_edge_service():
+    config = (DEPLOY / "prometheus.yml").read_text()
+    targets = set(re.findall(r'"([\w.-]+:\d+)"', config))
+    assert targets == {"cloud:9100", "edge-1:9101", "edge-2:9101", "edge-3:9101"}
+    if shutil.which("promtool"):
+        result = subprocess.run(["promtool", "check", "config", str(DEPLOY / "prometheus.yml")],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _exported_names(store: Path, scratch: Path) -> set[str]:
+    """Every sample name the cloud and an edge export, on their own registries."""
+    cloud_registry, edge_registry = CollectorRegistry(), CollectorRegistry()
+    cloud = start(CloudConfig(store=store, port=0, db=scratch / "fleet.sqlite"), cloud_registry)
+    try:
+        metrics = EdgeMetrics(edge_registry, "edge-1", slo_s=0.05)
+        metrics.request("a" * 64, "OK", 0.01)
+        metrics.switched("initial", 1e-6, ["a" * 64], "a" * 64)
+        metrics.loaded("a" * 64, 0.5, 1000)
+        return {s.name for r in (cloud_registry, edge_registry) for m in r.collect() for s in m.samples}
+    finally:
+        cloud.stop()
+
+
+def test_the_dashboard_uses_only_exported_metrics_and_covers_the_views(small_portfolio, tmp_path):
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b(?:prunefleet|process)_[a-z0-9_]+", e)}
+    missing = used - _exported_names(small_portfolio, tmp_path)
+    assert not missing, f"the dashboard queries metrics nobody exports: {sorted(missing)}"
+    titles = " | ".join(p["title"].lower() for p in dashboard["panels"])
+    for view in ("p95", "slo", "request rate", "active variant", "switches by reason", "memory",
+                 "transfer progress", "fleet size"):
+        assert view in titles
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    datasource = (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    uid = re.search(r"uid: (\S+)", datasource).group(1)
+    assert all(p["datasource"]["uid"] == uid for p in dashboard["panels"])
+    provider = (DEPLOY / "grafana" / "provisioning" / "dashboards" / "prunefleet.yml").read_text()
+    assert "/var/lib/grafana/dashboards" in provider and "./deploy/grafana/dashboards:/var/lib/grafana/dashboards" \
+        in COMPOSE.read_text()
