@@ -17,19 +17,38 @@ from common.datasets import DatasetError
 from common.registry import UnknownNameError
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def _add_build(sub) -> None:
     p = sub.add_parser("build", help="train a model and derive a portfolio of pruned variants")
     p.add_argument("--method", default="shifter")
-    p.add_argument("--model", default="vgg11")
+    p.add_argument("--model", default="vgg11", help="zoo name (vgg11, resnet20, mobilenetv2, ...) or package.module:function")
     p.add_argument("--width", type=float, default=0.25, help="channel width multiplier")
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", type=Path, default=None)
     p.add_argument("--levels", type=int, default=3, help="pruning levels after the dense model")
     p.add_argument("--rate", type=float, default=0.2, help="share of surviving weights pruned per level")
-    p.add_argument("--rewind-iteration", type=int, default=0)
+    p.add_argument("--rewind-iteration", type=int, default=0, help="rewind survivors to this training step")
+    p.add_argument("--ignore", type=_names, default=(), help="comma-separated layers never pruned")
+    p.add_argument("--targets", type=_floats, default=(),
+                   help="keep the levels nearest these compressions, e.g. 1,2,4,8 (default: every level)")
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch, split over torchrun processes")
     p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--milestones", type=_floats, default=(0.5, 0.75),
+                   help="step schedule: fractions of the epochs where the rate drops by --gamma")
+    p.add_argument("--gamma", type=float, default=0.1)
     p.add_argument("--subset", type=int, default=0, help="training examples to use (0 = all)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -86,10 +105,15 @@ def _portfolio(args) -> int:
 
         config = portfolio.BuildConfig(
             out=args.out, method=args.method, model=args.model, width=args.width, dataset=args.dataset,
-            data_dir=args.data_dir, subset=args.subset, threads=args.threads, seed=args.seed,
-            train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
-            shifter=shifter.ShifterConfig(levels=args.levels, rate=args.rate, rewind_iteration=args.rewind_iteration))
+            data_dir=args.data_dir, subset=args.subset, threads=args.threads, seed=args.seed, targets=args.targets,
+            train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                              momentum=args.momentum, weight_decay=args.weight_decay, milestones=args.milestones,
+                              gamma=args.gamma),
+            shifter=shifter.ShifterConfig(levels=args.levels, rate=args.rate, rewind_iteration=args.rewind_iteration,
+                                          ignore=args.ignore))
         manifest = portfolio.build(config)
+        if manifest is None:  # a torchrun worker: rank 0 publishes and prints
+            return 0
         print(operator.portfolio_table(manifest))
         print(f"portfolio {manifest.portfolio_id} written to {args.out}")
         return 0
