@@ -17,9 +17,9 @@ from common.registry import UnknownNameError, lookup
 
 
 def _suites() -> dict:
-    from bench import surgery
+    from bench import shifter, surgery
 
-    return {"surgery": surgery.run}
+    return {"surgery": surgery, "shifter": shifter}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,11 +38,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     started = time.time()
-    result = suite(quick=args.quick, data_dir=args.data_dir)
+    stem = args.json.with_suffix("")
+    result = suite.run(quick=args.quick, data_dir=args.data_dir, work=stem.with_name(f"{stem.name}.work"))
     result["meta"] = {"suite": args.suite, "quick": args.quick, "threads": args.threads, "seconds": time.time() - started,
                       "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(),
                                   "processor": platform.processor(), "torch": torch.__version__}}
     atomic_write_json(args.json, result)
+    if hasattr(suite, "figures"):
+        for path in suite.figures(result, stem):
+            print(f"figure: {path}", file=sys.stderr)
     print(json.dumps(result["summary"], indent=2))
     return 0
 

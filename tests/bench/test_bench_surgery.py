@@ -47,10 +47,13 @@ def test_the_baseline_drops_zero_filters_and_changes_the_outputs_when_bn_bias_is
 def test_summary_aggregates_at_the_highest_compression():
     point = {"exact": True, "max_abs_diff": 0.0, "params_sparse": 100, "params_compact": 10, "weights_removed": 90,
              "baseline_weights_removed": 45, "baseline_max_abs_diff": 0.2, "speedup_b1": 2.0, "speedup_b64": 3.0,
-             "surgery_ms": 5.0}
-    summary = summarize([{**point, "compression": 4, "speedup_b64": 1.0}, {**point, "compression": 256}])
+             "surgery_ms": 5.0, "check_ms": 2.0, "model": "vgg11", "fault_exposure": None}
+    summary = summarize([{**point, "compression": 4, "speedup_b64": 1.0},
+                         {**point, "compression": 256, "fault_exposure": {"shares": [1.0, 0.5, 0.0], "harmless": 2}}])
     assert summary["params_ratio_vs_baseline"] == 2.0 and summary["speedup_b64"] == 3.0
     assert summary["all_exact"] and summary["best_params_ratio"] == 10.0 and summary["highest_compression"] == 256
+    assert summary["check_faults"] == 3 and summary["check_faults_missed"] == 1 and summary["check_faults_harmless"] == 2
+    assert summary["check_fault_exposure_median"] == 0.5 and summary["surgery_ms_max_by_model"] == {"vgg11": 5.0}
 
 
 def test_quick_benchmark_runs_from_the_cli_and_is_exact(tmp_path):
@@ -61,4 +64,5 @@ def test_quick_benchmark_runs_from_the_cli_and_is_exact(tmp_path):
     result = json.loads(out.read_text())
     assert result["summary"]["all_exact"] and result["summary"]["highest_compression"] == 256
     assert {p["model"] for p in result["points"]} == {"vgg11", "resnet20"}
+    assert result["summary"]["check_faults"] > 0
     assert all(p["weights_removed"] >= p["baseline_weights_removed"] for p in result["points"])

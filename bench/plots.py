@@ -1,0 +1,42 @@
+"""PNG figures for benchmark results (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def shifter_figures(points: list[dict], stem: Path) -> list[Path]:
+    """Accuracy against params and against batch-32 latency, sparse vs compact, one marker per level."""
+    paths = []
+    for suffix, (sparse_key, compact_key, label, log_x) in {
+        "accuracy-params": ("params_sparse", "params_compact", "parameters (as stored)", True),
+        "accuracy-latency": ("sparse_b32_ms", "compact_b32_ms", "CPU latency at batch 32 (ms)", False),
+    }.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, acc, name, marker in ((sparse_key, "sparse_accuracy", "sparse (masked)", "o"),
+                                       (compact_key, "compact_accuracy", "compact (after surgery)", "s")):
+            ax.plot([p[key] for p in points], [100 * p[acc] for p in points], marker=marker, label=name)
+        for p in points:
+            ax.annotate(f"L{p['level']}", (p[compact_key], 100 * p["compact_accuracy"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        paths.append(_save(fig, stem.with_name(f"{stem.name}-{suffix}.png")))
+    return paths
