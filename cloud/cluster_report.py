@@ -57,10 +57,12 @@ def write(state: dict, procs: list[Proc]) -> tuple[Path, str]:
                  "reason": e.event.reason, "switch_us": e.event.switch_us} for e in events]
     series = _series(directory, edges, names, started)
     settled = {edge: _settled(rows) for edge, rows in series.items()}
-    on_device = {e.edge: {p.variant_id: p.p95_ms_batch for p in e.profiles} for e in fleet.edges if e.edge in edges}
+    profiled = [e for e in fleet.edges if e.edge in edges and e.profiles]
+    on_device = {e.edge: {p.variant_id: p.p95_ms_batch for p in e.profiles} for e in profiled}
     order = [v.name for v in sorted(manifest.variants, key=lambda v: v.accuracy)]
     plots.latency_timeline(out / "latency.png", series, switches, fleet.policy.slo_ms, order)
-    plots.frontier(out / "frontier.png", manifest, on_device)
+    plots.frontier(out / "frontier.png", manifest,
+                   {f"{e.edge}, p95 at batch {e.profiles[0].batch}": on_device[e.edge] for e in profiled})
     cpus = {p.name: p.cpus for p in procs if p.role == "edge"}
     atomic_write_json(out / "report.json", {
         "portfolio": manifest.to_json(), "slo_ms": fleet.policy.slo_ms, "edges": cpus, "settled": settled,
