@@ -1,14 +1,20 @@
 """The variant file: one `.safetensors` file, pickle-free, whose sha256 is its identity.
 
 Header metadata holds `format` = `prunefleet.variant/1` and a JSON `spec`. Shapes come from the
-tensors: a reader builds the base architecture from the zoo's allow-list and shrinks every layer to
-the stored shapes, so rebuilding a compact model needs neither torch-pruning nor the pruning history.
+tensors: a reader builds the base architecture and shrinks every layer to the stored shapes, so
+rebuilding a compact model needs neither torch-pruning nor the pruning history. A depthwise conv
+(groups == in == out channels in the base) stays depthwise at its stored channel count.
+
+The spec's `arch` is a zoo name or an import path (`package.module:function`). Readers pass
+`allowed_models`, the import paths this process may build (zoo names always may; by default none),
+and `decode` refuses any other path before anything is built or imported (`common.models.resolve`).
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -112,8 +118,10 @@ def _header_metadata(data: bytes) -> dict[str, str]:
     return metadata
 
 
-def decode(data: bytes, expected_sha256: str | None = None) -> tuple[VariantSpec, dict[str, torch.Tensor]]:
-    """Check and parse variant-file bytes. Nothing is built; nothing is unpickled."""
+def decode(data: bytes, expected_sha256: str | None = None, *,
+           allowed_models: Collection[str] = ()) -> tuple[VariantSpec, dict[str, torch.Tensor]]:
+    """Check and parse variant-file bytes. Nothing is built, imported or unpickled; an `arch` that is
+    neither a zoo name nor an import path in `allowed_models` is refused."""
     if len(data) > MAX_VARIANT_BYTES:
         raise VariantError(f"variant file is {len(data)} bytes, over the {MAX_VARIANT_BYTES}-byte limit")
     if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
@@ -122,8 +130,10 @@ def decode(data: bytes, expected_sha256: str | None = None) -> tuple[VariantSpec
     if metadata.get("format") != FORMAT:
         raise VariantError(f"variant format is {metadata.get('format')!r}, expected {FORMAT!r}")
     spec = VariantSpec.from_json(metadata.get("spec", ""))
-    if spec.arch not in models.MODELS:
-        raise VariantError(f"architecture {spec.arch!r} is not on the allow-list: {sorted(models.MODELS)}")
+    try:
+        models.check_allowed(spec.arch, allowed_models)
+    except (UnknownNameError, ValueError) as err:
+        raise VariantError(f"architecture {spec.arch!r} is not on the allow-list: {err}") from None
     try:
         tensors = load_tensors(data)
     except (SafetensorError, ValueError) as err:
@@ -139,25 +149,43 @@ def _resize_tensor(module: nn.Module, attr: str, shape: torch.Size, dtype: torch
         module._buffers[attr] = blank
 
 
-def _sync_shape_attributes(module: nn.Module) -> None:
+def _sync_conv(name: str, conv: nn.Conv2d) -> None:
+    """Conv attributes from the (resized) weight. A depthwise conv in the base (groups == in == out
+    channels, groups > 1) stays depthwise: its stored weight must be [C, 1, k, k], and groups, in and
+    out channels all become C. Any other conv keeps its groups, which must divide the stored shape."""
+    out_channels, in_per_group = conv.weight.shape[:2]
+    if conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels:
+        if in_per_group != 1:
+            raise VariantError(f"depthwise conv {name!r} must store [C, 1, k, k] weights, "
+                               f"got {list(conv.weight.shape)}")
+        conv.groups = out_channels
+    elif out_channels % conv.groups:
+        raise VariantError(f"conv {name!r} has {conv.groups} groups, which do not divide {out_channels} filters")
+    conv.out_channels = out_channels
+    conv.in_channels = in_per_group * conv.groups
+
+
+def _sync_shape_attributes(name: str, module: nn.Module) -> None:
     if isinstance(module, nn.Conv2d):
-        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
-        module.out_channels = module.weight.shape[0]
-        if depthwise:
-            module.groups = module.out_channels
-        module.in_channels = module.weight.shape[1] * module.groups
+        _sync_conv(name, module)
     elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
         module.num_features = module.running_mean.shape[0] if module.running_mean is not None else module.weight.shape[0]
 
 
-def build_model(spec: VariantSpec, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """Build the base architecture, shrink each layer to the stored shapes and load the weights."""
+def _base_model(spec: VariantSpec, allowed_models: Collection[str]) -> nn.Module:
     try:
-        model = models.build(spec.arch, spec.kwargs)
+        return models.build(spec.arch, spec.kwargs, allowed=allowed_models)
     except (UnknownNameError, ValueError, TypeError) as err:
         raise VariantError(f"cannot build {spec.arch!r} with {spec.kwargs}: {err}") from err
+
+
+def build_model(spec: VariantSpec, tensors: dict[str, torch.Tensor], *,
+                allowed_models: Collection[str] = ()) -> nn.Module:
+    """Build the base architecture, shrink each layer to the stored shapes and load the weights.
+    `allowed_models` as in `decode`."""
+    model = _base_model(spec, allowed_models)
     modules = dict(model.named_modules())
     for key, value in tensors.items():
         owner, _, attr = key.rpartition(".")
@@ -165,8 +193,8 @@ def build_model(spec: VariantSpec, tensors: dict[str, torch.Tensor]) -> nn.Modul
         if module is None or (attr not in module._parameters and attr not in module._buffers):
             raise VariantError(f"tensor {key!r} has no place in {spec.arch}")
         _resize_tensor(module, attr, value.shape, value.dtype)
-    for module in model.modules():
-        _sync_shape_attributes(module)
+    for name, module in model.named_modules():
+        _sync_shape_attributes(name, module)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
@@ -175,22 +203,23 @@ def build_model(spec: VariantSpec, tensors: dict[str, torch.Tensor]) -> nn.Modul
     try:
         with torch.no_grad():
             out = model(torch.zeros(1, *spec.input_shape))
-    except RuntimeError as err:
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
         raise VariantError(f"variant layer shapes do not fit together: {err}") from err
     if tuple(out.shape) != (1, spec.num_classes):
         raise VariantError(f"variant outputs {tuple(out.shape)}, expected (1, {spec.num_classes})")
     return model
 
 
-def load_bytes(data: bytes, expected_sha256: str | None = None) -> Variant:
-    spec, tensors = decode(data, expected_sha256)
-    return Variant(spec, build_model(spec, tensors), sha256_bytes(data), len(data))
+def load_bytes(data: bytes, expected_sha256: str | None = None, *,
+               allowed_models: Collection[str] = ()) -> Variant:
+    spec, tensors = decode(data, expected_sha256, allowed_models=allowed_models)
+    return Variant(spec, build_model(spec, tensors, allowed_models=allowed_models), sha256_bytes(data), len(data))
 
 
-def load(path: Path, expected_sha256: str | None = None) -> Variant:
-    """Read, verify and rebuild a variant file."""
+def load(path: Path, expected_sha256: str | None = None, *, allowed_models: Collection[str] = ()) -> Variant:
+    """Read, verify and rebuild a variant file; `allowed_models` as in `decode`."""
     path = Path(path)
     size = path.stat().st_size
     if size > MAX_VARIANT_BYTES:
         raise VariantError(f"{path.name} is {size} bytes, over the {MAX_VARIANT_BYTES}-byte limit")
-    return load_bytes(path.read_bytes(), expected_sha256)
+    return load_bytes(path.read_bytes(), expected_sha256, allowed_models=allowed_models)

@@ -1,6 +1,11 @@
 """`prunefleet-edge`: the edge agent.
 
     prunefleet-edge run --cloud HOST:PORT --name NAME --port PORT --metrics-port PORT --cache DIR
+                        [--allow-model package.module:function ...]
+
+Zoo architectures are always built. A variant whose architecture is an import path is refused, before
+anything is imported, unless the path is allowed: `--allow-model PATH` (repeatable) plus the
+comma-separated paths in the environment variable PRUNEFLEET_ALLOW_MODELS (read when `main` runs).
 
 Once the agent serves, it prints one line to stdout:
 `prunefleet-edge NAME serving on HOST:PORT metrics on HOST:MPORT` (the bound ports; 0 picks free ones).
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -22,6 +28,7 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry, start_http_server
 
+from common import models
 from common.wire import GRPC_OPTIONS
 from edge.agent import Agent, AgentConfig, initial_portfolio
 from edge.link import Link, LinkConfig, Outbox
@@ -53,10 +60,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--window-s", type=float, default=1.0, help="telemetry window until the policy sets one")
     run.add_argument("--slo-ms", type=float, default=50.0,
                      help="latency histogram gets a bucket here (the coordinator's policy sets the SLO itself)")
+    run.add_argument("--allow-model", action="append", dest="allow_models", metavar="PACKAGE.MODULE:FUNCTION",
+                     help="also build variants of this import-path architecture (repeatable; adds to the "
+                          f"comma-separated {models.ALLOW_ENV}); zoo architectures are always allowed")
     # the log level may also come after `run`; SUPPRESS keeps the top-level value when it does not
     run.add_argument("--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                      type=str.upper)
     return parser
+
+
+def allowed_models(args, environ) -> tuple[str, ...]:
+    """The import paths this edge may build: `--allow-model` flags and `PRUNEFLEET_ALLOW_MODELS`."""
+    return models.parse_allow_list([environ.get(models.ALLOW_ENV, ""), *(args.allow_models or ())])
 
 
 def _config(args) -> AgentConfig:
@@ -142,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
     try:
+        allowed = allowed_models(args, os.environ)
+        if allowed:
+            log.info("import-path architectures allowed: %s", ", ".join(allowed))
         return run(_config(args), stopping)
     except (ValueError, OSError) as err:
         print(f"prunefleet-edge: error: {err}", file=sys.stderr)
