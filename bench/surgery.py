@@ -30,9 +30,9 @@ from common import datasets, models, variant
 from common.profiling import count_macs, measure_latency
 
 log = logging.getLogger(__name__)
-FULL = {"models": ("vgg11", "vgg16", "resnet20", "resnet56"),
+FULL = {"models": ("vgg11", "vgg16", "resnet20", "resnet56", "mobilenetv2"),
         "compressions": (2, 4, 8, 16, 32, 64, 128, 256), "train_images": 2048, "iters": 10, "faults": 12}
-QUICK = {"models": ("vgg11", "resnet20"), "compressions": (4, 256), "train_images": 512, "iters": 5,
+QUICK = {"models": ("vgg11", "resnet20", "mobilenetv2"), "compressions": (4, 256), "train_images": 512, "iters": 5,
          "faults": 4}
 CHECK_REAL, CHECK_RANDOM = 16, 16
 ATOL = 1e-4

@@ -44,7 +44,7 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         lookup(METHODS, "method", self.method)
-        lookup(models.MODELS, "architecture", self.model)
+        models.resolve(self.model, allowed=(self.model,))  # the operator typed it: an import path is allowed
         if self.subset < 0 or self.threads <= 0 or self.check_images <= 0:
             raise ValueError("subset must be >= 0; threads and check_images positive")
         if any(not t >= 1 for t in self.targets):
@@ -73,9 +73,9 @@ def _model_kwargs(config: BuildConfig, info: datasets.DatasetInfo) -> dict:
 
 def _shifter_levels(config: BuildConfig, data: Dataset, store: PortfolioStore):
     torch.manual_seed(config.seed)
-    model = models.build(config.model, _model_kwargs(config, data.info))
+    model = models.build(config.model, _model_kwargs(config, data.info), allowed=(config.model,))
     for level in shifter.run_imp(model, data, config.train, config.shifter, store.work_dir):
-        sparse = models.build(config.model, _model_kwargs(config, data.info))
+        sparse = models.build(config.model, _model_kwargs(config, data.info), allowed=(config.model,))
         sparse.load_state_dict(level.state)
         yield SparseModel(level.level, sparse.eval(), level.masks)
 
@@ -149,7 +149,7 @@ def build(config: BuildConfig) -> Manifest | None:
     distributed.barrier()
     data = datasets.load(config.dataset, config.data_dir, seed=config.seed)
     data = Dataset(data.info, data.train.subset(config.subset, config.seed), data.val, data.test)
-    dense_params = models.count_params(models.build(config.model, _model_kwargs(config, data.info)))
+    dense_params = models.count_params(models.build(config.model, _model_kwargs(config, data.info), allowed=(config.model,)))
     entries = []
     levels = lookup(METHODS, "method", config.method)(config, data, store)
     keep = select_levels(_planned_compressions(config), config.targets)

@@ -51,6 +51,7 @@ class AgentConfig:
     slo_ms: float = 50.0  # where the latency histogram gets its SLO bucket; the policy sets the real SLO
     backoff_s: float = 0.5  # reconnect and re-register: exponential backoff with full jitter from here
     max_backoff_s: float = 10.0
+    allowed_models: tuple[str, ...] = ()  # import-path architectures this edge may build (zoo: always)
 
     def __post_init__(self) -> None:
         if not self.cloud or not self.name:
@@ -116,7 +117,8 @@ class Agent:
         path = fetch(self._portfolio, info.variant_id, self.config.cache_dir, self.config.fetch_deadline_s,
                      retry=RetryConfig(attempts=self.config.fetch_attempts, backoff_s=self.config.backoff_s,
                                        max_backoff_s=self.config.max_backoff_s))
-        return variant.load(path, expected_sha256=info.variant_id), time.perf_counter() - start
+        variant_ = variant.load(path, expected_sha256=info.variant_id, allowed_models=self.config.allowed_models)
+        return variant_, time.perf_counter() - start
 
     def _profile_and_hold(self, fresh: list[tuple]) -> None:
         """Warm up and profile the new variants here (interleaved), then hold and announce them."""

@@ -74,8 +74,8 @@ def allowed_models(args, environ) -> tuple[str, ...]:
     return models.parse_allow_list([environ.get(models.ALLOW_ENV, ""), *(args.allow_models or ())])
 
 
-def _config(args) -> AgentConfig:
-    return AgentConfig(cloud=args.cloud, name=args.name, cache_dir=args.cache, host=args.host,
+def _config(args, allowed: tuple[str, ...] = ()) -> AgentConfig:
+    return AgentConfig(allowed_models=allowed, cloud=args.cloud, name=args.name, cache_dir=args.cache, host=args.host,
                        advertise_host=args.advertise_host, port=args.port,
                        metrics_port=args.metrics_port, threads=args.threads, batch=args.batch,
                        max_batch=args.max_batch, window_s=args.window_s, slo_ms=args.slo_ms)
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         allowed = allowed_models(args, os.environ)
         if allowed:
             log.info("import-path architectures allowed: %s", ", ".join(allowed))
-        return run(_config(args), stopping)
+        return run(_config(args, allowed), stopping)
     except (ValueError, OSError) as err:
         print(f"prunefleet-edge: error: {err}", file=sys.stderr)
         return 2

@@ -63,6 +63,6 @@ def test_quick_benchmark_runs_from_the_cli_and_is_exact(tmp_path):
                    capture_output=True)
     result = json.loads(out.read_text())
     assert result["summary"]["all_exact"] and result["summary"]["highest_compression"] == 256
-    assert {p["model"] for p in result["points"]} == {"vgg11", "resnet20"}
+    assert {p["model"] for p in result["points"]} == {"vgg11", "resnet20", "mobilenetv2"}
     assert result["summary"]["check_faults"] > 0
     assert all(p["weights_removed"] >= p["baseline_weights_removed"] for p in result["points"])

@@ -75,8 +75,6 @@ def test_allowed_import_path_builds_like_a_zoo_name(user_package):
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
-@pytest.mark.xfail(strict=True, reason="cloud/portfolio.py BuildConfig still checks lookup(models.MODELS, ...); "
-                                      "it must call models.resolve(self.model, allowed=(self.model,))")
 def test_cloud_build_config_accepts_an_import_path(user_package, tmp_path):
     from cloud import portfolio
 
