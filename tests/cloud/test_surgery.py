@@ -277,22 +277,23 @@ def test_a_wrong_claim_is_caught_and_names_the_group(monkeypatch):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def _random_zoo_model(draw_vgg: bool, config: list, depth: int, width: float, seed: int) -> nn.Module:
+def _random_zoo_model(kind: str, config: list, depth: int, width: float, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    model = models.VGG(config, 1, 10, 16, width) if draw_vgg else models.ResNet(depth, 1, 10, width)
+    model = {"vgg": lambda: models.VGG(config, 1, 10, 16, width), "resnet": lambda: models.ResNet(depth, 1, 10, width),
+             "mobilenetv2": lambda: models.build("mobilenetv2", {"input_size": 16, "width": width / 4})}[kind]()
     return _trained_looking(model, (1, 16, 16), seed)
 
 
-@settings(max_examples=10, deadline=None)
-@given(vgg=st.booleans(), config=st.lists(st.sampled_from([4, 8, 16, "M"]), min_size=1, max_size=5),
+@settings(max_examples=15, deadline=None)
+@given(kind=st.sampled_from(["vgg", "resnet", "mobilenetv2"]), config=st.lists(st.sampled_from([4, 8, 16, "M"]), min_size=1, max_size=5),
        depth=st.sampled_from([8, 14]), width=st.sampled_from([0.25, 0.5, 1.0]), filters=st.floats(0.0, 1.0),
        reads=st.floats(0.0, 0.6), unstructured=st.floats(0.0, 0.99), zero_bn=st.booleans(),
        seed=st.integers(0, 10_000))
-def test_random_masks_give_an_equal_compact_model(vgg, config, depth, width, filters, reads, unstructured,
+def test_random_masks_give_an_equal_compact_model(kind, config, depth, width, filters, reads, unstructured,
                                                   zero_bn, seed):
-    if vgg and not any(isinstance(c, int) for c in config):
+    if kind == "vgg" and not any(isinstance(c, int) for c in config):
         config = [8, *config]
-    model = _random_zoo_model(vgg, config, depth, width, seed)
+    model = _random_zoo_model(kind, config, depth, width, seed)
     x = torch.zeros(1, 1, 16, 16)
     _mask(model, x, seed, filters, reads, unstructured, zero_bn)
     compact, report = surgery.compact(model, x)
