@@ -10,8 +10,9 @@ receives a constant it can absorb exactly into its bias (a linear layer, incl. a
 unpadded 1x1 conv). A constant that meets a padded conv is not foldable exactly (the zero padding at
 the border sees something else): the channel stays, unless the caller asks for approximate folding.
 
-Groups whose ops may mix channels or are not understood (concat, slices, other reshapes, reductions
-over channels, grouped convs, model outputs, layers run twice...) are left alone and reported.
+A concat along channels is followed through: each branch's group reaches the readers' slice of it.
+Groups whose ops may mix channels or are not understood (slices, other reshapes, reductions over
+channels, grouped convs, model outputs, layers run twice...) are left alone and reported.
 """
 
 from __future__ import annotations
@@ -64,9 +65,10 @@ class Trace:
 
 @dataclass(frozen=True)
 class Fold:
-    """Add `value` times the reader's weights on `channel` (a root channel) to the reader's bias."""
+    """Add `value` times the reader's weights on `columns` (its input indices of one root channel) to
+    the reader's bias."""
     reader: nn.Module
-    channel: int
+    columns: tuple[int, ...]
     value: float
     exact: bool
 
@@ -181,15 +183,46 @@ def _unsupported(item, trace: Trace, channels: int) -> str | None:
             size = module.num_features if isinstance(module, BATCHNORM) else module.out_channels
         else:
             size = module.weight.shape[0 if writes else 1]
-        if size % channels or len(item.idxs) != size or any(  # layer index i must belong to root i // block
-                i // (size // channels) != r for i, r in zip(item.idxs, item.root_idxs)):
-            return f"{label} does not map block-wise onto the group's channels"
-        return None
+        return None if _maps_onto(item, size, channels, one_each=writes) else (
+            f"{label} does not map onto the group's channels one to one (or, reading, one to many)")
+    if node.type == OPTYPE.CONCAT:
+        dim = getattr(node.grad_fn, "_saved_dim", None)
+        return None if dim == 1 else f"concat {label} is not along channels"
     if node.type == OPTYPE.RESHAPE:
         return None if node in trace.flattens else f"reshape {label} is not a flatten into linear layers"
     if node.type == OPTYPE.ELEMENTWISE:
         return None if _elementwise_ok(node) else f"op {label} may mix channels or its effect is unknown"
     return f"{node.type.name} op {label} is not supported"
+
+
+def _maps_onto(item, size: int, channels: int, one_each: bool) -> bool:
+    """Every layer index of the item is distinct and inside the layer; every root channel has one layer
+    index (`one_each`: writers, BatchNorms, depthwise convs) or at least one (readers, e.g. the H*W
+    features of a flatten, or the slice of a concat)."""
+    idxs, roots = list(item.idxs), list(item.root_idxs)
+    if len(idxs) != len(roots) or len(set(idxs)) != len(idxs) or any(not 0 <= i < size for i in idxs):
+        return False
+    if set(roots) != set(range(channels)):
+        return False
+    return len(idxs) == channels if one_each else True
+
+
+def _by_root(item, channels: int) -> torch.Tensor:
+    """The layer index of each root channel (for one-to-one items)."""
+    order = torch.empty(channels, dtype=torch.long)
+    order[torch.tensor(list(item.root_idxs), dtype=torch.long)] = torch.tensor(list(item.idxs), dtype=torch.long)
+    return order
+
+
+def _any_per_root(item, flags: torch.Tensor, channels: int) -> torch.Tensor:
+    """Per root channel: is any of its layer indices flagged?"""
+    roots = torch.tensor(list(item.root_idxs), dtype=torch.long)
+    hits = flags[torch.tensor(list(item.idxs), dtype=torch.long)].long()
+    return torch.zeros(channels, dtype=torch.long).index_add_(0, roots, hits) > 0
+
+
+def _columns(item, channel: int) -> tuple[int, ...]:
+    return tuple(i for i, r in zip(item.idxs, item.root_idxs) if r == channel)
 
 
 def _nonzero_along(weight: torch.Tensor, dim: int) -> torch.Tensor:
@@ -204,15 +237,13 @@ class _Values:
 
     def __init__(self, group, graph: tp.DependencyGraph, channels: int):
         self.graph, self.channels = graph, channels
-        self.writes = {item.dep.target for item in group.items if graph.is_out_channel_pruning_fn(item.dep.handler)}
+        self.out_items = {item.dep.target: item for item in group.items if graph.is_out_channel_pruning_fn(item.dep.handler)}
+        self.writes = set(self.out_items)
         self.nodes = {item.dep.target for item in group.items}
         self.memo: dict = {}
 
     def _unknown(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros(self.channels, dtype=torch.bool), torch.zeros(self.channels, dtype=torch.float64)
-
-    def _per_root(self, flags: torch.Tensor) -> torch.Tensor:
-        return flags.view(self.channels, -1).any(dim=1)
 
     def inputs(self, node) -> list:
         return [n for n in node.inputs if n in self.nodes and not _is_weight_transpose(n)]
@@ -227,29 +258,28 @@ class _Values:
         if isinstance(module, LAYERS) and not _is_depthwise(module):
             if node not in self.writes:
                 return self._unknown()
-            zero = ~self._per_root(_nonzero_along(module.weight.detach(), 0))
-            rows = len(module.weight)
-            bias = module.bias.detach().double() if module.bias is not None else torch.zeros(rows, dtype=torch.float64)
-            bias = bias.view(self.channels, -1)
-            return zero & bias.eq(bias[:, :1]).all(dim=1), bias[:, 0] * zero
+            rows = _by_root(self.out_items[node], self.channels)
+            zero = ~_nonzero_along(module.weight.detach(), 0)[rows]
+            bias = module.bias.detach().double()[rows] if module.bias is not None else self._unknown()[1]
+            return zero, bias * zero
         sources = [self.of(n) for n in self.inputs(node)]
         if len(sources) != 1 and not (node.type == OPTYPE.ELEMENTWISE and _fn_name(node) in SUMS and sources):
             return self._unknown()
         if isinstance(module, BATCHNORM):
-            (known, value), bn = sources[0], module
-            weight = bn.weight.detach().double() if bn.weight is not None else 1.0
-            bias = bn.bias.detach().double() if bn.bias is not None else 0.0
-            scale = weight / torch.sqrt(bn.running_var.double() + bn.eps)
-            return known, (value - bn.running_mean.double()) * scale + bias
+            (known, value), bn, rows = sources[0], module, _by_root(self.out_items[node], self.channels)
+            weight = bn.weight.detach().double()[rows] if bn.weight is not None else 1.0
+            bias = bn.bias.detach().double()[rows] if bn.bias is not None else 0.0
+            scale = weight / torch.sqrt(bn.running_var.double()[rows] + bn.eps)
+            return known, (value - bn.running_mean.double()[rows]) * scale + bias
         if _is_depthwise(module):
-            (known, value), conv = sources[0], module
-            weight = conv.weight.detach().double().flatten(1)
-            bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(self.channels, dtype=torch.float64)
-            blank = ~_nonzero_along(conv.weight.detach(), 0)
+            (known, value), conv, rows = sources[0], module, _by_root(self.out_items[node], self.channels)
+            weight = conv.weight.detach().double().flatten(1)[rows]
+            bias = conv.bias.detach().double()[rows] if conv.bias is not None else self._unknown()[1]
+            blank = ~_nonzero_along(conv.weight.detach(), 0)[rows]
             unpadded = _unpadded(conv)
             constant = known & (value.eq(0) | unpadded)
             return blank | constant, torch.where(blank, bias, value * weight.sum(1) + bias)
-        if node.type == OPTYPE.RESHAPE:
+        if node.type in (OPTYPE.RESHAPE, OPTYPE.CONCAT):  # a flatten, or this group's slice of a concat
             return sources[0]
         name = _fn_name(node)
         if name in SUMS:
@@ -268,12 +298,11 @@ class _Values:
         return known, mapped
 
 
-def _foldable(module: nn.Module, channels: int) -> bool:
+def _foldable(module: nn.Module) -> bool:
     """Can this reader absorb a constant input channel into its bias exactly?"""
     if isinstance(module, nn.Linear):
         return True
-    return (not _is_depthwise(module) and module.groups == 1 and module.weight.shape[1] == channels
-            and tuple(module.kernel_size) == (1, 1) and _unpadded(module))
+    return module.groups == 1 and tuple(module.kernel_size) == (1, 1) and _unpadded(module)
 
 
 def _unpadded(conv: nn.Conv2d) -> bool:
@@ -291,21 +320,21 @@ def plan_group(group, graph: tp.DependencyGraph, channels: int, approximate: boo
         if not isinstance(module, LAYERS) or _is_depthwise(module) or node in values.writes:
             continue
         readers += 1
-        unread = ~values._per_root(_nonzero_along(module.weight.detach(), 1))
+        unread = ~_any_per_root(item, _nonzero_along(module.weight.detach(), 1), channels)
         sources = [values.of(n) for n in values.inputs(node)]
         known, value = sources[0] if len(sources) == 1 else values._unknown()
         zero = known & value.eq(0)
         constant = known & ~zero & ~unread
-        fits = _foldable(module, channels)
+        fits = _foldable(module)
         removable &= unread | zero | (constant if (fits or approximate) else torch.zeros_like(constant))
-        pending.append((module, constant, value, fits))
+        pending.append((item, constant, value, fits))
     if not readers:
         return [], []
     if removable.all():  # keep one so the network stays well-formed
         removable[0] = False
     dead = removable.nonzero().flatten().tolist()
-    folds = [Fold(module, c, float(value[c]), fits)
-             for module, constant, value, fits in pending for c in dead if constant[c]]
+    folds = [Fold(item.dep.target.module, _columns(item, c), float(value[c]), fits)
+             for item, constant, value, fits in pending for c in dead if constant[c]]
     return dead, folds
 
 
@@ -327,11 +356,9 @@ def analyse(trace: Trace, approximate: bool = False) -> Analysis:
 
 
 @torch.no_grad()
-def apply_fold(fold: Fold, channels: int) -> None:
+def apply_fold(fold: Fold) -> None:
     """Add the constant's contribution to the reader's bias (created if the reader has none)."""
     reader = fold.reader
     if reader.bias is None:
         reader.bias = nn.Parameter(torch.zeros(reader.weight.shape[0], dtype=reader.weight.dtype))
-    block = reader.weight.shape[1] // channels
-    columns = reader.weight[:, fold.channel * block:(fold.channel + 1) * block]
-    reader.bias += fold.value * columns.flatten(1).sum(1)
+    reader.bias += fold.value * reader.weight[:, list(fold.columns)].flatten(1).sum(1)

@@ -66,7 +66,7 @@ def _prune(analysis: channels.Analysis, only: str | None = None) -> tuple[dict[s
         if plan.dead and only in (None, plan.name):
             try:
                 for fold in plan.folds:
-                    channels.apply_fold(fold, len(plan.root.weight))
+                    channels.apply_fold(fold)
                 analysis.trace.graph.get_pruning_group(plan.root, plan.handler, list(plan.dead)).prune()
             except Exception as err:  # torch-pruning failed mid-way; the caller discards the copy
                 raise SurgeryError(f"pruning group {plan.name!r} failed: {err}") from err

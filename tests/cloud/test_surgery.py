@@ -267,7 +267,7 @@ class _Odd(nn.Module):
         return self.fc(self.conv2(h).mean((2, 3)))
 
 
-@pytest.mark.parametrize("op", ["softmax", "plus_one", "channel_mean", "cat"])
+@pytest.mark.parametrize("op", ["softmax", "plus_one", "channel_mean"])
 def test_a_group_with_an_untrusted_op_is_left_alone(op):
     model = _Odd(op).eval()
     with torch.no_grad():
@@ -278,13 +278,25 @@ def test_a_group_with_an_untrusted_op_is_left_alone(op):
     _assert_same_outputs(model, compact)
 
 
+def test_a_dead_channel_of_a_concatenated_branch_goes_from_the_concat_and_its_reader():
+    model = _Odd("cat").eval()  # conv2 reads cat([conv1, side]): conv1 is channels 0-3, side 4-7
+    with torch.no_grad():
+        model.conv1.weight[1], model.conv1.bias[1] = 0, 0  # emits zero
+        model.side.weight[2], model.side.bias[2] = 0, 0.7  # emits 0.7: conv2 is a padded 3x3, so it stays
+        model.conv2.weight[:, 4 + 3] = 0  # conv2 ignores side's channel 3
+    compact, report = surgery.compact(model, X)
+    assert not report.skipped_groups and report.removed_by_group == {"conv1": 1, "side": 1}
+    assert compact.conv1.out_channels == 3 and compact.side.out_channels == 3 and compact.conv2.in_channels == 6
+    _assert_same_outputs(model, compact)
+
+
 def test_a_wrong_claim_is_caught_and_names_the_group(monkeypatch):
     model = _build("vgg11")
     with torch.no_grad():
         model.features[0].weight[2] = 0  # its BatchNorm emits 0.5: not dead
         model.features[1].bias[2], model.features[1].running_mean[2] = 0.5, 0.0
     before = copy.deepcopy(model.state_dict())
-    monkeypatch.setattr(channels, "_foldable", lambda module, size: True)  # wrong for features.4, a padded 3x3
+    monkeypatch.setattr(channels, "_foldable", lambda module: True)  # wrong for features.4, a padded 3x3
     with pytest.raises(surgery.SurgeryError, match=r"differs from the sparse model.*alone: \['features.0'\]"):
         surgery.compact(model, X)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
