@@ -63,11 +63,13 @@ def frontier(path: Path, manifest: Manifest, on_device: Mapping[str, Mapping[str
 
 
 def latency_timeline(path: Path, series: Mapping[str, Sequence[dict]], switches: Sequence[dict],
-                     slo_ms: float, order: Sequence[str]) -> None:
+                     slo_ms: float, order: Sequence[str], shaded: Sequence[tuple[float, float]] = (),
+                     xlabel: str = "seconds since the cluster started") -> None:
     """Per edge: p95 latency over time against the SLO, the active variant, and switch markers.
 
     `series[edge]` rows hold `t` (seconds), `p95_ms` (or None) and `variant` (a name from ORDER, or "");
-    `switches` rows hold `t`, `edge` and `direction` ("down", "up" or "initial").
+    `switches` rows hold `t`, `edge` and `direction` ("down", "up" or "initial"); `shaded` spans
+    (start, end) in seconds are tinted (the demo's heavy phase).
     """
     plt = _pyplot()
     fig, axes = plt.subplots(max(1, len(series)), 1, figsize=(11, 3.4 * max(1, len(series))), sharex=True,
@@ -88,9 +90,11 @@ def latency_timeline(path: Path, series: Mapping[str, Sequence[dict]], switches:
             if event["edge"] == edge and event["direction"] in ("down", "up"):
                 ax.axvline(event["t"], color="tab:orange" if event["direction"] == "down" else "tab:purple",
                            alpha=0.7, linewidth=1)
+        for start, end in shaded:
+            ax.axvspan(start, end, alpha=0.06, color="red")
         ax.legend(loc="upper left", fontsize=8)
-    axes[-1, 0].set_xlabel("seconds since the cluster started (green: active variant, right axis; "
-                           "orange: switch down, purple: up)")
+    axes[-1, 0].set_xlabel(f"{xlabel} (green: active variant, right axis; orange: switch down, purple: up"
+                           f"{'; shaded: heavy load' if shaded else ''})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -64,36 +64,13 @@ def _timeline(events, names: dict[str, str], accuracy: dict[str, float], started
 
 def _plot(path: Path, series: dict[str, list[dict]], timeline: list[dict], slo_ms: float,
           names: dict[str, str], order: list[str], phases: Sequence[Phase]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(series), 1, figsize=(11, 3.6 * len(series)), sharex=True, squeeze=False)
-    for ax, (edge, rows) in zip(axes[:, 0], series.items()):
-        t = [r["t"] for r in rows]
-        ax.plot(t, [r["p95_ms"] if r["p95_ms"] is not None else np.nan for r in rows], color="tab:blue",
-                label="p95 latency (client side)")
-        ax.axhline(slo_ms, color="tab:red", linestyle="--", label=f"SLO {slo_ms:.0f} ms")
-        ax.set_ylabel("ms")
-        ax.set_title(edge)
-        right = ax.twinx()
-        right.step(t, [order.index(names.get(r["variant"], order[0])) if r["variant"] else np.nan for r in rows],
-                   where="post", color="tab:green", label="active variant")
-        right.set_yticks(range(len(order)), order)
-        for event in timeline:
-            if event["edge"] == edge and event["direction"] in ("down", "up"):
-                ax.axvline(event["t"], color="tab:orange" if event["direction"] == "down" else "tab:purple",
-                           alpha=0.7, linewidth=1)
-        start = 0.0
-        for phase in phases:
-            ax.axvspan(start, start + phase.seconds, alpha=0.06 if phase.clients > 1 else 0.0, color="red")
-            start += phase.seconds
-        ax.legend(loc="upper left", fontsize=8)
-    axes[-1, 0].set_xlabel("seconds since load started (shaded: heavy phase; orange: switch down, purple: up)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    named = {edge: [{**r, "variant": names.get(r["variant"], "")} for r in rows] for edge, rows in series.items()}
+    spans, start = [], 0.0
+    for phase in phases:
+        if phase.clients > 1:
+            spans.append((start, start + phase.seconds))
+        start += phase.seconds
+    plots.latency_timeline(path, named, timeline, slo_ms, order, shaded=spans, xlabel="seconds since load started")
 
 
 def write(run_dir: Path, manifest: Manifest, outcome: dict, phases: Sequence[Phase], edges: Sequence[str]) -> Verdict:
