@@ -1,0 +1,101 @@
+"""Pruning-at-initialization scorers, each alone, with the properties their papers state."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cloud import pai
+from common import models
+
+KWARGS = {"in_channels": 1, "input_size": 28, "num_classes": 10, "width": 0.125}
+
+
+def _batches(n: int = 2, size: int = 16, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 1, 28, 28, generator=gen), torch.randint(0, 10, (size,), generator=gen))
+            for _ in range(n)]
+
+
+def _total(masks) -> tuple[int, int]:
+    return sum(int(m.sum()) for m in masks.values()), sum(m.numel() for m in masks.values())
+
+
+@pytest.mark.parametrize("scorer", ["random", "magnitude", "snip", "grasp", "synflow"])
+def test_each_scorer_reaches_the_compression_with_one_global_threshold(scorer):
+    torch.manual_seed(0)
+    model = models.build("vgg11", KWARGS)
+    masks = pai.prune_at_init(model, scorer, 10.0, _batches(), input_shape=(1, 28, 28), rounds=10)
+    kept, total = _total(masks)
+    assert abs(kept - total / 10) <= 1 and set(masks) == {f"{n}.weight" for n in models.prunable_layers(model)}
+
+
+def test_threshold_keeps_exactly_the_top_scores_across_layers():
+    scores = {"a.weight": torch.tensor([0.1, 0.9, 0.5]), "b.weight": torch.tensor([[0.8, 0.2], [0.3, 0.7]])}
+    masks = pai.threshold(scores, 7 / 3)  # keep 3 of 7
+    assert masks["a.weight"].tolist() == [False, True, False] and masks["b.weight"].tolist() == [[True, False],
+                                                                                                  [False, True]]
+
+
+def test_synflow_scores_are_conserved_layer_by_layer():
+    """Synaptic saliency conservation (Tanaka et al.): in a bias-free ReLU network every layer's SynFlow
+    scores sum to the same R, the sum of the linearized network's outputs."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.ReLU(), nn.Conv2d(4, 6, 3, bias=False), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10, bias=False))
+    scores = pai._synflow_once(net, {}, (1, 12, 12))
+    sums = torch.tensor([float(s.double().sum()) for s in scores.values()])
+    assert len(sums) == 3 and torch.allclose(sums, sums[0].expand(3), rtol=1e-5)
+
+
+def test_iterative_synflow_never_collapses_a_layer_at_high_compression():
+    """Layer collapse (a whole layer pruned away) is what iterative SynFlow was built to avoid."""
+    torch.manual_seed(0)
+    model = models.build("vgg11", KWARGS)
+    masks = pai.synflow_masks(model, 100.0, (1, 28, 28), rounds=20)
+    assert all(int(m.sum()) > 0 for m in masks.values())
+    kept, total = _total(masks)
+    assert abs(kept - total / 100) <= 1
+
+
+def test_snip_is_the_weight_times_its_summed_gradient():
+    torch.manual_seed(0)
+    model = models.build("vgg11", KWARGS)
+    batches = _batches()
+    scores = pai.snip_scores(model, batches)
+    clone = models.build("vgg11", KWARGS)
+    clone.load_state_dict(model.state_dict())
+    clone.train()
+    loss = sum(F.cross_entropy(clone(x), y) for x, y in batches)
+    grad = torch.autograd.grad(loss, clone.classifier.weight)[0]
+    assert torch.allclose(scores["classifier.weight"], (clone.classifier.weight * grad).abs(), atol=1e-6)
+
+
+def test_grasp_uses_the_hessian_gradient_product():
+    """H g from double backprop matches a finite difference of the gradient along g."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.Tanh(), nn.Linear(8, 10)).double()
+    batches = [(x.double(), y) for x, y in _batches(1, 8)]
+    scores = pai.grasp_scores(net, batches)
+    params = [net[1].weight, net[3].weight]
+    x, y = batches[0]
+
+    def grads(shift: float, direction):
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p += shift * d
+        g = torch.autograd.grad(F.cross_entropy(net(x), y), params)
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p -= shift * d
+        return g
+
+    g = grads(0.0, [torch.zeros_like(p) for p in params])
+    eps = 1e-5
+    hg = [(a - b) / (2 * eps) for a, b in zip(grads(eps, g), grads(-eps, g))]
+    assert torch.allclose(scores["3.weight"], params[1].detach() * hg[1], rtol=1e-4, atol=1e-9)
+
+
+def test_an_unknown_scorer_lists_the_known_ones():
+    with pytest.raises(KeyError, match="known: grasp, magnitude, random, snip, synflow"):
+        pai.prune_at_init(models.build("vgg11", KWARGS), "oracle", 2.0)
