@@ -283,6 +283,8 @@ class _Values:
             return sources[0]
         name = _fn_name(node)
         if name in SUMS:
+            if len(sources) != sum(f is not None for f, _ in node.grad_fn.next_functions):
+                return self._unknown()  # an operand outside the group: its channels are not these
             known = torch.stack([k for k, _ in sources]).all(0)
             values = torch.stack([v for _, v in sources])
             if name == "AddBackward0":

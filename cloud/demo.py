@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,21 +71,38 @@ def _frontier_ends(manifest, fleet) -> tuple[str, str]:
     return most_accurate.variant_id, fastest.variant_id
 
 
+def _edge_p95s(cloud: str, variant_id: str, seen: dict) -> None:
+    """Add each edge's newest telemetry window spent on `variant_id` (keyed by edge and window end)."""
+    fleet = operator.coordinator_stub(cloud).GetFleet(coordinator_pb2.GetFleetRequest(), timeout=operator.RPC_TIMEOUT_S)
+    for edge in fleet.edges:
+        t = edge.telemetry
+        if t.active_variant == variant_id and t.requests > 0:
+            seen[(edge.edge, t.timestamp)] = t.p95_ms
+
+
 def calibrate_slo_ms(cloud: str, generator: loadgen.LoadGenerator, heavy: loadgen.Phase,
                      ends: tuple[str, str]) -> float:
-    """Pin each end of the frontier in turn under the heavy load and measure its p95 on this machine.
+    """Pin each end of the frontier in turn under the heavy load and measure its p95 on this machine,
+    as the edges report it (the policy decides on the edges' own windows, not on what clients see).
 
-    The SLO is the geometric mean of the two: the heavy load breaks it on the most accurate variant
-    and leaves the fastest inside it, with the same margin on both sides.
+    The SLO is the geometric mean of the two medians: the heavy load breaks it on the most accurate
+    variant and leaves the fastest inside it, with the same margin on both sides.
     """
     p95s = []
     for variant_id in ends:
         operator.set_policy(cloud, pinned_variant=variant_id)
         time.sleep(1.5)  # one decision window for the pin to take effect
-        skip = len(generator.samples)
-        generator.run([heavy])
-        latencies = [s.latency_ms for s in generator.samples[skip:] if s.code == "OK" and s.variant_id == variant_id]
-        p95s.append(float(np.percentile(latencies, 95)))
+        seen: dict = {}
+        load = threading.Thread(target=generator.run, args=([heavy],), daemon=True)
+        load.start()
+        time.sleep(1.5)  # skip the window in which the load starts
+        while load.is_alive():
+            _edge_p95s(cloud, variant_id, seen)
+            time.sleep(0.5)
+        load.join()
+        if not seen:
+            raise RuntimeError(f"no telemetry window on {variant_id[:12]} during calibration")
+        p95s.append(float(np.median(list(seen.values()))))
     operator.set_policy(cloud, pinned_variant="")
     return round(math.sqrt(p95s[0] * p95s[1]), 1)
 
