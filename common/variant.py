@@ -90,9 +90,15 @@ class Variant:
 
 
 def encode(model: nn.Module, spec: VariantSpec) -> bytes:
-    """Serialize a (compact) model and its spec to variant-file bytes."""
+    """Serialize a (compact) model and its spec to variant-file bytes. The same model and spec give
+    the same bytes, hence the same id, in every process: the header is rewritten with sorted keys
+    (safetensors writes its metadata map in an order that changes from process to process)."""
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    return save_tensors(tensors, metadata={"format": FORMAT, "spec": spec.to_json()})
+    data = save_tensors(tensors, metadata={"format": FORMAT, "spec": spec.to_json()})
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(data[8 : 8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # safetensors keeps the data section 8-byte aligned
+    return struct.pack("<Q", len(header)) + header + data[8 + length :]
 
 
 def save(model: nn.Module, spec: VariantSpec, path: Path) -> str:

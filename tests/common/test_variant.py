@@ -1,7 +1,9 @@
 import json
+import os
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +117,22 @@ def test_unknown_tensor_is_refused():
     model.register_buffer("smuggled", torch.zeros(3))
     with pytest.raises(variant.VariantError, match="has no place"):
         variant.load_bytes(variant.encode(model, spec_for("vgg11", KWARGS)))
+
+
+def test_the_same_model_gives_the_same_bytes_in_every_process():
+    """Variant ids are sha256 of the file: they must repeat across processes and builds."""
+    code = ("import hashlib, torch; from common import models, variant; from conftest import spec_for; "
+            "torch.manual_seed(0); m = models.build('vgg11', {'width': 0.125}); "
+            "print(hashlib.sha256(variant.encode(m, spec_for('vgg11', {'width': 0.125}))).hexdigest())")
+    tests = str(Path(__file__).resolve().parents[1])
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONPATH": tests}).stdout.strip() for _ in range(3)}
+    assert len(digests) == 1 and len(next(iter(digests))) == 64
+
+
+def test_the_header_is_written_canonically():
+    data = variant.encode(models.build("vgg11", {"width": 0.125}), spec_for("vgg11", {"width": 0.125}))
+    (length,) = struct.unpack("<Q", data[:8])
+    header = data[8:8 + length]
+    canonical = json.dumps(json.loads(header), sort_keys=True, separators=(",", ":")).encode()
+    assert header.rstrip(b" ") == canonical and length % 8 == 0
