@@ -49,3 +49,14 @@ def small_portfolio(tmp_path_factory) -> Path:
         out=out, model="vgg11", width=0.125, subset=2000, check_images=64,
         train=TrainConfig(epochs=1, batch_size=64, progress=False), shifter=shifter.ShifterConfig(levels=3, rate=0.85)))
     return out
+
+
+def random_batchnorm_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """Running statistics away from their initial 0 and 1, so a round trip that drops them shows."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+    return model
+

@@ -10,7 +10,7 @@ import torch
 
 from common import models, variant
 from common.registry import ImportPathError, UnknownNameError
-from conftest import spec_for
+from conftest import random_batchnorm_statistics, spec_for
 
 NETS = '''
 import torch
@@ -88,11 +88,7 @@ def test_variant_of_an_allowed_import_path_round_trips(user_package, tmp_path):
     path = f"{user_package}.nets:tiny_cnn"
     torch.manual_seed(0)
     model = models.build(path, KWARGS, allowed=(path,)).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-1, 1)
-                m.running_var.uniform_(0.5, 2)
+    random_batchnorm_statistics(model)
     file = tmp_path / "v.safetensors"
     sha = variant.save(model, spec_for(path, KWARGS), file)
     loaded = variant.load(file, expected_sha256=sha, allowed_models=(path, "other.pkg:net"))

@@ -10,7 +10,7 @@ import torch
 
 from common import models, variant
 from common.files import sha256_bytes
-from conftest import spec_for
+from conftest import random_batchnorm_statistics, spec_for
 
 KWARGS = {"in_channels": 1, "input_size": 28, "num_classes": 10, "width": 0.125}
 
@@ -33,11 +33,7 @@ def _consistent_small(arch: str) -> torch.nn.Module:
 @pytest.mark.parametrize("arch", ["vgg11", "resnet20"])
 def test_round_trip_in_a_separate_process_gives_the_same_outputs(arch, tmp_path):
     model, kwargs = _consistent_small(arch)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-1, 1)
-                m.running_var.uniform_(0.5, 2)
+    random_batchnorm_statistics(model)
     path = tmp_path / "v.safetensors"
     sha = variant.save(model, spec_for(arch, kwargs), path)
     x = torch.randn(4, 1, 28, 28)
