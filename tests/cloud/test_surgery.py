@@ -77,14 +77,16 @@ def _assert_same_outputs(a: nn.Module, b: nn.Module, sample_shape=(1, 28, 28)) -
 
 
 def _well_conditioned(model: nn.Module, sample_shape) -> bool:
-    """Does the model agree with itself between batch sizes? Random masks can leave a BatchNorm over a
-    constant channel (running variance 0) that multiplies float32 rounding by 1/sqrt(eps) per layer;
-    such a model cannot be checked to 1e-4 by any rewrite (a folded bias is rounded to float32), and
+    """Does the model agree with itself between batch sizes and between float32 and float64? Random
+    masks can leave a BatchNorm over a constant channel (running variance 0) that multiplies rounding
+    by 1/sqrt(eps) per layer; such a model cannot be checked to 1e-4 by any rewrite (a folded bias is
+    rounded to float32, and in float64 the constant no longer cancels its float32 running mean), and
     surgery refuses it (see test_an_ill_conditioned_model_is_refused_not_emitted)."""
     x = torch.randn(8, *sample_shape, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         whole, single = model(x), torch.cat([model(x[i:i + 1]) for i in range(len(x))])
-    return float((whole - single).abs().max()) <= 1e-5
+        wide = copy.deepcopy(model).double()(x.double()).float()
+    return float((whole - single).abs().max()) <= 1e-5 and float((whole - wide).abs().max()) <= 1e-5
 
 
 def _out_channels(model: nn.Module) -> dict[str, int]:
