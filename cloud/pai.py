@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cloud.masks import Masks
+from cloud.train import apply_masks
 from common.models import prunable_layers
 
 Scores = dict[str, torch.Tensor]  # "layer.weight" -> score, same shape as the weight
@@ -31,14 +32,6 @@ Scores = dict[str, torch.Tensor]  # "layer.weight" -> score, same shape as the w
 
 def _weights(model: nn.Module) -> dict[str, nn.Parameter]:
     return {f"{name}.weight": layer.weight for name, layer in prunable_layers(model).items()}
-
-
-def _masked(model: nn.Module, masks: Masks | None) -> nn.Module:
-    if masks:
-        with torch.no_grad():
-            for name, weight in _weights(model).items():
-                weight.mul_(masks[name].to(weight.dtype))
-    return model
 
 
 def random_scores(model: nn.Module, batches=(), seed: int = 0, **_) -> Scores:
@@ -87,7 +80,8 @@ def _linearized(model: nn.Module) -> nn.Module:
 
 
 def _synflow_once(model: nn.Module, masks: Masks, input_shape: tuple[int, ...]) -> Scores:
-    net = _masked(_linearized(model), masks)
+    net = _linearized(model)
+    apply_masks(net, masks)
     weights = _weights(net)
     net.zero_grad(set_to_none=True)
     net(torch.ones(1, *input_shape, dtype=torch.float64)).sum().backward()

@@ -113,14 +113,14 @@ def _check_settings(config: BuildConfig, store: PortfolioStore) -> None:
 def derive_variant(sparse: SparseModel, config: BuildConfig, data: Dataset, store: PortfolioStore,
                    dense_params: int) -> VariantEntry:
     """Compact one sparse model, prove it equivalent, measure it and store it as a variant file."""
+    shape = data.info.input_shape
     check = datasets.normalize(data.test.images[: config.check_images], data.info.mean, data.info.std)
     compact, report = surgery.compact(sparse.model, check[:1], check_inputs=check)
-    shape = data.info.input_shape
     sparse_acc = evaluate(sparse.model, data.info, data.test)
     compact_acc = evaluate(compact, data.info, data.test)
     level_sparsity = mask_sparsity(sparse.masks)
     spec = variant.VariantSpec(
-        arch=config.model, kwargs=_model_kwargs(config, data.info), input_shape=data.info.input_shape,
+        arch=config.model, kwargs=_model_kwargs(config, data.info), input_shape=shape,
         num_classes=data.info.num_classes, mean=data.info.mean, std=data.info.std, method=config.method,
         sparsity=level_sparsity, accuracy=compact_acc, name=f"{config.model}-L{sparse.level}",
         level=sparse.level, extra={"sparse_accuracy": sparse_acc})  # nothing run-dependent: ids repeat
