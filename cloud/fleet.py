@@ -70,8 +70,11 @@ class FleetDB:
                     (edge, profile.variant_id, profile.SerializeToString()))
 
     def record_event(self, edge: str, event: coordinator_pb2.SwitchEvent) -> None:
-        self._write("INSERT INTO events (edge, timestamp, event) VALUES (?, ?, ?)",
-                    (edge, event.timestamp, event.SerializeToString()))
+        """Idempotent: an edge resends the events of a stream that broke, so a copy is stored once."""
+        blob = event.SerializeToString()
+        self._write("INSERT INTO events (edge, timestamp, event) SELECT ?, ?, ? WHERE NOT EXISTS "
+                    "(SELECT 1 FROM events WHERE timestamp = ? AND edge = ? AND event = ?)",
+                    (edge, event.timestamp, blob, event.timestamp, edge, blob))
 
     def set_policy_version(self, edge: str, version: int) -> None:
         self._write("UPDATE edges SET policy_version = ? WHERE name = ?", (version, edge))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,12 +49,16 @@ class LinkConfig:
         return full_jitter(attempt, self.backoff_s, self.max_backoff_s, rng)
 
 
+RESEND_S = 10.0  # how far back a broken stream's events are sent again
+
+
 class Outbox:
     """Reports waiting for the stream: switch events survive disconnection, the rest do not."""
 
     def __init__(self, max_buffered: int, max_live: int):
         self._ready = threading.Condition()
         self._events: deque = deque(maxlen=max_buffered)
+        self._sent: deque = deque(maxlen=max_buffered)  # (monotonic time, event) given to the current stream
         self._live: deque = deque(maxlen=max_live)
         self._streams = 0  # open streams; a new one may start before the old one's generator has ended
 
@@ -76,7 +81,9 @@ class Outbox:
         with self._ready:
             while alive.is_set():
                 if self._events:
-                    return self._events.popleft()
+                    event = self._events.popleft()
+                    self._sent.append((time.monotonic(), event))
+                    return event
                 if self._live:
                     return self._live.popleft()
                 self._ready.wait(0.5)
@@ -97,8 +104,14 @@ class Outbox:
                 self._live.clear()
 
     def close(self, alive: threading.Event) -> None:
+        """End a stream. Events handed to it in its last RESEND_S seconds go back to the front of the
+        buffer: a stream that breaks may have taken them without delivering them (at least once; the
+        coordinator stores a repeated event once)."""
         with self._ready:
             alive.clear()
+            recent = [event for at, event in self._sent if time.monotonic() - at <= RESEND_S]
+            self._events.extendleft(reversed(recent))
+            self._sent.clear()
             self._ready.notify_all()
 
 

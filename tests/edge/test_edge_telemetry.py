@@ -100,3 +100,17 @@ def test_interleaved_profiles_rank_a_bigger_model_slower():
     assert set(profiles) == {"big", "tiny"}
     assert all(p.batch == 8 and 0 < p.p50_ms <= p.p95_ms for p in profiles.values())
     assert profiles["tiny"].p50_ms < profiles["big"].p50_ms
+
+
+def test_events_a_broken_stream_took_are_offered_again_to_the_next_one():
+    outbox = Outbox(max_buffered=10, max_live=10)
+    alive = threading.Event()
+    alive.set()
+    first = outbox.stream([], alive)
+    outbox.event(_report("switch", 1))
+    assert next(first).switch.timestamp == 1  # taken by a stream whose call may already be failing
+    outbox.close(alive)
+    assert outbox.pending_events() == 1
+    again = threading.Event()
+    again.set()
+    assert next(outbox.stream([], again)).switch.timestamp == 1
