@@ -79,22 +79,63 @@ def _linearized(model: nn.Module) -> nn.Module:
     return clone
 
 
-def _synflow_once(model: nn.Module, masks: Masks, input_shape: tuple[int, ...]) -> Scores:
+def synflow(model: nn.Module, compression: float, input_shape: tuple[int, ...], rounds: int = 100
+            ) -> tuple[Scores, Masks]:
+    """Iterative SynFlow: density (1/compression)^(k/rounds) after round k, re-scored every round.
+    Returns the last round's scores and the final masks. The linearized float64 copy is made once; the
+    bookkeeping of a round works on one flat score buffer and one flat mask (the layers' masks are views
+    of it), so a round costs little more than its forward and backward pass."""
+    if rounds < 1:
+        raise ValueError(f"SynFlow needs at least one round, got {rounds}")
     net = _linearized(model)
-    apply_masks(net, masks)
     weights = _weights(net)
-    net.zero_grad(set_to_none=True)
-    net(torch.ones(1, *input_shape, dtype=torch.float64)).sum().backward()
-    return {name: (w.detach() * w.grad).abs().float() for name, w in weights.items()}
-
-
-def synflow_masks(model: nn.Module, compression: float, input_shape: tuple[int, ...], rounds: int = 100) -> Masks:
-    """Iterative SynFlow: density (1/compression)^(k/rounds) after round k, re-scored every round."""
-    masks = {name: torch.ones_like(w, dtype=torch.bool) for name, w in _weights(model).items()}
+    magnitudes = {name: w.detach().clone() for name, w in weights.items()}
+    total = sum(w.numel() for w in weights.values())
+    flat_scores = torch.empty(total, dtype=torch.float32)
+    flat_mask = torch.ones(total, dtype=torch.bool)
+    views, start = {}, 0
+    for name, w in weights.items():
+        views[name] = (flat_scores[start:start + w.numel()].view(w.shape), flat_mask[start:start + w.numel()].view(w.shape))
+        start += w.numel()
+    ones = torch.ones(1, *input_shape, dtype=torch.float64)
     for k in range(1, rounds + 1):
-        scores = _synflow_once(model, masks, input_shape)
-        masks = threshold(scores, compression ** (k / rounds), masks)
-    return masks
+        with torch.no_grad():
+            for name, w in weights.items():
+                torch.mul(magnitudes[name], views[name][1], out=w)
+        net.zero_grad(set_to_none=True)
+        net(ones).sum().backward()
+        with torch.no_grad():
+            for name, w in weights.items():
+                torch.mul(w, w.grad, out=views[name][0])  # both factors >= 0; masked weights give 0
+            keep = max(1, int(round(total / compression ** (k / rounds))))
+            alive = int(torch.count_nonzero(flat_mask))
+            if keep < alive:
+                flat_scores.masked_fill_(~flat_mask, -torch.inf)
+                torch.ge(flat_scores, _kth_largest(flat_scores, keep), out=flat_mask)
+    flat_scores.clamp_(min=0)
+    return ({name: view.clone() for name, (view, _) in views.items()},
+            {name: mask.clone() for name, (_, mask) in views.items()})
+
+
+_EXACT_BELOW = 1 << 20  # select exactly over all scores below this many; else bracket with a sample first
+
+
+def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of `flat`, exactly. Large inputs: a fixed-seed sample brackets the value,
+    one pass counts what lies above the bracket, and only the bracket is searched (a full selection
+    when the bracket misses)."""
+    n = flat.numel()
+    if n <= _EXACT_BELOW:
+        return torch.kthvalue(flat, n - k + 1).values
+    sample = flat[torch.randint(n, (1 << 16,), generator=torch.Generator().manual_seed(0))]
+    place = 1.0 - k / n  # the value's quantile
+    low, high = torch.quantile(sample.double(), torch.tensor([max(0.0, place - 0.01), min(1.0, place + 0.01)],
+                                                             dtype=torch.float64)).to(flat.dtype)
+    above = int(torch.count_nonzero(flat > high))
+    band = flat[(flat >= low) & (flat <= high)]
+    if above < k <= above + band.numel():
+        return torch.kthvalue(band, band.numel() - (k - above) + 1).values
+    return torch.kthvalue(flat, n - k + 1).values
 
 
 def threshold(scores: Scores, compression: float, masks: Masks | None = None) -> Masks:
@@ -107,7 +148,7 @@ def threshold(scores: Scores, compression: float, masks: Masks | None = None) ->
                       for n, s in scores.items()]).float()
     if keep >= flat.numel():
         return {n: (masks[n].clone() if masks else torch.ones_like(s, dtype=torch.bool)) for n, s in scores.items()}
-    cut = torch.topk(flat, keep, sorted=True).values[-1]
+    cut = _kth_largest(flat, keep)
     chosen = {n: s.float() >= cut for n, s in scores.items()}
     if masks:
         chosen = {n: m & masks[n] for n, m in chosen.items()}
@@ -117,17 +158,44 @@ def threshold(scores: Scores, compression: float, masks: Masks | None = None) ->
 SCORERS: dict[str, Callable[..., Scores]] = {
     "random": random_scores, "magnitude": magnitude_scores, "snip": snip_scores, "grasp": grasp_scores,
 }
+NEEDS_DATA = frozenset({"snip", "grasp"})
+
+
+class PaIError(ValueError):
+    """A pruning-at-initialization request that cannot be met; the message says why."""
+
+
+def check_request(model: nn.Module, scorer: str, compression: float, batches) -> None:
+    """Refuse, before any work, an unknown scorer, a data-driven scorer given no data, or a compression
+    below 1 or beyond what the model can keep (one weight per scored layer)."""
+    if scorer != "synflow" and scorer not in SCORERS:
+        known = ", ".join(sorted([*SCORERS, "synflow"]))
+        raise KeyError(f"unknown scorer {scorer!r}; known: {known}")
+    if scorer in NEEDS_DATA and not batches:
+        raise PaIError(f"scorer {scorer!r} scores with labelled batches and was given none")
+    weights = _weights(model)
+    total = sum(w.numel() for w in weights.values())
+    if not 1.0 <= compression <= total / len(weights):
+        raise PaIError(f"compression {compression:g} is out of reach: it must be at least 1 and at most "
+                       f"{total / len(weights):.4g} ({total} weights over {len(weights)} layers, one kept in each)")
+
+
+def score(model: nn.Module, scorer: str, compression: float, batches: Iterable = (),
+          input_shape: tuple[int, ...] = (1, 28, 28), rounds: int = 100, seed: int = 0) -> tuple[Scores, Masks]:
+    """Scores (SynFlow: its last round's) and masks over every conv and linear weight reaching
+    `compression` with the named scorer."""
+    batches = list(batches)
+    check_request(model, scorer, compression, batches)
+    if scorer == "synflow":
+        return synflow(model, compression, input_shape, rounds)
+    scores = SCORERS[scorer](model, batches, seed=seed)
+    return scores, threshold(scores, compression)
 
 
 def prune_at_init(model: nn.Module, scorer: str, compression: float, batches: Iterable = (),
                   input_shape: tuple[int, ...] = (1, 28, 28), rounds: int = 100, seed: int = 0) -> Masks:
     """Masks over every conv and linear weight reaching `compression` with the named scorer."""
-    if scorer == "synflow":
-        return synflow_masks(model, compression, input_shape, rounds)
-    if scorer not in SCORERS:
-        known = ", ".join(sorted([*SCORERS, "synflow"]))
-        raise KeyError(f"unknown scorer {scorer!r}; known: {known}")
-    return threshold(SCORERS[scorer](model, batches, seed=seed), compression)
+    return score(model, scorer, compression, batches, input_shape, rounds, seed)[1]
 
 
 def layer_density(masks: Masks) -> dict[str, float]:

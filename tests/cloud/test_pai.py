@@ -43,7 +43,7 @@ def test_synflow_scores_are_conserved_layer_by_layer():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.ReLU(), nn.Conv2d(4, 6, 3, bias=False), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 10, bias=False))
-    scores = pai._synflow_once(net, {}, (1, 12, 12))
+    scores, _ = pai.synflow(net, 1.0, (1, 12, 12), rounds=1)
     sums = torch.tensor([float(s.double().sum()) for s in scores.values()])
     assert len(sums) == 3 and torch.allclose(sums, sums[0].expand(3), rtol=1e-5)
 
@@ -52,7 +52,7 @@ def test_iterative_synflow_never_collapses_a_layer_at_high_compression():
     """Layer collapse (a whole layer pruned away) is what iterative SynFlow was built to avoid."""
     torch.manual_seed(0)
     model = models.build("vgg11", KWARGS)
-    masks = pai.synflow_masks(model, 100.0, (1, 28, 28), rounds=20)
+    _, masks = pai.synflow(model, 100.0, (1, 28, 28), rounds=20)
     assert all(int(m.sum()) > 0 for m in masks.values())
     kept, total = _total(masks)
     assert abs(kept - total / 100) <= 1
@@ -99,3 +99,23 @@ def test_grasp_uses_the_hessian_gradient_product():
 def test_an_unknown_scorer_lists_the_known_ones():
     with pytest.raises(KeyError, match="known: grasp, magnitude, random, snip, synflow"):
         pai.prune_at_init(models.build("vgg11", KWARGS), "oracle", 2.0)
+
+
+@pytest.mark.parametrize("size", [1000, 3_000_000])
+def test_the_kth_largest_is_exact_with_ties_and_masked_entries(size):
+    gen = torch.Generator().manual_seed(1)
+    flat = torch.randint(0, 5000, (size,), generator=gen).float()  # many ties
+    flat[torch.randperm(size, generator=gen)[: size // 3]] = -torch.inf  # masked weights
+    for k in (1, size // 7, size // 2, size - size // 3):
+        assert pai._kth_largest(flat, k) == flat.sort(descending=True).values[k - 1]
+
+
+@pytest.mark.parametrize(("scorer", "compression", "batches", "message"), [
+    ("snip", 4.0, [], "given none"),
+    ("grasp", 4.0, [], "given none"),
+    ("synflow", 0.5, [], "at least 1"),
+    ("magnitude", 1e9, [], "out of reach"),
+])
+def test_impossible_requests_are_refused_before_any_work(scorer, compression, batches, message):
+    with pytest.raises(pai.PaIError, match=message):
+        pai.score(models.build("vgg11", KWARGS), scorer, compression, batches)
