@@ -17,9 +17,9 @@ from common.registry import UnknownNameError, lookup
 
 
 def _suites() -> dict:
-    from bench import shifter, surgery
+    from bench import reconvene, shifter, surgery
 
-    return {"surgery": surgery, "shifter": shifter}
+    return {"surgery": surgery, "shifter": shifter, "reconvene": reconvene}
 
 
 def main(argv: list[str] | None = None) -> int:

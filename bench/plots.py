@@ -40,3 +40,31 @@ def shifter_figures(points: list[dict], stem: Path) -> list[Path]:
         ax.legend()
         paths.append(_save(fig, stem.with_name(f"{stem.name}-{suffix}.png")))
     return paths
+
+
+def reconvene_figures(points: list[dict], stem: Path) -> list[Path]:
+    """Accuracy against params and against batch-32 latency: the unstructured PaI model (stored dense)
+    and reconvene, one line per scorer, points labelled by compression."""
+    paths = []
+    for suffix, (keys, label, log_x) in {
+        "accuracy-params": (("params_dense", "params_reconvene"), "parameters (as stored)", True),
+        "accuracy-latency": (("unstructured_b32_ms", "reconvene_b32_ms"), "CPU latency at batch 32 (ms)", False),
+    }.items():
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for scorer in dict.fromkeys(p["scorer"] for p in points):
+            mine = sorted((p for p in points if p["scorer"] == scorer), key=lambda p: p["compression"])
+            line, = ax.plot([p[keys[1]] for p in mine], [100 * p["acc_reconvene"] for p in mine], marker="s",
+                            label=f"reconvene {scorer}")
+            ax.plot([p[keys[0]] for p in mine], [100 * p["acc_unstructured"] for p in mine], marker="o",
+                    linestyle="--", color=line.get_color(), alpha=0.6, label=f"unstructured {scorer}")
+            for p in mine:
+                ax.annotate(f"{p['compression']:g}x", (p[keys[1]], 100 * p["acc_reconvene"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, stem.with_name(f"{stem.name}-{suffix}.png")))
+    return paths

@@ -14,20 +14,19 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import statistics
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from bench import plots
+from bench import latency, plots
 from cloud import masks as masking
 from cloud import shifter, surgery
 from cloud.train import TrainConfig, evaluate, train
 from common import datasets, models
 from common.files import atomic_write_json
-from common.profiling import count_macs, measure_latency
+from common.profiling import count_macs
 
 log = logging.getLogger(__name__)
 FULL = {"model": "vgg11", "width": 0.25, "subset": 12000, "epochs": 4, "levels": 10, "rate": 0.5,
@@ -39,17 +38,6 @@ QUICK = {"model": "vgg11", "width": 0.25, "subset": 1500, "epochs": 2, "levels":
 def _kwargs(plan: dict, info: datasets.DatasetInfo) -> dict:
     return {"in_channels": info.input_shape[0], "num_classes": info.num_classes, "input_size": info.input_shape[1],
             "width": plan["width"]}
-
-
-def _latencies(sparse: nn.Module, compact: nn.Module, shape: tuple, iters: int) -> dict:
-    """p50 latency of both models at batch 1 and 32, alternating rounds so both see the same machine."""
-    rounds: dict[str, list[float]] = {}
-    for _ in range(3):
-        for who, model in (("sparse", sparse), ("compact", compact)):
-            for batch in (1, 32):
-                rounds.setdefault(f"{who}_b{batch}_ms", []).append(
-                    measure_latency(model, shape, batch, iters=iters, warmup=2).p50_ms)
-    return {key: statistics.median(values) for key, values in rounds.items()}
 
 
 def _reinitialized(model: nn.Module, seed: int) -> nn.Module:
@@ -101,7 +89,7 @@ def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
                  "acc_delta_pp": 100 * (compact_acc - sparse_acc), "max_abs_diff": report.max_abs_diff,
                  "params_sparse": models.count_params(sparse), "params_compact": report.params_after,
                  "macs_sparse": count_macs(sparse, shape), "macs_compact": count_macs(compact, shape),
-                 "surgery_ms": 1e3 * report.seconds, **_latencies(sparse, compact, shape, plan["iters"])}
+                 "surgery_ms": 1e3 * report.seconds, **latency.paired({"sparse": sparse, "compact": compact}, shape, plan["iters"])}
         point["params_ratio"] = point["params_sparse"] / point["params_compact"]
         point["speedup_b1"] = point["sparse_b1_ms"] / point["compact_b1_ms"]
         point["speedup_b32"] = point["sparse_b32_ms"] / point["compact_b32_ms"]

@@ -80,6 +80,7 @@ class GroupPlan:
     handler: object
     dead: tuple[int, ...]
     folds: tuple[Fold, ...] = ()
+    group: object = None  # the torch-pruning group over all channels, valid until something is pruned
 
 
 @dataclass(frozen=True)
@@ -353,8 +354,32 @@ def analyse(trace: Trace, approximate: bool = False) -> Analysis:
             skipped[name] = reason
             continue
         dead, folds = plan_group(group, trace.graph, channels, approximate)
-        plans.append(GroupPlan(name, root, group[0].dep.handler, tuple(dead), tuple(folds)))
+        plans.append(GroupPlan(name, root, group[0].dep.handler, tuple(dead), tuple(folds), group))
     return Analysis(trace, plans, skipped, total)
+
+
+@dataclass(frozen=True)
+class Members:
+    """The layers of one group, with the layer index of each root channel where it is one to one."""
+    channels: int
+    writers: tuple[tuple[nn.Module, torch.Tensor], ...]  # convs and linears writing the channels
+    carriers: tuple[tuple[nn.Module, torch.Tensor], ...]  # BatchNorms and depthwise convs passing them on
+    readers: tuple[nn.Module, ...]  # convs and linears taking them as input
+
+
+def members(plan: GroupPlan, graph: tp.DependencyGraph) -> Members:
+    """Who writes, carries and reads the channels of a supported group (from `analyse`, before pruning)."""
+    channels = len(plan.group[0].idxs)
+    writers, carriers, readers = [], [], []
+    for item in plan.group.items:
+        module, writes = item.dep.target.module, graph.is_out_channel_pruning_fn(item.dep.handler)
+        if writes and (isinstance(module, BATCHNORM) or _is_depthwise(module)):
+            carriers.append((module, _by_root(item, channels)))
+        elif writes and isinstance(module, LAYERS):
+            writers.append((module, _by_root(item, channels)))
+        elif isinstance(module, LAYERS) and not _is_depthwise(module):
+            readers.append(module)
+    return Members(channels, tuple(writers), tuple(carriers), tuple(dict.fromkeys(readers)))
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 def _add_build(sub) -> None:
     p = sub.add_parser("build", help="train a model and derive a portfolio of pruned variants")
-    p.add_argument("--method", default="shifter")
+    p.add_argument("--method", default="shifter", help="shifter (IMP with rewinding) or reconvene (structured PaI)")
     p.add_argument("--model", default="vgg11", help="zoo name (vgg11, resnet20, mobilenetv2, ...) or package.module:function")
     p.add_argument("--width", type=float, default=0.25, help="channel width multiplier")
     p.add_argument("--dataset", default="fashion-mnist")
@@ -41,6 +41,13 @@ def _add_build(sub) -> None:
     p.add_argument("--ignore", type=_names, default=(), help="comma-separated layers never pruned")
     p.add_argument("--targets", type=_floats, default=(),
                    help="keep the levels nearest these compressions, e.g. 1,2,4,8 (default: every level)")
+    p.add_argument("--scorer", default="synflow", help="reconvene: random, magnitude, snip, grasp or synflow")
+    p.add_argument("--compressions", type=_floats, default=(2.0, 4.0, 8.0, 16.0, 32.0),
+                   help="reconvene: total weights / remaining weights, one variant each (default 2,4,8,16,32)")
+    p.add_argument("--sensitivity-threshold", type=float, default=None,
+                   help="reconvene: a layer group whose writers keep less than this share of their weights is "
+                        "pruned structurally (default: the documented one)")
+    p.add_argument("--synflow-rounds", type=int, default=100)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128, help="global batch, split over torchrun processes")
     p.add_argument("--lr", type=float, default=0.05)
@@ -100,8 +107,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _portfolio(args) -> int:
     if args.action == "build":
-        from cloud import portfolio, shifter
+        from cloud import portfolio, reconvene, shifter
         from cloud.train import TrainConfig
+
+        threshold = reconvene.DEFAULT_THRESHOLD if args.sensitivity_threshold is None else args.sensitivity_threshold
 
         config = portfolio.BuildConfig(
             out=args.out, method=args.method, model=args.model, width=args.width, dataset=args.dataset,
@@ -110,7 +119,9 @@ def _portfolio(args) -> int:
                               momentum=args.momentum, weight_decay=args.weight_decay, milestones=args.milestones,
                               gamma=args.gamma),
             shifter=shifter.ShifterConfig(levels=args.levels, rate=args.rate, rewind_iteration=args.rewind_iteration,
-                                          ignore=args.ignore))
+                                          ignore=args.ignore),
+            reconvene=reconvene.ReconveneConfig(scorer=args.scorer, compressions=args.compressions,
+                                                threshold=threshold, rounds=args.synflow_rounds))
         manifest = portfolio.build(config)
         if manifest is None:  # a torchrun worker: rank 0 publishes and prints
             return 0

@@ -30,6 +30,10 @@ from common.models import prunable_layers
 Scores = dict[str, torch.Tensor]  # "layer.weight" -> score, same shape as the weight
 
 
+class PaIError(ValueError):
+    """A pruning-at-initialization request that cannot be met; the message says why."""
+
+
 def _weights(model: nn.Module) -> dict[str, nn.Parameter]:
     return {f"{name}.weight": layer.weight for name, layer in prunable_layers(model).items()}
 
@@ -70,12 +74,30 @@ def grasp_scores(model: nn.Module, batches: Iterable, **_) -> Scores:
     return {name: w.detach() * h for (name, w), h in zip(weights.items(), hg)}
 
 
+# On SynFlow's all-positive signals ReLU is the identity; saturating or curved activations are not, and
+# would bend or zero the linearized network's gradients (ReLU6 clamps everything at 6), so they become
+# the identity too. Activations called as functions inside `forward` cannot be swapped.
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.SiLU, nn.GELU, nn.Hardswish,
+               nn.Hardsigmoid, nn.ELU, nn.Mish)
+
+
+def _swap_activations(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, ACTIVATIONS):
+            setattr(module, name, nn.Identity())
+        else:
+            _swap_activations(child)
+
+
 @torch.no_grad()
 def _linearized(model: nn.Module) -> nn.Module:
+    """SynFlow's network: a float64 copy in eval mode with every weight, bias and BatchNorm statistic
+    replaced by its absolute value and the activations by the identity."""
     clone = copy.deepcopy(model).double().eval()
     for tensor in clone.state_dict().values():
         if tensor.is_floating_point():
             tensor.abs_()
+    _swap_activations(clone)
     return clone
 
 
@@ -104,6 +126,9 @@ def synflow(model: nn.Module, compression: float, input_shape: tuple[int, ...], 
                 torch.mul(magnitudes[name], views[name][1], out=w)
         net.zero_grad(set_to_none=True)
         net(ones).sum().backward()
+        if k == 1 and not any(bool(w.grad.any()) for w in weights.values()):
+            raise PaIError(f"SynFlow scores of {type(model).__name__} are all zero: its output does not depend on "
+                           "its weights on a positive input (an activation called as a function saturates?)")
         with torch.no_grad():
             for name, w in weights.items():
                 torch.mul(w, w.grad, out=views[name][0])  # both factors >= 0; masked weights give 0
@@ -159,10 +184,6 @@ SCORERS: dict[str, Callable[..., Scores]] = {
     "random": random_scores, "magnitude": magnitude_scores, "snip": snip_scores, "grasp": grasp_scores,
 }
 NEEDS_DATA = frozenset({"snip", "grasp"})
-
-
-class PaIError(ValueError):
-    """A pruning-at-initialization request that cannot be met; the message says why."""
 
 
 def check_request(model: nn.Module, scorer: str, compression: float, batches) -> None:

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cloud import distributed, shifter, surgery
+from cloud import distributed, pai, reconvene, shifter, surgery
 from cloud.masks import sparsity as mask_sparsity
 from cloud.store import Manifest, PortfolioStore, VariantEntry, portfolio_id
-from cloud.train import TrainConfig, evaluate
+from cloud.train import TrainConfig, evaluate, train
 from common import datasets, models, variant
 from common.datasets import Dataset
 from common.profiling import count_macs, measure_latency
@@ -39,6 +39,7 @@ class BuildConfig:
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
     shifter: shifter.ShifterConfig = field(default_factory=shifter.ShifterConfig)
+    reconvene: reconvene.ReconveneConfig = field(default_factory=reconvene.ReconveneConfig)
     check_images: int = 256  # real test images for the surgery equivalence check
     targets: tuple[float, ...] = ()  # keep the levels nearest these compressions (empty: every level)
 
@@ -64,6 +65,8 @@ class SparseModel:
     level: int
     model: nn.Module
     masks: dict[str, torch.Tensor]
+    compression: float | None = None  # against the dense model; None: from the masks (same shape)
+    name: str | None = None
 
 
 def _model_kwargs(config: BuildConfig, info: datasets.DatasetInfo) -> dict:
@@ -80,7 +83,39 @@ def _shifter_levels(config: BuildConfig, data: Dataset, store: PortfolioStore):
         yield SparseModel(level.level, sparse.eval(), level.masks)
 
 
-METHODS: dict[str, Callable] = {"shifter": _shifter_levels}
+def _score_batches(config: BuildConfig, data: Dataset) -> list:
+    """The labelled batches SNIP and GraSP score with (none for the data-free scorers)."""
+    settings = config.reconvene
+    if settings.scorer not in pai.NEEDS_DATA:
+        return []
+    stream = datasets.batches(data.train, data.info, settings.score_batch_size, shuffle_seed=config.seed)
+    return [batch for _, batch in zip(range(settings.score_batches), stream)]
+
+
+def _reconvene_levels(config: BuildConfig, data: Dataset, store: PortfolioStore):
+    """One composite model per compression, all pruned (and any impossible request refused) before the
+    first is trained; each trains once, resumably, with the build's recipe."""
+    settings = config.reconvene
+    torch.manual_seed(config.seed)
+    dense = models.build(config.model, _model_kwargs(config, data.info), allowed=(config.model,))
+    example = datasets.normalize(data.train.images[:1], data.info.mean, data.info.std)
+    batches = _score_batches(config, data)
+    for compression in settings.compressions:
+        pai.check_request(dense, settings.scorer, compression, batches)
+    prepared = [reconvene.prune(dense, settings.scorer, c, example, batches, settings.threshold, settings.rounds,
+                                config.seed) for c in _planned_compressions(config)]
+    for level, pruned in enumerate(prepared):
+        structured = sum(d.insensitive for d in pruned.decisions)
+        log.info("%s at %gx: %d of %d groups pruned structurally, ready to train in %.2f s", settings.scorer,
+                 _planned_compressions(config)[level], structured, len(pruned.decisions), pruned.seconds)
+        model = train(pruned.model, data.info, data.train, config.train, masks=pruned.masks,
+                      checkpoint=store.work_dir / f"reconvene-{level}.pt", desc=f"reconvene {level}")
+        compression = _planned_compressions(config)[level]
+        yield SparseModel(level, model.eval(), pruned.masks, compression=compression,
+                          name=f"{config.model}-{settings.scorer}-{compression:g}x")
+
+
+METHODS: dict[str, Callable] = {"shifter": _shifter_levels, "reconvene": _reconvene_levels}
 
 
 def select_levels(compressions: list[float], targets: tuple[float, ...]) -> set[int]:
@@ -91,7 +126,10 @@ def select_levels(compressions: list[float], targets: tuple[float, ...]) -> set[
 
 
 def _planned_compressions(config: BuildConfig) -> list[float]:
-    """What each shifter level will reach: every level keeps 1 - rate of the surviving weights."""
+    """What each level will reach: reconvene's compressions in order; for the shifter, every level keeps
+    1 - rate of the surviving weights."""
+    if config.method == "reconvene":
+        return sorted(set(config.reconvene.compressions))
     return [(1.0 - config.shifter.rate) ** -level for level in range(config.shifter.levels + 1)]
 
 
@@ -118,11 +156,11 @@ def derive_variant(sparse: SparseModel, config: BuildConfig, data: Dataset, stor
     compact, report = surgery.compact(sparse.model, check[:1], check_inputs=check)
     sparse_acc = evaluate(sparse.model, data.info, data.test)
     compact_acc = evaluate(compact, data.info, data.test)
-    level_sparsity = mask_sparsity(sparse.masks)
+    level_sparsity = mask_sparsity(sparse.masks) if sparse.compression is None else 1.0 - 1.0 / sparse.compression
     spec = variant.VariantSpec(
         arch=config.model, kwargs=_model_kwargs(config, data.info), input_shape=shape,
         num_classes=data.info.num_classes, mean=data.info.mean, std=data.info.std, method=config.method,
-        sparsity=level_sparsity, accuracy=compact_acc, name=f"{config.model}-L{sparse.level}",
+        sparsity=level_sparsity, accuracy=compact_acc, name=sparse.name or f"{config.model}-L{sparse.level}",
         level=sparse.level, extra={"sparse_accuracy": sparse_acc})  # nothing run-dependent: ids repeat
     variant_id = store.put_variant(variant.encode(compact, spec))
     params = models.count_params(compact)
@@ -154,7 +192,7 @@ def build(config: BuildConfig) -> Manifest | None:
     levels = lookup(METHODS, "method", config.method)(config, data, store)
     keep = select_levels(_planned_compressions(config), config.targets)
     main = distributed.is_main()
-    for sparse in tqdm(levels, desc=f"{config.method} portfolio", total=config.shifter.levels + 1, unit="level",
+    for sparse in tqdm(levels, desc=f"{config.method} portfolio", total=len(_planned_compressions(config)), unit="level",
                        disable=not main):
         if not main or sparse.level not in keep:
             continue

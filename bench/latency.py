@@ -1,0 +1,22 @@
+"""Latency of models side by side: p50 at batch 1 and 32, in alternating rounds so every model sees the
+same machine (a background burst slows all of them, not one)."""
+
+from __future__ import annotations
+
+import statistics
+
+from torch import nn
+
+from common.profiling import measure_latency
+
+
+def paired(models: dict[str, nn.Module], shape: tuple, iters: int, rounds: int = 3,
+           batches: tuple[int, ...] = (1, 32)) -> dict[str, float]:
+    """`{who}_b{batch}_ms`: the median over `rounds` of each model's p50 over `iters` runs."""
+    samples: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for who, model in models.items():
+            for batch in batches:
+                samples.setdefault(f"{who}_b{batch}_ms", []).append(
+                    measure_latency(model, shape, batch, iters=iters, warmup=2).p50_ms)
+    return {key: statistics.median(values) for key, values in samples.items()}

@@ -1,0 +1,188 @@
+"""`prunefleet bench reconvene`: structured pruning at init against its unstructured PaI counterpart.
+
+Per scorer and compression, from the same random initialization: the unstructured PaI model (the
+scorer's masks over the dense model, stored dense) and the reconvene model (insensitive groups pruned
+structurally and rectified, the rest masked), each trained once with the same recipe on Fashion-MNIST.
+Reported: test accuracy of both, params and state bytes, CPU latency at batch 1 and 32 measured
+interleaved, and the time from random init to a model ready to train (SynFlow's rounds included).
+
+Then the cost of pruning against training on the larger models the targets name: VGG-16 and ResNet-56
+on 3x32x32 inputs, SynFlow at 100 rounds, against one training epoch of a CIFAR-10-sized training set
+(50,000 images; the time of a step does not depend on the pixel values, so an epoch is measured as
+`STEP_SAMPLES` steps of random images and labels, scaled to the epoch's step count).
+
+The full run also sweeps the sensitivity threshold at one scorer and compression: the evidence behind
+the default.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench import latency, plots
+from cloud import pai, reconvene
+from cloud.train import TrainConfig, evaluate, train
+from common import datasets, models
+from common.files import atomic_write_json
+
+log = logging.getLogger(__name__)
+FULL = {"model": "vgg11", "width": 0.5, "subset": 0, "epochs": 3, "rounds": 100, "iters": 20,
+        "scorers": ["synflow", "snip", "grasp", "magnitude", "random"], "compressions": [8, 32, 128],
+        "sweep": {"scorer": "synflow", "compression": 32, "thresholds": [0.05, 0.1, 0.25, 0.5, 1.0]},
+        "timing": ["vgg16", "resnet56"]}
+QUICK = {"model": "vgg11", "width": 0.25, "subset": 5000, "epochs": 2, "rounds": 100, "iters": 8,
+         "scorers": ["synflow", "snip"], "compressions": [8, 128], "sweep": None, "timing": ["resnet56", "vgg16"]}
+EPOCH_IMAGES = 50_000  # CIFAR-10's training set
+STEP_SAMPLES = 6  # timed training steps (after one warm-up) that estimate an epoch
+SCORE_BATCHES, SCORE_BATCH_SIZE = 4, 64
+
+
+def _kwargs(plan: dict, info: datasets.DatasetInfo) -> dict:
+    return {"in_channels": info.input_shape[0], "num_classes": info.num_classes, "input_size": info.input_shape[1],
+            "width": plan["width"]}
+
+
+def _state_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _cached(work: Path, key: str, compute) -> dict:
+    """A finished point is kept as JSON beside the results: an interrupted run resumes after it."""
+    path = work / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    atomic_write_json(path, value)
+    return value
+
+
+def _fresh_if_changed(work: Path, plan: dict) -> None:
+    marker = work / "plan.json"
+    if marker.exists() and json.loads(marker.read_text()) != plan:
+        for path in work.glob("*.json"):
+            path.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, plan)
+
+
+def _point(plan: dict, data: datasets.Dataset, scorer: str, compression: float, threshold: float,
+           with_baseline: bool = True) -> dict:
+    shape = data.info.input_shape
+    recipe = TrainConfig(epochs=plan["epochs"], batch_size=128, progress=False)
+    torch.manual_seed(0)
+    dense = models.build(plan["model"], _kwargs(plan, data.info))
+    example = datasets.normalize(data.train.images[:1], data.info.mean, data.info.std)
+    batches = []
+    if scorer in pai.NEEDS_DATA:
+        stream = datasets.batches(data.train, data.info, SCORE_BATCH_SIZE, shuffle_seed=0)
+        batches = [b for _, b in zip(range(SCORE_BATCHES), stream)]
+    pruned = reconvene.prune(dense, scorer, compression, example, batches, threshold, plan["rounds"])
+    point = {"scorer": scorer, "compression": compression, "threshold": threshold,
+             "prune_s": pruned.seconds, "score_s": pruned.score_s, "structure_s": pruned.structure_s,
+             "params_dense": models.count_params(dense), "params_reconvene": models.count_params(pruned.model),
+             "weights_remaining": pruned.remaining_weights, "weights_reconvene": pruned.weights,
+             "bytes_unstructured": _state_bytes(dense), "bytes_reconvene": _state_bytes(pruned.model),
+             "groups_structured": sum(d.insensitive for d in pruned.decisions), "groups": len(pruned.decisions),
+             "decisions": [{"group": d.group, "density": d.density, "kept": d.kept, "channels": d.channels,
+                            "insensitive": d.insensitive} for d in pruned.decisions]}
+    started = time.perf_counter()
+    trained = train(pruned.model, data.info, data.train, recipe, masks=pruned.masks, desc=f"reconvene {scorer}")
+    point["train_reconvene_s"] = time.perf_counter() - started
+    point["acc_reconvene"] = evaluate(trained, data.info, data.test)
+    point["params_ratio"] = point["params_dense"] / point["params_reconvene"]
+    if not with_baseline:
+        return point
+    unstructured = copy.deepcopy(dense)
+    started = time.perf_counter()
+    train(unstructured, data.info, data.train, recipe, masks=pruned.unstructured, desc=f"unstructured {scorer}")
+    point["train_unstructured_s"] = time.perf_counter() - started
+    point["acc_unstructured"] = evaluate(unstructured, data.info, data.test)
+    point["acc_gap_pp"] = 100 * (point["acc_unstructured"] - point["acc_reconvene"])
+    point.update(latency.paired({"unstructured": unstructured, "reconvene": trained}, shape, plan["iters"]))
+    point["speedup_b1"] = point["unstructured_b1_ms"] / point["reconvene_b1_ms"]
+    point["speedup_b32"] = point["unstructured_b32_ms"] / point["reconvene_b32_ms"]
+    log.info("%s %gx: %s", scorer, compression, {k: round(v, 4) if isinstance(v, float) else v
+                                                for k, v in point.items() if k != "decisions"})
+    return point
+
+
+def _epoch_s(model: nn.Module, shape: tuple, batch_size: int = 128) -> float:
+    """One training epoch over EPOCH_IMAGES images, from the mean of STEP_SAMPLES timed SGD steps."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(batch_size, *shape, generator=generator)
+    labels = torch.randint(0, 10, (batch_size,), generator=generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    steps = []
+    for step in range(STEP_SAMPLES + 1):
+        started = time.perf_counter()
+        loss = nn.functional.cross_entropy(model(inputs), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step:  # the first step warms up allocators and kernels
+            steps.append(time.perf_counter() - started)
+    return sum(steps) / len(steps) * math.ceil(EPOCH_IMAGES / batch_size)
+
+
+def _timing(arch: str, rounds: int) -> dict:
+    shape = (3, 32, 32)
+    torch.manual_seed(0)
+    dense = models.build(arch, {"in_channels": 3, "num_classes": 10, "input_size": 32, "width": 1.0})
+    pruned = reconvene.prune(dense, "synflow", 32.0, torch.randn(1, *shape), rounds=rounds)
+    epoch = _epoch_s(copy.deepcopy(dense), shape)
+    result = {"model": arch, "input_shape": list(shape), "scorer": "synflow", "rounds": rounds, "compression": 32.0,
+              "prune_s": pruned.seconds, "score_s": pruned.score_s, "structure_s": pruned.structure_s,
+              "epoch_s": epoch, "prune_epoch_ratio": pruned.seconds / epoch,
+              "params_ratio": models.count_params(dense) / models.count_params(pruned.model)}
+    log.info("timing %s: %s", arch, result)
+    return result
+
+
+def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
+    plan = QUICK if quick else FULL
+    work = Path(work or "runs/bench-reconvene.work")
+    _fresh_if_changed(work, plan)
+    data = datasets.load("fashion-mnist", data_dir)
+    data = datasets.Dataset(data.info, data.train.subset(plan["subset"], 0), data.val, data.test)
+    threshold = reconvene.DEFAULT_THRESHOLD
+    points = [_cached(work, f"point-{scorer}-{c:g}", lambda s=scorer, c=c: _point(plan, data, s, float(c), threshold))
+              for scorer in plan["scorers"] for c in plan["compressions"]]
+    sweep = []
+    if plan["sweep"]:
+        spec = plan["sweep"]
+        baseline = next((p for p in points if p["scorer"] == spec["scorer"] and p["compression"] == spec["compression"]),
+                        None)
+        for value in spec["thresholds"]:
+            point = _cached(work, f"sweep-{value:g}", lambda v=value: _point(
+                plan, data, spec["scorer"], float(spec["compression"]), v, with_baseline=False))
+            if baseline is not None:
+                point["acc_gap_pp"] = 100 * (baseline["acc_unstructured"] - point["acc_reconvene"])
+            sweep.append(point)
+    timing = [_cached(work, f"timing-{arch}", lambda a=arch: _timing(a, plan["rounds"])) for arch in plan["timing"]]
+    return {"points": points, "sweep": sweep, "timing": timing, "plan": dict(plan), "threshold": threshold,
+            "summary": summarize(points, timing)}
+
+
+def summarize(points: list[dict], timing: list[dict], tolerance_pp: float = 0.5) -> dict:
+    within = [p for p in points if p["acc_gap_pp"] <= tolerance_pp]
+    return {"max_acc_gap_pp": max(p["acc_gap_pp"] for p in points),
+            "best_params_ratio": max(p["params_ratio"] for p in points),
+            "best_speedup_b32": max(p["speedup_b32"] for p in points),
+            "prune_s_max": max(p["prune_s"] for p in points),
+            "prune_epoch_ratio": max((t["prune_epoch_ratio"] for t in timing), default=None),
+            "points_within_0_5pp": len(within), "points": len(points),
+            "best_params_ratio_within_0_5pp": max((p["params_ratio"] for p in within), default=None),
+            "best_speedup_b32_within_0_5pp": max((p["speedup_b32"] for p in within), default=None)}
+
+
+def figures(result: dict, stem: Path) -> list[Path]:
+    return plots.reconvene_figures(result["points"], stem)
