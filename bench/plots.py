@@ -18,6 +18,17 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _finish(fig, ax, xlabel: str, log_x: bool, path: Path) -> Path:
+    """Accuracy on y, the given x, grid and legend, saved."""
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def shifter_figures(points: list[dict], stem: Path) -> list[Path]:
     """Accuracy against params and against batch-32 latency, sparse vs compact, one marker per level."""
     paths = []
@@ -32,13 +43,7 @@ def shifter_figures(points: list[dict], stem: Path) -> list[Path]:
         for p in points:
             ax.annotate(f"L{p['level']}", (p[compact_key], 100 * p["compact_accuracy"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
-        if log_x:
-            ax.set_xscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        paths.append(_save(fig, stem.with_name(f"{stem.name}-{suffix}.png")))
+        paths.append(_finish(fig, ax, label, log_x, stem.with_name(f"{stem.name}-{suffix}.png")))
     return paths
 
 
@@ -60,11 +65,5 @@ def reconvene_figures(points: list[dict], stem: Path) -> list[Path]:
             for p in mine:
                 ax.annotate(f"{p['compression']:g}x", (p[keys[1]], 100 * p["acc_reconvene"]), fontsize=7,
                             textcoords="offset points", xytext=(3, 3))
-        if log_x:
-            ax.set_xscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        paths.append(_save(fig, stem.with_name(f"{stem.name}-{suffix}.png")))
+        paths.append(_finish(fig, ax, label, log_x, stem.with_name(f"{stem.name}-{suffix}.png")))
     return paths

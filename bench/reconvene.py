@@ -18,7 +18,6 @@ the default.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
@@ -27,11 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench import latency, plots
+from bench import latency, plots, workdir
 from cloud import pai, reconvene
 from cloud.train import TrainConfig, evaluate, train
 from common import datasets, models
-from common.files import atomic_write_json
 
 log = logging.getLogger(__name__)
 FULL = {"model": "vgg11", "width": 0.5, "subset": 0, "epochs": 3, "rounds": 100, "iters": 20,
@@ -52,25 +50,6 @@ def _kwargs(plan: dict, info: datasets.DatasetInfo) -> dict:
 
 def _state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
-
-
-def _cached(work: Path, key: str, compute) -> dict:
-    """A finished point is kept as JSON beside the results: an interrupted run resumes after it."""
-    path = work / f"{key}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    value = compute()
-    atomic_write_json(path, value)
-    return value
-
-
-def _fresh_if_changed(work: Path, plan: dict) -> None:
-    marker = work / "plan.json"
-    if marker.exists() and json.loads(marker.read_text()) != plan:
-        for path in work.glob("*.json"):
-            path.unlink()
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(marker, plan)
 
 
 def _point(plan: dict, data: datasets.Dataset, scorer: str, compression: float, threshold: float,
@@ -149,12 +128,9 @@ def _timing(arch: str, rounds: int) -> dict:
 
 def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
     plan = QUICK if quick else FULL
-    work = Path(work or "runs/bench-reconvene.work")
-    _fresh_if_changed(work, plan)
-    data = datasets.load("fashion-mnist", data_dir)
-    data = datasets.Dataset(data.info, data.train.subset(plan["subset"], 0), data.val, data.test)
+    work, data = workdir.start(plan, work, "runs/bench-reconvene.work", data_dir)
     threshold = reconvene.DEFAULT_THRESHOLD
-    points = [_cached(work, f"point-{scorer}-{c:g}", lambda s=scorer, c=c: _point(plan, data, s, float(c), threshold))
+    points = [workdir.cached(work, f"point-{scorer}-{c:g}", lambda s=scorer, c=c: _point(plan, data, s, float(c), threshold))
               for scorer in plan["scorers"] for c in plan["compressions"]]
     sweep = []
     if plan["sweep"]:
@@ -162,12 +138,12 @@ def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
         baseline = next((p for p in points if p["scorer"] == spec["scorer"] and p["compression"] == spec["compression"]),
                         None)
         for value in spec["thresholds"]:
-            point = _cached(work, f"sweep-{value:g}", lambda v=value: _point(
+            point = workdir.cached(work, f"sweep-{value:g}", lambda v=value: _point(
                 plan, data, spec["scorer"], float(spec["compression"]), v, with_baseline=False))
             if baseline is not None:
                 point["acc_gap_pp"] = 100 * (baseline["acc_unstructured"] - point["acc_reconvene"])
             sweep.append(point)
-    timing = [_cached(work, f"timing-{arch}", lambda a=arch: _timing(a, plan["rounds"])) for arch in plan["timing"]]
+    timing = [workdir.cached(work, f"timing-{arch}", lambda a=arch: _timing(a, plan["rounds"])) for arch in plan["timing"]]
     return {"points": points, "sweep": sweep, "timing": timing, "plan": dict(plan), "threshold": threshold,
             "summary": summarize(points, timing)}
 

@@ -11,21 +11,18 @@ is the wall time to train each compact architecture from a fresh initialization 
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from bench import latency, plots
+from bench import latency, plots, workdir
 from cloud import masks as masking
 from cloud import shifter, surgery
 from cloud.train import TrainConfig, evaluate, train
 from common import datasets, models
-from common.files import atomic_write_json
 from common.profiling import count_macs
 
 log = logging.getLogger(__name__)
@@ -50,21 +47,9 @@ def _reinitialized(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def _fresh_if_changed(work: Path, plan: dict) -> None:
-    """IMP checkpoints resume a run with the same plan; any other plan starts over."""
-    marker = work / "plan.json"
-    if marker.exists() and json.loads(marker.read_text()) != plan:
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(marker, plan)
-
-
 def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
     plan = QUICK if quick else FULL
-    work = Path(work or "runs/bench-shifter.work")
-    _fresh_if_changed(work, plan)
-    data = datasets.load("fashion-mnist", data_dir)
-    data = datasets.Dataset(data.info, data.train.subset(plan["subset"], 0), data.val, data.test)
+    work, data = workdir.start(plan, work, "runs/bench-shifter.work", data_dir)
     shape = data.info.input_shape
     recipe = TrainConfig(epochs=plan["epochs"], batch_size=128, progress=False)
     config = shifter.ShifterConfig(levels=plan["levels"], rate=plan["rate"], rewind_iteration=plan["rewind_iteration"])

@@ -24,7 +24,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from cloud.masks import Masks
-from cloud.train import apply_masks
 from common.models import prunable_layers
 
 Scores = dict[str, torch.Tensor]  # "layer.weight" -> score, same shape as the weight

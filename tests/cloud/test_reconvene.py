@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from cloud import channels, pai, portfolio, reconvene
+from cloud import channels, portfolio, reconvene
 from cloud.store import PortfolioStore
 from cloud.train import TrainConfig, train
 from common import datasets, models, variant

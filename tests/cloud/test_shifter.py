@@ -3,7 +3,7 @@ import torch
 from cloud import masks as masking
 from cloud import shifter
 from cloud.train import TrainConfig, apply_masks, evaluate, train
-from common import datasets, models
+from common import models
 from common.datasets import Dataset
 
 KWARGS = {"in_channels": 1, "input_size": 28, "num_classes": 10, "width": 0.125}
