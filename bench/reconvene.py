@@ -32,12 +32,13 @@ from cloud.train import TrainConfig, evaluate, train
 from common import datasets, models
 
 log = logging.getLogger(__name__)
-FULL = {"model": "vgg11", "width": 0.5, "subset": 0, "epochs": 3, "rounds": 100, "iters": 20,
+FULL = {"model": "vgg11", "width": 0.5, "subset": 10000, "epochs": 2, "rounds": 100, "iters": 20,
         "scorers": ["synflow", "snip", "grasp", "magnitude", "random"], "compressions": [8, 32, 128],
         "sweep": {"scorer": "synflow", "compression": 32, "thresholds": [0.05, 0.1, 0.25, 0.5, 1.0]},
-        "timing": ["vgg16", "resnet56"]}
+        "spread": {"scorer": "synflow", "compression": 32}, "timing": ["vgg16", "resnet56"]}
 QUICK = {"model": "vgg11", "width": 0.25, "subset": 5000, "epochs": 2, "rounds": 100, "iters": 8,
-         "scorers": ["synflow", "snip"], "compressions": [8, 128], "sweep": None, "timing": ["resnet56", "vgg16"]}
+         "scorers": ["synflow", "snip"], "compressions": [8, 128], "sweep": None, "spread": None,
+         "timing": ["resnet56", "vgg16"]}
 EPOCH_IMAGES = 50_000  # CIFAR-10's training set
 STEP_SAMPLES = 6  # timed training steps (after one warm-up) that estimate an epoch
 SCORE_BATCHES, SCORE_BATCH_SIZE = 4, 64
@@ -52,6 +53,23 @@ def _state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
+def _unstructured_only(plan: dict, data: datasets.Dataset, scorer: str, compression: float, seed: int) -> float:
+    """Test accuracy of the unstructured PaI model from another seed (initialization and data order)."""
+    torch.manual_seed(seed)
+    dense = models.build(plan["model"], _kwargs(plan, data.info))
+    batches = _score_batches(data, scorer, seed)
+    masks = pai.prune_at_init(dense, scorer, compression, batches, data.info.input_shape, plan["rounds"], seed)
+    recipe = TrainConfig(epochs=plan["epochs"], batch_size=128, progress=False, seed=seed)
+    return evaluate(train(dense, data.info, data.train, recipe, masks=masks, desc="seed spread"), data.info, data.test)
+
+
+def _score_batches(data: datasets.Dataset, scorer: str, seed: int) -> list:
+    if scorer not in pai.NEEDS_DATA:
+        return []
+    stream = datasets.batches(data.train, data.info, SCORE_BATCH_SIZE, shuffle_seed=seed)
+    return [b for _, b in zip(range(SCORE_BATCHES), stream)]
+
+
 def _point(plan: dict, data: datasets.Dataset, scorer: str, compression: float, threshold: float,
            with_baseline: bool = True) -> dict:
     shape = data.info.input_shape
@@ -59,10 +77,7 @@ def _point(plan: dict, data: datasets.Dataset, scorer: str, compression: float, 
     torch.manual_seed(0)
     dense = models.build(plan["model"], _kwargs(plan, data.info))
     example = datasets.normalize(data.train.images[:1], data.info.mean, data.info.std)
-    batches = []
-    if scorer in pai.NEEDS_DATA:
-        stream = datasets.batches(data.train, data.info, SCORE_BATCH_SIZE, shuffle_seed=0)
-        batches = [b for _, b in zip(range(SCORE_BATCHES), stream)]
+    batches = _score_batches(data, scorer, 0)
     pruned = reconvene.prune(dense, scorer, compression, example, batches, threshold, plan["rounds"])
     point = {"scorer": scorer, "compression": compression, "threshold": threshold,
              "prune_s": pruned.seconds, "score_s": pruned.score_s, "structure_s": pruned.structure_s,
@@ -143,9 +158,20 @@ def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
             if baseline is not None:
                 point["acc_gap_pp"] = 100 * (baseline["acc_unstructured"] - point["acc_reconvene"])
             sweep.append(point)
+    spread = None
+    if plan.get("spread"):  # how far the same recipe moves on its own: the scale of the accuracy gaps
+        scorer, compression = plan["spread"]["scorer"], float(plan["spread"]["compression"])
+        first = next(p for p in points if p["scorer"] == scorer and p["compression"] == compression)
+        other = workdir.cached(work, "spread", lambda: {"acc_unstructured": _unstructured_only(
+            plan, data, scorer, compression, seed=1)})
+        spread = {"scorer": scorer, "compression": compression, "seed0": first["acc_unstructured"],
+                  "seed1": other["acc_unstructured"],
+                  "spread_pp": 100 * abs(first["acc_unstructured"] - other["acc_unstructured"])}
     timing = [workdir.cached(work, f"timing-{arch}", lambda a=arch: _timing(a, plan["rounds"])) for arch in plan["timing"]]
-    return {"points": points, "sweep": sweep, "timing": timing, "plan": dict(plan), "threshold": threshold,
-            "summary": summarize(points, timing)}
+    summary = summarize(points, timing)
+    summary["seed_spread_pp"] = spread["spread_pp"] if spread else None
+    return {"points": points, "sweep": sweep, "timing": timing, "spread": spread, "plan": dict(plan),
+            "threshold": threshold, "summary": summary}
 
 
 def summarize(points: list[dict], timing: list[dict], tolerance_pp: float = 0.5) -> dict:

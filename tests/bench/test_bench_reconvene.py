@@ -8,7 +8,8 @@ from bench.__main__ import main
 
 TINY = {"model": "vgg11", "width": 0.125, "subset": 256, "epochs": 1, "rounds": 10, "iters": 2,
         "scorers": ["synflow", "snip"], "compressions": [4, 16],
-        "sweep": {"scorer": "synflow", "compression": 16, "thresholds": [0.1, 1.0]}, "timing": ["resnet20"]}
+        "sweep": {"scorer": "synflow", "compression": 16, "thresholds": [0.1, 1.0]},
+        "spread": {"scorer": "snip", "compression": 4}, "timing": ["resnet20"]}
 
 
 def test_a_tiny_reconvene_benchmark_runs_end_to_end_and_resumes(tmp_path, monkeypatch, fashion_mnist):
@@ -28,6 +29,9 @@ def test_a_tiny_reconvene_benchmark_runs_end_to_end_and_resumes(tmp_path, monkey
     assert summary["prune_s_max"] == max(p["prune_s"] for p in points) and summary["points"] == 4
     assert result["timing"][0]["model"] == "resnet20" and 0 < summary["prune_epoch_ratio"]
     assert [s["threshold"] for s in result["sweep"]] == [0.1, 1.0]
+    spread = result["spread"]
+    assert spread["seed0"] == points[2]["acc_unstructured"] and 0 < spread["seed1"] <= 1
+    assert summary["seed_spread_pp"] == 100 * abs(spread["seed0"] - spread["seed1"])
     assert (tmp_path / "reconvene-accuracy-params.png").stat().st_size > 0
     mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "reconvene.work").glob("point-*.json")}
     assert len(mtimes) == 4
