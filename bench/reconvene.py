@@ -34,7 +34,7 @@ from common import datasets, models
 log = logging.getLogger(__name__)
 FULL = {"model": "vgg11", "width": 0.5, "subset": 10000, "epochs": 2, "rounds": 100, "iters": 20,
         "scorers": ["synflow", "snip", "grasp", "magnitude", "random"], "compressions": [8, 32, 128],
-        "sweep": {"scorer": "synflow", "compression": 32, "thresholds": [0.05, 0.1, 0.25, 0.5, 1.0]},
+        "sweep": {"scorer": "synflow", "compression": 32, "thresholds": [0.02, 0.05, 0.1, 0.25, 1.0]},
         "spread": {"scorer": "synflow", "compression": 32}, "timing": ["vgg16", "resnet56"]}
 QUICK = {"model": "vgg11", "width": 0.25, "subset": 5000, "epochs": 2, "rounds": 100, "iters": 8,
          "scorers": ["synflow", "snip"], "compressions": [8, 128], "sweep": None, "spread": None,
@@ -153,6 +153,9 @@ def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
         baseline = next((p for p in points if p["scorer"] == spec["scorer"] and p["compression"] == spec["compression"]),
                         None)
         for value in spec["thresholds"]:
+            if baseline is not None and value == threshold:  # the point itself, already trained
+                sweep.append(baseline)
+                continue
             point = workdir.cached(work, f"sweep-{value:g}", lambda v=value: _point(
                 plan, data, spec["scorer"], float(spec["compression"]), v, with_baseline=False))
             if baseline is not None:

@@ -30,7 +30,7 @@ from cloud.masks import Masks
 from cloud.train import apply_masks
 from common.models import count_params, prunable_layers
 
-DEFAULT_THRESHOLD = 0.25  # see docs/results.md, "Choosing the sensitivity threshold"
+DEFAULT_THRESHOLD = 0.05  # chosen by the sweep in `prunefleet bench reconvene`; see docs/results.md
 
 
 class ReconveneError(ValueError):
