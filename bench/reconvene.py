@@ -33,11 +33,12 @@ from common import datasets, models
 
 log = logging.getLogger(__name__)
 FULL = {"model": "vgg11", "width": 0.5, "subset": 10000, "epochs": 2, "rounds": 100, "iters": 20,
-        "scorers": ["synflow", "snip", "grasp", "magnitude", "random"], "compressions": [8, 32, 128],
-        "sweep": {"scorer": "synflow", "compression": 32, "thresholds": [0.02, 0.05, 0.1, 0.25, 1.0]},
+        "points": [["synflow", 8], ["synflow", 32], ["synflow", 128], ["snip", 32], ["snip", 128], ["grasp", 32],
+                   ["magnitude", 32], ["random", 32]],
+        "sweep": {"scorer": "synflow", "compression": 32, "thresholds": [0.02, 0.05, 0.25, 1.0]},
         "spread": {"scorer": "synflow", "compression": 32}, "timing": ["vgg16", "resnet56"]}
 QUICK = {"model": "vgg11", "width": 0.25, "subset": 5000, "epochs": 2, "rounds": 100, "iters": 8,
-         "scorers": ["synflow", "snip"], "compressions": [8, 128], "sweep": None, "spread": None,
+         "points": [["synflow", 8], ["synflow", 128], ["snip", 128]], "sweep": None, "spread": None,
          "timing": ["resnet56", "vgg16"]}
 EPOCH_IMAGES = 50_000  # CIFAR-10's training set
 STEP_SAMPLES = 6  # timed training steps (after one warm-up) that estimate an epoch
@@ -146,7 +147,7 @@ def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
     work, data = workdir.start(plan, work, "runs/bench-reconvene.work", data_dir)
     threshold = reconvene.DEFAULT_THRESHOLD
     points = [workdir.cached(work, f"point-{scorer}-{c:g}", lambda s=scorer, c=c: _point(plan, data, s, float(c), threshold))
-              for scorer in plan["scorers"] for c in plan["compressions"]]
+              for scorer, c in plan["points"]]
     sweep = []
     if plan["sweep"]:
         spec = plan["sweep"]
