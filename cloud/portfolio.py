@@ -20,6 +20,7 @@ from cloud.store import Manifest, PortfolioStore, VariantEntry, portfolio_id
 from cloud.train import TrainConfig, evaluate, train
 from common import datasets, models, variant
 from common.datasets import Dataset
+from common.files import atomic_write_json
 from common.profiling import count_macs, measure_latency
 from common.registry import lookup
 
@@ -102,15 +103,18 @@ def _reconvene_levels(config: BuildConfig, data: Dataset, store: PortfolioStore)
     batches = _score_batches(config, data)
     for compression in settings.compressions:
         pai.check_request(dense, settings.scorer, compression, batches)
+    compressions = _planned_compressions(config)
     prepared = [reconvene.prune(dense, settings.scorer, c, example, batches, settings.threshold, settings.rounds,
-                                config.seed) for c in _planned_compressions(config)]
-    for level, pruned in enumerate(prepared):
-        structured = sum(d.insensitive for d in pruned.decisions)
+                                config.seed) for c in compressions]
+    if distributed.is_main():  # the per-group decisions, for the operator
+        atomic_write_json(store.work_dir / "reconvene-decisions.json", [
+            {"compression": c, "ready_s": pruned.seconds, "rectified": list(pruned.rectified),
+             "groups": [asdict(d) for d in pruned.decisions]} for c, pruned in zip(compressions, prepared)])
+    for level, (compression, pruned) in enumerate(zip(compressions, prepared)):
         log.info("%s at %gx: %d of %d groups pruned structurally, ready to train in %.2f s", settings.scorer,
-                 _planned_compressions(config)[level], structured, len(pruned.decisions), pruned.seconds)
+                 compression, sum(d.insensitive for d in pruned.decisions), len(pruned.decisions), pruned.seconds)
         model = train(pruned.model, data.info, data.train, config.train, masks=pruned.masks,
                       checkpoint=store.work_dir / f"reconvene-{level}.pt", desc=f"reconvene {level}")
-        compression = _planned_compressions(config)[level]
         yield SparseModel(level, model.eval(), pruned.masks, compression=compression,
                           name=f"{config.model}-{settings.scorer}-{compression:g}x")
 

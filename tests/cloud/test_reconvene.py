@@ -156,5 +156,8 @@ def test_a_reconvene_portfolio_builds_and_its_variants_load_as_any_other(tmp_pat
         loaded = variant.load(store.variant_path(entry.variant_id), entry.variant_id)
         assert loaded.spec.method == "reconvene" and models.count_params(loaded.model) == entry.params
         assert loaded.model(images).shape == (8, 10)
+    decisions = json.loads((tmp_path / "p" / "work" / "reconvene-decisions.json").read_text())
+    assert [d["compression"] for d in decisions] == [2.0, 16.0]
+    assert all({"group", "density", "kept", "channels", "insensitive", "reason"} <= set(g) for g in decisions[1]["groups"])
     settings = json.loads((tmp_path / "p" / "work" / "settings.json").read_text())
     assert settings["reconvene"]["scorer"] == "snip"
