@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from cloud import server
 from cloud.store import Manifest, PortfolioStore, VariantEntry, portfolio_id
 from common import models, variant
+from common.security import Transport
 from conftest import spec_for
 from protos import coordinator_pb2, coordinator_pb2_grpc, portfolio_pb2, portfolio_pb2_grpc
 
@@ -33,7 +34,7 @@ def _store(root) -> PortfolioStore:
 @pytest.fixture()
 def cloud(tmp_path):
     store = _store(tmp_path / "store")
-    running = server.start(server.CloudConfig(store=store.root, db=tmp_path / "fleet.sqlite"), CollectorRegistry())
+    running = server.start(server.CloudConfig(store=store.root, transport=Transport.plaintext(), db=tmp_path / "fleet.sqlite"), CollectorRegistry())
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     yield store, channel, running
     channel.close()
@@ -112,6 +113,8 @@ def test_register_connect_report_and_policy_push(cloud):
     time.sleep(0.3)
     new = stub.SetPolicy(coordinator_pb2.SetPolicyRequest(policy=coordinator_pb2.Policy(slo_ms=12.5)), timeout=5).policy
     assert new.version == first.policy.version + 1 and new.down_windows >= 1
+    desired = next(stream)  # once the stream is bound to the edge: the portfolio it should hold
+    assert desired.portfolio.portfolio_id == store.manifest().portfolio_id
     assert next(stream).policy.slo_ms == 12.5
     fleet = stub.GetFleet(coordinator_pb2.GetFleetRequest(), timeout=5)
     (edge,) = fleet.edges
@@ -122,7 +125,7 @@ def test_register_connect_report_and_policy_push(cloud):
 
 def test_state_survives_a_coordinator_restart(tmp_path):
     store = _store(tmp_path / "store")
-    config = server.CloudConfig(store=store.root, db=tmp_path / "fleet.sqlite")
+    config = server.CloudConfig(store=store.root, transport=Transport.plaintext(), db=tmp_path / "fleet.sqlite")
     first = server.start(config, CollectorRegistry())
     stub = coordinator_pb2_grpc.CoordinatorServiceStub(grpc.insecure_channel(f"127.0.0.1:{first.port}"))
     _register(stub, "edge-x")

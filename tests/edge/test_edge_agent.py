@@ -8,6 +8,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.files import sha256_bytes
+from common.security import Transport
 from edge.agent import AgentConfig, initial_portfolio
 from edge.cli import assemble
 from edge_fixtures import FakeCloud, portfolio_of, wait_for
@@ -29,7 +30,7 @@ def wired(portfolio, tmp_path):
     stopping = threading.Event()
     config = AgentConfig(cloud=address, name="edge-t", cache_dir=tmp_path / "cache", profile_iters=3, batch=4,
                          backoff_s=0.05, max_backoff_s=0.2, fetch_attempts=2)
-    node = assemble(config, stopping)
+    node = assemble(config, stopping, Transport.plaintext())
     yield cloud, node, infos, liar
     stopping.set()
     node.close()
