@@ -47,7 +47,7 @@ class PortfolioServicer(portfolio_pb2_grpc.PortfolioServiceServicer):
                 data = f.read(self._chunk_bytes)
                 if not data:
                     break
+                self._on_bytes_sent(len(data))  # handed to gRPC to send (a cancelled stream may drop it)
                 yield portfolio_pb2.VariantChunk(offset=offset, data=data, total_size=entry.size_bytes,
                                                  sha256=entry.variant_id)
-                self._on_bytes_sent(len(data))
                 offset += len(data)

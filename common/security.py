@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.files import is_sha256_hex
-from common.wire import GRPC_OPTIONS
+from common.wire import CHANNEL_OPTIONS
 
 CA, CERT, KEY, TOKEN, SIGNING_KEY, SIGNING_PUB = "ca.pem", "cert.pem", "key.pem", "token", "signing.key", "signing.pub"
 MAX_SECRET_BYTES = 64 << 10
@@ -98,7 +98,7 @@ class Transport:
         except RuntimeError:  # grpc raises when the address is taken
             return 0
 
-    def channel(self, address: str, options: tuple = GRPC_OPTIONS) -> grpc.Channel:
+    def channel(self, address: str, options: tuple = CHANNEL_OPTIONS) -> grpc.Channel:
         if self.insecure:
             channel = grpc.insecure_channel(address, options=options)
         else:

@@ -23,6 +23,10 @@ GRPC_OPTIONS = (
     ("grpc.max_reconnect_backoff_ms", 5_000),
 )
 SERVER_OPTIONS = GRPC_OPTIONS + (("grpc.http2.min_ping_interval_without_data_ms", 5_000),)
+# Clients read ahead at most one chunk per stream (a fixed flow-control window instead of gRPC's
+# bandwidth-delay probing, which lets a fast sender run megabytes ahead of a slow reader), so a
+# download cut at any point has about one chunk in flight to send again.
+CHANNEL_OPTIONS = GRPC_OPTIONS + (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", CHUNK_BYTES))
 
 
 class TensorError(ValueError):
