@@ -9,26 +9,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from cloud import server
-from cloud.store import Manifest, PortfolioStore, VariantEntry, portfolio_id
-from common import models, variant
 from common.security import Transport
-from conftest import spec_for
+from conftest import spec_for, variant_store as _store
 from protos import coordinator_pb2, coordinator_pb2_grpc, portfolio_pb2, portfolio_pb2_grpc
-
-
-def _store(root) -> PortfolioStore:
-    store = PortfolioStore(root)
-    entries = []
-    for level, width in enumerate((0.25, 0.125)):
-        kwargs = {"in_channels": 1, "input_size": 28, "num_classes": 10, "width": width}
-        model = models.build("vgg11", kwargs)
-        vid = store.put_variant(variant.encode(model, spec_for("vgg11", kwargs, accuracy=0.9 - level / 10)))
-        entries.append(VariantEntry(vid, f"vgg11-L{level}", level, "shifter", "vgg11", models.count_params(model),
-                                    store.variant_path(vid).stat().st_size, 0.9 - level / 10, 0.9, 0.0, 1.0, 1.0,
-                                    1.0, 2.0))
-    store.write_manifest(Manifest(portfolio_id([e.variant_id for e in entries]), "vgg11", "fashion-mnist",
-                                  "shifter", time.time(), {}, tuple(entries)))
-    return store
 
 
 @pytest.fixture()

@@ -7,7 +7,7 @@ from cloud.fleet import FleetDB
 from cloud.rollout import DEFAULTS, RolloutConflict, RolloutError, Rollouts, judge, select, thresholds
 from cloud.store import Manifest, PortfolioStore
 from protos import coordinator_pb2
-from test_cloud_server import _store
+from conftest import variant_store as _store
 
 LIMITS = thresholds(coordinator_pb2.RolloutThresholds(min_windows=2, adopt_timeout_s=30))
 

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from cloud import certs, server
 from common.security import SecurityError, Signer, Transport, Verifier
 from protos import coordinator_pb2, coordinator_pb2_grpc, portfolio_pb2, portfolio_pb2_grpc
-from test_cloud_server import _store
+from conftest import variant_store as _store
 
 
 @pytest.fixture(scope="module")
