@@ -127,6 +127,9 @@ def _parser(environ=None) -> argparse.ArgumentParser:
     _operator(fleet, environ, "rollouts", "rollouts, newest first").add_argument("--limit", type=int, default=20)
     _add_rollouts(top, environ)
     policy = top.add_parser("policy", help="the switching policy").add_subparsers(dest="action", required=True)
+    pin = _operator(policy, environ, "pin", "pin some edges to a variant (overrides the policy's pin for them)")
+    pin.add_argument("variant", help="variant id ('' unpins)")
+    pin.add_argument("--edges", required=True, help="comma-separated edge names or patterns")
     pset = _operator(policy, environ, "set", "change fields of the current policy")
     pset.add_argument("--slo-ms", type=float)
     pset.add_argument("--min-accuracy", type=float)
@@ -239,6 +242,11 @@ def _operate(args, transport: security.Transport) -> int:
         return 0
     if args.command == "rollback":
         print(operator.rollout_line(operator.rollback(args.cloud, transport, args.rollout, args.reason)))
+        return 0
+    if args.command == "policy" and args.action == "pin":
+        reply = operator.pin(args.cloud, transport, args.edges, args.variant)
+        print(f"policy v{reply.policy.version}: {'pinned to ' + args.variant[:12] if args.variant else 'unpinned'}: "
+              f"{', '.join(reply.edges)}")
         return 0
     if args.command == "policy":
         policy = operator.set_policy(args.cloud, transport, slo_ms=args.slo_ms, min_accuracy=args.min_accuracy,

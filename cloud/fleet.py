@@ -21,6 +21,7 @@ CREATE TABLE IF NOT EXISTS edges (
 CREATE TABLE IF NOT EXISTS profiles (
     edge TEXT, variant_id TEXT, profile BLOB, PRIMARY KEY (edge, variant_id));
 CREATE TABLE IF NOT EXISTS policy (id INTEGER PRIMARY KEY CHECK (id = 1), policy BLOB);
+CREATE TABLE IF NOT EXISTS policies (version INTEGER PRIMARY KEY, saved_at REAL, policy BLOB);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, edge TEXT, timestamp REAL, event BLOB);
 CREATE INDEX IF NOT EXISTS events_by_time ON events (timestamp);
@@ -29,6 +30,7 @@ CREATE TABLE IF NOT EXISTS windows (
     PRIMARY KEY (edge, timestamp));
 CREATE TABLE IF NOT EXISTS portfolios (id TEXT PRIMARY KEY, store TEXT, added_at REAL);
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS pins (edge TEXT PRIMARY KEY, variant_id TEXT, pinned_at REAL);
 CREATE TABLE IF NOT EXISTS rollouts (id INTEGER PRIMARY KEY AUTOINCREMENT, state TEXT, rollout BLOB);
 CREATE TABLE IF NOT EXISTS rollout_edges (
     rollout_id INTEGER, edge TEXT, previous TEXT, canary INTEGER, PRIMARY KEY (rollout_id, edge));
@@ -120,6 +122,17 @@ class FleetDB:
         rows = self._read("SELECT desired_portfolio FROM edges WHERE name = ?", (edge,))
         return rows[0][0] or "" if rows else ""
 
+    def set_pins(self, edges: list[str], variant_id: str) -> None:
+        """Pin `edges` to `variant_id`, or unpin them when it is ""."""
+        if variant_id:
+            self.transaction([("INSERT OR REPLACE INTO pins (edge, variant_id, pinned_at) VALUES (?, ?, ?)",
+                               (e, variant_id, self._clock())) for e in edges])
+        else:
+            self.transaction([("DELETE FROM pins WHERE edge = ?", (e,)) for e in edges])
+
+    def pins(self) -> dict[str, str]:
+        return dict(self._read("SELECT edge, variant_id FROM pins"))
+
     def edge_names(self) -> list[str]:
         return [row[0] for row in self._read("SELECT name FROM edges ORDER BY name")]
 
@@ -153,7 +166,15 @@ class FleetDB:
         return coordinator_pb2.Policy.FromString(rows[0][0]) if rows else None
 
     def save_policy(self, policy: coordinator_pb2.Policy) -> None:
-        self._write("INSERT OR REPLACE INTO policy (id, policy) VALUES (1, ?)", (policy.SerializeToString(),))
+        """The current policy, and every version ever set (the policy history)."""
+        blob = policy.SerializeToString()
+        self.transaction([("INSERT OR REPLACE INTO policy (id, policy) VALUES (1, ?)", (blob,)),
+                          ("INSERT OR REPLACE INTO policies (version, saved_at, policy) VALUES (?, ?, ?)",
+                           (policy.version, self._clock(), blob))])
+
+    def policies(self) -> list[coordinator_pb2.Policy]:
+        return [coordinator_pb2.Policy.FromString(row[0])
+                for row in self._read("SELECT policy FROM policies ORDER BY version")]
 
     def edge_count(self) -> int:
         return self._read("SELECT COUNT(*) FROM edges")[0][0]

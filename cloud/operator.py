@@ -52,11 +52,12 @@ def fleet_table(fleet: coordinator_pb2.GetFleetResponse, names: dict[str, str], 
         rows.append((edge.edge, edge_state(edge, now), names.get(t.active_variant, t.active_variant[:12]) or "-",
                      _desired_vs_reported(edge.desired_portfolio_id, edge.reported_portfolio_id),
                      _desired_vs_reported(f"v{edge.desired_policy_version}", f"v{edge.policy_version}"),
+                     names.get(edge.pinned_variant, edge.pinned_variant[:12]) or "-",
                      f"{t.p95_ms:.1f}", f"{t.request_rate:.1f}", f"{t.cpu_percent:.0f}%",
                      f"{t.rss_bytes / 2**20:.0f} MiB", f"{now - edge.last_seen:.1f}s ago"))
     header = (f"portfolio {fleet.portfolio_id}  policy v{fleet.policy.version}: SLO p95 <= "
               f"{fleet.policy.slo_ms:.1f} ms\n")
-    return header + table(("edge", "state", "active", "portfolio", "policy", "p95 ms", "req/s", "cpu", "rss",
+    return header + table(("edge", "state", "active", "portfolio", "policy", "pin", "p95 ms", "req/s", "cpu", "rss",
                            "last seen"), rows)
 
 
@@ -98,6 +99,11 @@ def deploy(address: str, transport: Transport, portfolio: str, edges: str = "", 
            thresholds: coordinator_pb2.RolloutThresholds | None = None) -> coordinator_pb2.Rollout:
     request = coordinator_pb2.DeployRequest(portfolio=portfolio, edges=edges, canary=canary, thresholds=thresholds)
     return coordinator_stub(address, transport).Deploy(request, timeout=RPC_TIMEOUT_S * 6).rollout
+
+
+def pin(address: str, transport: Transport, edges: str, variant_id: str) -> coordinator_pb2.PinResponse:
+    return coordinator_stub(address, transport).Pin(coordinator_pb2.PinRequest(edges=edges, variant_id=variant_id),
+                                                    timeout=RPC_TIMEOUT_S)
 
 
 def rollback(address: str, transport: Transport, rollout_id: int = 0, reason: str = "") -> coordinator_pb2.Rollout:

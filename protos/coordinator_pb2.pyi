@@ -136,7 +136,7 @@ class Directive(_message.Message):
     def __init__(self, policy: _Optional[_Union[Policy, _Mapping]] = ..., portfolio: _Optional[_Union[_portfolio_pb2.ListVariantsResponse, _Mapping]] = ...) -> None: ...
 
 class EdgeStatus(_message.Message):
-    __slots__ = ("edge", "address", "metrics_address", "registered_at", "last_seen", "connected", "telemetry", "policy_version", "profiles", "desired_portfolio_id", "reported_portfolio_id", "desired_policy_version")
+    __slots__ = ("edge", "address", "metrics_address", "registered_at", "last_seen", "connected", "telemetry", "policy_version", "profiles", "desired_portfolio_id", "reported_portfolio_id", "desired_policy_version", "pinned_variant")
     EDGE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,7 @@ class EdgeStatus(_message.Message):
     DESIRED_PORTFOLIO_ID_FIELD_NUMBER: _ClassVar[int]
     REPORTED_PORTFOLIO_ID_FIELD_NUMBER: _ClassVar[int]
     DESIRED_POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PINNED_VARIANT_FIELD_NUMBER: _ClassVar[int]
     edge: str
     address: str
     metrics_address: str
@@ -161,7 +162,8 @@ class EdgeStatus(_message.Message):
     desired_portfolio_id: str
     reported_portfolio_id: str
     desired_policy_version: int
-    def __init__(self, edge: _Optional[str] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., registered_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., connected: _Optional[bool] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., policy_version: _Optional[int] = ..., profiles: _Optional[_Iterable[_Union[VariantProfile, _Mapping]]] = ..., desired_portfolio_id: _Optional[str] = ..., reported_portfolio_id: _Optional[str] = ..., desired_policy_version: _Optional[int] = ...) -> None: ...
+    pinned_variant: str
+    def __init__(self, edge: _Optional[str] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., registered_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., connected: _Optional[bool] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., policy_version: _Optional[int] = ..., profiles: _Optional[_Iterable[_Union[VariantProfile, _Mapping]]] = ..., desired_portfolio_id: _Optional[str] = ..., reported_portfolio_id: _Optional[str] = ..., desired_policy_version: _Optional[int] = ..., pinned_variant: _Optional[str] = ...) -> None: ...
 
 class GetFleetRequest(_message.Message):
     __slots__ = ()
@@ -188,6 +190,22 @@ class SetPolicyResponse(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     policy: Policy
     def __init__(self, policy: _Optional[_Union[Policy, _Mapping]] = ...) -> None: ...
+
+class PinRequest(_message.Message):
+    __slots__ = ("edges", "variant_id")
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
+    edges: str
+    variant_id: str
+    def __init__(self, edges: _Optional[str] = ..., variant_id: _Optional[str] = ...) -> None: ...
+
+class PinResponse(_message.Message):
+    __slots__ = ("edges", "policy")
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    edges: _containers.RepeatedScalarFieldContainer[str]
+    policy: Policy
+    def __init__(self, edges: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ...) -> None: ...
 
 class EdgeEvent(_message.Message):
     __slots__ = ("edge", "event")

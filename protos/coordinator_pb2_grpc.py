@@ -74,6 +74,11 @@ class CoordinatorServiceStub:
                 request_serializer=protos_dot_coordinator__pb2.ListRolloutsRequest.SerializeToString,
                 response_deserializer=protos_dot_coordinator__pb2.ListRolloutsResponse.FromString,
                 _registered_method=True)
+        self.Pin = channel.unary_unary(
+                '/prunefleet.v1.CoordinatorService/Pin',
+                request_serializer=protos_dot_coordinator__pb2.PinRequest.SerializeToString,
+                response_deserializer=protos_dot_coordinator__pb2.PinResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -127,6 +132,12 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pin(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +180,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ListRollouts,
                     request_deserializer=protos_dot_coordinator__pb2.ListRolloutsRequest.FromString,
                     response_serializer=protos_dot_coordinator__pb2.ListRolloutsResponse.SerializeToString,
+            ),
+            'Pin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pin,
+                    request_deserializer=protos_dot_coordinator__pb2.PinRequest.FromString,
+                    response_serializer=protos_dot_coordinator__pb2.PinResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +403,33 @@ class CoordinatorService:
             '/prunefleet.v1.CoordinatorService/ListRollouts',
             protos_dot_coordinator__pb2.ListRolloutsRequest.SerializeToString,
             protos_dot_coordinator__pb2.ListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prunefleet.v1.CoordinatorService/Pin',
+            protos_dot_coordinator__pb2.PinRequest.SerializeToString,
+            protos_dot_coordinator__pb2.PinResponse.FromString,
             options,
             channel_credentials,
             insecure,

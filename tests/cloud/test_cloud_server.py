@@ -98,6 +98,7 @@ def test_register_connect_report_and_policy_push(cloud):
     assert new.version == first.policy.version + 1 and new.down_windows >= 1
     desired = next(stream)  # once the stream is bound to the edge: the portfolio it should hold
     assert desired.portfolio.portfolio_id == store.manifest().portfolio_id
+    assert next(stream).policy.version == first.policy.version  # and its own policy (with its pin, if any)
     assert next(stream).policy.slo_ms == 12.5
     fleet = stub.GetFleet(coordinator_pb2.GetFleetRequest(), timeout=5)
     (edge,) = fleet.edges
@@ -146,3 +147,32 @@ def test_bad_edge_names_and_unregistered_streams_are_refused(cloud):
     with pytest.raises(grpc.RpcError) as err:
         list(stream)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_pins_reach_only_the_selected_edges_and_survive_a_restart(tmp_path):
+    store = _store(tmp_path / "store")
+    config = server.CloudConfig(store=store.root, transport=Transport.plaintext(), db=tmp_path / "fleet.sqlite")
+    first = server.start(config, CollectorRegistry())
+    stub = coordinator_pb2_grpc.CoordinatorServiceStub(grpc.insecure_channel(f"127.0.0.1:{first.port}"))
+    for name in ("edge-1", "edge-2"):
+        _register(stub, name)
+    small = store.manifest().variants[1].variant_id
+    reply = stub.Pin(coordinator_pb2.PinRequest(edges="edge-2", variant_id=small), timeout=5)
+    assert list(reply.edges) == ["edge-2"]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Pin(coordinator_pb2.PinRequest(edges="edge-1", variant_id="0" * 64), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Pin(coordinator_pb2.PinRequest(edges="ghost", variant_id=small), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    first.stop(0)
+    second = server.start(config, CollectorRegistry())
+    stub = coordinator_pb2_grpc.CoordinatorServiceStub(grpc.insecure_channel(f"127.0.0.1:{second.port}"))
+    try:
+        assert _register(stub, "edge-2").policy.pinned_variant == small
+        assert _register(stub, "edge-1").policy.pinned_variant == ""
+        fleet = stub.GetFleet(coordinator_pb2.GetFleetRequest(), timeout=5)
+        assert {e.edge: e.pinned_variant for e in fleet.edges} == {"edge-1": "", "edge-2": small}
+        assert fleet.policy.version == reply.policy.version
+    finally:
+        second.stop(0)
