@@ -61,7 +61,7 @@ def test_a_missing_or_wrong_token_is_unauthenticated(keys, tls_cloud, token):
     with pytest.raises(grpc.RpcError) as err:
         _fleet(transport, address)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    for call in ("SetPolicy", "ListEvents", "Deploy", "Rollback", "ListRollouts"):
+    for call in ("SetPolicy", "ListEvents", "Deploy", "Rollback", "ListRollouts", "Pin"):
         method = transport.channel(address).unary_unary(f"/prunefleet.v1.CoordinatorService/{call}")
         with pytest.raises(grpc.RpcError) as err:
             method(b"", timeout=5)
