@@ -144,15 +144,15 @@ def test_operator_cli_shows_the_fleet_and_sets_the_policy(cluster):
     cloud, _, _ = cluster
     cli = str(Path(sys.executable).parent / "prunefleet")
     _wait_for(lambda: (s := _edge_status(cloud)) and s.telemetry.active_variant, what="first telemetry")
-    status = subprocess.run([cli, "fleet", "status", "--cloud", cloud.address], capture_output=True, text=True,
-                            timeout=30, check=True).stdout
+    status = subprocess.run([cli, "fleet", "status", "--cloud", cloud.address, "--insecure"], capture_output=True,
+                            text=True, timeout=30, check=True).stdout
     assert "edge-1" in status and "live" in status and "vgg11-L" in status
-    changed = subprocess.run([cli, "policy", "set", "--cloud", cloud.address, "--slo-ms", "123"],
+    changed = subprocess.run([cli, "policy", "set", "--cloud", cloud.address, "--slo-ms", "123", "--insecure"],
                              capture_output=True, text=True, timeout=30, check=True).stdout
     assert "123.0 ms" in changed
-    events = subprocess.run([cli, "fleet", "events", "--cloud", cloud.address], capture_output=True, text=True,
-                            timeout=30, check=True).stdout
+    events = subprocess.run([cli, "fleet", "events", "--cloud", cloud.address, "--insecure"], capture_output=True,
+                            text=True, timeout=30, check=True).stdout
     assert "edge-1" in events and "initial" in events
-    bad = subprocess.run([cli, "policy", "set", "--cloud", cloud.address, "--slo-ms", "-5"], capture_output=True,
-                         text=True, timeout=30)
+    bad = subprocess.run([cli, "policy", "set", "--cloud", cloud.address, "--slo-ms", "-5", "--insecure"],
+                         capture_output=True, text=True, timeout=30)
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "slo_ms" in bad.stderr
