@@ -204,9 +204,10 @@ def measure(plan: dict, work: Path) -> dict:
         channel = operator.channel(tls.address)
         out["tls_seconds"] = [stream_seconds(channel, big.variant_id, size) for _ in range(plan["repeats"])]
         channel.close()
-        ids = [v.variant_id for v in store.manifest().variants]
-        out["fanout"] = {"edges": plan["edges"], "portfolio_bytes": sum(v.size_bytes for v in store.manifest().variants),
-                         "seconds": fanout(tls.address, keys["edge"], ids, work, plan["edges"])}
+        variants = store.manifest().variants
+        out["fanout"] = {"edges": plan["edges"], "portfolio_bytes": sum(v.size_bytes for v in variants),
+                         "seconds": fanout(tls.address, keys["edge"], [v.variant_id for v in variants], work,
+                                           plan["edges"])}
     finally:
         tls.stop()
     return out

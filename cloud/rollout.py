@@ -171,10 +171,11 @@ class Rollouts:
             updated_at=now, thresholds=limits, previous_portfolio_id=current)
         previous = {e: self._db.desired(e) or current for e in edges}
         rollout.id = self._db.query("SELECT COALESCE(MAX(id), 0) + 1 FROM rollouts")[0][0]
+        covered = [("INSERT INTO rollout_edges (rollout_id, edge, previous, canary) VALUES (?, ?, ?, ?)",
+                    (rollout.id, e, previous[e], int(e in canaries))) for e in edges]
         self._db.transaction([("INSERT INTO rollouts (id, state, rollout) VALUES (?, ?, ?)",
-                               (rollout.id, CANARY, rollout.SerializeToString())), *[("INSERT INTO rollout_edges (rollout_id, edge, previous, canary) VALUES (?, ?, ?, ?)",
-                              (rollout.id, e, previous[e], int(e in canaries))) for e in edges],
-                              *self._send(canaries, portfolio_id)])
+                               (rollout.id, CANARY, rollout.SerializeToString())),
+                              *covered, *self._send(canaries, portfolio_id)])
         self._push_all(canaries, portfolio_id)
         log.info("rollout %d: portfolio %s to canaries %s", rollout.id, portfolio_id, ", ".join(canaries))
         return rollout

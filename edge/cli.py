@@ -88,7 +88,8 @@ def verify_key(args) -> Path | None:
 
 
 def _config(args, allowed: tuple[str, ...] = ()) -> AgentConfig:
-    return AgentConfig(allowed_models=allowed, verify_key=verify_key(args), cloud=args.cloud, name=args.name, cache_dir=args.cache, host=args.host,
+    return AgentConfig(allowed_models=allowed, verify_key=verify_key(args), cloud=args.cloud, name=args.name,
+                       cache_dir=args.cache, host=args.host,
                        advertise_host=args.advertise_host, port=args.port,
                        metrics_port=args.metrics_port, threads=args.threads, batch=args.batch,
                        max_batch=args.max_batch, window_s=args.window_s, slo_ms=args.slo_ms)
