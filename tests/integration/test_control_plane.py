@@ -1,10 +1,12 @@
 """The control plane with real processes on loopback, all mutual TLS: a cloud killed with SIGKILL in the
-middle of a download, rollouts with canaries (automatic and manual rollback) and a coordinator restart."""
+middle of a download, rollouts with canaries (automatic and manual rollback), a coordinator killed and
+restarted (edges serve on meanwhile, their windows arrive afterwards) and an edge gone stale."""
 
 import dataclasses
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -156,6 +158,13 @@ def _judged_under_load(fleet: Fleet, rollout_id: int, edge_address: str, good: b
         load.join(15)
 
 
+def _requests_between(db: Path, edge: str, start: float, end: float) -> int:
+    """Requests in the telemetry windows the coordinator stored for `edge` that closed in (start, end)."""
+    with sqlite3.connect(db) as connection:
+        return connection.execute("SELECT SUM(requests) FROM windows WHERE edge = ? AND timestamp > ? AND "
+                                  "timestamp < ?", (edge, start, end)).fetchone()[0] or 0
+
+
 def _cli(*args) -> str:
     result = subprocess.run([PRUNEFLEET, *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -210,9 +219,18 @@ def test_canary_rollouts_roll_back_on_their_own_and_by_hand_and_survive_a_coordi
                   fleet.stub().ListEvents(coordinator_pb2.ListEventsRequest(), timeout=10).events,
                   fleet.stub().ListRollouts(coordinator_pb2.ListRolloutsRequest(), timeout=10).rollouts)
 
-        # the coordinator dies and comes back: nothing is lost
+        # the coordinator dies and comes back: the edges keep serving meanwhile, and nothing is lost
         cloud.process.send_signal(signal.SIGKILL)
         cloud.process.wait(10)
+        down_at = time.time()
+        predict = inference_pb2_grpc.InferenceServiceStub(fleet.transport.channel(edge_1)).Predict
+        for _ in range(10):
+            reply = predict(inference_pb2.PredictRequest(input=to_proto(np.zeros((2, 1, 28, 28), np.uint8))),
+                            timeout=10)
+            assert reply.output.shape == [2, 10]
+            time.sleep(0.1)
+        time.sleep(1.0)
+        up_at = time.time()
         children[0] = cloud = _cloud(small_portfolio, tmp_path, keys, port, "cloud-again")
         edges, fleet_view, events, rollouts = before
         after = fleet.stub().GetFleet(coordinator_pb2.GetFleetRequest(), timeout=10)
@@ -224,6 +242,13 @@ def test_canary_rollouts_roll_back_on_their_own_and_by_hand_and_survive_a_coordi
         assert list(fleet.stub().ListRollouts(coordinator_pb2.ListRolloutsRequest(), timeout=10).rollouts) == \
             list(rollouts)
         wait_for(lambda: all(e.connected for e in fleet.edges().values()), 60, "the edges back on the link", 0.5)
+        assert wait_for(lambda: _requests_between(tmp_path / "fleet.sqlite", "edge-1", down_at, up_at), 30,
+                        "the windows buffered during the outage", 0.5) >= 10
+
+        # an edge that goes away is shown stale, never forgotten
+        children[2].stop()
+        rows = [line for line in _cli("fleet", "status", *operator_flags).splitlines() if line.startswith("edge-2")]
+        assert len(rows) == 1 and " stale " in rows[0]
     finally:
         for child in reversed(children):
             child.stop()
