@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ import grpc
 
 from cloud import cluster_cli, operator
 from cloud.store import PortfolioStore, StoreError
+from common import security
 from common.datasets import DatasetError
 from common.registry import UnknownNameError
+from protos import coordinator_pb2
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -62,7 +65,43 @@ def _add_build(sub) -> None:
     p.add_argument("--out", type=Path, required=True)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _operator(parser, environ, name: str, help_text: str):
+    """A command that talks to a running cloud: --cloud and the transport flags."""
+    command = parser.add_parser(name, help=help_text)
+    command.add_argument("--cloud", required=True, metavar="HOST:PORT")
+    security.add_arguments(command, token=True, environ=environ)
+    return command
+
+
+def _add_serve(top, environ) -> None:
+    serve = top.add_parser("cloud", help="the cloud server").add_subparsers(dest="action", required=True).add_parser(
+        "serve", help="serve a portfolio and coordinate the fleet")
+    serve.add_argument("--store", type=Path, required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    serve.add_argument("--metrics-port", type=int, default=None)
+    serve.add_argument("--db", type=Path, default=None, help="SQLite file (default STORE/fleet.sqlite)")
+    serve.add_argument("--signing-key", type=Path, default=None,
+                       help="Ed25519 key that signs variants (default: DIR/signing.key of --certs)")
+    security.add_arguments(serve, token=True, environ=environ)
+
+
+def _add_rollouts(top, environ) -> None:
+    deploy = _operator(top, environ, "deploy", "send a portfolio to canary edges first, then to the rest")
+    deploy.add_argument("portfolio", help="a portfolio store directory on the cloud host, or a portfolio id")
+    deploy.add_argument("--edges", default="", help="comma-separated edge names or patterns (default: every edge)")
+    deploy.add_argument("--canary", type=int, default=1, help="edges that get it first")
+    deploy.add_argument("--min-slo-attainment", type=float, default=0.0, help="default 0.9")
+    deploy.add_argument("--max-error-rate", type=float, default=0.0, help="default 0.05")
+    deploy.add_argument("--min-windows", type=int, default=0, help="per canary edge before promoting (default 5)")
+    deploy.add_argument("--adopt-timeout-s", type=float, default=0.0, help="default 300")
+    rollback = _operator(top, environ, "rollback", "put every edge of a rollout back on its previous portfolio")
+    rollback.add_argument("--rollout", type=int, default=0, help="rollout id (default: the latest)")
+    rollback.add_argument("--reason", default="")
+
+
+def _parser(environ=None) -> argparse.ArgumentParser:
+    environ = environ or {}
     parser = argparse.ArgumentParser(prog="prunefleet", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
     top = parser.add_subparsers(dest="command", required=True)
@@ -72,22 +111,26 @@ def _parser() -> argparse.ArgumentParser:
     show = portfolio.add_parser("show", help="one variant in full")
     show.add_argument("--store", type=Path, required=True)
     show.add_argument("id", help="variant id, unique id prefix, or name")
-    serve = top.add_parser("cloud", help="the cloud server").add_subparsers(dest="action", required=True).add_parser(
-        "serve", help="serve a portfolio and coordinate the fleet")
-    serve.add_argument("--store", type=Path, required=True)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
-    serve.add_argument("--metrics-port", type=int, default=None)
-    serve.add_argument("--db", type=Path, default=None, help="SQLite file (default STORE/fleet.sqlite)")
+    _add_serve(top, environ)
+    certs = top.add_parser("certs", help="certificates, token and signing key").add_subparsers(dest="action",
+                                                                                               required=True)
+    init = certs.add_parser("init", help="create a CA, cloud/edge/operator certificates, a token and a signing key")
+    init.add_argument("dir", type=Path)
+    init.add_argument("--host", dest="hosts", action="append", default=[],
+                      help="a name or IP the cloud or an edge is reached by (repeatable; localhost and 127.0.0.1 always)")
+    init.add_argument("--force", action="store_true", help="replace an existing CA and every key")
     fleet = top.add_parser("fleet", help="the fleet as the coordinator sees it").add_subparsers(dest="action", required=True)
-    fleet.add_parser("status").add_argument("--cloud", required=True, metavar="HOST:PORT")
-    events = fleet.add_parser("events", help="switch decisions with their reasons")
-    events.add_argument("--cloud", required=True, metavar="HOST:PORT")
+    _operator(fleet, environ, "status", "desired vs reported state per edge")
+    events = _operator(fleet, environ, "events", "switch decisions with their reasons")
     events.add_argument("--edge", default="")
     events.add_argument("--limit", type=int, default=100)
+    _operator(fleet, environ, "rollouts", "rollouts, newest first").add_argument("--limit", type=int, default=20)
+    _add_rollouts(top, environ)
     policy = top.add_parser("policy", help="the switching policy").add_subparsers(dest="action", required=True)
-    pset = policy.add_parser("set", help="change fields of the current policy")
-    pset.add_argument("--cloud", required=True, metavar="HOST:PORT")
+    pin = _operator(policy, environ, "pin", "pin some edges to a variant (overrides the policy's pin for them)")
+    pin.add_argument("variant", help="variant id ('' unpins)")
+    pin.add_argument("--edges", required=True, help="comma-separated edge names or patterns")
+    pset = _operator(policy, environ, "set", "change fields of the current policy")
     pset.add_argument("--slo-ms", type=float)
     pset.add_argument("--min-accuracy", type=float)
     pset.add_argument("--down-windows", type=int)
@@ -101,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("reports/demo"))
     demo.add_argument("--data-dir", type=Path, default=None)
     demo.add_argument("--quick", action="store_true", help="smaller model, data and phases (for tests)")
-    cluster_cli.add_parser(top)
+    cluster_cli.add_parser(top, environ)
     return parser
 
 
@@ -152,29 +195,71 @@ def _dispatch(args) -> int:
         return _portfolio(args)
     if args.command == "cluster":
         return cluster_cli.main(args)
-    if args.command == "cloud":
-        from cloud.server import CloudConfig, serve
+    if args.command == "demo":
+        from cloud import demo
 
-        serve(CloudConfig(store=args.store, host=args.host, port=args.port, metrics_port=args.metrics_port, db=args.db))
+        return demo.run(demo.DemoConfig(out=args.out, data_dir=args.data_dir, quick=args.quick))
+    if args.command == "certs":
+        from cloud import certs
+
+        for role, path in certs.init(args.dir, args.hosts, args.force).items():
+            print(f"{role:9s} {path}")
+        print(f"keep {args.dir / 'ca' / 'ca.key'} offline; give each process its role's directory with --certs")
         return 0
+    if args.command == "cloud":
+        return _serve(args)
+    return _operate(args, security.from_arguments(args, token=True))
+
+
+def _serve(args) -> int:
+    from cloud.server import CloudConfig, serve
+
+    transport = security.from_arguments(args, token=True)
+    signing_key = args.signing_key
+    if signing_key is None and args.certs is not None and not args.insecure:
+        signing_key = args.certs / security.SIGNING_KEY
+    serve(CloudConfig(store=args.store, transport=transport, signing_key=signing_key, host=args.host,
+                      port=args.port, metrics_port=args.metrics_port, db=args.db))
+    return 0
+
+
+def _operate(args, transport: security.Transport) -> int:
     if args.command == "fleet":
-        print(operator.fleet_status(args.cloud) if args.action == "status"
-              else operator.events_table(args.cloud, args.edge, args.limit))
+        if args.action == "status":
+            print(operator.fleet_status(args.cloud, transport))
+        elif args.action == "rollouts":
+            print(operator.rollouts_table(args.cloud, transport, args.limit))
+        else:
+            print(operator.events_table(args.cloud, transport, args.edge, args.limit))
+        return 0
+    if args.command == "deploy":
+        portfolio = str(Path(args.portfolio).resolve()) if Path(args.portfolio).is_dir() else args.portfolio
+        thresholds = coordinator_pb2.RolloutThresholds(
+            min_slo_attainment=args.min_slo_attainment, max_error_rate=args.max_error_rate,
+            min_windows=args.min_windows, adopt_timeout_s=args.adopt_timeout_s)
+        print(operator.rollout_line(operator.deploy(args.cloud, transport, portfolio, args.edges, args.canary,
+                                                    thresholds)))
+        return 0
+    if args.command == "rollback":
+        print(operator.rollout_line(operator.rollback(args.cloud, transport, args.rollout, args.reason)))
+        return 0
+    if args.command == "policy" and args.action == "pin":
+        reply = operator.pin(args.cloud, transport, args.edges, args.variant)
+        print(f"policy v{reply.policy.version}: {'pinned to ' + args.variant[:12] if args.variant else 'unpinned'}: "
+              f"{', '.join(reply.edges)}")
         return 0
     if args.command == "policy":
-        policy = operator.set_policy(args.cloud, slo_ms=args.slo_ms, min_accuracy=args.min_accuracy,
+        policy = operator.set_policy(args.cloud, transport, slo_ms=args.slo_ms, min_accuracy=args.min_accuracy,
                                      down_windows=args.down_windows, up_windows=args.up_windows,
                                      up_headroom=args.up_headroom, dwell_s=args.dwell_s,
                                      pinned_variant=args.pinned_variant)
         print(f"policy v{policy.version}: SLO p95 <= {policy.slo_ms:.1f} ms, pinned {policy.pinned_variant or 'none'}")
         return 0
-    from cloud import demo
-
-    return demo.run(demo.DemoConfig(out=args.out, data_dir=args.data_dir, quick=args.quick))
+    raise AssertionError(f"unhandled command {args.command}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    parser = _parser(os.environ)
     args, rest = parser.parse_known_args(argv)  # `bench` passes its options (--help included) through
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -184,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     try:
         return _dispatch(args)
-    except (StoreError, DatasetError, UnknownNameError, ValueError) as err:
+    except (StoreError, DatasetError, UnknownNameError, ValueError, OSError) as err:
         print(f"prunefleet: error: {err}", file=sys.stderr)
         return 2
     except grpc.RpcError as err:

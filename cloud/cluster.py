@@ -1,6 +1,7 @@
 """`prunefleet cluster up|status|down`: the docker-compose topology as local processes.
 
-`up` starts the cloud, one edge agent per `--edge NAME=CPUS`, a load generator and, when its binary
+The cluster is a local, plaintext topology: `up` needs `--insecure` to say so, and starts every process
+with it. `up` starts the cloud, one edge agent per `--edge NAME=CPUS`, a load generator and, when its binary
 is installed, Prometheus, each detached in its own session; it returns once every one is healthy.
 A CPU limit is mimicked by the edge's thread count and CPU affinity (`placement`). DIR/cluster.json
 holds what `status` and `down` need: each process's pid, start time, ports and log file.
@@ -25,6 +26,7 @@ from cloud.detached import DetachedError, Proc
 from cloud.processes import SERVING
 from cloud.store import PortfolioStore
 from common.files import atomic_write_bytes, atomic_write_json
+from common.security import Transport
 
 STATE = "cluster.json"
 
@@ -176,7 +178,8 @@ def _up_serving(spawned, role: str, config: ClusterConfig, **extra) -> Proc:
 
 def _start_cloud(config: ClusterConfig, store: Path, ports, shared) -> Proc:
     args = _python("cloud.cli", "cloud", "serve", "--store", str(store), "--host", config.host,
-                   "--port", str(ports[0]), "--metrics-port", str(ports[1]), "--db", str(config.dir / "fleet.sqlite"))
+                   "--port", str(ports[0]), "--metrics-port", str(ports[1]), "--db", str(config.dir / "fleet.sqlite"),
+                   "--insecure")
     return _up_serving(detached.spawn("cloud", args, config.dir / "logs" / "cloud.log", affinity=shared),
                        "cloud", config)
 
@@ -186,7 +189,7 @@ def _start_edges(config: ClusterConfig, cloud: str, ports, placed) -> list[Proc]
     for edge, (port, metrics_port), (affinity, threads) in zip(config.edges, ports[3], placed):
         args = _python("edge.cli", "run", "--cloud", cloud, "--name", edge.name, "--host", config.host,
                        "--port", str(port), "--metrics-port", str(metrics_port), "--threads", str(threads),
-                       "--batch", str(config.batch), "--cache", str(config.dir / "cache" / edge.name),
+                       "--batch", str(config.batch), "--cache", str(config.dir / "cache" / edge.name), "--insecure",
                        *(["--slo-ms", str(config.slo_ms)] if config.slo_ms else []))
         spawned.append((edge, threads, detached.spawn(edge.name, args, config.dir / "logs" / f"{edge.name}.log",
                                                       env={"OMP_NUM_THREADS": str(threads)}, affinity=affinity)))
@@ -201,7 +204,7 @@ def _start_edges(config: ClusterConfig, cloud: str, ports, placed) -> list[Proc]
 def _start_load(config: ClusterConfig, cloud: str, shared) -> Proc:
     args = _python("cloud.cli", "cluster", "load", "--cloud", cloud, "--clients", str(config.clients),
                    "--think-s", str(config.think_s), "--batch", str(config.batch),
-                   "--out", str(config.dir / "load.jsonl"),
+                   "--out", str(config.dir / "load.jsonl"), "--insecure",
                    *(["--data-dir", str(config.data_dir)] if config.data_dir else []))
     spawned = detached.spawn("load", args, config.dir / "logs" / "load.log", affinity=shared)
     detached.wait_for_line(spawned, re.compile(rf"driving load at {len(config.edges)} edge"), config.timeout_s)
@@ -285,7 +288,7 @@ def up(config: ClusterConfig) -> dict:
         if config.slo_ms:
             from cloud import operator
 
-            operator.set_policy(procs[0].address, slo_ms=config.slo_ms)
+            operator.set_policy(procs[0].address, Transport.plaintext(), slo_ms=config.slo_ms)
         _save(state, procs)
     except BaseException:
         detached.stop(procs[::-1], grace_s=5.0)

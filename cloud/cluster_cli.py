@@ -14,6 +14,7 @@ from cloud.cluster import ClusterConfig, ClusterError, EdgeSpec
 from cloud.detached import DetachedError
 from cloud.operator import table
 from cloud.store import StoreError
+from common import security
 
 DEFAULT_DIR = Path("runs/cluster")
 
@@ -44,9 +45,11 @@ def _add_up(actions) -> None:
     up.add_argument("--prometheus", default="auto", help="auto (the binary on PATH, if any), off, or a PATH")
     up.add_argument("--scrape-interval-s", type=float, default=5.0)
     up.add_argument("--timeout-s", type=float, default=180.0, help="per process, to become healthy")
+    up.add_argument("--insecure", action="store_true", required=True,
+                    help="required: the process cluster speaks plaintext gRPC on loopback")
 
 
-def add_parser(top) -> None:
+def add_parser(top, environ=None) -> None:
     """Register `cluster` on the `prunefleet` subcommands."""
     actions = top.add_parser("cluster", help="a local cluster as processes: cloud, edges, load, Prometheus") \
         .add_subparsers(dest="action", required=True)
@@ -67,6 +70,7 @@ def add_parser(top) -> None:
     load.add_argument("--round-s", type=float, default=2.0)
     load.add_argument("--out", type=Path, default=None, help="append per-second measurements here (JSON lines)")
     load.add_argument("--data-dir", type=Path, default=None)
+    security.add_arguments(load, token=True, environ=environ)
 
 
 def _up(args) -> int:
@@ -97,10 +101,10 @@ def status_text(state: dict) -> tuple[str, bool]:
     cloud = next((p for p in procs if p.role == "cloud"), None)
     if cloud and alive[cloud.name]:
         try:
-            lines += ["", operator.fleet_status(cloud.address)]
+            lines += ["", operator.fleet_status(cloud.address, security.Transport.plaintext())]
         except grpc.RpcError as err:
             lines.append(f"coordinator at {cloud.address} did not answer: {err.code().name}")
-        lines.append(f"operate it with: prunefleet fleet status --cloud {cloud.address}")
+        lines.append(f"operate it with: prunefleet fleet status --cloud {cloud.address} --insecure")
     if state["prometheus_url"]:
         lines.append(f"Prometheus: {state['prometheus_url']} (targets: {state['prometheus_url']}/targets); "
                      "Grafana dashboard: deploy/grafana/dashboards/prunefleet.json")
@@ -135,7 +139,7 @@ def main(args) -> int:
         if args.action == "load":
             return cluster_load.main(cluster_load.LoadConfig(
                 cloud=args.cloud, out=args.out, clients=args.clients, think_s=args.think_s, batch=args.batch,
-                round_s=args.round_s, data_dir=args.data_dir))
+                round_s=args.round_s, data_dir=args.data_dir), security.from_arguments(args, token=True))
         if args.action == "down":
             print(down(args.dir, args.grace_s, args.report))
             return 0

@@ -22,6 +22,7 @@ from cloud import operator
 from cloud.loadgen import LoadGenerator, Phase, Sample
 from cloud.report import per_second
 from common import datasets
+from common.security import Transport
 from protos import coordinator_pb2
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,10 @@ class LoadConfig:
             raise ValueError("think_s must be >= 0 and round_s positive")
 
 
-def discover(cloud: str) -> dict[str, str]:
+def discover(cloud: str, transport: Transport) -> dict[str, str]:
     """Edge name -> InferenceService address, as registered with the coordinator ({} when unreachable)."""
     try:
-        fleet = operator.coordinator_stub(cloud).GetFleet(coordinator_pb2.GetFleetRequest(),
+        fleet = operator.coordinator_stub(cloud, transport).GetFleet(coordinator_pb2.GetFleetRequest(),
                                                           timeout=operator.RPC_TIMEOUT_S)
     except grpc.RpcError as err:
         log.warning("cannot reach the coordinator at %s: %s", cloud, err.code().name)
@@ -66,14 +67,14 @@ def complete_seconds(samples: list[Sample], now: float) -> tuple[list[dict], lis
             [s for s in samples if int(s.t) >= cutoff])
 
 
-def run(config: LoadConfig, stop: threading.Event) -> None:
+def run(config: LoadConfig, stop: threading.Event, transport: Transport) -> None:
     images = datasets.load("fashion-mnist", config.data_dir).test.images.numpy()[: config.images]
     edges: dict[str, str] = {}
     generator, pending = None, []
     while not stop.is_set():
-        found = discover(config.cloud) or edges
+        found = discover(config.cloud, transport) or edges
         if found != edges:
-            edges, generator = found, LoadGenerator(found, images, config.batch)
+            edges, generator = found, LoadGenerator(found, images, config.batch, transport)
             print(f"prunefleet cluster load driving load at {len(edges)} edge(s): {', '.join(sorted(edges))}",
                   flush=True)
         if generator is None:
@@ -88,11 +89,11 @@ def run(config: LoadConfig, stop: threading.Event) -> None:
                 out.write("".join(json.dumps(row) + "\n" for row in finished))
 
 
-def main(config: LoadConfig) -> int:
+def main(config: LoadConfig, transport: Transport) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    run(config, stop)
+    run(config, stop, transport)
     return 0
 
 

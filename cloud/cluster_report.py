@@ -10,6 +10,7 @@ from cloud import cluster_load, operator, plots
 from cloud.detached import Proc
 from cloud.store import PortfolioStore
 from common.files import atomic_write_json
+from common.security import Transport
 from protos import coordinator_pb2
 
 SETTLED_WINDOW_S = 30.0  # the variant an edge settled on: the one that answered most in this last stretch
@@ -47,7 +48,7 @@ def write(state: dict, procs: list[Proc]) -> tuple[Path, str]:
     manifest = PortfolioStore(state["portfolio"]).manifest()
     names = {v.variant_id: v.name for v in manifest.variants}
     accuracy = {v.variant_id: v.accuracy for v in manifest.variants}
-    stub = operator.coordinator_stub(cloud.address)
+    stub = operator.coordinator_stub(cloud.address, Transport.plaintext())
     fleet = stub.GetFleet(coordinator_pb2.GetFleetRequest(), timeout=operator.RPC_TIMEOUT_S)
     events = stub.ListEvents(coordinator_pb2.ListEventsRequest(since=started, limit=10_000),
                              timeout=operator.RPC_TIMEOUT_S).events

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from common.wire import GRPC_OPTIONS, to_proto
+from common.security import Transport
+from common.wire import to_proto
 from protos import inference_pb2, inference_pb2_grpc
 
 
@@ -37,9 +38,9 @@ class Sample:
 
 
 class LoadGenerator:
-    def __init__(self, edges: dict[str, str], images: np.ndarray, batch: int,
+    def __init__(self, edges: dict[str, str], images: np.ndarray, batch: int, transport: Transport,
                  clock: Callable[[], float] = time.monotonic, timeout_s: float = 10.0):
-        self._stubs = {name: inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(addr, options=GRPC_OPTIONS))
+        self._stubs = {name: inference_pb2_grpc.InferenceServiceStub(transport.channel(addr))
                        for name, addr in edges.items()}
         self._images, self._batch, self._clock, self._timeout = images, batch, clock, timeout_s
         self._lock = threading.Lock()

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from common.files import atomic_write_bytes, atomic_write_json, is_sha256_hex, sha256_bytes
+from common.files import atomic_write_bytes, atomic_write_json, is_sha256_hex, portfolio_id, sha256_bytes  # noqa: F401
 
 
 class StoreError(LookupError):
@@ -56,11 +56,6 @@ class Manifest:
     def from_json(cls, raw: dict) -> Manifest:
         variants = tuple(VariantEntry(**v) for v in raw.get("variants", ()))
         return cls(**{**raw, "variants": variants})
-
-
-def portfolio_id(variant_ids: list[str]) -> str:
-    """A portfolio's identity is the hash of its variants' identities."""
-    return sha256_bytes("\n".join(sorted(variant_ids)).encode())[:16]
 
 
 class PortfolioStore:

@@ -20,6 +20,11 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def portfolio_id(variant_ids) -> str:
+    """A portfolio's identity is the hash of its variants' identities (cloud and edge compute it alike)."""
+    return sha256_bytes("\n".join(sorted(variant_ids)).encode())[:16]
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -21,8 +21,14 @@ GRPC_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 5_000),
+    # accept HTTP/2 frames up to 4 MiB (default 16 KiB): a 1 MiB chunk goes in one frame instead of 64
+    ("grpc.http2.max_frame_size", 4 << 20),
 )
 SERVER_OPTIONS = GRPC_OPTIONS + (("grpc.http2.min_ping_interval_without_data_ms", 5_000),)
+# Clients read ahead at most one chunk per stream (a fixed flow-control window instead of gRPC's
+# bandwidth-delay probing, which lets a fast sender run megabytes ahead of a slow reader), so a
+# download cut at any point has about one chunk in flight to send again.
+CHANNEL_OPTIONS = GRPC_OPTIONS + (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", CHUNK_BYTES))
 
 
 class TensorError(ValueError):

@@ -17,7 +17,9 @@ from pathlib import Path
 import grpc
 
 from common import variant
+from common.files import portfolio_id
 from common.profiling import LatencyProfile
+from common.security import SecurityError, Verifier
 from edge import policy as policies
 from edge.fetcher import FetchError, RetryConfig, fetch
 from edge.link import Link, Outbox
@@ -52,6 +54,7 @@ class AgentConfig:
     backoff_s: float = 0.5  # reconnect and re-register: exponential backoff with full jitter from here
     max_backoff_s: float = 10.0
     allowed_models: tuple[str, ...] = ()  # import-path architectures this edge may build (zoo: always)
+    verify_key: Path | None = None  # the cloud's Ed25519 public key: refuse unsigned or wrongly signed variants
 
     def __post_init__(self) -> None:
         if not self.cloud or not self.name:
@@ -96,8 +99,10 @@ def variant_info(info) -> VariantInfo:
 class Agent:
     def __init__(self, config: AgentConfig, runtime: Runtime, metrics: EdgeMetrics, window: RequestWindow,
                  process: ProcessStats, health, portfolio_stub, outbox: Outbox, stopping: threading.Event,
-                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
+                 verifier: Verifier | None = None):
         self.config, self.runtime, self.metrics = config, runtime, metrics
+        self._verifier = verifier
         self._window, self._process, self._health = window, process, health
         self._portfolio, self._outbox, self.stopping = portfolio_stub, outbox, stopping
         self._clock, self._wall_clock = clock, wall_clock
@@ -112,8 +117,11 @@ class Agent:
 
     # --- portfolio ---------------------------------------------------------------------------------
     def _fetch_and_load(self, info) -> tuple[variant.Variant, float]:
-        """Fetch and verify (sha256 = variant id) and build one variant; the seconds it took."""
+        """Check the cloud's signature (when this edge has its key), fetch and verify (sha256 = variant
+        id) and build one variant; the seconds it took."""
         start = time.perf_counter()
+        if self._verifier is not None:
+            self._verifier.check(info.variant_id, info.signature)  # before a byte is downloaded
         path = fetch(self._portfolio, info.variant_id, self.config.cache_dir, self.config.fetch_deadline_s,
                      retry=RetryConfig(attempts=self.config.fetch_attempts, backoff_s=self.config.backoff_s,
                                        max_backoff_s=self.config.max_backoff_s))
@@ -147,7 +155,7 @@ class Agent:
                     continue
                 try:
                     fresh.append((info, *self._fetch_and_load(info)))
-                except (FetchError, variant.VariantError, OSError, RuntimeError, ValueError) as err:
+                except (FetchError, SecurityError, variant.VariantError, OSError, RuntimeError, ValueError) as err:
                     log.error("variant %s refused: %s", info.variant_id[:12], err)
             if fresh:
                 self._profile_and_hold(fresh)
@@ -235,13 +243,14 @@ class Agent:
             timestamp=self._wall_clock(), active_variant=active.variant_id if active else "",
             request_rate=stats.rate, p50_ms=stats.p50_ms, p95_ms=stats.p95_ms, p99_ms=stats.p99_ms,
             requests=stats.requests, errors=stats.errors, cpu_percent=cpu, rss_bytes=rss,
-            resident_variants=len(self.runtime.variants()))
+            resident_variants=len(self.runtime.variants()), portfolio_id=portfolio_id(self.runtime.variants()),
+            policy_version=self.policy.version)
 
     def decide_once(self) -> policies.Decision | None:
-        """Close the window, report it, and switch if the policy says so."""
+        """Close the window, report it (kept while the cloud is away), and switch if the policy says so."""
         now = self._clock()
         stats = self._window.close_window(now)
-        self._outbox.report(self._report(telemetry=self._telemetry(stats)))
+        self._outbox.telemetry(self._report(telemetry=self._telemetry(stats)))
         with self._decide_lock:
             if self._state is None:
                 return None

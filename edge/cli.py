@@ -1,7 +1,12 @@
 """`prunefleet-edge`: the edge agent.
 
     prunefleet-edge run --cloud HOST:PORT --name NAME --port PORT --metrics-port PORT --cache DIR
-                        [--allow-model package.module:function ...]
+                        (--certs DIR | --insecure) [--verify-key PEM] [--allow-model package.module:function ...]
+
+With `--certs DIR` (the `edge` directory of `prunefleet certs init`) the agent speaks mutual TLS to the
+cloud and serves its InferenceService over mutual TLS, and refuses variants not signed by the key in
+DIR/signing.pub (or `--verify-key`). `--insecure` is plaintext; variants are then checked only when
+`--verify-key` is given.
 
 Zoo architectures are always built. A variant whose architecture is an import path is refused, before
 anything is imported, unless the path is allowed: `--allow-model PATH` (repeatable) plus the
@@ -28,8 +33,7 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry, start_http_server
 
-from common import models
-from common.wire import GRPC_OPTIONS
+from common import models, security
 from edge.agent import Agent, AgentConfig, initial_portfolio
 from edge.link import Link, LinkConfig, Outbox
 from edge.metrics import EdgeMetrics
@@ -42,7 +46,7 @@ log = logging.getLogger("edge")
 STOP_GRACE_S = 2.0
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(environ=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunefleet-edge", description="The prunefleet edge agent.")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         type=str.upper)
@@ -63,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-model", action="append", dest="allow_models", metavar="PACKAGE.MODULE:FUNCTION",
                      help="also build variants of this import-path architecture (repeatable; adds to the "
                           f"comma-separated {models.ALLOW_ENV}); zoo architectures are always allowed")
+    security.add_arguments(run, token=False, environ=environ)
+    run.add_argument("--verify-key", type=Path, default=None,
+                     help="the cloud's Ed25519 public key (default: DIR/signing.pub of --certs)")
     # the log level may also come after `run`; SUPPRESS keeps the top-level value when it does not
     run.add_argument("--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                      type=str.upper)
@@ -74,8 +81,15 @@ def allowed_models(args, environ) -> tuple[str, ...]:
     return models.parse_allow_list([environ.get(models.ALLOW_ENV, ""), *(args.allow_models or ())])
 
 
+def verify_key(args) -> Path | None:
+    if args.verify_key is not None:
+        return args.verify_key
+    return None if args.insecure or args.certs is None else args.certs / security.SIGNING_PUB
+
+
 def _config(args, allowed: tuple[str, ...] = ()) -> AgentConfig:
-    return AgentConfig(allowed_models=allowed, cloud=args.cloud, name=args.name, cache_dir=args.cache, host=args.host,
+    return AgentConfig(allowed_models=allowed, verify_key=verify_key(args), cloud=args.cloud, name=args.name,
+                       cache_dir=args.cache, host=args.host,
                        advertise_host=args.advertise_host, port=args.port,
                        metrics_port=args.metrics_port, threads=args.threads, batch=args.batch,
                        max_batch=args.max_batch, window_s=args.window_s, slo_ms=args.slo_ms)
@@ -117,29 +131,30 @@ class Node:
         self.http.shutdown()
 
 
-def assemble(config: AgentConfig, stopping: threading.Event) -> Node:
+def assemble(config: AgentConfig, stopping: threading.Event, transport: security.Transport) -> Node:
     """Start the InferenceService (NOT_SERVING) and the metrics endpoint, and wire the agent to them."""
+    verifier = security.Verifier.load(config.verify_key) if config.verify_key else None
     registry = CollectorRegistry()
     metrics = EdgeMetrics(registry, config.name, slo_s=config.slo_ms / 1e3)
     http, _ = start_http_server(config.metrics_port, config.host, registry=registry)
     runtime = Runtime(RuntimeConfig(slots=config.threads, max_batch=config.max_batch))
     window = RequestWindow(time.monotonic())
     server, port, health = make_server(InferenceServicer(runtime, window, metrics), config.host, config.port,
-                                       config.workers)
-    channel = grpc.insecure_channel(config.cloud, options=GRPC_OPTIONS)
+                                       config.workers, None if transport.insecure else transport.server_credentials())
+    channel = transport.channel(config.cloud)
     address, metrics_address = f"{config.public_host}:{port}", f"{config.public_host}:{http.server_port}"
     link_config = LinkConfig(edge=config.name, address=address, metrics_address=metrics_address,
                              threads=config.threads, backoff_s=config.backoff_s, max_backoff_s=config.max_backoff_s)
-    outbox = Outbox(link_config.max_buffered, link_config.max_live)
+    outbox = Outbox(link_config.max_buffered, link_config.max_live, link_config.max_telemetry)
     agent = Agent(config, runtime, metrics, window, ProcessStats(), health,
-                  portfolio_pb2_grpc.PortfolioServiceStub(channel), outbox, stopping)
+                  portfolio_pb2_grpc.PortfolioServiceStub(channel), outbox, stopping, verifier=verifier)
     link = Link(link_config, coordinator_pb2_grpc.CoordinatorServiceStub(channel), outbox, stopping)
     return Node(agent, link, server, health, http, channel, address, metrics_address)
 
 
-def run(config: AgentConfig, stopping: threading.Event) -> int:
+def run(config: AgentConfig, stopping: threading.Event, transport: security.Transport) -> int:
     torch.set_num_threads(config.threads)
-    node = assemble(config, stopping)
+    node = assemble(config, stopping, transport)
     try:
         if initial_portfolio(node.agent, node.link):
             node.agent.start_serving()
@@ -150,7 +165,7 @@ def run(config: AgentConfig, stopping: threading.Event) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser(os.environ).parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stopping = threading.Event()
@@ -160,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         allowed = allowed_models(args, os.environ)
         if allowed:
             log.info("import-path architectures allowed: %s", ", ".join(allowed))
-        return run(_config(args, allowed), stopping)
+        transport = security.from_arguments(args, token=False)
+        log.info("speaking %s to %s", "plaintext (--insecure)" if transport.insecure else "mutual TLS", args.cloud)
+        return run(_config(args, allowed), stopping, transport)
     except (ValueError, OSError) as err:
         print(f"prunefleet-edge: error: {err}", file=sys.stderr)
         return 2

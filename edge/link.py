@@ -1,9 +1,11 @@
 """The link to the coordinator: Register, then one long-lived Connect stream; reconnect on loss.
 
-Reports go up through an `Outbox`. Switch events are kept in a bounded buffer until a stream takes
-them, so the coordinator learns of every switch made while it was unreachable (the oldest are
-dropped past `max_buffered`). Telemetry and profiles are current state, not history: while the link
-is down they are dropped, and every new stream starts with the profile of each variant held.
+Reports go up through an `Outbox`. Switch events and telemetry windows are kept in bounded buffers
+until a stream takes them, so the coordinator learns of every switch and window while it was
+unreachable (the oldest are dropped past `max_buffered` events and `max_telemetry` windows); both are
+sent at least once and the coordinator stores a repeat once. Profiles are current state: while the
+link is down they are dropped, and every new stream starts with the profile of each variant held.
+The Connect stream has a deadline too (`stream_deadline_s`); the link then simply opens a new one.
 """
 
 from __future__ import annotations
@@ -31,19 +33,23 @@ class LinkConfig:
     address: str  # host:port of this agent's InferenceService
     metrics_address: str
     threads: int = 1
-    rpc_timeout_s: float = 10.0  # Register's deadline; Connect is long-lived and has none
+    rpc_timeout_s: float = 10.0  # Register's deadline
+    stream_deadline_s: float = 3600.0  # Connect's: a long-lived stream is renewed this often
     backoff_s: float = 0.5
     max_backoff_s: float = 10.0
     max_buffered: int = 1000  # switch events kept while disconnected
-    max_live: int = 1000  # telemetry and profile reports queued on a live stream
+    max_telemetry: int = 3600  # telemetry windows kept while disconnected (an hour of 1 s windows)
+    max_live: int = 1000  # profile reports queued on a live stream
 
     def __post_init__(self) -> None:
         if not self.edge or not self.address or self.threads < 1:
             raise ValueError("edge and address must be set and threads >= 1")
         if self.rpc_timeout_s <= 0 or not 0 <= self.backoff_s <= self.max_backoff_s:
             raise ValueError("rpc_timeout_s must be positive and 0 <= backoff_s <= max_backoff_s")
-        if self.max_buffered < 1 or self.max_live < 1:
-            raise ValueError("max_buffered and max_live must be >= 1")
+        if self.max_buffered < 1 or self.max_live < 1 or self.max_telemetry < 1:
+            raise ValueError("max_buffered, max_telemetry and max_live must be >= 1")
+        if self.stream_deadline_s <= self.rpc_timeout_s:
+            raise ValueError("stream_deadline_s must be longer than rpc_timeout_s")
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         return full_jitter(attempt, self.backoff_s, self.max_backoff_s, rng)
@@ -53,18 +59,24 @@ RESEND_S = 10.0  # how far back a broken stream's events are sent again
 
 
 class Outbox:
-    """Reports waiting for the stream: switch events survive disconnection, the rest do not."""
+    """Reports waiting for the stream: switch events and telemetry survive disconnection, profiles do not."""
 
-    def __init__(self, max_buffered: int, max_live: int):
+    def __init__(self, max_buffered: int, max_live: int, max_telemetry: int = 3600):
         self._ready = threading.Condition()
         self._events: deque = deque(maxlen=max_buffered)
-        self._sent: deque = deque(maxlen=max_buffered)  # (monotonic time, event) given to the current stream
+        self._telemetry: deque = deque(maxlen=max_telemetry)
+        self._sent: deque = deque(maxlen=max_buffered + max_telemetry)  # (monotonic time, queue, report)
         self._live: deque = deque(maxlen=max_live)
         self._streams = 0  # open streams; a new one may start before the old one's generator has ended
 
     def event(self, report: coordinator_pb2.EdgeReport) -> None:
         with self._ready:
             self._events.append(report)
+            self._ready.notify_all()
+
+    def telemetry(self, report: coordinator_pb2.EdgeReport) -> None:
+        with self._ready:
+            self._telemetry.append(report)
             self._ready.notify_all()
 
     def report(self, report: coordinator_pb2.EdgeReport) -> None:
@@ -77,13 +89,18 @@ class Outbox:
         with self._ready:
             return len(self._events)
 
+    def pending_telemetry(self) -> int:
+        with self._ready:
+            return len(self._telemetry)
+
     def _next(self, alive: threading.Event):
         with self._ready:
             while alive.is_set():
-                if self._events:
-                    event = self._events.popleft()
-                    self._sent.append((time.monotonic(), event))
-                    return event
+                for kept in (self._events, self._telemetry):
+                    if kept:
+                        report = kept.popleft()
+                        self._sent.append((time.monotonic(), kept, report))
+                        return report
                 if self._live:
                     return self._live.popleft()
                 self._ready.wait(0.5)
@@ -104,13 +121,15 @@ class Outbox:
                 self._live.clear()
 
     def close(self, alive: threading.Event) -> None:
-        """End a stream. Events handed to it in its last RESEND_S seconds go back to the front of the
-        buffer: a stream that breaks may have taken them without delivering them (at least once; the
-        coordinator stores a repeated event once)."""
+        """End a stream. Events and windows handed to it in its last RESEND_S seconds go back to the
+        front of their buffers: a stream that breaks may have taken them without delivering them (at
+        least once; the coordinator stores a repeat once)."""
         with self._ready:
             alive.clear()
-            recent = [event for at, event in self._sent if time.monotonic() - at <= RESEND_S]
-            self._events.extendleft(reversed(recent))
+            now = time.monotonic()
+            for kept in (self._events, self._telemetry):
+                recent = [report for at, queue, report in self._sent if queue is kept and now - at <= RESEND_S]
+                kept.extendleft(reversed(recent))
             self._sent.clear()
             self._ready.notify_all()
 
@@ -144,7 +163,8 @@ class Link:
         alive = threading.Event()
         alive.set()
         try:
-            call = self._stub.Connect(self._outbox.stream(handler.hello(), alive))
+            call = self._stub.Connect(self._outbox.stream(handler.hello(), alive),
+                                      timeout=self.config.stream_deadline_s)
             threading.Thread(target=self._cancel_on_stop, args=(call, alive), daemon=True, name="link-stop").start()
             for directive in call:
                 self._heard.set()

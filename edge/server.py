@@ -86,9 +86,10 @@ def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
         health_servicer.set(name, status)
 
 
-def make_server(servicer: InferenceServicer, host: str, port: int, workers: int
-                ) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A started server, NOT_SERVING until the caller says otherwise, and its bound port (port 0 picks one)."""
+def make_server(servicer: InferenceServicer, host: str, port: int, workers: int,
+                credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A started server, NOT_SERVING until the caller says otherwise, and its bound port (port 0 picks one).
+    With `credentials` it speaks TLS; without, plaintext."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict"),
                          options=SERVER_OPTIONS)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
@@ -96,7 +97,8 @@ def make_server(servicer: InferenceServicer, host: str, port: int, workers: int
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as err:  # grpc raises when the address is taken
         raise OSError(f"cannot bind {host}:{port}: {err}") from err
     if bound == 0:

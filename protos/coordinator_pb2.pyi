@@ -68,7 +68,7 @@ class VariantProfile(_message.Message):
     def __init__(self, variant_id: _Optional[str] = ..., p50_ms_b1: _Optional[float] = ..., p95_ms_b1: _Optional[float] = ..., batch: _Optional[int] = ..., p50_ms_batch: _Optional[float] = ..., p95_ms_batch: _Optional[float] = ...) -> None: ...
 
 class Telemetry(_message.Message):
-    __slots__ = ("timestamp", "active_variant", "request_rate", "p50_ms", "p95_ms", "p99_ms", "requests", "errors", "cpu_percent", "rss_bytes", "resident_variants")
+    __slots__ = ("timestamp", "active_variant", "request_rate", "p50_ms", "p95_ms", "p99_ms", "requests", "errors", "cpu_percent", "rss_bytes", "resident_variants", "portfolio_id", "policy_version")
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_VARIANT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,8 @@ class Telemetry(_message.Message):
     CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    PORTFOLIO_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     timestamp: float
     active_variant: str
     request_rate: float
@@ -91,7 +93,9 @@ class Telemetry(_message.Message):
     cpu_percent: float
     rss_bytes: int
     resident_variants: int
-    def __init__(self, timestamp: _Optional[float] = ..., active_variant: _Optional[str] = ..., request_rate: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., resident_variants: _Optional[int] = ...) -> None: ...
+    portfolio_id: str
+    policy_version: int
+    def __init__(self, timestamp: _Optional[float] = ..., active_variant: _Optional[str] = ..., request_rate: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., resident_variants: _Optional[int] = ..., portfolio_id: _Optional[str] = ..., policy_version: _Optional[int] = ...) -> None: ...
 
 class SwitchEvent(_message.Message):
     __slots__ = ("timestamp", "from_variant", "to_variant", "reason", "observed_p95_ms", "switch_us", "reason_code")
@@ -132,7 +136,7 @@ class Directive(_message.Message):
     def __init__(self, policy: _Optional[_Union[Policy, _Mapping]] = ..., portfolio: _Optional[_Union[_portfolio_pb2.ListVariantsResponse, _Mapping]] = ...) -> None: ...
 
 class EdgeStatus(_message.Message):
-    __slots__ = ("edge", "address", "metrics_address", "registered_at", "last_seen", "connected", "telemetry", "policy_version", "profiles")
+    __slots__ = ("edge", "address", "metrics_address", "registered_at", "last_seen", "connected", "telemetry", "policy_version", "profiles", "desired_portfolio_id", "reported_portfolio_id", "desired_policy_version", "pinned_variant")
     EDGE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +146,10 @@ class EdgeStatus(_message.Message):
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     PROFILES_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_PORTFOLIO_ID_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_PORTFOLIO_ID_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PINNED_VARIANT_FIELD_NUMBER: _ClassVar[int]
     edge: str
     address: str
     metrics_address: str
@@ -151,7 +159,11 @@ class EdgeStatus(_message.Message):
     telemetry: Telemetry
     policy_version: int
     profiles: _containers.RepeatedCompositeFieldContainer[VariantProfile]
-    def __init__(self, edge: _Optional[str] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., registered_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., connected: _Optional[bool] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., policy_version: _Optional[int] = ..., profiles: _Optional[_Iterable[_Union[VariantProfile, _Mapping]]] = ...) -> None: ...
+    desired_portfolio_id: str
+    reported_portfolio_id: str
+    desired_policy_version: int
+    pinned_variant: str
+    def __init__(self, edge: _Optional[str] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., registered_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., connected: _Optional[bool] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., policy_version: _Optional[int] = ..., profiles: _Optional[_Iterable[_Union[VariantProfile, _Mapping]]] = ..., desired_portfolio_id: _Optional[str] = ..., reported_portfolio_id: _Optional[str] = ..., desired_policy_version: _Optional[int] = ..., pinned_variant: _Optional[str] = ...) -> None: ...
 
 class GetFleetRequest(_message.Message):
     __slots__ = ()
@@ -179,6 +191,22 @@ class SetPolicyResponse(_message.Message):
     policy: Policy
     def __init__(self, policy: _Optional[_Union[Policy, _Mapping]] = ...) -> None: ...
 
+class PinRequest(_message.Message):
+    __slots__ = ("edges", "variant_id")
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
+    edges: str
+    variant_id: str
+    def __init__(self, edges: _Optional[str] = ..., variant_id: _Optional[str] = ...) -> None: ...
+
+class PinResponse(_message.Message):
+    __slots__ = ("edges", "policy")
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    edges: _containers.RepeatedScalarFieldContainer[str]
+    policy: Policy
+    def __init__(self, edges: _Optional[_Iterable[str]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ...) -> None: ...
+
 class EdgeEvent(_message.Message):
     __slots__ = ("edge", "event")
     EDGE_FIELD_NUMBER: _ClassVar[int]
@@ -202,3 +230,85 @@ class ListEventsResponse(_message.Message):
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[EdgeEvent]
     def __init__(self, events: _Optional[_Iterable[_Union[EdgeEvent, _Mapping]]] = ...) -> None: ...
+
+class RolloutThresholds(_message.Message):
+    __slots__ = ("min_slo_attainment", "max_error_rate", "min_windows", "adopt_timeout_s")
+    MIN_SLO_ATTAINMENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    MIN_WINDOWS_FIELD_NUMBER: _ClassVar[int]
+    ADOPT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    min_slo_attainment: float
+    max_error_rate: float
+    min_windows: int
+    adopt_timeout_s: float
+    def __init__(self, min_slo_attainment: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., min_windows: _Optional[int] = ..., adopt_timeout_s: _Optional[float] = ...) -> None: ...
+
+class Rollout(_message.Message):
+    __slots__ = ("id", "portfolio_id", "selector", "canary_edges", "edges", "state", "reason", "created_at", "updated_at", "thresholds", "previous_portfolio_id")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PORTFOLIO_ID_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    CANARY_EDGES_FIELD_NUMBER: _ClassVar[int]
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_PORTFOLIO_ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    portfolio_id: str
+    selector: str
+    canary_edges: _containers.RepeatedScalarFieldContainer[str]
+    edges: _containers.RepeatedScalarFieldContainer[str]
+    state: str
+    reason: str
+    created_at: float
+    updated_at: float
+    thresholds: RolloutThresholds
+    previous_portfolio_id: str
+    def __init__(self, id: _Optional[int] = ..., portfolio_id: _Optional[str] = ..., selector: _Optional[str] = ..., canary_edges: _Optional[_Iterable[str]] = ..., edges: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., thresholds: _Optional[_Union[RolloutThresholds, _Mapping]] = ..., previous_portfolio_id: _Optional[str] = ...) -> None: ...
+
+class DeployRequest(_message.Message):
+    __slots__ = ("portfolio", "edges", "canary", "thresholds")
+    PORTFOLIO_FIELD_NUMBER: _ClassVar[int]
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    portfolio: str
+    edges: str
+    canary: int
+    thresholds: RolloutThresholds
+    def __init__(self, portfolio: _Optional[str] = ..., edges: _Optional[str] = ..., canary: _Optional[int] = ..., thresholds: _Optional[_Union[RolloutThresholds, _Mapping]] = ...) -> None: ...
+
+class DeployResponse(_message.Message):
+    __slots__ = ("rollout",)
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    rollout: Rollout
+    def __init__(self, rollout: _Optional[_Union[Rollout, _Mapping]] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("rollout_id", "reason")
+    ROLLOUT_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    rollout_id: int
+    reason: str
+    def __init__(self, rollout_id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RollbackResponse(_message.Message):
+    __slots__ = ("rollout",)
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    rollout: Rollout
+    def __init__(self, rollout: _Optional[_Union[Rollout, _Mapping]] = ...) -> None: ...
+
+class ListRolloutsRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class ListRolloutsResponse(_message.Message):
+    __slots__ = ("rollouts",)
+    ROLLOUTS_FIELD_NUMBER: _ClassVar[int]
+    rollouts: _containers.RepeatedCompositeFieldContainer[Rollout]
+    def __init__(self, rollouts: _Optional[_Iterable[_Union[Rollout, _Mapping]]] = ...) -> None: ...

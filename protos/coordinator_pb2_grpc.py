@@ -59,6 +59,26 @@ class CoordinatorServiceStub:
                 request_serializer=protos_dot_coordinator__pb2.ListEventsRequest.SerializeToString,
                 response_deserializer=protos_dot_coordinator__pb2.ListEventsResponse.FromString,
                 _registered_method=True)
+        self.Deploy = channel.unary_unary(
+                '/prunefleet.v1.CoordinatorService/Deploy',
+                request_serializer=protos_dot_coordinator__pb2.DeployRequest.SerializeToString,
+                response_deserializer=protos_dot_coordinator__pb2.DeployResponse.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/prunefleet.v1.CoordinatorService/Rollback',
+                request_serializer=protos_dot_coordinator__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=protos_dot_coordinator__pb2.RollbackResponse.FromString,
+                _registered_method=True)
+        self.ListRollouts = channel.unary_unary(
+                '/prunefleet.v1.CoordinatorService/ListRollouts',
+                request_serializer=protos_dot_coordinator__pb2.ListRolloutsRequest.SerializeToString,
+                response_deserializer=protos_dot_coordinator__pb2.ListRolloutsResponse.FromString,
+                _registered_method=True)
+        self.Pin = channel.unary_unary(
+                '/prunefleet.v1.CoordinatorService/Pin',
+                request_serializer=protos_dot_coordinator__pb2.PinRequest.SerializeToString,
+                response_deserializer=protos_dot_coordinator__pb2.PinResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -94,6 +114,30 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Deploy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRollouts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pin(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +165,26 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ListEvents,
                     request_deserializer=protos_dot_coordinator__pb2.ListEventsRequest.FromString,
                     response_serializer=protos_dot_coordinator__pb2.ListEventsResponse.SerializeToString,
+            ),
+            'Deploy': grpc.unary_unary_rpc_method_handler(
+                    servicer.Deploy,
+                    request_deserializer=protos_dot_coordinator__pb2.DeployRequest.FromString,
+                    response_serializer=protos_dot_coordinator__pb2.DeployResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=protos_dot_coordinator__pb2.RollbackRequest.FromString,
+                    response_serializer=protos_dot_coordinator__pb2.RollbackResponse.SerializeToString,
+            ),
+            'ListRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRollouts,
+                    request_deserializer=protos_dot_coordinator__pb2.ListRolloutsRequest.FromString,
+                    response_serializer=protos_dot_coordinator__pb2.ListRolloutsResponse.SerializeToString,
+            ),
+            'Pin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pin,
+                    request_deserializer=protos_dot_coordinator__pb2.PinRequest.FromString,
+                    response_serializer=protos_dot_coordinator__pb2.PinResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +322,114 @@ class CoordinatorService:
             '/prunefleet.v1.CoordinatorService/ListEvents',
             protos_dot_coordinator__pb2.ListEventsRequest.SerializeToString,
             protos_dot_coordinator__pb2.ListEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Deploy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prunefleet.v1.CoordinatorService/Deploy',
+            protos_dot_coordinator__pb2.DeployRequest.SerializeToString,
+            protos_dot_coordinator__pb2.DeployResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prunefleet.v1.CoordinatorService/Rollback',
+            protos_dot_coordinator__pb2.RollbackRequest.SerializeToString,
+            protos_dot_coordinator__pb2.RollbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prunefleet.v1.CoordinatorService/ListRollouts',
+            protos_dot_coordinator__pb2.ListRolloutsRequest.SerializeToString,
+            protos_dot_coordinator__pb2.ListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prunefleet.v1.CoordinatorService/Pin',
+            protos_dot_coordinator__pb2.PinRequest.SerializeToString,
+            protos_dot_coordinator__pb2.PinResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class VariantInfo(_message.Message):
-    __slots__ = ("variant_id", "sha256", "size_bytes", "params", "accuracy", "method", "name", "arch", "sparsity", "compression", "latency_ms_b1", "level", "params_ratio")
+    __slots__ = ("variant_id", "sha256", "size_bytes", "params", "accuracy", "method", "name", "arch", "sparsity", "compression", "latency_ms_b1", "level", "params_ratio", "signature")
     VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class VariantInfo(_message.Message):
     LATENCY_MS_B1_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     PARAMS_RATIO_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     variant_id: str
     sha256: str
     size_bytes: int
@@ -34,7 +35,8 @@ class VariantInfo(_message.Message):
     latency_ms_b1: float
     level: int
     params_ratio: float
-    def __init__(self, variant_id: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., params: _Optional[int] = ..., accuracy: _Optional[float] = ..., method: _Optional[str] = ..., name: _Optional[str] = ..., arch: _Optional[str] = ..., sparsity: _Optional[float] = ..., compression: _Optional[float] = ..., latency_ms_b1: _Optional[float] = ..., level: _Optional[int] = ..., params_ratio: _Optional[float] = ...) -> None: ...
+    signature: bytes
+    def __init__(self, variant_id: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., params: _Optional[int] = ..., accuracy: _Optional[float] = ..., method: _Optional[str] = ..., name: _Optional[str] = ..., arch: _Optional[str] = ..., sparsity: _Optional[float] = ..., compression: _Optional[float] = ..., latency_ms_b1: _Optional[float] = ..., level: _Optional[int] = ..., params_ratio: _Optional[float] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ListVariantsRequest(_message.Message):
     __slots__ = ()

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import datasets
+from cloud.store import Manifest, PortfolioStore, VariantEntry, portfolio_id
+from common import datasets, models, variant
 from common.variant import VariantSpec
 
 
@@ -60,3 +61,18 @@ def random_batchnorm_statistics(model: torch.nn.Module) -> torch.nn.Module:
                 m.running_var.uniform_(0.5, 2)
     return model
 
+
+def variant_store(root, widths: tuple[float, ...] = (0.25, 0.125)) -> PortfolioStore:
+    """A store of real vgg11 variant files (untrained) at these widths; at 0.25 a file is over 1 MiB."""
+    store = PortfolioStore(root)
+    entries = []
+    for level, width in enumerate(widths):
+        kwargs = {"in_channels": 1, "input_size": 28, "num_classes": 10, "width": width}
+        model = models.build("vgg11", kwargs)
+        vid = store.put_variant(variant.encode(model, spec_for("vgg11", kwargs, accuracy=0.9 - level / 10)))
+        entries.append(VariantEntry(vid, f"vgg11-L{level}", level, "shifter", "vgg11", models.count_params(model),
+                                    store.variant_path(vid).stat().st_size, 0.9 - level / 10, 0.9, 0.0, 1.0, 1.0,
+                                    1.0, 2.0))
+    store.write_manifest(Manifest(portfolio_id([e.variant_id for e in entries]), "vgg11", "fashion-mnist",
+                                  "shifter", time.time(), {}, tuple(entries)))
+    return store

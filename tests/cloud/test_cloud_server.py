@@ -9,31 +9,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from cloud import server
-from cloud.store import Manifest, PortfolioStore, VariantEntry, portfolio_id
-from common import models, variant
-from conftest import spec_for
+from common.security import Transport
+from conftest import spec_for, variant_store as _store
 from protos import coordinator_pb2, coordinator_pb2_grpc, portfolio_pb2, portfolio_pb2_grpc
-
-
-def _store(root) -> PortfolioStore:
-    store = PortfolioStore(root)
-    entries = []
-    for level, width in enumerate((0.25, 0.125)):
-        kwargs = {"in_channels": 1, "input_size": 28, "num_classes": 10, "width": width}
-        model = models.build("vgg11", kwargs)
-        vid = store.put_variant(variant.encode(model, spec_for("vgg11", kwargs, accuracy=0.9 - level / 10)))
-        entries.append(VariantEntry(vid, f"vgg11-L{level}", level, "shifter", "vgg11", models.count_params(model),
-                                    store.variant_path(vid).stat().st_size, 0.9 - level / 10, 0.9, 0.0, 1.0, 1.0,
-                                    1.0, 2.0))
-    store.write_manifest(Manifest(portfolio_id([e.variant_id for e in entries]), "vgg11", "fashion-mnist",
-                                  "shifter", time.time(), {}, tuple(entries)))
-    return store
 
 
 @pytest.fixture()
 def cloud(tmp_path):
     store = _store(tmp_path / "store")
-    running = server.start(server.CloudConfig(store=store.root, db=tmp_path / "fleet.sqlite"), CollectorRegistry())
+    running = server.start(server.CloudConfig(store=store.root, transport=Transport.plaintext(), db=tmp_path / "fleet.sqlite"), CollectorRegistry())
     channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
     yield store, channel, running
     channel.close()
@@ -112,6 +96,9 @@ def test_register_connect_report_and_policy_push(cloud):
     time.sleep(0.3)
     new = stub.SetPolicy(coordinator_pb2.SetPolicyRequest(policy=coordinator_pb2.Policy(slo_ms=12.5)), timeout=5).policy
     assert new.version == first.policy.version + 1 and new.down_windows >= 1
+    desired = next(stream)  # once the stream is bound to the edge: the portfolio it should hold
+    assert desired.portfolio.portfolio_id == store.manifest().portfolio_id
+    assert next(stream).policy.version == first.policy.version  # and its own policy (with its pin, if any)
     assert next(stream).policy.slo_ms == 12.5
     fleet = stub.GetFleet(coordinator_pb2.GetFleetRequest(), timeout=5)
     (edge,) = fleet.edges
@@ -122,7 +109,7 @@ def test_register_connect_report_and_policy_push(cloud):
 
 def test_state_survives_a_coordinator_restart(tmp_path):
     store = _store(tmp_path / "store")
-    config = server.CloudConfig(store=store.root, db=tmp_path / "fleet.sqlite")
+    config = server.CloudConfig(store=store.root, transport=Transport.plaintext(), db=tmp_path / "fleet.sqlite")
     first = server.start(config, CollectorRegistry())
     stub = coordinator_pb2_grpc.CoordinatorServiceStub(grpc.insecure_channel(f"127.0.0.1:{first.port}"))
     _register(stub, "edge-x")
@@ -160,3 +147,32 @@ def test_bad_edge_names_and_unregistered_streams_are_refused(cloud):
     with pytest.raises(grpc.RpcError) as err:
         list(stream)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_pins_reach_only_the_selected_edges_and_survive_a_restart(tmp_path):
+    store = _store(tmp_path / "store")
+    config = server.CloudConfig(store=store.root, transport=Transport.plaintext(), db=tmp_path / "fleet.sqlite")
+    first = server.start(config, CollectorRegistry())
+    stub = coordinator_pb2_grpc.CoordinatorServiceStub(grpc.insecure_channel(f"127.0.0.1:{first.port}"))
+    for name in ("edge-1", "edge-2"):
+        _register(stub, name)
+    small = store.manifest().variants[1].variant_id
+    reply = stub.Pin(coordinator_pb2.PinRequest(edges="edge-2", variant_id=small), timeout=5)
+    assert list(reply.edges) == ["edge-2"]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Pin(coordinator_pb2.PinRequest(edges="edge-1", variant_id="0" * 64), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Pin(coordinator_pb2.PinRequest(edges="ghost", variant_id=small), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    first.stop(0)
+    second = server.start(config, CollectorRegistry())
+    stub = coordinator_pb2_grpc.CoordinatorServiceStub(grpc.insecure_channel(f"127.0.0.1:{second.port}"))
+    try:
+        assert _register(stub, "edge-2").policy.pinned_variant == small
+        assert _register(stub, "edge-1").policy.pinned_variant == ""
+        fleet = stub.GetFleet(coordinator_pb2.GetFleetRequest(), timeout=5)
+        assert {e.edge: e.pinned_variant for e in fleet.edges} == {"edge-1": "", "edge-2": small}
+        assert fleet.policy.version == reply.policy.version
+    finally:
+        second.stop(0)

@@ -7,7 +7,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.files import sha256_bytes
+from common.files import portfolio_id, sha256_bytes
+from common.security import Transport
 from edge.agent import AgentConfig, initial_portfolio
 from edge.cli import assemble
 from edge_fixtures import FakeCloud, portfolio_of, wait_for
@@ -29,7 +30,7 @@ def wired(portfolio, tmp_path):
     stopping = threading.Event()
     config = AgentConfig(cloud=address, name="edge-t", cache_dir=tmp_path / "cache", profile_iters=3, batch=4,
                          backoff_s=0.05, max_backoff_s=0.2, fetch_attempts=2)
-    node = assemble(config, stopping)
+    node = assemble(config, stopping, Transport.plaintext())
     yield cloud, node, infos, liar
     stopping.set()
     node.close()
@@ -96,6 +97,10 @@ def test_decisions_go_on_without_the_cloud_and_events_flush_on_reconnect(wired):
                      what="the buffered switch event")[0]
     assert event.to_variant == small
     assert len(cloud.registrations) > registrations  # re-registered on reconnect
+    windows = wait_for(lambda: [r.telemetry for r in cloud.reports if r.WhichOneof("body") == "telemetry"],
+                       timeout_s=15, what="the telemetry window buffered while the cloud was away")
+    assert windows[0].policy_version == 3  # the window closed while the cloud was away, under the local policy
+    assert windows[0].portfolio_id == portfolio_id(v.variant_id for v in infos)
     assert cloud.streams[-1][0].edge == "edge-t"
 
 
@@ -115,3 +120,31 @@ def test_a_portfolio_directive_loads_new_variants_switches_in_and_drops_the_old(
     profiles = wait_for(lambda: [r for r in cloud.reports if r.WhichOneof("body") == "profile"
                                  and r.profile.variant_id == tiny.variant_id], what="the new variant's profile")
     assert profiles[0].edge == "edge-t"
+
+
+def test_an_edge_with_the_cloud_key_loads_only_variants_signed_by_it(portfolio, tmp_path):
+    from cloud import certs
+    from common.security import Signer
+
+    keys, other = certs.init(tmp_path / "certs"), certs.init(tmp_path / "other")
+    files, (small, big) = portfolio
+    signed, unsigned, forged = (portfolio_pb2.VariantInfo(), portfolio_pb2.VariantInfo(), portfolio_pb2.VariantInfo())
+    signed.CopyFrom(small)
+    signed.signature = Signer.load(keys["cloud"] / "signing.key").sign(small.variant_id)
+    unsigned.CopyFrom(big)
+    forged.CopyFrom(big)
+    forged.signature = Signer.load(other["cloud"] / "signing.key").sign(big.variant_id)
+    cloud = FakeCloud(files, [signed, unsigned, forged])
+    address = cloud.start()
+    stopping = threading.Event()
+    config = AgentConfig(cloud=address, name="edge-s", cache_dir=tmp_path / "cache", profile_iters=2, batch=4,
+                         fetch_attempts=1, verify_key=keys["edge"] / "signing.pub")
+    node = assemble(config, stopping, Transport.plaintext())
+    try:
+        assert initial_portfolio(node.agent, node.link)
+        assert set(node.agent.runtime.variants()) == {small.variant_id}
+        assert {p.name for p in (tmp_path / "cache").iterdir()} == {f"{small.variant_id}.safetensors"}  # never fetched
+    finally:
+        stopping.set()
+        node.close()
+        cloud.stop()

@@ -46,7 +46,7 @@ def test_run_serves_reports_and_exits_cleanly_on_sigterm(cloud, tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "edge.cli", "run", "--cloud", f"127.0.0.1:{cloud.port}", "--name", "edge-c",
          "--port", "0", "--metrics-port", "0", "--cache", str(tmp_path / "cache"), "--batch", "4",
-         "--window-s", "0.2", "--log-level", "warning"],
+         "--window-s", "0.2", "--log-level", "warning", "--insecure"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         lines = _lines(process.stdout)

@@ -11,23 +11,25 @@ from cloud.store import PortfolioStore
 import torch
 
 from common import datasets, variant
+from common.security import Transport
 from conftest import wait_for
 from common.wire import from_proto, to_proto
 from protos import coordinator_pb2, inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.integration
+PLAIN = Transport.plaintext()
 
 
 @pytest.fixture(scope="module")
 def cluster(small_portfolio, tmp_path_factory):
     run = tmp_path_factory.mktemp("cluster")
     cloud = processes.start("cloud", ["cloud.cli", "cloud", "serve", "--store", str(small_portfolio), "--port", "0",
-                                      "--db", str(run / "fleet.sqlite")], run / "logs")
+                                      "--db", str(run / "fleet.sqlite"), "--insecure"], run / "logs")
     children = [cloud]
     try:
         children.append(processes.start("edge", [
             "edge.cli", "run", "--cloud", cloud.address, "--name", "edge-1", "--port", "0", "--metrics-port", "0",
-            "--cache", str(run / "cache"), "--threads", "1", "--batch", "8"], run / "logs"))
+            "--cache", str(run / "cache"), "--threads", "1", "--batch", "8", "--insecure"], run / "logs"))
         yield cloud, children[1], PortfolioStore(small_portfolio)
     finally:
         for child in reversed(children):
@@ -40,7 +42,7 @@ def _wait_for(predicate, timeout_s=60.0, what="condition"):
 
 
 def _edge_status(cloud):
-    fleet = operator.coordinator_stub(cloud.address).GetFleet(coordinator_pb2.GetFleetRequest(), timeout=5)
+    fleet = operator.coordinator_stub(cloud.address, PLAIN).GetFleet(coordinator_pb2.GetFleetRequest(), timeout=5)
     return next((e for e in fleet.edges if e.edge == "edge-1"), None)
 
 
@@ -91,7 +93,7 @@ def test_bad_dtype_and_byte_count_get_invalid_argument(cluster):
 
 
 def _events(cloud, code):
-    reply = operator.coordinator_stub(cloud.address).ListEvents(coordinator_pb2.ListEventsRequest(edge="edge-1"),
+    reply = operator.coordinator_stub(cloud.address, PLAIN).ListEvents(coordinator_pb2.ListEventsRequest(edge="edge-1"),
                                                                 timeout=5)
     return [e.event for e in reply.events if e.event.reason_code == code]
 
@@ -109,7 +111,7 @@ def test_policy_drives_a_switch_down_and_back_up(cluster, fashion_mnist):
     fastest, best = min(latency, key=latency.get), max(accuracy, key=accuracy.get)
     start = best if best != fastest else max((v for v in accuracy if v != fastest), key=accuracy.get)
     images = fashion_mnist.test.images[:8].numpy()
-    operator.set_policy(cloud.address, slo_ms=10_000.0, pinned_variant=start, down_windows=1, up_windows=1,
+    operator.set_policy(cloud.address, PLAIN, slo_ms=10_000.0, pinned_variant=start, down_windows=1, up_windows=1,
                         dwell_s=0.0, window_s=0.5)
 
     def loaded_until(predicate, what):
@@ -120,7 +122,7 @@ def test_policy_drives_a_switch_down_and_back_up(cluster, fashion_mnist):
         raise AssertionError(f"timed out waiting for {what}")
 
     loaded_until(lambda reply: reply.variant_id == start, "the pin")
-    operator.set_policy(cloud.address, slo_ms=0.001, pinned_variant="")
+    operator.set_policy(cloud.address, PLAIN, slo_ms=0.001, pinned_variant="")
     loaded_until(lambda _: _events(cloud, "slo_violation"), "a switch down")
     down = _events(cloud, "slo_violation")[-1]
     assert down.from_variant == start and down.to_variant == fastest and "SLO" in down.reason
@@ -128,7 +130,7 @@ def test_policy_drives_a_switch_down_and_back_up(cluster, fashion_mnist):
     assert _predict(edge, images).variant_id == fastest
     if best == fastest:  # the fastest is also the most accurate: there is nothing to step up to
         return
-    operator.set_policy(cloud.address, slo_ms=10_000.0)
+    operator.set_policy(cloud.address, PLAIN, slo_ms=10_000.0)
     loaded_until(lambda _: _events(cloud, "headroom"), "a switch back up")
     up = _events(cloud, "headroom")[-1]
     assert up.from_variant == fastest and accuracy[up.to_variant] > accuracy[up.from_variant]
@@ -142,15 +144,15 @@ def test_operator_cli_shows_the_fleet_and_sets_the_policy(cluster):
     cloud, _, _ = cluster
     cli = str(Path(sys.executable).parent / "prunefleet")
     _wait_for(lambda: (s := _edge_status(cloud)) and s.telemetry.active_variant, what="first telemetry")
-    status = subprocess.run([cli, "fleet", "status", "--cloud", cloud.address], capture_output=True, text=True,
-                            timeout=30, check=True).stdout
+    status = subprocess.run([cli, "fleet", "status", "--cloud", cloud.address, "--insecure"], capture_output=True,
+                            text=True, timeout=30, check=True).stdout
     assert "edge-1" in status and "live" in status and "vgg11-L" in status
-    changed = subprocess.run([cli, "policy", "set", "--cloud", cloud.address, "--slo-ms", "123"],
+    changed = subprocess.run([cli, "policy", "set", "--cloud", cloud.address, "--slo-ms", "123", "--insecure"],
                              capture_output=True, text=True, timeout=30, check=True).stdout
     assert "123.0 ms" in changed
-    events = subprocess.run([cli, "fleet", "events", "--cloud", cloud.address], capture_output=True, text=True,
-                            timeout=30, check=True).stdout
+    events = subprocess.run([cli, "fleet", "events", "--cloud", cloud.address, "--insecure"], capture_output=True,
+                            text=True, timeout=30, check=True).stdout
     assert "edge-1" in events and "initial" in events
-    bad = subprocess.run([cli, "policy", "set", "--cloud", cloud.address, "--slo-ms", "-5"], capture_output=True,
-                         text=True, timeout=30)
+    bad = subprocess.run([cli, "policy", "set", "--cloud", cloud.address, "--slo-ms", "-5", "--insecure"],
+                         capture_output=True, text=True, timeout=30)
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "slo_ms" in bad.stderr

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from cloud.server import CloudConfig, start
+from common.security import Transport
 from edge.metrics import EdgeMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,7 +90,8 @@ def test_prometheus_scrapes_the_cloud_and_every_edge_service():
 def _exported_names(store: Path, scratch: Path) -> set[str]:
     """Every sample name the cloud and an edge export, on their own registries."""
     cloud_registry, edge_registry = CollectorRegistry(), CollectorRegistry()
-    cloud = start(CloudConfig(store=store, port=0, db=scratch / "fleet.sqlite"), cloud_registry)
+    cloud = start(CloudConfig(store=store, transport=Transport.plaintext(), port=0, db=scratch / "fleet.sqlite"),
+                  cloud_registry)
     try:
         metrics = EdgeMetrics(edge_registry, "edge-1", slo_s=0.05)
         metrics.request("a" * 64, "OK", 0.01)

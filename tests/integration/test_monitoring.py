@@ -41,7 +41,7 @@ def _cli(*args, check=True, timeout=300):
 def cluster(small_portfolio, tmp_path_factory):
     directory = tmp_path_factory.mktemp("cluster")
     _cli("up", "--dir", str(directory), "--portfolio", str(small_portfolio), "--base-port", "0",
-         "--scrape-interval-s", "1", "--clients", "1", "--timeout-s", "120")
+         "--scrape-interval-s", "1", "--clients", "1", "--timeout-s", "120", "--insecure")
     try:
         yield directory, json.loads((directory / "cluster.json").read_text())
     finally:
@@ -73,7 +73,7 @@ def test_up_starts_every_process_pinned_and_the_status_shows_them(cluster):
     assert [procs[n]["cpus"] for n in EDGES] == [0.5, 1.0, 2.0]
     status = _cli("status", "--dir", str(directory)).stdout
     assert "DEAD" not in status and all(f"{name}  live" in status for name in EDGES)
-    again = _cli("up", "--dir", str(directory), "--base-port", "0", check=False)
+    again = _cli("up", "--dir", str(directory), "--base-port", "0", "--insecure", check=False)
     assert again.returncode == 1 and "cluster down" in again.stderr
 
 

@@ -1,0 +1,232 @@
+"""`prunefleet bench transfer`: how fast variants reach edges, against raw TCP, in one run.
+
+    grpc / tls    one variant of VARIANT_MIB streamed with FetchVariant from a real cloud process
+                  (`prunefleet cloud serve`, plaintext with --insecure, then mutual TLS); the client
+                  takes every chunk and drops it (transport only: no disk, no hash)
+    raw_tcp       the same file's bytes from a process that reads it in the same chunk size and writes
+                  them to a loopback TCP socket; the client receives and drops them
+    resume        the edge fetcher's own path: a download into CACHE/<id>.part is cut at half the file
+                  (the call is cancelled), then `edge.fetcher.fetch` resumes it; resent bytes are what
+                  the cloud counted as sent (its prunefleet_cloud_variant_bytes_sent_total) beyond the
+                  file's size: chunks in flight when the cut came
+    fanout        EDGES separate processes, each an edge fetcher with its own cache and the edge
+                  certificate, fetch and verify the whole portfolio from the TLS cloud at once; the time
+                  from the start signal until the last one holds every file
+
+The payload is random bytes (incompressible, and the transfer path never parses a variant file).
+Throughputs are MB/s (10^6 bytes), the median of `repeats` transfers.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import random
+import re
+import shutil
+import socket
+import statistics
+import time
+import urllib.request
+from pathlib import Path
+
+from cloud import certs, processes
+from cloud.store import Manifest, PortfolioStore, VariantEntry, portfolio_id
+from common.security import Transport
+from common.wire import CHUNK_BYTES
+from edge.fetcher import RetryConfig, fetch
+from protos import portfolio_pb2, portfolio_pb2_grpc
+
+log = logging.getLogger(__name__)
+MiB = 1 << 20
+FULL = {"variant_mib": 64, "others_mib": (4, 4, 4), "repeats": 5, "edges": 8}
+QUICK = {"variant_mib": 16, "others_mib": (2,), "repeats": 2, "edges": 8}
+TARGETS = {"grpc_vs_raw": 0.35, "resume_resent_chunks": 1}
+
+
+# --- the store -------------------------------------------------------------------------------------------
+def make_store(root: Path, variant_mib: int, others_mib: tuple[int, ...], seed: int = 0) -> PortfolioStore:
+    """A portfolio of random-byte variant files: the big one first."""
+    store = PortfolioStore(root)
+    if store.exists():
+        return store
+    rng = random.Random(seed)
+    entries = []
+    for level, mib in enumerate((variant_mib, *others_mib)):
+        vid = store.put_variant(rng.randbytes(mib * MiB))
+        entries.append(VariantEntry(vid, f"payload-{mib}MiB-{level}", level, "dense", "vgg11", 0, mib * MiB,
+                                    0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0))
+    store.write_manifest(Manifest(portfolio_id([e.variant_id for e in entries]), "payload", "none", "dense",
+                                  time.time(), {}, tuple(entries)))
+    return store
+
+
+def start_cloud(store: PortfolioStore, work: Path, name: str, security: list[str]) -> processes.Child:
+    return processes.start(name, ["cloud.cli", "cloud", "serve", "--store", str(store.root), "--port", "0",
+                                  "--metrics-port", "0", "--db", str(work / f"{name}.sqlite"), *security],
+                           work / "logs")
+
+
+# --- one stream ------------------------------------------------------------------------------------------
+def stream_seconds(channel, variant_id: str, size: int) -> float:
+    stub = portfolio_pb2_grpc.PortfolioServiceStub(channel)
+    start, received = time.perf_counter(), 0
+    for chunk in stub.FetchVariant(portfolio_pb2.FetchVariantRequest(variant_id=variant_id), timeout=300):
+        received += len(chunk.data)
+    elapsed = time.perf_counter() - start
+    if received != size:
+        raise RuntimeError(f"received {received} of {size} bytes")
+    return elapsed
+
+
+def _raw_server(path: str, ports, repeats: int) -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    ports.put(listener.getsockname()[1])
+    for _ in range(repeats):
+        connection, _ = listener.accept()
+        with connection, open(path, "rb") as f:
+            while data := f.read(CHUNK_BYTES):
+                connection.sendall(data)
+
+
+def raw_seconds(path: Path, size: int, repeats: int) -> list[float]:
+    """Each transfer timed from connect to the last byte, the sender in its own process."""
+    context = multiprocessing.get_context("spawn")
+    ports = context.Queue()
+    sender = context.Process(target=_raw_server, args=(str(path), ports, repeats))
+    sender.start()
+    port = ports.get(timeout=120)
+    buffer, times = bytearray(CHUNK_BYTES), []
+    try:
+        for _ in range(repeats):
+            start, received = time.perf_counter(), 0
+            with socket.create_connection(("127.0.0.1", port)) as connection:
+                while received < size and (n := connection.recv_into(buffer)):
+                    received += n
+            times.append(time.perf_counter() - start)
+            if received != size:
+                raise RuntimeError(f"raw TCP received {received} of {size} bytes")
+    finally:
+        sender.join(30)
+    return times
+
+
+def mb_s(size: int, seconds: list[float]) -> float:
+    return size / 1e6 / statistics.median(seconds)
+
+
+# --- resume ----------------------------------------------------------------------------------------------
+def bytes_sent(metrics_address: str) -> float:
+    text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10).read().decode()
+    return float(re.search(r"^prunefleet_cloud_variant_bytes_sent_total (\S+)$", text, re.M).group(1))
+
+
+def resume(cloud: processes.Child, transport: Transport, variant_id: str, size: int, cache: Path) -> dict:
+    """Cut a download at half the file, resume it with the edge fetcher; what the cloud sent twice."""
+    channel = transport.channel(cloud.address)
+    stub = portfolio_pb2_grpc.PortfolioServiceStub(channel)
+    before = bytes_sent(cloud.metrics_address)
+    cache.mkdir(parents=True, exist_ok=True)
+    part = cache / f"{variant_id}.part"
+    call = stub.FetchVariant(portfolio_pb2.FetchVariantRequest(variant_id=variant_id), timeout=300)
+    with open(part, "wb") as f:
+        for chunk in call:
+            f.write(chunk.data)
+            if f.tell() >= size // 2:
+                call.cancel()
+                break
+    cut_at = part.stat().st_size
+    time.sleep(0.5)  # let the cloud notice the cancellation before the resume starts
+    path = fetch(stub, variant_id, cache, retry=RetryConfig(attempts=1))
+    time.sleep(0.5)
+    sent = bytes_sent(cloud.metrics_address) - before
+    channel.close()
+    return {"cut_at_bytes": cut_at, "cloud_sent_bytes": int(sent), "resent_bytes": int(sent - size),
+            "verified": path.is_file() and path.stat().st_size == size}
+
+
+# --- fan-out ---------------------------------------------------------------------------------------------
+def _edge(certs_dir: str, address: str, variant_ids: list[str], cache: str, ready, go, done) -> None:
+    transport = Transport.load(Path(certs_dir))
+    channel = transport.channel(address)
+    stub = portfolio_pb2_grpc.PortfolioServiceStub(channel)
+    stub.ListVariants(portfolio_pb2.ListVariantsRequest(), timeout=60)  # connected and handshaken
+    ready.release()
+    go.wait()
+    for variant_id in variant_ids:
+        fetch(stub, variant_id, Path(cache), retry=RetryConfig(attempts=3, backoff_s=0.1))
+    done.put(time.time())
+
+
+def fanout(address: str, edge_certs: Path, variant_ids: list[str], work: Path, edges: int) -> float:
+    context = multiprocessing.get_context("spawn")
+    ready, go, done = context.Semaphore(0), context.Event(), context.Queue()
+    children = [context.Process(target=_edge, args=(str(edge_certs), address, variant_ids,
+                                                     str(work / "fanout" / f"edge-{i}"), ready, go, done))
+                for i in range(edges)]
+    for child in children:
+        child.start()
+    for _ in children:
+        if not ready.acquire(timeout=300):
+            raise RuntimeError("an edge process did not connect")
+    start = time.time()
+    go.set()
+    finished = [done.get(timeout=600) for _ in children]
+    for child in children:
+        child.join(30)
+    if any(child.exitcode != 0 for child in children):
+        raise RuntimeError("an edge process failed")
+    return max(finished) - start
+
+
+# --- the suite -------------------------------------------------------------------------------------------
+def measure(plan: dict, work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    for stale in ("resume", "fanout"):  # edge caches of an earlier run would answer without a transfer
+        shutil.rmtree(work / stale, ignore_errors=True)
+    store = make_store(work / "store", plan["variant_mib"], tuple(plan["others_mib"]))
+    big = store.manifest().variants[0]
+    size, path = big.size_bytes, store.variant_path(big.variant_id)
+    keys = certs.init(work / "certs", force=True)
+    operator = Transport.load(keys["operator"], token=True)
+    out: dict = {"plan": plan, "variant_bytes": size, "chunk_bytes": CHUNK_BYTES}
+    plain = start_cloud(store, work, "cloud-plain", ["--insecure"])
+    try:
+        channel = Transport.plaintext().channel(plain.address)
+        out["grpc_seconds"] = [stream_seconds(channel, big.variant_id, size) for _ in range(plan["repeats"])]
+        channel.close()
+        out["resume"] = resume(plain, Transport.plaintext(), big.variant_id, size, work / "resume" / "cache")
+    finally:
+        plain.stop()
+    out["raw_tcp_seconds"] = raw_seconds(path, size, plan["repeats"])
+    tls = start_cloud(store, work, "cloud-tls", ["--certs", str(keys["cloud"])])
+    try:
+        channel = operator.channel(tls.address)
+        out["tls_seconds"] = [stream_seconds(channel, big.variant_id, size) for _ in range(plan["repeats"])]
+        channel.close()
+        variants = store.manifest().variants
+        out["fanout"] = {"edges": plan["edges"], "portfolio_bytes": sum(v.size_bytes for v in variants),
+                         "seconds": fanout(tls.address, keys["edge"], [v.variant_id for v in variants], work,
+                                           plan["edges"])}
+    finally:
+        tls.stop()
+    return out
+
+
+def summarize(out: dict) -> dict:
+    size = out["variant_bytes"]
+    grpc_mb_s, raw = mb_s(size, out["grpc_seconds"]), mb_s(size, out["raw_tcp_seconds"])
+    summary = {"grpc_mb_s": round(grpc_mb_s, 1), "tls_mb_s": round(mb_s(size, out["tls_seconds"]), 1),
+               "raw_tcp_mb_s": round(raw, 1), "grpc_vs_raw": round(grpc_mb_s / raw, 3),
+               "resume_resent_bytes": out["resume"]["resent_bytes"],
+               "fanout_8_s": round(out["fanout"]["seconds"], 2)}
+    summary["targets"] = {"grpc_vs_raw >= 0.35": summary["grpc_vs_raw"] >= TARGETS["grpc_vs_raw"],
+                          "resume_resent_bytes <= one chunk": summary["resume_resent_bytes"] <= out["chunk_bytes"]}
+    return summary
+
+
+def run(quick: bool, data_dir: Path | None, work: Path, plan: dict | None = None) -> dict:
+    """`data_dir` is unused: the payload is random bytes."""
+    plan = plan or (QUICK if quick else FULL)
+    out = measure(plan, work)
+    return {**out, "summary": summarize(out)}

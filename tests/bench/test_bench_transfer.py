@@ -1,0 +1,34 @@
+"""The transfer benchmark on a small plan: real cloud processes, raw TCP, a cut and resumed download
+and eight edge fetchers. Checks the result's shape and invariants, never its timings."""
+
+import json
+
+from bench import __main__ as bench_main
+from bench import transfer
+from common.files import atomic_write_json, sha256_file
+from common.wire import CHUNK_BYTES
+
+PLAN = {"variant_mib": 3, "others_mib": (1,), "repeats": 1, "edges": 8}
+
+
+def test_transfer_bench_shape_and_invariants(tmp_path):
+    assert bench_main._suites()["transfer"] is transfer
+    result = transfer.run(quick=True, data_dir=None, work=tmp_path / "work", plan=PLAN)
+    atomic_write_json(tmp_path / "transfer.json", result)  # JSON all the way down
+    summary = json.loads((tmp_path / "transfer.json").read_text())["summary"]
+    assert set(summary) == {"grpc_mb_s", "tls_mb_s", "raw_tcp_mb_s", "grpc_vs_raw", "resume_resent_bytes",
+                            "fanout_8_s", "targets"}
+    assert all(summary[k] > 0 for k in ("grpc_mb_s", "tls_mb_s", "raw_tcp_mb_s", "grpc_vs_raw", "fanout_8_s"))
+    assert abs(summary["grpc_vs_raw"] - summary["grpc_mb_s"] / summary["raw_tcp_mb_s"]) < 0.01
+    size = result["variant_bytes"]
+    assert size == 3 << 20 and len(result["grpc_seconds"]) == len(result["tls_seconds"]) == 1
+    resume = result["resume"]
+    assert resume["verified"] and size // 2 <= resume["cut_at_bytes"] < size
+    # every byte was handed to gRPC at least once; no more than what followed the cut is handed twice
+    assert 0 <= summary["resume_resent_bytes"] == resume["cloud_sent_bytes"] - size <= size - size // 2 + CHUNK_BYTES
+    assert summary["targets"]["resume_resent_bytes <= one chunk"] == (summary["resume_resent_bytes"] <= CHUNK_BYTES)
+    store = transfer.PortfolioStore(tmp_path / "work" / "store")
+    for i in range(PLAN["edges"]):  # every edge holds every variant, verified
+        for entry in store.manifest().variants:
+            path = tmp_path / "work" / "fanout" / f"edge-{i}" / f"{entry.variant_id}.safetensors"
+            assert sha256_file(path) == entry.variant_id
