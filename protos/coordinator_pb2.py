@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import portfolio_pb2 as protos_dot_portfolio__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/coordinator.proto\x12\rprunefleet.v1\x1a\x16protos/portfolio.proto\"\xb9\x01\n\x06Policy\x12\x0e\n\x06slo_ms\x18\x01 \x01(\x01\x12\x14\n\x0cmin_accuracy\x18\x02 \x01(\x01\x12\x14\n\x0c\x64own_windows\x18\x03 \x01(\x05\x12\x12\n\nup_windows\x18\x04 \x01(\x05\x12\x13\n\x0bup_headroom\x18\x05 \x01(\x01\x12\x0f\n\x07\x64well_s\x18\x06 \x01(\x01\x12\x10\n\x08window_s\x18\x07 \x01(\x01\x12\x16\n\x0epinned_variant\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\x03\"Z\n\x0fRegisterRequest\x12\x0c\n\x04\x65\x64ge\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x03 \x01(\t\x12\x0f\n\x07threads\x18\x04 \x01(\x05\"}\n\x10RegisterResponse\x12%\n\x06policy\x18\x01 \x01(\x0b\x32\x15.prunefleet.v1.Policy\x12,\n\x08variants\x18\x02 \x03(\x0b\x32\x1a.prunefleet.v1.VariantInfo\x12\x14\n\x0cportfolio_id\x18\x03 \x01(\t\"\x85\x01\n\x0eVariantProfile\x12\x12\n\nvariant_id\x18\x01 \x01(\t\x12\x11\n\tp50_ms_b1\x18\x02 \x01(\x01\x12\x11\n\tp95_ms_b1\x18\x03 \x01(\x01\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\x05\x12\x14\n\x0cp50_ms_batch\x18\x05 \x01(\x01\x12\x14\n\x0cp95_ms_batch\x18\x06 \x01(\x01\"\xe1\x01\n\tTelemetry\x12\x11\n\ttimestamp\x18\x01 \x01(\x01\x12\x16\n\x0e\x61\x63tive_variant\x18\x02 \x01(\t\x12\x14\n\x0crequest_rate\x18\x03 \x01(\x01\x12\x0e\n\x06p50_ms\x18\x04 \x01(\x01\x12\x0e\n\x06p95_ms\x18\x05 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x06 \x01(\x01\x12\x10\n\x08requests\x18\x07 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x08 \x01(\x03\x12\x13\n\x0b\x63pu_percent\x18\t \x01(\x01\x12\x11\n\trss_bytes\x18\n \x01(\x03\x12\x19\n\x11resident_variants\x18\x0b \x01(\x05\"\x9b\x01\n\x0bSwitchEvent\x12\x11\n\ttimestamp\x18\x01 \x01(\x01\x12\x14\n\x0c\x66rom_variant\x18\x02 \x01(\t\x12\x12\n\nto_variant\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x17\n\x0fobserved_p95_ms\x18\x05 \x01(\x01\x12\x11\n\tswitch_us\x18\x06 \x01(\x01\x12\x13\n\x0breason_code\x18\x07 \x01(\t\"\xb1\x01\n\nEdgeReport\x12\x0c\n\x04\x65\x64ge\x18\x01 \x01(\t\x12-\n\ttelemetry\x18\x02 \x01(\x0b\x32\x18.prunefleet.v1.TelemetryH\x00\x12,\n\x06switch\x18\x03 \x01(\x0b\x32\x1a.prunefleet.v1.SwitchEventH\x00\x12\x30\n\x07profile\x18\x04 \x01(\x0b\x32\x1d.prunefleet.v1.VariantProfileH\x00\x42\x06\n\x04\x62ody\"v\n\tDirective\x12\'\n\x06policy\x18\x01 \x01(\x0b\x32\x15.prunefleet.v1.PolicyH\x00\x12\x38\n\tportfolio\x18\x02 \x01(\x0b\x32#.prunefleet.v1.ListVariantsResponseH\x00\x42\x06\n\x04\x62ody\"\xf7\x01\n\nEdgeStatus\x12\x0c\n\x04\x65\x64ge\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x03 \x01(\t\x12\x15\n\rregistered_at\x18\x04 \x01(\x01\x12\x11\n\tlast_seen\x18\x05 \x01(\x01\x12\x11\n\tconnected\x18\x06 \x01(\x08\x12+\n\ttelemetry\x18\x07 \x01(\x0b\x32\x18.prunefleet.v1.Telemetry\x12\x16\n\x0epolicy_version\x18\x08 \x01(\x03\x12/\n\x08profiles\x18\t \x03(\x0b\x32\x1d.prunefleet.v1.VariantProfile\"\x11\n\x0fGetFleetRequest\"y\n\x10GetFleetResponse\x12(\n\x05\x65\x64ges\x18\x01 \x03(\x0b\x32\x19.prunefleet.v1.EdgeStatus\x12%\n\x06policy\x18\x02 \x01(\x0b\x32\x15.prunefleet.v1.Policy\x12\x14\n\x0cportfolio_id\x18\x03 \x01(\t\"9\n\x10SetPolicyRequest\x12%\n\x06policy\x18\x01 \x01(\x0b\x32\x15.prunefleet.v1.Policy\":\n\x11SetPolicyResponse\x12%\n\x06policy\x18\x01 \x01(\x0b\x32\x15.prunefleet.v1.Policy\"D\n\tEdgeEvent\x12\x0c\n\x04\x65\x64ge\x18\x01 \x01(\t\x12)\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1a.prunefleet.v1.SwitchEvent\"?\n\x11ListEventsRequest\x12\x0c\n\x04\x65\x64ge\x18\x01 \x01(\t\x12\r\n\x05since\x18\x02 \x01(\x01\x12\r\n\x05limit\x18\x03 \x01(\x05\">\n\x12ListEventsResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.prunefleet.v1.EdgeEvent2\x95\x03\n\x12\x43oordinatorService\x12K\n\x08Register\x12\x1e.prunefleet.v1.RegisterRequest\x1a\x1f.prunefleet.v1.RegisterResponse\x12\x42\n\x07\x43onnect\x12\x19.prunefleet.v1.EdgeReport\x1a\x18.prunefleet.v1.Directive(\x01\x30\x01\x12K\n\x08GetFleet\x12\x1e.prunefleet.v1.GetFleetRequest\x1a\x1f.prunefleet.v1.GetFleetResponse\x12N\n\tSetPolicy\x12\x1f.prunefleet.v1.SetPolicyRequest\x1a .prunefleet.v1.SetPolicyResponse\x12Q\n\nListEvents\x12 .prunefleet.v1.ListEventsRequest\x1a!.prunefleet.v1.ListEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/coordinator.proto\x12\rprunefleet.v1\x1a\x16protos/portfolio.proto\"\xda\x01\n\x06Policy\x12\x0e\n\x06slo_ms\x18\x01 \x01(\x01\x12\x14\n\x0cmin_accuracy\x18\x02 \x01(\x01\x12\x14\n\x0c\x64own_windows\x18\x03 \x01(\x05\x12\x12\n\nup_windows\x18\x04 \x01(\x05\x12\x13\n\x0bup_headroom\x18\x05 \x01(\x01\x12\x0f\n\x07\x64well_s\x18\x06 \x01(\x01\x12\x10\n\x08window_s\x18\x07 \x01(\x01\x12\x16\n\x0epinned_variant\x18\x08 \x01(\t\x12\x0f\n\x07version\x18\t \x01(\x03\x12\x1f\n\x17max_switches_per_minute\x18\n \x01(\x05\"Z\n\x0fRegisterRequest\x12\x0c\n\x04\x65\x64ge\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x03 \x01(\t\x12\x0f\n\x07threads\x18\x04 \x01(\x05\"}\n\x10RegisterResponse\x12%\n\x06policy\x18\x01 \x01(\x0b\x32\x15.prunefleet.v1.Policy\x12,\n\x08variants\x18\x02 \x03(\x0b\x32\x1a.prunefleet.v1.VariantInfo\x12\x14\n\x0cportfolio_id\x18\x03 \x01(\t\"\x85\x01\n\x0eVariantProfile\x12\x12\n\nvariant_id\x18\x01 \x01(\t\x12\x11\n\tp50_ms_b1\x18\x02 \x01(\x01\x12\x11\n\tp95_ms_b1\x18\x03 \x01(\x01\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\x05\x12\x14\n\x0cp50_ms_batch\x18\x05 \x01(\x01\x12\x14\n\x0cp95_ms_batch\x18\x06 \x01(\x01\"\xe1\x01\n\tTelemetry\x12\x11\n\ttimestamp\x18\x01 \x01(\x01\x12\x16\n\x0e\x61\x63tive_variant\x18\x02 \x01(\t\x12\x14\n\x0crequest_rate\x18\x03 \x01(\x01\x12\x0e\n\x06p50_ms\x18\x04 \x01(\x01\x12\x0e\n\x06p95_ms\x18\x05 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x06 \x01(\x01\x12\x10\n\x08requests\x18\x07 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x08 \x01(\x03\x12\x13\n\x0b\x63pu_percent\x18\t \x01(\x01\x12\x11\n\trss_bytes\x18\n \x01(\x03\x12\x19\n\x11resident_variants\x18\x0b \x01(\x05\"\xca\x02\n\x0bSwitchEvent\x12\x11\n\ttimestamp\x18\x01 \x01(\x01\x12\x14\n\x0c\x66rom_variant\x18\x02 \x01(\t\x12\x12\n\nto_variant\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x17\n\x0fobserved_p95_ms\x18\x05 \x01(\x01\x12\x11\n\tswitch_us\x18\x06 \x01(\x01\x12\x13\n\x0breason_code\x18\x07 \x01(\t\x12\x14\n\x0crequest_rate\x18\x08 \x01(\x01\x12\x17\n\x0fwindow_requests\x18\t \x01(\x03\x12\x18\n\x10predicted_p95_ms\x18\n \x01(\x01\x12\x0e\n\x06slo_ms\x18\x0b \x01(\x01\x12\x16\n\x0epolicy_version\x18\x0c \x01(\x03\x12\x0f\n\x07load_ms\x18\r \x01(\x01\x12\x10\n\x08switched\x18\x0e \x01(\x08\x12\x19\n\x11telemetry_missing\x18\x0f \x01(\x08\"\xb1\x01\n\nEdgeReport\x12\x0c\n\x04\x65\x64ge\x18\x01 \x01(\t\x12-\n\ttelemetry\x18\x02 \x01(\x0b\x32\x18.prunefleet.v1.TelemetryH\x00\x12,\n\x06switch\x18\x03 \x01(\x0b\x32\x1a.prunefleet.v1.SwitchEventH\x00\x12\x30\n\x07profile\x18\x04 \x01(\x0b\x32\x1d.prunefleet.v1.VariantProfileH\x00\x42\x06\n\x04\x62ody\"v\n\tDirective\x12\'\n\x06policy\x18\x01 \x01(\x0b\x32\x15.prunefleet.v1.PolicyH\x00\x12\x38\n\tportfolio\x18\x02 \x01(\x0b\x32#.prunefleet.v1.ListVariantsResponseH\x00\x42\x06\n\x04\x62ody\"\xf7\x01\n\nEdgeStatus\x12\x0c\n\x04\x65\x64ge\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x03 \x01(\t\x12\x15\n\rregistered_at\x18\x04 \x01(\x01\x12\x11\n\tlast_seen\x18\x05 \x01(\x01\x12\x11\n\tconnected\x18\x06 \x01(\x08\x12+\n\ttelemetry\x18\x07 \x01(\x0b\x32\x18.prunefleet.v1.Telemetry\x12\x16\n\x0epolicy_version\x18\x08 \x01(\x03\x12/\n\x08profiles\x18\t \x03(\x0b\x32\x1d.prunefleet.v1.VariantProfile\"\x11\n\x0fGetFleetRequest\"y\n\x10GetFleetResponse\x12(\n\x05\x65\x64ges\x18\x01 \x03(\x0b\x32\x19.prunefleet.v1.EdgeStatus\x12%\n\x06policy\x18\x02 \x01(\x0b\x32\x15.prunefleet.v1.Policy\x12\x14\n\x0cportfolio_id\x18\x03 \x01(\t\"9\n\x10SetPolicyRequest\x12%\n\x06policy\x18\x01 \x01(\x0b\x32\x15.prunefleet.v1.Policy\":\n\x11SetPolicyResponse\x12%\n\x06policy\x18\x01 \x01(\x0b\x32\x15.prunefleet.v1.Policy\"D\n\tEdgeEvent\x12\x0c\n\x04\x65\x64ge\x18\x01 \x01(\t\x12)\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1a.prunefleet.v1.SwitchEvent\"?\n\x11ListEventsRequest\x12\x0c\n\x04\x65\x64ge\x18\x01 \x01(\t\x12\r\n\x05since\x18\x02 \x01(\x01\x12\r\n\x05limit\x18\x03 \x01(\x05\">\n\x12ListEventsResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.prunefleet.v1.EdgeEvent2\x95\x03\n\x12\x43oordinatorService\x12K\n\x08Register\x12\x1e.prunefleet.v1.RegisterRequest\x1a\x1f.prunefleet.v1.RegisterResponse\x12\x42\n\x07\x43onnect\x12\x19.prunefleet.v1.EdgeReport\x1a\x18.prunefleet.v1.Directive(\x01\x30\x01\x12K\n\x08GetFleet\x12\x1e.prunefleet.v1.GetFleetRequest\x1a\x1f.prunefleet.v1.GetFleetResponse\x12N\n\tSetPolicy\x12\x1f.prunefleet.v1.SetPolicyRequest\x1a .prunefleet.v1.SetPolicyResponse\x12Q\n\nListEvents\x12 .prunefleet.v1.ListEventsRequest\x1a!.prunefleet.v1.ListEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,37 +33,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.coordinator_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_POLICY']._serialized_start=68
-  _globals['_POLICY']._serialized_end=253
-  _globals['_REGISTERREQUEST']._serialized_start=255
-  _globals['_REGISTERREQUEST']._serialized_end=345
-  _globals['_REGISTERRESPONSE']._serialized_start=347
-  _globals['_REGISTERRESPONSE']._serialized_end=472
-  _globals['_VARIANTPROFILE']._serialized_start=475
-  _globals['_VARIANTPROFILE']._serialized_end=608
-  _globals['_TELEMETRY']._serialized_start=611
-  _globals['_TELEMETRY']._serialized_end=836
-  _globals['_SWITCHEVENT']._serialized_start=839
-  _globals['_SWITCHEVENT']._serialized_end=994
-  _globals['_EDGEREPORT']._serialized_start=997
-  _globals['_EDGEREPORT']._serialized_end=1174
-  _globals['_DIRECTIVE']._serialized_start=1176
-  _globals['_DIRECTIVE']._serialized_end=1294
-  _globals['_EDGESTATUS']._serialized_start=1297
-  _globals['_EDGESTATUS']._serialized_end=1544
-  _globals['_GETFLEETREQUEST']._serialized_start=1546
-  _globals['_GETFLEETREQUEST']._serialized_end=1563
-  _globals['_GETFLEETRESPONSE']._serialized_start=1565
-  _globals['_GETFLEETRESPONSE']._serialized_end=1686
-  _globals['_SETPOLICYREQUEST']._serialized_start=1688
-  _globals['_SETPOLICYREQUEST']._serialized_end=1745
-  _globals['_SETPOLICYRESPONSE']._serialized_start=1747
-  _globals['_SETPOLICYRESPONSE']._serialized_end=1805
-  _globals['_EDGEEVENT']._serialized_start=1807
-  _globals['_EDGEEVENT']._serialized_end=1875
-  _globals['_LISTEVENTSREQUEST']._serialized_start=1877
-  _globals['_LISTEVENTSREQUEST']._serialized_end=1940
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=1942
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=2004
-  _globals['_COORDINATORSERVICE']._serialized_start=2007
-  _globals['_COORDINATORSERVICE']._serialized_end=2412
+  _globals['_POLICY']._serialized_end=286
+  _globals['_REGISTERREQUEST']._serialized_start=288
+  _globals['_REGISTERREQUEST']._serialized_end=378
+  _globals['_REGISTERRESPONSE']._serialized_start=380
+  _globals['_REGISTERRESPONSE']._serialized_end=505
+  _globals['_VARIANTPROFILE']._serialized_start=508
+  _globals['_VARIANTPROFILE']._serialized_end=641
+  _globals['_TELEMETRY']._serialized_start=644
+  _globals['_TELEMETRY']._serialized_end=869
+  _globals['_SWITCHEVENT']._serialized_start=872
+  _globals['_SWITCHEVENT']._serialized_end=1202
+  _globals['_EDGEREPORT']._serialized_start=1205
+  _globals['_EDGEREPORT']._serialized_end=1382
+  _globals['_DIRECTIVE']._serialized_start=1384
+  _globals['_DIRECTIVE']._serialized_end=1502
+  _globals['_EDGESTATUS']._serialized_start=1505
+  _globals['_EDGESTATUS']._serialized_end=1752
+  _globals['_GETFLEETREQUEST']._serialized_start=1754
+  _globals['_GETFLEETREQUEST']._serialized_end=1771
+  _globals['_GETFLEETRESPONSE']._serialized_start=1773
+  _globals['_GETFLEETRESPONSE']._serialized_end=1894
+  _globals['_SETPOLICYREQUEST']._serialized_start=1896
+  _globals['_SETPOLICYREQUEST']._serialized_end=1953
+  _globals['_SETPOLICYRESPONSE']._serialized_start=1955
+  _globals['_SETPOLICYRESPONSE']._serialized_end=2013
+  _globals['_EDGEEVENT']._serialized_start=2015
+  _globals['_EDGEEVENT']._serialized_end=2083
+  _globals['_LISTEVENTSREQUEST']._serialized_start=2085
+  _globals['_LISTEVENTSREQUEST']._serialized_end=2148
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=2150
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=2212
+  _globals['_COORDINATORSERVICE']._serialized_start=2215
+  _globals['_COORDINATORSERVICE']._serialized_end=2620
 # @@protoc_insertion_point(module_scope)
