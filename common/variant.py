@@ -148,7 +148,7 @@ def decode(data: bytes, expected_sha256: str | None = None, *,
 
 
 def _resize_tensor(module: nn.Module, attr: str, shape: torch.Size, dtype: torch.dtype) -> None:
-    blank = torch.empty(shape, dtype=dtype)
+    blank = torch.empty(shape, dtype=dtype, device="meta")
     if attr in module._parameters:
         setattr(module, attr, nn.Parameter(blank, requires_grad=module._parameters[attr].requires_grad))
     else:
@@ -181,16 +181,19 @@ def _sync_shape_attributes(name: str, module: nn.Module) -> None:
 
 
 def _base_model(spec: VariantSpec, allowed_models: Collection[str]) -> nn.Module:
+    """The base architecture on the meta device: shapes only, no memory (a compact variant never
+    allocates its full-size base)."""
     try:
-        return models.build(spec.arch, spec.kwargs, allowed=allowed_models)
+        with torch.device("meta"):
+            return models.build(spec.arch, spec.kwargs, allowed=allowed_models)
     except (UnknownNameError, ValueError, TypeError) as err:
         raise VariantError(f"cannot build {spec.arch!r} with {spec.kwargs}: {err}") from err
 
 
 def build_model(spec: VariantSpec, tensors: dict[str, torch.Tensor], *,
                 allowed_models: Collection[str] = ()) -> nn.Module:
-    """Build the base architecture, shrink each layer to the stored shapes and load the weights.
-    `allowed_models` as in `decode`."""
+    """Build the base architecture (on the meta device), shrink each layer to the stored shapes and
+    take the stored tensors as its weights (no copy). `allowed_models` as in `decode`."""
     model = _base_model(spec, allowed_models)
     modules = dict(model.named_modules())
     for key, value in tensors.items():
@@ -202,9 +205,12 @@ def build_model(spec: VariantSpec, tensors: dict[str, torch.Tensor], *,
     for name, module in model.named_modules():
         _sync_shape_attributes(name, module)
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as err:
         raise VariantError(f"variant tensors do not match {spec.arch}: {err}") from err
+    missing = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if missing:
+        raise VariantError(f"variant file has no values for {', '.join(missing[:5])}")
     model.eval()
     try:
         with torch.no_grad():
