@@ -24,7 +24,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from common import models
+from common import models, tensorfile
 from common.files import atomic_write_bytes, sha256_bytes
 from common.registry import UnknownNameError
 
@@ -124,6 +124,18 @@ def _header_metadata(data: bytes) -> dict[str, str]:
     return metadata
 
 
+def _spec(metadata: dict[str, str], allowed_models: Collection[str]) -> VariantSpec:
+    """The spec a header holds, once its format and architecture are accepted."""
+    if metadata.get("format") != FORMAT:
+        raise VariantError(f"variant format is {metadata.get('format')!r}, expected {FORMAT!r}")
+    spec = VariantSpec.from_json(metadata.get("spec", ""))
+    try:
+        models.check_allowed(spec.arch, allowed_models)
+    except (UnknownNameError, ValueError) as err:
+        raise VariantError(f"architecture {spec.arch!r} is not on the allow-list: {err}") from None
+    return spec
+
+
 def decode(data: bytes, expected_sha256: str | None = None, *,
            allowed_models: Collection[str] = ()) -> tuple[VariantSpec, dict[str, torch.Tensor]]:
     """Check and parse variant-file bytes. Nothing is built, imported or unpickled; an `arch` that is
@@ -132,14 +144,7 @@ def decode(data: bytes, expected_sha256: str | None = None, *,
         raise VariantError(f"variant file is {len(data)} bytes, over the {MAX_VARIANT_BYTES}-byte limit")
     if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
         raise VariantError(f"variant file sha256 does not match {expected_sha256}")
-    metadata = _header_metadata(data)
-    if metadata.get("format") != FORMAT:
-        raise VariantError(f"variant format is {metadata.get('format')!r}, expected {FORMAT!r}")
-    spec = VariantSpec.from_json(metadata.get("spec", ""))
-    try:
-        models.check_allowed(spec.arch, allowed_models)
-    except (UnknownNameError, ValueError) as err:
-        raise VariantError(f"architecture {spec.arch!r} is not on the allow-list: {err}") from None
+    spec = _spec(_header_metadata(data), allowed_models)
     try:
         tensors = load_tensors(data)
     except (SafetensorError, ValueError) as err:
@@ -229,9 +234,17 @@ def load_bytes(data: bytes, expected_sha256: str | None = None, *,
 
 
 def load(path: Path, expected_sha256: str | None = None, *, allowed_models: Collection[str] = ()) -> Variant:
-    """Read, verify and rebuild a variant file; `allowed_models` as in `decode`."""
+    """Read, verify and rebuild a variant file; `allowed_models` as in `decode`. The tensors are read
+    straight into place (`common.tensorfile`), so loading holds the variant once, not twice."""
     path = Path(path)
     size = path.stat().st_size
     if size > MAX_VARIANT_BYTES:
         raise VariantError(f"{path.name} is {size} bytes, over the {MAX_VARIANT_BYTES}-byte limit")
-    return load_bytes(path.read_bytes(), expected_sha256, allowed_models=allowed_models)
+    try:
+        metadata, tensors, sha256 = tensorfile.read(path, MAX_HEADER_BYTES)
+    except tensorfile.TensorFileError as err:
+        raise VariantError(f"{path.name} is unreadable: {err}") from err
+    if expected_sha256 is not None and sha256 != expected_sha256:
+        raise VariantError(f"variant file sha256 does not match {expected_sha256}")
+    spec = _spec(metadata, allowed_models)
+    return Variant(spec, build_model(spec, tensors, allowed_models=allowed_models), sha256, size)
