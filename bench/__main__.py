@@ -17,9 +17,9 @@ from common.registry import UnknownNameError, lookup
 
 
 def _suites() -> dict:
-    from bench import reconvene, shifter, surgery
+    from bench import policy, reconvene, shifter, surgery, switching
 
-    return {"surgery": surgery, "shifter": shifter, "reconvene": reconvene}
+    return {"surgery": surgery, "shifter": shifter, "reconvene": reconvene, "switching": switching, "policy": policy}
 
 
 def main(argv: list[str] | None = None) -> int:

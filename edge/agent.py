@@ -102,6 +102,17 @@ def variant_info(info) -> VariantInfo:
                        info.params)
 
 
+def cache_loader(info: VariantInfo, path: Path, allowed_models: tuple[str, ...] = ()) -> Callable[[], LoadedVariant]:
+    """How to build a variant from its verified file in the cache (on arrival, and again on demand):
+    read, check the sha256 against its id, rebuild, warm up."""
+    def load() -> LoadedVariant:
+        held = variant.load(path, expected_sha256=info.variant_id, allowed_models=allowed_models)
+        ready = loaded(info, held.spec, held.model)
+        warm_up(ready)
+        return ready
+    return load
+
+
 class Agent:
     def __init__(self, config: AgentConfig, runtime: Runtime, metrics: EdgeMetrics, window: RequestWindow,
                  process: ProcessStats, health, portfolio_stub, outbox: Outbox, stopping: threading.Event,
@@ -131,13 +142,7 @@ class Agent:
         return path, time.perf_counter() - start
 
     def _loader(self, info, path: Path) -> Callable[[], LoadedVariant]:
-        """How to build a variant from the verified cache (on arrival, and again on demand), warmed up."""
-        def load() -> LoadedVariant:
-            held = variant.load(path, expected_sha256=info.variant_id, allowed_models=self.config.allowed_models)
-            ready = loaded(variant_info(info), held.spec, held.model)
-            warm_up(ready)
-            return ready
-        return load
+        return cache_loader(variant_info(info), path, self.config.allowed_models)
 
     def _groups(self, fetched: list[tuple]) -> list[list[tuple]]:
         """Variants to load and profile together: all at once, or as many as the memory budget holds."""

@@ -91,7 +91,7 @@ def model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _libc_trim() -> Callable[[], None]:
+def libc_trim() -> Callable[[], None]:
     """glibc's malloc_trim (returns freed heap to the system after an eviction), or a no-op."""
     name = ctypes.util.find_library("c")
     trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
@@ -135,7 +135,7 @@ class Runtime:
         self._lock = threading.Lock()  # the swap
         self._memory_lock = threading.RLock()  # what is resident: loads, evictions, portfolio changes
         self._slots = threading.BoundedSemaphore(config.slots)
-        self._trim = _libc_trim()
+        self._trim = libc_trim()
 
     def add(self, variant: LoadedVariant, loader: Loader | None = None) -> tuple[str, ...]:
         """Hold a variant. With a `loader` it may be evicted and loaded again on demand. Returns the
