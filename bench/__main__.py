@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.json.with_suffix("")
     result = suite.run(quick=args.quick, data_dir=args.data_dir, work=stem.with_name(f"{stem.name}.work"))
     result["meta"] = {"suite": args.suite, "quick": args.quick, "threads": args.threads, "seconds": time.time() - started,
-                      "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(),
+                      "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                                   "processor": platform.processor(), "torch": torch.__version__}}
     atomic_write_json(args.json, result)
     if hasattr(suite, "figures"):

@@ -5,9 +5,9 @@
 Loads every variant file into an `edge.runtime.Runtime` the way an agent does (`cache_loader`) and
 prints one JSON object: the process RSS before and after, and the parameter and buffer bytes held.
 With a budget, it then switches round-robin among the variants (each switch loading on demand what
-the budget evicted) and reports, per switch, the peak RSS during the switch above the RSS just
-before it (the kernel's high-water mark, reset before each switch) next to the bytes of the two
-variants involved.
+the budget evicted) and reports, per switch, the peak RSS during the switch (the kernel's high-water
+mark, reset before each switch) above the RSS just before it and above the peak of serving one
+request, next to the bytes of the two variants involved.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 
 from common.files import sha256_file
-from edge.agent import cache_loader
+from edge.loading import cache_loader
 from edge.runtime import Runtime, RuntimeConfig, VariantInfo, libc_trim
 
 HWM = re.compile(r"VmHWM:\s+(\d+) kB")
@@ -48,7 +49,10 @@ def _peak() -> int:
 
 
 def _switch_peaks(runtime: Runtime, ids: list[str], switches: int, trim) -> list[dict]:
-    peaks = []
+    """Per switch: the peak above the settled RSS (`extra_bytes`), and above the peak of serving one
+    request on the active variant (`extra_over_serving_bytes`: a serving agent's steady state holds a
+    forward pass's activations, which an idle process has returned to the system)."""
+    peaks, pixels = [], np.zeros((1, *runtime.active.spec.input_shape), np.uint8)
     for i in range(switches):
         target = ids[(i + 1) % len(ids)]
         source = runtime.active.variant_id
@@ -56,10 +60,14 @@ def _switch_peaks(runtime: Runtime, ids: list[str], switches: int, trim) -> list
         steady = _settled_rss(trim)
         if not _reset_peak():
             return []
+        runtime.predict(pixels)
+        serving = _peak()
+        _settled_rss(trim)
+        _reset_peak()
         record = runtime.switch(target, "probe")
         peak = _peak()
         peaks.append({"from": source[:12], "to": target[:12], "loaded": record.load_s > 0,
-                      "extra_bytes": peak - steady,
+                      "extra_bytes": peak - steady, "extra_over_serving_bytes": peak - serving,
                       "two_variants_bytes": source_bytes + runtime.resident()[target].memory_bytes})
     return peaks
 

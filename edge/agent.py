@@ -17,13 +17,13 @@ from pathlib import Path
 import grpc
 
 from common import variant
-from common.profiling import LatencyProfile
 from edge import policy as policies
 from edge.fetcher import FetchError, RetryConfig, fetch
 from edge.link import Link, Outbox
 from edge.metrics import EdgeMetrics
+from edge.loading import Profile, budget_groups, cache_loader, variant_info
 from edge.profiler import profile_interleaved
-from edge.runtime import LoadedVariant, Runtime, UnknownVariantError, VariantInfo, loaded, warm_up
+from edge.runtime import LoadedVariant, Runtime, UnknownVariantError
 from edge.server import set_serving
 from edge.telemetry import ProcessStats, RequestWindow
 from protos import coordinator_pb2
@@ -82,37 +82,6 @@ class AgentConfig:
         return self.advertise_host or self.host
 
 
-@dataclass(frozen=True)
-class Profile:
-    """A variant's latency on this device, at batch 1 and at the typical batch."""
-
-    variant_id: str
-    b1: LatencyProfile
-    batch: LatencyProfile
-
-    def to_proto(self) -> coordinator_pb2.VariantProfile:
-        return coordinator_pb2.VariantProfile(
-            variant_id=self.variant_id, p50_ms_b1=self.b1.p50_ms, p95_ms_b1=self.b1.p95_ms, batch=self.batch.batch,
-            p50_ms_batch=self.batch.p50_ms, p95_ms_batch=self.batch.p95_ms)
-
-
-def variant_info(info) -> VariantInfo:
-    """From a portfolio_pb2.VariantInfo."""
-    return VariantInfo(info.variant_id, info.name or info.variant_id[:12], info.accuracy, info.size_bytes,
-                       info.params)
-
-
-def cache_loader(info: VariantInfo, path: Path, allowed_models: tuple[str, ...] = ()) -> Callable[[], LoadedVariant]:
-    """How to build a variant from its verified file in the cache (on arrival, and again on demand):
-    read, check the sha256 against its id, rebuild, warm up."""
-    def load() -> LoadedVariant:
-        held = variant.load(path, expected_sha256=info.variant_id, allowed_models=allowed_models)
-        ready = loaded(info, held.spec, held.model)
-        warm_up(ready)
-        return ready
-    return load
-
-
 class Agent:
     def __init__(self, config: AgentConfig, runtime: Runtime, metrics: EdgeMetrics, window: RequestWindow,
                  process: ProcessStats, health, portfolio_stub, outbox: Outbox, stopping: threading.Event,
@@ -143,17 +112,6 @@ class Agent:
 
     def _loader(self, info, path: Path) -> Callable[[], LoadedVariant]:
         return cache_loader(variant_info(info), path, self.config.allowed_models)
-
-    def _groups(self, fetched: list[tuple]) -> list[list[tuple]]:
-        """Variants to load and profile together: all at once, or as many as the memory budget holds."""
-        budget, groups, size = self.config.memory_budget_bytes, [[]], 0
-        for item in fetched:
-            if budget and groups[-1] and size + item[0].size_bytes > budget:
-                groups.append([])
-                size = 0
-            groups[-1].append(item)
-            size += item[0].size_bytes
-        return [group for group in groups if group]
 
     def _profile_and_hold(self, fresh: list[tuple]) -> None:
         """Warm up and profile the new variants here (interleaved), then hold and announce them."""
@@ -206,7 +164,7 @@ class Agent:
                     fetched.append((info, *self._fetch(info)))
                 except (FetchError, OSError, RuntimeError, ValueError) as err:
                     log.error("variant %s refused: %s", info.variant_id[:12], err)
-            for group in self._groups(fetched):
+            for group in budget_groups(fetched, self.config.memory_budget_bytes):
                 if not self.stopping.is_set():
                     self._load_group(group)
 
