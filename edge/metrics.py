@@ -77,6 +77,10 @@ class EdgeMetrics:
         self._slo_seconds = Gauge("prunefleet_edge_slo_seconds", "The p95 latency objective in force",
                                   ["edge"], registry=registry)
         self._slo_seconds.labels(edge).set(slo_s)
+        for series in (self._evictions, self._on_demand_seconds, self._resident_variants, self._budget_bytes):
+            series.labels(edge)  # present (at 0) before the first event, so queries never come back empty
+        for source in ("arrival", "on_demand"):
+            self._loads.labels(edge, source)
         ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         ProcessCollector(namespace="prunefleet_edge", registry=registry)  # the same, under the project's prefix
 
