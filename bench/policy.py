@@ -98,13 +98,24 @@ def score(outcomes, accuracy: dict[str, float], slo_ms: float) -> dict:
                          / max(1, sum(o.phase == p for o in outcomes)) for p in dict.fromkeys(o.phase for o in outcomes)}}
 
 
+def timeline(outcomes, slo_ms: float) -> list[dict]:
+    """Per second of the trace: requests sent, the share answered within the SLO, the variants answering."""
+    seconds: dict[int, list] = {}
+    for o in outcomes:
+        seconds.setdefault(int(o.sent_at), []).append(o)
+    return [{"t": t, "requests": len(group),
+             "on_time": sum(o.code == "OK" and o.latency_ms <= slo_ms for o in group) / len(group),
+             "variants": sorted({o.variant_id[:12] for o in group if o.variant_id})}
+            for t, group in sorted(seconds.items())]
+
+
 def _run(cloud, stub, request, phases, plan, pin: str, accuracy, slo_ms) -> dict:
     operator.set_policy(cloud.address, pinned_variant=pin)
     replay(stub, request, [Phase("warmup", plan["warmup_s"], phases[0].rate)], seed=1)
     since = time.time()
     outcomes = replay(stub, request, phases, seed=0)
     time.sleep(1.0)  # the last switch events reach the coordinator
-    result = score(outcomes, accuracy, slo_ms)
+    result = {**score(outcomes, accuracy, slo_ms), "timeline": timeline(outcomes, slo_ms)}
     switches = _switches(cloud, since)
     result["switches"] = len(switches)
     result["switch_log"] = [{"t": e.timestamp - since, "to": e.to_variant[:12], "reason": e.reason_code,

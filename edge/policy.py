@@ -13,6 +13,11 @@ Pareto frontier: a variant that is slower than another and not more accurate is 
 Constraints: a variant bigger than the memory budget (`memory_budget_bytes`, 0 = none) is never a
 candidate; the accuracy floor is soft (all variants qualify when none reaches it).
 
+A window also counts as over the SLO when its request rate keeps the active variant busy more than
+`SATURATION` of the time (rate x profiled p50 / slots): open-loop load beyond what a variant serves
+grows a queue whose p95 crosses the SLO only later, with a backlog that then takes long to drain.
+The gap between `MAX_UTILIZATION` (no step up beyond it) and `SATURATION` is hysteresis too.
+
 Hysteresis: stepping down needs `down_windows` consecutive windows over the SLO; stepping up needs
 `up_windows` consecutive windows in which a more accurate candidate is predicted under
 `slo * up_headroom`, and `dwell_s` seconds since the last switch. A window in between resets both
@@ -36,6 +41,7 @@ DEFAULTS = {"slo_ms": 50.0, "down_windows": 2, "up_windows": 3, "up_headroom": 0
 DEFAULT_DWELL_S = 5.0
 STAY = "stay"
 MAX_UTILIZATION = 0.85
+SATURATION = 0.95  # the active variant busy this share of the time: a queue is building
 CAPPED_CODES = ("slo_violation", "headroom")  # the automatic switches the per-minute cap applies to
 
 
@@ -146,11 +152,16 @@ def smallest(options: list[Option]) -> Option:
     return min(options, key=lambda o: (o.size_bytes, o.p95_ms, o.variant_id))
 
 
+def utilization(option: Option, window: Window) -> float:
+    """Share of the time `option` would be busy serving the window's request rate on its slots."""
+    return window.rate * option.p50_ms / 1e3 / max(window.slots, 1)
+
+
 def predicted_p95(candidate: Option, active: Option, window: Window) -> float:
     """The p95 `candidate` would show under this window's load."""
     if window.requests <= 0:
         return candidate.p95_ms
-    if window.rate * candidate.p50_ms / 1e3 / max(window.slots, 1) > MAX_UTILIZATION:
+    if utilization(candidate, window) > MAX_UTILIZATION:
         return float("inf")
     return window.p95_ms * candidate.p95_ms / max(active.p95_ms, 1e-9)
 
@@ -199,8 +210,11 @@ def _step_down(config: PolicyConfig, candidates: list[Option], active: Option, w
     if target.variant_id == active.variant_id:
         return Decision(active.variant_id, "over the SLO, and no faster variant fits better", STAY, state)
     outlook = f"predicted {predicted:.1f} ms on {target.label}" if best else f"none fits: the fastest, {target.label}"
-    reason = (f"p95 {window.p95_ms:.1f} ms over SLO {config.slo_ms:.1f} ms for {state.over_count} windows at "
-              f"{window.rate:.1f} req/s; {outlook}")
+    if window.p95_ms > config.slo_ms:
+        why = f"p95 {window.p95_ms:.1f} ms over SLO {config.slo_ms:.1f} ms"
+    else:
+        why = f"{window.rate:.1f} req/s keep {active.label} {utilization(active, window):.0%} busy (saturated)"
+    reason = f"{why} for {state.over_count} windows at {window.rate:.1f} req/s; {outlook}"
     return _switched(config, target, reason, "slo_violation", state, now, predicted)
 
 
@@ -262,7 +276,8 @@ def decide(config: PolicyConfig, options: list[Option], state: PolicyState, wind
     if window is None:
         return _fallback(config, options, state, "telemetry missing", now)
     candidates = frontier(config, options)
-    if window.requests > 0 and window.p95_ms > config.slo_ms:
+    saturated = utilization(active, window) > SATURATION
+    if window.requests > 0 and (window.p95_ms > config.slo_ms or saturated):
         state = replace(state, over_count=state.over_count + 1, under_count=0)
         if state.over_count >= config.down_windows:
             return _step_down(config, candidates, active, window, state, now)

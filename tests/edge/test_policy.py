@@ -226,3 +226,17 @@ def test_a_variant_the_request_rate_would_overload_is_never_a_step_up():
     assert decision.switch and decision.target == big.variant_id and decision.reason_code == "headroom"
     two_slots = Window(requests=120, p95_ms=4.0, rate=120.0, slots=2)
     assert predicted_p95(big, small, two_slots) < float("inf")
+
+
+def test_a_saturated_variant_steps_down_before_its_p95_crosses_the_slo():
+    """Open-loop load past what the active variant serves: p95 is still fine, but a queue is growing."""
+    config = PolicyConfig(slo_ms=30.0, down_windows=2, dwell_s=0.0)
+    saturating = Window(requests=50, p95_ms=12.0, rate=50.0, slots=1)  # 50 req/s x 20 ms = 100% busy on SLOW
+    first = decide(config, OPTIONS, PolicyState(SLOW.variant_id), saturating, 1.0)
+    assert not first.switch and first.state.over_count == 1
+    second = decide(config, OPTIONS, first.state, saturating, 2.0)
+    assert second.switch and second.reason_code == "slo_violation" and "saturated" in second.reason
+    assert second.target == MID.variant_id  # 50 req/s x 8 ms = 40% busy on MID
+    busy = Window(requests=45, p95_ms=12.0, rate=45.0, slots=1)  # 90%: under saturation, no step down
+    calm = decide(config, OPTIONS, decide(config, OPTIONS, PolicyState(SLOW.variant_id), busy, 1.0).state, busy, 2.0)
+    assert not calm.switch
