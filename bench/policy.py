@@ -2,8 +2,10 @@
 
 A real cloud and a real edge agent run as separate processes on loopback, serving a shifter portfolio
 of VGG-11 built on a Fashion-MNIST subset (its variants' accuracies are real test accuracies; cached in
-the work dir). The SLO and the load come from the edge's own on-device profile: with `mu` the rate
-one variant can serve (slots / its profiled p50 at the typical batch), the trace is steady at
+the work dir). The SLO comes from the edge's own on-device profile (`slo_factor` x the largest
+variant's p95 at the typical batch); the load from what the edge serves right before the replays:
+with `mu` the requests per second it answers on one variant under closed-loop load (measured for
+`capacity_s` on the largest and on the smallest, so a busy machine scales the trace), the trace is steady at
 `steady` x mu(largest), a step up to a rate the largest cannot serve and the smallest can (the
 geometric mean of mu(largest) and `max_utilization` x mu(smallest)), a burst above that, and a step
 down to steady. The same trace (same Poisson arrivals) is replayed three times: with the policy
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -34,9 +37,9 @@ from protos import coordinator_pb2, inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 FULL = {"width": 0.5, "subset": 6000, "epochs": 2, "levels": 5, "rate": 0.75, "phase_s": 20.0, "warmup_s": 4.0,
-        "batch": 8, "slo_factor": 5.0, "steady": 0.35, "burst": 1.1, "window_s": 0.25}
+        "batch": 8, "slo_factor": 5.0, "steady": 0.35, "burst": 1.1, "window_s": 0.25, "capacity_s": 4.0}
 QUICK = {"width": 0.5, "subset": 2000, "epochs": 1, "levels": 5, "rate": 0.75, "phase_s": 8.0, "warmup_s": 3.0,
-         "batch": 8, "slo_factor": 5.0, "steady": 0.35, "burst": 1.1, "window_s": 0.25}
+         "batch": 8, "slo_factor": 5.0, "steady": 0.35, "burst": 1.1, "window_s": 0.25, "capacity_s": 4.0}
 POLICY = {"down_windows": 2, "up_windows": 4, "up_headroom": 0.7, "dwell_s": 2.0, "max_switches_per_minute": 6}
 MAX_UTILIZATION = 0.85
 EDGE = "edge-bench"
@@ -109,8 +112,39 @@ def timeline(outcomes, slo_ms: float) -> list[dict]:
             for t, group in sorted(seconds.items())]
 
 
+def _pin(cloud, stub, request, variant_id: str) -> None:
+    """Pin and wait until the edge answers on that variant."""
+    operator.set_policy(cloud.address, pinned_variant=variant_id)
+    deadline = time.monotonic() + 60
+    while stub.Predict(request, timeout=30).variant_id != variant_id:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the edge never switched to {variant_id[:12]}")
+        time.sleep(0.1)
+
+
+def capacity(cloud, stub, request, variant_id: str, seconds: float, clients: int = 4) -> float:
+    """Requests per second the edge serves on `variant_id` right now (closed loop, `clients` at once)."""
+    _pin(cloud, stub, request, variant_id)
+    done, stop = [0] * clients, time.monotonic() + seconds
+
+    def client(i: int) -> None:
+        while time.monotonic() < stop:
+            stub.Predict(request, timeout=30)
+            done[i] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(done) / seconds
+
+
 def _run(cloud, stub, request, phases, plan, pin: str, accuracy, slo_ms) -> dict:
-    operator.set_policy(cloud.address, pinned_variant=pin)
+    if pin:
+        _pin(cloud, stub, request, pin)
+    else:
+        operator.set_policy(cloud.address, pinned_variant="")
     replay(stub, request, [Phase("warmup", plan["warmup_s"], phases[0].rate)], seed=1)
     since = time.time()
     outcomes = replay(stub, request, phases, seed=0)
@@ -129,17 +163,19 @@ def _experiment(cloud, edge, store: PortfolioStore, plan: dict, data_dir) -> dic
     accuracy = {v.variant_id: v.accuracy for v in variants}
     largest = max(variants, key=lambda v: (v.params, v.accuracy))
     smallest = min(variants, key=lambda v: (v.params, -v.accuracy))
-    mu = {v.variant_id: 1e3 / profiles[v.variant_id].p50_ms_batch for v in variants}
     slo_ms = plan["slo_factor"] * profiles[largest.variant_id].p95_ms_batch
-    phases = trace(plan, mu[largest.variant_id], mu[smallest.variant_id])
     operator.set_policy(cloud.address, slo_ms=slo_ms, window_s=plan["window_s"], **POLICY)
     images = datasets.load("fashion-mnist", data_dir).test.images[: plan["batch"]].numpy()
     request = inference_pb2.PredictRequest(input=to_proto(images))
     stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(edge.address, options=GRPC_OPTIONS))
+    mu = {v.variant_id: capacity(cloud, stub, request, v.variant_id, plan["capacity_s"])
+          for v in (largest, smallest)}
+    phases = trace(plan, mu[largest.variant_id], mu[smallest.variant_id])
     runs = {name: _run(cloud, stub, request, phases, plan, pin, accuracy, slo_ms) for name, pin in
             (("adaptive", ""), ("fixed_largest", largest.variant_id), ("fixed_smallest", smallest.variant_id))}
     operator.set_policy(cloud.address, pinned_variant="")
     return {"slo_ms": slo_ms, "trace": [vars(p) for p in phases], "runs": runs,
+            "capacity_rps": {"largest": mu[largest.variant_id], "smallest": mu[smallest.variant_id]},
             "variants": [{"name": v.name, "id": v.variant_id[:12], "accuracy": v.accuracy, "params": v.params,
                           "p50_ms_batch": profiles[v.variant_id].p50_ms_batch,
                           "p95_ms_batch": profiles[v.variant_id].p95_ms_batch} for v in variants],

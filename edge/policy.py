@@ -8,7 +8,8 @@ above `MAX_UTILIZATION`) is predicted to miss any SLO: scaling latencies says no
 that would grow without bound, and without this a loaded edge would step up into overload and flap.
 
 Candidates are the variants at or above the accuracy floor (all of them if none is), reduced to the
-Pareto frontier: a variant that is slower than another and not more accurate is never a candidate.
+Pareto frontier: a variant that is slower than another (at p50 and p95) and not more accurate is
+never a candidate.
 
 Constraints: a variant bigger than the memory budget (`memory_budget_bytes`, 0 = none) is never a
 candidate; the accuracy floor is soft (all variants qualify when none reaches it).
@@ -134,17 +135,22 @@ class Decision:
         return self.reason_code != STAY
 
 
+def _dominates(a: Option, b: Option) -> bool:
+    """`a` is at least as accurate as `b` and at least as fast at both p50 and p95, and better in one."""
+    at_least = a.accuracy >= b.accuracy and a.p50_ms <= b.p50_ms and a.p95_ms <= b.p95_ms
+    return at_least and (a.accuracy, -a.p50_ms, -a.p95_ms) != (b.accuracy, -b.p50_ms, -b.p95_ms)
+
+
 def frontier(config: PolicyConfig, options: list[Option]) -> list[Option]:
-    """Candidates, fastest first: above the accuracy floor (all if none is), and no variant that is
-    slower than another without being more accurate."""
+    """Candidates, fastest (by p50) first: within the memory budget (the smallest if none is), above
+    the accuracy floor (all if none is), and none dominated by another (at least as accurate and as
+    fast at both p50 and p95). Both percentiles count, so one noisy p95 from a profile taken on a busy
+    device cannot hide a variant whose median is clearly faster."""
     fitting = [o for o in options if not config.memory_budget_bytes or o.size_bytes <= config.memory_budget_bytes]
     fitting = fitting or [smallest(options)]
     eligible = [o for o in fitting if o.accuracy >= config.min_accuracy] or fitting
-    kept: list[Option] = []
-    for option in sorted(eligible, key=lambda o: (o.p95_ms, -o.accuracy, o.variant_id)):
-        if not kept or option.accuracy > kept[-1].accuracy:
-            kept.append(option)
-    return kept
+    kept = [o for o in eligible if not any(_dominates(other, o) for other in eligible)]
+    return sorted(kept, key=lambda o: (o.p50_ms, o.p95_ms, -o.accuracy, o.variant_id))
 
 
 def smallest(options: list[Option]) -> Option:

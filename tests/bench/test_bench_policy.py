@@ -7,7 +7,7 @@ from bench.__main__ import main
 from bench.load import Outcome
 
 TINY = {"width": 0.125, "subset": 256, "epochs": 1, "levels": 2, "rate": 0.8, "phase_s": 1.5, "warmup_s": 0.5,
-        "batch": 4, "slo_factor": 5.0, "steady": 0.35, "burst": 1.1, "window_s": 0.25}
+        "batch": 4, "slo_factor": 5.0, "steady": 0.35, "burst": 1.1, "window_s": 0.25, "capacity_s": 1.0}
 KEYS = {"slo_attainment", "slo_attainment_fixed_largest", "effective_accuracy", "effective_accuracy_fixed_smallest",
         "effective_accuracy_fixed_largest", "switches", "load_steps"}
 
@@ -38,3 +38,4 @@ def test_a_tiny_policy_benchmark_runs_three_replays_on_a_real_edge(tmp_path, mon
         assert run["requests"] > 0 and 0 <= run["slo_attainment"] <= 1 and 0 <= run["effective_accuracy"] <= 1
     assert result["runs"]["fixed_largest"]["switches"] <= 1  # pinned: at most the pin itself
     assert all(0 < v["accuracy"] < 1 for v in result["variants"])
+    assert result["capacity_rps"]["largest"] > 0 and result["capacity_rps"]["smallest"] > 0

@@ -240,3 +240,14 @@ def test_a_saturated_variant_steps_down_before_its_p95_crosses_the_slo():
     busy = Window(requests=45, p95_ms=12.0, rate=45.0, slots=1)  # 90%: under saturation, no step down
     calm = decide(config, OPTIONS, decide(config, OPTIONS, PolicyState(SLOW.variant_id), busy, 1.0).state, busy, 2.0)
     assert not calm.switch
+
+
+def test_a_noisy_p95_does_not_hide_a_variant_with_a_clearly_faster_median():
+    """On a busy device the profiled p95 of the smallest variant came out above the next one's."""
+    bigger = Option("l4" * 32, accuracy=0.85, p50_ms=5.65, p95_ms=6.19, name="L4")
+    smaller = Option("l5" * 32, accuracy=0.80, p50_ms=4.30, p95_ms=6.42, name="L5")
+    assert frontier(CONFIG, [bigger, smaller]) == [smaller, bigger]
+    loaded = Window(requests=40, p95_ms=100.0, rate=160.0, slots=1)  # L4 would be 90% busy, L5 69%
+    state = PolicyState(bigger.variant_id, over_count=5)
+    decision = decide(PolicyConfig(slo_ms=30.0, down_windows=1), [bigger, smaller], state, loaded, 10.0)
+    assert decision.switch and decision.target == smaller.variant_id
