@@ -18,6 +18,8 @@ A window also counts as over the SLO when its request rate keeps the active vari
 `SATURATION` of the time (rate x profiled p50 / slots): open-loop load beyond what a variant serves
 grows a queue whose p95 crosses the SLO only later, with a backlog that then takes long to drain.
 The gap between `MAX_UTILIZATION` (no step up beyond it) and `SATURATION` is hysteresis too.
+Utilization counts requests, each at the profiled p50 of the typical batch; with micro-batching,
+requests that share a pass cost less than that, so both guards are conservative there.
 
 Hysteresis: stepping down needs `down_windows` consecutive windows over the SLO; stepping up needs
 `up_windows` consecutive windows in which a more accurate candidate is predicted under
