@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -17,9 +18,10 @@ from common.registry import UnknownNameError, lookup
 
 
 def _suites() -> dict:
-    from bench import reconvene, shifter, surgery, transfer
+    from bench import policy, reconvene, shifter, surgery, switching, transfer
 
-    return {"surgery": surgery, "shifter": shifter, "reconvene": reconvene, "transfer": transfer}
+    return {"surgery": surgery, "shifter": shifter, "reconvene": reconvene, "switching": switching, "policy": policy,
+            "transfer": transfer}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.json.with_suffix("")
     result = suite.run(quick=args.quick, data_dir=args.data_dir, work=stem.with_name(f"{stem.name}.work"))
     result["meta"] = {"suite": args.suite, "quick": args.quick, "threads": args.threads, "seconds": time.time() - started,
-                      "machine": {"cpus": torch.get_num_threads(), "platform": platform.platform(),
+                      "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                                   "processor": platform.processor(), "torch": torch.__version__}}
     atomic_write_json(args.json, result)
     if hasattr(suite, "figures"):

@@ -137,6 +137,8 @@ def _parser(environ=None) -> argparse.ArgumentParser:
     pset.add_argument("--up-windows", type=int)
     pset.add_argument("--up-headroom", type=float)
     pset.add_argument("--dwell-s", type=float)
+    pset.add_argument("--window-s", type=float, help="telemetry window the edges decide on")
+    pset.add_argument("--max-switches-per-minute", type=int, help="cap on automatic switches in any 60 s")
     pset.add_argument("--pin", dest="pinned_variant", help="serve only this variant id ('' unpins)")
     bench = top.add_parser("bench", help="run a benchmark suite (python -m bench)", add_help=False)
     bench.add_argument("args", nargs=argparse.REMAINDER)
@@ -252,6 +254,7 @@ def _operate(args, transport: security.Transport) -> int:
         policy = operator.set_policy(args.cloud, transport, slo_ms=args.slo_ms, min_accuracy=args.min_accuracy,
                                      down_windows=args.down_windows, up_windows=args.up_windows,
                                      up_headroom=args.up_headroom, dwell_s=args.dwell_s,
+                                     window_s=args.window_s, max_switches_per_minute=args.max_switches_per_minute,
                                      pinned_variant=args.pinned_variant)
         print(f"policy v{policy.version}: SLO p95 <= {policy.slo_ms:.1f} ms, pinned {policy.pinned_variant or 'none'}")
         return 0

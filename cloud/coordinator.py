@@ -28,8 +28,9 @@ MAX_ROLLOUTS = 1000
 OPERATOR_METHODS = tuple(f"/prunefleet.v1.CoordinatorService/{m}"
                          for m in ("GetFleet", "SetPolicy", "ListEvents", "Deploy", "Rollback", "ListRollouts", "Pin"))
 DEFAULT_POLICY = coordinator_pb2.Policy(slo_ms=50.0, min_accuracy=0.0, down_windows=2, up_windows=3,
-                                        up_headroom=0.7, dwell_s=5.0, window_s=1.0, version=1)
-ZERO_MEANS_DEFAULT = ("slo_ms", "down_windows", "up_windows", "up_headroom", "window_s")
+                                        up_headroom=0.7, dwell_s=5.0, window_s=1.0, version=1,
+                                        max_switches_per_minute=6)
+ZERO_MEANS_DEFAULT = ("slo_ms", "down_windows", "up_windows", "up_headroom", "window_s", "max_switches_per_minute")
 _CLOSE = object()
 
 
@@ -49,7 +50,8 @@ def validate_policy(policy: coordinator_pb2.Policy) -> coordinator_pb2.Policy:
               (merged.down_windows >= 1 and merged.up_windows >= 1, "down_windows and up_windows must be >= 1"),
               (0 < merged.up_headroom <= 1, "up_headroom must be in (0, 1]"),
               (merged.dwell_s >= 0, "dwell_s must be >= 0"),
-              (0.1 <= merged.window_s <= 60, "window_s must be in [0.1, 60]")]
+              (0.1 <= merged.window_s <= 60, "window_s must be in [0.1, 60]"),
+              (1 <= merged.max_switches_per_minute <= 600, "max_switches_per_minute must be in [1, 600]")]
     for ok, message in checks:
         if not ok:
             raise PolicyError(message)

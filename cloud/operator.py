@@ -85,9 +85,13 @@ def set_policy(address: str, transport: Transport, **changes) -> coordinator_pb2
 def events_table(address: str, transport: Transport, edge: str = "", limit: int = 100) -> str:
     reply = coordinator_stub(address, transport).ListEvents(coordinator_pb2.ListEventsRequest(edge=edge, limit=limit),
                                                  timeout=RPC_TIMEOUT_S)
-    rows = [(time.strftime("%H:%M:%S", time.localtime(e.event.timestamp)), e.edge, e.event.from_variant[:12] or "-",
-             e.event.to_variant[:12], f"{e.event.switch_us:.0f}", e.event.reason) for e in reply.events]
-    return table(("time", "edge", "from", "to", "switch us", "reason"), rows)
+    rows = [(time.strftime("%H:%M:%S", time.localtime(e.event.timestamp)), e.edge, e.event.reason_code,
+             e.event.from_variant[:12] or "-", e.event.to_variant[:12] if e.event.switched else "(stays)",
+             f"{e.event.observed_p95_ms:.1f}", f"{e.event.request_rate:.1f}", f"{e.event.predicted_p95_ms:.1f}",
+             f"{e.event.slo_ms:.1f}", f"v{e.event.policy_version}", f"{e.event.switch_us:.0f}",
+             f"{e.event.load_ms:.1f}", e.event.reason) for e in reply.events]
+    return table(("time", "edge", "decision", "from", "to", "p95 ms", "req/s", "predicted ms", "slo ms", "policy",
+                  "switch us", "load ms", "reason"), rows)
 
 
 def rollout_line(rollout: coordinator_pb2.Rollout) -> str:

@@ -24,7 +24,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from common import models
+from common import models, tensorfile
 from common.files import atomic_write_bytes, sha256_bytes
 from common.registry import UnknownNameError
 
@@ -124,6 +124,18 @@ def _header_metadata(data: bytes) -> dict[str, str]:
     return metadata
 
 
+def _spec(metadata: dict[str, str], allowed_models: Collection[str]) -> VariantSpec:
+    """The spec a header holds, once its format and architecture are accepted."""
+    if metadata.get("format") != FORMAT:
+        raise VariantError(f"variant format is {metadata.get('format')!r}, expected {FORMAT!r}")
+    spec = VariantSpec.from_json(metadata.get("spec", ""))
+    try:
+        models.check_allowed(spec.arch, allowed_models)
+    except (UnknownNameError, ValueError) as err:
+        raise VariantError(f"architecture {spec.arch!r} is not on the allow-list: {err}") from None
+    return spec
+
+
 def decode(data: bytes, expected_sha256: str | None = None, *,
            allowed_models: Collection[str] = ()) -> tuple[VariantSpec, dict[str, torch.Tensor]]:
     """Check and parse variant-file bytes. Nothing is built, imported or unpickled; an `arch` that is
@@ -132,14 +144,7 @@ def decode(data: bytes, expected_sha256: str | None = None, *,
         raise VariantError(f"variant file is {len(data)} bytes, over the {MAX_VARIANT_BYTES}-byte limit")
     if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
         raise VariantError(f"variant file sha256 does not match {expected_sha256}")
-    metadata = _header_metadata(data)
-    if metadata.get("format") != FORMAT:
-        raise VariantError(f"variant format is {metadata.get('format')!r}, expected {FORMAT!r}")
-    spec = VariantSpec.from_json(metadata.get("spec", ""))
-    try:
-        models.check_allowed(spec.arch, allowed_models)
-    except (UnknownNameError, ValueError) as err:
-        raise VariantError(f"architecture {spec.arch!r} is not on the allow-list: {err}") from None
+    spec = _spec(_header_metadata(data), allowed_models)
     try:
         tensors = load_tensors(data)
     except (SafetensorError, ValueError) as err:
@@ -148,7 +153,7 @@ def decode(data: bytes, expected_sha256: str | None = None, *,
 
 
 def _resize_tensor(module: nn.Module, attr: str, shape: torch.Size, dtype: torch.dtype) -> None:
-    blank = torch.empty(shape, dtype=dtype)
+    blank = torch.empty(shape, dtype=dtype, device="meta")
     if attr in module._parameters:
         setattr(module, attr, nn.Parameter(blank, requires_grad=module._parameters[attr].requires_grad))
     else:
@@ -181,16 +186,19 @@ def _sync_shape_attributes(name: str, module: nn.Module) -> None:
 
 
 def _base_model(spec: VariantSpec, allowed_models: Collection[str]) -> nn.Module:
+    """The base architecture on the meta device: shapes only, no memory (a compact variant never
+    allocates its full-size base)."""
     try:
-        return models.build(spec.arch, spec.kwargs, allowed=allowed_models)
+        with torch.device("meta"):
+            return models.build(spec.arch, spec.kwargs, allowed=allowed_models)
     except (UnknownNameError, ValueError, TypeError) as err:
         raise VariantError(f"cannot build {spec.arch!r} with {spec.kwargs}: {err}") from err
 
 
 def build_model(spec: VariantSpec, tensors: dict[str, torch.Tensor], *,
                 allowed_models: Collection[str] = ()) -> nn.Module:
-    """Build the base architecture, shrink each layer to the stored shapes and load the weights.
-    `allowed_models` as in `decode`."""
+    """Build the base architecture (on the meta device), shrink each layer to the stored shapes and
+    take the stored tensors as its weights (no copy). `allowed_models` as in `decode`."""
     model = _base_model(spec, allowed_models)
     modules = dict(model.named_modules())
     for key, value in tensors.items():
@@ -202,9 +210,12 @@ def build_model(spec: VariantSpec, tensors: dict[str, torch.Tensor], *,
     for name, module in model.named_modules():
         _sync_shape_attributes(name, module)
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as err:
         raise VariantError(f"variant tensors do not match {spec.arch}: {err}") from err
+    missing = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if missing:
+        raise VariantError(f"variant file has no values for {', '.join(missing[:5])}")
     model.eval()
     try:
         with torch.no_grad():
@@ -223,9 +234,17 @@ def load_bytes(data: bytes, expected_sha256: str | None = None, *,
 
 
 def load(path: Path, expected_sha256: str | None = None, *, allowed_models: Collection[str] = ()) -> Variant:
-    """Read, verify and rebuild a variant file; `allowed_models` as in `decode`."""
+    """Read, verify and rebuild a variant file; `allowed_models` as in `decode`. The tensors are read
+    straight into place (`common.tensorfile`), so loading holds the variant once, not twice."""
     path = Path(path)
     size = path.stat().st_size
     if size > MAX_VARIANT_BYTES:
         raise VariantError(f"{path.name} is {size} bytes, over the {MAX_VARIANT_BYTES}-byte limit")
-    return load_bytes(path.read_bytes(), expected_sha256, allowed_models=allowed_models)
+    try:
+        metadata, tensors, sha256 = tensorfile.read(path, MAX_HEADER_BYTES)
+    except tensorfile.TensorFileError as err:
+        raise VariantError(f"{path.name} is unreadable: {err}") from err
+    if expected_sha256 is not None and sha256 != expected_sha256:
+        raise VariantError(f"variant file sha256 does not match {expected_sha256}")
+    spec = _spec(metadata, allowed_models)
+    return Variant(spec, build_model(spec, tensors, allowed_models=allowed_models), sha256, size)

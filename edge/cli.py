@@ -1,7 +1,9 @@
 """`prunefleet-edge`: the edge agent.
 
     prunefleet-edge run --cloud HOST:PORT --name NAME --port PORT --metrics-port PORT --cache DIR
-                        (--certs DIR | --insecure) [--verify-key PEM] [--allow-model package.module:function ...]
+                        (--certs DIR | --insecure) [--verify-key PEM]
+                        [--memory-budget-mib MIB] [--batch-delay-ms MS] [--max-pending N]
+                        [--allow-model package.module:function ...]
 
 With `--certs DIR` (the `edge` directory of `prunefleet certs init`) the agent speaks mutual TLS to the
 cloud and serves its InferenceService over mutual TLS, and refuses variants not signed by the key in
@@ -35,6 +37,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from common import models, security
 from edge.agent import Agent, AgentConfig, initial_portfolio
+from edge.batching import BatchConfig, MicroBatcher
 from edge.link import Link, LinkConfig, Outbox
 from edge.metrics import EdgeMetrics
 from edge.runtime import Runtime, RuntimeConfig
@@ -64,6 +67,13 @@ def _parser(environ=None) -> argparse.ArgumentParser:
     run.add_argument("--window-s", type=float, default=1.0, help="telemetry window until the policy sets one")
     run.add_argument("--slo-ms", type=float, default=50.0,
                      help="latency histogram gets a bucket here (the coordinator's policy sets the SLO itself)")
+    run.add_argument("--memory-budget-mib", type=float, default=0.0,
+                     help="keep at most this many MiB of variants in memory; the rest load on demand (0: all)")
+    run.add_argument("--batch-delay-ms", type=float, default=0.0,
+                     help="micro-batching: a request waits at most this long for others to share a forward pass "
+                          "(0: off)")
+    run.add_argument("--max-pending", type=int, default=256,
+                     help="Predicts in progress or queued; beyond, RESOURCE_EXHAUSTED")
     run.add_argument("--allow-model", action="append", dest="allow_models", metavar="PACKAGE.MODULE:FUNCTION",
                      help="also build variants of this import-path architecture (repeatable; adds to the "
                           f"comma-separated {models.ALLOW_ENV}); zoo architectures are always allowed")
@@ -92,7 +102,9 @@ def _config(args, allowed: tuple[str, ...] = ()) -> AgentConfig:
                        cache_dir=args.cache, host=args.host,
                        advertise_host=args.advertise_host, port=args.port,
                        metrics_port=args.metrics_port, threads=args.threads, batch=args.batch,
-                       max_batch=args.max_batch, window_s=args.window_s, slo_ms=args.slo_ms)
+                       max_batch=args.max_batch, window_s=args.window_s, slo_ms=args.slo_ms,
+                       memory_budget_mib=args.memory_budget_mib, batch_delay_ms=args.batch_delay_ms,
+                       max_pending=args.max_pending)
 
 
 def _serve(agent: Agent, link: Link, banner: str) -> None:
@@ -120,6 +132,7 @@ class Node:
     channel: grpc.Channel
     address: str
     metrics_address: str
+    batcher: MicroBatcher | None = None
 
     def banner(self) -> str:
         return f"prunefleet-edge {self.agent.config.name} serving on {self.address} metrics on {self.metrics_address}"
@@ -127,6 +140,8 @@ class Node:
     def close(self) -> None:
         set_serving(self.health, False)
         self.server.stop(STOP_GRACE_S).wait()
+        if self.batcher is not None:
+            self.batcher.close()
         self.channel.close()
         self.http.shutdown()
 
@@ -137,10 +152,16 @@ def assemble(config: AgentConfig, stopping: threading.Event, transport: security
     registry = CollectorRegistry()
     metrics = EdgeMetrics(registry, config.name, slo_s=config.slo_ms / 1e3)
     http, _ = start_http_server(config.metrics_port, config.host, registry=registry)
-    runtime = Runtime(RuntimeConfig(slots=config.threads, max_batch=config.max_batch))
+    metrics.budget(config.memory_budget_bytes)
+    runtime = Runtime(RuntimeConfig(slots=config.threads, max_batch=config.max_batch,
+                                    memory_budget_bytes=config.memory_budget_bytes))
     window = RequestWindow(time.monotonic())
-    server, port, health = make_server(InferenceServicer(runtime, window, metrics), config.host, config.port,
-                                       config.workers, None if transport.insecure else transport.server_credentials())
+    batcher = (MicroBatcher(runtime, BatchConfig(config.batch_delay_ms, config.max_batch, config.threads),
+                            metrics.batched) if config.batch_delay_ms else None)
+    server, port, health = make_server(InferenceServicer(runtime, window, metrics, batcher), config.host,
+                                       config.port, config.workers,
+                                       None if transport.insecure else transport.server_credentials(),
+                                       config.max_pending)
     channel = transport.channel(config.cloud)
     address, metrics_address = f"{config.public_host}:{port}", f"{config.public_host}:{http.server_port}"
     link_config = LinkConfig(edge=config.name, address=address, metrics_address=metrics_address,
@@ -149,7 +170,7 @@ def assemble(config: AgentConfig, stopping: threading.Event, transport: security
     agent = Agent(config, runtime, metrics, window, ProcessStats(), health,
                   portfolio_pb2_grpc.PortfolioServiceStub(channel), outbox, stopping, verifier=verifier)
     link = Link(link_config, coordinator_pb2_grpc.CoordinatorServiceStub(channel), outbox, stopping)
-    return Node(agent, link, server, health, http, channel, address, metrics_address)
+    return Node(agent, link, server, health, http, channel, address, metrics_address, batcher)
 
 
 def run(config: AgentConfig, stopping: threading.Event, transport: security.Transport) -> int:

@@ -8,22 +8,44 @@ above `MAX_UTILIZATION`) is predicted to miss any SLO: scaling latencies says no
 that would grow without bound, and without this a loaded edge would step up into overload and flap.
 
 Candidates are the variants at or above the accuracy floor (all of them if none is), reduced to the
-Pareto frontier: a variant that is slower than another and not more accurate is never a candidate.
+Pareto frontier: a variant that is slower than another (at p50 and p95) and not more accurate is
+never a candidate.
+
+Constraints: a variant bigger than the memory budget (`memory_budget_bytes`, 0 = none) is never a
+candidate; the accuracy floor is soft (all variants qualify when none reaches it).
+
+A window also counts as over the SLO when its request rate keeps the active variant busy more than
+`SATURATION` of the time (rate x profiled p50 / slots): open-loop load beyond what a variant serves
+grows a queue whose p95 crosses the SLO only later, with a backlog that then takes long to drain.
+The gap between `MAX_UTILIZATION` (no step up beyond it) and `SATURATION` is hysteresis too.
+Utilization counts requests, each at the profiled p50 of the typical batch; with micro-batching,
+requests that share a pass cost less than that, so both guards are conservative there.
 
 Hysteresis: stepping down needs `down_windows` consecutive windows over the SLO; stepping up needs
 `up_windows` consecutive windows in which a more accurate candidate is predicted under
 `slo * up_headroom`, and `dwell_s` seconds since the last switch. A window in between resets both
-counts, so load that hovers around the SLO never flaps.
+counts, so load that hovers around the SLO never flaps. On top of that, at most
+`max_switches_per_minute` automatic switches happen in any 60 s; one held back by the cap is recorded
+once ("capped") and happens when the minute allows it, if it is still wanted.
+
+The operator's pin wins over everything; unpinning is recorded ("unpinned") and the policy resumes
+from the pinned variant. Without telemetry (`window` is None: the window could not be read or is
+stale) or without a profile of the active variant, the edge falls back to the smallest variant
+("fallback"), the one least likely to miss the SLO or the memory budget. Pins, the initial choice
+and fallbacks are not capped.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-DEFAULTS = {"slo_ms": 50.0, "down_windows": 2, "up_windows": 3, "up_headroom": 0.7, "window_s": 1.0}
+DEFAULTS = {"slo_ms": 50.0, "down_windows": 2, "up_windows": 3, "up_headroom": 0.7, "window_s": 1.0,
+            "max_switches_per_minute": 6}
 DEFAULT_DWELL_S = 5.0
 STAY = "stay"
 MAX_UTILIZATION = 0.85
+SATURATION = 0.95  # the active variant busy this share of the time: a queue is building
+CAPPED_CODES = ("slo_violation", "headroom")  # the automatic switches the per-minute cap applies to
 
 
 @dataclass(frozen=True)
@@ -37,6 +59,8 @@ class PolicyConfig:
     window_s: float = 1.0
     pinned_variant: str = ""
     version: int = 0
+    max_switches_per_minute: int = 6
+    memory_budget_bytes: int = 0  # the device's budget (0 = none): bigger variants are no candidates
 
     def __post_init__(self) -> None:
         if self.slo_ms <= 0 or self.window_s <= 0:
@@ -45,16 +69,20 @@ class PolicyConfig:
             raise ValueError("up_headroom must be in (0, 1] and min_accuracy in [0, 1]")
         if self.down_windows < 1 or self.up_windows < 1 or self.dwell_s < 0:
             raise ValueError("down_windows and up_windows must be >= 1, dwell_s >= 0")
+        if self.max_switches_per_minute < 1 or self.memory_budget_bytes < 0:
+            raise ValueError("max_switches_per_minute must be >= 1 and memory_budget_bytes >= 0")
 
     @classmethod
-    def from_proto(cls, policy, window_s: float = DEFAULTS["window_s"]) -> PolicyConfig:
+    def from_proto(cls, policy, window_s: float = DEFAULTS["window_s"], memory_budget_bytes: int = 0
+                   ) -> PolicyConfig:
         """From a coordinator_pb2.Policy. Fields left at 0 take the defaults (`window_s` when unset);
-        `dwell_s` takes its default only when the whole policy is unset, since 0 s is a real choice."""
+        `dwell_s` takes its default only when the whole policy is unset, since 0 s is a real choice.
+        The memory budget is the device's own, not the coordinator's."""
         defaults = {**DEFAULTS, "window_s": window_s}
         values = {name: getattr(policy, name) or default for name, default in defaults.items()}
         dwell_s = policy.dwell_s if policy.slo_ms else policy.dwell_s or DEFAULT_DWELL_S
         return cls(min_accuracy=policy.min_accuracy, dwell_s=dwell_s, pinned_variant=policy.pinned_variant,
-                   version=policy.version, **values)
+                   version=policy.version, memory_budget_bytes=memory_budget_bytes, **values)
 
 
 @dataclass(frozen=True)
@@ -67,6 +95,7 @@ class Option:
     p50_ms: float
     p95_ms: float
     name: str = ""
+    size_bytes: int = 0  # what holding it costs (0 = unknown)
 
     @property
     def label(self) -> str:
@@ -87,36 +116,60 @@ class PolicyState:
     over_count: int = 0
     under_count: int = 0
     last_switch_at: float = 0.0
+    recent_switches: tuple[float, ...] = ()  # times of the switches in the last minute
+    pinned: str = ""  # the variant the operator pinned, while the pin holds
+    capped: bool = False  # the last wanted switch was held back by the cap (recorded once)
 
 
 @dataclass(frozen=True)
 class Decision:
     target: str  # the variant to serve; equal to the active one when staying
     reason: str
-    reason_code: str  # "stay", "initial", "pinned", "slo_violation", "headroom"
+    reason_code: str  # "stay" (not recorded), or "initial", "pinned", "unpinned", "slo_violation",
+    #                   "headroom", "fallback", "capped" (recorded)
     state: PolicyState
+    switch: bool = False  # the variant changes
+    predicted_p95_ms: float = 0.0  # the target's predicted p95 (0 when not predicted)
 
     @property
-    def switch(self) -> bool:
+    def recorded(self) -> bool:
+        """Worth an event: a switch, or a decision the operator should see (cap, unpin)."""
         return self.reason_code != STAY
 
 
+def _dominates(a: Option, b: Option) -> bool:
+    """`a` is at least as accurate as `b` and at least as fast at both p50 and p95, and better in one."""
+    at_least = a.accuracy >= b.accuracy and a.p50_ms <= b.p50_ms and a.p95_ms <= b.p95_ms
+    return at_least and (a.accuracy, -a.p50_ms, -a.p95_ms) != (b.accuracy, -b.p50_ms, -b.p95_ms)
+
+
 def frontier(config: PolicyConfig, options: list[Option]) -> list[Option]:
-    """Candidates, fastest first: above the accuracy floor (all if none is), and no variant that is
-    slower than another without being more accurate."""
-    eligible = [o for o in options if o.accuracy >= config.min_accuracy] or list(options)
-    kept: list[Option] = []
-    for option in sorted(eligible, key=lambda o: (o.p95_ms, -o.accuracy, o.variant_id)):
-        if not kept or option.accuracy > kept[-1].accuracy:
-            kept.append(option)
-    return kept
+    """Candidates, fastest (by p50) first: within the memory budget (the smallest if none is), above
+    the accuracy floor (all if none is), and none dominated by another (at least as accurate and as
+    fast at both p50 and p95). Both percentiles count, so one noisy p95 from a profile taken on a busy
+    device cannot hide a variant whose median is clearly faster."""
+    fitting = [o for o in options if not config.memory_budget_bytes or o.size_bytes <= config.memory_budget_bytes]
+    fitting = fitting or [smallest(options)]
+    eligible = [o for o in fitting if o.accuracy >= config.min_accuracy] or fitting
+    kept = [o for o in eligible if not any(_dominates(other, o) for other in eligible)]
+    return sorted(kept, key=lambda o: (o.p50_ms, o.p95_ms, -o.accuracy, o.variant_id))
+
+
+def smallest(options: list[Option]) -> Option:
+    """The fallback: least memory, then fastest."""
+    return min(options, key=lambda o: (o.size_bytes, o.p95_ms, o.variant_id))
+
+
+def utilization(option: Option, window: Window) -> float:
+    """Share of the time `option` would be busy serving the window's request rate on its slots."""
+    return window.rate * option.p50_ms / 1e3 / max(window.slots, 1)
 
 
 def predicted_p95(candidate: Option, active: Option, window: Window) -> float:
     """The p95 `candidate` would show under this window's load."""
     if window.requests <= 0:
         return candidate.p95_ms
-    if window.rate * candidate.p50_ms / 1e3 / max(window.slots, 1) > MAX_UTILIZATION:
+    if utilization(candidate, window) > MAX_UTILIZATION:
         return float("inf")
     return window.p95_ms * candidate.p95_ms / max(active.p95_ms, 1e-9)
 
@@ -137,8 +190,25 @@ def _best_under(candidates: list[Option], active: Option, window: Window, bound_
     return max(fitting, key=lambda pair: pair[0].accuracy) if fitting else None
 
 
-def _switched(target: Option, reason: str, reason_code: str, now: float) -> Decision:
-    return Decision(target.variant_id, reason, reason_code, PolicyState(target.variant_id, last_switch_at=now))
+def _recent(state: PolicyState, now: float) -> tuple[float, ...]:
+    return tuple(t for t in state.recent_switches if now - t < 60.0)
+
+
+def _switched(config: PolicyConfig, target: Option, reason: str, reason_code: str, state: PolicyState,
+              now: float, predicted: float = 0.0) -> Decision:
+    """Switch to `target`, unless the per-minute cap holds an automatic switch back."""
+    recent = _recent(state, now)
+    if reason_code in CAPPED_CODES and len(recent) >= config.max_switches_per_minute:
+        held = replace(state, recent_switches=recent, capped=True)
+        if state.capped:
+            return Decision(state.active, "switch held back by the cap, waiting", STAY, held)
+        return Decision(state.active, f"wanted {target.label} ({reason}); held back: {len(recent)} switches in the "
+                                      f"last minute, cap {config.max_switches_per_minute}", "capped", held,
+                        predicted_p95_ms=predicted)
+    new_state = PolicyState(target.variant_id, last_switch_at=now, recent_switches=recent + (now,),
+                            pinned=target.variant_id if reason_code == "pinned" else "")
+    return Decision(target.variant_id, reason, reason_code, new_state, switch=target.variant_id != state.active,
+                    predicted_p95_ms=predicted)
 
 
 def _step_down(config: PolicyConfig, candidates: list[Option], active: Option, window: Window,
@@ -148,43 +218,74 @@ def _step_down(config: PolicyConfig, candidates: list[Option], active: Option, w
     if target.variant_id == active.variant_id:
         return Decision(active.variant_id, "over the SLO, and no faster variant fits better", STAY, state)
     outlook = f"predicted {predicted:.1f} ms on {target.label}" if best else f"none fits: the fastest, {target.label}"
-    reason = (f"p95 {window.p95_ms:.1f} ms over SLO {config.slo_ms:.1f} ms for {state.over_count} windows at "
-              f"{window.rate:.1f} req/s; {outlook}")
-    return _switched(target, reason, "slo_violation", now)
+    if window.p95_ms > config.slo_ms:
+        why = f"p95 {window.p95_ms:.1f} ms over SLO {config.slo_ms:.1f} ms"
+    else:
+        why = f"{window.rate:.1f} req/s keep {active.label} {utilization(active, window):.0%} busy (saturated)"
+    reason = f"{why} for {state.over_count} windows at {window.rate:.1f} req/s; {outlook}"
+    return _switched(config, target, reason, "slo_violation", state, now, predicted)
 
 
 def _step_up(config: PolicyConfig, candidates: list[Option], active: Option, window: Window,
              state: PolicyState, now: float) -> Decision:
     best = _best_under(candidates, active, window, config.slo_ms * config.up_headroom)
     if best is None or best[0].accuracy <= active.accuracy:
-        return Decision(active.variant_id, "steady", STAY, replace(state, over_count=0, under_count=0))
+        return Decision(active.variant_id, "steady", STAY, replace(state, over_count=0, under_count=0, capped=False))
     state = replace(state, over_count=0, under_count=state.under_count + 1)
     if state.under_count < config.up_windows or now - state.last_switch_at < config.dwell_s:
         return Decision(active.variant_id, "headroom, waiting", STAY, state)
     target, predicted = best
     reason = (f"p95 {window.p95_ms:.1f} ms leaves headroom under SLO {config.slo_ms:.1f} ms for "
               f"{state.under_count} windows at {window.rate:.1f} req/s; predicted {predicted:.1f} ms on {target.label}")
-    return _switched(target, reason, "headroom", now)
+    return _switched(config, target, reason, "headroom", state, now, predicted)
 
 
-def decide(config: PolicyConfig, options: list[Option], state: PolicyState, window: Window,
-           now: float) -> Decision:
-    """What to serve after this window, and the state to carry into the next one."""
-    by_id = {o.variant_id: o for o in options}
-    if not options:
-        return Decision(state.active, "no variant to choose from", STAY, state)
+def _pin_or_unpin(config: PolicyConfig, by_id: dict[str, Option], state: PolicyState, now: float
+                  ) -> Decision | None:
     pinned = by_id.get(config.pinned_variant)
     if pinned is not None:
         if state.active == pinned.variant_id:
-            return Decision(state.active, "pinned", STAY, replace(state, over_count=0, under_count=0))
-        return _switched(pinned, f"pinned by the operator to {pinned.label}", "pinned", now)
+            reason_code = "pinned" if state.pinned != pinned.variant_id else STAY
+            return Decision(state.active, "pinned", reason_code, replace(state, over_count=0, under_count=0,
+                                                                         pinned=pinned.variant_id))
+        return _switched(config, pinned, f"pinned by the operator to {pinned.label}", "pinned", state, now)
+    if state.pinned:
+        name = by_id[state.pinned].label if state.pinned in by_id else state.pinned[:12]
+        return Decision(state.active, f"unpinned by the operator from {name}; the policy decides again", "unpinned",
+                        replace(state, pinned="", over_count=0, under_count=0, capped=False))
+    return None
+
+
+def _fallback(config: PolicyConfig, options: list[Option], state: PolicyState, why: str, now: float) -> Decision:
+    target = smallest(options)
+    if target.variant_id == state.active:
+        return Decision(state.active, f"{why}; already on the smallest variant", STAY, state)
+    return _switched(config, target, f"{why}; fell back to the smallest variant, {target.label}", "fallback",
+                     state, now, target.p95_ms)
+
+
+def decide(config: PolicyConfig, options: list[Option], state: PolicyState, window: Window | None,
+           now: float) -> Decision:
+    """What to serve after this window, and the state to carry into the next one. `window` is None
+    when telemetry is missing."""
+    by_id = {o.variant_id: o for o in options}
+    if not options:
+        return Decision(state.active, "no variant to choose from", STAY, state)
+    pin = _pin_or_unpin(config, by_id, state, now)
+    if pin is not None:
+        return pin
     active = by_id.get(state.active)
-    if active is None:
+    if not state.active:
         choice = initial_choice(config, options)
-        return _switched(choice, f"active variant {state.active[:12] or 'none'} has no profile; "
-                                 f"chose {choice.label}", "initial", now)
+        return _switched(config, choice, f"no active variant; chose {choice.label}", "initial", state, now,
+                         choice.p95_ms)
+    if active is None:
+        return _fallback(config, options, state, f"active variant {state.active[:12]} has no profile", now)
+    if window is None:
+        return _fallback(config, options, state, "telemetry missing", now)
     candidates = frontier(config, options)
-    if window.requests > 0 and window.p95_ms > config.slo_ms:
+    saturated = utilization(active, window) > SATURATION
+    if window.requests > 0 and (window.p95_ms > config.slo_ms or saturated):
         state = replace(state, over_count=state.over_count + 1, under_count=0)
         if state.over_count >= config.down_windows:
             return _step_down(config, candidates, active, window, state, now)

@@ -1,16 +1,25 @@
-"""The runtime: every variant in memory, one active reference, switching by reference swap.
+"""The runtime: variants in memory, one active reference, switching by reference swap.
 
 A request reads the active reference once and finishes on that variant, whatever switches happen
-meanwhile; new requests see the new reference. A switch is one assignment under a lock, so it takes
-microseconds and never fails a request. A semaphore sized to the device (`slots`) bounds concurrent
-inference, so time spent waiting for a slot is part of the request's measured latency.
+meanwhile; new requests see the new reference. A switch to a resident variant is one assignment under
+a lock, so it takes microseconds and never fails a request. A semaphore sized to the device (`slots`)
+bounds concurrent inference, so time spent waiting for a slot is part of the request's measured latency.
+
+A memory budget (`memory_budget_bytes`, 0 = none) caps the bytes of the resident models. A variant
+added with a `loader` (how to rebuild it, e.g. from the verified cache) may be evicted, least recently
+active first, and is loaded on demand when a switch names it: room is made first, the load happens
+outside the swap lock while requests go on on the old variant, then the swap, then the old variant is
+evicted if the budget needs it (requests in flight keep their own reference). So a switch never holds
+more than the two variants involved beyond the steady state. The active variant is never evicted.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -36,10 +45,13 @@ class UnknownVariantError(LookupError):
 class RuntimeConfig:
     slots: int = 1  # concurrent inferences; size it to the device
     max_batch: int = 256
+    memory_budget_bytes: int = 0  # resident model bytes (0 = hold every variant)
 
     def __post_init__(self) -> None:
         if self.slots < 1 or self.max_batch < 1:
             raise ValueError("slots and max_batch must be >= 1")
+        if self.memory_budget_bytes < 0:
+            raise ValueError("memory_budget_bytes must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,26 @@ class LoadedVariant:
     def variant_id(self) -> str:
         return self.info.variant_id
 
+    @property
+    def memory_bytes(self) -> int:
+        return model_bytes(self.model)
+
+
+Loader = Callable[[], LoadedVariant]
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers: what holding it costs."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def libc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim (returns freed heap to the system after an eviction), or a no-op."""
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    return (lambda: trim(0)) if trim else (lambda: None)
+
 
 def loaded(info: VariantInfo, spec: VariantSpec, model: nn.Module) -> LoadedVariant:
     """A variant ready to serve: the model in eval mode and its normalization as broadcastable tensors."""
@@ -74,54 +106,129 @@ def loaded(info: VariantInfo, spec: VariantSpec, model: nn.Module) -> LoadedVari
                          torch.tensor(spec.std, dtype=torch.float32).view(1, channels, 1, 1))
 
 
+def warm_up(variant: LoadedVariant, batch: int = 1) -> None:
+    """One forward pass, so the first request does not pay for lazy initialization."""
+    with torch.inference_mode():
+        variant.model(torch.zeros(batch, *variant.spec.input_shape))
+
+
 @dataclass(frozen=True)
 class SwitchRecord:
     from_variant: str  # "" for the first activation
     to_variant: str
     reason: str
     switch_us: float  # time the swap took, lock included
+    load_s: float = 0.0  # on-demand load of a variant that was not resident (0 if it was)
+    evicted: tuple[str, ...] = ()  # variants dropped from memory to stay within the budget
 
 
 class Runtime:
     def __init__(self, config: RuntimeConfig):
         self.config = config
-        self._variants: Mapping[str, LoadedVariant] = MappingProxyType({})
+        self._known: Mapping[str, VariantInfo] = MappingProxyType({})
+        self._resident: Mapping[str, LoadedVariant] = MappingProxyType({})
+        self._bytes: dict[str, int] = {}
+        self._loaders: dict[str, Loader] = {}
+        self._used: dict[str, int] = {}  # variant id -> tick of its last activation (LRU)
+        self._tick = 0
         self._active: LoadedVariant | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the swap
+        self._memory_lock = threading.RLock()  # what is resident: loads, evictions, portfolio changes
         self._slots = threading.BoundedSemaphore(config.slots)
+        self._trim = libc_trim()
 
-    def add(self, variant: LoadedVariant) -> None:
-        with self._lock:
-            self._variants = MappingProxyType({**self._variants, variant.variant_id: variant})
+    def add(self, variant: LoadedVariant, loader: Loader | None = None) -> tuple[str, ...]:
+        """Hold a variant. With a `loader` it may be evicted and loaded again on demand. Returns the
+        variants evicted to stay within the budget."""
+        with self._memory_lock:
+            self._known = MappingProxyType({**self._known, variant.variant_id: variant.info})
+            if loader is not None:
+                self._loaders[variant.variant_id] = loader
+            self._hold(variant)
+            return self._evict_over_budget(keep={variant.variant_id})
+
+    def _hold(self, variant: LoadedVariant) -> None:
+        self._bytes[variant.variant_id] = variant.memory_bytes
+        self._resident = MappingProxyType({**self._resident, variant.variant_id: variant})
+        self._tick += 1
+        self._used[variant.variant_id] = self._tick
+
+    def _drop(self, variant_id: str) -> None:
+        self._resident = MappingProxyType({k: v for k, v in self._resident.items() if k != variant_id})
+        self._bytes.pop(variant_id, None)
+
+    def _evict_over_budget(self, keep: set[str], incoming: int = 0) -> tuple[str, ...]:
+        """Evict least recently active variants (never the active one, nor `keep`, nor one that could
+        not be loaded again) until the resident bytes plus `incoming` fit the budget."""
+        budget, evicted = self.config.memory_budget_bytes, []
+        if not budget:
+            return ()
+        active = self._active.variant_id if self._active else ""
+        evictable = sorted((self._used.get(k, 0), k) for k in self._resident
+                           if k not in keep and k != active and k in self._loaders)
+        for _, variant_id in evictable:
+            if self.resident_bytes() + incoming <= budget:
+                break
+            self._drop(variant_id)
+            evicted.append(variant_id)
+        if evicted:
+            self._trim()
+        return tuple(evicted)
 
     def remove(self, variant_id: str) -> None:
-        """Drop a variant from memory; the active one stays (switch away first)."""
-        with self._lock:
+        """Forget a variant; the active one stays (switch away first)."""
+        with self._memory_lock:
             if self._active is not None and self._active.variant_id == variant_id:
                 raise ValueError(f"variant {variant_id[:12]} is active")
-            self._variants = MappingProxyType({k: v for k, v in self._variants.items() if k != variant_id})
+            self._known = MappingProxyType({k: v for k, v in self._known.items() if k != variant_id})
+            self._drop(variant_id)
+            self._loaders.pop(variant_id, None)
+            self._used.pop(variant_id, None)
 
-    def variants(self) -> Mapping[str, LoadedVariant]:
-        """A read-only snapshot of the variants held."""
-        return self._variants
+    def variants(self) -> Mapping[str, VariantInfo]:
+        """A read-only snapshot of every variant known, resident or loadable on demand."""
+        return self._known
+
+    def resident(self) -> Mapping[str, LoadedVariant]:
+        """A read-only snapshot of the variants in memory."""
+        return self._resident
 
     def resident_bytes(self) -> int:
-        return sum(v.info.size_bytes for v in self._variants.values())
+        return sum(self._bytes.values())
 
     @property
     def active(self) -> LoadedVariant | None:
         return self._active
 
-    def switch(self, variant_id: str, reason: str = "") -> SwitchRecord:
-        """Make `variant_id` active: one reference assignment under the lock."""
+    def _load(self, variant_id: str) -> tuple[LoadedVariant, float, tuple[str, ...]]:
+        """Load a known variant that is not resident: make room first, then build it."""
+        loader = self._loaders.get(variant_id)
+        if variant_id not in self._known or loader is None:
+            raise UnknownVariantError(f"variant {variant_id[:12]} is not loaded")
+        evicted = self._evict_over_budget(keep={variant_id}, incoming=self._known[variant_id].size_bytes)
         start = time.perf_counter()
-        with self._lock:
-            target = self._variants.get(variant_id)
+        target = loader()
+        if target.variant_id != variant_id:
+            raise UnknownVariantError(f"loading {variant_id[:12]} gave {target.variant_id[:12]}")
+        load_s = time.perf_counter() - start
+        self._hold(target)
+        return target, load_s, evicted
+
+    def switch(self, variant_id: str, reason: str = "") -> SwitchRecord:
+        """Make `variant_id` active: one reference assignment under the lock, after an on-demand load
+        if the variant is not resident."""
+        with self._memory_lock:
+            target, load_s, evicted = self._resident.get(variant_id), 0.0, ()
             if target is None:
-                raise UnknownVariantError(f"variant {variant_id[:12]} is not loaded")
-            previous, self._active = self._active, target
-        elapsed_us = (time.perf_counter() - start) * 1e6
-        return SwitchRecord(previous.variant_id if previous else "", variant_id, reason, elapsed_us)
+                target, load_s, evicted = self._load(variant_id)
+            start = time.perf_counter()
+            with self._lock:
+                previous, self._active = self._active, target
+            elapsed_us = (time.perf_counter() - start) * 1e6
+            self._tick += 1
+            self._used[variant_id] = self._tick
+            evicted += self._evict_over_budget(keep={variant_id})
+        return SwitchRecord(previous.variant_id if previous else "", variant_id, reason, elapsed_us, load_s, evicted)
 
     def _expected(self, spec: VariantSpec) -> str:
         dims = ", ".join(str(d) for d in spec.input_shape)
@@ -148,10 +255,18 @@ class Runtime:
 
     def predict(self, array: np.ndarray) -> tuple[np.ndarray, str]:
         """Logits (float32 [N, classes]) for a batch of pixels, and the id of the variant that answered."""
+        x, variant = self.validate(array)
+        return self.run(variant, x), variant.variant_id
+
+    def validate(self, array: np.ndarray) -> tuple[torch.Tensor, LoadedVariant]:
+        """Pixels as a float tensor in [0, 1], checked against the active variant, and that variant."""
         variant = self._active
         if variant is None:
             raise NotReadyError("no variant is loaded yet")
-        x = self._validate(array, variant)
+        return self._validate(array, variant), variant
+
+    def run(self, variant: LoadedVariant, x: torch.Tensor) -> np.ndarray:
+        """Logits of `variant` on a validated batch in [0, 1], in one of the device's slots."""
         with self._slots, torch.inference_mode():
             logits = variant.model((x - variant.mean) / variant.std)
-        return logits.numpy().astype(np.float32, copy=False), variant.variant_id
+        return logits.numpy().astype(np.float32, copy=False)

@@ -2,7 +2,9 @@
 
 Status codes: a tensor the variant cannot take (dtype, shape, byte count, NaN/Inf) is
 INVALID_ARGUMENT with a message naming what is expected; a tensor declared larger than the message
-limit is RESOURCE_EXHAUSTED; before any variant is active, UNAVAILABLE.
+limit is RESOURCE_EXHAUSTED, and so is a message over it (refused by the transport, which names both
+sizes) and any RPC beyond `max_pending` in progress; before any variant is active, UNAVAILABLE. A bad
+request fails alone: it never reaches the model, and everyone else is served meanwhile.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.wire import DTYPES, MAX_MESSAGE_BYTES, SERVER_OPTIONS, TensorError, from_proto, to_proto
+from edge.batching import MicroBatcher
 from edge.metrics import EdgeMetrics
 from edge.runtime import NotReadyError, Runtime
 from edge.telemetry import RequestWindow
@@ -42,8 +45,12 @@ def check_declared_size(tensor: inference_pb2.Tensor) -> None:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, runtime: Runtime, window: RequestWindow, metrics: EdgeMetrics):
+    """Predict on the runtime, or through a micro-batcher when one is given."""
+
+    def __init__(self, runtime: Runtime, window: RequestWindow, metrics: EdgeMetrics,
+                 batcher: MicroBatcher | None = None):
         self._runtime, self._window, self._metrics = runtime, window, metrics
+        self._predict = batcher.predict if batcher is not None else runtime.predict
 
     def _finish(self, start: float, variant_id: str, code: grpc.StatusCode) -> None:
         elapsed = time.perf_counter() - start
@@ -65,7 +72,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def Predict(self, request, context):
         start = time.perf_counter()
         try:
-            logits, variant_id = self._runtime.predict(self._decode(request.input))
+            logits, variant_id = self._predict(self._decode(request.input))
         except PayloadTooLargeError as err:
             self._fail(start, context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except TensorError as err:
@@ -87,11 +94,14 @@ def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
 
 
 def make_server(servicer: InferenceServicer, host: str, port: int, workers: int,
-                credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int, health.HealthServicer]:
+                credentials: grpc.ServerCredentials | None = None, max_pending: int | None = None
+                ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A started server, NOT_SERVING until the caller says otherwise, and its bound port (port 0 picks one).
-    With `credentials` it speaks TLS; without, plaintext."""
+    With `credentials` it speaks TLS; without, plaintext. `workers` threads take RPCs; beyond
+    `max_pending` RPCs in progress (queued ones included), gRPC answers RESOURCE_EXHAUSTED at once
+    instead of letting a queue grow without bound."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict"),
-                         options=SERVER_OPTIONS)
+                         options=SERVER_OPTIONS, maximum_concurrent_rpcs=max_pending)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

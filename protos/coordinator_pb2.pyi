@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Policy(_message.Message):
-    __slots__ = ("slo_ms", "min_accuracy", "down_windows", "up_windows", "up_headroom", "dwell_s", "window_s", "pinned_variant", "version")
+    __slots__ = ("slo_ms", "min_accuracy", "down_windows", "up_windows", "up_headroom", "dwell_s", "window_s", "pinned_variant", "version", "max_switches_per_minute")
     SLO_MS_FIELD_NUMBER: _ClassVar[int]
     MIN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     DOWN_WINDOWS_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class Policy(_message.Message):
     WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     PINNED_VARIANT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_SWITCHES_PER_MINUTE_FIELD_NUMBER: _ClassVar[int]
     slo_ms: float
     min_accuracy: float
     down_windows: int
@@ -27,7 +28,8 @@ class Policy(_message.Message):
     window_s: float
     pinned_variant: str
     version: int
-    def __init__(self, slo_ms: _Optional[float] = ..., min_accuracy: _Optional[float] = ..., down_windows: _Optional[int] = ..., up_windows: _Optional[int] = ..., up_headroom: _Optional[float] = ..., dwell_s: _Optional[float] = ..., window_s: _Optional[float] = ..., pinned_variant: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    max_switches_per_minute: int
+    def __init__(self, slo_ms: _Optional[float] = ..., min_accuracy: _Optional[float] = ..., down_windows: _Optional[int] = ..., up_windows: _Optional[int] = ..., up_headroom: _Optional[float] = ..., dwell_s: _Optional[float] = ..., window_s: _Optional[float] = ..., pinned_variant: _Optional[str] = ..., version: _Optional[int] = ..., max_switches_per_minute: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("edge", "address", "metrics_address", "threads")
@@ -98,7 +100,7 @@ class Telemetry(_message.Message):
     def __init__(self, timestamp: _Optional[float] = ..., active_variant: _Optional[str] = ..., request_rate: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., resident_variants: _Optional[int] = ..., portfolio_id: _Optional[str] = ..., policy_version: _Optional[int] = ...) -> None: ...
 
 class SwitchEvent(_message.Message):
-    __slots__ = ("timestamp", "from_variant", "to_variant", "reason", "observed_p95_ms", "switch_us", "reason_code")
+    __slots__ = ("timestamp", "from_variant", "to_variant", "reason", "observed_p95_ms", "switch_us", "reason_code", "request_rate", "window_requests", "predicted_p95_ms", "slo_ms", "policy_version", "load_ms", "switched", "telemetry_missing")
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     FROM_VARIANT_FIELD_NUMBER: _ClassVar[int]
     TO_VARIANT_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +108,14 @@ class SwitchEvent(_message.Message):
     OBSERVED_P95_MS_FIELD_NUMBER: _ClassVar[int]
     SWITCH_US_FIELD_NUMBER: _ClassVar[int]
     REASON_CODE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_RATE_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_P95_MS_FIELD_NUMBER: _ClassVar[int]
+    SLO_MS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    SWITCHED_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_MISSING_FIELD_NUMBER: _ClassVar[int]
     timestamp: float
     from_variant: str
     to_variant: str
@@ -113,7 +123,15 @@ class SwitchEvent(_message.Message):
     observed_p95_ms: float
     switch_us: float
     reason_code: str
-    def __init__(self, timestamp: _Optional[float] = ..., from_variant: _Optional[str] = ..., to_variant: _Optional[str] = ..., reason: _Optional[str] = ..., observed_p95_ms: _Optional[float] = ..., switch_us: _Optional[float] = ..., reason_code: _Optional[str] = ...) -> None: ...
+    request_rate: float
+    window_requests: int
+    predicted_p95_ms: float
+    slo_ms: float
+    policy_version: int
+    load_ms: float
+    switched: bool
+    telemetry_missing: bool
+    def __init__(self, timestamp: _Optional[float] = ..., from_variant: _Optional[str] = ..., to_variant: _Optional[str] = ..., reason: _Optional[str] = ..., observed_p95_ms: _Optional[float] = ..., switch_us: _Optional[float] = ..., reason_code: _Optional[str] = ..., request_rate: _Optional[float] = ..., window_requests: _Optional[int] = ..., predicted_p95_ms: _Optional[float] = ..., slo_ms: _Optional[float] = ..., policy_version: _Optional[int] = ..., load_ms: _Optional[float] = ..., switched: _Optional[bool] = ..., telemetry_missing: _Optional[bool] = ...) -> None: ...
 
 class EdgeReport(_message.Message):
     __slots__ = ("edge", "telemetry", "switch", "profile")

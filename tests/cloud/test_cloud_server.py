@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from cloud import server
 from common.security import Transport
-from conftest import spec_for, variant_store as _store
+from conftest import variant_store as _store
 from protos import coordinator_pb2, coordinator_pb2_grpc, portfolio_pb2, portfolio_pb2_grpc
 
 

@@ -148,3 +148,18 @@ def test_an_edge_with_the_cloud_key_loads_only_variants_signed_by_it(portfolio, 
         stopping.set()
         node.close()
         cloud.stop()
+
+
+def test_a_stale_telemetry_window_falls_back_to_the_smallest_and_reports_why(wired):
+    cloud, node, infos, _ = wired
+    _start(node)
+    small, big = infos
+    assert node.agent.runtime.active.variant_id == big.variant_id
+    node.agent.decide_once()
+    real = node.agent._clock
+    node.agent._clock = lambda: real() + 100.0  # the decision loop was held up for 100 windows
+    decision = node.agent.decide_once()
+    assert decision.reason_code == "fallback" and node.agent.runtime.active.variant_id == small.variant_id
+    event = wait_for(lambda: [e for e in cloud.switches() if e.reason_code == "fallback"], what="the event")[0]
+    assert event.telemetry_missing and event.switched and "telemetry missing" in event.reason
+    assert event.policy_version == 1 and event.slo_ms == 1000.0

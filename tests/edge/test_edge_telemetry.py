@@ -56,6 +56,29 @@ def test_metrics_live_on_the_injected_registry_with_a_bucket_at_the_slo():
     assert "prunefleet_edge" not in generate_latest(REGISTRY).decode()  # never the global registry
 
 
+def test_a_new_slo_gets_its_bucket_and_load_and_memory_metrics_are_counted():
+    registry = CollectorRegistry()
+    metrics = EdgeMetrics(registry, "e1", slo_s=0.042)
+    metrics.request("a" * 64, "OK", 0.01)
+    metrics.slo(0.023)
+    metrics.request("a" * 64, "OK", 0.01)
+    metrics.slo(0.042)  # an SLO that already has its bucket changes nothing
+    metrics.loaded("a" * 64, 0.2, 10, "on_demand")
+    metrics.memory({"a" * 64: None}, 10, evictions=2)
+    metrics.budget(4096)
+    text = generate_latest(registry).decode()
+    for le in ("0.023", "0.042"):
+        assert f'prunefleet_edge_request_duration_seconds_bucket{{edge="e1",le="{le}",variant="{"a" * 12}"}} 1.0' in text
+    assert 'prunefleet_edge_slo_seconds{edge="e1"} 0.042' in text
+    assert 'prunefleet_edge_variant_loads_total{edge="e1",source="on_demand"} 1.0' in text
+    assert 'prunefleet_edge_variant_loads_total{edge="e1",source="arrival"} 0.0' in text
+    assert 'prunefleet_edge_on_demand_load_seconds_count{edge="e1"} 1.0' in text
+    assert 'prunefleet_edge_evictions_total{edge="e1"} 2.0' in text
+    assert 'prunefleet_edge_resident_variants{edge="e1"} 1.0' in text
+    assert 'prunefleet_edge_memory_budget_bytes{edge="e1"} 4096.0' in text
+    assert "prunefleet_edge_process_cpu_seconds_total" in text and "process_resident_memory_bytes" in text
+
+
 def _report(kind: str, n: int) -> coordinator_pb2.EdgeReport:
     if kind == "switch":
         return coordinator_pb2.EdgeReport(edge="e1", switch=coordinator_pb2.SwitchEvent(timestamp=n))

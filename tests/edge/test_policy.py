@@ -1,6 +1,6 @@
 """The switching policy is a pure function: drive it with made-up windows and a made-up clock."""
 
-from dataclasses import FrozenInstanceError
+from dataclasses import FrozenInstanceError, replace
 
 import pytest
 from hypothesis import given, settings
@@ -35,14 +35,14 @@ def run(config, state, windows, start=100.0, step=1.0, options=OPTIONS):
 def test_from_proto_takes_defaults_for_unset_fields():
     config = PolicyConfig.from_proto(coordinator_pb2.Policy())
     assert (config.slo_ms, config.down_windows, config.up_windows, config.up_headroom, config.dwell_s,
-            config.window_s) == (50.0, 2, 3, 0.7, 5.0, 1.0)
+            config.window_s, config.max_switches_per_minute) == (50.0, 2, 3, 0.7, 5.0, 1.0, 6)
     set_by_coordinator = PolicyConfig.from_proto(coordinator_pb2.Policy(slo_ms=20.0, dwell_s=0.0, version=4),
                                                  window_s=0.5)
     assert set_by_coordinator.dwell_s == 0.0 and set_by_coordinator.window_s == 0.5
     assert set_by_coordinator.slo_ms == 20.0 and set_by_coordinator.version == 4
 
 
-@pytest.mark.parametrize("bad", [dict(slo_ms=0), dict(up_headroom=1.5), dict(down_windows=0), dict(dwell_s=-1),
+@pytest.mark.parametrize("bad", [dict(max_switches_per_minute=0), dict(memory_budget_bytes=-1), dict(slo_ms=0), dict(up_headroom=1.5), dict(down_windows=0), dict(dwell_s=-1),
                                  dict(min_accuracy=2.0), dict(window_s=0)])
 def test_config_is_validated(bad):
     with pytest.raises(ValueError):
@@ -134,9 +134,62 @@ def test_min_accuracy_floor_holds_when_stepping_down():
     assert [d.target for _, d in switches] == [MID.variant_id]  # FAST would fit better but is below the floor
 
 
-def test_an_active_variant_without_profile_is_replaced():
+def test_an_active_variant_without_profile_falls_back_to_the_smallest():
     decision = decide(CONFIG, OPTIONS, PolicyState("9" * 64), Window(0, 0.0), 1.0)
-    assert decision.switch and decision.reason_code == "initial" and decision.target == MID.variant_id
+    assert decision.switch and decision.reason_code == "fallback" and decision.target == FAST.variant_id
+    first = decide(CONFIG, OPTIONS, PolicyState(""), Window(0, 0.0), 1.0)
+    assert first.switch and first.reason_code == "initial" and first.target == MID.variant_id
+
+
+def test_missing_telemetry_falls_back_to_the_smallest_even_when_capped():
+    sized = [replace(SLOW, size_bytes=300), replace(MID, size_bytes=100), replace(FAST, size_bytes=200)]
+    config = replace(CONFIG, max_switches_per_minute=1)
+    state = PolicyState(SLOW.variant_id, recent_switches=(99.0,))
+    decision = decide(config, sized, state, None, 100.0)
+    assert decision.switch and decision.reason_code == "fallback" and decision.target == MID.variant_id
+    assert "telemetry missing" in decision.reason
+    again = decide(config, sized, decision.state, None, 101.0)
+    assert not again.switch and not again.recorded  # already there: nothing to record
+
+
+def test_the_cap_holds_back_automatic_switches_and_records_that_once():
+    config = PolicyConfig(slo_ms=30.0, down_windows=1, up_windows=1, dwell_s=0.0, max_switches_per_minute=2)
+    # overload and light load alternate every two windows: without the cap, a switch every other window
+    windows = [5.0, 5.0, 0.2, 0.2] * 10
+    switches, _ = run(config, PolicyState(SLOW.variant_id), windows)
+    assert len(switches) <= 2 * (len(windows) // 60 + 1)
+    state, now, decisions = PolicyState(SLOW.variant_id), 100.0, []
+    for factor in [5.0, 0.2, 5.0, 5.0, 5.0]:
+        now += 1.0
+        decision = decide(config, OPTIONS, state, Window(10, factor * BY_ID[state.active].p95_ms), now)
+        decisions.append(decision)
+        state = decision.state
+    assert [d.reason_code for d in decisions] == ["slo_violation", "headroom", "capped", "stay", "stay"]
+    assert not decisions[2].switch and decisions[2].recorded and "cap 2" in decisions[2].reason
+    later = decide(config, OPTIONS, state, Window(10, 5.0 * BY_ID[state.active].p95_ms), 161.5)
+    assert later.switch and later.reason_code == "slo_violation"  # the minute has passed
+
+
+def test_pin_and_unpin_are_recorded_once_each_and_the_policy_resumes():
+    pinned = PolicyConfig(slo_ms=30.0, pinned_variant=SLOW.variant_id, max_switches_per_minute=1)
+    on_slow = decide(pinned, OPTIONS, PolicyState(SLOW.variant_id), Window(10, 5.0), 1.0)
+    assert on_slow.recorded and not on_slow.switch and on_slow.reason_code == "pinned"  # already there
+    held = decide(pinned, OPTIONS, on_slow.state, Window(10, 100.0), 2.0)
+    assert not held.recorded and held.target == SLOW.variant_id
+    unpinned = decide(replace(pinned, pinned_variant=""), OPTIONS, held.state, Window(10, 100.0), 3.0)
+    assert unpinned.reason_code == "unpinned" and not unpinned.switch and unpinned.state.pinned == ""
+    free = replace(pinned, pinned_variant="", down_windows=1)
+    down = decide(free, OPTIONS, unpinned.state, Window(10, 100.0), 4.0)
+    assert down.switch and down.reason_code == "slo_violation"
+
+
+def test_variants_over_the_memory_budget_are_never_candidates():
+    sized = [replace(SLOW, size_bytes=300), replace(MID, size_bytes=200), replace(FAST, size_bytes=100)]
+    config = PolicyConfig(slo_ms=100.0, memory_budget_bytes=250)
+    assert [o.variant_id for o in frontier(config, sized)] == [FAST.variant_id, MID.variant_id]
+    assert initial_choice(config, sized).variant_id == MID.variant_id
+    tiny = PolicyConfig(slo_ms=100.0, memory_budget_bytes=50)
+    assert [o.variant_id for o in frontier(tiny, sized)] == [FAST.variant_id]  # nothing fits: the smallest
 
 
 def test_decisions_are_values():
@@ -173,3 +226,28 @@ def test_a_variant_the_request_rate_would_overload_is_never_a_step_up():
     assert decision.switch and decision.target == big.variant_id and decision.reason_code == "headroom"
     two_slots = Window(requests=120, p95_ms=4.0, rate=120.0, slots=2)
     assert predicted_p95(big, small, two_slots) < float("inf")
+
+
+def test_a_saturated_variant_steps_down_before_its_p95_crosses_the_slo():
+    """Open-loop load past what the active variant serves: p95 is still fine, but a queue is growing."""
+    config = PolicyConfig(slo_ms=30.0, down_windows=2, dwell_s=0.0)
+    saturating = Window(requests=50, p95_ms=12.0, rate=50.0, slots=1)  # 50 req/s x 20 ms = 100% busy on SLOW
+    first = decide(config, OPTIONS, PolicyState(SLOW.variant_id), saturating, 1.0)
+    assert not first.switch and first.state.over_count == 1
+    second = decide(config, OPTIONS, first.state, saturating, 2.0)
+    assert second.switch and second.reason_code == "slo_violation" and "saturated" in second.reason
+    assert second.target == MID.variant_id  # 50 req/s x 8 ms = 40% busy on MID
+    busy = Window(requests=45, p95_ms=12.0, rate=45.0, slots=1)  # 90%: under saturation, no step down
+    calm = decide(config, OPTIONS, decide(config, OPTIONS, PolicyState(SLOW.variant_id), busy, 1.0).state, busy, 2.0)
+    assert not calm.switch
+
+
+def test_a_noisy_p95_does_not_hide_a_variant_with_a_clearly_faster_median():
+    """On a busy device the profiled p95 of the smallest variant came out above the next one's."""
+    bigger = Option("l4" * 32, accuracy=0.85, p50_ms=5.65, p95_ms=6.19, name="L4")
+    smaller = Option("l5" * 32, accuracy=0.80, p50_ms=4.30, p95_ms=6.42, name="L5")
+    assert frontier(CONFIG, [bigger, smaller]) == [smaller, bigger]
+    loaded = Window(requests=40, p95_ms=100.0, rate=160.0, slots=1)  # L4 would be 90% busy, L5 69%
+    state = PolicyState(bigger.variant_id, over_count=5)
+    decision = decide(PolicyConfig(slo_ms=30.0, down_windows=1), [bigger, smaller], state, loaded, 10.0)
+    assert decision.switch and decision.target == smaller.variant_id

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from cloud import certs, processes
-from cloud.store import Manifest, PortfolioStore, portfolio_id
+from cloud.store import PortfolioStore, portfolio_id
 from common import variant
 from common.security import Transport
 from common.wire import to_proto

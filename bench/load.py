@@ -1,0 +1,71 @@
+"""Open-loop load for the policy benchmark: Poisson arrivals at a rate per phase, latency per request.
+
+Requests are sent asynchronously (`Predict.future`), so a slow edge builds a queue instead of slowing
+the sender down, as real traffic would. A request's latency runs from its scheduled send time to its
+answer; a failed request records its status code.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    seconds: float
+    rate: float  # requests per second
+
+
+@dataclass(frozen=True)
+class Outcome:
+    phase: str
+    sent_at: float  # seconds since the trace started
+    latency_ms: float
+    variant_id: str  # "" when failed
+    code: str
+
+
+def replay(stub, request, phases: list[Phase], seed: int = 0, timeout_s: float = 10.0) -> list[Outcome]:
+    """Send `request` along the trace; returns one outcome per request once all have ended."""
+    rng, lock, outcomes, pending = random.Random(seed), threading.Lock(), [], []
+    start = time.perf_counter()
+    due = 0.0
+
+    def record(phase: str, sent: float, future) -> None:
+        latency = (time.perf_counter() - start - sent) * 1e3
+        try:
+            reply = future.result()
+            outcome = Outcome(phase, sent, latency, reply.variant_id, "OK")
+        except grpc.RpcError as err:
+            outcome = Outcome(phase, sent, latency, "", err.code().name)
+        with lock:
+            outcomes.append(outcome)
+
+    for phase in phases:
+        end = due + phase.seconds
+        while True:
+            due += rng.expovariate(phase.rate)
+            if due >= end:
+                due = end
+                break
+            wait = due - (time.perf_counter() - start)
+            if wait > 0:
+                time.sleep(wait)
+            future = stub.Predict.future(request, timeout=timeout_s)
+            future.add_done_callback(lambda f, p=phase.name, s=due: record(p, s, f))
+            pending.append(future)
+    for future in pending:
+        try:
+            future.result(timeout=timeout_s + 5)
+        except (grpc.RpcError, grpc.FutureTimeoutError):
+            pass
+    deadline = time.monotonic() + 5
+    while len(outcomes) < len(pending) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return sorted(outcomes, key=lambda o: o.sent_at)

@@ -1,0 +1,219 @@
+"""`prunefleet bench policy`: the adaptive policy against fixed-largest and fixed-smallest, one agent.
+
+A real cloud and a real edge agent run as separate processes on loopback, serving a shifter portfolio
+of VGG-11 built on a Fashion-MNIST subset (its variants' accuracies are real test accuracies; cached in
+the work dir). The SLO comes from the edge's own on-device profile (`slo_factor` x the largest
+variant's p95 at the typical batch); the load from what the edge serves right before the replays:
+with `mu` the requests per second it answers on one variant under closed-loop load (measured for
+`capacity_s` on the largest and on the smallest, so a busy machine scales the trace), the trace is steady at
+`steady` x mu(largest), a step up to a rate the largest cannot serve and the smallest can (the
+geometric mean of mu(largest) and `max_utilization` x mu(smallest)), a burst above that, and a step
+down to steady. The same trace (same Poisson arrivals) is replayed three times: with the policy
+deciding, pinned to the largest variant, pinned to the smallest.
+
+Reported per run: SLO attainment (share of requests answered within the SLO, client side), effective
+accuracy (the answering variant's test accuracy averaged over all requests, a late or failed request
+counting as wrong) and the switches the edge made during the trace (from `ListEvents`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from bench.load import Phase, replay
+from cloud import operator, portfolio, processes, shifter
+from cloud.store import PortfolioStore, StoreError
+from cloud.train import TrainConfig
+from common import datasets
+from common.security import Transport
+from common.wire import GRPC_OPTIONS, to_proto
+from protos import coordinator_pb2, inference_pb2, inference_pb2_grpc
+
+PLAIN = Transport.plaintext()  # these processes run plaintext (--insecure)
+
+log = logging.getLogger(__name__)
+FULL = {"width": 0.5, "subset": 6000, "epochs": 2, "levels": 5, "rate": 0.75, "phase_s": 20.0, "warmup_s": 4.0,
+        "batch": 8, "slo_factor": 5.0, "steady": 0.35, "burst": 1.1, "window_s": 0.25, "capacity_s": 4.0}
+QUICK = {"width": 0.5, "subset": 2000, "epochs": 1, "levels": 5, "rate": 0.75, "phase_s": 8.0, "warmup_s": 3.0,
+         "batch": 8, "slo_factor": 5.0, "steady": 0.35, "burst": 1.1, "window_s": 0.25, "capacity_s": 4.0}
+POLICY = {"down_windows": 2, "up_windows": 4, "up_headroom": 0.7, "dwell_s": 2.0, "max_switches_per_minute": 6}
+MAX_UTILIZATION = 0.85
+EDGE = "edge-bench"
+
+
+def build_portfolio(plan: dict, work: Path, data_dir) -> PortfolioStore:
+    """The shifter portfolio of this plan, built once (resumable) and kept in the work dir."""
+    recipe = "-".join(str(plan[k]) for k in ("width", "subset", "epochs", "levels", "rate"))
+    store = PortfolioStore(work / f"portfolio-{recipe}")
+    try:
+        store.manifest()
+        return store
+    except StoreError:
+        pass
+    portfolio.build(portfolio.BuildConfig(
+        out=store.root, model="vgg11", width=plan["width"], subset=plan["subset"], data_dir=data_dir,
+        check_images=64, threads=1, train=TrainConfig(epochs=plan["epochs"], batch_size=64, progress=False),
+        shifter=shifter.ShifterConfig(levels=plan["levels"], rate=plan["rate"],
+                                      rewind_iteration=min(20, plan["subset"] // 64))))
+    return store
+
+
+def trace(plan: dict, mu_largest: float, mu_smallest: float) -> list[Phase]:
+    high = math.sqrt(mu_largest * MAX_UTILIZATION * mu_smallest)
+    steady = plan["steady"] * mu_largest
+    seconds = plan["phase_s"]
+    return [Phase("steady", seconds, steady), Phase("step up", seconds, high),
+            Phase("burst", seconds / 2, high * plan["burst"]), Phase("step down", seconds, steady)]
+
+
+def _fleet(cloud):
+    return operator.coordinator_stub(cloud.address, PLAIN).GetFleet(coordinator_pb2.GetFleetRequest(), timeout=10)
+
+
+def _profiles(cloud, count: int) -> dict:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        edge = next((e for e in _fleet(cloud).edges if e.edge == EDGE), None)
+        if edge is not None and len(edge.profiles) == count and edge.telemetry.active_variant:
+            return {p.variant_id: p for p in edge.profiles}
+        time.sleep(0.5)
+    raise RuntimeError("the edge never reported a profile of every variant")
+
+
+def _switches(cloud, since: float) -> list:
+    reply = operator.coordinator_stub(cloud.address, PLAIN).ListEvents(
+        coordinator_pb2.ListEventsRequest(edge=EDGE, since=since, limit=1000), timeout=10)
+    return [e.event for e in reply.events if e.event.switched]
+
+
+def score(outcomes, accuracy: dict[str, float], slo_ms: float) -> dict:
+    on_time = [o for o in outcomes if o.code == "OK" and o.latency_ms <= slo_ms]
+    total = max(len(outcomes), 1)
+    return {"requests": len(outcomes), "failed": sum(o.code != "OK" for o in outcomes),
+            "slo_attainment": len(on_time) / total,
+            "effective_accuracy": sum(accuracy.get(o.variant_id, 0.0) for o in on_time) / total,
+            "p95_ms": float(np.percentile([o.latency_ms for o in outcomes], 95)) if outcomes else 0.0,
+            "by_phase": {p: sum(o.latency_ms <= slo_ms and o.code == "OK" for o in outcomes if o.phase == p)
+                         / max(1, sum(o.phase == p for o in outcomes)) for p in dict.fromkeys(o.phase for o in outcomes)}}
+
+
+def timeline(outcomes, slo_ms: float) -> list[dict]:
+    """Per second of the trace: requests sent, the share answered within the SLO, the variants answering."""
+    seconds: dict[int, list] = {}
+    for o in outcomes:
+        seconds.setdefault(int(o.sent_at), []).append(o)
+    return [{"t": t, "requests": len(group),
+             "on_time": sum(o.code == "OK" and o.latency_ms <= slo_ms for o in group) / len(group),
+             "variants": sorted({o.variant_id[:12] for o in group if o.variant_id})}
+            for t, group in sorted(seconds.items())]
+
+
+def _pin(cloud, stub, request, variant_id: str) -> None:
+    """Pin and wait until the edge answers on that variant."""
+    operator.set_policy(cloud.address, PLAIN, pinned_variant=variant_id)
+    deadline = time.monotonic() + 60
+    while stub.Predict(request, timeout=30).variant_id != variant_id:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the edge never switched to {variant_id[:12]}")
+        time.sleep(0.1)
+
+
+def capacity(cloud, stub, request, variant_id: str, seconds: float, clients: int = 4) -> float:
+    """Requests per second the edge serves on `variant_id` right now (closed loop, `clients` at once)."""
+    _pin(cloud, stub, request, variant_id)
+    done, stop = [0] * clients, time.monotonic() + seconds
+
+    def client(i: int) -> None:
+        while time.monotonic() < stop:
+            stub.Predict(request, timeout=30)
+            done[i] += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(done) / seconds
+
+
+def _run(cloud, stub, request, phases, plan, pin: str, accuracy, slo_ms) -> dict:
+    if pin:
+        _pin(cloud, stub, request, pin)
+    else:
+        operator.set_policy(cloud.address, PLAIN, pinned_variant="")
+    replay(stub, request, [Phase("warmup", plan["warmup_s"], phases[0].rate)], seed=1)
+    since = time.time()
+    outcomes = replay(stub, request, phases, seed=0)
+    time.sleep(1.0)  # the last switch events reach the coordinator
+    result = {**score(outcomes, accuracy, slo_ms), "timeline": timeline(outcomes, slo_ms)}
+    switches = _switches(cloud, since)
+    result["switches"] = len(switches)
+    result["switch_log"] = [{"t": e.timestamp - since, "to": e.to_variant[:12], "reason": e.reason_code,
+                             "load_ms": e.load_ms} for e in switches]
+    return result
+
+
+def _experiment(cloud, edge, store: PortfolioStore, plan: dict, data_dir) -> dict:
+    variants = store.manifest().variants
+    profiles = _profiles(cloud, len(variants))
+    accuracy = {v.variant_id: v.accuracy for v in variants}
+    largest = max(variants, key=lambda v: (v.params, v.accuracy))
+    smallest = min(variants, key=lambda v: (v.params, -v.accuracy))
+    slo_ms = plan["slo_factor"] * profiles[largest.variant_id].p95_ms_batch
+    operator.set_policy(cloud.address, PLAIN, slo_ms=slo_ms, window_s=plan["window_s"], **POLICY)
+    images = datasets.load("fashion-mnist", data_dir).test.images[: plan["batch"]].numpy()
+    request = inference_pb2.PredictRequest(input=to_proto(images))
+    stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(edge.address, options=GRPC_OPTIONS))
+    mu = {v.variant_id: capacity(cloud, stub, request, v.variant_id, plan["capacity_s"])
+          for v in (largest, smallest)}
+    phases = trace(plan, mu[largest.variant_id], mu[smallest.variant_id])
+    runs = {name: _run(cloud, stub, request, phases, plan, pin, accuracy, slo_ms) for name, pin in
+            (("adaptive", ""), ("fixed_largest", largest.variant_id), ("fixed_smallest", smallest.variant_id))}
+    operator.set_policy(cloud.address, PLAIN, pinned_variant="")
+    return {"slo_ms": slo_ms, "trace": [vars(p) for p in phases], "runs": runs,
+            "capacity_rps": {"largest": mu[largest.variant_id], "smallest": mu[smallest.variant_id]},
+            "variants": [{"name": v.name, "id": v.variant_id[:12], "accuracy": v.accuracy, "params": v.params,
+                          "p50_ms_batch": profiles[v.variant_id].p50_ms_batch,
+                          "p95_ms_batch": profiles[v.variant_id].p95_ms_batch} for v in variants],
+            "largest": largest.name, "smallest": smallest.name}
+
+
+def summarize(result: dict) -> dict:
+    runs = result["runs"]
+    return {"slo_attainment": runs["adaptive"]["slo_attainment"],
+            "slo_attainment_fixed_largest": runs["fixed_largest"]["slo_attainment"],
+            "slo_attainment_fixed_smallest": runs["fixed_smallest"]["slo_attainment"],
+            "effective_accuracy": runs["adaptive"]["effective_accuracy"],
+            "effective_accuracy_fixed_smallest": runs["fixed_smallest"]["effective_accuracy"],
+            "effective_accuracy_fixed_largest": runs["fixed_largest"]["effective_accuracy"],
+            "switches": runs["adaptive"]["switches"], "load_steps": len(result["trace"]),
+            "failed_requests": runs["adaptive"]["failed"], "slo_ms": result["slo_ms"]}
+
+
+def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
+    plan = QUICK if quick else FULL
+    work = Path(work or "runs/bench-policy.work")
+    store = build_portfolio(plan, work, data_dir)
+    logs = work / "logs"
+    cloud = processes.start("cloud", ["cloud.cli", "cloud", "serve", "--insecure", "--store", str(store.root), "--port", "0",
+                                      "--metrics-port", "0", "--db", str(work / "fleet.sqlite")], logs)
+    children = [cloud]
+    try:
+        children.append(processes.start("edge", [
+            "edge.cli", "run", "--insecure", "--cloud", cloud.address, "--name", EDGE, "--port", "0", "--metrics-port", "0",
+            "--cache", str(work / "cache"), "--threads", "1", "--batch", str(plan["batch"])], logs, timeout_s=600))
+        result = _experiment(cloud, children[1], store, plan, data_dir)
+    finally:
+        for child in reversed(children):
+            child.stop()
+    result["plan"] = dict(plan)
+    result["policy"] = dict(POLICY)
+    result["summary"] = summarize(result)
+    return result

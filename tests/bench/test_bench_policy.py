@@ -1,0 +1,41 @@
+"""The policy benchmark: its trace and scoring, and a tiny run against a real cloud and edge."""
+
+import json
+
+from bench import policy
+from bench.__main__ import main
+from bench.load import Outcome
+
+TINY = {"width": 0.125, "subset": 256, "epochs": 1, "levels": 2, "rate": 0.8, "phase_s": 1.5, "warmup_s": 0.5,
+        "batch": 4, "slo_factor": 5.0, "steady": 0.35, "burst": 1.1, "window_s": 0.25, "capacity_s": 1.0}
+KEYS = {"slo_attainment", "slo_attainment_fixed_largest", "effective_accuracy", "effective_accuracy_fixed_smallest",
+        "effective_accuracy_fixed_largest", "switches", "load_steps"}
+
+
+def test_the_trace_steps_from_what_the_largest_serves_to_what_only_the_smallest_serves():
+    phases = policy.trace({"steady": 0.35, "burst": 1.1, "phase_s": 10.0}, mu_largest=100.0, mu_smallest=200.0)
+    assert [p.name for p in phases] == ["steady", "step up", "burst", "step down"]
+    steady, high, burst, down = (p.rate for p in phases)
+    assert steady == down == 35.0 and 100.0 < high < policy.MAX_UTILIZATION * 200.0 and burst == high * 1.1
+
+
+def test_late_and_failed_requests_count_as_wrong():
+    outcomes = [Outcome("a", 0.0, 5.0, "big", "OK"), Outcome("a", 0.1, 50.0, "big", "OK"),
+                Outcome("a", 0.2, 5.0, "small", "OK"), Outcome("a", 0.3, 1.0, "", "RESOURCE_EXHAUSTED")]
+    scored = policy.score(outcomes, {"big": 0.9, "small": 0.8}, slo_ms=10.0)
+    assert scored["slo_attainment"] == 0.5 and scored["failed"] == 1
+    assert abs(scored["effective_accuracy"] - (0.9 + 0.8) / 4) < 1e-12
+
+
+def test_a_tiny_policy_benchmark_runs_three_replays_on_a_real_edge(tmp_path, monkeypatch, fashion_mnist):
+    monkeypatch.setattr(policy, "QUICK", TINY)
+    out = tmp_path / "policy.json"
+    assert main(["policy", "--json", str(out), "--quick", "--threads", "1"]) == 0
+    result = json.loads(out.read_text())
+    assert KEYS <= set(result["summary"]) and result["summary"]["load_steps"] == 4
+    assert set(result["runs"]) == {"adaptive", "fixed_largest", "fixed_smallest"}
+    for run in result["runs"].values():
+        assert run["requests"] > 0 and 0 <= run["slo_attainment"] <= 1 and 0 <= run["effective_accuracy"] <= 1
+    assert result["runs"]["fixed_largest"]["switches"] <= 1  # pinned: at most the pin itself
+    assert all(0 < v["accuracy"] < 1 for v in result["variants"])
+    assert result["capacity_rps"]["largest"] > 0 and result["capacity_rps"]["smallest"] > 0
