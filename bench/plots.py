@@ -56,6 +56,7 @@ def reconvene_figures(points: list[dict], stem: Path) -> list[Path]:
         "accuracy-latency": (("unstructured_b32_ms", "reconvene_b32_ms"), "CPU latency at batch 32 (ms)", False),
     }.items():
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        points = [p for p in points if "refused" not in p]
         for scorer in dict.fromkeys(p["scorer"] for p in points):
             mine = sorted((p for p in points if p["scorer"] == scorer), key=lambda p: p["compression"])
             line, = ax.plot([p[keys[1]] for p in mine], [100 * p["acc_reconvene"] for p in mine], marker="s",

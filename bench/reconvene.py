@@ -79,7 +79,11 @@ def _point(plan: dict, data: datasets.Dataset, scorer: str, compression: float, 
     dense = models.build(plan["model"], _kwargs(plan, data.info))
     example = datasets.normalize(data.train.images[:1], data.info.mean, data.info.std)
     batches = _score_batches(data, scorer, 0)
-    pruned = reconvene.prune(dense, scorer, compression, example, batches, threshold, plan["rounds"])
+    try:
+        pruned = reconvene.prune(dense, scorer, compression, example, batches, threshold, plan["rounds"])
+    except reconvene.ReconveneError as err:  # e.g. layer collapse: the unstructured model is as broken
+        log.warning("%s %gx refused: %s", scorer, compression, err)
+        return {"scorer": scorer, "compression": compression, "threshold": threshold, "refused": str(err)}
     point = {"scorer": scorer, "compression": compression, "threshold": threshold,
              "prune_s": pruned.seconds, "score_s": pruned.score_s, "structure_s": pruned.structure_s,
              "params_dense": models.count_params(dense), "params_reconvene": models.count_params(pruned.model),
@@ -151,15 +155,15 @@ def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
     sweep = []
     if plan["sweep"]:
         spec = plan["sweep"]
-        baseline = next((p for p in points if p["scorer"] == spec["scorer"] and p["compression"] == spec["compression"]),
-                        None)
+        baseline = next((p for p in points if p["scorer"] == spec["scorer"] and p["compression"] == spec["compression"]
+                         and "refused" not in p), None)
         for value in spec["thresholds"]:
             if baseline is not None and value == threshold:  # the point itself, already trained
                 sweep.append(baseline)
                 continue
             point = workdir.cached(work, f"sweep-{value:g}", lambda v=value: _point(
                 plan, data, spec["scorer"], float(spec["compression"]), v, with_baseline=False))
-            if baseline is not None:
+            if baseline is not None and "refused" not in point:
                 point["acc_gap_pp"] = 100 * (baseline["acc_unstructured"] - point["acc_reconvene"])
             sweep.append(point)
     spread = None
@@ -179,13 +183,16 @@ def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
 
 
 def summarize(points: list[dict], timing: list[dict], tolerance_pp: float = 0.5) -> dict:
+    """Over the points that ran (a refused request, such as a layer collapse, is counted apart)."""
+    refused = [p for p in points if "refused" in p]
+    points = [p for p in points if "refused" not in p]
     within = [p for p in points if p["acc_gap_pp"] <= tolerance_pp]
     return {"max_acc_gap_pp": max(p["acc_gap_pp"] for p in points),
             "best_params_ratio": max(p["params_ratio"] for p in points),
             "best_speedup_b32": max(p["speedup_b32"] for p in points),
             "prune_s_max": max(p["prune_s"] for p in points),
             "prune_epoch_ratio": max((t["prune_epoch_ratio"] for t in timing), default=None),
-            "points_within_0_5pp": len(within), "points": len(points),
+            "points_within_0_5pp": len(within), "points": len(points), "points_refused": len(refused),
             "best_params_ratio_within_0_5pp": max((p["params_ratio"] for p in within), default=None),
             "best_speedup_b32_within_0_5pp": max((p["speedup_b32"] for p in within), default=None)}
 

@@ -49,3 +49,5 @@ def test_summary_counts_points_within_half_a_point():
     assert summary["max_acc_gap_pp"] == 2.0 and summary["best_params_ratio"] == 40.0
     assert summary["best_params_ratio_within_0_5pp"] == 10.0 and summary["best_speedup_b32_within_0_5pp"] == 1.5
     assert summary["points_within_0_5pp"] == 1 and summary["prune_epoch_ratio"] == 0.03
+    refused = reconvene.summarize([*points, {"scorer": "magnitude", "compression": 32, "refused": "layer collapse"}], [])
+    assert refused["points"] == 2 and refused["points_refused"] == 1 and refused["max_acc_gap_pp"] == 2.0
