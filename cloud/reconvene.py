@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -82,7 +82,6 @@ class Pruned:
     weights: int  # conv and linear weights the composite model trains (masked entries excluded)
     score_s: float
     structure_s: float
-    timings: dict = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
@@ -185,9 +184,10 @@ def structure(model: nn.Module, masks: Masks, scores: pai.Scores, example: torch
     after = {f"{name}.weight": layer.weight.detach().ne(0) for name, layer in layers.items()
              if f"{name}.weight" in fixed}
     rectified = tuple(name for name, layer in layers.items() if tuple(layer.weight.shape) != shapes[name])
-    torch.manual_seed(seed)
-    for name in rectified:
-        layers[name].reset_parameters()  # the layer's own initialization, computed on its new fan-in
+    with torch.random.fork_rng():  # seeded, without moving the caller's random stream
+        torch.manual_seed(seed)
+        for name in rectified:
+            layers[name].reset_parameters()  # the layer's own initialization, computed on its new fan-in
     apply_masks(compact, after)
     return compact, after, decisions, rectified
 
