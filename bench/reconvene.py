@@ -45,11 +45,6 @@ STEP_SAMPLES = 6  # timed training steps (after one warm-up) that estimate an ep
 SCORE_BATCHES, SCORE_BATCH_SIZE = 4, 64
 
 
-def _kwargs(plan: dict, info: datasets.DatasetInfo) -> dict:
-    return {"in_channels": info.input_shape[0], "num_classes": info.num_classes, "input_size": info.input_shape[1],
-            "width": plan["width"]}
-
-
 def _state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
@@ -57,18 +52,12 @@ def _state_bytes(model: nn.Module) -> int:
 def _unstructured_only(plan: dict, data: datasets.Dataset, scorer: str, compression: float, seed: int) -> float:
     """Test accuracy of the unstructured PaI model from another seed (initialization and data order)."""
     torch.manual_seed(seed)
-    dense = models.build(plan["model"], _kwargs(plan, data.info))
-    batches = _score_batches(data, scorer, seed)
+    dense = models.build(plan["model"], models.zoo_kwargs(data.info.input_shape, data.info.num_classes,
+                                                          plan["width"]))
+    batches = pai.scoring_batches(scorer, data, SCORE_BATCHES, SCORE_BATCH_SIZE, seed)
     masks = pai.prune_at_init(dense, scorer, compression, batches, data.info.input_shape, plan["rounds"], seed)
     recipe = TrainConfig(epochs=plan["epochs"], batch_size=128, progress=False, seed=seed)
     return evaluate(train(dense, data.info, data.train, recipe, masks=masks, desc="seed spread"), data.info, data.test)
-
-
-def _score_batches(data: datasets.Dataset, scorer: str, seed: int) -> list:
-    if scorer not in pai.NEEDS_DATA:
-        return []
-    stream = datasets.batches(data.train, data.info, SCORE_BATCH_SIZE, shuffle_seed=seed)
-    return [b for _, b in zip(range(SCORE_BATCHES), stream)]
 
 
 def _point(plan: dict, data: datasets.Dataset, scorer: str, compression: float, threshold: float,
@@ -76,9 +65,10 @@ def _point(plan: dict, data: datasets.Dataset, scorer: str, compression: float, 
     shape = data.info.input_shape
     recipe = TrainConfig(epochs=plan["epochs"], batch_size=128, progress=False)
     torch.manual_seed(0)
-    dense = models.build(plan["model"], _kwargs(plan, data.info))
+    dense = models.build(plan["model"], models.zoo_kwargs(data.info.input_shape, data.info.num_classes,
+                                                          plan["width"]))
     example = datasets.normalize(data.train.images[:1], data.info.mean, data.info.std)
-    batches = _score_batches(data, scorer, 0)
+    batches = pai.scoring_batches(scorer, data, SCORE_BATCHES, SCORE_BATCH_SIZE, 0)
     try:
         pruned = reconvene.prune(dense, scorer, compression, example, batches, threshold, plan["rounds"])
     except reconvene.ReconveneError as err:  # e.g. layer collapse: the unstructured model is as broken

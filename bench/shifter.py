@@ -32,11 +32,6 @@ QUICK = {"model": "vgg11", "width": 0.25, "subset": 1500, "epochs": 2, "levels":
          "rewind_iteration": 10, "iters": 8}
 
 
-def _kwargs(plan: dict, info: datasets.DatasetInfo) -> dict:
-    return {"in_channels": info.input_shape[0], "num_classes": info.num_classes, "input_size": info.input_shape[1],
-            "width": plan["width"]}
-
-
 def _reinitialized(model: nn.Module, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     for module in model.modules():
@@ -55,14 +50,15 @@ def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
     config = shifter.ShifterConfig(levels=plan["levels"], rate=plan["rate"], rewind_iteration=plan["rewind_iteration"])
     torch.manual_seed(0)
     started = time.perf_counter()
-    checkpoints = list(shifter.run_imp(models.build(plan["model"], _kwargs(plan, data.info)), data, recipe, config,
+    kwargs = models.zoo_kwargs(data.info.input_shape, data.info.num_classes, plan["width"])
+    checkpoints = list(shifter.run_imp(models.build(plan["model"], kwargs), data, recipe, config,
                                        work))
     imp_s = time.perf_counter() - started
     check = datasets.normalize(data.test.images[:16], data.info.mean, data.info.std)
     points, derive_s, compacts = [], 0.0, []
     for level in checkpoints:
         start = time.perf_counter()
-        sparse = models.build(plan["model"], _kwargs(plan, data.info))
+        sparse = models.build(plan["model"], kwargs)
         sparse.load_state_dict(level.state)
         compact, report = surgery.compact(sparse.eval(), check[:1], check_inputs=check)
         derive_s += time.perf_counter() - start

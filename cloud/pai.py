@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cloud.masks import Masks
+from common import datasets
 from common.models import prunable_layers
 
 Scores = dict[str, torch.Tensor]  # "layer.weight" -> score, same shape as the weight
@@ -183,6 +184,15 @@ SCORERS: dict[str, Callable[..., Scores]] = {
     "random": random_scores, "magnitude": magnitude_scores, "snip": snip_scores, "grasp": grasp_scores,
 }
 NEEDS_DATA = frozenset({"snip", "grasp"})
+
+
+def scoring_batches(scorer: str, data: datasets.Dataset, count: int, batch_size: int, seed: int) -> list:
+    """The first `count` shuffled labelled training batches a data-driven scorer scores with; none for
+    the data-free ones."""
+    if scorer not in NEEDS_DATA:
+        return []
+    stream = datasets.batches(data.train, data.info, batch_size, shuffle_seed=seed)
+    return [batch for _, batch in zip(range(count), stream)]
 
 
 def check_request(model: nn.Module, scorer: str, compression: float, batches) -> None:

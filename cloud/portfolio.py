@@ -71,8 +71,7 @@ class SparseModel:
 
 
 def _model_kwargs(config: BuildConfig, info: datasets.DatasetInfo) -> dict:
-    return {"in_channels": info.input_shape[0], "num_classes": info.num_classes,
-            "input_size": info.input_shape[1], "width": config.width}
+    return models.zoo_kwargs(info.input_shape, info.num_classes, config.width)
 
 
 def _shifter_levels(config: BuildConfig, data: Dataset, store: PortfolioStore):
@@ -84,15 +83,6 @@ def _shifter_levels(config: BuildConfig, data: Dataset, store: PortfolioStore):
         yield SparseModel(level.level, sparse.eval(), level.masks)
 
 
-def _score_batches(config: BuildConfig, data: Dataset) -> list:
-    """The labelled batches SNIP and GraSP score with (none for the data-free scorers)."""
-    settings = config.reconvene
-    if settings.scorer not in pai.NEEDS_DATA:
-        return []
-    stream = datasets.batches(data.train, data.info, settings.score_batch_size, shuffle_seed=config.seed)
-    return [batch for _, batch in zip(range(settings.score_batches), stream)]
-
-
 def _reconvene_levels(config: BuildConfig, data: Dataset, store: PortfolioStore):
     """One composite model per compression, all pruned (and any impossible request refused) before the
     first is trained; each trains once, resumably, with the build's recipe."""
@@ -100,7 +90,8 @@ def _reconvene_levels(config: BuildConfig, data: Dataset, store: PortfolioStore)
     torch.manual_seed(config.seed)
     dense = models.build(config.model, _model_kwargs(config, data.info), allowed=(config.model,))
     example = datasets.normalize(data.train.images[:1], data.info.mean, data.info.std)
-    batches = _score_batches(config, data)
+    batches = pai.scoring_batches(settings.scorer, data, settings.score_batches, settings.score_batch_size,
+                                  config.seed)
     for compression in settings.compressions:
         pai.check_request(dense, settings.scorer, compression, batches)
     compressions = _planned_compressions(config)

@@ -202,8 +202,7 @@ def prune(model: nn.Module, scorer: str, compression: float, example: torch.Tens
     _refuse_collapse(masks, scorer, compression)
     compact, fixed, decisions, rectified = structure(model, masks, scores, example, threshold, seed)
     done = time.perf_counter()
-    fixed_names = set(fixed)
-    weights = sum(int(fixed[f"{n}.weight"].sum()) if f"{n}.weight" in fixed_names else layer.weight.numel()
+    weights = sum(int(fixed[f"{n}.weight"].sum()) if f"{n}.weight" in fixed else layer.weight.numel()
                   for n, layer in prunable_layers(compact).items())
     return Pruned(compact, fixed, masks, tuple(decisions), rectified, sum(int(m.sum()) for m in masks.values()),
                   weights, scored - started, done - scored)

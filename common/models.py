@@ -276,6 +276,11 @@ def build(arch: str, kwargs: dict, *, allowed: Collection[str] = ()) -> nn.Modul
     return model
 
 
+def zoo_kwargs(input_shape: tuple[int, ...], num_classes: int, width: float) -> dict:
+    """The keyword arguments every zoo constructor takes, for inputs of `input_shape` (C, H, W)."""
+    return {"in_channels": input_shape[0], "num_classes": num_classes, "input_size": input_shape[1], "width": width}
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
