@@ -22,6 +22,11 @@ def test_a_tiny_shifter_benchmark_runs_end_to_end_and_resumes(tmp_path, monkeypa
     assert (tmp_path / "shifter-accuracy-params.png").stat().st_size > 0
     assert (tmp_path / "shifter-accuracy-latency.png").stat().st_size > 0
     assert sorted(p.name for p in (tmp_path / "shifter.work").glob("level-*.pt")) == [f"level-{i}.pt" for i in range(3)]
+    assert sorted(p.name for p in (tmp_path / "shifter.work").glob("scratch-*.json")) == [f"scratch-{i}.json" for i in range(3)]
+    assert main(["shifter", "--json", str(out), "--quick", "--threads", "1"]) == 0  # resumes: nothing trains again
+    again = json.loads(out.read_text())
+    assert [p["scratch_accuracy"] for p in again["points"]] == [p["scratch_accuracy"] for p in result["points"]]
+    assert again["summary"]["train_from_scratch_s"] == summary["train_from_scratch_s"]
 
 
 def test_summary_takes_the_worst_delta_and_the_best_ratios():
