@@ -81,6 +81,11 @@ def _add_serve(top, environ) -> None:
     serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     serve.add_argument("--metrics-port", type=int, default=None)
     serve.add_argument("--db", type=Path, default=None, help="SQLite file (default STORE/fleet.sqlite)")
+    serve.add_argument("--workers", type=int, default=64,
+                       help="threads for unary RPCs and blocking reads (edge streams need none)")
+    serve.add_argument("--max-rpcs", type=int, default=10_000,
+                       help="RPCs at once, one per connected edge included; beyond, RESOURCE_EXHAUSTED "
+                            "(the edge retries)")
     serve.add_argument("--signing-key", type=Path, default=None,
                        help="Ed25519 key that signs variants (default: DIR/signing.key of --certs)")
     security.add_arguments(serve, token=True, environ=environ)
@@ -221,7 +226,8 @@ def _serve(args) -> int:
     if signing_key is None and args.certs is not None and not args.insecure:
         signing_key = args.certs / security.SIGNING_KEY
     serve(CloudConfig(store=args.store, transport=transport, signing_key=signing_key, host=args.host,
-                      port=args.port, metrics_port=args.metrics_port, db=args.db))
+                      port=args.port, metrics_port=args.metrics_port, db=args.db, workers=args.workers,
+                      max_rpcs=args.max_rpcs))
     return 0
 
 

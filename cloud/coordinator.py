@@ -1,6 +1,9 @@
 """CoordinatorService: registration, the edge stream (reports up, policy and portfolio down), fleet view,
 rollouts.
 
+Edge streams are held by coroutines on the cloud's `grpc.aio` event loop, so one coordinator holds
+thousands of them without a thread each; their reports are stored in batches by `ReportWriter`.
+
 The coordinator never decides for an edge's variant; it stores what edges report, hands them the
 policy and the portfolio it wants each to hold (desired state), and compares that with what each
 edge says it holds (reported state).
@@ -8,15 +11,17 @@ edge says it holds (reported state).
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Executor
 
 import grpc
 
 from cloud.catalog import Catalog
 from cloud.fleet import FleetDB
+from cloud.reports import ReportWriter
 from cloud.rollout import RolloutConflict, RolloutError, Rollouts, select
 from cloud.store import StoreError
 from protos import coordinator_pb2, coordinator_pb2_grpc, portfolio_pb2
@@ -32,6 +37,23 @@ DEFAULT_POLICY = coordinator_pb2.Policy(slo_ms=50.0, min_accuracy=0.0, down_wind
                                         max_switches_per_minute=6)
 ZERO_MEANS_DEFAULT = ("slo_ms", "down_windows", "up_windows", "up_headroom", "window_s", "max_switches_per_minute")
 _CLOSE = object()
+
+
+class Outbox:
+    """What goes down one edge's stream: filled from any thread (the rollout judge, operator RPCs),
+    read by the stream's coroutine on the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop, self._queue = loop, asyncio.Queue()
+
+    def put(self, item) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the server has stopped, the stream with it
+            pass
+
+    async def get(self):
+        return await self._queue.get()
 
 
 class PolicyError(ValueError):
@@ -63,12 +85,19 @@ def _valid_edge_name(name: str) -> bool:
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
-    def __init__(self, db: FleetDB, catalog: Catalog, clock: Callable[[], float]):
+    """`Connect` is a coroutine on the cloud's event loop (one task per edge stream, no thread); the
+    other RPCs are plain functions that the server runs in its thread pool. Reports go to the
+    `ReportWriter`; the loop runs database reads in `blocking` (an executor), never itself."""
+
+    def __init__(self, db: FleetDB, catalog: Catalog, clock: Callable[[], float], reports: ReportWriter,
+                 blocking: Executor | None = None):
         self._db = db
         self._catalog = catalog
         self._clock = clock
+        self._reports = reports
+        self._blocking = blocking
         self._lock = threading.Lock()
-        self._streams: dict[int, tuple[str, queue.Queue]] = {}
+        self._streams: dict[int, tuple[str, Outbox]] = {}
         if db.policy() is None:
             db.save_policy(DEFAULT_POLICY)
         self.rollouts = Rollouts(db, catalog, db.policy, self.push, clock)
@@ -100,6 +129,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         with self._lock:
             return {edge for edge, _ in self._streams.values() if edge}
 
+    @property
+    def streams(self) -> int:
+        """Connect streams open now (bound to an edge or not yet)."""
+        with self._lock:
+            return len(self._streams)
+
     def Register(self, request, context):
         if not _valid_edge_name(request.edge):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -110,10 +145,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return coordinator_pb2.RegisterResponse(policy=self._policy_for(request.edge), variants=portfolio.variants,
                                                 portfolio_id=portfolio.portfolio_id)
 
-    def _consume(self, reports, stream_id: int, outbox: queue.Queue) -> None:
+    async def _run_blocking(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._blocking, function, *args)
+
+    async def _consume(self, reports, stream_id: int, outbox: Outbox) -> None:
         try:
-            for report in reports:
-                if not self._accept(report, stream_id):
+            async for report in reports:
+                if not await self._accept(report, stream_id):
                     outbox.put(("error", f"unknown or unregistered edge {report.edge[:MAX_EDGE_NAME]!r}"))
                     return
         except grpc.RpcError:
@@ -121,49 +159,43 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         finally:
             outbox.put(_CLOSE)
 
-    def _accept(self, report: coordinator_pb2.EdgeReport, stream_id: int) -> bool:
-        edge = report.edge
+    async def _bind(self, edge: str, stream_id: int) -> bool:
+        """Bind the stream to `edge` on its first report: the portfolio it should hold (a rollout may
+        have moved on) and its own policy (its pin, if any) go down first."""
+        if not await self._run_blocking(self._db.is_registered, edge):
+            return False
         with self._lock:
-            bound, outbox = self._streams[stream_id]
-        if bound != edge:
-            if bound or not self._db.is_registered(edge):
-                return False
-            with self._lock:
-                self._streams[stream_id] = (edge, outbox)
-            outbox.put(coordinator_pb2.Directive(portfolio=self._desired(edge)))  # a rollout may have moved on
-            outbox.put(coordinator_pb2.Directive(policy=self._policy_for(edge)))  # its own pin, if any
-        kind = report.WhichOneof("body")
-        if kind == "telemetry":
-            self._db.record_telemetry(edge, report.telemetry)
-        elif kind == "switch":
-            self._db.record_event(edge, report.switch)
-            log.info("edge %s switched %s -> %s: %s", edge, report.switch.from_variant[:12],
-                     report.switch.to_variant[:12], report.switch.reason)
-        elif kind == "profile":
-            self._db.record_profile(edge, report.profile)
-        else:
-            self._db.touch(edge)
+            outbox = self._streams[stream_id][1]
+            self._streams[stream_id] = (edge, outbox)
+        outbox.put(coordinator_pb2.Directive(portfolio=await self._run_blocking(self._desired, edge)))
+        outbox.put(coordinator_pb2.Directive(policy=await self._run_blocking(self._policy_for, edge)))
         return True
 
-    def Connect(self, request_iterator, context):
-        outbox: queue.Queue = queue.Queue()
+    async def _accept(self, report: coordinator_pb2.EdgeReport, stream_id: int) -> bool:
+        with self._lock:
+            bound = self._streams[stream_id][0]
+        if bound != report.edge and (bound or not await self._bind(report.edge, stream_id)):
+            return False
+        self._reports.put(report)
+        if report.WhichOneof("body") == "switch":
+            log.info("edge %s switched %s -> %s: %s", report.edge, report.switch.from_variant[:12],
+                     report.switch.to_variant[:12], report.switch.reason)
+        return True
+
+    async def Connect(self, request_iterator, context):
+        outbox = Outbox(asyncio.get_running_loop())
         stream_id = id(outbox)
         with self._lock:
             self._streams[stream_id] = ("", outbox)
-        outbox.put(coordinator_pb2.Directive(policy=self._db.policy()))
-        threading.Thread(target=self._consume, args=(request_iterator, stream_id, outbox), daemon=True).start()
+        reader = asyncio.create_task(self._consume(request_iterator, stream_id, outbox))
         try:
-            while context.is_active():
-                try:
-                    item = outbox.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                if item is _CLOSE:
-                    return
+            yield coordinator_pb2.Directive(policy=await self._run_blocking(self._db.policy))
+            while (item := await outbox.get()) is not _CLOSE:
                 if isinstance(item, tuple):
-                    context.abort(grpc.StatusCode.PERMISSION_DENIED, item[1])
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, item[1])
                 yield item
         finally:
+            reader.cancel()
             with self._lock:
                 self._streams.pop(stream_id, None)
 
@@ -175,6 +207,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             outbox.put(coordinator_pb2.Directive(policy=self._policy_for(edge, pins)))
 
     def GetFleet(self, request, context):
+        self._reports.flush()  # every report an edge sent before this call is in the answer
         connected = self._connected()
         edges = self._db.edges()
         for edge in edges:
@@ -203,6 +236,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def ListEvents(self, request, context):
         if request.limit < 0 or request.limit > MAX_EVENTS:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit must be in [0, {MAX_EVENTS}]")
+        self._reports.flush()
         events = self._db.events(request.edge, request.since, request.limit or 1000)
         return coordinator_pb2.ListEventsResponse(events=events)
 

@@ -3,6 +3,8 @@ windows and profiles, the policy, the switch audit log, the portfolios the cloud
 
 Protobuf messages are stored as their serialized bytes (never pickled). One connection guarded by a
 lock: the coordinator's writes are small and frequent, and SQLite in WAL mode keeps readers cheap.
+Edge reports arrive at fleet rate (1000 edges: 1000 windows a second); the coordinator hands them to
+`cloud.reports.ReportWriter`, which stores a tick's worth in one transaction (`record_reports`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,29 @@ CREATE TABLE IF NOT EXISTS rollout_edges (
 COLUMNS = (("edges", "desired_portfolio", "TEXT DEFAULT ''"), ("edges", "reported_portfolio", "TEXT DEFAULT ''"),
            ("edges", "telemetry_at", "REAL DEFAULT 0"))
 KEEP_WINDOWS_S = 6 * 3600.0  # telemetry history per edge (rollouts judge canaries on it)
+
+
+def _telemetry_statements(edge: str, t: coordinator_pb2.Telemetry, now: float) -> list[tuple[str, tuple]]:
+    return [
+        ("INSERT OR IGNORE INTO windows (edge, timestamp, portfolio_id, p95_ms, requests, errors) "
+         "VALUES (?, ?, ?, ?, ?, ?)", (edge, t.timestamp, t.portfolio_id, t.p95_ms, t.requests, t.errors)),
+        ("DELETE FROM windows WHERE edge = ? AND timestamp < ?", (edge, t.timestamp - KEEP_WINDOWS_S)),
+        ("UPDATE edges SET last_seen = ? WHERE name = ?", (now, edge)),
+        ("UPDATE edges SET telemetry = ?, telemetry_at = ?, reported_portfolio = ?, policy_version = ? "
+         "WHERE name = ? AND telemetry_at <= ?",
+         (t.SerializeToString(), t.timestamp, t.portfolio_id, t.policy_version, edge, t.timestamp))]
+
+
+def _event_statement(edge: str, event: coordinator_pb2.SwitchEvent) -> tuple[str, tuple]:
+    blob = event.SerializeToString()
+    return ("INSERT INTO events (edge, timestamp, event) SELECT ?, ?, ? WHERE NOT EXISTS "
+            "(SELECT 1 FROM events WHERE timestamp = ? AND edge = ? AND event = ?)",
+            (edge, event.timestamp, blob, event.timestamp, edge, blob))
+
+
+def _profile_statement(edge: str, profile: coordinator_pb2.VariantProfile) -> tuple[str, tuple]:
+    return ("INSERT OR REPLACE INTO profiles (edge, variant_id, profile) VALUES (?, ?, ?)",
+            (edge, profile.variant_id, profile.SerializeToString()))
 
 
 class FleetDB:
@@ -96,15 +121,23 @@ class FleetDB:
     def record_telemetry(self, edge: str, telemetry: coordinator_pb2.Telemetry) -> None:
         """Keep the window (once, however often it is resent) and, if it is the newest, the edge's
         reported state. Windows buffered while the cloud was away arrive late and out of date."""
-        now, t = self._clock(), telemetry
-        self.transaction([
-            ("INSERT OR IGNORE INTO windows (edge, timestamp, portfolio_id, p95_ms, requests, errors) "
-             "VALUES (?, ?, ?, ?, ?, ?)", (edge, t.timestamp, t.portfolio_id, t.p95_ms, t.requests, t.errors)),
-            ("DELETE FROM windows WHERE edge = ? AND timestamp < ?", (edge, t.timestamp - KEEP_WINDOWS_S)),
-            ("UPDATE edges SET last_seen = ? WHERE name = ?", (now, edge)),
-            ("UPDATE edges SET telemetry = ?, telemetry_at = ?, reported_portfolio = ?, policy_version = ? "
-             "WHERE name = ? AND telemetry_at <= ?",
-             (t.SerializeToString(), t.timestamp, t.portfolio_id, t.policy_version, edge, t.timestamp))])
+        self.transaction(_telemetry_statements(edge, telemetry, self._clock()))
+
+    def record_reports(self, reports: list[coordinator_pb2.EdgeReport]) -> None:
+        """Many edges' reports in one transaction (the coordinator's writer batches a tick's worth):
+        each as `record_telemetry`, `record_event`, `record_profile` or `touch` would store it alone."""
+        now, statements = self._clock(), []
+        for report in reports:
+            kind, edge = report.WhichOneof("body"), report.edge
+            if kind == "telemetry":
+                statements += _telemetry_statements(edge, report.telemetry, now)
+            elif kind == "switch":
+                statements.append(_event_statement(edge, report.switch))
+            elif kind == "profile":
+                statements.append(_profile_statement(edge, report.profile))
+            else:
+                statements.append(("UPDATE edges SET last_seen = ? WHERE name = ?", (now, edge)))
+        self.transaction(statements)
 
     def windows(self, edges: list[str], portfolio_id: str, since: float) -> list[tuple[str, float, int, int]]:
         """(edge, p95_ms, requests, errors) of the windows `edges` reported on `portfolio_id` since `since`."""
@@ -151,15 +184,11 @@ class FleetDB:
         return self._read("SELECT id, store FROM portfolios ORDER BY added_at")
 
     def record_profile(self, edge: str, profile: coordinator_pb2.VariantProfile) -> None:
-        self._write("INSERT OR REPLACE INTO profiles (edge, variant_id, profile) VALUES (?, ?, ?)",
-                    (edge, profile.variant_id, profile.SerializeToString()))
+        self._write(*_profile_statement(edge, profile))
 
     def record_event(self, edge: str, event: coordinator_pb2.SwitchEvent) -> None:
         """Idempotent: an edge resends the events of a stream that broke, so a copy is stored once."""
-        blob = event.SerializeToString()
-        self._write("INSERT INTO events (edge, timestamp, event) SELECT ?, ?, ? WHERE NOT EXISTS "
-                    "(SELECT 1 FROM events WHERE timestamp = ? AND edge = ? AND event = ?)",
-                    (edge, event.timestamp, blob, event.timestamp, edge, blob))
+        self._write(*_event_statement(edge, event))
 
     def policy(self) -> coordinator_pb2.Policy | None:
         rows = self._read("SELECT policy FROM policy WHERE id = 1")

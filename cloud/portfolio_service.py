@@ -1,10 +1,14 @@
 """PortfolioService: lists the current portfolio and streams variant files in chunks, resumable by offset.
 
 Any variant of any portfolio the cloud knows can be fetched (an edge being rolled back needs the old
-ones). A bad id is refused before the file system is touched.
+ones). A bad id is refused before the file system is touched. `ListVariants` is a plain function (the
+server runs it in its thread pool); `FetchVariant` a coroutine on the server's event loop.
 """
 
 from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
 
 import grpc
 
@@ -16,12 +20,14 @@ from protos import portfolio_pb2, portfolio_pb2_grpc
 
 
 class PortfolioServicer(portfolio_pb2_grpc.PortfolioServiceServicer):
-    def __init__(self, catalog: Catalog, chunk_bytes: int = CHUNK_BYTES, on_bytes_sent=None):
+    def __init__(self, catalog: Catalog, chunk_bytes: int = CHUNK_BYTES, on_bytes_sent=None,
+                 blocking: Executor | None = None):
         if not 0 < chunk_bytes <= CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in (0, {CHUNK_BYTES}]")
         self._catalog = catalog
         self._chunk_bytes = chunk_bytes
         self._on_bytes_sent = on_bytes_sent or (lambda n: None)
+        self._blocking = blocking  # executor for file reads (None: the loop's default)
 
     def ListVariants(self, request, context):
         try:
@@ -29,24 +35,25 @@ class PortfolioServicer(portfolio_pb2_grpc.PortfolioServiceServicer):
         except StoreError as err:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
 
-    def FetchVariant(self, request, context):
+    async def FetchVariant(self, request, context):
+        """A coroutine on the cloud's event loop: each chunk is read in `blocking` and handed to gRPC,
+        which sends it as the edge reads (flow control), so a download holds no thread while it waits."""
         if not is_sha256_hex(request.variant_id):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"variant_id {request.variant_id[:80]!r} is not a "
-                          "sha256 hex string (64 lowercase hex digits)")
-        found = self._catalog.file(request.variant_id)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"variant_id {request.variant_id[:80]!r} is not "
+                                "a sha256 hex string (64 lowercase hex digits)")
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(self._blocking, self._catalog.file, request.variant_id)
         if found is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"variant {request.variant_id} is in no portfolio of this cloud")
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"variant {request.variant_id} is in no portfolio of this cloud")
         entry, path = found
         if not 0 <= request.offset <= entry.size_bytes:
-            context.abort(grpc.StatusCode.OUT_OF_RANGE,
-                          f"offset {request.offset} is outside the file (0..{entry.size_bytes})")
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                                f"offset {request.offset} is outside the file (0..{entry.size_bytes})")
         with open(path, "rb") as f:
             f.seek(request.offset)
             offset = request.offset
-            while context.is_active():
-                data = f.read(self._chunk_bytes)
-                if not data:
-                    break
+            while data := await loop.run_in_executor(self._blocking, f.read, self._chunk_bytes):
                 self._on_bytes_sent(len(data))  # handed to gRPC to send (a cancelled stream may drop it)
                 yield portfolio_pb2.VariantChunk(offset=offset, data=data, total_size=entry.size_bytes,
                                                  sha256=entry.variant_id)

@@ -6,6 +6,7 @@ one is configured (always with TLS); variants are signed when the cloud has a si
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, start_http_server
@@ -23,12 +25,14 @@ from cloud.catalog import Catalog
 from cloud.coordinator import OPERATOR_METHODS, CoordinatorServicer
 from cloud.fleet import FleetDB
 from cloud.portfolio_service import PortfolioServicer
-from common.security import RequireToken, SecurityError, Signer, Transport
+from cloud.reports import ReportWriter, WriterConfig
+from common.security import RequireTokenAsync, SecurityError, Signer, Transport
 from common.wire import SERVER_OPTIONS
 from protos import coordinator_pb2, coordinator_pb2_grpc, portfolio_pb2, portfolio_pb2_grpc
 
 log = logging.getLogger(__name__)
 ROLLOUT_TICK_S = 1.0
+MAX_RPCS = 10_000  # the bound on edges per coordinator (each holds one stream), operator calls included
 
 
 @dataclass(frozen=True)
@@ -40,32 +44,50 @@ class CloudConfig:
     port: int = 0
     metrics_port: int | None = None
     db: Path | None = None  # default: STORE/fleet.sqlite
-    workers: int = 64
+    workers: int = 64  # threads for unary RPCs and variant downloads (edge streams need none)
+    max_rpcs: int = MAX_RPCS  # RPCs in progress at once, edge streams included; beyond: RESOURCE_EXHAUSTED
     rollout_tick_s: float = ROLLOUT_TICK_S
+    report_tick_s: float = 0.1  # edge reports are stored in one transaction per tick
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.workers < 4:
             raise ValueError("workers must be >= 4")
+        if self.max_rpcs < self.workers:
+            raise ValueError("max_rpcs must be >= workers")
         if not self.transport.insecure and not self.transport.token:
             raise SecurityError("with TLS the cloud needs an operator token")
         if not 0.05 <= self.rollout_tick_s <= 60:
             raise ValueError("rollout_tick_s must be in [0.05, 60]")
+        WriterConfig(tick_s=self.report_tick_s)  # validates it
 
 
 @dataclass
 class CloudServer:
-    server: grpc.Server
     port: int
     db: FleetDB
     coordinator: CoordinatorServicer
+    reports: ReportWriter
     stopping: threading.Event
+    loop: asyncio.AbstractEventLoop
+    server: grpc.aio.Server
+    thread: threading.Thread
+    pool: futures.ThreadPoolExecutor
 
     def stop(self, grace: float = 2.0) -> None:
+        """Stop serving (streams get `grace` seconds), store the reports still queued, close the database."""
         self.stopping.set()
-        self.server.stop(grace).wait()
-        self.db.close()
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result(grace + 10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            if not self.thread.is_alive():
+                self.loop.close()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.reports.close()
+            self.db.close()
 
 
 def _service_names() -> tuple[str, ...]:
@@ -82,6 +104,15 @@ def _portfolio_gauges(catalog: Catalog, registry: CollectorRegistry) -> None:
           registry=registry).set_function(lambda: sum(v.size_bytes for v in catalog.manifest().variants))
 
 
+def _fleet_metrics(db: FleetDB, registry: CollectorRegistry) -> tuple[Counter, Counter]:
+    """Edges known, and the counters the report writer increments (stored, given up)."""
+    Gauge("prunefleet_cloud_edges", "Edges known to the coordinator", registry=registry).set_function(db.edge_count)
+    return (Counter("prunefleet_cloud_reports_stored_total", "Edge reports stored in the fleet database",
+                    registry=registry),
+            Counter("prunefleet_cloud_reports_dropped_total", "Edge reports given up after failed commits",
+                    registry=registry))
+
+
 def _judge_rollouts(coordinator: CoordinatorServicer, stopping: threading.Event, every_s: float) -> None:
     while not stopping.wait(every_s):
         try:
@@ -90,38 +121,57 @@ def _judge_rollouts(coordinator: CoordinatorServicer, stopping: threading.Event,
             log.exception("judging the rollout failed")
 
 
+async def _serve(config: CloudConfig, catalog: Catalog, coordinator: CoordinatorServicer, sent: Counter,
+                 pool: futures.ThreadPoolExecutor) -> tuple[grpc.aio.Server, int]:
+    """Build and start the gRPC server on the running loop; (server, 0) when the port cannot be bound."""
+    token = config.transport.token
+    server = grpc.aio.server(migration_thread_pool=pool, options=SERVER_OPTIONS,
+                             maximum_concurrent_rpcs=config.max_rpcs,
+                             interceptors=[RequireTokenAsync(token, OPERATOR_METHODS)] if token else [])
+    portfolios = PortfolioServicer(catalog, on_bytes_sent=sent.inc, blocking=pool)
+    portfolio_pb2_grpc.add_PortfolioServiceServicer_to_server(portfolios, server)
+    coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(coordinator, server)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(_service_names(), server)
+    port = config.transport.bind(server, f"{config.host}:{config.port}")
+    if port == 0:
+        return server, 0
+    await server.start()
+    for name in _service_names()[:2] + ("",):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port
+
+
 def start(config: CloudConfig, registry: CollectorRegistry) -> CloudServer:
+    """Serve on an event loop in its own thread; returns once the port is bound and serving."""
     db = FleetDB(config.db or config.store / "fleet.sqlite", clock=time.time)
     signer = Signer.load(config.signing_key) if config.signing_key else None
     catalog = Catalog(db, signer)
     catalog.start_with(config.store)  # fail now, with the store's message, when there is no portfolio
     sent = Counter("prunefleet_cloud_variant_bytes_sent_total", "Variant bytes streamed to edges",
                    registry=registry)
-    edges = Gauge("prunefleet_cloud_edges", "Edges known to the coordinator", registry=registry)
-    edges.set_function(db.edge_count)
+    pool = futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc")
+    stored, dropped = _fleet_metrics(db, registry)
+    reports = ReportWriter(db, WriterConfig(tick_s=config.report_tick_s), on_stored=stored.inc,
+                           on_dropped=dropped.inc)
+    coordinator = CoordinatorServicer(db, catalog, time.time, reports, blocking=pool)
+    Gauge("prunefleet_cloud_streams", "Edge streams open now", registry=registry).set_function(
+        lambda: coordinator.streams)
     _portfolio_gauges(catalog, registry)
     ProcessCollector(registry=registry)
-    token = config.transport.token
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers), options=SERVER_OPTIONS,
-                         interceptors=[RequireToken(token, OPERATOR_METHODS)] if token else [])
-    portfolio_pb2_grpc.add_PortfolioServiceServicer_to_server(PortfolioServicer(catalog, on_bytes_sent=sent.inc),
-                                                              server)
-    coordinator = CoordinatorServicer(db, catalog, time.time)
-    coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(coordinator, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(_service_names(), server)
-    port = config.transport.bind(server, f"{config.host}:{config.port}")
-    if port == 0:
-        db.close()
-        raise OSError(f"cannot bind {config.host}:{config.port}")
-    server.start()
-    for name in _service_names()[:2] + ("",):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True, name="grpc-loop")
+    thread.start()
+    server, port = asyncio.run_coroutine_threadsafe(_serve(config, catalog, coordinator, sent, pool), loop).result(60)
     stopping = threading.Event()
+    cloud = CloudServer(port, db, coordinator, reports, stopping, loop, server, thread, pool)
+    if port == 0:
+        cloud.stop(0)
+        raise OSError(f"cannot bind {config.host}:{config.port}")
     threading.Thread(target=_judge_rollouts, args=(coordinator, stopping, config.rollout_tick_s), daemon=True,
                      name="rollouts").start()
-    return CloudServer(server, port, db, coordinator, stopping)
+    return cloud
 
 
 def serve(config: CloudConfig) -> None:

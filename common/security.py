@@ -147,6 +147,12 @@ def _refuse(message: str) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(handler)
 
 
+def _refuse_async(message: str) -> grpc.RpcMethodHandler:
+    async def handler(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    return grpc.unary_unary_rpc_method_handler(handler)
+
+
 class RequireToken(grpc.ServerInterceptor):
     """UNAUTHENTICATED for a guarded method called without the token (every guarded method is unary)."""
 
@@ -156,16 +162,32 @@ class RequireToken(grpc.ServerInterceptor):
         self._expected = f"Bearer {token}".encode()
         self._methods = frozenset(methods)
 
-    def intercept_service(self, continuation: Callable, details):
+    def refusal(self, details) -> str:
+        """Why this call is refused ("" when it may go on)."""
         if details.method not in self._methods:
-            return continuation(details)
+            return ""
         sent = [v for k, v in details.invocation_metadata or () if k == AUTHORIZATION]
         if not sent:
-            return _refuse("this call needs an operator token: 'authorization: Bearer TOKEN'")
+            return "this call needs an operator token: 'authorization: Bearer TOKEN'"
         value = sent[0].encode() if isinstance(sent[0], str) else sent[0]
         if len(sent) != 1 or not hmac.compare_digest(value, self._expected):
-            return _refuse("the operator token is wrong")
-        return continuation(details)
+            return "the operator token is wrong"
+        return ""
+
+    def intercept_service(self, continuation: Callable, details):
+        refusal = self.refusal(details)
+        return _refuse(refusal) if refusal else continuation(details)
+
+
+class RequireTokenAsync(grpc.aio.ServerInterceptor):
+    """`RequireToken` for a `grpc.aio` server (the cloud's)."""
+
+    def __init__(self, token: str, methods: Collection[str]):
+        self._check = RequireToken(token, methods)
+
+    async def intercept_service(self, continuation, details):
+        refusal = self._check.refusal(details)
+        return _refuse_async(refusal) if refusal else await continuation(details)
 
 
 # --- variant signatures ---------------------------------------------------------------------------------
