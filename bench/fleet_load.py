@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 FULL = {"edges": 1000, "procs": 4, "ramp_s": 40.0, "fleet_s": 60, "predict_s": 60.0, "warmup_s": 5.0,
         "clients": 16, "agent_threads": 2, "switches": 10_000, "every": 100, "on_demand_switches": 1000}
 QUICK = {"edges": 200, "procs": 2, "ramp_s": 15.0, "fleet_s": 15, "predict_s": 15.0, "warmup_s": 3.0,
-         "clients": 16, "agent_threads": 2, "switches": 2000, "every": 50, "on_demand_switches": 200}
+         "clients": 16, "agent_threads": 2, "switches": 2000, "every": 50, "on_demand_switches": 100}
 PORTFOLIO = {"width": 0.25, "subset": 2000, "epochs": 1, "levels": 3, "rate": 0.5}
 PREFIX = "sim"
 MB = 1 << 20
@@ -181,7 +181,7 @@ def summary(result: dict) -> dict:
             "predict_per_s": predict["per_s"], "predict_p50_ms": predict["p50_ms"], "predict_p99_ms": predict["p99_ms"],
             "predict_failed": predict["failed"], "predict_resource_exhausted": predict["resource_exhausted"],
             "agent_rss_growth_mb_predict": (predict["rss_after_bytes"] - predict["rss_before_bytes"]) / MB,
-            "switches": switches["switches"],
+            "switches": switches["switches"], "switch_us_p99": switches["switch_us_p99"],
             "rss_growth_mb_10k_switches": switches["growth_after_warmup_bytes"] / MB,  # over `switches` (10k in full)
             "rss_growth_mb_on_demand_switches": result["switches_on_demand"]["growth_after_warmup_bytes"] / MB}
 

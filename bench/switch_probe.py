@@ -47,7 +47,7 @@ def probe(files: list[Path], switches: int, every: int, budget_bytes: int, image
     curve, switch_us, loads = [[0, rss_bytes()]], [], 0
     for i in range(1, switches + 1):
         record = runtime.switch(ids[i % len(ids)], "probe")
-        switch_us.append(record.elapsed_us)
+        switch_us.append(record.switch_us)
         loads += record.load_s > 0
         runtime.predict(images[i % len(images)][None])
         if i % every == 0 or i == switches:
