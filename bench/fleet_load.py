@@ -67,17 +67,21 @@ class StoredCounter:
         self._db, self._prefix = db, prefix
         self._stop = threading.Event()
         self.samples: list[tuple[float, int]] = []  # (unix time, windows stored)
+        self.errors: list[str] = []
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(1.0):
             try:
-                with sqlite3.connect(f"file:{self._db}?mode=ro", uri=True) as connection:
+                connection = sqlite3.connect(f"file:{self._db}?mode=ro", uri=True, timeout=10)
+                try:
                     count = connection.execute("SELECT COUNT(*) FROM windows WHERE edge LIKE ?",
                                                (self._prefix + "-%",)).fetchone()[0]
+                finally:
+                    connection.close()
                 self.samples.append((time.time(), count))
-            except sqlite3.Error:
-                continue
+            except sqlite3.Error as err:
+                self.errors.append(str(err))
 
     def rate(self, start: float, end: float) -> float:
         """Windows stored per second between the first samples at or after `start` and `end`."""
@@ -123,6 +127,7 @@ def fleet(cloud: processes.Child, keys: dict, run_dir: Path, plan: dict) -> dict
         connected_midway = _connected(stub, PREFIX)
         for _, child in children:
             child.wait(plan["fleet_s"] + plan["ramp_s"] + 300)
+        time.sleep(max(0.0, start_at + plan["fleet_s"] + 2.5 - time.time()))  # the counter's last samples
         _connected(stub, PREFIX)  # GetFleet waits for every report queued before it to be stored
     edges: dict = {}
     for out, child in children:
@@ -141,7 +146,8 @@ def fleet(cloud: processes.Child, keys: dict, run_dir: Path, plan: dict) -> dict
     return {"edges": plan["edges"], "client_processes": plan["procs"], "seconds": plan["fleet_s"],
             "sent": len(sent), "stored": len(stored & sent), "dropped": len(sent - stored),
             "unexpected_rows": len(stored - sent), "reports_per_s": counter.rate(start_at + 1.0, end),
-            "stored_within_1s_of_end": by_end,
+            "stored_within_1s_of_end": by_end, "stored_counts": counter.samples,
+            "count_errors": counter.errors[:10],
             "edges_connected": sum(bool(e["connected_at"]) for e in edges.values()),
             "connected_at_start": connected_at_start, "connected_midway": connected_midway,
             "stream_errors": errors,
