@@ -44,14 +44,18 @@ def probe(files: list[Path], switches: int, every: int, budget_bytes: int, image
     ids = [info.variant_id for info in infos]
     runtime.switch(ids[0], "probe")
     warmup = max(len(ids), switches // 10)
-    curve, switch_us, loads = [[0, rss_bytes()]], [], 0
+    # the probe's own records are allocated up front, so what grows is the runtime's
+    switch_us = np.zeros(switches)
+    curve, loads = [[0, 0]] * (switches // every + 2), 0
+    curve[0], samples = [0, rss_bytes()], 1
     for i in range(1, switches + 1):
         record = runtime.switch(ids[i % len(ids)], "probe")
-        switch_us.append(record.switch_us)
+        switch_us[i - 1] = record.switch_us
         loads += record.load_s > 0
         runtime.predict(images[i % len(images)][None])
         if i % every == 0 or i == switches:
-            curve.append([i, rss_bytes()])
+            curve[samples], samples = [i, rss_bytes()], samples + 1
+    curve = curve[:samples]
     at_warmup = min((point for point in curve if point[0] >= warmup), key=lambda p: p[0])
     return {"switches": switches, "variants": len(ids), "budget_bytes": budget_bytes, "on_demand_loads": loads,
             "warmup_switches": at_warmup[0], "rss_start_bytes": curve[0][1], "rss_at_warmup_bytes": at_warmup[1],

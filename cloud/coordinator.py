@@ -165,6 +165,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if not await self._run_blocking(self._db.is_registered, edge):
             return False
         with self._lock:
+            if stream_id not in self._streams:  # the stream ended meanwhile
+                return False
             outbox = self._streams[stream_id][1]
             self._streams[stream_id] = (edge, outbox)
         outbox.put(coordinator_pb2.Directive(portfolio=await self._run_blocking(self._desired, edge)))
@@ -173,7 +175,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     async def _accept(self, report: coordinator_pb2.EdgeReport, stream_id: int) -> bool:
         with self._lock:
-            bound = self._streams[stream_id][0]
+            bound = self._streams.get(stream_id, ("",))[0]
         if bound != report.edge and (bound or not await self._bind(report.edge, stream_id)):
             return False
         self._reports.put(report)
