@@ -1,0 +1,172 @@
+"""The fleet the fuzz runs against: a real cloud and a real edge process on loopback, mutual TLS and the
+operator token as in production, a small portfolio of real variant files; the calls, health checks
+and file-system snapshots the fuzz needs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.fuzz_cases import Known
+from bench.fuzz_rules import Rpc
+from cloud import certs, processes
+from cloud.store import Manifest, PortfolioStore, VariantEntry, portfolio_id
+from common import models, variant
+from common.files import sha256_file
+from common.security import Transport
+from common.variant import VariantSpec
+
+INPUT_SHAPE = (1, 28, 28)
+MAX_BATCH = 64
+WRONG_TOKEN = "not-the-operator-token-0123456789"
+TIMEOUT_S = 10.0
+
+
+def spec(kwargs: dict, accuracy: float) -> VariantSpec:
+    return VariantSpec(arch="vgg11", kwargs=kwargs, input_shape=INPUT_SHAPE, num_classes=10, mean=(0.5,),
+                       std=(0.25,), method="dense", sparsity=0.0, accuracy=accuracy)
+
+
+def entry(variant_id: str, size: int, level: int, accuracy: float = 0.5) -> VariantEntry:
+    return VariantEntry(variant_id, f"vgg11-L{level}", level, "dense", "vgg11", 0, size, accuracy, accuracy, 0.0,
+                        1.0, 1.0, 1.0, 2.0)
+
+
+def write_store(root: Path, files: list[bytes]) -> PortfolioStore:
+    """A store holding these variant files, in this order (accuracy falling with the level)."""
+    store = PortfolioStore(root)
+    entries = [entry(store.put_variant(data), len(data), level, 0.9 - level / 100) for level, data in enumerate(files)]
+    store.write_manifest(Manifest(portfolio_id([e.variant_id for e in entries]), "vgg11", "fashion-mnist", "dense",
+                                  time.time(), {}, tuple(entries)))
+    return store
+
+
+def variant_bytes(width: float) -> bytes:
+    """A real (untrained) vgg11 variant file for 1x28x28 inputs."""
+    kwargs = {"in_channels": 1, "input_size": 28, "num_classes": 10, "width": width}
+    return variant.encode(models.build("vgg11", kwargs), spec(kwargs, 0.5))
+
+
+def start_cloud(store: Path, work: Path, keys: dict, name: str = "cloud") -> processes.Child:
+    return processes.start(name, ["cloud.cli", "cloud", "serve", "--store", str(store), "--port", "0",
+                                  "--db", str(work / f"{name}.sqlite"), "--certs", str(keys["cloud"])], work / "logs")
+
+
+def start_edge(cloud: processes.Child, work: Path, keys: dict, name: str) -> processes.Child:
+    return processes.start(name, ["edge.cli", "run", "--cloud", cloud.address, "--name", name, "--port", "0",
+                                  "--metrics-port", "0", "--cache", str(work / f"{name}-cache"), "--threads", "1",
+                                  "--batch", "2", "--max-batch", str(MAX_BATCH), "--certs", str(keys["edge"])],
+                           work / "logs")
+
+
+def serving(channel: grpc.Channel, timeout_s: float = 5.0) -> bool:
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+    except grpc.RpcError:
+        return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def wait_serving(channel: grpc.Channel, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if serving(channel):
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def call(channel: grpc.Channel, rpc: Rpc, request, raw: bool = False) -> tuple[grpc.StatusCode, str, list]:
+    """One call of `rpc` with `request` (a message, a list of them for a bidirectional stream, or raw
+    bytes); the status code, its message and the replies."""
+    serialize = (lambda b: b) if raw else rpc.request.SerializeToString
+    kwargs = {"request_serializer": serialize, "response_deserializer": rpc.reply.FromString}
+    try:
+        if rpc.kind == "unary":
+            replies = [channel.unary_unary(rpc.method, **kwargs)(request, timeout=TIMEOUT_S)]
+        elif rpc.kind == "server_stream":
+            replies = list(channel.unary_stream(rpc.method, **kwargs)(request, timeout=TIMEOUT_S))
+        else:
+            replies = list(channel.stream_stream(rpc.method, **kwargs)(iter(request), timeout=TIMEOUT_S))
+    except grpc.RpcError as err:
+        return err.code(), err.details() or "", []
+    return grpc.StatusCode.OK, "", replies
+
+
+def snapshot(trees: list[Path], tops: list[Path], allowed: list[Path]) -> set[Path]:
+    """Every path in `trees` (recursively) and in `tops` (their entries only) that is not under an
+    allowed directory. Hypothesis keeps its own cache (`.hypothesis`) in the client's directory."""
+    found = {p for top in tops if top.is_dir() for p in top.iterdir() if p.name != ".hypothesis"}
+    for root in trees:
+        if root.is_dir():
+            found.update(p for p in root.rglob("*") if not any(p == a or a in p.parents for a in allowed))
+    return found
+
+
+def cache_problems(cache: Path) -> list[str]:
+    """A verified cache holds only <sha256>.safetensors files that hash to their names."""
+    problems = []
+    for path in sorted(cache.iterdir()) if cache.is_dir() else ():
+        if path.suffix != ".safetensors" or sha256_file(path) != path.stem:
+            problems.append(f"{path.name} in the edge cache is not a verified variant file")
+    return problems
+
+
+@dataclass
+class Fleet:
+    """The processes and the channels the fuzz calls through, one per role and token."""
+
+    cloud: processes.Child
+    edge: processes.Child
+    store: PortfolioStore
+    known: Known
+    channels: dict  # "edge" (edge certificate, no token), "right", "none", "wrong" (operator), "plain"
+    edge_channel: grpc.Channel
+    work: Path
+
+    def channel(self, rpc: Rpc, token: str) -> grpc.Channel:
+        if rpc.name == "Predict":
+            return self.edge_channel
+        return self.channels[token if rpc.operator else "edge"]
+
+    def alive(self) -> list[str]:
+        down = [child.name for child in (self.cloud, self.edge) if child.process.poll() is not None]
+        down += [name for name, ch in (("cloud", self.channels["edge"]), ("edge", self.edge_channel))
+                 if name not in down and not serving(ch)]
+        return [f"{name} is down or not serving" for name in down]
+
+    def stop(self) -> None:
+        for channel in (*self.channels.values(), self.edge_channel):
+            channel.close()
+        self.edge.stop()
+        self.cloud.stop()
+
+
+def start_fleet(work: Path) -> Fleet:
+    keys = certs.init(work / "certs", force=True)
+    store = write_store(work / "store", [variant_bytes(0.125), variant_bytes(0.0625)])
+    cloud = start_cloud(store.root, work, keys)
+    try:
+        edge = start_edge(cloud, work, keys, "edge-f")
+    except Exception:
+        cloud.stop()
+        raise
+    operator = Transport.load(keys["operator"], token=True)
+    edge_role = Transport.load(keys["edge"])
+    channels = {"edge": edge_role.channel(cloud.address), "right": operator.channel(cloud.address),
+                "none": Transport(operator.ca, operator.cert, operator.key).channel(cloud.address),
+                "wrong": Transport(operator.ca, operator.cert, operator.key, WRONG_TOKEN).channel(cloud.address),
+                "plain": Transport.plaintext().channel(cloud.address)}
+    edge_channel = edge_role.channel(edge.address)
+    manifest = store.manifest()
+    known = Known(tuple(v.variant_id for v in manifest.variants), {v.variant_id: v.size_bytes for v in manifest.variants},
+                  manifest.portfolio_id, ("edge-f", "fuzz-edge"), INPUT_SHAPE, MAX_BATCH)
+    fleet = Fleet(cloud, edge, store, known, channels, edge_channel, work)
+    if not wait_serving(edge_channel, 120):
+        fleet.stop()
+        raise RuntimeError("the edge did not start serving")
+    return fleet
