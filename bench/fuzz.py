@@ -92,7 +92,7 @@ def fuzz_rpc(fleet: Fleet, rpc: Rpc, record: Record, examples: int, garbage: int
     drive(fuzz_cases.garbage(), raw, garbage)
 
 
-def _good_requests(fleet: Fleet) -> list[str]:
+def good_requests(fleet: Fleet) -> list[str]:
     """After the fuzz: policy and pins back to normal, then good requests must be answered right."""
     by = {rpc.name: rpc for rpc in RPCS}
     problems = []
@@ -134,7 +134,6 @@ def _handshake(fleet: Fleet, record: Record) -> None:
 def fuzz_rpcs(fleet: Fleet, plan: dict, record: Record) -> None:
     work = fleet.work
     allowed = [work / "store", work / "logs", work / "certs", work / "edge-f-cache", work / "files"]
-    allowed += [p for p in work.iterdir() if p.suffix.startswith(".sqlite") or ".sqlite-" in p.name]
     tops = [Path.cwd(), work.parent]
     before = snapshot([work], tops, allowed)
     call(fleet.channels["edge"], next(r for r in RPCS if r.name == "Register"),
@@ -145,9 +144,8 @@ def fuzz_rpcs(fleet: Fleet, plan: dict, record: Record) -> None:
             record.crash(rpc.name, f"after fuzzing {rpc.name}: {problem}")
         log.info("fuzzed %s: %s", rpc.name, dict(record.rpcs[rpc.name]["codes"]))
     _handshake(fleet, record)
-    for problem in _good_requests(fleet):
+    for problem in good_requests(fleet):
         record.crash("after", problem)
-    allowed += [p for p in work.iterdir() if ".sqlite" in p.name]
     after = snapshot([work], tops, allowed)
     for path in sorted(after - before):
         record.crash("files", f"{path.name} appeared outside the cache, store and logs")

@@ -99,12 +99,13 @@ def call(channel: grpc.Channel, rpc: Rpc, request, raw: bool = False) -> tuple[g
 
 def snapshot(trees: list[Path], tops: list[Path], allowed: list[Path]) -> set[Path]:
     """Every path in `trees` (recursively) and in `tops` (their entries only) that is not under an
-    allowed directory. Hypothesis keeps its own cache (`.hypothesis`) in the client's directory."""
+    allowed directory or the cloud's database (`*.sqlite*`). Hypothesis keeps its own cache
+    (`.hypothesis`) in the client's directory."""
     found = {p for top in tops if top.is_dir() for p in top.iterdir() if p.name != ".hypothesis"}
     for root in trees:
         if root.is_dir():
             found.update(p for p in root.rglob("*") if not any(p == a or a in p.parents for a in allowed))
-    return found
+    return {p for p in found if ".sqlite" not in p.name}
 
 
 def cache_problems(cache: Path) -> list[str]:
