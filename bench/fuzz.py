@@ -18,6 +18,7 @@ A crash is any answer the rules refuse; `fuzz_crashes` counts them (target 0).
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from protos import coordinator_pb2, inference_pb2, portfolio_pb2
 log = logging.getLogger(__name__)
 QUICK = {"examples": 24, "garbage": 8, "files": 40}
 FULL = {"examples": 200, "garbage": 40, "files": 300}
-TOKENS = ("right", "right", "right", "none", "wrong")
+EDGE_SETTLE_S = 30.0
 
 
 def hypothesis_settings(examples: int) -> settings:
@@ -76,19 +77,20 @@ class Record:
 
 
 def fuzz_rpc(fleet: Fleet, rpc: Rpc, record: Record, examples: int, garbage: int) -> None:
-    tokens = st.sampled_from(TOKENS) if rpc.operator else st.just("right")
+    tokens = st.sampled_from(fleet.routes(rpc))
 
-    def one(pair) -> None:
-        request, token = pair
-        code, details, replies = call(fleet.channel(rpc, token), rpc, request)
-        record.add(rpc.name, code, judge(rpc, request, code, details, replies, fleet.known, token), request, token)
+    def one(drawn) -> None:
+        request, route, forged = drawn
+        metadata = forged if route == "forged" else None
+        code, details, replies = call(fleet.channel(rpc, route), rpc, request, metadata=metadata)
+        record.add(rpc.name, code, judge(rpc, request, code, details, replies, fleet.known, route), request, route)
 
     def raw(data: bytes) -> None:
         request = [data] if rpc.kind == "bidi" else data
         code, details, replies = call(fleet.channel(rpc, "right"), rpc, request, raw=True)
         record.add(rpc.name, code, judge_garbage(rpc, data, code, details, replies, fleet.known), data, raw=True)
 
-    drive(st.tuples(rpc.strategy(fleet.known), tokens), one, examples)
+    drive(st.tuples(rpc.strategy(fleet.known), tokens, fuzz_cases.forged_tokens()), one, examples)
     drive(fuzz_cases.garbage(), raw, garbage)
 
 
@@ -113,14 +115,26 @@ def good_requests(fleet: Fleet) -> list[str]:
     if sha256_bytes(b"".join(c.data for c in chunks)) != vid:
         problems.append("FetchVariant no longer streams the variant file")
     pixels = np.random.default_rng(0).integers(0, 256, (3, *fleet.known.input_shape), dtype=np.uint8)
-    answer = ok("Predict", inference_pb2.PredictRequest(input=to_proto(pixels)))
-    if answer and list(answer[0].output.shape) != [3, 10]:
-        problems.append(f"Predict answers shape {list(answer[0].output.shape)}")
+    for edge in fleet.edges:
+        answer = ok("Predict", inference_pb2.PredictRequest(input=to_proto(pixels)), edge)
+        if answer and list(answer[0].output.shape) != [3, 10]:
+            problems.append(f"Predict on {edge} answers shape {list(answer[0].output.shape)}")
     ok("Register", coordinator_pb2.RegisterRequest(edge="after-fuzz", address="127.0.0.1:1", threads=1))
-    fleet_view = ok("GetFleet", coordinator_pb2.GetFleetRequest())
-    if fleet_view and "edge-f" not in {e.edge for e in fleet_view[0].edges}:
-        problems.append("GetFleet no longer lists the edge")
+    problems += _edges_follow(fleet, lambda: ok("GetFleet", coordinator_pb2.GetFleetRequest()))
     return problems
+
+
+def _edges_follow(fleet: Fleet, get_fleet) -> list[str]:
+    """The edges' control loops survived: each is connected and reports the policy version it is given."""
+    deadline = time.monotonic() + EDGE_SETTLE_S
+    while True:
+        view = get_fleet()
+        status = {e.edge: e for e in view[0].edges} if view else {}
+        lagging = [name for name in fleet.edges if name not in status or not status[name].connected
+                   or status[name].policy_version != status[name].desired_policy_version]
+        if not lagging or time.monotonic() > deadline:
+            return [f"edge {name} no longer follows the coordinator" for name in lagging]
+        time.sleep(0.5)
 
 
 def _handshake(fleet: Fleet, record: Record) -> None:
@@ -133,7 +147,7 @@ def _handshake(fleet: Fleet, record: Record) -> None:
 
 def fuzz_rpcs(fleet: Fleet, plan: dict, record: Record) -> None:
     work = fleet.work
-    allowed = [work / "store", work / "logs", work / "certs", work / "edge-f-cache", work / "files"]
+    allowed = [work / name for name in ("store", "logs", "certs", "edge-f-cache", "edge-b-cache")]
     tops = [Path.cwd(), work.parent]
     before = snapshot([work], tops, allowed)
     call(fleet.channels["edge"], next(r for r in RPCS if r.name == "Register"),
@@ -149,8 +163,10 @@ def fuzz_rpcs(fleet: Fleet, plan: dict, record: Record) -> None:
     after = snapshot([work], tops, allowed)
     for path in sorted(after - before):
         record.crash("files", f"{path.name} appeared outside the cache, store and logs")
-    for problem in cache_problems(work / "edge-f-cache"):
+    for problem in [p for name in fleet.edges for p in cache_problems(work / f"{name}-cache")]:
         record.crash("files", problem)
+    for problem in fleet.logs():
+        record.crash("logs", problem)
 
 
 def run(quick: bool, data_dir: Path | None, work: Path, plan: dict | None = None) -> dict:

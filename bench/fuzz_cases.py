@@ -180,7 +180,7 @@ def _thresholds() -> st.SearchStrategy:
 
 
 def deploy(known: Known) -> st.SearchStrategy:
-    return st.builds(coordinator_pb2.DeployRequest, portfolio=texts(known.portfolio_id, "/proc", "/tmp"),
+    return st.builds(coordinator_pb2.DeployRequest, portfolio=either(texts("/proc", "/tmp"), known.portfolio_id),
                      edges=either(texts(*known.edges), ""), canary=either(int32s(), 0, 1),
                      thresholds=either(_thresholds(), coordinator_pb2.RolloutThresholds()))
 
@@ -196,6 +196,14 @@ def list_rollouts(known: Known) -> st.SearchStrategy:
 def pin(known: Known) -> st.SearchStrategy:
     return st.builds(coordinator_pb2.PinRequest, edges=texts(*known.edges),
                      variant_id=st.one_of(st.just(""), texts(*known.variant_ids)))
+
+
+def forged_tokens() -> st.SearchStrategy[list[tuple[str, str]]]:
+    """`authorization` metadata that is not the operator's token: random, near misses, several at once."""
+    printable = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=80)
+    values = st.one_of(printable, st.sampled_from(("Bearer", "Bearer ", "bearer", "Basic dXNlcjpwYXNz", "Bearer " + "x" * 5000)),
+                       st.builds("Bearer {}".format, printable))
+    return st.lists(st.tuples(st.just("authorization"), values), min_size=1, max_size=3)
 
 
 def garbage() -> st.SearchStrategy[bytes]:

@@ -260,23 +260,26 @@ def entries(good: bytes) -> st.SearchStrategy[bytes]:
     return st.builds(build, st.sampled_from(names), st.fixed_dictionaries({}, optional=wild))
 
 
-def fetcher_ids(folder: Path) -> list[str]:
-    """Path-like ids at the fetcher: refused before any I/O (the stub is never called, nothing is made)."""
+def fetcher_ids(folder: Path) -> list[tuple[str, str | None]]:
+    """Path-like ids at the fetcher, each with the problem (None: refused before any I/O, naming the id's
+    form; the stub is never called and nothing is made)."""
     class NoStub:
         def FetchVariant(self, request, timeout=None):
             raise AssertionError("the fetcher called the cloud with a bad id")
 
-    problems = []
+    results = []
     cache = folder / "cache"
     for vid in PATH_IDS:
+        problem = None
         try:
             fetch(NoStub(), vid, cache)
-            problems.append(f"fetcher took id {vid!r}")
+            problem = f"fetcher took id {vid!r}"
         except FetchError as err:
             if "sha256" not in str(err):
-                problems.append(f"fetcher refused {vid!r} without naming the problem: {err}")
+                problem = f"fetcher refused {vid!r} without naming the problem: {err}"
         except Exception as err:  # noqa: BLE001 - the finding itself
-            problems.append(f"fetcher: {type(err).__name__} for id {vid!r}: {err}")
+            problem = f"fetcher: {type(err).__name__} for id {vid!r}: {err}"
         if cache.exists() or any(p.name in ("x", "passwd") for p in folder.parent.rglob("*")):
-            problems.append(f"fetcher made files for id {vid!r}")
-    return problems
+            problem = f"fetcher made files for id {vid!r}"
+        results.append((vid, problem))
+    return results

@@ -56,10 +56,10 @@ def start_cloud(store: Path, work: Path, keys: dict, name: str = "cloud") -> pro
                                   "--db", str(work / f"{name}.sqlite"), "--certs", str(keys["cloud"])], work / "logs")
 
 
-def start_edge(cloud: processes.Child, work: Path, keys: dict, name: str) -> processes.Child:
+def start_edge(cloud: processes.Child, work: Path, keys: dict, name: str, *extra: str) -> processes.Child:
     return processes.start(name, ["edge.cli", "run", "--cloud", cloud.address, "--name", name, "--port", "0",
                                   "--metrics-port", "0", "--cache", str(work / f"{name}-cache"), "--threads", "1",
-                                  "--batch", "2", "--max-batch", str(MAX_BATCH), "--certs", str(keys["edge"])],
+                                  "--batch", "2", "--max-batch", str(MAX_BATCH), "--certs", str(keys["edge"]), *extra],
                            work / "logs")
 
 
@@ -80,18 +80,19 @@ def wait_serving(channel: grpc.Channel, timeout_s: float) -> bool:
     return False
 
 
-def call(channel: grpc.Channel, rpc: Rpc, request, raw: bool = False) -> tuple[grpc.StatusCode, str, list]:
+def call(channel: grpc.Channel, rpc: Rpc, request, raw: bool = False, metadata=None) -> tuple[grpc.StatusCode, str, list]:
     """One call of `rpc` with `request` (a message, a list of them for a bidirectional stream, or raw
-    bytes); the status code, its message and the replies."""
+    bytes) and any extra `metadata`; the status code, its message and the replies."""
     serialize = (lambda b: b) if raw else rpc.request.SerializeToString
     kwargs = {"request_serializer": serialize, "response_deserializer": rpc.reply.FromString}
+    extra = {"timeout": TIMEOUT_S, "metadata": metadata}
     try:
         if rpc.kind == "unary":
-            replies = [channel.unary_unary(rpc.method, **kwargs)(request, timeout=TIMEOUT_S)]
+            replies = [channel.unary_unary(rpc.method, **kwargs)(request, **extra)]
         elif rpc.kind == "server_stream":
-            replies = list(channel.unary_stream(rpc.method, **kwargs)(request, timeout=TIMEOUT_S))
+            replies = list(channel.unary_stream(rpc.method, **kwargs)(request, **extra))
         else:
-            replies = list(channel.stream_stream(rpc.method, **kwargs)(iter(request), timeout=TIMEOUT_S))
+            replies = list(channel.stream_stream(rpc.method, **kwargs)(iter(request), **extra))
     except grpc.RpcError as err:
         return err.code(), err.details() or "", []
     return grpc.StatusCode.OK, "", replies
@@ -117,57 +118,88 @@ def cache_problems(cache: Path) -> list[str]:
     return problems
 
 
+def log_problems(path: Path) -> list[str]:
+    """Tracebacks in a process's log other than gRPC's own refusal of bytes that do not parse: an
+    exception no handler expected, in a servicer or in a thread."""
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    problems = []
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback") and not (i and "Exception deserializing" in lines[i - 1]):
+            end = next((j for j in range(i + 1, len(lines)) if lines[j] and not lines[j].startswith((" ", "\t"))),
+                       len(lines) - 1)
+            problems.append(f"{path.stem} logged {lines[end][:200]}")
+    return problems
+
+
 @dataclass
 class Fleet:
-    """The processes and the channels the fuzz calls through, one per role and token."""
+    """The processes and the channels the fuzz calls through: one per role and token on the cloud, one
+    per edge (edge-f answers each request alone, edge-b micro-batches)."""
 
     cloud: processes.Child
-    edge: processes.Child
+    edges: dict  # name -> processes.Child
     store: PortfolioStore
     known: Known
     channels: dict  # "edge" (edge certificate, no token), "right", "none", "wrong" (operator), "plain"
-    edge_channel: grpc.Channel
+    edge_channels: dict  # edge name -> channel
     work: Path
 
-    def channel(self, rpc: Rpc, token: str) -> grpc.Channel:
+    def channel(self, rpc: Rpc, route: str) -> grpc.Channel:
+        """`route`: the token for an operator RPC, the edge for Predict."""
         if rpc.name == "Predict":
-            return self.edge_channel
-        return self.channels[token if rpc.operator else "edge"]
+            return self.edge_channels.get(route, self.edge_channels["edge-f"])
+        if route == "forged":  # the token comes as metadata the caller forged
+            route = "none"
+        return self.channels[route if rpc.operator else "edge"]
+
+    def routes(self, rpc: Rpc) -> tuple[str, ...]:
+        if rpc.name == "Predict":
+            return tuple(self.edge_channels)
+        return ("right", "right", "right", "none", "wrong", "forged") if rpc.operator else ("right",)
 
     def alive(self) -> list[str]:
-        down = [child.name for child in (self.cloud, self.edge) if child.process.poll() is not None]
-        down += [name for name, ch in (("cloud", self.channels["edge"]), ("edge", self.edge_channel))
-                 if name not in down and not serving(ch)]
-        return [f"{name} is down or not serving" for name in down]
+        children = {"cloud": self.cloud, **self.edges}
+        channels = {"cloud": self.channels["edge"], **self.edge_channels}
+        return [f"{name} is down or not serving" for name, child in children.items()
+                if child.process.poll() is not None or not serving(channels[name])]
+
+    def logs(self) -> list[str]:
+        return [p for child in (self.cloud, *self.edges.values()) for p in log_problems(child.log_path)]
 
     def stop(self) -> None:
-        for channel in (*self.channels.values(), self.edge_channel):
+        for channel in (*self.channels.values(), *self.edge_channels.values()):
             channel.close()
-        self.edge.stop()
-        self.cloud.stop()
+        for child in (*self.edges.values(), self.cloud):
+            child.stop()
+
+
+def _channels(keys: dict, address: str) -> dict:
+    operator = Transport.load(keys["operator"], token=True)
+    return {"edge": Transport.load(keys["edge"]).channel(address), "right": operator.channel(address),
+            "none": Transport(operator.ca, operator.cert, operator.key).channel(address),
+            "wrong": Transport(operator.ca, operator.cert, operator.key, WRONG_TOKEN).channel(address),
+            "plain": Transport.plaintext().channel(address)}
 
 
 def start_fleet(work: Path) -> Fleet:
     keys = certs.init(work / "certs", force=True)
     store = write_store(work / "store", [variant_bytes(0.125), variant_bytes(0.0625)])
     cloud = start_cloud(store.root, work, keys)
+    edges: dict = {}
     try:
-        edge = start_edge(cloud, work, keys, "edge-f")
+        edges["edge-f"] = start_edge(cloud, work, keys, "edge-f")
+        edges["edge-b"] = start_edge(cloud, work, keys, "edge-b", "--batch-delay-ms", "2")
     except Exception:
-        cloud.stop()
+        for child in (*edges.values(), cloud):
+            child.stop()
         raise
-    operator = Transport.load(keys["operator"], token=True)
     edge_role = Transport.load(keys["edge"])
-    channels = {"edge": edge_role.channel(cloud.address), "right": operator.channel(cloud.address),
-                "none": Transport(operator.ca, operator.cert, operator.key).channel(cloud.address),
-                "wrong": Transport(operator.ca, operator.cert, operator.key, WRONG_TOKEN).channel(cloud.address),
-                "plain": Transport.plaintext().channel(cloud.address)}
-    edge_channel = edge_role.channel(edge.address)
     manifest = store.manifest()
     known = Known(tuple(v.variant_id for v in manifest.variants), {v.variant_id: v.size_bytes for v in manifest.variants},
-                  manifest.portfolio_id, ("edge-f", "fuzz-edge"), INPUT_SHAPE, MAX_BATCH)
-    fleet = Fleet(cloud, edge, store, known, channels, edge_channel, work)
-    if not wait_serving(edge_channel, 120):
+                  manifest.portfolio_id, ("edge-f", "edge-b", "fuzz-edge"), INPUT_SHAPE, MAX_BATCH)
+    fleet = Fleet(cloud, edges, store, known, _channels(keys, cloud.address),
+                  {name: edge_role.channel(child.address) for name, child in edges.items()}, work)
+    if not all(wait_serving(channel, 120) for channel in fleet.edge_channels.values()):
         fleet.stop()
-        raise RuntimeError("the edge did not start serving")
+        raise RuntimeError("an edge did not start serving")
     return fleet

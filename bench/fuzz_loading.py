@@ -13,7 +13,7 @@ from bench import fuzz_fleet
 from bench.fuzz_files import check_file, crafted_files, entries, fetcher_ids, mutations, specs
 from bench.fuzz_fleet import call, cache_problems, start_cloud, start_edge, wait_serving, write_store
 from bench.fuzz_rules import BY_NAME
-from cloud import certs
+from cloud import certs, processes
 from common.security import Transport
 from common.wire import to_proto
 from protos import coordinator_pb2, inference_pb2
@@ -59,7 +59,11 @@ def edge_fetches_crafted(good: bytes, bad: dict[str, bytes], work: Path, tally: 
     cloud = start_cloud(store.root, work, keys)
     edge = None
     try:
-        edge = start_edge(cloud, work, keys, "edge-c")
+        try:
+            edge = start_edge(cloud, work, keys, "edge-c")
+        except processes.ProcessError as err:
+            tally.add("edge", "start-up", f"the edge did not come up: {str(err)[-300:]}")
+            return
         channel = Transport.load(keys["edge"]).channel(edge.address)
         up = wait_serving(channel, 120)
         refused = _refusals(edge.log_path, ids[1:], 60)
@@ -97,8 +101,8 @@ def run(examples: int, work: Path, drive) -> dict:
     for kind, strategy in (("mutated", mutations(good)), ("spec", specs(good)), ("entries", entries(good))):
         drive(strategy, lambda data, kind=kind: tally.add(kind, "random", check_file(data, None, work / "load" / "case")),
               max(1, examples // 3))
-    for problem in fetcher_ids(work / "ids") or [None]:
-        tally.add("ids", "path-like ids", problem)
+    for vid, problem in fetcher_ids(work / "ids"):
+        tally.add("ids", vid[:80], problem)
     by_name = {what: data for what, data, _ in cases}
     edge_fetches_crafted(good, {what: by_name[what] for what in AT_THE_EDGE}, work / "edge", tally)
     return {"cases": tally.cases, "kinds": tally.kinds, "crashes": tally.crashes}

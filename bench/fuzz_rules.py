@@ -88,7 +88,7 @@ def _predict_empty(r, replies, k: Known):
 def _register_bad(r, k: Known):
     if not _edge_name(r.edge):
         return "edge name"
-    if r.threads < 0 or len(r.address) > 256 or len(r.metrics_address) > 256:
+    if r.threads < 0 or any(len(a) > 256 or not a.isprintable() for a in (r.address, r.metrics_address)):
         return "threads or address"
     return ""
 
@@ -237,6 +237,8 @@ def judge(rpc: Rpc, request, code: grpc.StatusCode, details: str, replies: list,
     if code == S.UNKNOWN or "Exception calling application" in details or "Exception iterating" in details:
         return f"unhandled exception: {details[:200]}"
     if rpc.operator and token != "right":
+        if code == S.RESOURCE_EXHAUSTED and _words_ok(details, ("metadata",)):
+            return None  # gRPC refuses headers over its limit before any token check
         if code != S.UNAUTHENTICATED or not _words_ok(details, ("token",)):
             return f"{code.name} without the right token: {details[:200]}"
         return None

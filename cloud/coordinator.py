@@ -119,9 +119,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if not _valid_edge_name(request.edge):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"edge name must be 1-{MAX_EDGE_NAME} characters of letters, digits, '-', '_' or '.'")
-        if request.threads < 0 or max(len(request.address), len(request.metrics_address)) > MAX_ADDRESS:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"threads must be >= 0 and address and metrics_address at most {MAX_ADDRESS} characters")
+        addresses = (request.address, request.metrics_address)
+        if request.threads < 0 or any(len(a) > MAX_ADDRESS or not a.isprintable() for a in addresses):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "threads must be >= 0 and address and metrics_address "
+                          f"at most {MAX_ADDRESS} printable characters")
         self._db.register(request)
         log.info("edge %s registered at %s", request.edge, request.address)
         portfolio = self._desired(request.edge)

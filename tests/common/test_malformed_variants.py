@@ -61,7 +61,8 @@ def test_a_file_that_is_not_its_id_is_refused(tmp_path):
 
 
 def test_path_like_ids_are_refused_by_the_fetcher_before_any_io(tmp_path):
-    assert fuzz_files.fetcher_ids(tmp_path / "ids") == []
+    results = fuzz_files.fetcher_ids(tmp_path / "ids")
+    assert [problem for _, problem in results] == [None] * len(fuzz_files.PATH_IDS)
     assert not (tmp_path / "ids").exists()
 
 

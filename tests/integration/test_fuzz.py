@@ -32,14 +32,15 @@ def fleet(tmp_path_factory):
     code, details, _ = call(fleet.channels["edge"], BY_NAME["Register"],
                             coordinator_pb2.RegisterRequest(edge="fuzz-edge", address="127.0.0.1:1", threads=1))
     assert code == S.OK, details
-    allowed = [fleet.work / name for name in ("store", "logs", "certs", "edge-f-cache")]
+    allowed = [fleet.work / name for name in ("store", "logs", "certs", "edge-f-cache", "edge-b-cache")]
     before = snapshot([fleet.work], [], allowed)
     yield fleet
     try:
         assert not fleet.alive()
         assert fuzz.good_requests(fleet) == []
         assert snapshot([fleet.work], [], allowed) == before  # nothing written outside cache, store, logs
-        assert cache_problems(fleet.work / "edge-f-cache") == []
+        assert [p for name in fleet.edges for p in cache_problems(fleet.work / f"{name}-cache")] == []
+        assert fleet.logs() == []
     finally:
         fleet.stop()
 
@@ -50,9 +51,10 @@ def fleet(tmp_path_factory):
 def test_every_rpc_answers_fuzzed_requests_with_a_status_that_names_the_problem(fleet, name, data):
     rpc = BY_NAME[name]
     request = data.draw(rpc.strategy(fleet.known), label="request")
-    token = data.draw(st.sampled_from(fuzz.TOKENS) if rpc.operator else st.just("right"), label="token")
-    code, details, replies = call(fleet.channel(rpc, token), rpc, request)
-    assert judge(rpc, request, code, details, replies, fleet.known, token) is None
+    route = data.draw(st.sampled_from(fleet.routes(rpc)), label="token or edge")
+    forged = data.draw(fuzz_cases.forged_tokens(), label="forged token") if route == "forged" else None
+    code, details, replies = call(fleet.channel(rpc, route), rpc, request, metadata=forged)
+    assert judge(rpc, request, code, details, replies, fleet.known, route) is None
 
 
 @pytest.mark.parametrize("name", [rpc.name for rpc in RPCS])
