@@ -75,6 +75,8 @@ REGRESSIONS = [
     ("Register", coordinator_pb2.RegisterRequest(edge="fuzz-edge", threads=-1), S.INVALID_ARGUMENT, "threads"),
     ("Register", coordinator_pb2.RegisterRequest(edge="fuzz-edge", address="*" * 300), S.INVALID_ARGUMENT,
      "address"),
+    ("Register", coordinator_pb2.RegisterRequest(edge="fuzz-edge", address="10.0.0.1:1\nforged log line"),
+     S.INVALID_ARGUMENT, "printable"),
     ("SetPolicy", coordinator_pb2.SetPolicyRequest(policy=coordinator_pb2.Policy(slo_ms=math.inf)),
      S.INVALID_ARGUMENT, "finite"),
     ("SetPolicy", coordinator_pb2.SetPolicyRequest(policy=coordinator_pb2.Policy(dwell_s=math.inf)),
