@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 
 from bench import fuzz_files
 from bench.fuzz_fleet import variant_bytes
+from cloud.store import PortfolioStore, StoreError
 from common import tensorfile, variant
 from common.files import sha256_bytes
 
@@ -64,6 +65,9 @@ def test_path_like_ids_are_refused_by_the_fetcher_before_any_io(tmp_path):
     results = fuzz_files.fetcher_ids(tmp_path / "ids")
     assert [problem for _, problem in results] == [None] * len(fuzz_files.PATH_IDS)
     assert not (tmp_path / "ids").exists()
+    for vid in fuzz_files.PATH_IDS:
+        with pytest.raises(StoreError, match="sha256"):
+            PortfolioStore(tmp_path / "store").variant_path(vid)
 
 
 @DAMAGE
