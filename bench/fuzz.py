@@ -84,6 +84,7 @@ def fuzz_rpc(fleet: Fleet, rpc: Rpc, record: Record, examples: int, garbage: int
         metadata = forged if route == "forged" else None
         code, details, replies = call(fleet.channel(rpc, route), rpc, request, metadata=metadata)
         record.add(rpc.name, code, judge(rpc, request, code, details, replies, fleet.known, route), request, route)
+        fleet.undo(rpc, code, replies)
 
     def raw(data: bytes) -> None:
         request = [data] if rpc.kind == "bidi" else data
@@ -151,7 +152,7 @@ def fuzz_rpcs(fleet: Fleet, plan: dict, record: Record) -> None:
     tops = [Path.cwd(), work.parent]
     before = snapshot([work], tops, allowed)
     call(fleet.channels["edge"], next(r for r in RPCS if r.name == "Register"),
-         coordinator_pb2.RegisterRequest(edge="fuzz-edge", address="127.0.0.1:1", threads=1))
+         coordinator_pb2.RegisterRequest(edge=fuzz_cases.FUZZ_EDGE, address="127.0.0.1:1", threads=1))
     for rpc in RPCS:
         fuzz_rpc(fleet, rpc, record, plan["examples"], plan["garbage"])
         for problem in fleet.alive():

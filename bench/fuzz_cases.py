@@ -21,6 +21,7 @@ INT32 = (-(1 << 31), (1 << 31) - 1)
 SPECIAL_TEXTS = ("", "../x", "../../etc/passwd", "/", ".", "a" * 300, "*", ",", " , ", "x\x00y", "é", "0" * 64,
                  "A" * 64, "edge one", "-", "[", "**/*")
 SPECIAL_FLOATS = (0.0, -0.0, math.nan, math.inf, -math.inf, 1e308, -1e308, 5e-324, -1.0, 0.5, 1.0, 1e9)
+FUZZ_EDGE = "fuzz-edge"  # registered by the fuzz before it starts
 DTYPES = ("float32", "uint8", "float64", "int64", "FLOAT32", "", "float16", "bool")
 
 
@@ -45,13 +46,26 @@ def int32s() -> st.SearchStrategy[int]:
 
 
 def doubles() -> st.SearchStrategy[float]:
-    return st.one_of(st.floats(), st.sampled_from(SPECIAL_FLOATS), st.floats(0, 100))
+    return st.one_of(st.sampled_from((math.inf, -math.inf, math.nan)), st.sampled_from(SPECIAL_FLOATS), st.floats(),
+                     st.floats(0, 100))
 
 
 def either(wild: st.SearchStrategy, *good) -> st.SearchStrategy:
     """A field that is often valid (one of `good`) and otherwise wild, so that requests with one bad
     field among good ones get past the first check and reach the deeper ones."""
     return st.one_of(st.sampled_from(good), wild) if good else wild
+
+
+def one_wild(message: type, good: dict, wild: dict, most: int = 2) -> st.SearchStrategy:
+    """A message whose fields are drawn valid (`good`: field -> values) but for up to `most` of them,
+    drawn wild: a bad value among good ones reaches the check meant for it instead of failing earlier."""
+    @st.composite
+    def build(draw):
+        valid = draw(st.integers(0, 3)) == 0  # a quarter of them entirely valid
+        chosen = set() if valid else draw(st.sets(st.sampled_from(sorted(wild)), min_size=1, max_size=most))
+        return message(**{name: draw(wild[name]) if name in chosen else draw(st.sampled_from(values))
+                          for name, values in good.items()})
+    return build()
 
 
 def texts(*known: str) -> st.SearchStrategy[str]:
@@ -67,7 +81,8 @@ def texts(*known: str) -> st.SearchStrategy[str]:
 def fetch_variant(known: Known) -> st.SearchStrategy:
     offsets = st.one_of(int64s(), st.sampled_from(tuple(known.sizes.values())),
                         st.integers(0, max(known.sizes.values())))
-    return st.builds(portfolio_pb2.FetchVariantRequest, variant_id=texts(*known.variant_ids), offset=offsets)
+    good = {"variant_id": known.variant_ids, "offset": (0, 1, *known.sizes.values())}
+    return one_wild(portfolio_pb2.FetchVariantRequest, good, {"variant_id": texts(), "offset": offsets})
 
 
 def list_variants(known: Known) -> st.SearchStrategy:
@@ -113,17 +128,21 @@ def predict(known: Known) -> st.SearchStrategy:
 
 # --- CoordinatorService -------------------------------------------------------------------------------
 def register(known: Known) -> st.SearchStrategy:
-    names = texts("fuzz-edge", "fuzz-edge.2", "e_1", "x" * 128, "x" * 129)
-    return st.builds(coordinator_pb2.RegisterRequest, edge=names, address=either(texts(), "127.0.0.1:1"),
-                     metrics_address=either(texts(), "127.0.0.1:2"), threads=either(int32s(), 1))
+    good = {"edge": ("fuzz-edge", "fuzz-edge.2", "e_1", "x" * 128), "address": ("127.0.0.1:1",),
+            "metrics_address": ("127.0.0.1:2", ""), "threads": (1, 0)}
+    wild = {"edge": texts("x" * 129), "address": texts(), "metrics_address": texts(), "threads": int32s()}
+    return one_wild(coordinator_pb2.RegisterRequest, good, wild)
 
 
 def _telemetry(known: Known) -> st.SearchStrategy:
-    return st.builds(coordinator_pb2.Telemetry, timestamp=either(doubles(), 1.7e9), active_variant=texts(*known.variant_ids),
-                     request_rate=either(doubles(), 10.0), p50_ms=either(doubles(), 1.0), p95_ms=either(doubles(), 2.0),
-                     p99_ms=either(doubles(), 3.0), requests=either(int64s(), 10), errors=either(int64s(), 0),
-                     cpu_percent=doubles(), rss_bytes=int64s(),
-                     resident_variants=int32s(), portfolio_id=texts(known.portfolio_id), policy_version=int64s())
+    good = {"timestamp": (1.7e9,), "active_variant": known.variant_ids, "request_rate": (10.0,), "p50_ms": (1.0,),
+            "p95_ms": (2.0,), "p99_ms": (3.0,), "requests": (10,), "errors": (0, 1), "cpu_percent": (50.0,),
+            "rss_bytes": (1 << 28,), "resident_variants": (1,), "portfolio_id": (known.portfolio_id,),
+            "policy_version": (1,)}
+    wild = {name: doubles() for name in ("timestamp", "request_rate", "p50_ms", "p95_ms", "p99_ms", "cpu_percent")}
+    wild.update({name: int64s() for name in ("requests", "errors", "rss_bytes", "policy_version")})
+    wild.update(resident_variants=int32s(), active_variant=texts(), portfolio_id=texts())
+    return one_wild(coordinator_pb2.Telemetry, good, wild)
 
 
 def _switch(known: Known) -> st.SearchStrategy:
@@ -139,17 +158,21 @@ def _profile(known: Known) -> st.SearchStrategy:
                      p95_ms_b1=doubles(), batch=int32s(), p50_ms_batch=doubles(), p95_ms_batch=doubles())
 
 
-def edge_report(known: Known) -> st.SearchStrategy:
-    def build(edge: str, kind: str, body) -> coordinator_pb2.EdgeReport:
-        return coordinator_pb2.EdgeReport(edge=edge, **({kind: body} if kind else {}))
-    kinds = st.one_of(st.tuples(st.just("telemetry"), _telemetry(known)), st.tuples(st.just("switch"), _switch(known)),
-                      st.tuples(st.just("profile"), _profile(known)), st.just(("", None)))
-    return st.builds(lambda edge, pair: build(edge, *pair), either(texts(*known.edges), *known.edges), kinds)
+def _bodies(known: Known) -> st.SearchStrategy:
+    return st.one_of(st.tuples(st.just("telemetry"), _telemetry(known)), st.tuples(st.just("switch"), _switch(known)),
+                     st.tuples(st.just("profile"), _profile(known)), st.just(("", None)))
+
+
+def _report(edge: str, kind: str, body) -> coordinator_pb2.EdgeReport:
+    return coordinator_pb2.EdgeReport(edge=edge, **({kind: body} if kind else {}))
 
 
 def connect(known: Known) -> st.SearchStrategy:
-    """A list of reports: one stream's worth."""
-    return st.lists(edge_report(known), max_size=4)
+    """One stream's worth of reports: from one registered edge (so its bodies reach their checks), or
+    under random names. The running edges' names are left out: their own windows keep arriving."""
+    own = st.builds(lambda bodies: [_report(FUZZ_EDGE, *b) for b in bodies], st.lists(_bodies(known), max_size=4))
+    named = st.builds(lambda edge, body: _report(edge, *body), either(texts(FUZZ_EDGE), FUZZ_EDGE), _bodies(known))
+    return st.one_of(own, st.lists(named, max_size=4))
 
 
 def get_fleet(known: Known) -> st.SearchStrategy:
@@ -157,32 +180,37 @@ def get_fleet(known: Known) -> st.SearchStrategy:
 
 
 def _policy(known: Known) -> st.SearchStrategy:
-    return st.builds(coordinator_pb2.Policy, slo_ms=either(doubles(), 0.0, 20.0), min_accuracy=either(doubles(), 0.0),
-                     down_windows=either(int32s(), 0, 2), up_windows=either(int32s(), 0, 3),
-                     up_headroom=either(doubles(), 0.0, 0.5), dwell_s=either(doubles(), 0.0, 1.0),
-                     window_s=either(doubles(), 0.0, 1.0), pinned_variant=either(texts(*known.variant_ids), ""),
-                     version=int64s(), max_switches_per_minute=either(int32s(), 0, 6))
+    good = {"slo_ms": (0.0, 20.0), "min_accuracy": (0.0, 0.5), "down_windows": (0, 2), "up_windows": (0, 3),
+            "up_headroom": (0.0, 0.5), "dwell_s": (0.0, 1.0), "window_s": (0.0, 1.0),
+            "pinned_variant": ("", *known.variant_ids), "max_switches_per_minute": (0, 6), "version": (0, 7)}
+    wild = {name: doubles() for name in ("slo_ms", "min_accuracy", "up_headroom", "dwell_s", "window_s")}
+    wild.update({name: int32s() for name in ("down_windows", "up_windows", "max_switches_per_minute")})
+    wild.update(pinned_variant=texts(*known.variant_ids), version=int64s())
+    return one_wild(coordinator_pb2.Policy, good, wild)
 
 
 def set_policy(known: Known) -> st.SearchStrategy:
-    return st.builds(coordinator_pb2.SetPolicyRequest, policy=_policy(known)) | st.just(coordinator_pb2.SetPolicyRequest())
+    return st.builds(coordinator_pb2.SetPolicyRequest, policy=_policy(known))
 
 
 def list_events(known: Known) -> st.SearchStrategy:
-    return st.builds(coordinator_pb2.ListEventsRequest, edge=either(texts(*known.edges), ""),
-                     since=either(doubles(), 0.0), limit=either(int32s(), 0, 10))
+    return one_wild(coordinator_pb2.ListEventsRequest, {"edge": ("", *known.edges), "since": (0.0, 1e9), "limit": (0, 10)},
+                    {"edge": texts(), "since": doubles(), "limit": int32s()})
 
 
 def _thresholds() -> st.SearchStrategy:
-    return st.builds(coordinator_pb2.RolloutThresholds, min_slo_attainment=either(doubles(), 0.0, 0.9),
-                     max_error_rate=either(doubles(), 0.0), min_windows=either(int32s(), 0, 2),
-                     adopt_timeout_s=either(doubles(), 0.0, 5.0))
+    good = {"min_slo_attainment": (0.0, 0.9), "max_error_rate": (0.0, 0.1), "min_windows": (0, 2),
+            "adopt_timeout_s": (0.0, 5.0)}
+    wild = {"min_slo_attainment": doubles(), "max_error_rate": doubles(), "min_windows": int32s(),
+            "adopt_timeout_s": doubles()}
+    return one_wild(coordinator_pb2.RolloutThresholds, good, wild)
 
 
 def deploy(known: Known) -> st.SearchStrategy:
-    return st.builds(coordinator_pb2.DeployRequest, portfolio=either(texts("/proc", "/tmp"), known.portfolio_id),
-                     edges=either(texts(*known.edges), ""), canary=either(int32s(), 0, 1),
-                     thresholds=either(_thresholds(), coordinator_pb2.RolloutThresholds()))
+    good = {"portfolio": (known.portfolio_id,), "edges": ("", *known.edges), "canary": (0, 1),
+            "thresholds": (coordinator_pb2.RolloutThresholds(),)}
+    wild = {"portfolio": texts("/proc", "/tmp"), "edges": texts(), "canary": int32s(), "thresholds": _thresholds()}
+    return one_wild(coordinator_pb2.DeployRequest, good, wild)
 
 
 def rollback(known: Known) -> st.SearchStrategy:

@@ -19,6 +19,7 @@ from common import models, variant
 from common.files import sha256_file
 from common.security import Transport
 from common.variant import VariantSpec
+from protos import coordinator_pb2, coordinator_pb2_grpc
 
 INPUT_SHAPE = (1, 28, 28)
 MAX_BATCH = 64
@@ -156,6 +157,13 @@ class Fleet:
         if rpc.name == "Predict":
             return tuple(self.edge_channels)
         return ("right", "right", "right", "none", "wrong", "forged") if rpc.operator else ("right",)
+
+    def undo(self, rpc: Rpc, code: grpc.StatusCode, replies: list) -> None:
+        """A deploy that went through is rolled back, so the next one is judged on its own request
+        rather than refused for the rollout in progress."""
+        if rpc.name == "Deploy" and code == grpc.StatusCode.OK:
+            rollback = coordinator_pb2.RollbackRequest(rollout_id=replies[0].rollout.id, reason="fuzz")
+            coordinator_pb2_grpc.CoordinatorServiceStub(self.channels["right"]).Rollback(rollback, timeout=TIMEOUT_S)
 
     def alive(self) -> list[str]:
         children = {"cloud": self.cloud, **self.edges}

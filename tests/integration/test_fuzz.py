@@ -54,6 +54,7 @@ def test_every_rpc_answers_fuzzed_requests_with_a_status_that_names_the_problem(
     route = data.draw(st.sampled_from(fleet.routes(rpc)), label="token or edge")
     forged = data.draw(fuzz_cases.forged_tokens(), label="forged token") if route == "forged" else None
     code, details, replies = call(fleet.channel(rpc, route), rpc, request, metadata=forged)
+    fleet.undo(rpc, code, replies)
     assert judge(rpc, request, code, details, replies, fleet.known, route) is None
 
 
