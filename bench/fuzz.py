@@ -1,13 +1,15 @@
 """The *bad input* part of `prunefleet bench reliability`: fuzz every RPC of real processes, feed
 malformed variant files through the edge's loading paths.
 
-    rpcs    a real cloud and edge on loopback (mutual TLS, the operator token) take hypothesis-generated
-            requests for every RPC: random fields, huge and negative sizes, NaN, wrong dtypes, empty,
-            very long and path-like strings; the operator RPCs also without and with a wrong token;
-            and raw bytes that do not parse as the request. Each answer is judged (`bench/fuzz_rules.py`),
-            the servers' health is checked after every RPC, and afterwards good requests must still be
-            served right, no file may have appeared outside the cache, store and logs, and the edge
-            cache may hold only verified files.
+    rpcs    a real cloud and two real edges on loopback (mutual TLS, the operator token; one edge
+            micro-batches) take hypothesis-generated requests for every RPC: random fields, huge and
+            negative sizes, NaN and infinities, wrong dtypes, empty, very long and path-like strings;
+            the operator RPCs also without, with a wrong and with a forged token; and raw bytes that
+            do not parse as the request. Each answer is judged (`bench/fuzz_rules.py`), the servers'
+            health is checked after every RPC, and afterwards good requests must still be served
+            right, every edge must still follow the coordinator, no file may have appeared outside
+            the caches, store, logs and database, the edge caches may hold only verified files, and
+            no log may hold a traceback other than gRPC's refusal of unparsable bytes.
     files   malformed variant files (`bench/fuzz_files.py`) through `common.variant` and
             `common.tensorfile`, the fetcher with path-like ids, and a real edge fetching a portfolio
             of crafted files from a real cloud.

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 
 from bench import fuzz_cases as cases
 from bench.fuzz_cases import Known
@@ -22,7 +23,6 @@ from protos import coordinator_pb2, inference_pb2, portfolio_pb2
 S = grpc.StatusCode
 TRANSPORT = {S.RESOURCE_EXHAUSTED: ("larger than max", "limit", "exceed")}  # a message over the size limit
 GRPC_PARSE = {S.INTERNAL: ("deserializ",), S.INVALID_ARGUMENT: ("deserializ", "parse")}
-TOKEN = {S.UNAUTHENTICATED: ("token",)}
 
 
 @dataclass(frozen=True)
@@ -70,11 +70,8 @@ def _predict_bad(r, k: Known):
         return "shape"
     if len(t.data) != math.prod(t.shape) * (1 if t.dtype == "uint8" else 4):
         return "byte count"
-    if t.dtype == "float32":
-        import numpy as np
-
-        if not np.isfinite(np.frombuffer(t.data, "<f4")).all():
-            return "NaN or Inf"
+    if t.dtype == "float32" and not np.isfinite(np.frombuffer(t.data, "<f4")).all():
+        return "NaN or Inf"
     return ""
 
 
@@ -258,21 +255,14 @@ def judge(rpc: Rpc, request, code: grpc.StatusCode, details: str, replies: list,
 
 
 def judge_garbage(rpc: Rpc, data: bytes, code: grpc.StatusCode, details: str, replies: list, known: Known) -> str | None:
-    """Raw bytes: when they parse as the request, judged as that request; otherwise gRPC's own refusal."""
+    """Raw bytes: when they parse as the request, judged as that request (or refused by gRPC, whose
+    parser may be stricter than ours); otherwise they must be refused by gRPC itself."""
+    refused_by_grpc = code in GRPC_PARSE and _words_ok(details, GRPC_PARSE[code])
     try:
-        request = (rpc.request.FromString(data),) if rpc.kind == "bidi" else rpc.request.FromString(data)
-        parsed = True
+        message = rpc.request.FromString(data)
     except Exception:  # noqa: BLE001 - any parse failure means the bytes are not a message
-        parsed = False
-    if parsed:
-        if rpc.kind == "bidi":
-            request = list(request)
-        problem = judge(rpc, request, code, details, replies, known)
-        if problem is None or code in GRPC_PARSE:  # the server's parser may be stricter than ours
-            return None
-        return problem
-    if code in GRPC_PARSE and _words_ok(details, GRPC_PARSE[code]):
-        return None
-    if code == S.UNKNOWN:
-        return f"unhandled exception on bytes that do not parse: {details[:200]}"
-    return f"{code.name} to bytes that do not parse: {details[:200]}"
+        message = None
+    if message is None:
+        return None if refused_by_grpc else f"{code.name} to bytes that do not parse: {details[:200]}"
+    problem = judge(rpc, [message] if rpc.kind == "bidi" else message, code, details, replies, known)
+    return None if problem is None or refused_by_grpc else problem
