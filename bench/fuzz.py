@@ -20,6 +20,7 @@ A crash is any answer the rules refuse; `fuzz_crashes` counts them (target 0).
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -173,17 +174,21 @@ def fuzz_rpcs(fleet: Fleet, plan: dict, record: Record) -> None:
 
 
 def run(quick: bool, data_dir: Path | None, work: Path, plan: dict | None = None) -> dict:
-    """`data_dir` is unused: the variants are untrained (the fuzz needs their shapes, not their accuracy)."""
+    """`data_dir` is unused: the variants are untrained (the fuzz needs their shapes, not their accuracy).
+    Every run starts from fresh processes, database and caches in WORK/fuzz-rpc and WORK/fuzz-files, so
+    its cases (derandomized) meet the same state each time."""
     plan = plan or (QUICK if quick else FULL)
     work = Path(work).resolve()
+    for part in ("fuzz-rpc", "fuzz-files"):
+        shutil.rmtree(work / part, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     record = Record()
-    fleet = start_fleet(work / "rpc")
+    fleet = start_fleet(work / "fuzz-rpc")
     try:
         fuzz_rpcs(fleet, plan, record)
     finally:
         fleet.stop()
-    files = fuzz_loading.run(plan["files"], work / "files", drive)
+    files = fuzz_loading.run(plan["files"], work / "fuzz-files", drive)
     rpcs = {name: {**entry, "codes": dict(entry["codes"])} for name, entry in record.rpcs.items()}
     crashes = record.crashes + files["crashes"]
     cases = sum(e["cases"] for e in rpcs.values()) + files["cases"]
