@@ -1,5 +1,6 @@
 """The *files* part of the fuzz: crafted and hypothesis-damaged variant files through the loading
-paths, path-like ids at the fetcher, and a real edge fetching crafted files from a real cloud."""
+paths, crafted download streams and path-like ids at the fetcher, and a real edge fetching crafted
+files from a real cloud."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from bench import fuzz_fleet
 from bench.fuzz_files import check_file, crafted_files, entries, fetcher_ids, mutations, specs
 from bench.fuzz_fleet import call, cache_problems, start_cloud, start_edge, wait_serving, write_store
 from bench.fuzz_rules import BY_NAME
+from bench.fuzz_streams import check_stream, scripts
 from cloud import certs, processes
 from common.security import Transport
 from common.wire import to_proto
@@ -101,6 +103,9 @@ def run(examples: int, work: Path, drive) -> dict:
     for kind, strategy in (("mutated", mutations(good)), ("spec", specs(good)), ("entries", entries(good))):
         drive(strategy, lambda data, kind=kind: tally.add(kind, "random", check_file(data, None, work / "load" / "case")),
               max(1, examples // 3))
+    stream = work / "stream"
+    drive(scripts(len(good)), lambda script: tally.add("stream", "crafted", check_stream(good, script, stream)),
+          max(1, examples // 3))
     for vid, problem in fetcher_ids(work / "ids"):
         tally.add("ids", vid[:80], problem)
     by_name = {what: data for what, data, _ in cases}
