@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -28,6 +29,7 @@ from protos import coordinator_pb2, coordinator_pb2_grpc, portfolio_pb2
 
 log = logging.getLogger(__name__)
 MAX_EDGE_NAME = 128
+MAX_ADDRESS = 256
 MAX_EVENTS = 10_000
 MAX_ROLLOUTS = 1000
 OPERATOR_METHODS = tuple(f"/prunefleet.v1.CoordinatorService/{m}"
@@ -67,7 +69,10 @@ def validate_policy(policy: coordinator_pb2.Policy) -> coordinator_pb2.Policy:
     for name in ZERO_MEANS_DEFAULT:
         if getattr(merged, name) == 0:
             setattr(merged, name, getattr(DEFAULT_POLICY, name))
-    checks = [(merged.slo_ms > 0, "slo_ms must be positive"),
+    values = (merged.slo_ms, merged.min_accuracy, merged.up_headroom, merged.dwell_s, merged.window_s)
+    checks = [(all(math.isfinite(v) for v in values),
+               "slo_ms, min_accuracy, up_headroom, dwell_s and window_s must be finite"),
+              (merged.slo_ms > 0, "slo_ms must be positive"),
               (0 <= merged.min_accuracy <= 1, "min_accuracy must be in [0, 1]"),
               (merged.down_windows >= 1 and merged.up_windows >= 1, "down_windows and up_windows must be >= 1"),
               (0 < merged.up_headroom <= 1, "up_headroom must be in (0, 1]"),
@@ -78,6 +83,16 @@ def validate_policy(policy: coordinator_pb2.Policy) -> coordinator_pb2.Policy:
         if not ok:
             raise PolicyError(message)
     return merged
+
+
+def telemetry_problem(telemetry: coordinator_pb2.Telemetry) -> str | None:
+    """What makes a telemetry window unusable (a rollout is judged on these), or None."""
+    t = telemetry
+    if not all(math.isfinite(v) for v in (t.timestamp, t.request_rate, t.p50_ms, t.p95_ms, t.p99_ms, t.cpu_percent)):
+        return "telemetry timestamp, request_rate, latencies and cpu_percent must be finite"
+    if min(t.requests, t.errors, t.rss_bytes, t.resident_variants) < 0:
+        return "telemetry requests, errors, rss_bytes and resident_variants must be >= 0"
+    return None
 
 
 def _valid_edge_name(name: str) -> bool:
@@ -139,6 +154,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if not _valid_edge_name(request.edge):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"edge name must be 1-{MAX_EDGE_NAME} characters of letters, digits, '-', '_' or '.'")
+        addresses = (request.address, request.metrics_address)
+        if request.threads < 0 or any(len(a) > MAX_ADDRESS or not a.isprintable() for a in addresses):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "threads must be >= 0 and address and metrics_address "
+                          f"at most {MAX_ADDRESS} printable characters")
         self._db.register(request)
         log.info("edge %s registered at %s", request.edge, request.address)
         portfolio = self._desired(request.edge)
@@ -151,8 +170,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def _consume(self, reports, stream_id: int, outbox: Outbox) -> None:
         try:
             async for report in reports:
-                if not await self._accept(report, stream_id):
-                    outbox.put(("error", f"unknown or unregistered edge {report.edge[:MAX_EDGE_NAME]!r}"))
+                refusal = await self._accept(report, stream_id)
+                if refusal:
+                    outbox.put(refusal)
                     return
         except grpc.RpcError:
             pass
@@ -173,16 +193,21 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         outbox.put(coordinator_pb2.Directive(policy=await self._run_blocking(self._policy_for, edge)))
         return True
 
-    async def _accept(self, report: coordinator_pb2.EdgeReport, stream_id: int) -> bool:
+    async def _accept(self, report: coordinator_pb2.EdgeReport, stream_id: int) -> tuple[grpc.StatusCode, str] | None:
+        """Queue one report for storing; the refusal (code, message) that ends the stream, if any."""
+        edge = report.edge
         with self._lock:
             bound = self._streams.get(stream_id, ("",))[0]
-        if bound != report.edge and (bound or not await self._bind(report.edge, stream_id)):
-            return False
+        if not edge or (bound != edge and (bound or not await self._bind(edge, stream_id))):
+            return grpc.StatusCode.PERMISSION_DENIED, f"unknown or unregistered edge {edge[:MAX_EDGE_NAME]!r}"
+        kind = report.WhichOneof("body")
+        if kind == "telemetry" and (problem := telemetry_problem(report.telemetry)):
+            return grpc.StatusCode.INVALID_ARGUMENT, problem
         self._reports.put(report)
-        if report.WhichOneof("body") == "switch":
-            log.info("edge %s switched %s -> %s: %s", report.edge, report.switch.from_variant[:12],
+        if kind == "switch":
+            log.info("edge %s switched %s -> %s: %s", edge, report.switch.from_variant[:12],
                      report.switch.to_variant[:12], report.switch.reason)
-        return True
+        return None
 
     async def Connect(self, request_iterator, context):
         outbox = Outbox(asyncio.get_running_loop())
@@ -194,7 +219,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             yield coordinator_pb2.Directive(policy=await self._run_blocking(self._db.policy))
             while (item := await outbox.get()) is not _CLOSE:
                 if isinstance(item, tuple):
-                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, item[1])
+                    await context.abort(*item)
                 yield item
         finally:
             reader.cancel()
@@ -236,8 +261,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return coordinator_pb2.SetPolicyResponse(policy=policy)
 
     def ListEvents(self, request, context):
-        if request.limit < 0 or request.limit > MAX_EVENTS:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit must be in [0, {MAX_EVENTS}]")
+        if request.limit < 0 or request.limit > MAX_EVENTS or math.isnan(request.since):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit must be in [0, {MAX_EVENTS}] and since a number")
         self._reports.flush()
         events = self._db.events(request.edge, request.since, request.limit or 1000)
         return coordinator_pb2.ListEventsResponse(events=events)
@@ -272,7 +297,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if request.variant_id and self._catalog.file(request.variant_id) is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"variant_id {request.variant_id[:80]!r} is in no portfolio of this cloud")
-        if not request.edges.strip() or len(request.edges) > 4096:
+        if not request.edges.replace(",", "").strip() or len(request.edges) > 4096:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "edges: name the edges to pin (names or patterns)")
         edges = select(self._db.edge_names(), request.edges)
         if not edges:

@@ -60,6 +60,14 @@ def select(names: list[str], selector: str) -> list[str]:
     return sorted(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
 
 
+def _is_dir(path: str) -> bool:
+    """False for anything that is not a directory here, a name the OS refuses (too long) included."""
+    try:
+        return Path(path).is_dir()
+    except (OSError, ValueError):
+        return False
+
+
 @dataclass(frozen=True)
 class Verdict:
     outcome: str  # "wait", "pass" or "fail"
@@ -130,7 +138,7 @@ class Rollouts:
     def _resolve(self, portfolio: str) -> str:
         if self._catalog.known(portfolio):
             return portfolio
-        if not portfolio or not Path(portfolio).is_dir():
+        if not portfolio or not _is_dir(portfolio):
             raise RolloutError(f"portfolio {portfolio[:200]!r} is neither a known portfolio id nor a store "
                                "directory on the cloud host")
         try:

@@ -35,7 +35,7 @@ def _exact(f, size: int) -> bytes:
 
 
 def _entry(name: str, raw) -> tuple[int, int, str, torch.dtype, tuple[int, ...]]:
-    if not isinstance(raw, dict) or raw.get("dtype") not in DTYPES:
+    if not isinstance(raw, dict) or not isinstance(raw.get("dtype"), str) or raw["dtype"] not in DTYPES:
         raise TensorFileError(f"tensor {name!r} has no known dtype")
     shape, offsets = raw.get("shape"), raw.get("data_offsets")
     if not isinstance(shape, list) or any(not isinstance(d, int) or d < 0 for d in shape):
@@ -59,7 +59,7 @@ def _header(f, file_size: int, max_header_bytes: int, digest) -> tuple[dict, lis
     digest.update(text)
     try:
         header = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # not UTF-8 or JSON, a number too long, nesting too deep
         raise TensorFileError(f"header is not JSON: {err}") from err
     if not isinstance(header, dict):
         raise TensorFileError("header is not a JSON object")

@@ -13,6 +13,7 @@ and `decode` refuses any other path before anything is built or imported (`commo
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,7 @@ from common.registry import UnknownNameError
 FORMAT = "prunefleet.variant/1"
 MAX_VARIANT_BYTES = 1 << 30
 MAX_HEADER_BYTES = 16 << 20
+MAX_INPUT_VALUES = 1 << 21  # one sample as float32 fits in a Predict message (8 MiB)
 
 
 class VariantError(ValueError):
@@ -55,10 +57,14 @@ class VariantSpec:
     def __post_init__(self) -> None:
         if len(self.input_shape) != 3 or any(int(d) <= 0 for d in self.input_shape):
             raise VariantError(f"input_shape must be [C, H, W] of positive ints, got {self.input_shape}")
+        if math.prod(self.input_shape) > MAX_INPUT_VALUES:
+            raise VariantError(f"input_shape {list(self.input_shape)} holds over {MAX_INPUT_VALUES} values per sample")
         if self.num_classes <= 0:
             raise VariantError(f"num_classes must be positive, got {self.num_classes}")
         if len(self.mean) != self.input_shape[0] or len(self.std) != self.input_shape[0]:
             raise VariantError(f"mean and std need one value per input channel ({self.input_shape[0]})")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise VariantError(f"mean and std must be finite, got {self.mean} and {self.std}")
         if any(s <= 0 for s in self.std):
             raise VariantError(f"std must be positive, got {self.std}")
         if not 0.0 <= self.sparsity <= 1.0:
@@ -75,7 +81,7 @@ class VariantSpec:
             raw["mean"] = tuple(float(v) for v in raw["mean"])
             raw["std"] = tuple(float(v) for v in raw["std"])
             return cls(**raw)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, ArithmeticError, RecursionError) as err:
             if isinstance(err, VariantError):
                 raise
             raise VariantError(f"variant spec is malformed: {err}") from err
@@ -116,7 +122,7 @@ def _header_metadata(data: bytes) -> dict[str, str]:
         raise VariantError(f"variant header declares {header_len} bytes, beyond the file or the limit")
     try:
         header = json.loads(data[8 : 8 + header_len])
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # not UTF-8 or JSON, a number too long, nesting too deep
         raise VariantError(f"variant header is not JSON: {err}") from err
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(metadata, dict):
@@ -191,7 +197,7 @@ def _base_model(spec: VariantSpec, allowed_models: Collection[str]) -> nn.Module
     try:
         with torch.device("meta"):
             return models.build(spec.arch, spec.kwargs, allowed=allowed_models)
-    except (UnknownNameError, ValueError, TypeError) as err:
+    except (UnknownNameError, ValueError, TypeError, RuntimeError, ArithmeticError) as err:
         raise VariantError(f"cannot build {spec.arch!r} with {spec.kwargs}: {err}") from err
 
 
@@ -206,9 +212,16 @@ def build_model(spec: VariantSpec, tensors: dict[str, torch.Tensor], *,
         module = modules.get(owner)
         if module is None or (attr not in module._parameters and attr not in module._buffers):
             raise VariantError(f"tensor {key!r} has no place in {spec.arch}")
+        if attr in module._parameters and not value.is_floating_point():
+            raise VariantError(f"tensor {key!r} is {value.dtype}; parameters must be floating point")
         _resize_tensor(module, attr, value.shape, value.dtype)
     for name, module in model.named_modules():
-        _sync_shape_attributes(name, module)
+        try:
+            _sync_shape_attributes(name, module)
+        except (IndexError, TypeError, ValueError) as err:
+            if isinstance(err, VariantError):
+                raise
+            raise VariantError(f"variant tensor shapes do not fit layer {name!r}: {err}") from err
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as err:
