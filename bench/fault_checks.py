@@ -170,7 +170,8 @@ def state_lost(before: dict, after: dict) -> list[str]:
         if now is None or abs(now[0] - registered) > 1e-6 or (now[1] != desired and not moved):
             lost.append(f"edge {name}: {now} was ({registered}, {desired})")
     for rollout_id, state in before["rollouts"].items():
-        if after["rollouts"].get(rollout_id) not in (state, *(("complete", "rolled_back") if state == "canary" else ())):
+        allowed = (state, "complete", "rolled_back") if state == "canary" else (state,)
+        if after["rollouts"].get(rollout_id) not in allowed:
             lost.append(f"rollout {rollout_id}: {after['rollouts'].get(rollout_id)} was {state}")
     if after["events"] < before["events"]:
         lost.append(f"events: {after['events']} of {before['events']}")

@@ -145,11 +145,11 @@ class TcpProxy:
         started = time.monotonic()
         if self._cut.is_set():  # read just as the cut began: dropped, and the connection is reset later
             return
-        target.sendall(data)
-        with self._lock:
+        with self._lock:  # counted as they are handed on
             if direction == "down":
                 self.bytes_down += len(data)
             else:
                 self.bytes_up += len(data)
+        target.sendall(data)
         if self.rate:
             time.sleep(max(0.0, len(data) / self.rate - (time.monotonic() - started)))

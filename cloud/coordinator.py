@@ -1,5 +1,5 @@
-"""CoordinatorService: registration, the edge stream (reports up, policy and portfolio down), fleet view,
-rollouts.
+"""CoordinatorService: registration, the edge stream (reports up, policy and portfolio down, and
+an empty heartbeat directive whenever the stream has been idle for `heartbeat_s`), fleet view, rollouts.
 
 The coordinator never decides for an edge's variant; it stores what edges report, hands them the
 policy and the portfolio it wants each to hold (desired state), and compares that with what each
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
@@ -32,6 +33,7 @@ DEFAULT_POLICY = coordinator_pb2.Policy(slo_ms=50.0, min_accuracy=0.0, down_wind
                                         max_switches_per_minute=6)
 ZERO_MEANS_DEFAULT = ("slo_ms", "down_windows", "up_windows", "up_headroom", "window_s", "max_switches_per_minute")
 _CLOSE = object()
+HEARTBEAT_S = 5.0  # an idle Connect stream carries an empty Directive this often: the edge hears the link is alive
 
 
 class PolicyError(ValueError):
@@ -63,7 +65,8 @@ def _valid_edge_name(name: str) -> bool:
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
-    def __init__(self, db: FleetDB, catalog: Catalog, clock: Callable[[], float]):
+    def __init__(self, db: FleetDB, catalog: Catalog, clock: Callable[[], float], heartbeat_s: float = HEARTBEAT_S):
+        self._heartbeat_s = heartbeat_s
         self._db = db
         self._catalog = catalog
         self._clock = clock
@@ -152,16 +155,20 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             self._streams[stream_id] = ("", outbox)
         outbox.put(coordinator_pb2.Directive(policy=self._db.policy()))
         threading.Thread(target=self._consume, args=(request_iterator, stream_id, outbox), daemon=True).start()
+        sent_at = time.monotonic()
         try:
             while context.is_active():
                 try:
-                    item = outbox.get(timeout=0.5)
+                    item = outbox.get(timeout=min(0.5, self._heartbeat_s))
                 except queue.Empty:
-                    continue
+                    if time.monotonic() - sent_at < self._heartbeat_s:
+                        continue
+                    item = coordinator_pb2.Directive()  # the heartbeat: no body, nothing to apply
                 if item is _CLOSE:
                     return
                 if isinstance(item, tuple):
                     context.abort(grpc.StatusCode.PERMISSION_DENIED, item[1])
+                sent_at = time.monotonic()
                 yield item
         finally:
             with self._lock:

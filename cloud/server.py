@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, start_http_server
 
 from cloud.catalog import Catalog
-from cloud.coordinator import OPERATOR_METHODS, CoordinatorServicer
+from cloud.coordinator import HEARTBEAT_S, OPERATOR_METHODS, CoordinatorServicer
 from cloud.fleet import FleetDB
 from cloud.portfolio_service import PortfolioServicer
 from common.security import RequireToken, SecurityError, Signer, Transport
@@ -42,6 +42,7 @@ class CloudConfig:
     db: Path | None = None  # default: STORE/fleet.sqlite
     workers: int = 64
     rollout_tick_s: float = ROLLOUT_TICK_S
+    heartbeat_s: float = HEARTBEAT_S  # an idle edge stream carries an empty directive this often
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -50,8 +51,8 @@ class CloudConfig:
             raise ValueError("workers must be >= 4")
         if not self.transport.insecure and not self.transport.token:
             raise SecurityError("with TLS the cloud needs an operator token")
-        if not 0.05 <= self.rollout_tick_s <= 60:
-            raise ValueError("rollout_tick_s must be in [0.05, 60]")
+        if not 0.05 <= self.rollout_tick_s <= 60 or not 0.05 <= self.heartbeat_s <= 60:
+            raise ValueError("rollout_tick_s and heartbeat_s must be in [0.05, 60]")
 
 
 @dataclass
@@ -106,7 +107,7 @@ def start(config: CloudConfig, registry: CollectorRegistry) -> CloudServer:
                          interceptors=[RequireToken(token, OPERATOR_METHODS)] if token else [])
     portfolio_pb2_grpc.add_PortfolioServiceServicer_to_server(PortfolioServicer(catalog, on_bytes_sent=sent.inc),
                                                               server)
-    coordinator = CoordinatorServicer(db, catalog, time.time)
+    coordinator = CoordinatorServicer(db, catalog, time.time, config.heartbeat_s)
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(coordinator, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
