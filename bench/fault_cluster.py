@@ -10,9 +10,11 @@ several chunks and can be cut in the middle).
 from __future__ import annotations
 
 import dataclasses
+import re
 import signal
 import socket
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -137,6 +139,11 @@ class Cluster:
             "cloud.cli", "cloud", "serve", "--store", str(self.store), "--port", str(self.port),
             "--metrics-port", "0", "--db", str(self.db), "--certs", str(self.keys["cloud"])], self.logs)
         return self.cloud
+
+    def bytes_sent(self) -> int:
+        """Variant bytes the running cloud process has handed to gRPC since it started."""
+        text = urllib.request.urlopen(f"http://{self.cloud.metrics_address}/metrics", timeout=10).read().decode()
+        return int(float(re.search(r"^prunefleet_cloud_variant_bytes_sent_total (\S+)$", text, re.M).group(1)))
 
     def kill_cloud(self) -> float:
         """SIGKILL the cloud; the time the signal was sent."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,10 +107,10 @@ def _heal(ctx: Context) -> None:
     cluster = ctx.cluster
     if cluster.cloud is None or cluster.cloud.process.poll() is not None:
         cluster.start_cloud()
-    for name, edge in cluster.edges.items():
+    for edge in cluster.edges.values():
         edge.proxy.open()
-        if edge.child is None or edge.child.process.poll() is not None:
-            cluster.start_edge(name)
+    _start_edges(cluster, [name for name, edge in cluster.edges.items()
+                           if edge.child is None or edge.child.process.poll() is not None])
     wait_until(lambda: converged(cluster.fleet()), ctx.plan["converge_s"])
 
 
@@ -138,11 +139,17 @@ def summarize(faults: list[dict]) -> dict:
             "corrupt_loads": sum(f["corrupt_loads"] for f in faults)}
 
 
+def _start_edges(cluster: Cluster, names: list[str]) -> None:
+    """Start these edges side by side (each loads and profiles its portfolio)."""
+    with ThreadPoolExecutor(max(1, len(names))) as pool:
+        for started in [pool.submit(cluster.start_edge, name) for name in names]:
+            started.result()
+
+
 def _start(cluster: Cluster, plan: dict) -> None:
     cluster.start_cloud()
     cluster.set_policy(slo_ms=SLO_MS, window_s=plan["window_s"])
-    for name in cluster.edges:
-        cluster.start_edge(name)
+    _start_edges(cluster, list(cluster.edges))
     if wait_until(lambda: converged(cluster.fleet()), 300) is None:
         raise RuntimeError("the fleet never settled before the faults")
 

@@ -17,7 +17,7 @@ from common.files import atomic_write_json, sha256_file
 from common.wire import CHUNK_BYTES
 
 pytestmark = pytest.mark.integration
-PLAN = {**faults.QUICK, "cut_s": 5.0, "kill_pause_s": 0.5, "judge_windows": 8, "converge_s": 60.0}
+PLAN = {**faults.QUICK, "cut_s": 5.0, "kill_pause_s": 0.5, "judge_windows": 6, "converge_s": 60.0}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_downloads_cut_by_a_kill_resume_and_a_partial_file_is_never_in_place(run
         detail = _fault(result, name)["detail"]
         size, kept = detail["variant_bytes"], detail["part_bytes_at_kill"]
         assert size > 2 * CHUNK_BYTES and CHUNK_BYTES <= kept < size  # killed mid-file
-        assert detail["bytes_after_restart"] < size  # resumed, not started over
+        assert 0 < detail["bytes_sent_after"] <= size - kept + CHUNK_BYTES  # resumed, not started over
     killed = _fault(result, "edge_kill_during_download")
     assert killed["requests_failed_while_edge_down"] >= 0 and "edge-2" in killed["detail"]["edge_down_s"]
 
