@@ -18,10 +18,10 @@ from common.registry import UnknownNameError, lookup
 
 
 def _suites() -> dict:
-    from bench import policy, reconvene, shifter, surgery, switching, transfer
+    from bench import policy, reconvene, reliability, shifter, surgery, switching, transfer
 
     return {"surgery": surgery, "shifter": shifter, "reconvene": reconvene, "switching": switching, "policy": policy,
-            "transfer": transfer}
+            "transfer": transfer, "reliability": reliability}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
-"""CoordinatorService: registration, the edge stream (reports up, policy and portfolio down), fleet view,
-rollouts.
+"""CoordinatorService: registration, the edge stream (reports up, policy and portfolio down, and
+an empty heartbeat directive whenever the stream has been idle for `heartbeat_s`), fleet view, rollouts.
 
 Edge streams are held by coroutines on the cloud's `grpc.aio` event loop, so one coordinator holds
 thousands of them without a thread each; their reports are stored in batches by `ReportWriter`.
@@ -39,6 +39,7 @@ DEFAULT_POLICY = coordinator_pb2.Policy(slo_ms=50.0, min_accuracy=0.0, down_wind
                                         max_switches_per_minute=6)
 ZERO_MEANS_DEFAULT = ("slo_ms", "down_windows", "up_windows", "up_headroom", "window_s", "max_switches_per_minute")
 _CLOSE = object()
+HEARTBEAT_S = 5.0  # an idle Connect stream carries an empty Directive this often: the edge hears the link is alive
 
 
 class Outbox:
@@ -105,7 +106,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     `ReportWriter`; the loop runs database reads in `blocking` (an executor), never itself."""
 
     def __init__(self, db: FleetDB, catalog: Catalog, clock: Callable[[], float], reports: ReportWriter,
-                 blocking: Executor | None = None):
+                 blocking: Executor | None = None, heartbeat_s: float = HEARTBEAT_S):
+        self._heartbeat_s = heartbeat_s
         self._db = db
         self._catalog = catalog
         self._clock = clock
@@ -217,7 +219,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         reader = asyncio.create_task(self._consume(request_iterator, stream_id, outbox))
         try:
             yield coordinator_pb2.Directive(policy=await self._run_blocking(self._db.policy))
-            while (item := await outbox.get()) is not _CLOSE:
+            while True:
+                try:
+                    item = await asyncio.wait_for(outbox.get(), self._heartbeat_s)
+                except asyncio.TimeoutError:
+                    item = coordinator_pb2.Directive()  # the heartbeat: no body, nothing to apply
+                if item is _CLOSE:
+                    return
                 if isinstance(item, tuple):
                     await context.abort(*item)
                 yield item

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, start_http_server
 
 from cloud.catalog import Catalog
-from cloud.coordinator import OPERATOR_METHODS, CoordinatorServicer
+from cloud.coordinator import HEARTBEAT_S, OPERATOR_METHODS, CoordinatorServicer
 from cloud.fleet import FleetDB
 from cloud.portfolio_service import PortfolioServicer
 from cloud.reports import ReportWriter, WriterConfig
@@ -48,6 +48,7 @@ class CloudConfig:
     max_rpcs: int = MAX_RPCS  # RPCs in progress at once, edge streams included; beyond: RESOURCE_EXHAUSTED
     rollout_tick_s: float = ROLLOUT_TICK_S
     report_tick_s: float = 0.1  # edge reports are stored in one transaction per tick
+    heartbeat_s: float = HEARTBEAT_S  # an idle edge stream carries an empty directive this often
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -58,8 +59,8 @@ class CloudConfig:
             raise ValueError("max_rpcs must be >= workers")
         if not self.transport.insecure and not self.transport.token:
             raise SecurityError("with TLS the cloud needs an operator token")
-        if not 0.05 <= self.rollout_tick_s <= 60:
-            raise ValueError("rollout_tick_s must be in [0.05, 60]")
+        if not 0.05 <= self.rollout_tick_s <= 60 or not 0.05 <= self.heartbeat_s <= 60:
+            raise ValueError("rollout_tick_s and heartbeat_s must be in [0.05, 60]")
         WriterConfig(tick_s=self.report_tick_s)  # validates it
 
 
@@ -155,7 +156,7 @@ def start(config: CloudConfig, registry: CollectorRegistry) -> CloudServer:
     stored, dropped = _fleet_metrics(db, registry)
     reports = ReportWriter(db, WriterConfig(tick_s=config.report_tick_s), on_stored=stored.inc,
                            on_dropped=dropped.inc)
-    coordinator = CoordinatorServicer(db, catalog, time.time, reports, blocking=pool)
+    coordinator = CoordinatorServicer(db, catalog, time.time, reports, blocking=pool, heartbeat_s=config.heartbeat_s)
     Gauge("prunefleet_cloud_streams", "Edge streams open now", registry=registry).set_function(
         lambda: coordinator.streams)
     _portfolio_gauges(catalog, registry)

@@ -269,12 +269,23 @@ class Agent:
             telemetry_missing=window is None and decision.reason_code == "fallback")))
 
     def start_serving(self) -> None:
-        """Activate the initial choice and report SERVING."""
+        """Close the start-up window, activate the initial choice and report SERVING."""
+        self._startup_window()
         with self._decide_lock:
             choice = policies.initial_choice(self.policy, self.options())
             self._apply(self._chosen(choice, f"initial choice: {choice.label}, profiled p95 {choice.p95_ms:.1f} ms "
                                      f"at batch {self.config.batch} (SLO {self.policy.slo_ms:.1f} ms)", "initial"))
         set_serving(self._health, True)
+
+    def _startup_window(self) -> None:
+        """Requests that came while nothing was active (refused UNAVAILABLE) say nothing about the portfolio
+        held: their window is reported, but under no portfolio, so a rollout judging this edge as a
+        canary (restarted mid-rollout, say) never counts them against the new portfolio."""
+        stats = self._window.close_window(self._clock())
+        if stats.requests:
+            telemetry = self._telemetry(stats)
+            telemetry.portfolio_id = ""
+            self._outbox.telemetry(self._report(telemetry=telemetry))
 
     def _telemetry(self, stats) -> coordinator_pb2.Telemetry:
         cpu, rss = self._process.sample()

@@ -6,6 +6,8 @@ unreachable (the oldest are dropped past `max_buffered` events and `max_telemetr
 sent at least once and the coordinator stores a repeat once. Profiles are current state: while the
 link is down they are dropped, and every new stream starts with the profile of each variant held.
 The Connect stream has a deadline too (`stream_deadline_s`); the link then simply opens a new one.
+The coordinator heartbeats on an idle stream; one silent for `silence_s` is given up, and what it
+took since shortly before the coordinator was last heard is sent again on the next.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class LinkConfig:
     max_buffered: int = 1000  # switch events kept while disconnected
     max_telemetry: int = 3600  # telemetry windows kept while disconnected (an hour of 1 s windows)
     max_live: int = 1000  # profile reports queued on a live stream
+    silence_s: float = 20.0  # a stream the coordinator said nothing on for this long (it heartbeats) is given up
 
     def __post_init__(self) -> None:
         if not self.edge or not self.address or self.threads < 1:
@@ -50,12 +53,14 @@ class LinkConfig:
             raise ValueError("max_buffered, max_telemetry and max_live must be >= 1")
         if self.stream_deadline_s <= self.rpc_timeout_s:
             raise ValueError("stream_deadline_s must be longer than rpc_timeout_s")
+        if self.silence_s <= 0:
+            raise ValueError("silence_s must be positive")
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         return full_jitter(attempt, self.backoff_s, self.max_backoff_s, rng)
 
 
-RESEND_S = 10.0  # how far back a broken stream's events are sent again
+RESEND_S = 10.0  # how far back, from the last word of the coordinator, a broken stream's reports are sent again
 
 
 class Outbox:
@@ -120,15 +125,17 @@ class Outbox:
                 self._streams = 0  # open streams; a new one may start before the old one's generator has ended
                 self._live.clear()
 
-    def close(self, alive: threading.Event) -> None:
-        """End a stream. Events and windows handed to it in its last RESEND_S seconds go back to the
-        front of their buffers: a stream that breaks may have taken them without delivering them (at
-        least once; the coordinator stores a repeat once)."""
+    def close(self, alive: threading.Event, heard_at: float | None = None) -> None:
+        """End a stream. Events and windows handed to it since RESEND_S seconds before the coordinator
+        was last heard on it (`heard_at`, monotonic; default now) go back to the front of their buffers:
+        a stream that breaks may have taken them without delivering them, and one whose link went
+        silent took everything since without a word back (at least once; the coordinator stores a
+        repeat once)."""
         with self._ready:
             alive.clear()
-            now = time.monotonic()
+            since = min(time.monotonic(), heard_at if heard_at is not None else time.monotonic()) - RESEND_S
             for kept in (self._events, self._telemetry):
-                recent = [report for at, queue, report in self._sent if queue is kept and now - at <= RESEND_S]
+                recent = [report for at, queue, report in self._sent if queue is kept and at >= since]
                 kept.extendleft(reversed(recent))
             self._sent.clear()
             self._ready.notify_all()
@@ -147,6 +154,7 @@ class Link:
         self._rng = rng or random.Random()
         self._sleep = sleep or stopping.wait  # returns True once stopping: the wait ends early
         self._heard = threading.Event()  # the coordinator sent something on the current session
+        self._heard_at = time.monotonic()  # when it last did (a reply to Register counts)
 
     def register(self) -> coordinator_pb2.RegisterResponse:
         request = coordinator_pb2.RegisterRequest(edge=self.config.edge, address=self.config.address,
@@ -160,21 +168,31 @@ class Link:
     def session(self, handler: LinkHandler) -> None:
         """Register, then hold one Connect stream until it ends."""
         handler.registered(self.register())
+        self._heard_at = time.monotonic()
         alive = threading.Event()
         alive.set()
         try:
             call = self._stub.Connect(self._outbox.stream(handler.hello(), alive),
                                       timeout=self.config.stream_deadline_s)
-            threading.Thread(target=self._cancel_on_stop, args=(call, alive), daemon=True, name="link-stop").start()
+            threading.Thread(target=self._watch, args=(call, alive), daemon=True, name="link-watch").start()
             for directive in call:
                 self._heard.set()
-                handler.directive(directive)
+                self._heard_at = time.monotonic()
+                if directive.WhichOneof("body"):  # an empty one is the coordinator's heartbeat
+                    handler.directive(directive)
         finally:
-            self._outbox.close(alive)
+            self._outbox.close(alive, self._heard_at)
 
-    def _cancel_on_stop(self, call, alive: threading.Event) -> None:
+    def _watch(self, call, alive: threading.Event) -> None:
+        """Cancel the stream when the agent stops, or when the coordinator has said nothing on it for
+        `silence_s`: a link that died without a reset (a cut cable, a dropped route) is noticed then,
+        not whenever TCP or gRPC keepalive gives up."""
         while alive.is_set():
             if self._stopping.wait(0.25):
+                call.cancel()
+                return
+            if time.monotonic() - self._heard_at > self.config.silence_s:
+                log.warning("no word from the coordinator for %.0f s; reconnecting", self.config.silence_s)
                 call.cancel()
                 return
 

@@ -176,3 +176,28 @@ def test_pins_reach_only_the_selected_edges_and_survive_a_restart(tmp_path):
         assert fleet.policy.version == reply.policy.version
     finally:
         second.stop(0)
+
+
+def test_an_idle_edge_stream_carries_empty_heartbeat_directives(tmp_path):
+    store = _store(tmp_path / "store")
+    running = server.start(server.CloudConfig(store=store.root, transport=Transport.plaintext(),
+                                              db=tmp_path / "fleet.sqlite", heartbeat_s=0.2), CollectorRegistry())
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    try:
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        _register(stub)
+
+        def requests():
+            yield coordinator_pb2.EdgeReport(edge="edge-1", telemetry=coordinator_pb2.Telemetry(timestamp=1.0))
+            time.sleep(2.0)  # then nothing: the stream is idle
+
+        stream = stub.Connect(requests(), timeout=5)
+        kinds = [next(stream).WhichOneof("body") for _ in range(3)]
+        assert kinds == ["policy", "portfolio", "policy"]  # on connect, and once bound to the edge
+        start = time.monotonic()
+        beats = [next(stream) for _ in range(3)]
+        assert all(b.WhichOneof("body") is None and b.ByteSize() == 0 for b in beats)  # nothing to apply
+        assert 0.3 <= time.monotonic() - start <= 1.5  # one about every heartbeat_s, not more often
+    finally:
+        channel.close()
+        running.stop(0)

@@ -4,15 +4,17 @@ decisions while the cloud is away, and flushing buffered switch events on reconn
 import threading
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.files import portfolio_id, sha256_bytes
 from common.security import Transport
+from common.wire import to_proto
 from edge.agent import AgentConfig, initial_portfolio
 from edge.cli import assemble
 from edge_fixtures import FakeCloud, portfolio_of, wait_for
-from protos import coordinator_pb2, portfolio_pb2
+from protos import coordinator_pb2, inference_pb2, inference_pb2_grpc, portfolio_pb2
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +165,26 @@ def test_a_stale_telemetry_window_falls_back_to_the_smallest_and_reports_why(wir
     event = wait_for(lambda: [e for e in cloud.switches() if e.reason_code == "fallback"], what="the event")[0]
     assert event.telemetry_missing and event.switched and "telemetry missing" in event.reason
     assert event.policy_version == 1 and event.slo_ms == 1000.0
+
+
+def test_requests_refused_before_serving_are_reported_under_no_portfolio(wired):
+    """A canary restarted mid-rollout refuses requests until its portfolio is loaded; those errors are
+    no evidence against the portfolio, so the window holding them names none (a rollout judges only
+    windows on its portfolio) and the windows after it carry no errors."""
+    cloud, node, infos, _ = wired
+    assert initial_portfolio(node.agent, node.link)
+    predict = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(node.address)).Predict
+    request = inference_pb2.PredictRequest(input=to_proto(np.zeros((1, 1, 28, 28), np.uint8)))
+    for _ in range(3):
+        with pytest.raises(grpc.RpcError) as refused:
+            predict(request, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    node.agent.start_serving()
+    threading.Thread(target=node.link.run, args=(node.agent,), daemon=True).start()
+    assert predict(request, timeout=5).variant_id == node.agent.runtime.active.variant_id
+    node.agent.decide_once()
+    windows = wait_for(lambda: (w := [r.telemetry for r in cloud.reports if r.WhichOneof("body") == "telemetry"])
+                       and len(w) >= 2 and w, what="the start-up window and the next")
+    held = portfolio_id(v.variant_id for v in infos)
+    assert (windows[0].portfolio_id, windows[0].requests, windows[0].errors) == ("", 3, 3)
+    assert windows[1].portfolio_id == held and (windows[1].requests, windows[1].errors) == (1, 0)

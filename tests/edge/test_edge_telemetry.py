@@ -2,11 +2,13 @@
 
 import random
 import threading
+import time
 
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
-from edge.link import LinkConfig, Outbox
+from edge import link as links
+from edge.link import Link, LinkConfig, Outbox
 from edge.metrics import EdgeMetrics, latency_buckets
 from edge.telemetry import ProcessStats, RequestWindow
 from protos import coordinator_pb2
@@ -137,3 +139,54 @@ def test_events_a_broken_stream_took_are_offered_again_to_the_next_one():
     again = threading.Event()
     again.set()
     assert next(outbox.stream([], again)).switch.timestamp == 1
+
+
+class _SilentCall:
+    """A Connect call whose link went silent: it takes what the edge sends, and nothing comes back."""
+
+    def __init__(self, requests):
+        self.cancelled, self.taken = threading.Event(), []
+        threading.Thread(target=lambda: [self.taken.append(r) for r in requests], daemon=True).start()
+
+    def __iter__(self):
+        self.cancelled.wait(30)
+        return iter(())
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+class _SilentStub:
+    def Register(self, request, timeout=None):
+        return coordinator_pb2.RegisterResponse()
+
+    def Connect(self, requests, timeout=None):
+        self.call = _SilentCall(requests)
+        return self.call
+
+
+class _Handler:
+    def registered(self, reply):
+        pass
+
+    def directive(self, directive):
+        raise AssertionError("nothing was sent")
+
+    def hello(self):
+        return []
+
+
+def test_a_silent_stream_is_given_up_and_everything_it_took_since_last_heard_is_sent_again(monkeypatch):
+    monkeypatch.setattr(links, "RESEND_S", 0.05)  # what a stream took well before its end still goes back
+    outbox = Outbox(max_buffered=10, max_live=10)
+    for n in range(3):
+        outbox.telemetry(_report("telemetry", n))
+    outbox.event(_report("switch", 9))
+    stub = _SilentStub()
+    link = Link(LinkConfig(edge="e1", address="127.0.0.1:1", metrics_address="", silence_s=0.6), stub, outbox,
+                threading.Event())
+    start = time.monotonic()
+    link.session(_Handler())  # returns once the watchdog cancels the silent stream
+    assert stub.call.cancelled.is_set() and 0.6 <= time.monotonic() - start < 5
+    assert len(stub.call.taken) == 4  # the stream took every report...
+    assert (outbox.pending_telemetry(), outbox.pending_events()) == (3, 1)  # ...and every one is offered again
