@@ -110,7 +110,7 @@ def test_the_dashboard_uses_only_exported_metrics_and_covers_the_views(small_por
     assert not missing, f"the dashboard queries metrics nobody exports: {sorted(missing)}"
     titles = " | ".join(p["title"].lower() for p in dashboard["panels"])
     for view in ("p95", "slo", "request rate", "active variant", "switches by reason", "memory",
-                 "transfer progress", "fleet size"):
+                 "transfer progress", "fleet size", "resident variants", "evictions", "on-demand load"):
         assert view in titles
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     datasource = (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
