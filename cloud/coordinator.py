@@ -22,6 +22,7 @@ import grpc
 
 from cloud.catalog import Catalog
 from cloud.fleet import FleetDB
+from cloud.parsing import BadRequest
 from cloud.reports import ReportWriter
 from cloud.rollout import RolloutConflict, RolloutError, Rollouts, select
 from cloud.store import StoreError
@@ -37,6 +38,7 @@ OPERATOR_METHODS = tuple(f"/prunefleet.v1.CoordinatorService/{m}"
 DEFAULT_POLICY = coordinator_pb2.Policy(slo_ms=50.0, min_accuracy=0.0, down_windows=2, up_windows=3,
                                         up_headroom=0.7, dwell_s=5.0, window_s=1.0, version=1,
                                         max_switches_per_minute=6)
+MIN_SLO_MS, MAX_SLO_MS = 0.01, 3.6e6  # 10 us to an hour: what an edge accepts (edge.policy)
 ZERO_MEANS_DEFAULT = ("slo_ms", "down_windows", "up_windows", "up_headroom", "window_s", "max_switches_per_minute")
 _CLOSE = object()
 HEARTBEAT_S = 5.0  # an idle Connect stream carries an empty Directive this often: the edge hears the link is alive
@@ -73,7 +75,7 @@ def validate_policy(policy: coordinator_pb2.Policy) -> coordinator_pb2.Policy:
     values = (merged.slo_ms, merged.min_accuracy, merged.up_headroom, merged.dwell_s, merged.window_s)
     checks = [(all(math.isfinite(v) for v in values),
                "slo_ms, min_accuracy, up_headroom, dwell_s and window_s must be finite"),
-              (merged.slo_ms > 0, "slo_ms must be positive"),
+              (MIN_SLO_MS <= merged.slo_ms <= MAX_SLO_MS, f"slo_ms must be in [{MIN_SLO_MS}, {MAX_SLO_MS:g}]"),
               (0 <= merged.min_accuracy <= 1, "min_accuracy must be in [0, 1]"),
               (merged.down_windows >= 1 and merged.up_windows >= 1, "down_windows and up_windows must be >= 1"),
               (0 < merged.up_headroom <= 1, "up_headroom must be in (0, 1]"),
@@ -176,6 +178,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 if refusal:
                     outbox.put(refusal)
                     return
+        except BadRequest as err:
+            outbox.put((grpc.StatusCode.INVALID_ARGUMENT, str(err)))
         except grpc.RpcError:
             pass
         finally:

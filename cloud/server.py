@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollecto
 from cloud.catalog import Catalog
 from cloud.coordinator import HEARTBEAT_S, OPERATOR_METHODS, CoordinatorServicer
 from cloud.fleet import FleetDB
+from cloud.parsing import ParseRequests
 from cloud.portfolio_service import PortfolioServicer
 from cloud.reports import ReportWriter, WriterConfig
 from common.security import RequireTokenAsync, SecurityError, Signer, Transport
@@ -128,7 +129,8 @@ async def _serve(config: CloudConfig, catalog: Catalog, coordinator: Coordinator
     token = config.transport.token
     server = grpc.aio.server(migration_thread_pool=pool, options=SERVER_OPTIONS,
                              maximum_concurrent_rpcs=config.max_rpcs,
-                             interceptors=[RequireTokenAsync(token, OPERATOR_METHODS)] if token else [])
+                             interceptors=[*([RequireTokenAsync(token, OPERATOR_METHODS)] if token else []),
+                                           ParseRequests()])
     portfolios = PortfolioServicer(catalog, on_bytes_sent=sent.inc, blocking=pool)
     portfolio_pb2_grpc.add_PortfolioServiceServicer_to_server(portfolios, server)
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(coordinator, server)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+MIN_SLO_MS, MAX_SLO_MS = 0.01, 3.6e6  # 10 us (the SLO bucket has 1 us resolution) to an hour
 DEFAULTS = {"slo_ms": 50.0, "down_windows": 2, "up_windows": 3, "up_headroom": 0.7, "window_s": 1.0,
             "max_switches_per_minute": 6}
 DEFAULT_DWELL_S = 5.0
@@ -63,8 +64,8 @@ class PolicyConfig:
     memory_budget_bytes: int = 0  # the device's budget (0 = none): bigger variants are no candidates
 
     def __post_init__(self) -> None:
-        if self.slo_ms <= 0 or self.window_s <= 0:
-            raise ValueError("slo_ms and window_s must be positive")
+        if not MIN_SLO_MS <= self.slo_ms <= MAX_SLO_MS or self.window_s <= 0:
+            raise ValueError(f"slo_ms must be in [{MIN_SLO_MS}, {MAX_SLO_MS:g}] and window_s positive")
         if not 0 < self.up_headroom <= 1 or not 0 <= self.min_accuracy <= 1:
             raise ValueError("up_headroom must be in (0, 1] and min_accuracy in [0, 1]")
         if self.down_windows < 1 or self.up_windows < 1 or self.dwell_s < 0:

@@ -82,6 +82,9 @@ REGRESSIONS = [
      S.INVALID_ARGUMENT, "finite"),
     ("SetPolicy", coordinator_pb2.SetPolicyRequest(policy=coordinator_pb2.Policy(dwell_s=math.inf)),
      S.INVALID_ARGUMENT, "finite"),
+    # a denormal SLO was accepted and broke every edge's link (its SLO bucket underflowed to 0 s)
+    ("SetPolicy", coordinator_pb2.SetPolicyRequest(policy=coordinator_pb2.Policy(slo_ms=1e-320)),
+     S.INVALID_ARGUMENT, "slo_ms"),
     ("ListEvents", coordinator_pb2.ListEventsRequest(since=math.nan), S.INVALID_ARGUMENT, "since"),
     ("Connect", [coordinator_pb2.EdgeReport(telemetry=coordinator_pb2.Telemetry(timestamp=1.0))],
      S.PERMISSION_DENIED, "edge"),
