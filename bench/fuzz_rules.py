@@ -122,7 +122,7 @@ def _policy_bad(r, k: Known):
     p = r.policy
     if not _finite(p.slo_ms, p.min_accuracy, p.up_headroom, p.dwell_s, p.window_s):
         return "non-finite value"
-    checks = [p.slo_ms == 0 or 0.01 <= p.slo_ms <= 3.6e6, 0 <= p.min_accuracy <= 1, p.down_windows >= 0, p.up_windows >= 0,
+    checks = [p.slo_ms == 0 or 0.001 <= p.slo_ms <= 3.6e6, 0 <= p.min_accuracy <= 1, p.down_windows >= 0, p.up_windows >= 0,
               0 <= p.up_headroom <= 1, p.dwell_s >= 0, p.window_s == 0 or 0.1 <= p.window_s <= 60,
               0 <= p.max_switches_per_minute <= 600, p.pinned_variant in ("", *k.variant_ids)]
     return "" if all(checks) else "out of range"

@@ -38,7 +38,7 @@ OPERATOR_METHODS = tuple(f"/prunefleet.v1.CoordinatorService/{m}"
 DEFAULT_POLICY = coordinator_pb2.Policy(slo_ms=50.0, min_accuracy=0.0, down_windows=2, up_windows=3,
                                         up_headroom=0.7, dwell_s=5.0, window_s=1.0, version=1,
                                         max_switches_per_minute=6)
-MIN_SLO_MS, MAX_SLO_MS = 0.01, 3.6e6  # 10 us to an hour: what an edge accepts (edge.policy)
+MIN_SLO_MS, MAX_SLO_MS = 0.001, 3.6e6  # 1 us to an hour: what an edge accepts (edge.policy)
 ZERO_MEANS_DEFAULT = ("slo_ms", "down_windows", "up_windows", "up_headroom", "window_s", "max_switches_per_minute")
 _CLOSE = object()
 HEARTBEAT_S = 5.0  # an idle Connect stream carries an empty Directive this often: the edge hears the link is alive

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-MIN_SLO_MS, MAX_SLO_MS = 0.01, 3.6e6  # 10 us (the SLO bucket has 1 us resolution) to an hour
+MIN_SLO_MS, MAX_SLO_MS = 0.001, 3.6e6  # 1 us (the SLO bucket's resolution) to an hour
 DEFAULTS = {"slo_ms": 50.0, "down_windows": 2, "up_windows": 3, "up_headroom": 0.7, "window_s": 1.0,
             "max_switches_per_minute": 6}
 DEFAULT_DWELL_S = 5.0
