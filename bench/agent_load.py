@@ -31,32 +31,55 @@ from protos import inference_pb2, inference_pb2_grpc
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.name
 
 
-class RssSampler:
-    """Resident memory (and CPU share) of a process, sampled every `every_s` seconds in a thread."""
+class Periodic:
+    """A thread that calls `sample()` every `every_s` seconds while the `with` block runs (after
+    `begin()` once); `sample` returns False to stop early."""
 
-    def __init__(self, pid: int, every_s: float = 1.0):
-        self._process, self._every_s = psutil.Process(pid), every_s
+    def __init__(self, every_s: float):
+        self._every_s = every_s
         self._stop = threading.Event()
-        self.samples: list[tuple[float, int, float]] = []  # (seconds since start, rss bytes, cpu percent)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def begin(self) -> None:
+        pass
+
+    def sample(self) -> bool | None:
+        raise NotImplementedError
+
     def _run(self) -> None:
-        start = time.monotonic()
-        self._process.cpu_percent()
+        self.begin()
         while not self._stop.wait(self._every_s):
-            try:
-                self.samples.append((round(time.monotonic() - start, 2), self._process.memory_info().rss,
-                                     self._process.cpu_percent()))
-            except psutil.Error:
+            if self.sample() is False:
                 return
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self):
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+class RssSampler(Periodic):
+    """Resident memory (and CPU share) of a process, sampled every `every_s` seconds in a thread."""
+
+    def __init__(self, pid: int, every_s: float = 1.0):
+        super().__init__(every_s)
+        self._process = psutil.Process(pid)
+        self.samples: list[tuple[float, int, float]] = []  # (seconds since start, rss bytes, cpu percent)
+
+    def begin(self) -> None:
+        self._start = time.monotonic()
+        self._process.cpu_percent()
+
+    def sample(self) -> bool:
+        try:
+            self.samples.append((round(time.monotonic() - self._start, 2), self._process.memory_info().rss,
+                                 self._process.cpu_percent()))
+        except psutil.Error:
+            return False
+        return True
 
 
 def start_agent(cloud_address: str, edge_certs: Path, run_dir: Path, threads: int, name: str = "edge-load"):

@@ -20,12 +20,11 @@ import logging
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 from bench import agent_load
-from bench.agent_load import RssSampler
+from bench.agent_load import Periodic, RssSampler
 from bench.policy import build_portfolio
 from cloud import certs, operator, processes
 from cloud.store import PortfolioStore
@@ -54,34 +53,34 @@ def _connected(stub, prefix: str) -> int:
     return sum(e.connected for e in fleet.edges if e.edge.startswith(prefix + "-"))
 
 
+def _query(db: Path, sql: str, prefix: str, timeout: float = 5.0) -> list:
+    """Rows about the simulated edges (`prefix-*`), read-only (the coordinator writes in WAL mode)."""
+    connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=timeout)
+    try:
+        return connection.execute(sql, (prefix + "-%",)).fetchall()
+    finally:
+        connection.close()
+
+
 def _stored(db: Path, prefix: str) -> set[tuple[str, float]]:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as connection:
-        rows = connection.execute("SELECT edge, timestamp FROM windows WHERE edge LIKE ?", (prefix + "-%",))
-        return set(rows.fetchall())
+    return set(_query(db, "SELECT edge, timestamp FROM windows WHERE edge LIKE ?", prefix))
 
 
-class StoredCounter:
+class StoredCounter(Periodic):
     """Windows stored so far, counted in the coordinator's database every second (read-only, WAL)."""
 
     def __init__(self, db: Path, prefix: str):
+        super().__init__(1.0)
         self._db, self._prefix = db, prefix
-        self._stop = threading.Event()
         self.samples: list[tuple[float, int]] = []  # (unix time, windows stored)
         self.errors: list[str] = []
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop.wait(1.0):
-            try:
-                connection = sqlite3.connect(f"file:{self._db}?mode=ro", uri=True, timeout=10)
-                try:
-                    count = connection.execute("SELECT COUNT(*) FROM windows WHERE edge LIKE ?",
-                                               (self._prefix + "-%",)).fetchone()[0]
-                finally:
-                    connection.close()
-                self.samples.append((time.time(), count))
-            except sqlite3.Error as err:
-                self.errors.append(str(err))
+    def sample(self) -> None:
+        try:
+            count = _query(self._db, "SELECT COUNT(*) FROM windows WHERE edge LIKE ?", self._prefix, timeout=10)[0][0]
+            self.samples.append((time.time(), count))
+        except sqlite3.Error as err:
+            self.errors.append(str(err))
 
     def rate(self, start: float, end: float) -> float:
         """Windows stored per second between the first samples at or after `start` and `end`."""
@@ -90,14 +89,6 @@ class StoredCounter:
         if first is None or last is None or last[0] <= first[0]:
             return 0.0
         return (last[1] - first[1]) / (last[0] - first[0])
-
-    def __enter__(self) -> StoredCounter:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(5)
 
 
 def _simulators(cloud: processes.Child, keys: dict, run_dir: Path, plan: dict, start_at: float) -> list:
