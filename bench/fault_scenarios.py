@@ -60,13 +60,19 @@ def _resumed(size: int, kept: int, sent: int) -> bool:
     return 0 < sent <= size - kept + CHUNK_BYTES and sent < size
 
 
+def _slow_download(ctx, name: str, payload: tuple):
+    """Deploy `payload` (a store and its new variant) to edge `name` over a throttled link and wait until
+    the new variant's download is under way."""
+    edge, (store, extra) = ctx.cluster.edges[name], payload
+    edge.proxy.throttle(ctx.plan["throttle_bytes_s"])
+    rollout = ctx.cluster.deploy(store, name, ctx.plan["min_windows"])
+    caught, size = _mid_download(ctx, name, store, extra)
+    return edge, store, extra, rollout, caught, size
+
+
 def cloud_kill_during_transfer(ctx) -> dict:
     """The edge downloads a new portfolio over a slow link; the cloud dies mid-file."""
-    edge = ctx.cluster.edges["edge-1"]
-    store, extra = ctx.payloads[0]
-    edge.proxy.throttle(ctx.plan["throttle_bytes_s"])
-    rollout = ctx.cluster.deploy(store, "edge-1", ctx.plan["min_windows"])
-    caught, size = _mid_download(ctx, "edge-1", store, extra)
+    edge, store, extra, rollout, caught, size = _slow_download(ctx, "edge-1", ctx.payloads[0])
     fault_at, lost, _ = _kill_cloud(ctx)
     kept = _size(edge.part(extra))
     time.sleep(ctx.plan["kill_pause_s"])
@@ -104,11 +110,7 @@ def cloud_kill_during_rollout(ctx) -> dict:
 
 def edge_kill_during_download(ctx) -> dict:
     """An edge dies in the middle of a download over a slow link and is started again."""
-    edge = ctx.cluster.edges["edge-2"]
-    store, extra = ctx.payloads[1]
-    edge.proxy.throttle(ctx.plan["throttle_bytes_s"])
-    rollout = ctx.cluster.deploy(store, "edge-2", ctx.plan["min_windows"])
-    caught, size = _mid_download(ctx, "edge-2", store, extra)
+    edge, _, extra, rollout, caught, size = _slow_download(ctx, "edge-2", ctx.payloads[1])
     fault_at = ctx.cluster.kill_edge("edge-2")
     kept, before = _size(edge.part(extra)), ctx.cluster.bytes_sent()
     final_absent = not (edge.cache / f"{extra}.safetensors").exists()
