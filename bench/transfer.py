@@ -4,11 +4,13 @@
                   (`prunefleet cloud serve`, plaintext with --insecure, then mutual TLS); the client
                   takes every chunk and drops it (transport only: no disk, no hash)
     raw_tcp       the same file's bytes from a process that reads it in the same chunk size and writes
-                  them to a loopback TCP socket; the client receives and drops them
+                  them to a loopback TCP socket; the client receives and drops them. Plaintext gRPC
+                  and raw TCP transfers alternate, round by round
     resume        the edge fetcher's own path: a download into CACHE/<id>.part is cut at half the file
-                  (the call is cancelled), then `edge.fetcher.fetch` resumes it; resent bytes are what
-                  the cloud counted as sent (its prunefleet_cloud_variant_bytes_sent_total) beyond the
-                  file's size: chunks in flight when the cut came
+                  (the call is cancelled), then `edge.fetcher.fetch` resumes it. Through a counting
+                  TCP proxy: resent bytes are the cloud-to-edge bytes of the cut and resumed calls
+                  beyond those of one uncut transfer (the data in flight when the cut came, and the
+                  second call's headers). The cloud's counter of chunks gRPC took is reported beside it
     fanout        EDGES separate processes, each an edge fetcher with its own cache and the edge
                   certificate, fetch and verify the whole portfolio from the TLS cloud at once; the time
                   from the start signal until the last one holds every file
@@ -30,6 +32,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench.tcp_proxy import TcpProxy
 from cloud import certs, processes
 from cloud.store import Manifest, PortfolioStore, VariantEntry, portfolio_id
 from common.security import Transport
@@ -39,8 +42,8 @@ from protos import portfolio_pb2, portfolio_pb2_grpc
 
 log = logging.getLogger(__name__)
 MiB = 1 << 20
-FULL = {"variant_mib": 64, "others_mib": (4, 4, 4), "repeats": 5, "edges": 8}
-QUICK = {"variant_mib": 16, "others_mib": (2,), "repeats": 2, "edges": 8}
+FULL = {"variant_mib": 64, "others_mib": (4, 4, 4), "repeats": 9, "edges": 8}
+QUICK = {"variant_mib": 16, "others_mib": (2,), "repeats": 3, "edges": 8}
 TARGETS = {"grpc_vs_raw": 0.35, "resume_resent_chunks": 1}
 
 
@@ -89,26 +92,46 @@ def _raw_server(path: str, ports, repeats: int) -> None:
                 connection.sendall(data)
 
 
-def raw_seconds(path: Path, size: int, repeats: int) -> list[float]:
-    """Each transfer timed from connect to the last byte, the sender in its own process."""
-    context = multiprocessing.get_context("spawn")
-    ports = context.Queue()
-    sender = context.Process(target=_raw_server, args=(str(path), ports, repeats))
-    sender.start()
-    port = ports.get(timeout=120)
-    buffer, times = bytearray(CHUNK_BYTES), []
+class RawSender:
+    """A process that serves the file `repeats` times over raw loopback TCP, one connection each."""
+
+    def __init__(self, path: Path, repeats: int):
+        context = multiprocessing.get_context("spawn")
+        ports = context.Queue()
+        self._process = context.Process(target=_raw_server, args=(str(path), ports, repeats))
+        self._process.start()
+        self._port = ports.get(timeout=120)
+        self._buffer = bytearray(CHUNK_BYTES)
+
+    def seconds(self, size: int) -> float:
+        """One transfer, timed from connect to the last byte."""
+        start, received = time.perf_counter(), 0
+        with socket.create_connection(("127.0.0.1", self._port)) as connection:
+            while received < size and (n := connection.recv_into(self._buffer)):
+                received += n
+        elapsed = time.perf_counter() - start
+        if received != size:
+            raise RuntimeError(f"raw TCP received {received} of {size} bytes")
+        return elapsed
+
+    def close(self) -> None:
+        self._process.join(30)
+        if self._process.is_alive():
+            self._process.kill()
+
+
+def paired_seconds(channel, variant_id: str, path: Path, size: int, repeats: int) -> tuple[list, list]:
+    """gRPC and raw TCP transfers in alternating rounds, so a change in the machine's speed during the
+    run reaches both alike."""
+    raw = RawSender(path, repeats)
+    grpc_times, raw_times = [], []
     try:
         for _ in range(repeats):
-            start, received = time.perf_counter(), 0
-            with socket.create_connection(("127.0.0.1", port)) as connection:
-                while received < size and (n := connection.recv_into(buffer)):
-                    received += n
-            times.append(time.perf_counter() - start)
-            if received != size:
-                raise RuntimeError(f"raw TCP received {received} of {size} bytes")
+            grpc_times.append(stream_seconds(channel, variant_id, size))
+            raw_times.append(raw.seconds(size))
     finally:
-        sender.join(30)
-    return times
+        raw.close()
+    return grpc_times, raw_times
 
 
 def mb_s(size: int, seconds: list[float]) -> float:
@@ -121,13 +144,8 @@ def bytes_sent(metrics_address: str) -> float:
     return float(re.search(r"^prunefleet_cloud_variant_bytes_sent_total (\S+)$", text, re.M).group(1))
 
 
-def resume(cloud: processes.Child, transport: Transport, variant_id: str, size: int, cache: Path) -> dict:
-    """Cut a download at half the file, resume it with the edge fetcher; what the cloud sent twice."""
-    channel = transport.channel(cloud.address)
-    stub = portfolio_pb2_grpc.PortfolioServiceStub(channel)
-    before = bytes_sent(cloud.metrics_address)
-    cache.mkdir(parents=True, exist_ok=True)
-    part = cache / f"{variant_id}.part"
+def _cut_download(stub, variant_id: str, part: Path, size: int) -> int:
+    """Download into `part` until at least half the file is on disk, then cancel the call."""
     call = stub.FetchVariant(portfolio_pb2.FetchVariantRequest(variant_id=variant_id), timeout=300)
     with open(part, "wb") as f:
         for chunk in call:
@@ -135,13 +153,39 @@ def resume(cloud: processes.Child, transport: Transport, variant_id: str, size: 
             if f.tell() >= size // 2:
                 call.cancel()
                 break
-    cut_at = part.stat().st_size
-    time.sleep(0.5)  # let the cloud notice the cancellation before the resume starts
-    path = fetch(stub, variant_id, cache, retry=RetryConfig(attempts=1))
-    time.sleep(0.5)
-    sent = bytes_sent(cloud.metrics_address) - before
-    channel.close()
-    return {"cut_at_bytes": cut_at, "cloud_sent_bytes": int(sent), "resent_bytes": int(sent - size),
+    return part.stat().st_size
+
+
+def resume(cloud: processes.Child, transport: Transport, variant_id: str, size: int, cache: Path) -> dict:
+    """Cut a download at half the file, resume it with the edge fetcher; the bytes that crossed twice.
+
+    Every call goes through a TCP proxy that counts the bytes it forwards from the cloud. An uncut
+    download of the file through it first gives the wire cost of one transfer (framing included); the
+    cut call plus the resumed one, less that, is what was sent again. The cloud's own counter (messages
+    gRPC took from it) is reported beside it."""
+    proxy = TcpProxy(int(cloud.address.rsplit(":", 1)[1]))
+    channel = transport.channel(f"127.0.0.1:{proxy.port}")
+    stub = portfolio_pb2_grpc.PortfolioServiceStub(channel)
+    try:
+        stub.ListVariants(portfolio_pb2.ListVariantsRequest(), timeout=60)  # the connection's own bytes
+        start = proxy.bytes_down
+        stream_seconds(channel, variant_id, size)
+        time.sleep(0.5)
+        one_transfer = proxy.bytes_down - start
+        counted = bytes_sent(cloud.metrics_address)
+        cache.mkdir(parents=True, exist_ok=True)
+        cut_at = _cut_download(stub, variant_id, cache / f"{variant_id}.part", size)
+        time.sleep(0.5)  # let the cloud notice the cancellation before the resume starts
+        path = fetch(stub, variant_id, cache, retry=RetryConfig(attempts=1))
+        time.sleep(0.5)
+        wire = proxy.bytes_down - start - one_transfer
+        cloud_sent = bytes_sent(cloud.metrics_address) - counted
+    finally:
+        channel.close()
+        proxy.close()
+    return {"cut_at_bytes": cut_at, "wire_one_transfer_bytes": one_transfer, "wire_cut_and_resume_bytes": wire,
+            "resent_bytes": wire - one_transfer, "cloud_sent_bytes": int(cloud_sent),
+            "cloud_resent_bytes": int(cloud_sent - size),
             "verified": path.is_file() and path.stat().st_size == size}
 
 
@@ -193,12 +237,12 @@ def measure(plan: dict, work: Path) -> dict:
     plain = start_cloud(store, work, "cloud-plain", ["--insecure"])
     try:
         channel = Transport.plaintext().channel(plain.address)
-        out["grpc_seconds"] = [stream_seconds(channel, big.variant_id, size) for _ in range(plan["repeats"])]
+        out["grpc_seconds"], out["raw_tcp_seconds"] = paired_seconds(channel, big.variant_id, path, size,
+                                                                     plan["repeats"])
         channel.close()
         out["resume"] = resume(plain, Transport.plaintext(), big.variant_id, size, work / "resume" / "cache")
     finally:
         plain.stop()
-    out["raw_tcp_seconds"] = raw_seconds(path, size, plan["repeats"])
     tls = start_cloud(store, work, "cloud-tls", ["--certs", str(keys["cloud"])])
     try:
         channel = operator.channel(tls.address)

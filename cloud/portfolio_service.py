@@ -3,6 +3,11 @@
 Any variant of any portfolio the cloud knows can be fetched (an edge being rolled back needs the old
 ones). A bad id is refused before the file system is touched. `ListVariants` is a plain function (the
 server runs it in its thread pool); `FetchVariant` a coroutine on the server's event loop.
+
+`FetchVariant` yields each chunk already in `VariantChunk`'s wire format (`encode_chunk`), registered
+with a pass-through serializer (`add_to_server`): the file's bytes are copied once into the message
+instead of into a protobuf object and again out of it (see `prunefleet bench transfer`). Clients see an
+ordinary `VariantChunk` stream.
 """
 
 from __future__ import annotations
@@ -17,6 +22,29 @@ from cloud.store import StoreError
 from common.files import is_sha256_hex
 from common.wire import CHUNK_BYTES
 from protos import portfolio_pb2, portfolio_pb2_grpc
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_chunk(offset: int, data: bytes, total_size: int, sha256: str) -> bytes:
+    """`VariantChunk(offset=, data=, total_size=, sha256=).SerializeToString()`, byte for byte (fields
+    in number order, zero values left out), with `data` copied once. Sizes and offsets are >= 0."""
+    head = (b"\x08" + _varint(offset) if offset else b"") + (b"\x12" + _varint(len(data)) if data else b"")
+    digest = sha256.encode()
+    tail = (b"\x18" + _varint(total_size) if total_size else b"") + \
+        (b"\x22" + _varint(len(digest)) + digest if digest else b"")
+    return b"".join((head, data, tail))
+
+
+def _pass_through(message: bytes) -> bytes:
+    return message
 
 
 class PortfolioServicer(portfolio_pb2_grpc.PortfolioServiceServicer):
@@ -54,7 +82,22 @@ class PortfolioServicer(portfolio_pb2_grpc.PortfolioServiceServicer):
             f.seek(request.offset)
             offset = request.offset
             while data := await loop.run_in_executor(self._blocking, f.read, self._chunk_bytes):
-                self._on_bytes_sent(len(data))  # handed to gRPC to send (a cancelled stream may drop it)
-                yield portfolio_pb2.VariantChunk(offset=offset, data=data, total_size=entry.size_bytes,
-                                                 sha256=entry.variant_id)
+                yield encode_chunk(offset, data, entry.size_bytes, entry.variant_id)
+                self._on_bytes_sent(len(data))  # gRPC took the message: its flow control let it through
                 offset += len(data)
+
+
+def add_to_server(servicer: PortfolioServicer, server) -> None:
+    """`portfolio_pb2_grpc.add_PortfolioServiceServicer_to_server`, except that FetchVariant's responses
+    are the wire bytes the servicer already encoded."""
+    handlers = {
+        "ListVariants": grpc.unary_unary_rpc_method_handler(
+            servicer.ListVariants, request_deserializer=portfolio_pb2.ListVariantsRequest.FromString,
+            response_serializer=portfolio_pb2.ListVariantsResponse.SerializeToString),
+        "FetchVariant": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchVariant, request_deserializer=portfolio_pb2.FetchVariantRequest.FromString,
+            response_serializer=_pass_through),
+    }
+    service = portfolio_pb2.DESCRIPTOR.services_by_name["PortfolioService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)

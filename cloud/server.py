@@ -25,11 +25,11 @@ from cloud.catalog import Catalog
 from cloud.coordinator import HEARTBEAT_S, OPERATOR_METHODS, CoordinatorServicer
 from cloud.fleet import FleetDB
 from cloud.parsing import ParseRequests
-from cloud.portfolio_service import PortfolioServicer
+from cloud.portfolio_service import PortfolioServicer, add_to_server
 from cloud.reports import ReportWriter, WriterConfig
 from common.security import RequireTokenAsync, SecurityError, Signer, Transport
 from common.wire import SERVER_OPTIONS
-from protos import coordinator_pb2, coordinator_pb2_grpc, portfolio_pb2, portfolio_pb2_grpc
+from protos import coordinator_pb2, coordinator_pb2_grpc, portfolio_pb2
 
 log = logging.getLogger(__name__)
 ROLLOUT_TICK_S = 1.0
@@ -132,7 +132,7 @@ async def _serve(config: CloudConfig, catalog: Catalog, coordinator: Coordinator
                              interceptors=[*([RequireTokenAsync(token, OPERATOR_METHODS)] if token else []),
                                            ParseRequests()])
     portfolios = PortfolioServicer(catalog, on_bytes_sent=sent.inc, blocking=pool)
-    portfolio_pb2_grpc.add_PortfolioServiceServicer_to_server(portfolios, server)
+    add_to_server(portfolios, server)
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(coordinator, server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
