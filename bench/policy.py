@@ -1,15 +1,19 @@
 """`prunefleet bench policy`: the adaptive policy against fixed-largest and fixed-smallest, one agent.
 
-A real cloud and a real edge agent run as separate processes on loopback, serving a shifter portfolio
-of VGG-11 built on a Fashion-MNIST subset (its variants' accuracies are real test accuracies; cached in
-the work dir). The SLO comes from the edge's own on-device profile (`slo_factor` x the largest
-variant's p95 at the typical batch); the load from what the edge serves right before the replays:
-with `mu` the requests per second it answers on one variant under closed-loop load (measured for
-`capacity_s` on the largest and on the smallest, so a busy machine scales the trace), the trace is steady at
-`steady` x mu(largest), a step up to a rate the largest cannot serve and the smallest can (the
-geometric mean of mu(largest) and `max_utilization` x mu(smallest)), a burst above that, and a step
-down to steady. The same trace (same Poisson arrivals) is replayed three times: with the policy
-deciding, pinned to the largest variant, pinned to the smallest.
+A real cloud and a real edge agent run as separate processes on loopback, serving a portfolio of
+VGG-11 built on a Fashion-MNIST subset (its variants' accuracies are real test accuracies; cached in
+the work dir). The full plan's portfolio is `reconvene` (SynFlow) at compressions 1 (the dense model)
+to 256: the policy needs variants whose speeds differ, and shifter's levels of this model differ by
+only 1.3x at batch 8, since global magnitude pruning leaves the full-resolution convolutions that
+dominate its time nearly whole (docs/results.md). The SLO comes from the edge's own on-device profile
+(`slo_factor` x the largest variant's p95 at the typical batch); the load from what the edge serves
+right before the replays: with `mu` the requests per second it answers on one variant under
+closed-loop load (measured for `capacity_s` on the largest and on the smallest, so a busy machine
+scales the trace), the trace is steady at `steady` x mu(largest), a step up to `MAX_UTILIZATION` x
+mu(smallest) (a load the smallest serves with room; the report says how far past the largest's
+capacity that is), a burst `burst` times that, and a step down to steady. The same trace (same
+Poisson arrivals) is replayed three times: with the policy deciding, pinned to the largest variant,
+pinned to the smallest.
 
 Reported per run: SLO attainment (share of requests answered within the SLO, client side), effective
 accuracy (the answering variant's test accuracy averaged over all requests, a late or failed request
@@ -19,7 +23,7 @@ counting as wrong) and the switches the edge made during the trace (from `ListEv
 from __future__ import annotations
 
 import logging
-import math
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -28,7 +32,7 @@ import grpc
 import numpy as np
 
 from bench.load import Phase, replay
-from cloud import operator, portfolio, processes, shifter
+from cloud import operator, portfolio, processes, reconvene, shifter
 from cloud.store import PortfolioStore, StoreError
 from cloud.train import TrainConfig
 from common import datasets
@@ -39,34 +43,41 @@ from protos import coordinator_pb2, inference_pb2, inference_pb2_grpc
 PLAIN = Transport.plaintext()  # these processes run plaintext (--insecure)
 
 log = logging.getLogger(__name__)
-FULL = {"width": 0.5, "subset": 6000, "epochs": 2, "levels": 5, "rate": 0.75, "phase_s": 20.0, "warmup_s": 4.0,
-        "batch": 8, "slo_factor": 5.0, "steady": 0.35, "burst": 1.1, "window_s": 0.25, "capacity_s": 4.0}
-QUICK = {"width": 0.5, "subset": 2000, "epochs": 1, "levels": 5, "rate": 0.75, "phase_s": 8.0, "warmup_s": 3.0,
-         "batch": 8, "slo_factor": 5.0, "steady": 0.35, "burst": 1.1, "window_s": 0.25, "capacity_s": 4.0}
-POLICY = {"down_windows": 2, "up_windows": 4, "up_headroom": 0.7, "dwell_s": 2.0, "max_switches_per_minute": 6}
-MAX_UTILIZATION = 0.85
+FULL = {"width": 0.5, "subset": 6000, "epochs": 2, "method": "reconvene", "compressions": (1, 4, 16, 64, 256),
+        "phase_s": 20.0, "warmup_s": 4.0, "batch": 8, "slo_factor": 5.0, "steady": 0.35, "burst": 1.1,
+        "window_s": 0.25, "capacity_s": 4.0}
+QUICK = {**FULL, "subset": 2000, "epochs": 1, "compressions": (1, 16, 256), "phase_s": 8.0, "warmup_s": 3.0}
+# Stepping down takes one window over the SLO (every window late costs requests); stepping up takes
+# four windows with room and 2 s since the last switch (hysteresis).
+POLICY = {"down_windows": 1, "up_windows": 4, "up_headroom": 0.7, "dwell_s": 2.0, "max_switches_per_minute": 6}
+MAX_UTILIZATION = 0.6
 EDGE = "edge-bench"
 
 
 def build_portfolio(plan: dict, work: Path, data_dir) -> PortfolioStore:
-    """The shifter portfolio of this plan, built once (resumable) and kept in the work dir."""
-    recipe = "-".join(str(plan[k]) for k in ("width", "subset", "epochs", "levels", "rate"))
-    store = PortfolioStore(work / f"portfolio-{recipe}")
+    """The portfolio of this plan, built once (resumable) and kept in the work dir: `reconvene`
+    (SynFlow) at `compressions`, or `shifter` with `levels` of `rate` when the plan has no method."""
+    method = plan.get("method", "shifter")
+    steps = ("compressions",) if method == "reconvene" else ("levels", "rate")
+    recipe = "-".join(str(plan[k]).replace(", ", "_").strip("()") for k in ("width", "subset", "epochs", *steps))
+    store = PortfolioStore(work / f"portfolio-{method}-{recipe}")
     try:
         store.manifest()
         return store
     except StoreError:
         pass
+    shifter_config = shifter.ShifterConfig(levels=plan.get("levels", 1), rate=plan.get("rate", 0.5),
+                                           rewind_iteration=min(20, plan["subset"] // 64))
     portfolio.build(portfolio.BuildConfig(
-        out=store.root, model="vgg11", width=plan["width"], subset=plan["subset"], data_dir=data_dir,
-        check_images=64, threads=1, train=TrainConfig(epochs=plan["epochs"], batch_size=64, progress=False),
-        shifter=shifter.ShifterConfig(levels=plan["levels"], rate=plan["rate"],
-                                      rewind_iteration=min(20, plan["subset"] // 64))))
+        out=store.root, method=method, model="vgg11", width=plan["width"], subset=plan["subset"],
+        data_dir=data_dir, check_images=64, threads=1,
+        train=TrainConfig(epochs=plan["epochs"], batch_size=64, progress=False), shifter=shifter_config,
+        reconvene=reconvene.ReconveneConfig(compressions=tuple(float(c) for c in plan.get("compressions", (1,))))))
     return store
 
 
 def trace(plan: dict, mu_largest: float, mu_smallest: float) -> list[Phase]:
-    high = math.sqrt(mu_largest * MAX_UTILIZATION * mu_smallest)
+    high = MAX_UTILIZATION * mu_smallest
     steady = plan["steady"] * mu_largest
     seconds = plan["phase_s"]
     return [Phase("steady", seconds, steady), Phase("step up", seconds, high),
@@ -179,6 +190,8 @@ def _experiment(cloud, edge, store: PortfolioStore, plan: dict, data_dir) -> dic
     operator.set_policy(cloud.address, PLAIN, pinned_variant="")
     return {"slo_ms": slo_ms, "trace": [vars(p) for p in phases], "runs": runs,
             "capacity_rps": {"largest": mu[largest.variant_id], "smallest": mu[smallest.variant_id]},
+            "step_up_load": {"largest": phases[1].rate / mu[largest.variant_id],
+                             "smallest": phases[1].rate / mu[smallest.variant_id]},
             "variants": [{"name": v.name, "id": v.variant_id[:12], "accuracy": v.accuracy, "params": v.params,
                           "p50_ms_batch": profiles[v.variant_id].p50_ms_batch,
                           "p95_ms_batch": profiles[v.variant_id].p95_ms_batch} for v in variants],
@@ -201,14 +214,17 @@ def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
     plan = QUICK if quick else FULL
     work = Path(work or "runs/bench-policy.work")
     store = build_portfolio(plan, work, data_dir)
+    fleet = work / "fleet"  # coordinator state and edge cache start empty: an earlier run's portfolio
+    shutil.rmtree(fleet, ignore_errors=True)  # or policy must not carry over into this one
+    fleet.mkdir(parents=True)
     logs = work / "logs"
     cloud = processes.start("cloud", ["cloud.cli", "cloud", "serve", "--insecure", "--store", str(store.root), "--port", "0",
-                                      "--metrics-port", "0", "--db", str(work / "fleet.sqlite")], logs)
+                                      "--metrics-port", "0", "--db", str(fleet / "fleet.sqlite")], logs)
     children = [cloud]
     try:
         children.append(processes.start("edge", [
             "edge.cli", "run", "--insecure", "--cloud", cloud.address, "--name", EDGE, "--port", "0", "--metrics-port", "0",
-            "--cache", str(work / "cache"), "--threads", "1", "--batch", str(plan["batch"])], logs, timeout_s=600))
+            "--cache", str(fleet / "cache"), "--threads", "1", "--batch", str(plan["batch"])], logs, timeout_s=600))
         result = _experiment(cloud, children[1], store, plan, data_dir)
     finally:
         for child in reversed(children):

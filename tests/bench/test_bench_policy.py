@@ -6,8 +6,9 @@ from bench import policy
 from bench.__main__ import main
 from bench.load import Outcome
 
-TINY = {"width": 0.125, "subset": 256, "epochs": 1, "levels": 2, "rate": 0.8, "phase_s": 1.5, "warmup_s": 0.5,
-        "batch": 4, "slo_factor": 5.0, "steady": 0.35, "burst": 1.1, "window_s": 0.25, "capacity_s": 1.0}
+TINY = {"width": 0.125, "subset": 256, "epochs": 1, "method": "reconvene", "compressions": (1, 16), "phase_s": 1.5,
+        "warmup_s": 0.5, "batch": 4, "slo_factor": 5.0, "steady": 0.35, "burst": 1.1, "window_s": 0.25,
+        "capacity_s": 1.0}
 KEYS = {"slo_attainment", "slo_attainment_fixed_largest", "effective_accuracy", "effective_accuracy_fixed_smallest",
         "effective_accuracy_fixed_largest", "switches", "load_steps"}
 
@@ -16,7 +17,7 @@ def test_the_trace_steps_from_what_the_largest_serves_to_what_only_the_smallest_
     phases = policy.trace({"steady": 0.35, "burst": 1.1, "phase_s": 10.0}, mu_largest=100.0, mu_smallest=200.0)
     assert [p.name for p in phases] == ["steady", "step up", "burst", "step down"]
     steady, high, burst, down = (p.rate for p in phases)
-    assert steady == down == 35.0 and 100.0 < high < policy.MAX_UTILIZATION * 200.0 and burst == high * 1.1
+    assert steady == down == 35.0 and high == policy.MAX_UTILIZATION * 200.0 > 100.0 and burst == high * 1.1
 
 
 def test_late_and_failed_requests_count_as_wrong():
@@ -39,3 +40,5 @@ def test_a_tiny_policy_benchmark_runs_three_replays_on_a_real_edge(tmp_path, mon
     assert result["runs"]["fixed_largest"]["switches"] <= 1  # pinned: at most the pin itself
     assert all(0 < v["accuracy"] < 1 for v in result["variants"])
     assert result["capacity_rps"]["largest"] > 0 and result["capacity_rps"]["smallest"] > 0
+    assert [v["name"] for v in result["variants"]] == ["vgg11-synflow-1x", "vgg11-synflow-16x"]
+    assert abs(result["step_up_load"]["smallest"] - policy.MAX_UTILIZATION) < 1e-9
