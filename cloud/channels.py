@@ -2,13 +2,14 @@
 
 Over torch-pruning dependency groups (the layers that lose a channel together: a conv, its BatchNorm,
 activations, a depthwise conv, its readers; across residual adds the whole stage), each channel's value
-is propagated through the group's ops: a writer (conv or linear) whose filter is all zero emits its bias,
-a constant; BatchNorm, activations, pooling, depthwise convs and residual adds map constants to
-constants where that is exact; anything else is unknown. A channel is removable when every reader (a
-conv or linear layer taking it as input) either has zero weights on it, or receives exactly zero, or
-receives a constant it can absorb exactly into its bias (a linear layer, incl. after a flatten; an
-unpadded 1x1 conv). A constant that meets a padded conv is not foldable exactly (the zero padding at
-the border sees something else): the channel stays, unless the caller asks for approximate folding.
+is propagated through the group's ops (`cloud.channel_values`): a writer (conv or linear) whose filter
+is all zero emits its bias, a constant; BatchNorm, activations, pooling, depthwise convs and residual
+adds map constants to constants where that is exact; anything else is unknown. A channel is removable
+when every reader (a conv or linear layer taking it as input) either has zero weights on it, or receives
+exactly zero, or receives a constant it can absorb exactly into its bias (a linear layer, incl. after a
+flatten; an unpadded 1x1 conv). A constant that meets a padded conv is not foldable exactly (the zero
+padding at the border sees something else): the channel stays, unless the caller asks for approximate
+folding.
 
 A concat along channels is followed through: each branch's group reaches the readers' slice of it.
 Groups whose ops may mix channels or are not understood (slices, other reshapes, reductions over
@@ -23,30 +24,9 @@ from dataclasses import dataclass, field
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.nn import functional as F
 
-OPTYPE = tp.ops.OPTYPE
-LAYERS = (nn.Conv2d, nn.Linear)  # matched by exact class: a subclass may transform its weights
-BATCHNORM = nn.modules.batchnorm._BatchNorm
-# Channel-wise autograd ops, and how they map a constant channel (None: only zero maps to zero exactly).
-UNARY = {
-    "ReluBackward0": lambda fn, v: v.clamp(min=0),
-    "HardtanhBackward0": lambda fn, v: v.clamp(float(fn._saved_min_val), float(fn._saved_max_val)),
-    "LeakyReluBackward0": lambda fn, v: F.leaky_relu(v, float(fn._saved_negative_slope)),
-    "SigmoidBackward0": lambda fn, v: torch.sigmoid(v),
-    "TanhBackward0": lambda fn, v: torch.tanh(v),
-    "SiluBackward0": lambda fn, v: F.silu(v),
-    "HardswishBackward0": lambda fn, v: F.hardswish(v),
-    "GeluBackward0": lambda fn, v: F.gelu(v, approximate=str(fn._saved_approximate)),
-    "CloneBackward0": lambda fn, v: v,
-    "MaxPool2DWithIndicesBackward0": lambda fn, v: v,  # pads with -inf: a constant map stays constant
-    "AdaptiveAvgPool2DBackward0": lambda fn, v: v,
-    "AdaptiveMaxPool2DBackward0": lambda fn, v: v,
-    "MeanBackward1": lambda fn, v: v,  # over spatial dims only (checked in _unsupported)
-    "SumBackward1": None,
-    "AvgPool2DBackward0": lambda fn, v: v if not (any(fn._saved_padding) and fn._saved_count_include_pad) else None,
-}
-SUMS = frozenset({"AddBackward0", "SubBackward0", "MulBackward0"})  # every operand must be traced
+from cloud.channel_values import (BATCHNORM, LAYERS, OPTYPE, SUMS, UNARY, ChannelValues, by_root, fn_name,
+                                  is_depthwise, is_weight_transpose, nonzero_along, unpadded)
 
 
 class SurgeryError(RuntimeError):
@@ -137,19 +117,9 @@ def _is_flatten(node) -> bool:
     return all(out.type == OPTYPE.LINEAR and out.module.in_features == features for out in node.outputs)
 
 
-def _fn_name(node) -> str:
-    fn = node.grad_fn
-    return fn.name() if hasattr(fn, "name") else ""
-
-
-def _is_weight_transpose(node) -> bool:
-    """A linear layer's transposed weight (not data), as torch-pruning traces it."""
-    return _fn_name(node) == "TBackward0" and not node.inputs and all(o.type == OPTYPE.LINEAR for o in node.outputs)
-
-
 def _elementwise_ok(node) -> bool:
-    fn, name = node.grad_fn, _fn_name(node)
-    if _is_weight_transpose(node):
+    fn, name = node.grad_fn, fn_name(node)
+    if is_weight_transpose(node):
         return True
     if name in SUMS:  # a constant or untraced operand (x + 1, x + model input) is not a channel of the group
         return getattr(fn, "_saved_alpha", 1) == 1 and all(
@@ -158,10 +128,6 @@ def _elementwise_ok(node) -> bool:
         ndim = len(fn._saved_self_sym_sizes)
         return ndim >= 2 and all((d - (1 << 64) if d >= 1 << 63 else d) % ndim != 1 for d in fn._saved_dim)
     return name in UNARY
-
-
-def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1
 
 
 def _unsupported(item, trace: Trace, channels: int) -> str | None:
@@ -174,13 +140,13 @@ def _unsupported(item, trace: Trace, channels: int) -> str | None:
     if node.type in (OPTYPE.CONV, OPTYPE.DEPTHWISE_CONV, OPTYPE.LINEAR, OPTYPE.BN):
         if type(module) not in LAYERS and not isinstance(module, BATCHNORM):
             return f"{label} is a {type(module).__name__}"
-        if getattr(module, "transposed", False) or (getattr(module, "groups", 1) != 1 and not _is_depthwise(module)):
+        if getattr(module, "transposed", False) or (getattr(module, "groups", 1) != 1 and not is_depthwise(module)):
             return f"{label} is a grouped (not depthwise) or transposed conv"
         if isinstance(module, BATCHNORM) and module.running_mean is None:
             return f"{label} normalizes with batch statistics"
         if trace.calls.get(module, 0) != 1:
             return f"{label} runs {trace.calls.get(module, 0)} times"
-        if isinstance(module, BATCHNORM) or _is_depthwise(module):
+        if isinstance(module, BATCHNORM) or is_depthwise(module):
             size = module.num_features if isinstance(module, BATCHNORM) else module.out_channels
         else:
             size = module.weight.shape[0 if writes else 1]
@@ -208,13 +174,6 @@ def _maps_onto(item, size: int, channels: int, one_each: bool) -> bool:
     return len(idxs) == channels if one_each else True
 
 
-def _by_root(item, channels: int) -> torch.Tensor:
-    """The layer index of each root channel (for one-to-one items)."""
-    order = torch.empty(channels, dtype=torch.long)
-    order[torch.tensor(list(item.root_idxs), dtype=torch.long)] = torch.tensor(list(item.idxs), dtype=torch.long)
-    return order
-
-
 def _any_per_root(item, flags: torch.Tensor, channels: int) -> torch.Tensor:
     """Per root channel: is any of its layer indices flagged?"""
     roots = torch.tensor(list(item.root_idxs), dtype=torch.long)
@@ -226,106 +185,27 @@ def _columns(item, channel: int) -> tuple[int, ...]:
     return tuple(i for i, r in zip(item.idxs, item.root_idxs) if r == channel)
 
 
-def _nonzero_along(weight: torch.Tensor, dim: int) -> torch.Tensor:
-    """Per index of `dim` (0 or 1): is any weight there nonzero, i.e. is the max or the min nonzero?
-    Reducing dim 0 first for dim 1 is fast and makes no weight-sized temporaries; NaN counts as nonzero."""
-    highs, lows = (weight.amax(dim=0), weight.amin(dim=0)) if dim == 1 else (weight, weight)
-    return highs.reshape(len(highs), -1).amax(dim=1).ne(0) | lows.reshape(len(lows), -1).amin(dim=1).ne(0)
-
-
-class _Values:
-    """Per node of one group: (known, value) per root channel; value is the channel's constant where known."""
-
-    def __init__(self, group, graph: tp.DependencyGraph, channels: int):
-        self.graph, self.channels = graph, channels
-        self.out_items = {item.dep.target: item for item in group.items if graph.is_out_channel_pruning_fn(item.dep.handler)}
-        self.writes = set(self.out_items)
-        self.nodes = {item.dep.target for item in group.items}
-        self.memo: dict = {}
-
-    def _unknown(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.zeros(self.channels, dtype=torch.bool), torch.zeros(self.channels, dtype=torch.float64)
-
-    def inputs(self, node) -> list:
-        return [n for n in node.inputs if n in self.nodes and not _is_weight_transpose(n)]
-
-    def of(self, node) -> tuple[torch.Tensor, torch.Tensor]:
-        if node not in self.memo:
-            self.memo[node] = self._compute(node)
-        return self.memo[node]
-
-    def _compute(self, node) -> tuple[torch.Tensor, torch.Tensor]:
-        module = node.module
-        if isinstance(module, LAYERS) and not _is_depthwise(module):
-            if node not in self.writes:
-                return self._unknown()
-            rows = _by_root(self.out_items[node], self.channels)
-            zero = ~_nonzero_along(module.weight.detach(), 0)[rows]
-            bias = module.bias.detach().double()[rows] if module.bias is not None else self._unknown()[1]
-            return zero, bias * zero
-        sources = [self.of(n) for n in self.inputs(node)]
-        if len(sources) != 1 and not (node.type == OPTYPE.ELEMENTWISE and _fn_name(node) in SUMS and sources):
-            return self._unknown()
-        if isinstance(module, BATCHNORM):
-            (known, value), bn, rows = sources[0], module, _by_root(self.out_items[node], self.channels)
-            weight = bn.weight.detach().double()[rows] if bn.weight is not None else 1.0
-            bias = bn.bias.detach().double()[rows] if bn.bias is not None else 0.0
-            scale = weight / torch.sqrt(bn.running_var.double()[rows] + bn.eps)
-            return known, (value - bn.running_mean.double()[rows]) * scale + bias
-        if _is_depthwise(module):
-            (known, value), conv, rows = sources[0], module, _by_root(self.out_items[node], self.channels)
-            weight = conv.weight.detach().double().flatten(1)[rows]
-            bias = conv.bias.detach().double()[rows] if conv.bias is not None else self._unknown()[1]
-            blank = ~_nonzero_along(conv.weight.detach(), 0)[rows]
-            unpadded = _unpadded(conv)
-            constant = known & (value.eq(0) | unpadded)
-            return blank | constant, torch.where(blank, bias, value * weight.sum(1) + bias)
-        if node.type in (OPTYPE.RESHAPE, OPTYPE.CONCAT):  # a flatten, or this group's slice of a concat
-            return sources[0]
-        name = _fn_name(node)
-        if name in SUMS:
-            if len(sources) != sum(f is not None for f, _ in node.grad_fn.next_functions):
-                return self._unknown()  # an operand outside the group: its channels are not these
-            known = torch.stack([k for k, _ in sources]).all(0)
-            values = torch.stack([v for _, v in sources])
-            if name == "AddBackward0":
-                return known, values.sum(0)
-            zeros = torch.stack([k & v.eq(0) for k, v in sources])  # x - x or x * 0: only zeros are certain
-            certain = zeros.all(0) if name == "SubBackward0" else zeros.any(0)
-            return certain, torch.zeros(self.channels, dtype=torch.float64)
-        known, value = sources[0]
-        rule = UNARY.get(name)
-        mapped = rule(node.grad_fn, value) if rule is not None else None
-        if mapped is None:
-            return known & value.eq(0), torch.zeros(self.channels, dtype=torch.float64)
-        return known, mapped
-
-
 def _foldable(module: nn.Module) -> bool:
     """Can this reader absorb a constant input channel into its bias exactly?"""
     if isinstance(module, nn.Linear):
         return True
-    return module.groups == 1 and tuple(module.kernel_size) == (1, 1) and _unpadded(module)
-
-
-def _unpadded(conv: nn.Conv2d) -> bool:
-    return conv.padding == "valid" or (not isinstance(conv.padding, str) and not any(conv.padding))
+    return module.groups == 1 and tuple(module.kernel_size) == (1, 1) and unpadded(module)
 
 
 def plan_group(group, graph: tp.DependencyGraph, channels: int, approximate: bool) -> tuple[list[int], list[Fold]]:
     """Dead root channels of a supported group and the folds their removal needs."""
-    values = _Values(group, graph, channels)
+    values = ChannelValues(group, graph, channels)
     removable = torch.ones(channels, dtype=torch.bool)
     pending = []  # (reader, channels it would fold, their values, exactly?)
     readers = 0
     for item in group.items:
         node, module = item.dep.target, item.dep.target.module
-        if not isinstance(module, LAYERS) or _is_depthwise(module) or node in values.writes:
+        if not isinstance(module, LAYERS) or is_depthwise(module) or node in values.writes:
             continue
         readers += 1
-        unread = ~_any_per_root(item, _nonzero_along(module.weight.detach(), 1), channels)
+        unread = ~_any_per_root(item, nonzero_along(module.weight.detach(), 1), channels)
         sources = [values.of(n) for n in values.inputs(node)]
-        known, value = sources[0] if len(sources) == 1 else values._unknown()
+        known, value = sources[0] if len(sources) == 1 else values.unknown()
         zero = known & value.eq(0)
         constant = known & ~zero & ~unread
         fits = _foldable(module)
@@ -373,11 +253,11 @@ def members(plan: GroupPlan, graph: tp.DependencyGraph) -> Members:
     writers, carriers, readers = [], [], []
     for item in plan.group.items:
         module, writes = item.dep.target.module, graph.is_out_channel_pruning_fn(item.dep.handler)
-        if writes and (isinstance(module, BATCHNORM) or _is_depthwise(module)):
-            carriers.append((module, _by_root(item, channels)))
+        if writes and (isinstance(module, BATCHNORM) or is_depthwise(module)):
+            carriers.append((module, by_root(item, channels)))
         elif writes and isinstance(module, LAYERS):
-            writers.append((module, _by_root(item, channels)))
-        elif isinstance(module, LAYERS) and not _is_depthwise(module):
+            writers.append((module, by_root(item, channels)))
+        elif isinstance(module, LAYERS) and not is_depthwise(module):
             readers.append(module)
     return Members(channels, tuple(writers), tuple(carriers), tuple(dict.fromkeys(readers)))
 

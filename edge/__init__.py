@@ -3,5 +3,6 @@
 fetcher (content-addressed, resumable, verified downloads), runtime (in-memory variants, atomic switch),
 policy (pure switching decisions), profiler (on-device latency), telemetry (request windows), metrics
 (Prometheus), server (InferenceService, health, reflection), link (Register and the Connect stream),
+config (the agent's settings), portfolio_sync (fetch, verify, load and profile a portfolio's variants),
 agent (the loops), cli (`prunefleet-edge`).
 """

@@ -36,8 +36,9 @@ import torch
 from prometheus_client import CollectorRegistry, start_http_server
 
 from common import models, security
-from edge.agent import Agent, AgentConfig, initial_portfolio
+from edge.agent import Agent, initial_portfolio
 from edge.batching import BatchConfig, MicroBatcher
+from edge.config import AgentConfig
 from edge.link import Link, LinkConfig, Outbox
 from edge.metrics import EdgeMetrics
 from edge.runtime import Runtime, RuntimeConfig

@@ -11,8 +11,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.files import portfolio_id, sha256_bytes
 from common.security import Transport
 from common.wire import to_proto
-from edge.agent import AgentConfig, initial_portfolio
+from edge.agent import initial_portfolio
 from edge.cli import assemble
+from edge.config import AgentConfig
 from edge_fixtures import FakeCloud, portfolio_of, wait_for
 from protos import coordinator_pb2, inference_pb2, inference_pb2_grpc, portfolio_pb2
 

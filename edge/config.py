@@ -1,0 +1,59 @@
+"""The edge agent's settings: one frozen dataclass, validated on construction, built from the flags of
+`prunefleet-edge run` (`edge.cli`) and read by the agent (`edge.agent`) and its portfolio sync
+(`edge.portfolio_sync`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    cloud: str  # host:port of the coordinator and portfolio service
+    name: str
+    cache_dir: Path
+    host: str = "127.0.0.1"  # address to bind
+    advertise_host: str = ""  # how the coordinator and clients reach this edge; defaults to `host`
+    port: int = 0  # 0 picks a free port
+    metrics_port: int = 0
+    threads: int = 1  # inference threads, and concurrent inferences
+    batch: int = 8  # the typical batch, profiled on arrival
+    max_batch: int = 256
+    window_s: float = 1.0  # telemetry window until the policy sets one
+    workers: int = 16  # gRPC server threads
+    profile_iters: int = 30
+    fetch_deadline_s: float = 300.0
+    fetch_attempts: int = 5
+    slo_ms: float = 50.0  # where the latency histogram gets its SLO bucket; the policy sets the real SLO
+    backoff_s: float = 0.5  # reconnect and re-register: exponential backoff with full jitter from here
+    max_backoff_s: float = 10.0
+    allowed_models: tuple[str, ...] = ()  # import-path architectures this edge may build (zoo: always)
+    verify_key: Path | None = None  # the cloud's Ed25519 public key: refuse unsigned or wrongly signed variants
+    memory_budget_mib: float = 0.0  # resident model bytes; the rest load on demand (0 = hold all)
+    batch_delay_ms: float = 0.0  # micro-batching: longest a request waits for others (0 = off)
+    max_pending: int = 256  # Predicts in progress or queued; beyond, RESOURCE_EXHAUSTED
+
+    def __post_init__(self) -> None:
+        if not self.cloud or not self.name:
+            raise ValueError("cloud and name must be set")
+        if self.threads < 1 or self.workers < 2 or self.profile_iters < 1 or self.fetch_attempts < 1:
+            raise ValueError("threads and fetch_attempts must be >= 1, workers >= 2 and profile_iters >= 1")
+        if not 1 <= self.batch <= self.max_batch:
+            raise ValueError(f"batch must be in [1, max_batch={self.max_batch}]")
+        if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
+            raise ValueError("ports must be in [0, 65535]")
+        if self.window_s <= 0 or self.fetch_deadline_s <= 0 or self.slo_ms <= 0:
+            raise ValueError("window_s, fetch_deadline_s and slo_ms must be positive")
+        if not 0 <= self.backoff_s <= self.max_backoff_s:
+            raise ValueError("backoff_s must be in [0, max_backoff_s]")
+        if self.memory_budget_mib < 0 or not 0 <= self.batch_delay_ms <= 1000 or self.max_pending < 1:
+            raise ValueError("memory_budget_mib must be >= 0, batch_delay_ms in [0, 1000], max_pending >= 1")
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return int(self.memory_budget_mib * (1 << 20))
+
+    @property
+    def public_host(self) -> str:
+        return self.advertise_host or self.host
