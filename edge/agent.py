@@ -158,12 +158,11 @@ class Agent:
         canary (restarted mid-rollout, say) never counts them against the new portfolio."""
         stats = self._window.close_window(self._clock())
         if stats.requests:
-            telemetry = self._telemetry(stats)
+            telemetry = self._telemetry(stats, *self._process.sample())
             telemetry.portfolio_id = ""
             self._outbox.telemetry(self._report(telemetry=telemetry))
 
-    def _telemetry(self, stats) -> coordinator_pb2.Telemetry:
-        cpu, rss = self._process.sample()
+    def _telemetry(self, stats, cpu: float, rss: int) -> coordinator_pb2.Telemetry:
         active = self.runtime.active
         return coordinator_pb2.Telemetry(
             timestamp=self._wall_clock(), active_variant=active.variant_id if active else "",
@@ -175,10 +174,13 @@ class Agent:
     def _policy_window(self, now: float) -> policies.Window | None:
         """Close the telemetry window and report it (kept while the cloud is away). None when telemetry
         is missing: the window could not be read, it is stale (the decision loop was held up for over
-        `STALE_WINDOWS` windows), or requests came and none was answered (no latency to go by)."""
+        `STALE_WINDOWS` windows), or requests came and none was answered (no latency to go by). The
+        process's CPU time over the window, per answered request, tells the policy what a request costs
+        beyond the model's forward pass."""
         try:
             stats = self._window.close_window(now)
-            self._outbox.telemetry(self._report(telemetry=self._telemetry(stats)))
+            cpu, rss = self._process.sample()
+            self._outbox.telemetry(self._report(telemetry=self._telemetry(stats, cpu, rss)))
         except Exception:  # noqa: BLE001 - whatever broke, the policy must fall back, not stop
             log.exception("telemetry window unreadable")
             return None
@@ -186,7 +188,8 @@ class Agent:
         answered = stats.requests - stats.errors
         if stale or (stats.requests and not answered):
             return None
-        return policies.Window(answered, stats.p95_ms, stats.rate, self.runtime.config.slots)
+        cpu_ms = cpu * 10.0 * stats.seconds / answered if answered else 0.0  # percent of a core -> ms
+        return policies.Window(answered, stats.p95_ms, stats.rate, self.runtime.config.slots, cpu_ms)
 
     def decide_once(self) -> policies.Decision | None:
         """Close the window, report it, and switch if the policy says so."""

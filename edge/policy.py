@@ -3,9 +3,14 @@
 Objective: the most accurate variant whose p95 latency stays under the SLO. The edge predicts a
 variant's p95 from its own on-device profile and the live window: the observed p95 scaled by the
 ratio of profiled p95s (candidate / active); in an idle window, the profiled p95 itself. A variant
-that the window's request rate would overload (utilization = rate x profiled p50 / inference slots
-above `MAX_UTILIZATION`) is predicted to miss any SLO: scaling latencies says nothing about a queue
-that would grow without bound, and without this a loaded edge would step up into overload and flap.
+that the window's request rate would overload (utilization = rate x (profiled p50 + overhead) /
+inference slots above `MAX_UTILIZATION`) is predicted to miss any SLO: scaling latencies says nothing
+about a queue that would grow without bound, and without this a loaded edge would step up into
+overload and flap.
+A request costs more than its forward pass: decoding, gRPC and Python take the same time whatever the
+variant. The window measures it (the serving process's CPU time per request, less the active
+variant's profiled p50) and every utilization counts it. With intra-op threads a forward pass uses
+more CPU than its latency, which only makes the estimate conservative.
 
 Candidates are the variants at or above the accuracy floor (all of them if none is), reduced to the
 Pareto frontier: a variant that is slower than another (at p50 and p95) and not more accurate is
@@ -15,24 +20,25 @@ Constraints: a variant bigger than the memory budget (`memory_budget_bytes`, 0 =
 candidate; the accuracy floor is soft (all variants qualify when none reaches it).
 
 A window also counts as over the SLO when its request rate keeps the active variant busy more than
-`SATURATION` of the time (rate x profiled p50 / slots): open-loop load beyond what a variant serves
+`SATURATION` of the time (the same utilization): open-loop load beyond what a variant serves
 grows a queue whose p95 crosses the SLO only later, with a backlog that then takes long to drain.
 The gap between `MAX_UTILIZATION` (no step up beyond it) and `SATURATION` is hysteresis too.
-Utilization counts requests, each at the profiled p50 of the typical batch; with micro-batching,
-requests that share a pass cost less than that, so both guards are conservative there.
+Utilization counts requests, each at the profiled p50 of the typical batch plus the overhead; with
+micro-batching, requests that share a pass cost less than that, so both guards are conservative there.
 
 Hysteresis: stepping down needs `down_windows` consecutive windows over the SLO; stepping up needs
 `up_windows` consecutive windows in which a more accurate candidate is predicted under
 `slo * up_headroom`, and `dwell_s` seconds since the last switch. A window in between resets both
 counts, so load that hovers around the SLO never flaps. On top of that, at most
 `max_switches_per_minute` automatic switches happen in any 60 s; one held back by the cap is recorded
-once ("capped") and happens when the minute allows it, if it is still wanted.
+once ("capped") and happens when the minute allows it, if it is still wanted. Only automatic switches
+count towards the cap.
 
 The operator's pin wins over everything; unpinning is recorded ("unpinned") and the policy resumes
 from the pinned variant. Without telemetry (`window` is None: the window could not be read or is
 stale) or without a profile of the active variant, the edge falls back to the smallest variant
 ("fallback"), the one least likely to miss the SLO or the memory budget. Pins, the initial choice
-and fallbacks are not capped.
+and fallbacks are neither capped nor counted towards the cap.
 """
 
 from __future__ import annotations
@@ -109,6 +115,7 @@ class Window:
     p95_ms: float
     rate: float = 0.0  # requests per second answered in the window
     slots: int = 1  # concurrent inferences the device runs
+    cpu_ms_per_request: float = 0.0  # the serving process's CPU time per answered request (0 = unknown)
 
 
 @dataclass(frozen=True)
@@ -161,16 +168,24 @@ def smallest(options: list[Option]) -> Option:
     return min(options, key=lambda o: (o.size_bytes, o.p95_ms, o.variant_id))
 
 
-def utilization(option: Option, window: Window) -> float:
-    """Share of the time `option` would be busy serving the window's request rate on its slots."""
-    return window.rate * option.p50_ms / 1e3 / max(window.slots, 1)
+def overhead_ms(active: Option, window: Window) -> float:
+    """What a request costs beyond the model's forward pass, as the window measured it: the process's
+    CPU time per request less the active variant's profiled p50 (decoding, gRPC, Python; never below
+    0). The same for every variant, since only the forward pass changes between them."""
+    return max(0.0, window.cpu_ms_per_request - active.p50_ms)
+
+
+def utilization(option: Option, window: Window, overhead: float = 0.0) -> float:
+    """Share of the time `option` would be busy serving the window's request rate on its slots, each
+    request costing its profiled p50 plus `overhead` ms."""
+    return window.rate * (option.p50_ms + overhead) / 1e3 / max(window.slots, 1)
 
 
 def predicted_p95(candidate: Option, active: Option, window: Window) -> float:
     """The p95 `candidate` would show under this window's load."""
     if window.requests <= 0:
         return candidate.p95_ms
-    if utilization(candidate, window) > MAX_UTILIZATION:
+    if utilization(candidate, window, overhead_ms(active, window)) > MAX_UTILIZATION:
         return float("inf")
     return window.p95_ms * candidate.p95_ms / max(active.p95_ms, 1e-9)
 
@@ -206,7 +221,8 @@ def _switched(config: PolicyConfig, target: Option, reason: str, reason_code: st
         return Decision(state.active, f"wanted {target.label} ({reason}); held back: {len(recent)} switches in the "
                                       f"last minute, cap {config.max_switches_per_minute}", "capped", held,
                         predicted_p95_ms=predicted)
-    new_state = PolicyState(target.variant_id, last_switch_at=now, recent_switches=recent + (now,),
+    counted = recent + (now,) if reason_code in CAPPED_CODES else recent
+    new_state = PolicyState(target.variant_id, last_switch_at=now, recent_switches=counted,
                             pinned=target.variant_id if reason_code == "pinned" else "")
     return Decision(target.variant_id, reason, reason_code, new_state, switch=target.variant_id != state.active,
                     predicted_p95_ms=predicted)
@@ -222,7 +238,8 @@ def _step_down(config: PolicyConfig, candidates: list[Option], active: Option, w
     if window.p95_ms > config.slo_ms:
         why = f"p95 {window.p95_ms:.1f} ms over SLO {config.slo_ms:.1f} ms"
     else:
-        why = f"{window.rate:.1f} req/s keep {active.label} {utilization(active, window):.0%} busy (saturated)"
+        busy = utilization(active, window, overhead_ms(active, window))
+        why = f"{window.rate:.1f} req/s keep {active.label} {busy:.0%} busy (saturated)"
     reason = f"{why} for {state.over_count} windows at {window.rate:.1f} req/s; {outlook}"
     return _switched(config, target, reason, "slo_violation", state, now, predicted)
 
@@ -285,7 +302,7 @@ def decide(config: PolicyConfig, options: list[Option], state: PolicyState, wind
     if window is None:
         return _fallback(config, options, state, "telemetry missing", now)
     candidates = frontier(config, options)
-    saturated = utilization(active, window) > SATURATION
+    saturated = utilization(active, window, overhead_ms(active, window)) > SATURATION
     if window.requests > 0 and (window.p95_ms > config.slo_ms or saturated):
         state = replace(state, over_count=state.over_count + 1, under_count=0)
         if state.over_count >= config.down_windows:

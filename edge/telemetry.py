@@ -17,6 +17,7 @@ class WindowStats:
     p50_ms: float  # latency percentiles of the answered requests; 0 when none was
     p95_ms: float
     p99_ms: float
+    seconds: float = 0.0  # how long the window was open
 
 
 class RequestWindow:
@@ -48,11 +49,12 @@ class RequestWindow:
             latencies, requests, errors = self._latencies, self._requests, self._errors
             started, self._started_at = self._started_at, now
             self._latencies, self._requests, self._errors = [], 0, 0
-        rate = requests / max(now - started, 1e-6)
+        seconds = max(now - started, 1e-6)
+        rate = requests / seconds
         if not latencies:
-            return WindowStats(requests, errors, rate, 0.0, 0.0, 0.0)
+            return WindowStats(requests, errors, rate, 0.0, 0.0, 0.0, seconds)
         p50, p95, p99 = np.percentile(np.asarray(latencies) * 1e3, [50, 95, 99])
-        return WindowStats(requests, errors, rate, float(p50), float(p95), float(p99))
+        return WindowStats(requests, errors, rate, float(p50), float(p95), float(p99), seconds)
 
 
 class ProcessStats:

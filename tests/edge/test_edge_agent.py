@@ -72,6 +72,19 @@ def test_bring_up_loads_verified_variants_and_reports_over_connect(wired):
     assert telemetry.rss_bytes > 0
 
 
+def test_the_policy_window_carries_the_cpu_each_request_cost(wired):
+    _, node, _, _ = wired
+    _start(node)
+    node.agent._policy_window(node.agent._clock())  # a fresh window and CPU sample
+    stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(node.address))
+    request = inference_pb2.PredictRequest(input=to_proto(np.zeros((4, 1, 28, 28), np.float32)))
+    for _ in range(20):
+        stub.Predict(request, timeout=10)
+    window = node.agent._policy_window(node.agent._clock())
+    assert window.requests == 20 and window.rate > 0
+    assert 0 < window.cpu_ms_per_request < 10_000
+
+
 def test_a_policy_directive_pins_and_the_switch_is_reported(wired):
     cloud, node, infos, _ = wired
     _start(node)

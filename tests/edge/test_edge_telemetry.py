@@ -20,7 +20,7 @@ def test_window_stats_and_reset():
         window.record(ms / 1e3, "v", True)
     window.record(0.0001, "", False)
     stats = window.close_window(12.0)
-    assert (stats.requests, stats.errors, stats.rate) == (101, 1, 50.5)
+    assert (stats.requests, stats.errors, stats.rate, stats.seconds) == (101, 1, 50.5, 2.0)
     assert stats.p50_ms == pytest.approx(50.5) and stats.p95_ms == pytest.approx(95.05)
     assert stats.p99_ms == pytest.approx(99.01)  # the failed request's latency stays out
     empty = window.close_window(13.0)
