@@ -30,9 +30,15 @@ Hysteresis: stepping down needs `down_windows` consecutive windows over the SLO;
 `up_windows` consecutive windows in which a more accurate candidate is predicted under
 `slo * up_headroom`, and `dwell_s` seconds since the last switch. A window in between resets both
 counts, so load that hovers around the SLO never flaps. On top of that, at most
-`max_switches_per_minute` automatic switches happen in any 60 s; one held back by the cap is recorded
-once ("capped") and happens when the minute allows it, if it is still wanted. Only automatic switches
-count towards the cap.
+`max_switches_per_minute` step-ups happen in any 60 s; one held back by the cap is recorded once
+("capped") and happens when the minute allows it, if it is still wanted. Step-downs protect the SLO
+and are never held back: each one goes to a faster variant, so between two step-ups there are at most
+as many as there are variants, and a minute holds at most (cap + 1) x variants switches.
+
+Failed steps are remembered: a variant the edge left for being over the SLO at a request rate R sets
+a ceiling for `CEILING_S` seconds: while the rate stays above `CEILING_RATE` x R and the SLO is no
+looser, neither it nor any variant as slow (by profiled p50) is a step-up. A prediction that proved wrong under this load is not
+tried again and again, each time costing a window of late requests.
 
 The operator's pin wins over everything; unpinning is recorded ("unpinned") and the policy resumes
 from the pinned variant. Without telemetry (`window` is None: the window could not be read or is
@@ -52,7 +58,9 @@ DEFAULT_DWELL_S = 5.0
 STAY = "stay"
 MAX_UTILIZATION = 0.85
 SATURATION = 0.95  # the active variant busy this share of the time: a queue is building
-CAPPED_CODES = ("slo_violation", "headroom")  # the automatic switches the per-minute cap applies to
+CAPPED_CODES = ("headroom",)  # the switches the per-minute cap applies to: step-ups
+CEILING_S = 60.0  # how long a variant left for being over the SLO bounds step-ups
+CEILING_RATE = 0.8  # ... at request rates above this share of the rate it was left at
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,17 @@ class Window:
 
 
 @dataclass(frozen=True)
+class Ceiling:
+    """No step-up to a variant as slow as `p50_ms` while the rate is above `CEILING_RATE` x `rate`
+    and the SLO at most `slo_ms`."""
+
+    p50_ms: float  # profiled p50 of the variant left for being over the SLO
+    rate: float  # requests per second when it was left
+    slo_ms: float  # the SLO it missed
+    at: float  # when
+
+
+@dataclass(frozen=True)
 class PolicyState:
     active: str
     over_count: int = 0
@@ -127,6 +146,7 @@ class PolicyState:
     recent_switches: tuple[float, ...] = ()  # times of the switches in the last minute
     pinned: str = ""  # the variant the operator pinned, while the pin holds
     capped: bool = False  # the last wanted switch was held back by the cap (recorded once)
+    ceilings: tuple[Ceiling, ...] = ()  # from recent step-downs
 
 
 @dataclass(frozen=True)
@@ -222,8 +242,9 @@ def _switched(config: PolicyConfig, target: Option, reason: str, reason_code: st
                                       f"last minute, cap {config.max_switches_per_minute}", "capped", held,
                         predicted_p95_ms=predicted)
     counted = recent + (now,) if reason_code in CAPPED_CODES else recent
+    ceilings = tuple(c for c in state.ceilings if now - c.at < CEILING_S)
     new_state = PolicyState(target.variant_id, last_switch_at=now, recent_switches=counted,
-                            pinned=target.variant_id if reason_code == "pinned" else "")
+                            pinned=target.variant_id if reason_code == "pinned" else "", ceilings=ceilings)
     return Decision(target.variant_id, reason, reason_code, new_state, switch=target.variant_id != state.active,
                     predicted_p95_ms=predicted)
 
@@ -241,12 +262,22 @@ def _step_down(config: PolicyConfig, candidates: list[Option], active: Option, w
         busy = utilization(active, window, overhead_ms(active, window))
         why = f"{window.rate:.1f} req/s keep {active.label} {busy:.0%} busy (saturated)"
     reason = f"{why} for {state.over_count} windows at {window.rate:.1f} req/s; {outlook}"
+    state = replace(state, ceilings=state.ceilings + (Ceiling(active.p50_ms, window.rate, config.slo_ms, now),))
     return _switched(config, target, reason, "slo_violation", state, now, predicted)
+
+
+def _under_ceiling(config: PolicyConfig, option: Option, active: Option, state: PolicyState, window: Window,
+                   now: float) -> bool:
+    """`option` may be stepped up to: no recent ceiling at this rate and SLO covers it."""
+    return option.variant_id == active.variant_id or not any(
+        now - c.at < CEILING_S and window.rate > CEILING_RATE * c.rate and config.slo_ms <= c.slo_ms
+        and option.p50_ms >= c.p50_ms for c in state.ceilings)
 
 
 def _step_up(config: PolicyConfig, candidates: list[Option], active: Option, window: Window,
              state: PolicyState, now: float) -> Decision:
-    best = _best_under(candidates, active, window, config.slo_ms * config.up_headroom)
+    allowed = [o for o in candidates if _under_ceiling(config, o, active, state, window, now)]
+    best = _best_under(allowed, active, window, config.slo_ms * config.up_headroom)
     if best is None or best[0].accuracy <= active.accuracy:
         return Decision(active.variant_id, "steady", STAY, replace(state, over_count=0, under_count=0, capped=False))
     state = replace(state, over_count=0, under_count=state.under_count + 1)

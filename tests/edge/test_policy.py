@@ -152,22 +152,45 @@ def test_missing_telemetry_falls_back_to_the_smallest_even_when_capped():
     assert not again.switch and not again.recorded  # already there: nothing to record
 
 
-def test_the_cap_holds_back_automatic_switches_and_records_that_once():
+def test_the_cap_holds_back_step_ups_and_records_that_once_but_never_a_step_down():
     config = PolicyConfig(slo_ms=30.0, down_windows=1, up_windows=1, dwell_s=0.0, max_switches_per_minute=2)
     # overload and light load alternate every two windows: without the cap, a switch every other window
-    windows = [5.0, 5.0, 0.2, 0.2] * 10
+    windows = [5.0, 5.0, 0.2, 0.2] * 30
     switches, _ = run(config, PolicyState(SLOW.variant_id), windows)
-    assert len(switches) <= 2 * (len(windows) // 60 + 1)
+    ups = [d for _, d in switches if d.reason_code == "headroom"]
+    assert len(ups) <= 2 * (len(windows) // 60 + 1) and len(switches) <= (2 + 1) * 3 * (len(windows) // 60 + 1)
     state, now, decisions = PolicyState(SLOW.variant_id), 100.0, []
-    for factor in [5.0, 0.2, 5.0, 5.0, 5.0]:
+    for factor in [5.0, 0.2, 5.0, 0.2, 5.0, 0.2, 0.2]:
         now += 1.0
-        decision = decide(config, OPTIONS, state, Window(10, factor * BY_ID[state.active].p95_ms), now)
+        window = Window(10, factor * BY_ID[state.active].p95_ms)  # no rate: no ceiling applies
+        decision = decide(config, OPTIONS, state, window, now)
         decisions.append(decision)
         state = decision.state
-    assert [d.reason_code for d in decisions] == ["slo_violation", "headroom", "capped", "stay", "stay"]
-    assert not decisions[2].switch and decisions[2].recorded and "cap 2" in decisions[2].reason
-    later = decide(config, OPTIONS, state, Window(10, 5.0 * BY_ID[state.active].p95_ms), 161.5)
-    assert later.switch and later.reason_code == "slo_violation"  # the minute has passed
+    assert [d.reason_code for d in decisions] == ["slo_violation", "headroom", "slo_violation", "headroom",
+                                                  "slo_violation", "capped", "stay"]
+    assert not decisions[5].switch and decisions[5].recorded and "cap 2" in decisions[5].reason
+    later = decide(config, OPTIONS, state, Window(10, 0.2 * BY_ID[state.active].p95_ms), 165.0)
+    assert later.switch and later.reason_code == "headroom"  # the minute has passed
+
+
+def test_a_variant_left_over_the_slo_is_no_step_up_at_that_load_for_a_while():
+    """The prediction said MID would fit at 100 req/s; it did not. Under the same load the policy
+    stays on FAST instead of trying MID (or anything slower) again every few windows."""
+    config = PolicyConfig(slo_ms=30.0, down_windows=1, up_windows=1, dwell_s=0.0)
+    loaded = Window(requests=25, p95_ms=40.0, rate=100.0, slots=1)
+    down = decide(config, OPTIONS, PolicyState(MID.variant_id), loaded, now=10.0)
+    assert down.switch and down.target == FAST.variant_id and down.state.ceilings[0].rate == 100.0
+    roomy = Window(requests=25, p95_ms=5.0, rate=95.0, slots=1)  # MID would look fine: 95 x 8 ms = 76% busy
+    state = down.state
+    for now in (11.0, 12.0, 13.0):
+        decision = decide(config, OPTIONS, state, roomy, now)
+        assert not decision.switch
+        state = decision.state
+    lighter = replace(roomy, rate=70.0)  # under 0.8 x 100 req/s: MID may be tried again
+    assert decide(config, OPTIONS, state, lighter, 14.0).target == MID.variant_id
+    assert decide(config, OPTIONS, state, roomy, 10.0 + 61.0).target == MID.variant_id  # and after a minute
+    looser = replace(config, slo_ms=60.0)  # the operator relaxed the SLO: what failed under 30 ms may fit
+    assert decide(looser, OPTIONS, state, roomy, 14.0).switch
 
 
 def test_pin_and_unpin_are_recorded_once_each_and_the_policy_resumes():
@@ -280,7 +303,9 @@ def test_pins_and_fallbacks_do_not_use_up_the_cap_on_automatic_switches():
     now += 1.0
     state = decide(config, OPTIONS, state, Window(10, 5.0), now).state  # unpinned, on SLOW
     assert state.recent_switches == ()
-    down = decide(config, OPTIONS, state, Window(10, 100.0), now + 1.0)
-    assert down.switch and down.reason_code == "slo_violation"
-    held = decide(config, OPTIONS, down.state, Window(10, 0.1), now + 2.0)  # room to step up: the cap holds it
-    assert not held.switch and held.reason_code == "capped"
+    down = decide(config, OPTIONS, state, Window(10, 100.0), now + 1.0)  # to FAST: never capped
+    up = decide(config, OPTIONS, down.state, Window(10, 0.1), now + 2.0)  # the one step-up the cap allows
+    assert (down.reason_code, up.reason_code) == ("slo_violation", "headroom") and up.switch
+    down = decide(config, OPTIONS, up.state, Window(10, 100.0), now + 3.0)
+    held = decide(config, OPTIONS, down.state, Window(10, 0.1), now + 4.0)
+    assert down.switch and not held.switch and held.reason_code == "capped"
