@@ -45,7 +45,7 @@ PLAIN = Transport.plaintext()  # these processes run plaintext (--insecure)
 log = logging.getLogger(__name__)
 FULL = {"width": 0.5, "subset": 6000, "epochs": 2, "method": "reconvene", "compressions": (1, 4, 16, 64, 256),
         "phase_s": 20.0, "warmup_s": 4.0, "batch": 8, "slo_factor": 5.0, "steady": 0.35, "burst": 1.1,
-        "window_s": 0.25, "capacity_s": 4.0}
+        "window_s": 0.5, "capacity_s": 4.0}
 QUICK = {**FULL, "subset": 2000, "epochs": 1, "compressions": (1, 16, 256), "phase_s": 8.0, "warmup_s": 3.0}
 # Stepping down takes one window over the SLO (every window late costs requests); stepping up takes
 # four windows with room and 2 s since the last switch (hysteresis).
