@@ -143,7 +143,8 @@ def _parser(environ=None) -> argparse.ArgumentParser:
     pset.add_argument("--up-headroom", type=float)
     pset.add_argument("--dwell-s", type=float)
     pset.add_argument("--window-s", type=float, help="telemetry window the edges decide on")
-    pset.add_argument("--max-switches-per-minute", type=int, help="cap on automatic switches in any 60 s")
+    pset.add_argument("--max-switches-per-minute", type=int,
+                      help="cap on step-ups in any 60 s (step-downs, which protect the SLO, are never held back)")
     pset.add_argument("--pin", dest="pinned_variant", help="serve only this variant id ('' unpins)")
     bench = top.add_parser("bench", help="run a benchmark suite (python -m bench)", add_help=False)
     bench.add_argument("args", nargs=argparse.REMAINDER)

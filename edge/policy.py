@@ -232,7 +232,7 @@ def _recent(state: PolicyState, now: float) -> tuple[float, ...]:
 
 def _switched(config: PolicyConfig, target: Option, reason: str, reason_code: str, state: PolicyState,
               now: float, predicted: float = 0.0) -> Decision:
-    """Switch to `target`, unless the per-minute cap holds an automatic switch back."""
+    """Switch to `target`, unless the per-minute cap holds a step-up back."""
     recent = _recent(state, now)
     if reason_code in CAPPED_CODES and len(recent) >= config.max_switches_per_minute:
         held = replace(state, recent_switches=recent, capped=True)
