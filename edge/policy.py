@@ -37,8 +37,8 @@ as many as there are variants, and a minute holds at most (cap + 1) x variants s
 
 Failed steps are remembered: a variant the edge left for being over the SLO at a request rate R sets
 a ceiling for `CEILING_S` seconds: while the rate stays above `CEILING_RATE` x R and the SLO is no
-looser, neither it nor any variant as slow (by profiled p50) is a step-up. A prediction that proved wrong under this load is not
-tried again and again, each time costing a window of late requests.
+looser, neither it nor any variant as slow (by profiled p50) is a step-up. A prediction that proved
+wrong under this load is not tried again and again, each time costing a window of late requests.
 
 The operator's pin wins over everything; unpinning is recorded ("unpinned") and the policy resumes
 from the pinned variant. Without telemetry (`window` is None: the window could not be read or is
@@ -238,7 +238,7 @@ def _switched(config: PolicyConfig, target: Option, reason: str, reason_code: st
         held = replace(state, recent_switches=recent, capped=True)
         if state.capped:
             return Decision(state.active, "switch held back by the cap, waiting", STAY, held)
-        return Decision(state.active, f"wanted {target.label} ({reason}); held back: {len(recent)} switches in the "
+        return Decision(state.active, f"wanted {target.label} ({reason}); held back: {len(recent)} step-ups in the "
                                       f"last minute, cap {config.max_switches_per_minute}", "capped", held,
                         predicted_p95_ms=predicted)
     counted = recent + (now,) if reason_code in CAPPED_CODES else recent
