@@ -66,13 +66,16 @@ def build_portfolio(plan: dict, work: Path, data_dir) -> PortfolioStore:
         return store
     except StoreError:
         pass
-    shifter_config = shifter.ShifterConfig(levels=plan.get("levels", 1), rate=plan.get("rate", 0.5),
-                                           rewind_iteration=min(20, plan["subset"] // 64))
+    if method == "reconvene":
+        compressions = tuple(float(c) for c in plan["compressions"])
+        method_config = {"reconvene": reconvene.ReconveneConfig(compressions=compressions)}
+    else:
+        method_config = {"shifter": shifter.ShifterConfig(levels=plan["levels"], rate=plan["rate"],
+                                                          rewind_iteration=min(20, plan["subset"] // 64))}
     portfolio.build(portfolio.BuildConfig(
         out=store.root, method=method, model="vgg11", width=plan["width"], subset=plan["subset"],
         data_dir=data_dir, check_images=64, threads=1,
-        train=TrainConfig(epochs=plan["epochs"], batch_size=64, progress=False), shifter=shifter_config,
-        reconvene=reconvene.ReconveneConfig(compressions=tuple(float(c) for c in plan.get("compressions", (1,))))))
+        train=TrainConfig(epochs=plan["epochs"], batch_size=64, progress=False), **method_config))
     return store
 
 

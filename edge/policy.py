@@ -195,17 +195,17 @@ def overhead_ms(active: Option, window: Window) -> float:
     return max(0.0, window.cpu_ms_per_request - active.p50_ms)
 
 
-def utilization(option: Option, window: Window, overhead: float = 0.0) -> float:
+def utilization(option: Option, active: Option, window: Window) -> float:
     """Share of the time `option` would be busy serving the window's request rate on its slots, each
-    request costing its profiled p50 plus `overhead` ms."""
-    return window.rate * (option.p50_ms + overhead) / 1e3 / max(window.slots, 1)
+    request costing its profiled p50 plus the overhead measured while `active` served."""
+    return window.rate * (option.p50_ms + overhead_ms(active, window)) / 1e3 / max(window.slots, 1)
 
 
 def predicted_p95(candidate: Option, active: Option, window: Window) -> float:
     """The p95 `candidate` would show under this window's load."""
     if window.requests <= 0:
         return candidate.p95_ms
-    if utilization(candidate, window, overhead_ms(active, window)) > MAX_UTILIZATION:
+    if utilization(candidate, active, window) > MAX_UTILIZATION:
         return float("inf")
     return window.p95_ms * candidate.p95_ms / max(active.p95_ms, 1e-9)
 
@@ -259,8 +259,7 @@ def _step_down(config: PolicyConfig, candidates: list[Option], active: Option, w
     if window.p95_ms > config.slo_ms:
         why = f"p95 {window.p95_ms:.1f} ms over SLO {config.slo_ms:.1f} ms"
     else:
-        busy = utilization(active, window, overhead_ms(active, window))
-        why = f"{window.rate:.1f} req/s keep {active.label} {busy:.0%} busy (saturated)"
+        why = f"{window.rate:.1f} req/s keep {active.label} {utilization(active, active, window):.0%} busy (saturated)"
     reason = f"{why} for {state.over_count} windows at {window.rate:.1f} req/s; {outlook}"
     state = replace(state, ceilings=state.ceilings + (Ceiling(active.p50_ms, window.rate, config.slo_ms, now),))
     return _switched(config, target, reason, "slo_violation", state, now, predicted)
@@ -333,7 +332,7 @@ def decide(config: PolicyConfig, options: list[Option], state: PolicyState, wind
     if window is None:
         return _fallback(config, options, state, "telemetry missing", now)
     candidates = frontier(config, options)
-    saturated = utilization(active, window, overhead_ms(active, window)) > SATURATION
+    saturated = utilization(active, active, window) > SATURATION
     if window.requests > 0 and (window.p95_ms > config.slo_ms or saturated):
         state = replace(state, over_count=state.over_count + 1, under_count=0)
         if state.over_count >= config.down_windows:
