@@ -1,8 +1,8 @@
 """The faults, one function each. Each breaks the running cluster while the clients' load goes on,
 brings it back, and returns what it saw: when the fault hit (`fault_at`), when recovery began
 (`recovered_at`: the restart or the end of the cut), how long the fleet took from there to converge
-(`converge_s`, None past the deadline), edges that were down on purpose (`killed`: name -> when),
-the checks of its own promises (`checks`), lost state and events (`lost`) and details."""
+(`converge_s`, None past the deadline), edges that were down on purpose (`killed`: name -> when it
+was killed and when it was started again), the checks of its own promises (`checks`), lost state and events (`lost`) and details."""
 
 from __future__ import annotations
 
@@ -114,13 +114,14 @@ def edge_kill_during_download(ctx) -> dict:
     fault_at = ctx.cluster.kill_edge("edge-2")
     kept, before = _size(edge.part(extra)), ctx.cluster.bytes_sent()
     final_absent = not (edge.cache / f"{extra}.safetensors").exists()
+    restarted_at = time.time()
     ctx.cluster.start_edge("edge-2")
     recovered_at = time.time()
     sent = ctx.cluster.bytes_sent() - before  # the edge serves only once its portfolio is loaded
     edge.proxy.open()
     converge_s = _settled(ctx, rollout.id)
     return {"fault_at": fault_at, "recovered_at": recovered_at, "converge_s": converge_s,
-            "killed": {"edge-2": fault_at}, "lost": {},
+            "killed": {"edge-2": (fault_at, restarted_at)}, "lost": {},
             "checks": {"caught mid-download": caught, "partial file kept, never in place":
                        kept >= CHUNK_BYTES and final_absent,
                        "download resumed from the partial file": _resumed(size, kept, sent),
@@ -160,6 +161,7 @@ def edge_kill_during_switch(ctx) -> dict:
     stop.set()
     flipper.join(30)
     ctx.cluster.pin("edge-1", variants[0])  # what it must come back to
+    restarted_at = time.time()
     ctx.cluster.start_edge("edge-1")
     recovered_at = time.time()
     converge_s = _settled(ctx, pins={"edge-1": variants[0]})
@@ -167,7 +169,7 @@ def edge_kill_during_switch(ctx) -> dict:
     logged = _decisions_logged(log)
     ctx.cluster.pin("edge-1", "")
     return {"fault_at": fault_at, "recovered_at": recovered_at, "converge_s": converge_s,
-            "killed": {"edge-1": fault_at}, "lost": {"switch_events_of_killed_edge": max(0, logged - len(stored))},
+            "killed": {"edge-1": (fault_at, restarted_at)}, "lost": {"switch_events_of_killed_edge": max(0, logged - len(stored))},
             "checks": {"switching when killed": switching is not None,
                        "back on its pinned variant": converge_s is not None},
             "detail": {"decisions_logged": logged, "events_stored": len(stored),

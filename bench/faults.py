@@ -17,13 +17,13 @@ Faults, in order (bench/fault_scenarios.py):
                                     and change the policy meanwhile
 
 After each one, per fault: requests sent and failed (a killed edge's requests are not counted from
-its kill until it answers again), corrupt loads (a cached file that does not hash to its id, a loaded
-variant without such a verified file, an answer that differs from its variant's), data lost (state
-the coordinator had before a kill and lacks after it, requests the edges answered that no stored
-telemetry window counts, switch events a killed edge had logged but never delivered) and the time
-from recovery until every edge holds its desired portfolio and policy (`converge_s`). A fault is
-survived when all of its promises held: no failed request, nothing corrupt, no promised data lost,
-converged within `converge_s`, and the fault's own checks (see fault_scenarios).
+its kill until it answers again after its restart), corrupt loads (a cached file that does not hash
+to its id, a loaded variant without such a verified file, an answer that differs from its variant's),
+data lost (state the coordinator had before a kill and lacks after it, requests the edges answered
+that no stored telemetry window counts, switch events a killed edge had logged but never delivered)
+and the time from recovery until every edge holds its desired portfolio and policy (`converge_s`).
+A fault is survived when all of its promises held: no failed request, nothing corrupt, no promised
+data lost, converged within `converge_s`, and the fault's own checks (see fault_scenarios).
 """
 
 from __future__ import annotations
@@ -59,11 +59,14 @@ class Context:
     known: set[str]
 
 
-def _down(ctx: Context, killed: dict[str, float], end: float) -> dict[str, tuple[float, float]]:
-    """Per killed edge: from its kill until its first answer after it (or the end)."""
+def _down(ctx: Context, killed: dict[str, tuple[float, float]], end: float) -> dict[str, tuple[float, float]]:
+    """Per killed edge: from its kill until its first answer after it was started again (or the end).
+
+    A request can still be answered between the moment taken as the kill and the process's death, so
+    only an answer after the restart marks the edge as back."""
     spans = {}
-    for edge, at in killed.items():
-        back = [o.at for o in ctx.load.between(at, end) if o.edge == edge and o.code == "OK"]
+    for edge, (at, restarted_at) in killed.items():
+        back = [o.at for o in ctx.load.between(restarted_at, end) if o.edge == edge and o.code == "OK"]
         spans[edge] = (at, min(back) if back else end)
     return spans
 

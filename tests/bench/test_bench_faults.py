@@ -35,7 +35,9 @@ def _fault(result: dict, name: str) -> dict:
 def test_every_fault_is_survived_without_a_failed_request_or_a_corrupt_load(run):
     _, result = run
     summary = result["summary"]
-    failing = {f["name"]: f.get("error") or {k: v for k, v in f.get("checks", {}).items() if not v}
+    failing = {f["name"]: f.get("error") or {"checks failed": [k for k, v in f["checks"].items() if not v],
+                                             "failures": f["detail"]["failures"], "data_lost": f["data_lost"],
+                                             "corrupt_loads": f["corrupt_loads"], "converge_s": f["converge_s"]}
                for f in result["faults"] if not f["survived"]}
     assert summary["faults_total"] == len(faults.SCENARIOS) == 6
     assert summary["faults_survived"] == summary["faults_total"], failing
@@ -56,7 +58,7 @@ def test_downloads_cut_by_a_kill_resume_and_a_partial_file_is_never_in_place(run
         assert size > 2 * CHUNK_BYTES and CHUNK_BYTES <= kept < size  # killed mid-file
         assert 0 < detail["bytes_sent_after"] <= size - kept + CHUNK_BYTES  # resumed, not started over
     killed = _fault(result, "edge_kill_during_download")
-    assert killed["requests_failed_while_edge_down"] >= 0 and "edge-2" in killed["detail"]["edge_down_s"]
+    assert killed["requests_failed_while_edge_down"] > 0 and killed["detail"]["edge_down_s"]["edge-2"] > 0
 
 
 def test_rollouts_carry_on_after_the_cloud_dies_and_every_edge_ends_where_it_is_desired(run):
