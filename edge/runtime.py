@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.inference import for_inference
 from common.variant import VariantSpec
 from common.wire import TensorError, pixels_to_unit
 
@@ -68,7 +69,7 @@ class VariantInfo:
 @dataclass(frozen=True)
 class LoadedVariant:
     info: VariantInfo
-    model: nn.Module
+    model: nn.Module  # as served (common.inference.for_inference)
     spec: VariantSpec
     mean: torch.Tensor  # [1, C, 1, 1]
     std: torch.Tensor
@@ -98,10 +99,13 @@ def libc_trim() -> Callable[[], None]:
     return (lambda: trim(0)) if trim else (lambda: None)
 
 
-def loaded(info: VariantInfo, spec: VariantSpec, model: nn.Module) -> LoadedVariant:
-    """A variant ready to serve: the model in eval mode and its normalization as broadcastable tensors."""
+def loaded(info: VariantInfo, spec: VariantSpec, model: nn.Module,
+           rebuild: Callable[[], nn.Module] | None = None) -> LoadedVariant:
+    """A variant ready to serve: the model as served (BatchNorm folded, channels-last; see
+    common.inference, which also says what `rebuild` is for) and its normalization as broadcastable
+    tensors."""
     channels = spec.input_shape[0]
-    return LoadedVariant(info, model.eval(), spec,
+    return LoadedVariant(info, for_inference(model, tuple(spec.input_shape), rebuild), spec,
                          torch.tensor(spec.mean, dtype=torch.float32).view(1, channels, 1, 1),
                          torch.tensor(spec.std, dtype=torch.float32).view(1, channels, 1, 1))
 

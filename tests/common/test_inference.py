@@ -1,0 +1,102 @@
+"""The model as served: every zoo architecture, folded and channels-last, computes what the model as
+loaded computes at any batch size; a model that cannot be folded is served unfolded; one that would be
+served wrongly is built again and served as loaded, or refused with a message that names the problem."""
+
+import pytest
+import torch
+from torch import nn
+
+from common import models
+from common.inference import NotServableError, for_inference
+
+ZOO = ["vgg11", "vgg16", "resnet20", "resnet56", "mobilenetv2"]
+
+
+def _trained_looking(model: nn.Module, seed: int) -> nn.Module:
+    """BatchNorm statistics and affine parameters away from their identity initialization, so that
+    folding them changes the convolutions' weights."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(0.5 * torch.randn(n, generator=generator))
+            module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+            module.weight.data.copy_(1 + 0.3 * torch.randn(n, generator=generator))
+            module.bias.data.copy_(0.3 * torch.randn(n, generator=generator))
+    return model.eval()
+
+
+def _pair(arch: str, channels: int, size: int) -> tuple[nn.Module, nn.Module]:
+    """The same model twice: one to serve (taken over), one to compare with."""
+    kwargs = {"in_channels": channels, "num_classes": 10, "input_size": size, "width": 0.25}
+    torch.manual_seed(0)
+    original = _trained_looking(models.build(arch, kwargs), seed=1)
+    torch.manual_seed(0)
+    return _trained_looking(models.build(arch, kwargs), seed=1), original
+
+
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])
+@pytest.mark.parametrize("arch", ZOO)
+def test_every_architecture_served_folded_and_channels_last_computes_the_same(arch, channels, size):
+    model, original = _pair(arch, channels, size)
+    convs = sum(isinstance(m, nn.Conv2d) for m in original.modules())
+    served = for_inference(model, (channels, size, size))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in served.modules())  # every BatchNorm follows a conv
+    served_convs = [m for m in served.modules() if isinstance(m, nn.Conv2d)]
+    assert len(served_convs) == convs
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in served_convs)
+    with torch.inference_mode():
+        for batch in (1, 2, 17):
+            x = torch.randn(batch, channels, size, size)
+            torch.testing.assert_close(served(x), original(x), atol=1e-4, rtol=1e-3)
+
+
+class _Branchy(nn.Module):
+    """Control flow on the input's values: torch.fx cannot trace it, so its BatchNorm stays."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y.flatten(1) if x.sum() > -1e9 else -y.flatten(1)
+
+
+class _Contiguous(nn.Module):
+    """Views its activations as contiguous: it fails in channels-last layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.view(y.shape[0], -1)
+
+
+def test_a_model_fx_cannot_trace_is_served_unfolded_and_still_computes_the_same():
+    torch.manual_seed(0)
+    model = _trained_looking(_Branchy(), seed=2)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.inference_mode():
+        want = model(x)
+    served = for_inference(model, (1, 8, 8))
+    assert any(isinstance(m, nn.BatchNorm2d) for m in served.modules())
+    with torch.inference_mode():
+        torch.testing.assert_close(served(x), want)
+
+
+def test_a_model_that_would_be_served_wrongly_is_refused_by_name_or_built_again():
+    with pytest.raises(NotServableError, match="fails at batch 1: RuntimeError: view size"):
+        for_inference(_Contiguous(), (1, 8, 8))
+    rebuilt = []
+
+    def rebuild() -> nn.Module:
+        rebuilt.append(_Contiguous())
+        return rebuilt[-1]
+
+    served = for_inference(_Contiguous(), (1, 8, 8), rebuild)
+    assert rebuilt == [served] and not served.training
+    with torch.inference_mode():
+        assert served(torch.randn(2, 1, 8, 8)).shape == (2, 256)
