@@ -1,7 +1,7 @@
 """A model as it is served: BatchNorm folded into its convolutions, activations in channels-last layout.
 
 `for_inference` folds every BatchNorm that follows a convolution into that convolution's weights
-and bias (torch.fx's `fuse`: one pass over the activations less per layer) and moves the weights and
+and bias (one pass over the activations less per layer) and moves the weights and
 every input to channels-last memory layout, where PyTorch's CPU convolutions run on oneDNN. Both keep
 the computation the same up to float32 rounding. On this project's CNNs they serve a batch of 32
 about twice as fast as the model as trained (docs/results.md), and gain the most on the small layers
@@ -10,18 +10,19 @@ that pruning leaves, whose time went mostly to memory passes rather than arithme
 Folding needs a model torch.fx can trace symbolically; a custom model whose control flow depends on
 its input cannot be, and is then served without folding. Either way the served model is checked
 against the model as loaded on random inputs at two batch sizes before it is used; if they differ,
-the model is built again and served as loaded, and the reason logged. Folding works in place, so a
-variant never holds a second copy of its weights while it is made ready.
+the model is built again and served as loaded, and the reason logged. Folding works in place and the
+layout change one tensor at a time, so a variant never holds a second copy of its weights while it is
+made ready.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
+from collections import Counter
 from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 log = logging.getLogger(__name__)
 CHECK_BATCHES = (1, 3)
@@ -40,16 +41,43 @@ class ChannelsLast(nn.Module):
 
 
 def _fold_batchnorm(model: nn.Module) -> nn.Module:
-    """The model with each BatchNorm after a convolution folded into it, or the model unchanged when
-    torch.fx cannot trace it. Works in place: the layers it replaces are not kept."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # raised by torch's own imports
-        from torch.fx.experimental.optimization import fuse
+    """Fold each BatchNorm that only ever sees one convolution's output into that convolution, in
+    place: the convolution's weights are scaled where they lie and the BatchNorm is replaced by an
+    identity, so no second copy of the weights is made. torch.fx finds the pairs; a model it cannot
+    trace is returned unchanged."""
     try:
-        return fuse(model, inplace=True)
+        graph = fx.symbolic_trace(model).graph
     except Exception as err:  # noqa: BLE001 - a model fx cannot trace is served unfolded
         log.info("BatchNorm not folded (%s: %s)", type(err).__name__, err)
         return model
+    modules = dict(model.named_modules())
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    for node in graph.nodes:
+        source = node.args[0] if node.op == "call_module" and node.args else None
+        if (not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1
+                or calls[node.target] != 1 or calls[source.target] != 1):
+            continue
+        conv, norm = modules[source.target], modules[node.target]
+        if type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d and norm.track_running_stats:
+            _fold_into(conv, norm)
+            parent, _, name = node.target.rpartition(".")
+            setattr(modules[parent], name, nn.Identity())
+    return model
+
+
+@torch.no_grad()
+def _fold_into(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
+    scale = norm.running_var.add(norm.eps).rsqrt()
+    if norm.affine:
+        scale = scale.mul_(norm.weight)
+    shift = -norm.running_mean * scale
+    if norm.affine:
+        shift += norm.bias
+    conv.weight.mul_(scale.view(-1, 1, 1, 1))
+    if conv.bias is None:
+        conv.bias = nn.Parameter(shift)
+    else:
+        conv.bias.mul_(scale).add_(shift)
 
 
 class NotServableError(RuntimeError):

@@ -32,15 +32,16 @@ def variant_info(info) -> VariantInfo:
                        info.params)
 
 
-def cache_loader(info: VariantInfo, path: Path, allowed_models: tuple[str, ...] = ()) -> Callable[[], LoadedVariant]:
+def cache_loader(info: VariantInfo, path: Path, allowed_models: tuple[str, ...] = (),
+                 optimize: bool = False) -> Callable[[], LoadedVariant]:
     """How to build a variant from its verified file in the cache (on arrival, and again on demand):
-    read, check the sha256 against its id, rebuild, make ready to serve, warm up."""
+    read, check the sha256 against its id, rebuild, optimize if asked (see `runtime.loaded`), warm up."""
     def read():
         return variant.load(path, expected_sha256=info.variant_id, allowed_models=allowed_models)
 
     def load() -> LoadedVariant:
         held = read()
-        ready = loaded(info, held.spec, held.model, rebuild=lambda: read().model)
+        ready = loaded(info, held.spec, held.model, optimize, rebuild=lambda: read().model)
         warm_up(ready)
         return ready
     return load

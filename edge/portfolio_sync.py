@@ -64,7 +64,7 @@ class PortfolioSync:
         return path, time.perf_counter() - start
 
     def _loader(self, info, path: Path) -> Callable[[], LoadedVariant]:
-        return cache_loader(variant_info(info), path, self.config.allowed_models)
+        return cache_loader(variant_info(info), path, self.config.allowed_models, self.config.optimize_models)
 
     def _profile_and_hold(self, fresh: list[tuple]) -> None:
         """Warm up and profile the new variants here (interleaved), then hold and announce them."""

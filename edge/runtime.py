@@ -69,7 +69,7 @@ class VariantInfo:
 @dataclass(frozen=True)
 class LoadedVariant:
     info: VariantInfo
-    model: nn.Module  # as served (common.inference.for_inference)
+    model: nn.Module  # as served: as loaded, or optimized (see `loaded`)
     spec: VariantSpec
     mean: torch.Tensor  # [1, C, 1, 1]
     std: torch.Tensor
@@ -99,13 +99,19 @@ def libc_trim() -> Callable[[], None]:
     return (lambda: trim(0)) if trim else (lambda: None)
 
 
-def loaded(info: VariantInfo, spec: VariantSpec, model: nn.Module,
+def loaded(info: VariantInfo, spec: VariantSpec, model: nn.Module, optimize: bool = False,
            rebuild: Callable[[], nn.Module] | None = None) -> LoadedVariant:
-    """A variant ready to serve: the model as served (BatchNorm folded, channels-last; see
-    common.inference, which also says what `rebuild` is for) and its normalization as broadcastable
-    tensors."""
+    """A variant ready to serve: the model in eval mode, or with `optimize` BatchNorm folded and
+    channels-last (common.inference, which also says what `rebuild` is for), and its normalization as
+    broadcastable tensors.
+
+    Optimized, a batch runs 1.4x to 2x faster on the zoo's CNNs, and a compact variant gains more
+    than its sparse parent; but making a variant ready then checks it with forward passes and runs
+    oneDNN's kernels, which raises the memory peak while it loads and the resident memory a little
+    (docs/results.md, "Switching"). So it is the operator's choice (`--optimize-models`)."""
     channels = spec.input_shape[0]
-    return LoadedVariant(info, for_inference(model, tuple(spec.input_shape), rebuild), spec,
+    served = for_inference(model, tuple(spec.input_shape), rebuild) if optimize else model.eval()
+    return LoadedVariant(info, served, spec,
                          torch.tensor(spec.mean, dtype=torch.float32).view(1, channels, 1, 1),
                          torch.tensor(spec.std, dtype=torch.float32).view(1, channels, 1, 1))
 

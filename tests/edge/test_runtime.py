@@ -9,7 +9,8 @@ import torch
 
 from common import datasets
 from common.wire import TensorError
-from edge.runtime import NotReadyError, Runtime, RuntimeConfig, UnknownVariantError
+from edge.loading import cache_loader
+from edge.runtime import NotReadyError, Runtime, RuntimeConfig, UnknownVariantError, VariantInfo
 from edge_fixtures import load_variant, write_variant
 
 
@@ -114,3 +115,22 @@ def runtime_on(held, pixels):
     single.add(held)
     single.switch(held.variant_id)
     return single.predict(pixels)[0]
+
+
+def test_an_optimized_variant_answers_what_the_variant_as_loaded_answers(tmp_path):
+    path, sha = write_variant(tmp_path, 0.25, 0.85, seed=3)
+    info = VariantInfo(sha, "optimized", 0.85, path.stat().st_size, 0)
+    plain, optimized = cache_loader(info, path)(), cache_loader(info, path, optimize=True)()
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in optimized.model.modules())  # folded
+    assert optimized.memory_bytes < plain.memory_bytes  # BatchNorm's tensors folded away
+    answers = []
+    for variant in (plain, optimized):
+        runtime = Runtime(RuntimeConfig(slots=2, max_batch=16))
+        runtime.add(variant)
+        runtime.switch(sha, "initial")
+        pixels = np.random.default_rng(1).integers(0, 256, (5, 1, 28, 28), dtype=np.uint8)
+        answers.append(runtime.predict(pixels))
+    (logits, served_by), (optimized_logits, optimized_by) = answers
+    assert served_by == optimized_by == sha
+    np.testing.assert_allclose(optimized_logits, logits, atol=1e-4, rtol=1e-3)

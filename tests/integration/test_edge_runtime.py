@@ -1,6 +1,7 @@
-"""An edge under a memory budget with micro-batching, as a real process beside a real cloud: the
-operator pins and unpins while a client keeps asking and another sends bad input; nobody good fails,
-evicted variants load on demand with the cost recorded, and every decision is queryable."""
+"""An edge under a memory budget with micro-batching and optimized models, as a real process beside a
+real cloud: the operator pins and unpins while a client keeps asking and another sends bad input;
+nobody good fails, evicted variants load on demand with the cost recorded, and every decision is
+queryable."""
 
 import threading
 import urllib.request
@@ -33,7 +34,7 @@ def cluster(small_portfolio, tmp_path_factory):
         children.append(processes.start("edge", [
             "edge.cli", "run", "--insecure", "--cloud", cloud.address, "--name", "edge-m", "--port", "0", "--metrics-port", "0",
             "--cache", str(run / "cache"), "--threads", "1", "--batch", "4", "--memory-budget-mib", f"{budget_mib:.4f}",
-            "--batch-delay-ms", "2"], run / "logs"))
+            "--batch-delay-ms", "2", "--optimize-models"], run / "logs"))
         yield cloud, children[1], store, budget_mib
     finally:
         for child in reversed(children):
