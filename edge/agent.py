@@ -1,7 +1,8 @@
 """The agent: hold the portfolio (brought in by `edge.portfolio_sync`), serve, decide locally, report.
 
 The decision loop closes a telemetry window every `window_s`, asks the policy what to serve and
-switches locally. It never waits for the coordinator: with the cloud unreachable the agent keeps
+switches locally. A queue that builds up within a window closes it early (`queue_alarm`), so a step
+up in load is answered within a tenth of a second rather than at the window's end. It never waits for the coordinator: with the cloud unreachable the agent keeps
 serving and switching under its last policy (the `Link` buffers the switch events meanwhile).
 """
 
@@ -29,6 +30,9 @@ from protos import coordinator_pb2
 
 log = logging.getLogger(__name__)
 STALE_WINDOWS = 3
+POLL_S = 0.02  # how often the decision loop looks at the queue
+QUEUE_ALARM = 0.5  # inferences in flight that would take this share of the SLO to serve close the window
+MIN_WINDOW_S = 0.1  # a window closed early is at least this long, so it holds answered requests
 
 
 class Agent:
@@ -210,8 +214,27 @@ class Agent:
             self._decided_at = self._clock()
         return decision
 
+    def queue_alarm(self, window_age_s: float) -> bool:
+        """The inferences in flight would take the active variant at least QUEUE_ALARM of the SLO to
+        serve on the device's slots: the load has risen past what it serves, and the policy should see
+        the window now (it is at least MIN_WINDOW_S old) rather than at its end."""
+        in_flight = self.runtime.in_flight
+        if window_age_s < MIN_WINDOW_S or in_flight <= self.config.threads or self._state is None:
+            return False
+        active = next((o for o in self.options() if o.variant_id == self._state.active), None)
+        drain_ms = in_flight / self.config.threads * active.p50_ms if active else 0.0
+        return drain_ms >= QUEUE_ALARM * self.policy.slo_ms
+
     def decision_loop(self) -> None:
-        while not self.stopping.wait(self.policy.window_s):
+        """Decide every `window_s`, or early on a queue alarm (never twice in a row early, so a queue
+        still draining after a step down gets a whole window to show its effect)."""
+        opened, early = self._clock(), False
+        while not self.stopping.wait(POLL_S):
+            now = self._clock()
+            due = now - opened >= self.policy.window_s
+            if not due and (early or not self.queue_alarm(now - opened)):
+                continue
+            opened, early = now, not due
             try:
                 self.decide_once()
             except Exception:  # a bad window must not end the loop that keeps the edge within its SLO

@@ -145,6 +145,8 @@ class Runtime:
         self._lock = threading.Lock()  # the swap
         self._memory_lock = threading.RLock()  # what is resident: loads, evictions, portfolio changes
         self._slots = threading.BoundedSemaphore(config.slots)
+        self._in_flight = 0  # inferences running or waiting for a slot
+        self._count_lock = threading.Lock()
         self._trim = libc_trim()
 
     def add(self, variant: LoadedVariant, loader: Loader | None = None) -> tuple[str, ...]:
@@ -277,6 +279,17 @@ class Runtime:
 
     def run(self, variant: LoadedVariant, x: torch.Tensor) -> np.ndarray:
         """Logits of `variant` on a validated batch in [0, 1], in one of the device's slots."""
-        with self._slots, torch.inference_mode():
-            logits = variant.model((x - variant.mean) / variant.std)
+        with self._count_lock:
+            self._in_flight += 1
+        try:
+            with self._slots, torch.inference_mode():
+                logits = variant.model((x - variant.mean) / variant.std)
+        finally:
+            with self._count_lock:
+                self._in_flight -= 1
         return logits.numpy().astype(np.float32, copy=False)
+
+    @property
+    def in_flight(self) -> int:
+        """Inferences running or waiting for a slot."""
+        return self._in_flight

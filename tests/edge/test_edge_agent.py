@@ -1,6 +1,7 @@
 """The wired agent against an in-process fake cloud: bring-up, the Connect contract, directives,
 decisions while the cloud is away, and flushing buffered switch events on reconnect."""
 
+import dataclasses
 import threading
 
 import grpc
@@ -202,3 +203,32 @@ def test_requests_refused_before_serving_are_reported_under_no_portfolio(wired):
     held = portfolio_id(v.variant_id for v in infos)
     assert (windows[0].portfolio_id, windows[0].requests, windows[0].errors) == ("", 3, 3)
     assert windows[1].portfolio_id == held and (windows[1].requests, windows[1].errors) == (1, 0)
+
+
+def test_a_queue_building_up_within_a_window_closes_it_early(wired):
+    """Inferences waiting for the device's slot that the active variant would need half the SLO to
+    serve raise the queue alarm, and the decision loop closes the window then, not at its end."""
+    _, node, _, _ = wired
+    _start(node)
+    agent = node.agent
+    agent.policy = dataclasses.replace(agent.policy, window_s=60.0, slo_ms=1000.0)
+    predict = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(node.address)).Predict
+    request = inference_pb2.PredictRequest(input=to_proto(np.zeros((4, 1, 28, 28), np.uint8)))
+    slot = agent.runtime._slots
+    slot.acquire()  # the device is busy: what comes now waits
+    waiting = [threading.Thread(target=predict, args=(request,), kwargs={"timeout": 30}) for _ in range(6)]
+    try:
+        for thread in waiting:
+            thread.start()
+        wait_for(lambda: agent.runtime.in_flight == 6, what="six inferences waiting")
+        assert not agent.queue_alarm(window_age_s=5.0)  # 6 queued take far less than half of a 1 s SLO
+        agent.policy = dataclasses.replace(agent.policy, slo_ms=0.01)
+        assert agent.queue_alarm(window_age_s=5.0) and not agent.queue_alarm(window_age_s=0.01)  # too young
+        loop = threading.Thread(target=agent.decision_loop, daemon=True)
+        loop.start()
+        wait_for(lambda: agent._decided_at is not None, timeout_s=5, what="a window closed early")  # not in 60 s
+    finally:
+        slot.release()
+        for thread in waiting:
+            thread.join(30)
+    assert agent.runtime.in_flight == 0 and not agent.queue_alarm(window_age_s=5.0)
