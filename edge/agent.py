@@ -2,7 +2,7 @@
 
 The decision loop closes a telemetry window every `window_s`, asks the policy what to serve and
 switches locally. A queue that builds up within a window closes it early (`queue_alarm`), so a step
-up in load is answered within a tenth of a second rather than at the window's end. It never waits for the coordinator: with the cloud unreachable the agent keeps
+up in load is answered within about a tenth of a second rather than at the window's end. It never waits for the coordinator: with the cloud unreachable the agent keeps
 serving and switching under its last policy (the `Link` buffers the switch events meanwhile).
 """
 
@@ -31,7 +31,6 @@ from protos import coordinator_pb2
 log = logging.getLogger(__name__)
 STALE_WINDOWS = 3
 POLL_S = 0.02  # how often the decision loop looks at the queue
-QUEUE_ALARM = 0.5  # inferences in flight that would take this share of the SLO to serve close the window
 MIN_WINDOW_S = 0.1  # a window closed early is at least this long, so it holds answered requests
 
 
@@ -193,7 +192,8 @@ class Agent:
         if stale or (stats.requests and not answered):
             return None
         cpu_ms = cpu * 10.0 * stats.seconds / answered if answered else 0.0  # percent of a core -> ms
-        return policies.Window(answered, stats.p95_ms, stats.rate, self.runtime.config.slots, cpu_ms)
+        return policies.Window(answered, stats.p95_ms, stats.rate, self.runtime.config.slots, cpu_ms,
+                               self.runtime.in_flight)
 
     def decide_once(self) -> policies.Decision | None:
         """Close the window, report it, and switch if the policy says so."""
@@ -215,15 +215,16 @@ class Agent:
         return decision
 
     def queue_alarm(self, window_age_s: float) -> bool:
-        """The inferences in flight would take the active variant at least QUEUE_ALARM of the SLO to
-        serve on the device's slots: the load has risen past what it serves, and the policy should see
-        the window now (it is at least MIN_WINDOW_S old) rather than at its end."""
+        """The inferences in flight would take the active variant at least the policy's QUEUE_ALARM
+        share of the SLO to serve: the load has risen past what it serves, and the policy should see the
+        window now (it is at least MIN_WINDOW_S old) rather than at its end."""
         in_flight = self.runtime.in_flight
-        if window_age_s < MIN_WINDOW_S or in_flight <= self.config.threads or self._state is None:
+        if window_age_s < MIN_WINDOW_S or in_flight <= self.runtime.config.slots or self._state is None:
             return False
         active = next((o for o in self.options() if o.variant_id == self._state.active), None)
-        drain_ms = in_flight / self.config.threads * active.p50_ms if active else 0.0
-        return drain_ms >= QUEUE_ALARM * self.policy.slo_ms
+        queued = policies.Window(0, 0.0, slots=self.runtime.config.slots, in_flight=in_flight)
+        bound_ms = policies.QUEUE_ALARM * self.policy.slo_ms
+        return active is not None and policies.queue_ms(active, active, queued) >= bound_ms
 
     def decision_loop(self) -> None:
         """Decide every `window_s`, or early on a queue alarm (never twice in a row early, so a queue

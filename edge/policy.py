@@ -58,6 +58,7 @@ DEFAULT_DWELL_S = 5.0
 STAY = "stay"
 MAX_UTILIZATION = 0.85
 SATURATION = 0.95  # the active variant busy this share of the time: a queue is building
+QUEUE_ALARM = 1.0  # inferences in flight that would take this share of the SLO to serve: the last is late
 CAPPED_CODES = ("headroom",)  # the switches the per-minute cap applies to: step-ups
 CEILING_S = 60.0  # how long a variant left for being over the SLO bounds step-ups
 CEILING_RATE = 0.8  # ... at request rates above this share of the rate it was left at
@@ -124,6 +125,7 @@ class Window:
     rate: float = 0.0  # requests per second answered in the window
     slots: int = 1  # concurrent inferences the device runs
     cpu_ms_per_request: float = 0.0  # the serving process's CPU time per answered request (0 = unknown)
+    in_flight: int = 0  # inferences running or waiting for a slot when the window closed
 
 
 @dataclass(frozen=True)
@@ -201,13 +203,23 @@ def utilization(option: Option, active: Option, window: Window) -> float:
     return window.rate * (option.p50_ms + overhead_ms(active, window)) / 1e3 / max(window.slots, 1)
 
 
+def queue_ms(option: Option, active: Option, window: Window) -> float:
+    """How long the inferences in flight at the window's close would take `option` to serve on the
+    device's slots, each costing its p50 plus the overhead measured on `active` (0 while no request
+    waits for a slot)."""
+    if window.in_flight <= window.slots:
+        return 0.0
+    return window.in_flight / max(window.slots, 1) * (option.p50_ms + overhead_ms(active, window))
+
+
 def predicted_p95(candidate: Option, active: Option, window: Window) -> float:
-    """The p95 `candidate` would show under this window's load."""
+    """The p95 `candidate` would show under this window's load, and no less than the time it would take
+    to serve the inferences in flight."""
     if window.requests <= 0:
-        return candidate.p95_ms
+        return max(candidate.p95_ms, queue_ms(candidate, active, window))
     if utilization(candidate, active, window) > MAX_UTILIZATION:
         return float("inf")
-    return window.p95_ms * candidate.p95_ms / max(active.p95_ms, 1e-9)
+    return max(window.p95_ms * candidate.p95_ms / max(active.p95_ms, 1e-9), queue_ms(candidate, active, window))
 
 
 def initial_choice(config: PolicyConfig, options: list[Option]) -> Option:
@@ -258,6 +270,9 @@ def _step_down(config: PolicyConfig, candidates: list[Option], active: Option, w
     outlook = f"predicted {predicted:.1f} ms on {target.label}" if best else f"none fits: the fastest, {target.label}"
     if window.p95_ms > config.slo_ms:
         why = f"p95 {window.p95_ms:.1f} ms over SLO {config.slo_ms:.1f} ms"
+    elif queue_ms(active, active, window) >= QUEUE_ALARM * config.slo_ms:
+        why = (f"{window.in_flight} inferences in flight take {active.label} "
+               f"{queue_ms(active, active, window):.1f} ms to serve (queue)")
     else:
         why = f"{window.rate:.1f} req/s keep {active.label} {utilization(active, active, window):.0%} busy (saturated)"
     reason = f"{why} for {state.over_count} windows at {window.rate:.1f} req/s; {outlook}"
@@ -333,7 +348,8 @@ def decide(config: PolicyConfig, options: list[Option], state: PolicyState, wind
         return _fallback(config, options, state, "telemetry missing", now)
     candidates = frontier(config, options)
     saturated = utilization(active, active, window) > SATURATION
-    if window.requests > 0 and (window.p95_ms > config.slo_ms or saturated):
+    queued = queue_ms(active, active, window) >= QUEUE_ALARM * config.slo_ms
+    if queued or (window.requests > 0 and (window.p95_ms > config.slo_ms or saturated)):
         state = replace(state, over_count=state.over_count + 1, under_count=0)
         if state.over_count >= config.down_windows:
             return _step_down(config, candidates, active, window, state, now)

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.policy import Option, PolicyConfig, PolicyState, Window, decide, frontier, initial_choice, predicted_p95
+from edge.policy import (Option, PolicyConfig, PolicyState, Window, decide, frontier, initial_choice, predicted_p95,
+                         queue_ms)
 from protos import coordinator_pb2
 
 FAST = Option("a" * 64, accuracy=0.80, p50_ms=3.0, p95_ms=4.0, name="fast")
@@ -309,3 +310,20 @@ def test_pins_and_fallbacks_do_not_use_up_the_cap_on_automatic_switches():
     down = decide(config, OPTIONS, up.state, Window(10, 100.0), now + 3.0)
     held = decide(config, OPTIONS, down.state, Window(10, 0.1), now + 4.0)
     assert down.switch and not held.switch and held.reason_code == "capped"
+
+
+def test_a_queue_that_takes_the_slo_to_serve_steps_down_before_any_answer_is_late():
+    """At the start of a step up in load the answered requests are still on time (p95 under the SLO,
+    rate at what was answered), but the inferences in flight would take the active variant the whole
+    SLO to serve: the last of them will be late, so the policy steps down now."""
+    config = PolicyConfig(slo_ms=30.0, down_windows=1, up_windows=1, dwell_s=0.0)
+    on_time = Window(requests=10, p95_ms=12.0, rate=20.0, slots=1, in_flight=1)
+    assert not decide(config, OPTIONS, PolicyState(SLOW.variant_id), on_time, now=10.0).switch  # no queue
+    assert queue_ms(SLOW, SLOW, replace(on_time, in_flight=2)) == 40.0  # 2 x 20 ms on one slot
+    queued = replace(on_time, in_flight=2)
+    down = decide(config, OPTIONS, PolicyState(SLOW.variant_id), queued, now=10.0)
+    assert down.switch and down.reason_code == "slo_violation" and "2 inferences in flight" in down.reason
+    assert down.target == MID.variant_id  # the most accurate that serves the two within the SLO: 2 x 8 ms
+    two_slots = replace(queued, slots=2)  # the same two run at once: no queue
+    assert queue_ms(SLOW, SLOW, two_slots) == 0.0 and not decide(config, OPTIONS, PolicyState(SLOW.variant_id), two_slots,
+                                                            now=10.0).switch
