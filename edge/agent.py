@@ -2,8 +2,9 @@
 
 The decision loop closes a telemetry window every `window_s`, asks the policy what to serve and
 switches locally. A queue that builds up within a window closes it early (`queue_alarm`), so a step
-up in load is answered within about a tenth of a second rather than at the window's end. It never waits for the coordinator: with the cloud unreachable the agent keeps
-serving and switching under its last policy (the `Link` buffers the switch events meanwhile).
+up in load is answered within about a tenth of a second rather than at the window's end. It never
+waits for the coordinator: with the cloud unreachable the agent keeps serving and switching under its
+last policy (the `Link` buffers the switch events meanwhile).
 """
 
 from __future__ import annotations
