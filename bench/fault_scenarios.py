@@ -2,7 +2,8 @@
 brings it back, and returns what it saw: when the fault hit (`fault_at`), when recovery began
 (`recovered_at`: the restart or the end of the cut), how long the fleet took from there to converge
 (`converge_s`, None past the deadline), edges that were down on purpose (`killed`: name -> when it
-was killed and when it was started again), the checks of its own promises (`checks`), lost state and events (`lost`) and details."""
+was killed and when it was started again), the checks of its own promises (`checks`), lost state
+and events (`lost`) and details."""
 
 from __future__ import annotations
 
@@ -169,7 +170,8 @@ def edge_kill_during_switch(ctx) -> dict:
     logged = _decisions_logged(log)
     ctx.cluster.pin("edge-1", "")
     return {"fault_at": fault_at, "recovered_at": recovered_at, "converge_s": converge_s,
-            "killed": {"edge-1": (fault_at, restarted_at)}, "lost": {"switch_events_of_killed_edge": max(0, logged - len(stored))},
+            "killed": {"edge-1": (fault_at, restarted_at)},
+            "lost": {"switch_events_of_killed_edge": max(0, logged - len(stored))},
             "checks": {"switching when killed": switching is not None,
                        "back on its pinned variant": converge_s is not None},
             "detail": {"decisions_logged": logged, "events_stored": len(stored),

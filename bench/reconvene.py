@@ -4,7 +4,8 @@ Per scorer and compression, from the same random initialization: the unstructure
 scorer's masks over the dense model, stored dense) and the reconvene model (insensitive groups pruned
 structurally and rectified, the rest masked), each trained once with the same recipe on Fashion-MNIST.
 Reported: test accuracy of both, params and state bytes, CPU latency at batch 1 and 32 measured
-interleaved (as loaded, and optimized as with the edge's `--optimize-models`: `speedup_b32_optimized`), and the time from random init to a model ready to train (SynFlow's rounds included).
+interleaved (as loaded, and optimized as with the edge's `--optimize-models`: `speedup_b32_optimized`),
+and the time from random init to a model ready to train (SynFlow's rounds included).
 
 Then the cost of pruning against training on the larger models the targets name: VGG-16 and ResNet-56
 on 3x32x32 inputs, SynFlow at 100 rounds, against one training epoch of a CIFAR-10-sized training set

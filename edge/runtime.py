@@ -105,10 +105,11 @@ def loaded(info: VariantInfo, spec: VariantSpec, model: nn.Module, optimize: boo
     channels-last (common.inference, which also says what `rebuild` is for), and its normalization as
     broadcastable tensors.
 
-    Optimized, a batch of 32 of the shifter benchmark's VGG-11 ran 1.4x (dense) to 1.8x (1024x compact)
-    faster, so a compact variant gains more than its sparse parent; but making a variant ready then checks it with forward passes and runs
-    oneDNN's kernels, which raises the memory peak while it loads and the resident memory a little
-    (docs/results.md, "Switching"). So it is the operator's choice (`--optimize-models`)."""
+    Optimized, a batch of 32 of the shifter benchmark's VGG-11 ran 1.4x (dense) to 1.8x (1024x
+    compact) faster, so a compact variant gains more than its sparse parent; but making a variant
+    ready then checks it with forward passes and runs oneDNN's kernels, which raises the memory peak
+    while it loads and the resident memory a little (docs/results.md, "Switching"). So it is the
+    operator's choice (`--optimize-models`)."""
     channels = spec.input_shape[0]
     served = for_inference(model, tuple(spec.input_shape), rebuild) if optimize else model.eval()
     return LoadedVariant(info, served, spec,

@@ -325,5 +325,5 @@ def test_a_queue_that_takes_the_slo_to_serve_steps_down_before_any_answer_is_lat
     assert down.switch and down.reason_code == "slo_violation" and "2 inferences in flight" in down.reason
     assert down.target == MID.variant_id  # the most accurate that serves the two within the SLO: 2 x 8 ms
     two_slots = replace(queued, slots=2)  # the same two run at once: no queue
-    assert queue_ms(SLOW, SLOW, two_slots) == 0.0 and not decide(config, OPTIONS, PolicyState(SLOW.variant_id), two_slots,
-                                                            now=10.0).switch
+    assert queue_ms(SLOW, SLOW, two_slots) == 0.0
+    assert not decide(config, OPTIONS, PolicyState(SLOW.variant_id), two_slots, now=10.0).switch
