@@ -216,16 +216,16 @@ class Agent:
         return decision
 
     def queue_alarm(self, window_age_s: float) -> bool:
-        """The inferences in flight would take the active variant at least the policy's QUEUE_ALARM
-        share of the SLO to serve: the load has risen past what it serves, and the policy should see the
-        window now (it is at least MIN_WINDOW_S old) rather than at its end."""
+        """The inferences in flight would take the active variant the policy's share of the SLO to serve
+        (`policies.queued`, at the profiled p50 alone: the window's overhead is not measured yet): the
+        load has risen past what it serves, and the policy should see the window now (it is at least
+        MIN_WINDOW_S old) rather than at its end."""
         in_flight = self.runtime.in_flight
         if window_age_s < MIN_WINDOW_S or in_flight <= self.runtime.config.slots or self._state is None:
             return False
         active = next((o for o in self.options() if o.variant_id == self._state.active), None)
-        queued = policies.Window(0, 0.0, slots=self.runtime.config.slots, in_flight=in_flight)
-        bound_ms = policies.QUEUE_ALARM * self.policy.slo_ms
-        return active is not None and policies.queue_ms(active, active, queued) >= bound_ms
+        so_far = policies.Window(0, 0.0, slots=self.runtime.config.slots, in_flight=in_flight)
+        return active is not None and policies.queued(self.policy, active, so_far)
 
     def decision_loop(self) -> None:
         """Decide every `window_s`, or early on a queue alarm (never twice in a row early, so a queue

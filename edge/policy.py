@@ -212,6 +212,11 @@ def queue_ms(option: Option, active: Option, window: Window) -> float:
     return window.in_flight / max(window.slots, 1) * (option.p50_ms + overhead_ms(active, window))
 
 
+def queued(config: PolicyConfig, active: Option, window: Window) -> bool:
+    """The inferences in flight would take `active` at least `QUEUE_ALARM` of the SLO to serve."""
+    return queue_ms(active, active, window) >= QUEUE_ALARM * config.slo_ms
+
+
 def predicted_p95(candidate: Option, active: Option, window: Window) -> float:
     """The p95 `candidate` would show under this window's load, and no less than the time it would take
     to serve the inferences in flight."""
@@ -270,7 +275,7 @@ def _step_down(config: PolicyConfig, candidates: list[Option], active: Option, w
     outlook = f"predicted {predicted:.1f} ms on {target.label}" if best else f"none fits: the fastest, {target.label}"
     if window.p95_ms > config.slo_ms:
         why = f"p95 {window.p95_ms:.1f} ms over SLO {config.slo_ms:.1f} ms"
-    elif queue_ms(active, active, window) >= QUEUE_ALARM * config.slo_ms:
+    elif queued(config, active, window):
         why = (f"{window.in_flight} inferences in flight take {active.label} "
                f"{queue_ms(active, active, window):.1f} ms to serve (queue)")
     else:
@@ -348,8 +353,7 @@ def decide(config: PolicyConfig, options: list[Option], state: PolicyState, wind
         return _fallback(config, options, state, "telemetry missing", now)
     candidates = frontier(config, options)
     saturated = utilization(active, active, window) > SATURATION
-    queued = queue_ms(active, active, window) >= QUEUE_ALARM * config.slo_ms
-    if queued or (window.requests > 0 and (window.p95_ms > config.slo_ms or saturated)):
+    if queued(config, active, window) or (window.requests > 0 and (window.p95_ms > config.slo_ms or saturated)):
         state = replace(state, over_count=state.over_count + 1, under_count=0)
         if state.over_count >= config.down_windows:
             return _step_down(config, candidates, active, window, state, now)
