@@ -1,8 +1,9 @@
 """`python -m bench.memory_probe`: resident memory of an edge runtime in a fresh process (a bench helper).
 
-    python -m bench.memory_probe --files A B ... [--budget-bytes N --switches K]
+    python -m bench.memory_probe --files A B ... [--budget-bytes N --switches K] [--as-loaded]
 
-Loads every variant file into an `edge.runtime.Runtime` the way an agent does (`cache_loader`) and
+Loads every variant file into an `edge.runtime.Runtime` the way an agent does (`cache_loader`:
+optimized, or as loaded with `--as-loaded`, as `--no-optimize-models` makes an agent do) and
 prints one JSON object: the process RSS before and after, and the parameter and buffer bytes held.
 With a budget, it then switches round-robin among the variants (each switch loading on demand what
 the budget evicted) and reports, per switch, the peak RSS during the switch (the kernel's high-water
@@ -77,11 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", type=Path, nargs="+", required=True)
     parser.add_argument("--budget-bytes", type=int, default=0)
     parser.add_argument("--switches", type=int, default=0)
+    parser.add_argument("--as-loaded", action="store_true", help="serve the variants as loaded, not optimized")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     trim = libc_trim()
     infos = [VariantInfo(sha256_file(path), path.stem, 0.0, path.stat().st_size, 0) for path in args.files]
-    loaders = [cache_loader(info, path) for info, path in zip(infos, args.files)]
+    loaders = [cache_loader(info, path, optimize=not args.as_loaded) for info, path in zip(infos, args.files)]
     runtime = Runtime(RuntimeConfig(memory_budget_bytes=args.budget_bytes))
     warm = loaders[0]()  # the first forward pass initializes torch's kernels; not the portfolio's cost
     del warm

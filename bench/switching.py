@@ -10,7 +10,8 @@ sparse dense-shaped files (the pruned zeros kept), for the memory comparison. Ca
 (b) switches while client threads send Predicts over gRPC on loopback to a server in this process;
     every answer is checked against the outputs of the variant that claims it;
 (c) resident memory growth of a fresh process holding the whole portfolio, compact against sparse
-    (`bench.memory_probe`), next to the parameter bytes each holds; and under a memory budget, the
+    (`bench.memory_probe`), next to the parameter bytes each holds, served optimized as an agent does
+    by default and, beside it, as loaded; and under a memory budget, the
     peak during each switch (on-demand loads included) above the RSS just before it;
 (d) Predict over gRPC against the same model called in process, batch 1, alternating blocks.
 
@@ -111,7 +112,8 @@ def switch_vs_reload(entries: list[dict], plan: dict) -> dict:
         for i in range(plan["reloads"] // ROUNDS):
             start = time.perf_counter()
             held = variant.load(paths[i % len(paths)])  # read the file, rebuild, load the weights
-            active = loaded(VariantInfo("", "", 0.0, 0, 0), held.spec, held.model)  # ready to serve: the swap
+            # ready to serve, as loaded (optimizing would make the baseline slower, the speedup larger)
+            active = loaded(VariantInfo("", "", 0.0, 0, 0), held.spec, held.model, optimize=False)
             reload_ms.append((time.perf_counter() - start) * 1e3)
             del active
     return {"switch_us": percentiles(switch_us), "reload_ms": percentiles(reload_ms),
@@ -140,8 +142,8 @@ def _switch_loop(runtime: Runtime, plan: dict) -> int:
     return plan["concurrent_switches"]
 
 
-def _probe(paths: list[str], budget: int = 0, switches: int = 0) -> dict:
-    args = [sys.executable, "-m", "bench.memory_probe", "--files", *paths]
+def _probe(paths: list[str], budget: int = 0, switches: int = 0, as_loaded: bool = False) -> dict:
+    args = [sys.executable, "-m", "bench.memory_probe", "--files", *paths, *(["--as-loaded"] if as_loaded else [])]
     if budget:
         args += ["--budget-bytes", str(budget), "--switches", str(switches)]
     done = subprocess.run(args, check=True, capture_output=True, text=True, timeout=1800)
@@ -149,15 +151,18 @@ def _probe(paths: list[str], budget: int = 0, switches: int = 0) -> dict:
 
 
 def memory(entries: list[dict], plan: dict) -> dict:
-    """(c): RSS growth of a fresh process holding the portfolio, compact vs sparse; peaks during switches
-    under a budget that holds the largest compact variant and a half."""
+    """(c): RSS growth of a fresh process holding the portfolio, compact vs sparse, served as an agent
+    serves them by default (optimized) and, beside it, as loaded; peaks during switches under a budget
+    that holds the largest compact variant and a half."""
     compact = _probe([e["compact"] for e in entries])
     sparse = _probe([e["sparse"] for e in entries])
+    as_loaded = {kind: _probe([e[kind] for e in entries], as_loaded=True) for kind in ("compact", "sparse")}
     biggest = max(Path(e["compact"]).stat().st_size for e in entries)
     budgeted = _probe([e["compact"] for e in entries], budget=int(1.5 * biggest), switches=plan["peak_switches"])
     peaks = budgeted.get("switches", [])
     return {"compact": compact, "sparse": sparse, "budget_bytes": int(1.5 * biggest), "switch_peaks": peaks,
-            "memory_ratio": sparse["growth_bytes"] / compact["growth_bytes"],
+            "memory_ratio": sparse["growth_bytes"] / compact["growth_bytes"], "as_loaded": as_loaded,
+            "memory_ratio_as_loaded": as_loaded["sparse"]["growth_bytes"] / as_loaded["compact"]["growth_bytes"],
             "param_bytes_ratio": sparse["param_bytes"] / compact["param_bytes"],
             "switch_peak_over_two_variants": max((p["extra_bytes"] / p["two_variants_bytes"] for p in peaks),
                                                  default=None),
@@ -193,6 +198,7 @@ def summarize(a: dict, b: dict, c: dict, d: dict) -> dict:
             "failed_requests": b["failed"], "wrong_answers": b["wrong"], "requests_during_switches": b["answered"],
             "memory_ratio": c["memory_ratio"], "param_bytes_ratio": c["param_bytes_ratio"],
             "memory_ratio_of_ideal": c["memory_ratio"] / c["param_bytes_ratio"],
+            "memory_ratio_of_ideal_as_loaded": c["memory_ratio_as_loaded"] / c["param_bytes_ratio"],
             "switch_peak_over_two_variants": c["switch_peak_over_two_variants"],
             "switch_peak_over_serving_two_variants": c["switch_peak_over_serving_two_variants"],
             "grpc_overhead_p50_ms": d["overhead_p50_ms"]}

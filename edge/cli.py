@@ -75,9 +75,10 @@ def _parser(environ=None) -> argparse.ArgumentParser:
                           "(0: off)")
     run.add_argument("--max-pending", type=int, default=256,
                      help="Predicts in progress or queued; beyond, RESOURCE_EXHAUSTED")
-    run.add_argument("--optimize-models", action="store_true",
+    run.add_argument("--optimize-models", action=argparse.BooleanOptionalAction, default=True,
                      help="serve every variant with BatchNorm folded into its convolutions and in channels-last "
-                          "layout: faster inference, a larger memory peak while a variant loads")
+                          "layout (default); --no-optimize-models serves them as loaded: slower inference, "
+                          "faster loads")
     run.add_argument("--allow-model", action="append", dest="allow_models", metavar="PACKAGE.MODULE:FUNCTION",
                      help="also build variants of this import-path architecture (repeatable; adds to the "
                           f"comma-separated {models.ALLOW_ENV}); zoo architectures are always allowed")

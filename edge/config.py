@@ -33,7 +33,7 @@ class AgentConfig:
     memory_budget_mib: float = 0.0  # resident model bytes; the rest load on demand (0 = hold all)
     batch_delay_ms: float = 0.0  # micro-batching: longest a request waits for others (0 = off)
     max_pending: int = 256  # Predicts in progress or queued; beyond, RESOURCE_EXHAUSTED
-    optimize_models: bool = False  # serve variants folded and channels-last (common.inference)
+    optimize_models: bool = True  # serve variants folded and channels-last (common.inference); False: as loaded
 
     def __post_init__(self) -> None:
         if not self.cloud or not self.name:

@@ -99,17 +99,16 @@ def libc_trim() -> Callable[[], None]:
     return (lambda: trim(0)) if trim else (lambda: None)
 
 
-def loaded(info: VariantInfo, spec: VariantSpec, model: nn.Module, optimize: bool = False,
+def loaded(info: VariantInfo, spec: VariantSpec, model: nn.Module, optimize: bool = True,
            rebuild: Callable[[], nn.Module] | None = None) -> LoadedVariant:
-    """A variant ready to serve: the model in eval mode, or with `optimize` BatchNorm folded and
-    channels-last (common.inference, which also says what `rebuild` is for), and its normalization as
-    broadcastable tensors.
+    """A variant ready to serve, with its normalization as broadcastable tensors: by default optimized
+    (BatchNorm folded, channels-last: common.inference, which also says what `rebuild` is for), with
+    `optimize=False` the model as loaded, in eval mode (`--no-optimize-models`).
 
     Optimized, a batch of 32 of the shifter benchmark's VGG-11 ran 1.4x (dense) to 1.8x (1024x
-    compact) faster, so a compact variant gains more than its sparse parent; but making a variant
-    ready then checks it with forward passes and runs oneDNN's kernels, which raises the memory peak
-    while it loads and the resident memory a little (docs/results.md, "Switching"). So it is the
-    operator's choice (`--optimize-models`)."""
+    compact) faster, so a compact variant gains more than its sparse parent. The price is paid while a
+    variant loads (a tracing pass and a checking forward pass, a few milliseconds more) and in a little
+    resident memory for oneDNN's kernels per convolution shape (docs/results.md, "Switching")."""
     channels = spec.input_shape[0]
     served = for_inference(model, tuple(spec.input_shape), rebuild) if optimize else model.eval()
     return LoadedVariant(info, served, spec,

@@ -2,6 +2,8 @@
 loaded computes at any batch size; a model that cannot be folded is served unfolded; one that would be
 served wrongly is built again and served as loaded, or refused with a message that names the problem."""
 
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -52,14 +54,22 @@ def test_every_architecture_served_folded_and_channels_last_computes_the_same(ar
 
 
 class _Branchy(nn.Module):
-    """Control flow on the input's values: torch.fx cannot trace it, so its BatchNorm stays."""
+    """A convolution's output read by its BatchNorm and by a residual sum: folding would change the sum,
+    so the BatchNorm stays; one conv and BatchNorm pair run twice (a shared block) stays too; control
+    flow on the input's values does not matter."""
 
     def __init__(self):
         super().__init__()
         self.conv, self.bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.shared, self.shared_bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.last, self.last_bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
 
     def forward(self, x):
-        y = self.bn(self.conv(x))
+        y = self.conv(x)
+        y = self.bn(y) + y
+        for _ in range(2):
+            y = self.shared_bn(self.shared(y))
+        y = self.last_bn(self.last(y))
         return y.flatten(1) if x.sum() > -1e9 else -y.flatten(1)
 
 
@@ -75,16 +85,48 @@ class _Contiguous(nn.Module):
         return y.view(y.shape[0], -1)
 
 
-def test_a_model_fx_cannot_trace_is_served_unfolded_and_still_computes_the_same():
+def test_only_a_batchnorm_that_alone_reads_a_convolution_run_once_is_folded():
     torch.manual_seed(0)
     model = _trained_looking(_Branchy(), seed=2)
     x = torch.randn(3, 1, 8, 8)
     with torch.inference_mode():
         want = model(x)
-    served = for_inference(model, (1, 8, 8))
-    assert any(isinstance(m, nn.BatchNorm2d) for m in served.modules())
+    served = for_inference(model, (1, 8, 8)).model
+    assert isinstance(served.bn, nn.BatchNorm2d) and isinstance(served.shared_bn, nn.BatchNorm2d)
+    assert isinstance(served.last_bn, nn.Identity)
     with torch.inference_mode():
-        torch.testing.assert_close(served(x), want)
+        torch.testing.assert_close(served(x), want, atol=1e-4, rtol=1e-3)
+
+
+def test_a_model_is_made_ready_while_other_threads_run_models():
+    """Finding what to fold touches only the model being made ready: requests on other models in
+    other threads meanwhile all succeed and compute what they did."""
+    kwargs = {"in_channels": 1, "num_classes": 10, "input_size": 28, "width": 0.25}
+    serving = _trained_looking(models.build("resnet20", kwargs), seed=3)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.inference_mode():
+        want = serving(x)
+    stop, failures, answers = threading.Event(), [], []
+
+    def serve():
+        while not stop.is_set():
+            try:
+                with torch.inference_mode():
+                    answers.append(torch.equal(serving(x), want))
+            except Exception as err:  # noqa: BLE001 - any failure fails the test
+                failures.append(err)
+
+    threads = [threading.Thread(target=serve) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        for arch in ZOO:
+            for_inference(_trained_looking(models.build(arch, kwargs), seed=4), (1, 28, 28))
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert failures == [] and answers and all(answers)
 
 
 def test_a_model_that_would_be_served_wrongly_is_refused_by_name_or_built_again():

@@ -76,3 +76,10 @@ def test_the_edge_imports_nothing_from_the_cloud_side():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('cloud', 'torch_pruning', 'matplotlib')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_variants_are_served_optimized_unless_the_operator_says_otherwise():
+    from edge import cli
+    base = ["run", "--cloud", "127.0.0.1:1", "--name", "e", "--cache", "cache", "--insecure"]
+    assert cli._config(cli._parser({}).parse_args(base)).optimize_models
+    assert not cli._config(cli._parser({}).parse_args([*base, "--no-optimize-models"])).optimize_models
