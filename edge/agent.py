@@ -49,6 +49,7 @@ class Agent:
                                             memory_budget_bytes=config.memory_budget_bytes)
         self._state: policies.PolicyState | None = None
         self._decided_at: float | None = None
+        self._in_flight_at_open = 0  # inferences in flight when the policy window opened
         self._decide_lock = threading.Lock()  # the policy state and the switches that follow it
 
     def _report(self, **body) -> coordinator_pb2.EdgeReport:
@@ -179,10 +180,14 @@ class Agent:
         """Close the telemetry window and report it (kept while the cloud is away). None when telemetry
         is missing: the window could not be read, it is stale (the decision loop was held up for over
         `STALE_WINDOWS` windows), or requests came and none was answered (no latency to go by). The
+        rate the policy sees counts the requests that came in the window (finished, plus what the queue
+        grew by): under overload, answers come at the active variant's capacity whatever the load. The
         process's CPU time over the window, per answered request, tells the policy what a request costs
         beyond the model's forward pass."""
         try:
             stats = self._window.close_window(now)
+            in_flight, opened_with = self.runtime.in_flight, self._in_flight_at_open
+            self._in_flight_at_open = in_flight
             cpu, rss = self._process.sample()
             self._outbox.telemetry(self._report(telemetry=self._telemetry(stats, cpu, rss)))
         except Exception:  # noqa: BLE001 - whatever broke, the policy must fall back, not stop
@@ -193,8 +198,9 @@ class Agent:
         if stale or (stats.requests and not answered):
             return None
         cpu_ms = cpu * 10.0 * stats.seconds / answered if answered else 0.0  # percent of a core -> ms
-        return policies.Window(answered, stats.p95_ms, stats.rate, self.runtime.config.slots, cpu_ms,
-                               self.runtime.in_flight)
+        came = max(0, stats.requests + in_flight - opened_with)  # finished, plus what the queue grew by
+        return policies.Window(answered, stats.p95_ms, came / stats.seconds, self.runtime.config.slots, cpu_ms,
+                               in_flight)
 
     def decide_once(self) -> policies.Decision | None:
         """Close the window, report it, and switch if the policy says so."""

@@ -28,7 +28,9 @@ micro-batching, requests that share a pass cost less than that, so both guards a
 
 Hysteresis: stepping down needs `down_windows` consecutive windows over the SLO; stepping up needs
 `up_windows` consecutive windows in which a more accurate candidate is predicted under
-`slo * up_headroom`, and `dwell_s` seconds since the last switch. A window in between resets both
+`slo * up_headroom` and busy at most `up_headroom` of the time (open-loop arrivals queue behind one
+another long before a variant is fully busy, and the device's other processes take CPU the measure
+does not see), and `dwell_s` seconds since the last switch. A window in between resets both
 counts, so load that hovers around the SLO never flaps. On top of that, at most
 `max_switches_per_minute` step-ups happen in any 60 s; one held back by the cap is recorded once
 ("capped") and happens when the minute allows it, if it is still wanted. Step-downs protect the SLO
@@ -122,7 +124,7 @@ class Option:
 class Window:
     requests: int
     p95_ms: float
-    rate: float = 0.0  # requests per second answered in the window
+    rate: float = 0.0  # requests per second that came in the window: answered, failed, or still in flight
     slots: int = 1  # concurrent inferences the device runs
     cpu_ms_per_request: float = 0.0  # the serving process's CPU time per answered request (0 = unknown)
     in_flight: int = 0  # inferences running or waiting for a slot when the window closed
@@ -295,7 +297,8 @@ def _under_ceiling(config: PolicyConfig, option: Option, active: Option, state: 
 
 def _step_up(config: PolicyConfig, candidates: list[Option], active: Option, window: Window,
              state: PolicyState, now: float) -> Decision:
-    allowed = [o for o in candidates if _under_ceiling(config, o, active, state, window, now)]
+    allowed = [o for o in candidates if _under_ceiling(config, o, active, state, window, now)
+               and (o is active or utilization(o, active, window) <= config.up_headroom)]
     best = _best_under(allowed, active, window, config.slo_ms * config.up_headroom)
     if best is None or best[0].accuracy <= active.accuracy:
         return Decision(active.variant_id, "steady", STAY, replace(state, over_count=0, under_count=0, capped=False))

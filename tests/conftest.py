@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,30 @@ def wait_for(predicate, timeout_s: float = 30.0, what: str = "condition", interv
             return value
         time.sleep(interval_s)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextmanager
+def hammering(request: Callable[[], object], threads: int = 2) -> Iterator[list[Exception]]:
+    """Call `request` over and over from `threads` threads while the block runs. Yields the list of
+    what the calls raised, complete once the block has exited (the threads are joined by then)."""
+    stop, failures = threading.Event(), []
+
+    def loop():
+        while not stop.is_set():
+            try:
+                request()
+            except Exception as err:  # noqa: BLE001 - any failure is the caller's to judge
+                failures.append(err)
+
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    try:
+        yield failures
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
 
 
 @pytest.fixture(scope="session")

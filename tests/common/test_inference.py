@@ -2,14 +2,13 @@
 loaded computes at any batch size; a model that cannot be folded is served unfolded; one that would be
 served wrongly is built again and served as loaded, or refused with a message that names the problem."""
 
-import threading
-
 import pytest
 import torch
 from torch import nn
 
 from common import models
 from common.inference import NotServableError, for_inference
+from conftest import hammering
 
 ZOO = ["vgg11", "vgg16", "resnet20", "resnet56", "mobilenetv2"]
 
@@ -106,26 +105,15 @@ def test_a_model_is_made_ready_while_other_threads_run_models():
     x = torch.randn(2, 1, 28, 28)
     with torch.inference_mode():
         want = serving(x)
-    stop, failures, answers = threading.Event(), [], []
+    answers = []
 
     def serve():
-        while not stop.is_set():
-            try:
-                with torch.inference_mode():
-                    answers.append(torch.equal(serving(x), want))
-            except Exception as err:  # noqa: BLE001 - any failure fails the test
-                failures.append(err)
+        with torch.inference_mode():
+            answers.append(torch.equal(serving(x), want))
 
-    threads = [threading.Thread(target=serve) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    try:
+    with hammering(serve) as failures:
         for arch in ZOO:
             for_inference(_trained_looking(models.build(arch, kwargs), seed=4), (1, 28, 28))
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
     assert failures == [] and answers and all(answers)
 
 

@@ -1,6 +1,7 @@
 """The wired agent against an in-process fake cloud: bring-up, the Connect contract, directives,
 decisions while the cloud is away, and flushing buffered switch events on reconnect."""
 
+import contextlib
 import dataclasses
 import threading
 
@@ -84,6 +85,20 @@ def test_the_policy_window_carries_the_cpu_each_request_cost(wired):
     window = node.agent._policy_window(node.agent._clock())
     assert window.requests == 100 and window.rate > 0
     assert 0 < window.cpu_ms_per_request < 10_000
+
+
+def test_the_policy_window_rate_counts_requests_still_waiting(wired):
+    """Under overload the answers come at the active variant's capacity whatever the load: the rate the
+    policy sees is what came, answered or still waiting, each request counted in the window it came in."""
+    _, node, _, _ = wired
+    _start(node)
+    agent = node.agent
+    agent._policy_window(agent._clock())  # a fresh window
+    with _waiting_for_the_slot(node, 6):
+        came = agent._policy_window(agent._clock())
+    assert came.requests == 0 and came.in_flight == 6 and came.rate > 0
+    answered = agent._policy_window(agent._clock())
+    assert answered.requests == 6 and answered.in_flight == 0 and answered.rate == 0.0  # they came before
 
 
 def test_a_policy_directive_pins_and_the_switch_is_reported(wired):
@@ -205,6 +220,26 @@ def test_requests_refused_before_serving_are_reported_under_no_portfolio(wired):
     assert windows[1].portfolio_id == held and (windows[1].requests, windows[1].errors) == (1, 0)
 
 
+@contextlib.contextmanager
+def _waiting_for_the_slot(node, count: int):
+    """`count` Predicts over gRPC waiting while the device's slot is held; they are answered when the
+    block exits."""
+    predict = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(node.address)).Predict
+    request = inference_pb2.PredictRequest(input=to_proto(np.zeros((4, 1, 28, 28), np.uint8)))
+    slot = node.agent.runtime._slots
+    slot.acquire()  # the device is busy: what comes now waits
+    waiting = [threading.Thread(target=predict, args=(request,), kwargs={"timeout": 30}) for _ in range(count)]
+    try:
+        for thread in waiting:
+            thread.start()
+        wait_for(lambda: node.agent.runtime.in_flight == count, what=f"{count} inferences waiting")
+        yield
+    finally:
+        slot.release()
+        for thread in waiting:
+            thread.join(30)
+
+
 def test_a_queue_building_up_within_a_window_closes_it_early(wired):
     """Inferences waiting for the device's slot that the active variant would need half the SLO to
     serve raise the queue alarm, and the decision loop closes the window then, not at its end."""
@@ -212,23 +247,11 @@ def test_a_queue_building_up_within_a_window_closes_it_early(wired):
     _start(node)
     agent = node.agent
     agent.policy = dataclasses.replace(agent.policy, window_s=60.0, slo_ms=1000.0)
-    predict = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(node.address)).Predict
-    request = inference_pb2.PredictRequest(input=to_proto(np.zeros((4, 1, 28, 28), np.uint8)))
-    slot = agent.runtime._slots
-    slot.acquire()  # the device is busy: what comes now waits
-    waiting = [threading.Thread(target=predict, args=(request,), kwargs={"timeout": 30}) for _ in range(6)]
-    try:
-        for thread in waiting:
-            thread.start()
-        wait_for(lambda: agent.runtime.in_flight == 6, what="six inferences waiting")
+    with _waiting_for_the_slot(node, 6):
         assert not agent.queue_alarm(window_age_s=5.0)  # 6 queued take far less than half of a 1 s SLO
         agent.policy = dataclasses.replace(agent.policy, slo_ms=0.01)
         assert agent.queue_alarm(window_age_s=5.0) and not agent.queue_alarm(window_age_s=0.01)  # too young
         loop = threading.Thread(target=agent.decision_loop, daemon=True)
         loop.start()
         wait_for(lambda: agent._decided_at is not None, timeout_s=5, what="a window closed early")  # not in 60 s
-    finally:
-        slot.release()
-        for thread in waiting:
-            thread.join(30)
     assert agent.runtime.in_flight == 0 and not agent.queue_alarm(window_age_s=5.0)

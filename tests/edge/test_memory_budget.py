@@ -1,11 +1,11 @@
 """The runtime under a memory budget: eviction, on-demand loads from real files, and switching under load."""
 
-import threading
 
 import numpy as np
 import pytest
 
 from edge.runtime import Runtime, RuntimeConfig, UnknownVariantError
+from conftest import hammering
 from edge_fixtures import load_variant, write_variant
 
 
@@ -74,26 +74,11 @@ def test_a_variant_without_loader_is_never_evicted_and_unknown_ones_are_refused(
 def test_switching_among_variants_that_do_not_all_fit_fails_no_request(files):
     runtime, held, loads, _, budget = _budgeted(files, 2.0)
     pixels = np.random.default_rng(1).integers(0, 256, (2, 1, 28, 28), dtype=np.uint8)
-    stop, failures, answers = threading.Event(), [], []
-
-    def hammer():
-        while not stop.is_set():
-            try:
-                answers.append(runtime.predict(pixels)[1])
-            except Exception as err:  # noqa: BLE001 - any failure fails the test
-                failures.append(err)
-
-    threads = [threading.Thread(target=hammer) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    try:
+    answers = []
+    with hammering(lambda: answers.append(runtime.predict(pixels)[1]), threads=3) as failures:
         for i in range(60):
             runtime.switch(held[i % 3].variant_id, "test")
             assert runtime.resident_bytes() <= budget
             assert len(runtime.resident()) <= 2  # never more than the two variants of a switch
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
     assert failures == [] and set(answers) == {h.variant_id for h in held}
     assert len(loads) >= 20  # round robin over three with room for two: most switches load

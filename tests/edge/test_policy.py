@@ -181,7 +181,7 @@ def test_a_variant_left_over_the_slo_is_no_step_up_at_that_load_for_a_while():
     loaded = Window(requests=25, p95_ms=40.0, rate=100.0, slots=1)
     down = decide(config, OPTIONS, PolicyState(MID.variant_id), loaded, now=10.0)
     assert down.switch and down.target == FAST.variant_id and down.state.ceilings[0].rate == 100.0
-    roomy = Window(requests=25, p95_ms=5.0, rate=95.0, slots=1)  # MID would look fine: 95 x 8 ms = 76% busy
+    roomy = Window(requests=25, p95_ms=5.0, rate=85.0, slots=1)  # MID would look fine: 85 x 8 ms = 68% busy
     state = down.state
     for now in (11.0, 12.0, 13.0):
         decision = decide(config, OPTIONS, state, roomy, now)
@@ -293,6 +293,21 @@ def test_the_cost_of_serving_beyond_the_forward_pass_counts_in_every_utilization
     busy = replace(measured, p95_ms=9.0, cpu_ms_per_request=6.5)
     down = decide(replace(config, down_windows=1), [mid, small], PolicyState(mid.variant_id), busy, now=10.0)
     assert down.switch and down.target == small.variant_id and "saturated" in down.reason
+
+
+def test_no_step_up_to_a_variant_the_load_would_keep_busy_beyond_the_headroom():
+    """Measured in a policy benchmark: at about 200 req/s on the 2.5 ms variant the policy stepped up to
+    the 3.1 ms one. Its scaled p95 was far under the SLO and 74% busy was under the 85% that predicts
+    overload, but on a device shared with other processes it fell behind and stepped down 3 s later."""
+    small = Option("s" * 64, 0.61, p50_ms=2.46, p95_ms=2.90, name="256x")
+    mid = Option("m" * 64, 0.78, p50_ms=3.07, p95_ms=3.58, name="64x")
+    config = PolicyConfig(slo_ms=34.5, up_windows=1, up_headroom=0.7, dwell_s=0.0)
+    busy = Window(requests=100, p95_ms=6.0, rate=200.0, slots=1, cpu_ms_per_request=3.1)  # 0.64 ms beyond p50
+    assert predicted_p95(mid, small, busy) < 34.5 * 0.7  # by latency alone it would step up
+    assert not decide(config, [mid, small], PolicyState(small.variant_id), busy, now=10.0).switch
+    lighter = replace(busy, requests=60, rate=120.0)  # 45% busy on 64x
+    up = decide(config, [mid, small], PolicyState(small.variant_id), lighter, now=10.0)
+    assert up.switch and up.target == mid.variant_id and up.reason_code == "headroom"
 
 
 def test_pins_and_fallbacks_do_not_use_up_the_cap_on_automatic_switches():

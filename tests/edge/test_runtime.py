@@ -1,6 +1,5 @@
 """The runtime: atomic switching under concurrent requests, input validation, faithful outputs."""
 
-import threading
 import time
 
 import numpy as np
@@ -11,6 +10,7 @@ from common import datasets
 from common.wire import TensorError
 from edge.loading import cache_loader
 from edge.runtime import NotReadyError, Runtime, RuntimeConfig, UnknownVariantError, VariantInfo
+from conftest import hammering
 from edge_fixtures import load_variant, write_variant
 
 
@@ -84,28 +84,17 @@ def test_switching_1000_times_under_concurrent_predicts_fails_nothing(runtime, p
     ids = {held.variant_id for held in pair}
     pixels = np.random.default_rng(1).integers(0, 256, (2, 1, 28, 28), dtype=np.uint8)
     expected = {held.variant_id: runtime_on(held, pixels) for held in pair}
-    stop, failures, answers = threading.Event(), [], []
+    answers = []
 
-    def hammer():
-        while not stop.is_set():
-            try:
-                logits, variant_id = runtime.predict(pixels)
-                answers.append(variant_id)
-                np.testing.assert_allclose(logits, expected[variant_id], atol=1e-5)  # not a mix of two models
-            except Exception as err:  # noqa: BLE001 - any failure fails the test
-                failures.append(err)
+    def request():
+        logits, variant_id = runtime.predict(pixels)
+        answers.append(variant_id)
+        np.testing.assert_allclose(logits, expected[variant_id], atol=1e-5)  # not a mix of two models
 
-    threads = [threading.Thread(target=hammer) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
+    with hammering(request, threads=4) as failures:
         for i in range(1000):
             runtime.switch(pair[i % 2].variant_id, "test")
             time.sleep(0.0005)  # let requests start on both sides of each switch
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
     assert failures == []
     assert set(answers) == ids  # both variants answered, and nothing else did
 
