@@ -10,8 +10,12 @@ dominate its time nearly whole (docs/results.md). The SLO comes from the edge's 
 right before the replays: with `mu` the requests per second it answers on one variant under
 closed-loop load (measured for `capacity_s` on the largest and on the smallest, so a busy machine
 scales the trace), the trace is steady at `steady` x mu(largest), a step up to `MAX_UTILIZATION` x
-mu(smallest) (a load the smallest serves with room; the report says how far past the largest's
-capacity that is), a burst `burst` times that, and a step down to steady. The same trace (same
+mu(smallest) (a load the smallest serves with room) or `OVER_LARGEST` x mu(largest), whichever is
+less (the report says how far past each capacity that is), a burst `burst` times that, and a step
+down to steady. The bound over the largest keeps the trace within what the load generator and the
+gRPC stack deliver on the same cores: served optimized, this portfolio's smallest variant answered
+568 requests/s closed-loop, 3.7x the largest, and at 60% of that the fixed smallest replay was late
+on 14% of its requests, bound by the machine rather than the model (docs/results.md). The same trace (same
 Poisson arrivals) is replayed three times: with the policy deciding, pinned to the largest variant,
 pinned to the smallest.
 
@@ -51,6 +55,7 @@ QUICK = {**FULL, "subset": 2000, "epochs": 1, "compressions": (1, 16, 256), "pha
 # four windows with room and 2 s since the last switch (hysteresis).
 POLICY = {"down_windows": 1, "up_windows": 4, "up_headroom": 0.7, "dwell_s": 2.0, "max_switches_per_minute": 6}
 MAX_UTILIZATION = 0.6
+OVER_LARGEST = 1.5  # the step up asks the largest variant for this multiple of its capacity, at most
 EDGE = "edge-bench"
 
 
@@ -80,7 +85,7 @@ def build_portfolio(plan: dict, work: Path, data_dir) -> PortfolioStore:
 
 
 def trace(plan: dict, mu_largest: float, mu_smallest: float) -> list[Phase]:
-    high = MAX_UTILIZATION * mu_smallest
+    high = min(MAX_UTILIZATION * mu_smallest, OVER_LARGEST * mu_largest)
     steady = plan["steady"] * mu_largest
     seconds = plan["phase_s"]
     return [Phase("steady", seconds, steady), Phase("step up", seconds, high),

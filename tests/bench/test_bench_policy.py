@@ -14,10 +14,14 @@ KEYS = {"slo_attainment", "slo_attainment_fixed_largest", "effective_accuracy", 
 
 
 def test_the_trace_steps_from_what_the_largest_serves_to_what_only_the_smallest_serves():
-    phases = policy.trace({"steady": 0.35, "burst": 1.1, "phase_s": 10.0}, mu_largest=100.0, mu_smallest=200.0)
+    plan = {"steady": 0.35, "burst": 1.1, "phase_s": 10.0}
+    phases = policy.trace(plan, mu_largest=100.0, mu_smallest=200.0)
     assert [p.name for p in phases] == ["steady", "step up", "burst", "step down"]
     steady, high, burst, down = (p.rate for p in phases)
     assert steady == down == 35.0 and high == policy.MAX_UTILIZATION * 200.0 > 100.0 and burst == high * 1.1
+    # a smallest variant far faster than the largest: the step up stops at a multiple of the largest's capacity
+    high = policy.trace(plan, mu_largest=100.0, mu_smallest=600.0)[1].rate
+    assert high == policy.OVER_LARGEST * 100.0 < policy.MAX_UTILIZATION * 600.0
 
 
 def test_late_and_failed_requests_count_as_wrong():
@@ -41,4 +45,6 @@ def test_a_tiny_policy_benchmark_runs_three_replays_on_a_real_edge(tmp_path, mon
     assert all(0 < v["accuracy"] < 1 for v in result["variants"])
     assert result["capacity_rps"]["largest"] > 0 and result["capacity_rps"]["smallest"] > 0
     assert [v["name"] for v in result["variants"]] == ["vgg11-synflow-1x", "vgg11-synflow-16x"]
-    assert abs(result["step_up_load"]["smallest"] - policy.MAX_UTILIZATION) < 1e-9
+    step = result["step_up_load"]  # whichever bound is lower
+    assert step["smallest"] <= policy.MAX_UTILIZATION + 1e-9 and step["largest"] <= policy.OVER_LARGEST + 1e-9
+    assert min(abs(step["smallest"] - policy.MAX_UTILIZATION), abs(step["largest"] - policy.OVER_LARGEST)) < 1e-9
