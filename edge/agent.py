@@ -50,6 +50,7 @@ class Agent:
         self._state: policies.PolicyState | None = None
         self._decided_at: float | None = None
         self._in_flight_at_open = 0  # inferences in flight when the policy window opened
+        self._slot_s_at_open = 0.0  # the runtime's slot seconds then
         self._decide_lock = threading.Lock()  # the policy state and the switches that follow it
 
     def _report(self, **body) -> coordinator_pb2.EdgeReport:
@@ -182,13 +183,16 @@ class Agent:
         `STALE_WINDOWS` windows), or requests came and none was answered (no latency to go by). The
         rate the policy sees counts the requests that came in the window (finished, plus what the queue
         grew by): under overload, answers come at the active variant's capacity whatever the load. The
-        process's CPU time over the window, per answered request, tells the policy what a request costs
+        process's CPU time over the window, per answered request, and the wall time each held a slot
+        (waits for the CPU and for Python's lock included) tell the policy what a request costs
         beyond the model's forward pass."""
         try:
             stats = self._window.close_window(now)
             in_flight, opened_with = self.runtime.in_flight, self._in_flight_at_open
-            self._in_flight_at_open = in_flight
+            slot_s, slot_s_at_open = self.runtime.slot_seconds, self._slot_s_at_open
+            self._in_flight_at_open, self._slot_s_at_open = in_flight, slot_s
             cpu, rss = self._process.sample()
+            device_busy = self._process.device_busy()
             self._outbox.telemetry(self._report(telemetry=self._telemetry(stats, cpu, rss)))
         except Exception:  # noqa: BLE001 - whatever broke, the policy must fall back, not stop
             log.exception("telemetry window unreadable")
@@ -198,9 +202,10 @@ class Agent:
         if stale or (stats.requests and not answered):
             return None
         cpu_ms = cpu * 10.0 * stats.seconds / answered if answered else 0.0  # percent of a core -> ms
+        slot_ms = (slot_s - slot_s_at_open) * 1e3 / answered if answered else 0.0
         came = max(0, stats.requests + in_flight - opened_with)  # finished, plus what the queue grew by
         return policies.Window(answered, stats.p95_ms, came / stats.seconds, self.runtime.config.slots, cpu_ms,
-                               in_flight)
+                               in_flight, device_busy, self._process.cores, slot_ms)
 
     def decide_once(self) -> policies.Decision | None:
         """Close the window, report it, and switch if the policy says so."""

@@ -8,9 +8,12 @@ inference slots above `MAX_UTILIZATION`) is predicted to miss any SLO: scaling l
 about a queue that would grow without bound, and without this a loaded edge would step up into
 overload and flap.
 A request costs more than its forward pass: decoding, gRPC and Python take the same time whatever the
-variant. The window measures it (the serving process's CPU time per request, less the active
-variant's profiled p50) and every utilization counts it. With intra-op threads a forward pass uses
-more CPU than its latency, which only makes the estimate conservative.
+variant. The window measures it (the serving process's CPU time per request, or the wall time a
+request held a slot if that is more, less the active variant's profiled p50) and every utilization
+counts it. A small model's pass is many short operators, each taking Python's lock: with gRPC's
+threads busy, a request held the slot about twice its profiled time while the process used about one
+core (policy benchmark), a cost its CPU time did not show. With intra-op threads a forward pass uses
+more CPU than its latency, which only makes the CPU estimate conservative.
 
 Candidates are the variants at or above the accuracy floor (all of them if none is), reduced to the
 Pareto frontier: a variant that is slower than another (at p50 and p95) and not more accurate is
@@ -28,9 +31,11 @@ micro-batching, requests that share a pass cost less than that, so both guards a
 
 Hysteresis: stepping down needs `down_windows` consecutive windows over the SLO; stepping up needs
 `up_windows` consecutive windows in which a more accurate candidate is predicted under
-`slo * up_headroom` and busy at most `up_headroom` of the time (open-loop arrivals queue behind one
-another long before a variant is fully busy, and the device's other processes take CPU the measure
-does not see), and `dwell_s` seconds since the last switch. A window in between resets both
+`slo * up_headroom`, busy at most `up_headroom` of the time (open-loop arrivals queue behind one
+another long before a variant is fully busy), and leaving the device's CPU, with every process on it,
+busy at most `up_headroom` of the time (other processes slow the agent down in ways its own CPU time
+does not show: in the policy benchmark, the load generator on the same cores), and `dwell_s` seconds
+since the last switch. A window in between resets both
 counts, so load that hovers around the SLO never flaps. On top of that, at most
 `max_switches_per_minute` step-ups happen in any 60 s; one held back by the cap is recorded once
 ("capped") and happens when the minute allows it, if it is still wanted. Step-downs protect the SLO
@@ -128,6 +133,9 @@ class Window:
     slots: int = 1  # concurrent inferences the device runs
     cpu_ms_per_request: float = 0.0  # the serving process's CPU time per answered request (0 = unknown)
     in_flight: int = 0  # inferences running or waiting for a slot when the window closed
+    device_busy: float = 0.0  # share of the device's CPU in use over the window, every process (0 = unknown)
+    cores: int = 1  # the device's CPU cores
+    slot_ms_per_request: float = 0.0  # wall time each answered request held a slot (0 = unknown)
 
 
 @dataclass(frozen=True)
@@ -193,16 +201,24 @@ def smallest(options: list[Option]) -> Option:
 
 
 def overhead_ms(active: Option, window: Window) -> float:
-    """What a request costs beyond the model's forward pass, as the window measured it: the process's
-    CPU time per request less the active variant's profiled p50 (decoding, gRPC, Python; never below
-    0). The same for every variant, since only the forward pass changes between them."""
-    return max(0.0, window.cpu_ms_per_request - active.p50_ms)
+    """What a request costs beyond the model's forward pass as profiled, as the window measured it: the
+    larger of the process's CPU time per request (decoding, gRPC, Python) and the wall time a request
+    held a slot (the forward pass as slowed by other processes and by waits for Python's lock, which
+    cost no CPU time), less the active variant's profiled p50; never below 0. The same for every
+    variant, since only the forward pass changes between them."""
+    return max(0.0, window.cpu_ms_per_request - active.p50_ms, window.slot_ms_per_request - active.p50_ms)
 
 
 def utilization(option: Option, active: Option, window: Window) -> float:
     """Share of the time `option` would be busy serving the window's request rate on its slots, each
     request costing its profiled p50 plus the overhead measured while `active` served."""
     return window.rate * (option.p50_ms + overhead_ms(active, window)) / 1e3 / max(window.slots, 1)
+
+
+def device_busy(option: Option, active: Option, window: Window) -> float:
+    """Share of the device's CPU that would be in use serving the window's rate on `option`: what was
+    in use (every process) plus the forward passes' difference, one core each."""
+    return window.device_busy + window.rate * (option.p50_ms - active.p50_ms) / 1e3 / max(window.cores, 1)
 
 
 def queue_ms(option: Option, active: Option, window: Window) -> float:
@@ -298,7 +314,8 @@ def _under_ceiling(config: PolicyConfig, option: Option, active: Option, state: 
 def _step_up(config: PolicyConfig, candidates: list[Option], active: Option, window: Window,
              state: PolicyState, now: float) -> Decision:
     allowed = [o for o in candidates if _under_ceiling(config, o, active, state, window, now)
-               and (o is active or utilization(o, active, window) <= config.up_headroom)]
+               and (o is active or max(utilization(o, active, window), device_busy(o, active, window))
+                    <= config.up_headroom)]
     best = _best_under(allowed, active, window, config.slo_ms * config.up_headroom)
     if best is None or best[0].accuracy <= active.accuracy:
         return Decision(active.variant_id, "steady", STAY, replace(state, over_count=0, under_count=0, capped=False))
@@ -307,7 +324,8 @@ def _step_up(config: PolicyConfig, candidates: list[Option], active: Option, win
         return Decision(active.variant_id, "headroom, waiting", STAY, state)
     target, predicted = best
     reason = (f"p95 {window.p95_ms:.1f} ms leaves headroom under SLO {config.slo_ms:.1f} ms for "
-              f"{state.under_count} windows at {window.rate:.1f} req/s; predicted {predicted:.1f} ms on {target.label}")
+              f"{state.under_count} windows at {window.rate:.1f} req/s; predicted {predicted:.1f} ms on {target.label}, "
+              f"device {device_busy(target, active, window):.0%} busy")
     return _switched(config, target, reason, "headroom", state, now, predicted)
 
 

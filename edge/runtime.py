@@ -146,6 +146,7 @@ class Runtime:
         self._memory_lock = threading.RLock()  # what is resident: loads, evictions, portfolio changes
         self._slots = threading.BoundedSemaphore(config.slots)
         self._in_flight = 0  # inferences running or waiting for a slot
+        self._slot_s = 0.0  # wall time inferences have held a slot, in all
         self._count_lock = threading.Lock()
         self._trim = libc_trim()
 
@@ -281,13 +282,24 @@ class Runtime:
         """Logits of `variant` on a validated batch in [0, 1], in one of the device's slots."""
         with self._count_lock:
             self._in_flight += 1
+        started = None
         try:
             with self._slots, torch.inference_mode():
+                started = time.perf_counter()
                 logits = variant.model((x - variant.mean) / variant.std)
         finally:
             with self._count_lock:
                 self._in_flight -= 1
+                if started is not None:
+                    self._slot_s += time.perf_counter() - started
         return logits.numpy().astype(np.float32, copy=False)
+
+    @property
+    def slot_seconds(self) -> float:
+        """Wall time inferences have held a slot since the runtime started: with the inferences counted,
+        how long each really took on this device under its current load, other processes and Python's
+        own threads included."""
+        return self._slot_s
 
     @property
     def in_flight(self) -> int:

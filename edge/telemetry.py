@@ -58,11 +58,18 @@ class RequestWindow:
 
 
 class ProcessStats:
-    """CPU percent of this process since the previous sample, and its resident memory."""
+    """CPU percent of this process since the previous sample, and its resident memory; and how busy the
+    whole device was (every process, every core) since the previous `device_busy`."""
 
     def __init__(self, process: psutil.Process | None = None):
         self._process = process or psutil.Process()
         self._process.cpu_percent(None)
+        self.cores = psutil.cpu_count() or 1
+        psutil.cpu_percent(None)
+
+    def device_busy(self) -> float:
+        """Share of the device's CPU time in use, all processes, since the previous call (0 to 1)."""
+        return min(1.0, max(0.0, psutil.cpu_percent(None) / 100.0))
 
     def sample(self) -> tuple[float, int]:
         return float(self._process.cpu_percent(None)), int(self._process.memory_info().rss)

@@ -85,6 +85,7 @@ def test_the_policy_window_carries_the_cpu_each_request_cost(wired):
     window = node.agent._policy_window(node.agent._clock())
     assert window.requests == 100 and window.rate > 0
     assert 0 < window.cpu_ms_per_request < 10_000
+    assert 0 < window.slot_ms_per_request < 10_000  # each held a slot for its forward pass
 
 
 def test_the_policy_window_rate_counts_requests_still_waiting(wired):

@@ -39,8 +39,11 @@ def test_window_is_thread_safe():
 
 
 def test_process_sample():
-    cpu, rss = ProcessStats().sample()
+    stats = ProcessStats()
+    sum(i * i for i in range(2_000_000))  # some CPU time for the device's share to show
+    cpu, rss = stats.sample()
     assert cpu >= 0 and rss > 10 << 20
+    assert stats.cores >= 1 and 0 < stats.device_busy() <= 1
 
 
 def test_metrics_live_on_the_injected_registry_with_a_bucket_at_the_slo():

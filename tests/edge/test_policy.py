@@ -310,6 +310,32 @@ def test_no_step_up_to_a_variant_the_load_would_keep_busy_beyond_the_headroom():
     assert up.switch and up.target == mid.variant_id and up.reason_code == "headroom"
 
 
+def test_no_step_up_while_other_work_keeps_the_device_busy():
+    """The agent's own CPU time does not show what other processes on the device take (in the policy
+    benchmark, the load generator): a step up must also leave the whole device's CPU headroom."""
+    small = Option("s" * 64, 0.61, p50_ms=2.46, p95_ms=2.90, name="256x")
+    mid = Option("m" * 64, 0.78, p50_ms=3.07, p95_ms=3.58, name="64x")
+    config = PolicyConfig(slo_ms=34.5, up_windows=1, up_headroom=0.7, dwell_s=0.0)
+    light = Window(requests=60, p95_ms=4.0, rate=120.0, slots=1, cpu_ms_per_request=3.1, device_busy=0.3, cores=2)
+    up = decide(config, [mid, small], PolicyState(small.variant_id), light, now=10.0)
+    assert up.switch and up.target == mid.variant_id and "device 34% busy" in up.reason  # 0.3 + 120 x 0.61 ms / 2
+    crowded = replace(light, device_busy=0.68)  # the same load, with the device busy with other work
+    assert not decide(config, [mid, small], PolicyState(small.variant_id), crowded, now=10.0).switch
+
+
+def test_the_time_a_request_holds_a_slot_counts_when_it_is_more_than_its_cpu_time():
+    """Measured in a policy benchmark: at 231 req/s on the 0.9 ms variant the process used about one
+    core, and its CPU time made the 1.4 ms variant look 67% busy; it fell behind within 9 s. Waits for
+    CPU and for Python's lock cost no CPU time, but hold the slot."""
+    small = Option("s" * 64, 0.61, p50_ms=0.92, p95_ms=1.04, name="256x")
+    mid = Option("m" * 64, 0.78, p50_ms=1.39, p95_ms=1.50, name="64x")
+    config = PolicyConfig(slo_ms=30.7, up_windows=1, up_headroom=0.7, dwell_s=0.0)
+    by_cpu = Window(requests=115, p95_ms=4.3, rate=231.0, slots=1, cpu_ms_per_request=2.5)
+    assert decide(config, [mid, small], PolicyState(small.variant_id), by_cpu, now=10.0).switch
+    held = replace(by_cpu, slot_ms_per_request=2.9)  # 231 x (2.9 + 0.47) ms: 78% busy on 64x
+    assert not decide(config, [mid, small], PolicyState(small.variant_id), held, now=10.0).switch
+
+
 def test_pins_and_fallbacks_do_not_use_up_the_cap_on_automatic_switches():
     config = PolicyConfig(slo_ms=30.0, down_windows=1, up_windows=1, dwell_s=0.0, max_switches_per_minute=1)
     state, now = PolicyState(MID.variant_id), 100.0

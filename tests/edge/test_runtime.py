@@ -49,6 +49,17 @@ def test_predict_matches_the_model_on_normalized_pixels(runtime, pair):
     np.testing.assert_allclose(as_float, logits, atol=1e-5)
 
 
+
+def test_the_time_inferences_hold_a_slot_adds_up(runtime):
+    """What the policy reads as the wall time a request costs on this device: inside the slot only."""
+    pixels = np.zeros((4, 1, 28, 28), np.uint8)
+    assert runtime.slot_seconds == 0.0
+    started = time.perf_counter()
+    for _ in range(5):
+        runtime.predict(pixels)
+    elapsed = time.perf_counter() - started
+    assert 0 < runtime.slot_seconds < elapsed
+
 @pytest.mark.parametrize("shape", [(1, 3, 28, 28), (2, 28, 28), (0, 1, 28, 28), (17, 1, 28, 28), (1, 1, 28, 27)])
 def test_bad_shapes_name_the_expected_shape(runtime, shape):
     with pytest.raises(TensorError) as err:
