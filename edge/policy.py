@@ -10,10 +10,11 @@ overload and flap.
 A request costs more than its forward pass: decoding, gRPC and Python take the same time whatever the
 variant. The window measures it (the serving process's CPU time per request, or the wall time a
 request held a slot if that is more, less the active variant's profiled p50) and every utilization
-counts it. A small model's pass is many short operators, each taking Python's lock: with gRPC's
-threads busy, a request held the slot about twice its profiled time while the process used about one
-core (policy benchmark), a cost its CPU time did not show. With intra-op threads a forward pass uses
-more CPU than its latency, which only makes the CPU estimate conservative.
+counts it. Waits for the CPU and for Python's lock (a small model's pass is many short operators,
+each taking it, while gRPC's threads want it too) cost no CPU time but hold the slot: in the policy
+benchmark a variant whose CPU-time estimate left room fell behind with the device's CPU 41% busy.
+With intra-op threads a forward pass uses more CPU than its latency, which only makes the CPU
+estimate conservative.
 
 Candidates are the variants at or above the accuracy floor (all of them if none is), reduced to the
 Pareto frontier: a variant that is slower than another (at p50 and p95) and not more accurate is

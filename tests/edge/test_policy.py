@@ -296,9 +296,9 @@ def test_the_cost_of_serving_beyond_the_forward_pass_counts_in_every_utilization
 
 
 def test_no_step_up_to_a_variant_the_load_would_keep_busy_beyond_the_headroom():
-    """Measured in a policy benchmark: at about 200 req/s on the 2.5 ms variant the policy stepped up to
-    the 3.1 ms one. Its scaled p95 was far under the SLO and 74% busy was under the 85% that predicts
-    overload, but on a device shared with other processes it fell behind and stepped down 3 s later."""
+    """After policy benchmark runs 5 and 6: at about 190 req/s on the 2.5 ms variant the policy stepped
+    up to the 3.1 ms one, which fell behind and was undone 3 to 5 s later. By latency, and under the 85%
+    that predicts overload, it looked fine (the figures below are for illustration)."""
     small = Option("s" * 64, 0.61, p50_ms=2.46, p95_ms=2.90, name="256x")
     mid = Option("m" * 64, 0.78, p50_ms=3.07, p95_ms=3.58, name="64x")
     config = PolicyConfig(slo_ms=34.5, up_windows=1, up_headroom=0.7, dwell_s=0.0)
@@ -324,9 +324,9 @@ def test_no_step_up_while_other_work_keeps_the_device_busy():
 
 
 def test_the_time_a_request_holds_a_slot_counts_when_it_is_more_than_its_cpu_time():
-    """Measured in a policy benchmark: at 231 req/s on the 0.9 ms variant the process used about one
-    core, and its CPU time made the 1.4 ms variant look 67% busy; it fell behind within 9 s. Waits for
-    CPU and for Python's lock cost no CPU time, but hold the slot."""
+    """After a policy benchmark run: at 231 req/s on the 0.9 ms variant the edge stepped up to the 1.4 ms
+    one with the device's CPU 41% busy, and fell behind within 9 s. Waits for the CPU and for Python's
+    lock cost no CPU time, but hold the slot (the figures below are for illustration)."""
     small = Option("s" * 64, 0.61, p50_ms=0.92, p95_ms=1.04, name="256x")
     mid = Option("m" * 64, 0.78, p50_ms=1.39, p95_ms=1.50, name="64x")
     config = PolicyConfig(slo_ms=30.7, up_windows=1, up_headroom=0.7, dwell_s=0.0)
