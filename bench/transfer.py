@@ -2,7 +2,8 @@
 
     grpc / tls    one variant of VARIANT_MIB streamed with FetchVariant from a real cloud process
                   (`prunefleet cloud serve`, plaintext with --insecure, then mutual TLS); the client
-                  takes every chunk and drops it (transport only: no disk, no hash)
+                  reads every chunk as the edge does (`edge.fetcher.portfolio_stub`: its data a view
+                  of the message) and drops it (transport only: no disk, no hash)
     raw_tcp       the same file's bytes from a process that reads it in the same chunk size and writes
                   them to a loopback TCP socket; the client receives and drops them. Plaintext gRPC
                   and raw TCP transfers alternate, round by round
@@ -37,8 +38,8 @@ from cloud import certs, processes
 from cloud.store import Manifest, PortfolioStore, VariantEntry, portfolio_id
 from common.security import Transport
 from common.wire import CHUNK_BYTES
-from edge.fetcher import RetryConfig, fetch
-from protos import portfolio_pb2, portfolio_pb2_grpc
+from edge.fetcher import RetryConfig, fetch, portfolio_stub
+from protos import portfolio_pb2
 
 log = logging.getLogger(__name__)
 MiB = 1 << 20
@@ -72,7 +73,7 @@ def start_cloud(store: PortfolioStore, work: Path, name: str, security: list[str
 
 # --- one stream ------------------------------------------------------------------------------------------
 def stream_seconds(channel, variant_id: str, size: int) -> float:
-    stub = portfolio_pb2_grpc.PortfolioServiceStub(channel)
+    stub = portfolio_stub(channel)
     start, received = time.perf_counter(), 0
     for chunk in stub.FetchVariant(portfolio_pb2.FetchVariantRequest(variant_id=variant_id), timeout=300):
         received += len(chunk.data)
@@ -165,7 +166,7 @@ def resume(cloud: processes.Child, transport: Transport, variant_id: str, size: 
     gRPC took from it) is reported beside it."""
     proxy = TcpProxy(int(cloud.address.rsplit(":", 1)[1]))
     channel = transport.channel(f"127.0.0.1:{proxy.port}")
-    stub = portfolio_pb2_grpc.PortfolioServiceStub(channel)
+    stub = portfolio_stub(channel)
     try:
         stub.ListVariants(portfolio_pb2.ListVariantsRequest(), timeout=60)  # the connection's own bytes
         start = proxy.bytes_down
@@ -193,7 +194,7 @@ def resume(cloud: processes.Child, transport: Transport, variant_id: str, size: 
 def _edge(certs_dir: str, address: str, variant_ids: list[str], cache: str, ready, go, done) -> None:
     transport = Transport.load(Path(certs_dir))
     channel = transport.channel(address)
-    stub = portfolio_pb2_grpc.PortfolioServiceStub(channel)
+    stub = portfolio_stub(channel)
     stub.ListVariants(portfolio_pb2.ListVariantsRequest(), timeout=60)  # connected and handshaken
     ready.release()
     go.wait()

@@ -4,10 +4,10 @@ Any variant of any portfolio the cloud knows can be fetched (an edge being rolle
 ones). A bad id is refused before the file system is touched. `ListVariants` is a plain function (the
 server runs it in its thread pool); `FetchVariant` a coroutine on the server's event loop.
 
-`FetchVariant` yields each chunk already in `VariantChunk`'s wire format (`encode_chunk`), registered
-with a pass-through serializer (`add_to_server`): the file's bytes are copied once into the message
-instead of into a protobuf object and again out of it (see `prunefleet bench transfer`). Clients see an
-ordinary `VariantChunk` stream.
+`FetchVariant` yields each chunk already in `VariantChunk`'s wire format (`common.chunks.encode_chunk`),
+registered with a pass-through serializer (`add_to_server`): the file's bytes are copied once into the
+message instead of into a protobuf object and again out of it (see `prunefleet bench transfer`).
+Clients see an ordinary `VariantChunk` stream.
 """
 
 from __future__ import annotations
@@ -19,28 +19,10 @@ import grpc
 
 from cloud.catalog import Catalog
 from cloud.store import StoreError
+from common.chunks import encode_chunk
 from common.files import is_sha256_hex
 from common.wire import CHUNK_BYTES
 from protos import portfolio_pb2, portfolio_pb2_grpc
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def encode_chunk(offset: int, data: bytes, total_size: int, sha256: str) -> bytes:
-    """`VariantChunk(offset=, data=, total_size=, sha256=).SerializeToString()`, byte for byte (fields
-    in number order, zero values left out), with `data` copied once. Sizes and offsets are >= 0."""
-    head = (b"\x08" + _varint(offset) if offset else b"") + (b"\x12" + _varint(len(data)) if data else b"")
-    digest = sha256.encode()
-    tail = (b"\x18" + _varint(total_size) if total_size else b"") + \
-        (b"\x22" + _varint(len(digest)) + digest if digest else b"")
-    return b"".join((head, data, tail))
 
 
 def _pass_through(message: bytes) -> bytes:

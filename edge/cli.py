@@ -39,12 +39,13 @@ from common import models, security
 from edge.agent import Agent, initial_portfolio
 from edge.batching import BatchConfig, MicroBatcher
 from edge.config import AgentConfig
+from edge.fetcher import portfolio_stub
 from edge.link import Link, LinkConfig, Outbox
 from edge.metrics import EdgeMetrics
 from edge.runtime import Runtime, RuntimeConfig
 from edge.server import InferenceServicer, make_server, set_serving
 from edge.telemetry import ProcessStats, RequestWindow
-from protos import coordinator_pb2_grpc, portfolio_pb2_grpc
+from protos import coordinator_pb2_grpc
 
 log = logging.getLogger("edge")
 STOP_GRACE_S = 2.0
@@ -173,7 +174,7 @@ def assemble(config: AgentConfig, stopping: threading.Event, transport: security
                              threads=config.threads, backoff_s=config.backoff_s, max_backoff_s=config.max_backoff_s)
     outbox = Outbox(link_config.max_buffered, link_config.max_live, link_config.max_telemetry)
     agent = Agent(config, runtime, metrics, window, ProcessStats(), health,
-                  portfolio_pb2_grpc.PortfolioServiceStub(channel), outbox, stopping, verifier=verifier)
+                  portfolio_stub(channel), outbox, stopping, verifier=verifier)
     link = Link(link_config, coordinator_pb2_grpc.CoordinatorServiceStub(channel), outbox, stopping)
     return Node(agent, link, server, health, http, channel, address, metrics_address, batcher)
 

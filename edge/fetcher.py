@@ -4,7 +4,9 @@
     CACHE/<sha256>.part          a download in progress; the next fetch resumes from its size
 
 A variant id is the sha256 of its file; anything else is refused before the filesystem is touched.
-A .part whose hash does not match once complete is deleted, so the retry starts from zero.
+A .part whose hash does not match once complete is deleted, so the retry starts from zero. Chunks
+are read as `common.chunks.ChunkView`s (`portfolio_stub`): their data goes to the file straight from
+the received message, not through a copy in a protobuf object.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from pathlib import Path
 
 import grpc
 
+from common.chunks import ChunkView, decode_chunk
 from common.files import fsync_dir, is_sha256_hex, sha256_file
 from common.variant import MAX_VARIANT_BYTES
 from edge.backoff import full_jitter
-from protos import portfolio_pb2
+from protos import portfolio_pb2, portfolio_pb2_grpc
 
 log = logging.getLogger(__name__)
 PERMANENT = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
@@ -47,13 +50,24 @@ class RetryConfig:
         return full_jitter(attempt, self.backoff_s, self.max_backoff_s, rng)
 
 
+def portfolio_stub(channel: grpc.Channel) -> portfolio_pb2_grpc.PortfolioServiceStub:
+    """A PortfolioService stub whose FetchVariant yields `ChunkView`s: each chunk's data is a view of
+    the message as received. Bytes that are not a VariantChunk end the call with INTERNAL."""
+    stub = portfolio_pb2_grpc.PortfolioServiceStub(channel)
+    stub.FetchVariant = channel.unary_stream(
+        "/prunefleet.v1.PortfolioService/FetchVariant",
+        request_serializer=portfolio_pb2.FetchVariantRequest.SerializeToString, response_deserializer=decode_chunk)
+    return stub
+
+
 def cached_path(cache_dir: Path, variant_id: str) -> Path:
     if not is_sha256_hex(variant_id):
         raise FetchError(f"variant id {variant_id[:80]!r} is not a sha256 hex string (64 lowercase hex digits)")
     return Path(cache_dir) / f"{variant_id}.safetensors"
 
 
-def _check_chunk(chunk: portfolio_pb2.VariantChunk, variant_id: str, offset: int, total: int | None) -> int:
+def _check_chunk(chunk: ChunkView | portfolio_pb2.VariantChunk, variant_id: str, offset: int,
+                 total: int | None) -> int:
     if chunk.sha256 != variant_id or chunk.offset != offset:
         raise FetchError(f"chunk of {chunk.sha256[:12]!r} at offset {chunk.offset}, expected {variant_id[:12]} "
                          f"at {offset}")
@@ -116,7 +130,8 @@ def fetch_once(stub, variant_id: str, cache_dir: Path, deadline_s: float) -> Pat
 
 def fetch(stub, variant_id: str, cache_dir: Path, deadline_s: float = 300.0, *, retry: RetryConfig = RetryConfig(),
           sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None) -> Path:
-    """The verified path of a variant file, fetched through `stub` (a PortfolioServiceStub) if needed.
+    """The verified path of a variant file, fetched through `stub` (`portfolio_stub`, or any stub whose
+    FetchVariant yields VariantChunk-like messages) if needed.
 
     Every attempt's stream has `deadline_s`; failed attempts are retried with exponential backoff and
     full jitter, except for errors no retry can fix (bad id, unknown variant)."""

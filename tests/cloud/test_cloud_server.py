@@ -5,13 +5,10 @@ import time
 
 import grpc
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from cloud import server
-from cloud.portfolio_service import encode_chunk
 from common.security import Transport
 from conftest import variant_store as _store
 from protos import coordinator_pb2, coordinator_pb2_grpc, portfolio_pb2, portfolio_pb2_grpc
@@ -36,14 +33,6 @@ def _fetch(channel, variant_id, offset=0) -> bytes:
     assert [c.offset for c in chunks] == [offset + sum(len(c.data) for c in chunks[:i]) for i in range(len(chunks))]
     assert {c.total_size for c in chunks} == {offset + len(data)}
     return data
-
-
-@settings(max_examples=300, deadline=None)
-@given(offset=st.integers(0, 1 << 62), data=st.binary(max_size=300), total_size=st.integers(0, 1 << 62),
-       sha256=st.sampled_from(["", "ab" * 32]))
-def test_encoded_chunks_are_the_messages_own_wire_bytes(offset, data, total_size, sha256):
-    expected = portfolio_pb2.VariantChunk(offset=offset, data=data, total_size=total_size, sha256=sha256)
-    assert encode_chunk(offset, data, total_size, sha256) == expected.SerializeToString()
 
 
 def test_list_and_fetch_whole_and_resumed(cloud):

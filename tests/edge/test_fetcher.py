@@ -1,4 +1,5 @@
-"""The fetcher against a real in-process PortfolioService serving bytes from memory."""
+"""The fetcher, through the edge's own stub (chunks read as views), against a real in-process
+PortfolioService serving bytes from memory."""
 
 import os
 import random
@@ -8,7 +9,7 @@ import grpc
 import pytest
 
 from common.files import sha256_bytes, sha256_file
-from edge.fetcher import FetchError, RetryConfig, fetch, fetch_once
+from edge.fetcher import FetchError, RetryConfig, fetch, fetch_once, portfolio_stub
 from protos import portfolio_pb2, portfolio_pb2_grpc
 
 CHUNK = 1000
@@ -47,7 +48,7 @@ def served():
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield servicer, portfolio_pb2_grpc.PortfolioServiceStub(channel)
+    yield servicer, portfolio_stub(channel)
     channel.close()
     server.stop(0)
 
@@ -145,3 +146,27 @@ def test_bad_ids_are_refused_before_touching_the_filesystem(portfolio, tmp_path,
     with pytest.raises(FetchError, match="not a sha256"):
         fetch(stub, bad_id, cache, deadline_s=10, sleep=Sleeps())
     assert not cache.exists() and servicer.requests == []
+
+
+def test_a_stream_of_bytes_that_are_no_chunk_fails_the_call_and_leaves_no_file(tmp_path):
+    """A peer whose messages do not parse as VariantChunk: the call ends INTERNAL, and the fetch fails
+    after its retries with nothing in the cache."""
+    def garbage(request, context):
+        yield b"\x12\x05abc"  # data declared 5 bytes long, 3 sent
+
+    handler = grpc.method_handlers_generic_handler("prunefleet.v1.PortfolioService", {
+        "FetchVariant": grpc.unary_stream_rpc_method_handler(
+            garbage, request_deserializer=portfolio_pb2.FetchVariantRequest.FromString,
+            response_serializer=lambda message: message)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(FetchError, match="INTERNAL"):
+                fetch(portfolio_stub(channel), SHA, tmp_path, deadline_s=10,
+                      retry=RetryConfig(attempts=2, backoff_s=0.0))
+    finally:
+        server.stop(0)
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors"] == []
