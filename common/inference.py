@@ -63,6 +63,18 @@ def _to_channels_last(model: nn.Module) -> nn.Module:
     return model
 
 
+def _leaves(value):
+    """The values inside nested lists, tuples and dicts (an operation may take its tensors in a list)."""
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _leaves(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _leaves(item)
+    else:
+        yield value
+
+
 class _Watch(TorchFunctionMode):
     """During one forward pass in this thread (a torch function mode is thread-local: other threads'
     passes are neither seen nor touched), which BatchNorm read which convolution's output, and how
@@ -103,7 +115,7 @@ class _Watch(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for value in (*args, *kwargs.values()) if self._inside is None else ():
+        for value in _leaves((args, kwargs)) if self._inside is None else ():
             conv = self._conv_of(value)
             if conv is not None:
                 self.reads[conv] += 1

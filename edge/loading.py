@@ -35,7 +35,8 @@ def variant_info(info) -> VariantInfo:
 def cache_loader(info: VariantInfo, path: Path, allowed_models: tuple[str, ...] = (),
                  optimize: bool = True) -> Callable[[], LoadedVariant]:
     """How to build a variant from its verified file in the cache (on arrival, and again on demand):
-    read, check the sha256 against its id, rebuild, optimize unless told not to (see `runtime.loaded`), warm up."""
+    read, check the sha256 against its id, rebuild, optimize unless told not to (see `runtime.loaded`),
+    warm up."""
     def read():
         return variant.load(path, expected_sha256=info.variant_id, allowed_models=allowed_models)
 

@@ -107,7 +107,7 @@ def loaded(info: VariantInfo, spec: VariantSpec, model: nn.Module, optimize: boo
 
     Optimized, a batch of 32 of the shifter benchmark's VGG-11 ran 1.4x (dense) to 1.8x (1024x
     compact) faster, so a compact variant gains more than its sparse parent. The price is paid while a
-    variant loads (a tracing pass and a checking forward pass, a few milliseconds more) and in a little
+    variant loads (a checking forward pass in each form, a few milliseconds more) and in a little
     resident memory for oneDNN's kernels per convolution shape (docs/results.md, "Switching")."""
     channels = spec.input_shape[0]
     served = for_inference(model, tuple(spec.input_shape), rebuild) if optimize else model.eval()
