@@ -9,7 +9,7 @@ the gain is largest on the small layers pruning leaves, whose time went mostly t
 rather than arithmetic. Most of it is the layout: folding alone gained 1.04x to 1.08x. It is how an
 edge serves by default.
 
-What to fold is seen in the first checking pass (below): a BatchNorm folds into the convolution whose
+What to fold is seen in the check's reference pass (below): a BatchNorm folds into the convolution whose
 output it reads when nothing else reads that output and neither runs twice. Forward hooks on the
 layers and a torch function mode count the reads; both act on this model in this thread only, so
 other variants keep serving while one loads (torch.fx's tracer, used at first, patches every module's
@@ -36,7 +36,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 log = logging.getLogger(__name__)
-CHECK_BATCHES = (1,)
+CHECK_BATCH = 1  # one pass: each new batch size would cost oneDNN a kernel per convolution, kept
 ATOL, RTOL = 1e-4, 1e-3  # folding and oneDNN sum in another order than the original: float32 ulps apart
 
 
@@ -123,7 +123,8 @@ class _Watch(TorchFunctionMode):
 
     def pairs(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
         """Each (conv, BatchNorm) where the BatchNorm was the only reader of the conv's output and both
-        ran once: folding one into the other changes nothing else the model computes."""
+        ran once: folding one into the other changes nothing else the model computes. Ends the watch:
+        the hooks are removed and the outputs it held released."""
         for hook in self._hooks:
             hook.remove()
         self.outputs.clear()
@@ -171,15 +172,12 @@ def for_inference(model: nn.Module, input_shape: tuple[int, ...],
     when the served model fails its check, the model is built again with `rebuild` and served as
     loaded (NotServableError without one)."""
     model = model.eval()
-    generator = torch.Generator().manual_seed(0)
-    checks = [torch.randn(batch, *input_shape, generator=generator) for batch in CHECK_BATCHES]
+    x = torch.randn(CHECK_BATCH, *input_shape, generator=torch.Generator().manual_seed(0))
     watch = _Watch(model)
-    with torch.inference_mode():
-        with watch:  # the first check's pass also finds what to fold
-            expected = [model(checks[0])]
-        expected += [model(x) for x in checks[1:]]
+    with torch.inference_mode(), watch:  # the check's reference pass also finds what to fold
+        expected = model(x)
     served = ChannelsLast(_fold_batchnorm(model, watch.pairs())).eval()
-    problem = _differs(served, checks, expected)
+    problem = _differs(served, x, expected)
     if problem is None:
         return served
     if rebuild is None:
@@ -188,17 +186,15 @@ def for_inference(model: nn.Module, input_shape: tuple[int, ...],
     return rebuild().eval()
 
 
-def _differs(served: nn.Module, checks: list[torch.Tensor], expected: list[torch.Tensor]) -> str | None:
-    """How the served model's outputs differ from the expected ones, or None when they agree."""
+def _differs(served: nn.Module, x: torch.Tensor, want: torch.Tensor) -> str | None:
+    """How the served model's output on `x` differs from `want`, or None when they agree."""
     with torch.inference_mode():
-        for x, want in zip(checks, expected):
-            try:
-                got = served(x)
-            except Exception as err:  # noqa: BLE001 - e.g. a custom model that views its input as contiguous
-                return f"folded and channels-last, the model fails at batch {x.shape[0]}: {type(err).__name__}: {err}"
-            if got.shape == want.shape and torch.allclose(got, want, atol=ATOL, rtol=RTOL):
-                continue
-            diff = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
-            return (f"folded and channels-last, the model differs from the model as loaded at batch "
-                    f"{x.shape[0]} (shapes {tuple(got.shape)} and {tuple(want.shape)}, max abs diff {diff:.3g})")
-    return None
+        try:
+            got = served(x)
+        except Exception as err:  # noqa: BLE001 - e.g. a custom model that views its input as contiguous
+            return f"folded and channels-last, the model fails at batch {x.shape[0]}: {type(err).__name__}: {err}"
+    if got.shape == want.shape and torch.allclose(got, want, atol=ATOL, rtol=RTOL):
+        return None
+    diff = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
+    return (f"folded and channels-last, the model differs from the model as loaded at batch "
+            f"{x.shape[0]} (shapes {tuple(got.shape)} and {tuple(want.shape)}, max abs diff {diff:.3g})")
