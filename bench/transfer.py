@@ -7,11 +7,13 @@
     raw_tcp       the same file's bytes from a process that reads it in the same chunk size and writes
                   them to a loopback TCP socket; the client receives and drops them. Plaintext gRPC
                   and raw TCP transfers alternate, round by round
-    resume        the edge fetcher's own path: a download into CACHE/<id>.part is cut at half the file
-                  (the call is cancelled), then `edge.fetcher.fetch` resumes it. Through a counting
-                  TCP proxy: resent bytes are the cloud-to-edge bytes of the cut and resumed calls
-                  beyond those of one uncut transfer (the data in flight when the cut came, and the
-                  second call's headers). The cloud's counter of chunks gRPC took is reported beside it
+    resume        the edge fetcher's own path, through a counting TCP proxy: a download into
+                  CACHE/<id>.part is cut at half the transfer and `edge.fetcher.fetch` resumes it.
+                  Resent bytes are the cloud-to-edge bytes of the cut and resumed calls beyond those
+                  of one uncut transfer (the part of a chunk lost with the cut, and the second call's
+                  headers). The cut is the link's (`resume_resent_bytes`): it dies at half the bytes,
+                  stays dead a second and is reset. Beside it, the edge cancelling its own call
+                  (`resume_cancel_resent_bytes`), which also loses what gRPC held for it. See `resume`
     fanout        EDGES separate processes, each an edge fetcher with its own cache and the edge
                   certificate, fetch and verify the whole portfolio from the TLS cloud at once; the time
                   from the start signal until the last one holds every file
@@ -29,6 +31,7 @@ import re
 import shutil
 import socket
 import statistics
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -38,7 +41,7 @@ from cloud import certs, processes
 from cloud.store import Manifest, PortfolioStore, VariantEntry, portfolio_id
 from common.security import Transport
 from common.wire import CHUNK_BYTES
-from edge.fetcher import RetryConfig, fetch, portfolio_stub
+from edge.fetcher import RetryConfig, cached_path, fetch, portfolio_stub
 from protos import portfolio_pb2
 
 log = logging.getLogger(__name__)
@@ -157,37 +160,94 @@ def _cut_download(stub, variant_id: str, part: Path, size: int) -> int:
     return part.stat().st_size
 
 
-def resume(cloud: processes.Child, transport: Transport, variant_id: str, size: int, cache: Path) -> dict:
-    """Cut a download at half the file, resume it with the edge fetcher; the bytes that crossed twice.
+def _link_cut_resume(proxy: TcpProxy, stub, variant_id: str, cache: Path, at_bytes: int, hold_s: float) -> int:
+    """Let `edge.fetcher.fetch` download through the proxy, cut the link once `at_bytes` have gone down,
+    hold the cut for `hold_s`, then reset the connection; the fetcher's own retry resumes. The size of
+    the .part file when the link came back."""
+    proxy.cut_after(at_bytes)
+    done: dict = {}
+
+    def download() -> None:
+        try:
+            done["path"] = fetch(stub, variant_id, cache, retry=RetryConfig(attempts=3, backoff_s=0.2,
+                                                                            max_backoff_s=1.0))
+        except Exception as err:  # reported by the caller, which is waiting on this thread
+            done["error"] = err
+
+    thread = threading.Thread(target=download, name="link-cut-fetch")
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not proxy.is_cut and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not proxy.is_cut:
+        thread.join(300)
+        raise RuntimeError(f"the download was not cut: {done}")
+    time.sleep(hold_s)  # the link is dead: what reached the edge is written, the rest waits
+    part = cache / f"{variant_id}.part"
+    kept = part.stat().st_size if part.exists() else 0
+    proxy.restore()  # the held connection is reset; the next attempt connects again
+    thread.join(300)
+    if "error" in done or thread.is_alive():
+        raise RuntimeError(f"the resumed download did not finish: {done.get('error')}")
+    return kept
+
+
+def _cancel_resume(stub, variant_id: str, cache: Path, size: int) -> int:
+    """Cancel a download once half the file is on disk, then resume it with `edge.fetcher.fetch`: an edge
+    that drops its own stream. The size of the .part file at the cancel."""
+    cut_at = _cut_download(stub, variant_id, cache / f"{variant_id}.part", size)
+    time.sleep(0.5)  # let the cloud notice the cancellation before the resume starts
+    fetch(stub, variant_id, cache, retry=RetryConfig(attempts=1))
+    return cut_at
+
+
+def resume(cloud: processes.Child, transport: Transport, variant_id: str, size: int, cache: Path,
+           hold_s: float = 1.0) -> dict:
+    """Cut downloads at half the file and resume them with the edge fetcher; the bytes that crossed twice.
 
     Every call goes through a TCP proxy that counts the bytes it forwards from the cloud. An uncut
-    download of the file through it first gives the wire cost of one transfer (framing included); the
-    cut call plus the resumed one, less that, is what was sent again. The cloud's own counter (messages
-    gRPC took from it) is reported beside it."""
+    download of the file through it first gives the wire cost of one transfer (framing included); a cut
+    download and its resumption, less that, is what was sent again. Two cuts:
+
+        link     the link dies at half the transfer's bytes (`TcpProxy.cut_after`), stays dead for
+                 `hold_s`, and the connection is reset; the fetcher retries and resumes. This is the
+                 `resume_resent_bytes` of the summary
+        cancel   the edge cancels its own call once half the file is on disk and fetches again. What
+                 gRPC had received for it but not handed over is lost with the call: up to the next
+                 chunk and the channel's read-ahead
+
+    The cloud's own counter (bytes of the chunks gRPC took from it) is reported beside each."""
     proxy = TcpProxy(int(cloud.address.rsplit(":", 1)[1]))
     channel = transport.channel(f"127.0.0.1:{proxy.port}")
     stub = portfolio_stub(channel)
+    out: dict = {}
     try:
         stub.ListVariants(portfolio_pb2.ListVariantsRequest(), timeout=60)  # the connection's own bytes
         start = proxy.bytes_down
         stream_seconds(channel, variant_id, size)
         time.sleep(0.5)
         one_transfer = proxy.bytes_down - start
-        counted = bytes_sent(cloud.metrics_address)
-        cache.mkdir(parents=True, exist_ok=True)
-        cut_at = _cut_download(stub, variant_id, cache / f"{variant_id}.part", size)
-        time.sleep(0.5)  # let the cloud notice the cancellation before the resume starts
-        path = fetch(stub, variant_id, cache, retry=RetryConfig(attempts=1))
-        time.sleep(0.5)
-        wire = proxy.bytes_down - start - one_transfer
-        cloud_sent = bytes_sent(cloud.metrics_address) - counted
+        out["wire_one_transfer_bytes"] = one_transfer
+        for name in ("cancel", "link"):
+            where = cache / name
+            where.mkdir(parents=True, exist_ok=True)
+            wire_before, counted = proxy.bytes_down, bytes_sent(cloud.metrics_address)
+            if name == "cancel":
+                kept = _cancel_resume(stub, variant_id, where, size)
+            else:
+                kept = _link_cut_resume(proxy, stub, variant_id, where, one_transfer // 2, hold_s)
+            time.sleep(0.5)
+            wire = proxy.bytes_down - wire_before
+            cloud_sent = bytes_sent(cloud.metrics_address) - counted
+            final = cached_path(where, variant_id)
+            out[name] = {"cut_at_bytes": kept, "wire_cut_and_resume_bytes": wire,
+                         "resent_bytes": wire - one_transfer, "cloud_sent_bytes": int(cloud_sent),
+                         "cloud_resent_bytes": int(cloud_sent - size),
+                         "verified": final.is_file() and final.stat().st_size == size}
     finally:
         channel.close()
         proxy.close()
-    return {"cut_at_bytes": cut_at, "wire_one_transfer_bytes": one_transfer, "wire_cut_and_resume_bytes": wire,
-            "resent_bytes": wire - one_transfer, "cloud_sent_bytes": int(cloud_sent),
-            "cloud_resent_bytes": int(cloud_sent - size),
-            "verified": path.is_file() and path.stat().st_size == size}
+    return out
 
 
 # --- fan-out ---------------------------------------------------------------------------------------------
@@ -263,7 +323,8 @@ def summarize(out: dict) -> dict:
     grpc_mb_s, raw = mb_s(size, out["grpc_seconds"]), mb_s(size, out["raw_tcp_seconds"])
     summary = {"grpc_mb_s": round(grpc_mb_s, 1), "tls_mb_s": round(mb_s(size, out["tls_seconds"]), 1),
                "raw_tcp_mb_s": round(raw, 1), "grpc_vs_raw": round(grpc_mb_s / raw, 3),
-               "resume_resent_bytes": out["resume"]["resent_bytes"],
+               "resume_resent_bytes": out["resume"]["link"]["resent_bytes"],
+               "resume_cancel_resent_bytes": out["resume"]["cancel"]["resent_bytes"],
                "fanout_8_s": round(out["fanout"]["seconds"], 2)}
     summary["targets"] = {"grpc_vs_raw >= 0.35": summary["grpc_vs_raw"] >= TARGETS["grpc_vs_raw"],
                           "resume_resent_bytes <= one chunk": summary["resume_resent_bytes"] <= out["chunk_bytes"]}
