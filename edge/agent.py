@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 
 import grpc
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 STALE_WINDOWS = 3
 POLL_S = 0.02  # how often the decision loop looks at the queue
 MIN_WINDOW_S = 0.1  # a window closed early is at least this long, so it holds answered requests
+RECENT_S = 0.2  # a window closed early takes its request rate from at least this last stretch of it
 
 
 class Agent:
@@ -51,6 +53,7 @@ class Agent:
         self._decided_at: float | None = None
         self._in_flight_at_open = 0  # inferences in flight when the policy window opened
         self._slot_s_at_open = 0.0  # the runtime's slot seconds then
+        self._arrivals: deque[tuple[float, int]] = deque(maxlen=256)  # (time, requests come so far)
         self._decide_lock = threading.Lock()  # the policy state and the switches that follow it
 
     def _report(self, **body) -> coordinator_pb2.EdgeReport:
@@ -177,15 +180,33 @@ class Agent:
             resident_variants=len(self.runtime.resident()), portfolio_id=portfolio_id(self.runtime.variants()),
             policy_version=self.policy.version)
 
+    def note_arrivals(self, now: float) -> None:
+        """Sample the running count of requests that came (the decision loop does, every poll)."""
+        self._arrivals.append((now, self._window.arrived))
+
+    def recent_rate(self, now: float, since: float, span_s: float = RECENT_S) -> float:
+        """Requests per second that came over about the last `span_s` before `now`, from the newest
+        sample (`note_arrivals`) at least that old and taken at or after `since` (the window's opening),
+        else from the window's oldest one; 0 when the stretch is too short to measure."""
+        samples = [(t, n) for t, n in self._arrivals if since <= t < now]
+        if not samples:
+            return 0.0
+        then, count = next(((t, n) for t, n in reversed(samples) if now - t >= span_s - 1e-6), samples[0])
+        if now - then < MIN_WINDOW_S / 2:
+            return 0.0
+        return (self._window.arrived - count) / (now - then)
+
     def _policy_window(self, now: float) -> policies.Window | None:
         """Close the telemetry window and report it (kept while the cloud is away). None when telemetry
         is missing: the window could not be read, it is stale (the decision loop was held up for over
         `STALE_WINDOWS` windows), or requests came and none was answered (no latency to go by). The
         rate the policy sees counts the requests that came in the window (finished, plus what the queue
-        grew by): under overload, answers come at the active variant's capacity whatever the load. The
-        process's CPU time over the window, per answered request, and the wall time each held a slot
-        (waits for the CPU and for Python's lock included) tell the policy what a request costs
-        beyond the model's forward pass."""
+        grew by): under overload, answers come at the active variant's capacity whatever the load. A
+        window closed before its time (a queue alarm: the load has just risen) takes the rate of its
+        last `RECENT_S` if that is higher, since its average mixes the new load with the calm before it
+        and would have the policy step down too little, then again. The process's CPU time over the
+        window, per answered request, and the wall time each held a slot (waits for the CPU and for
+        Python's lock included) tell the policy what a request costs beyond the model's forward pass."""
         try:
             stats = self._window.close_window(now)
             in_flight, opened_with = self.runtime.in_flight, self._in_flight_at_open
@@ -197,6 +218,9 @@ class Agent:
         except Exception:  # noqa: BLE001 - whatever broke, the policy must fall back, not stop
             log.exception("telemetry window unreadable")
             return None
+        early = stats.seconds < self.policy.window_s
+        recent = self.recent_rate(now, now - stats.seconds - 1e-9) if early else 0.0
+        self.note_arrivals(now)
         stale = self._decided_at is not None and now - self._decided_at > STALE_WINDOWS * self.policy.window_s
         answered = stats.requests - stats.errors
         if stale or (stats.requests and not answered):
@@ -204,7 +228,8 @@ class Agent:
         cpu_ms = cpu * 10.0 * stats.seconds / answered if answered else 0.0  # percent of a core -> ms
         slot_ms = (slot_s - slot_s_at_open) * 1e3 / answered if answered else 0.0
         came = max(0, stats.requests + in_flight - opened_with)  # finished, plus what the queue grew by
-        return policies.Window(answered, stats.p95_ms, came / stats.seconds, self.runtime.config.slots, cpu_ms,
+        rate = max(came / stats.seconds, recent)
+        return policies.Window(answered, stats.p95_ms, rate, self.runtime.config.slots, cpu_ms,
                                in_flight, device_busy, self._process.cores, slot_ms)
 
     def decide_once(self) -> policies.Decision | None:
@@ -244,6 +269,7 @@ class Agent:
         opened, early = self._clock(), False
         while not self.stopping.wait(POLL_S):
             now = self._clock()
+            self.note_arrivals(now)
             due = now - opened >= self.policy.window_s
             if not due and (early or not self.queue_alarm(now - opened)):
                 continue

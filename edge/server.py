@@ -71,6 +71,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     def Predict(self, request, context):
         start = time.perf_counter()
+        self._window.arrive()
         try:
             logits, variant_id = self._predict(self._decode(request.input))
         except PayloadTooLargeError as err:

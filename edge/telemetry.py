@@ -33,6 +33,17 @@ class RequestWindow:
         self._errors = 0
         self._max = max_samples
         self._started_at = started_at
+        self._arrived = 0
+
+    def arrive(self) -> None:
+        """A request came (counted before it is decoded, queued or answered)."""
+        with self._lock:
+            self._arrived += 1
+
+    @property
+    def arrived(self) -> int:
+        """Requests that came since the window was made: a running total, never reset."""
+        return self._arrived
 
     def record(self, latency_s: float, variant_id: str, ok: bool) -> None:
         """One request's outcome; `variant_id` is the variant that answered ("" when none did)."""

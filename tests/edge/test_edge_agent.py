@@ -102,6 +102,30 @@ def test_the_policy_window_rate_counts_requests_still_waiting(wired):
     assert answered.requests == 6 and answered.in_flight == 0 and answered.rate == 0.0  # they came before
 
 
+def test_a_window_closed_early_takes_the_rate_of_its_recent_stretch(wired):
+    """A queue alarm closes a window soon after the load rose: its average rate mixes the new load with
+    the calm before it. The policy sees the rate of the last stretch instead, so it steps down far
+    enough at once; a window that ran its whole length keeps its average."""
+    cloud, node, _, _ = wired
+    _start(node)
+    agent = node.agent
+    wait_for(lambda: cloud.streams, what="the link connected")  # the coordinator's policy came before
+    agent.policy = dataclasses.replace(agent.policy, window_s=10.0)
+    t0 = agent._clock()
+    agent._policy_window(t0)  # a fresh window
+    agent.note_arrivals(t0 + 0.5)
+    agent.note_arrivals(t0 + 0.8)  # nothing came in the first 0.8 s
+    with _waiting_for_the_slot(node, 6):  # then 6 at once
+        early = agent._policy_window(t0 + 1.0)
+    assert early.in_flight == 6 and early.rate == pytest.approx(6 / 0.2)  # not 6 / 1.0
+    agent.note_arrivals(t0 + 10.0)
+    with _waiting_for_the_slot(node, 6):
+        agent.note_arrivals(t0 + 10.9)
+        full = agent._policy_window(t0 + 11.0)  # 10 s long: its own length
+    assert full.rate == pytest.approx(6 / 10.0)
+    assert agent.recent_rate(t0 + 11.02, since=t0 + 11.0) == 0.0  # too short a stretch to measure
+
+
 def test_a_policy_directive_pins_and_the_switch_is_reported(wired):
     cloud, node, infos, _ = wired
     _start(node)
