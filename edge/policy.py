@@ -46,7 +46,12 @@ as many as there are variants, and a minute holds at most (cap + 1) x variants s
 Failed steps are remembered: a variant the edge left for being over the SLO at a request rate R sets
 a ceiling for `CEILING_S` seconds: while the rate stays above `CEILING_RATE` x R and the SLO is no
 looser, neither it nor any variant as slow (by profiled p50) is a step-up. A prediction that proved
-wrong under this load is not tried again and again, each time costing a window of late requests.
+wrong under this load is not tried again and again, each time costing a window of late requests. The
+ceiling is lower when the step down skipped variants the window predicted over the SLO: the fastest of
+them bounds it. The window under overload measures what a request costs there; a calmer window on a
+faster variant a few seconds later may predict that a skipped variant fits, but the load that
+overloaded the device has not changed (in the policy benchmark, a step down from 4x to 256x was
+followed by a step up to 64x that fell behind 15 s later).
 
 The operator's pin wins over everything; unpinning is recorded ("unpinned") and the policy resumes
 from the pinned variant. Without telemetry (`window` is None: the window could not be read or is
@@ -300,7 +305,11 @@ def _step_down(config: PolicyConfig, candidates: list[Option], active: Option, w
     else:
         why = f"{window.rate:.1f} req/s keep {active.label} {utilization(active, active, window):.0%} busy (saturated)"
     reason = f"{why} for {state.over_count} windows at {window.rate:.1f} req/s; {outlook}"
-    state = replace(state, ceilings=state.ceilings + (Ceiling(active.p50_ms, window.rate, config.slo_ms, now),))
+    # the variant left, and every one this window predicts over the SLO, is no step-up at this load
+    missed = [o.p50_ms for o in candidates
+              if o.p50_ms > target.p50_ms and predicted_p95(o, active, window) > config.slo_ms]
+    ceiling = Ceiling(min([active.p50_ms, *missed]), window.rate, config.slo_ms, now)
+    state = replace(state, ceilings=state.ceilings + (ceiling,))
     return _switched(config, target, reason, "slo_violation", state, now, predicted)
 
 

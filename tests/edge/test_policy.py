@@ -194,6 +194,25 @@ def test_a_variant_left_over_the_slo_is_no_step_up_at_that_load_for_a_while():
     assert decide(looser, OPTIONS, state, roomy, 14.0).switch
 
 
+def test_variants_a_step_down_skipped_as_over_the_slo_are_no_step_up_at_that_load_either():
+    """Overloaded on SLOW, the window predicts MID over the SLO too, and the policy goes to FAST. On FAST
+    a calmer window predicts MID fits; at the load that overloaded the device it is not tried."""
+    config = PolicyConfig(slo_ms=30.0, down_windows=1, up_windows=1, dwell_s=0.0)
+    loaded = Window(requests=25, p95_ms=100.0, rate=50.0, slots=1)  # MID: 100 x 10 / 25 = 40 ms
+    down = decide(config, OPTIONS, PolicyState(SLOW.variant_id), loaded, now=10.0)
+    assert down.target == FAST.variant_id and predicted_p95(MID, SLOW, loaded) == 40.0
+    assert down.state.ceilings[0].p50_ms == MID.p50_ms
+    calm = Window(requests=25, p95_ms=5.0, rate=50.0, slots=1)  # on FAST: MID predicted 12.5 ms, 40% busy
+    state = down.state
+    for now in (11.0, 12.0, 13.0):
+        decision = decide(config, OPTIONS, state, calm, now)
+        assert not decision.switch
+        state = decision.state
+    assert decide(config, OPTIONS, state, replace(calm, rate=35.0), 14.0).target == MID.variant_id  # lighter
+    fits = Window(requests=25, p95_ms=28.0, rate=50.0, slots=1)  # MID predicted 11.2 ms: it fits
+    assert decide(config, OPTIONS, PolicyState(SLOW.variant_id), fits, 10.0).state.ceilings[0].p50_ms == SLOW.p50_ms
+
+
 def test_pin_and_unpin_are_recorded_once_each_and_the_policy_resumes():
     pinned = PolicyConfig(slo_ms=30.0, pinned_variant=SLOW.variant_id, max_switches_per_minute=1)
     on_slow = decide(pinned, OPTIONS, PolicyState(SLOW.variant_id), Window(10, 5.0), 1.0)
