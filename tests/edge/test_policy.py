@@ -213,6 +213,18 @@ def test_variants_a_step_down_skipped_as_over_the_slo_are_no_step_up_at_that_loa
     assert decide(config, OPTIONS, PolicyState(SLOW.variant_id), fits, 10.0).state.ceilings[0].p50_ms == SLOW.p50_ms
 
 
+def test_a_step_down_goes_where_it_leaves_the_headroom_a_step_up_would_need():
+    """Over the SLO on SLOW, MID is predicted at 25 ms: under the 30 ms SLO but not under 0.7 x 30 ms.
+    The policy goes to FAST (10 ms) rather than to a variant it would likely have to leave again; when
+    nothing fits the headroom, the most accurate under the SLO still beats the fastest."""
+    config = PolicyConfig(slo_ms=30.0, down_windows=1, up_windows=1, dwell_s=0.0)
+    over = Window(requests=25, p95_ms=62.5, rate=10.0, slots=1)
+    assert predicted_p95(MID, SLOW, over) == 25.0 and predicted_p95(FAST, SLOW, over) == 10.0
+    assert decide(config, OPTIONS, PolicyState(SLOW.variant_id), over, now=10.0).target == FAST.variant_id
+    tight = [SLOW, MID, replace(FAST, p95_ms=9.0)]  # FAST predicted 22.5 ms: under the SLO only
+    assert decide(config, tight, PolicyState(SLOW.variant_id), over, now=10.0).target == MID.variant_id
+
+
 def test_pin_and_unpin_are_recorded_once_each_and_the_policy_resumes():
     pinned = PolicyConfig(slo_ms=30.0, pinned_variant=SLOW.variant_id, max_switches_per_minute=1)
     on_slow = decide(pinned, OPTIONS, PolicyState(SLOW.variant_id), Window(10, 5.0), 1.0)
