@@ -35,7 +35,10 @@ up would need, else to the most accurate predicted under the SLO, else to the fa
 benchmark, step downs to a variant predicted just under the SLO (23.2 ms against 27.9) were followed
 by a second step down within seconds.
 
-Hysteresis: stepping down needs `down_windows` consecutive windows over the SLO; stepping up needs
+Hysteresis: stepping down needs `down_windows` consecutive windows over the SLO, and at least two
+when the load does not explain them (`explained_by_load`): in the policy benchmark, single windows
+whose p95 crossed the SLO by a millisecond or two at the steady phase's rate (a stall of the machine)
+cost two switches each, down and back up a few seconds later. Stepping up needs
 `up_windows` consecutive windows in which a more accurate candidate is predicted under
 `slo * up_headroom`, busy at most `up_headroom` of the time (open-loop arrivals queue behind one
 another long before a variant is fully busy), and leaving the device's CPU, with every process on it,
@@ -52,8 +55,8 @@ Failed steps are remembered: a variant the edge left for being over the SLO at a
 a ceiling for `CEILING_S` seconds: while the rate stays above `CEILING_RATE` x R and the SLO is no
 looser, neither it nor any variant as slow (by profiled p50) is a step-up. A prediction that proved
 wrong under this load is not tried again and again, each time costing a window of late requests. The
-ceiling is lower when the step down skipped variants the window predicted over the SLO: the fastest of
-them bounds it. The window under overload measures what a request costs there; a calmer window on a
+ceiling is lower when the step down skipped variants the window predicted over the bound it chose
+under (the headroom, or the SLO): the fastest of them bounds it. The window under overload measures what a request costs there; a calmer window on a
 faster variant a few seconds later may predict that a skipped variant fits, but the load that
 overloaded the device has not changed (in the policy benchmark, a step down from 4x to 256x was
 followed by a step up to 64x that fell behind 15 s later).
@@ -246,6 +249,17 @@ def queued(config: PolicyConfig, active: Option, window: Window) -> bool:
     return queue_ms(active, active, window) >= QUEUE_ALARM * config.slo_ms
 
 
+def explained_by_load(config: PolicyConfig, active: Option, window: Window) -> bool:
+    """The window's request rate keeps `active` busy more than `up_headroom` of the time, each request
+    costing its profiled p50 plus the CPU time the window measured beyond it; or the rate is unknown
+    (0), and the p95 alone decides. The wall time requests held the slot is left out here: a stall of
+    the device (the process descheduled, a page fault storm) inflates it without any change in load."""
+    if window.rate <= 0:
+        return True
+    cost_ms = active.p50_ms + max(0.0, window.cpu_ms_per_request - active.p50_ms)
+    return window.rate * cost_ms / 1e3 / max(window.slots, 1) > config.up_headroom
+
+
 def predicted_p95(candidate: Option, active: Option, window: Window) -> float:
     """The p95 `candidate` would show under this window's load, and no less than the time it would take
     to serve the inferences in flight."""
@@ -299,8 +313,11 @@ def _step_down(config: PolicyConfig, candidates: list[Option], active: Option, w
                state: PolicyState, now: float) -> Decision:
     # with the headroom a step up needs if one fits it: a step down to a variant predicted just under
     # the SLO tends to need a second one, and each costs late requests while its window fills
-    best = (_best_under(candidates, active, window, config.slo_ms * config.up_headroom)
-            or _best_under(candidates, active, window, config.slo_ms))
+    bound = config.slo_ms * config.up_headroom
+    best = _best_under(candidates, active, window, bound)
+    if best is None:
+        bound = config.slo_ms
+        best = _best_under(candidates, active, window, bound)
     target, predicted = best or (candidates[0], predicted_p95(candidates[0], active, window))
     if target.variant_id == active.variant_id:
         return Decision(active.variant_id, "over the SLO, and no faster variant fits better", STAY, state)
@@ -313,9 +330,9 @@ def _step_down(config: PolicyConfig, candidates: list[Option], active: Option, w
     else:
         why = f"{window.rate:.1f} req/s keep {active.label} {utilization(active, active, window):.0%} busy (saturated)"
     reason = f"{why} for {state.over_count} windows at {window.rate:.1f} req/s; {outlook}"
-    # the variant left, and every one this window predicts over the SLO, is no step-up at this load
-    missed = [o.p50_ms for o in candidates
-              if o.p50_ms > target.p50_ms and predicted_p95(o, active, window) > config.slo_ms]
+    # the variant left, and every one this window predicts over the bound the target was chosen under,
+    # is no step-up at this load
+    missed = [o.p50_ms for o in candidates if o.p50_ms > target.p50_ms and predicted_p95(o, active, window) > bound]
     ceiling = Ceiling(min([active.p50_ms, *missed]), window.rate, config.slo_ms, now)
     state = replace(state, ceilings=state.ceilings + (ceiling,))
     return _switched(config, target, reason, "slo_violation", state, now, predicted)
@@ -394,7 +411,8 @@ def decide(config: PolicyConfig, options: list[Option], state: PolicyState, wind
     saturated = utilization(active, active, window) > SATURATION
     if queued(config, active, window) or (window.requests > 0 and (window.p95_ms > config.slo_ms or saturated)):
         state = replace(state, over_count=state.over_count + 1, under_count=0)
-        if state.over_count >= config.down_windows:
+        needed = config.down_windows if explained_by_load(config, active, window) else max(config.down_windows, 2)
+        if state.over_count >= needed:
             return _step_down(config, candidates, active, window, state, now)
         return Decision(active.variant_id, "over the SLO, waiting", STAY, state)
     return _step_up(config, candidates, active, window, state, now)

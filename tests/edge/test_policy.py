@@ -218,11 +218,27 @@ def test_a_step_down_goes_where_it_leaves_the_headroom_a_step_up_would_need():
     The policy goes to FAST (10 ms) rather than to a variant it would likely have to leave again; when
     nothing fits the headroom, the most accurate under the SLO still beats the fastest."""
     config = PolicyConfig(slo_ms=30.0, down_windows=1, up_windows=1, dwell_s=0.0)
-    over = Window(requests=25, p95_ms=62.5, rate=10.0, slots=1)
+    over = Window(requests=25, p95_ms=62.5, rate=40.0, slots=1)  # SLOW 80% busy: the load explains it
     assert predicted_p95(MID, SLOW, over) == 25.0 and predicted_p95(FAST, SLOW, over) == 10.0
     assert decide(config, OPTIONS, PolicyState(SLOW.variant_id), over, now=10.0).target == FAST.variant_id
     tight = [SLOW, MID, replace(FAST, p95_ms=9.0)]  # FAST predicted 22.5 ms: under the SLO only
     assert decide(config, tight, PolicyState(SLOW.variant_id), over, now=10.0).target == MID.variant_id
+
+
+def test_a_window_over_the_slo_that_the_load_does_not_explain_needs_a_second_one():
+    """At 10 req/s SLOW is busy 20% of the time: a p95 over the SLO is a stall of the device, and one
+    such window is no reason to switch (down and, seconds later, back up). A second one is; so is one
+    whose rate keeps the variant busy beyond the headroom, by its CPU time, not by the slot time a
+    stall inflates."""
+    config = PolicyConfig(slo_ms=30.0, down_windows=1, up_windows=1, dwell_s=0.0)
+    stall = Window(requests=5, p95_ms=40.0, rate=10.0, slots=1, cpu_ms_per_request=21.0, slot_ms_per_request=90.0)
+    first = decide(config, OPTIONS, PolicyState(SLOW.variant_id), stall, now=10.0)
+    assert not first.switch and first.reason == "over the SLO, waiting"
+    second = decide(config, OPTIONS, first.state, stall, now=10.5)
+    assert second.switch and second.reason_code == "slo_violation" and "for 2 windows" in second.reason
+    busy = replace(stall, rate=40.0)  # 40 x 21 ms: 84% busy
+    assert decide(config, OPTIONS, PolicyState(SLOW.variant_id), busy, now=10.0).switch
+    assert decide(config, OPTIONS, PolicyState(SLOW.variant_id), replace(stall, rate=0.0), now=10.0).switch  # unknown
 
 
 def test_pin_and_unpin_are_recorded_once_each_and_the_policy_resumes():
@@ -389,7 +405,7 @@ def test_a_queue_that_takes_the_slo_to_serve_steps_down_before_any_answer_is_lat
     rate at what was answered), but the inferences in flight would take the active variant the whole
     SLO to serve: the last of them will be late, so the policy steps down now."""
     config = PolicyConfig(slo_ms=30.0, down_windows=1, up_windows=1, dwell_s=0.0)
-    on_time = Window(requests=10, p95_ms=12.0, rate=20.0, slots=1, in_flight=1)
+    on_time = Window(requests=10, p95_ms=12.0, rate=40.0, slots=1, in_flight=1)
     assert not decide(config, OPTIONS, PolicyState(SLOW.variant_id), on_time, now=10.0).switch  # no queue
     assert queue_ms(SLOW, SLOW, replace(on_time, in_flight=2)) == 40.0  # 2 x 20 ms on one slot
     queued = replace(on_time, in_flight=2)
