@@ -111,55 +111,54 @@ def _read(sock: socket.socket, n: int) -> bytes:
     return data
 
 
-def test_the_proxy_throttles_cuts_and_resets_what_the_cut_held():
+@pytest.fixture
+def echo_proxy():
+    """A proxy in front of an echo server, and a client through it that has echoed 1000 bytes."""
     server, port = _echo_server()
     proxy = TcpProxy(port)
     try:
         client = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
         client.sendall(b"x" * 1000)
         assert _read(client, 1000) == b"x" * 1000 and proxy.bytes_up == proxy.bytes_down == 1000
-        proxy.throttle(200_000)
-        start = time.monotonic()
-        client.sendall(b"y" * 200_000)
-        assert _read(client, 200_000) == b"y" * 200_000
-        assert time.monotonic() - start >= 0.9  # 200 kB at 200 kB/s
-        proxy.cut()
-        client.sendall(b"lost")
-        client.settimeout(1.0)
-        with pytest.raises(socket.timeout):
-            client.recv(16)  # nothing crosses
-        proxy.restore()
-        client.settimeout(5)
-        with pytest.raises(ConnectionResetError):
-            client.recv(16)  # what the cut held is gone with its connection
-        fresh = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
-        fresh.sendall(b"again")
-        assert _read(fresh, 5) == b"again"
+        yield proxy, client
     finally:
         proxy.close()
         server.close()
 
 
-def test_the_proxy_cuts_after_exactly_the_bytes_it_was_given():
-    server, port = _echo_server()
-    proxy = TcpProxy(port)
-    try:
-        client = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
-        client.sendall(b"a" * 1000)
-        assert _read(client, 1000) == b"a" * 1000
-        proxy.cut_after(300)
-        client.sendall(b"b" * 1000)  # echoed in one piece or several: only the first 300 cross
-        assert _read(client, 300) == b"b" * 300
-        client.settimeout(1.0)
-        with pytest.raises(socket.timeout):
-            client.recv(16)
-        assert proxy.is_cut and proxy.bytes_down == 1300
-        proxy.restore()
-        fresh = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
-        fresh.sendall(b"again")
-        assert _read(fresh, 5) == b"again" and proxy.bytes_down == 1305
-        with pytest.raises(ValueError):
-            proxy.cut_after(-1)
-    finally:
-        proxy.close()
-        server.close()
+def test_the_proxy_throttles_cuts_and_resets_what_the_cut_held(echo_proxy):
+    proxy, client = echo_proxy
+    proxy.throttle(200_000)
+    start = time.monotonic()
+    client.sendall(b"y" * 200_000)
+    assert _read(client, 200_000) == b"y" * 200_000
+    assert time.monotonic() - start >= 0.9  # 200 kB at 200 kB/s
+    proxy.cut()
+    client.sendall(b"lost")
+    client.settimeout(1.0)
+    with pytest.raises(socket.timeout):
+        client.recv(16)  # nothing crosses
+    proxy.restore()
+    client.settimeout(5)
+    with pytest.raises(ConnectionResetError):
+        client.recv(16)  # what the cut held is gone with its connection
+    fresh = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    fresh.sendall(b"again")
+    assert _read(fresh, 5) == b"again"
+
+
+def test_the_proxy_cuts_after_exactly_the_bytes_it_was_given(echo_proxy):
+    proxy, client = echo_proxy
+    proxy.cut_after(300)
+    client.sendall(b"b" * 1000)  # echoed in one piece or several: only the first 300 cross
+    assert _read(client, 300) == b"b" * 300
+    client.settimeout(1.0)
+    with pytest.raises(socket.timeout):
+        client.recv(16)
+    assert proxy.is_cut and proxy.bytes_down == 1300
+    proxy.restore()
+    fresh = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    fresh.sendall(b"again")
+    assert _read(fresh, 5) == b"again" and proxy.bytes_down == 1305
+    with pytest.raises(ValueError):
+        proxy.cut_after(-1)
