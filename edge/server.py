@@ -27,6 +27,7 @@ from protos import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+PREDICT_METHOD = f"/{INFERENCE_SERVICE}/Predict"
 HEALTH_NAMES = ("", INFERENCE_SERVICE)
 
 
@@ -69,9 +70,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         except TensorError as err:
             raise TensorError(f"{err}; {self._runtime.expected_input()}") from err
 
+    @property
+    def window(self) -> RequestWindow:
+        return self._window
+
     def Predict(self, request, context):
         start = time.perf_counter()
-        self._window.arrive()
         try:
             logits, variant_id = self._predict(self._decode(request.input))
         except PayloadTooLargeError as err:
@@ -88,6 +92,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return reply
 
 
+class ArrivalCounter(grpc.ServerInterceptor):
+    """Counts each Predict as gRPC hands the call over: interceptors run on gRPC's serving thread, before
+    the call waits for a worker thread, so requests queued inside gRPC count as come too."""
+
+    def __init__(self, window: RequestWindow):
+        self._window = window
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method == PREDICT_METHOD:
+            self._window.arrive()
+        return continuation(handler_call_details)
+
+
 def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in HEALTH_NAMES:
@@ -102,7 +119,8 @@ def make_server(servicer: InferenceServicer, host: str, port: int, workers: int,
     `max_pending` RPCs in progress (queued ones included), gRPC answers RESOURCE_EXHAUSTED at once
     instead of letting a queue grow without bound."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict"),
-                         options=SERVER_OPTIONS, maximum_concurrent_rpcs=max_pending)
+                         interceptors=(ArrivalCounter(servicer.window),), options=SERVER_OPTIONS,
+                         maximum_concurrent_rpcs=max_pending)
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

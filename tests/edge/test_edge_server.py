@@ -1,5 +1,6 @@
 """InferenceService on a real gRPC server on loopback: answers, status codes, health, reflection, metrics."""
 
+import threading
 import time
 
 import grpc
@@ -14,7 +15,7 @@ from edge.metrics import EdgeMetrics
 from edge.runtime import Runtime, RuntimeConfig
 from edge.server import INFERENCE_SERVICE, InferenceServicer, make_server, set_serving
 from edge.telemetry import RequestWindow
-from edge_fixtures import load_variant, write_variant
+from edge_fixtures import load_variant, wait_for, write_variant
 from protos import inference_pb2, inference_pb2_grpc
 
 EXPECTED = "expected shape [N, 1, 28, 28] with 1 <= N <= 64"
@@ -123,3 +124,24 @@ def test_requests_reach_metrics_and_the_telemetry_window(serving):
     assert 'prunefleet_edge_requests_total{code="INVALID_ARGUMENT",edge="edge-t",variant="none"}' in text
     assert f'prunefleet_edge_request_duration_seconds_bucket{{edge="edge-t",le="0.033",variant="{short}"}}' in text
     assert "process_resident_memory_bytes" in text
+
+
+def test_requests_count_as_come_while_they_wait_for_a_worker_thread(serving):
+    """Four worker threads, the device's one slot held: four Predicts wait for the slot, two more wait
+    inside gRPC for a worker. All six have come, as the policy's request rate must see them."""
+    runtime, window = serving["runtime"], serving["window"]
+    before = window.arrived
+    request = inference_pb2.PredictRequest(input=to_proto(np.zeros((1, 1, 28, 28), np.uint8)))
+    calls = [threading.Thread(target=serving["stub"].Predict, args=(request,), kwargs={"timeout": 30})
+             for _ in range(6)]
+    runtime._slots.acquire()
+    try:
+        for call in calls:
+            call.start()
+        wait_for(lambda: window.arrived - before == 6, what="six arrivals")
+        assert runtime.in_flight == 4  # the other two have no worker yet
+    finally:
+        runtime._slots.release()
+        for call in calls:
+            call.join(30)
+    assert window.arrived - before == 6  # counted once each
