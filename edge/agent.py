@@ -196,13 +196,13 @@ class Agent:
             return 0.0
         return (self._window.arrived - count) / (now - then)
 
-    def _policy_window(self, now: float) -> policies.Window | None:
+    def _policy_window(self, now: float, early: bool = False) -> policies.Window | None:
         """Close the telemetry window and report it (kept while the cloud is away). None when telemetry
         is missing: the window could not be read, it is stale (the decision loop was held up for over
         `STALE_WINDOWS` windows), or requests came and none was answered (no latency to go by). The
         rate the policy sees counts the requests that came in the window (finished, plus what the queue
         grew by): under overload, answers come at the active variant's capacity whatever the load. A
-        window closed before its time (a queue alarm: the load has just risen) takes the rate of its
+        window closed `early` (by a queue alarm: the load has just risen) takes the rate of its
         last `RECENT_S` if that is higher, since its average mixes the new load with the calm before it
         and would have the policy step down too little, then again. The process's CPU time over the
         window, per answered request, and the wall time each held a slot (waits for the CPU and for
@@ -218,7 +218,6 @@ class Agent:
         except Exception:  # noqa: BLE001 - whatever broke, the policy must fall back, not stop
             log.exception("telemetry window unreadable")
             return None
-        early = stats.seconds < self.policy.window_s
         recent = self.recent_rate(now, now - stats.seconds - 1e-9) if early else 0.0
         self.note_arrivals(now)
         stale = self._decided_at is not None and now - self._decided_at > STALE_WINDOWS * self.policy.window_s
@@ -232,9 +231,10 @@ class Agent:
         return policies.Window(answered, stats.p95_ms, rate, self.runtime.config.slots, cpu_ms,
                                in_flight, device_busy, self._process.cores, slot_ms)
 
-    def decide_once(self) -> policies.Decision | None:
-        """Close the window, report it, and switch if the policy says so."""
-        window = self._policy_window(self._clock())
+    def decide_once(self, early: bool = False) -> policies.Decision | None:
+        """Close the window (`early`: before its time, on a queue alarm), report it, and switch if the
+        policy says so."""
+        window = self._policy_window(self._clock(), early)
         with self._decide_lock:
             if self._state is None:
                 return None
@@ -275,7 +275,7 @@ class Agent:
                 continue
             opened, early = now, not due
             try:
-                self.decide_once()
+                self.decide_once(early)
             except Exception:  # a bad window must not end the loop that keeps the edge within its SLO
                 log.exception("decision failed; keeping the active variant")
 

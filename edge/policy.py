@@ -56,10 +56,10 @@ a ceiling for `CEILING_S` seconds: while the rate stays above `CEILING_RATE` x R
 looser, neither it nor any variant as slow (by profiled p50) is a step-up. A prediction that proved
 wrong under this load is not tried again and again, each time costing a window of late requests. The
 ceiling is lower when the step down skipped variants the window predicted over the bound it chose
-under (the headroom, or the SLO): the fastest of them bounds it. The window under overload measures what a request costs there; a calmer window on a
-faster variant a few seconds later may predict that a skipped variant fits, but the load that
-overloaded the device has not changed (in the policy benchmark, a step down from 4x to 256x was
-followed by a step up to 64x that fell behind 15 s later).
+under (the headroom, or the SLO): the fastest of them bounds it. The window under overload measures
+what a request costs there; a calmer window on a faster variant a few seconds later may predict that
+a skipped variant fits, but the load that overloaded the device has not changed (in the policy
+benchmark, a step down from 4x to 256x was followed by a step up to 64x that fell behind 15 s later).
 
 The operator's pin wins over everything; unpinning is recorded ("unpinned") and the policy resumes
 from the pinned variant. Without telemetry (`window` is None: the window could not be read or is

@@ -106,22 +106,20 @@ def test_a_window_closed_early_takes_the_rate_of_its_recent_stretch(wired):
     """A queue alarm closes a window soon after the load rose: its average rate mixes the new load with
     the calm before it. The policy sees the rate of the last stretch instead, so it steps down far
     enough at once; a window that ran its whole length keeps its average."""
-    cloud, node, _, _ = wired
+    _, node, _, _ = wired
     _start(node)
     agent = node.agent
-    wait_for(lambda: cloud.streams, what="the link connected")  # the coordinator's policy came before
-    agent.policy = dataclasses.replace(agent.policy, window_s=10.0)
     t0 = agent._clock()
     agent._policy_window(t0)  # a fresh window
     agent.note_arrivals(t0 + 0.5)
     agent.note_arrivals(t0 + 0.8)  # nothing came in the first 0.8 s
     with _waiting_for_the_slot(node, 6):  # then 6 at once
-        early = agent._policy_window(t0 + 1.0)
+        early = agent._policy_window(t0 + 1.0, early=True)
     assert early.in_flight == 6 and early.rate == pytest.approx(6 / 0.2)  # not 6 / 1.0
     agent.note_arrivals(t0 + 10.0)
     with _waiting_for_the_slot(node, 6):
         agent.note_arrivals(t0 + 10.9)
-        full = agent._policy_window(t0 + 11.0)  # 10 s long: its own length
+        full = agent._policy_window(t0 + 11.0)  # closed at its end: its own average
     assert full.rate == pytest.approx(6 / 10.0)
     assert agent.recent_rate(t0 + 11.02, since=t0 + 11.0) == 0.0  # too short a stretch to measure
 
