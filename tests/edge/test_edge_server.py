@@ -138,7 +138,8 @@ def test_requests_count_as_come_while_they_wait_for_a_worker_thread(serving):
     try:
         for call in calls:
             call.start()
-        wait_for(lambda: window.arrived - before == 6, what="six arrivals")
+        wait_for(lambda: window.arrived - before == 6 and runtime.in_flight == 4, what="six come, four at the slot")
+        time.sleep(0.2)
         assert runtime.in_flight == 4  # the other two have no worker yet
     finally:
         runtime._slots.release()
