@@ -55,7 +55,7 @@ def portfolio_stub(channel: grpc.Channel) -> portfolio_pb2_grpc.PortfolioService
     the message as received. Bytes that are not a VariantChunk end the call with INTERNAL."""
     stub = portfolio_pb2_grpc.PortfolioServiceStub(channel)
     stub.FetchVariant = channel.unary_stream(
-        "/prunefleet.v1.PortfolioService/FetchVariant",
+        f"/{portfolio_pb2.DESCRIPTOR.services_by_name['PortfolioService'].full_name}/FetchVariant",
         request_serializer=portfolio_pb2.FetchVariantRequest.SerializeToString, response_deserializer=decode_chunk)
     return stub
 
