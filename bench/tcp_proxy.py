@@ -6,7 +6,8 @@
                acknowledgement gets through; connections opened during the cut are accepted and hang.
                When the cut ends, every connection that was open during it is reset (a stream that
                lost its link for that long cannot carry on); new connections work again.
-               `cut_after(n)` makes the cut begin once exactly n more bytes have gone down.
+               `cut_after(n)` makes the cut begin once exactly n more bytes have gone down, and can
+               keep a copy of those bytes (`recorded`).
 
 It counts the bytes it forwarded in each direction, so a benchmark can tell a resumed download from
 one that started over. Everything runs on threads of the calling process.
@@ -59,6 +60,7 @@ class TcpProxy:
         self.bytes_down = 0  # upstream -> client
         self.bytes_up = 0
         self._cut_at: int | None = None  # bytes_down at which the cut begins
+        self.recorded: bytearray | None = None  # bytes forwarded down before the cut, if asked for
         threading.Thread(target=self._accept, daemon=True, name=f"proxy-{self.port}").start()
 
     # --- modes -----------------------------------------------------------------------------------------
@@ -73,13 +75,15 @@ class TcpProxy:
     def cut(self) -> None:
         self._cut.set()
 
-    def cut_after(self, down_bytes: int) -> None:
+    def cut_after(self, down_bytes: int, record: bool = False) -> None:
         """Cut the link once exactly `down_bytes` more bytes have been forwarded to the client: a
-        transfer cut at a chosen point of its stream, whatever sizes the peers write in."""
+        transfer cut at a chosen point of its stream, whatever sizes the peers write in. With `record`,
+        those bytes are kept in `recorded` (at most `down_bytes` of them)."""
         if down_bytes < 0:
             raise ValueError("down_bytes must be >= 0")
         with self._lock:
             self._cut_at = self.bytes_down + down_bytes
+            self.recorded = bytearray() if record else None
 
     def restore(self) -> None:
         if not self._cut.is_set():
@@ -157,8 +161,12 @@ class TcpProxy:
             return
         with self._lock:  # counted as they are handed on
             if direction == "down":
-                if self._cut_at is not None and self.bytes_down + len(data) >= self._cut_at:
+                cut = self._cut_at is not None and self.bytes_down + len(data) >= self._cut_at
+                if cut:
                     data = data[:self._cut_at - self.bytes_down]  # the rest is dropped with the cut
+                if self._cut_at is not None and self.recorded is not None:
+                    self.recorded += data
+                if cut:
                     self._cut_at = None
                     self._cut.set()
                 self.bytes_down += len(data)

@@ -149,7 +149,7 @@ def test_the_proxy_throttles_cuts_and_resets_what_the_cut_held(echo_proxy):
 
 def test_the_proxy_cuts_after_exactly_the_bytes_it_was_given(echo_proxy):
     proxy, client = echo_proxy
-    proxy.cut_after(300)
+    proxy.cut_after(300, record=True)
     client.sendall(b"b" * 1000)  # echoed in one piece or several: only the first 300 cross
     assert _read(client, 300) == b"b" * 300
     client.settimeout(1.0)
@@ -160,5 +160,6 @@ def test_the_proxy_cuts_after_exactly_the_bytes_it_was_given(echo_proxy):
     fresh = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
     fresh.sendall(b"again")
     assert _read(fresh, 5) == b"again" and proxy.bytes_down == 1305
+    assert proxy.recorded == b"b" * 300  # what crossed before the cut, and nothing after it
     with pytest.raises(ValueError):
         proxy.cut_after(-1)
