@@ -104,26 +104,32 @@ def _linearized(model: nn.Module) -> nn.Module:
 def synflow(model: nn.Module, compression: float, input_shape: tuple[int, ...], rounds: int = 100
             ) -> tuple[Scores, Masks]:
     """Iterative SynFlow: density (1/compression)^(k/rounds) after round k, re-scored every round.
-    Returns the last round's scores and the final masks. The linearized float64 copy is made once; the
-    bookkeeping of a round works on one flat score buffer and one flat mask (the layers' masks are views
-    of it), so a round costs little more than its forward and backward pass."""
+    Returns the last round's scores and the final masks.
+
+    The linearized float64 copy is made once, its weights views of one flat buffer, beside one flat
+    score buffer and one flat mask (the layers' masks are views of it), so a round's bookkeeping is a
+    few passes over flat buffers. A pruned weight is 0, so its score is 0 and every live score is >= 0:
+    when the k-th largest score is above 0, "score >= it" keeps exactly the top k live weights and no
+    pruned one, with no need to mark the pruned scores first."""
     if rounds < 1:
         raise ValueError(f"SynFlow needs at least one round, got {rounds}")
     net = _linearized(model)
     weights = _weights(net)
-    magnitudes = {name: w.detach().clone() for name, w in weights.items()}
     total = sum(w.numel() for w in weights.values())
+    flat_weights = torch.empty(total, dtype=torch.float64)
     flat_scores = torch.empty(total, dtype=torch.float32)
     flat_mask = torch.ones(total, dtype=torch.bool)
     views, start = {}, 0
-    for name, w in weights.items():
-        views[name] = (flat_scores[start:start + w.numel()].view(w.shape), flat_mask[start:start + w.numel()].view(w.shape))
-        start += w.numel()
+    with torch.no_grad():
+        for name, w in weights.items():
+            part = slice(start, start + w.numel())
+            flat_weights[part].view(w.shape).copy_(w)
+            w.data = flat_weights[part].view(w.shape)  # the layer now reads the flat buffer
+            views[name] = (flat_scores[part].view(w.shape), flat_mask[part].view(w.shape))
+            start += w.numel()
     ones = torch.ones(1, *input_shape, dtype=torch.float64)
+    alive = total
     for k in range(1, rounds + 1):
-        with torch.no_grad():
-            for name, w in weights.items():
-                torch.mul(magnitudes[name], views[name][1], out=w)
         net.zero_grad(set_to_none=True)
         net(ones).sum().backward()
         if k == 1 and not any(bool(w.grad.any()) for w in weights.values()):
@@ -131,12 +137,17 @@ def synflow(model: nn.Module, compression: float, input_shape: tuple[int, ...], 
                            "its weights on a positive input (an activation called as a function saturates?)")
         with torch.no_grad():
             for name, w in weights.items():
-                torch.mul(w, w.grad, out=views[name][0])  # both factors >= 0; masked weights give 0
+                torch.mul(w, w.grad, out=views[name][0])  # both factors >= 0; pruned weights give 0
             keep = max(1, int(round(total / compression ** (k / rounds))))
-            alive = int(torch.count_nonzero(flat_mask))
-            if keep < alive:
+            if keep >= alive:
+                continue
+            kth = _kth_largest(flat_scores, keep)
+            if kth <= 0:  # ties at 0 among live weights: pruned ones must not be picked back up
                 flat_scores.masked_fill_(~flat_mask, -torch.inf)
-                torch.ge(flat_scores, _kth_largest(flat_scores, keep), out=flat_mask)
+                kth = _kth_largest(flat_scores, keep)
+            torch.ge(flat_scores, kth, out=flat_mask)
+            flat_weights.masked_fill_(~flat_mask, 0.0)
+            alive = int(torch.count_nonzero(flat_mask))
     flat_scores.clamp_(min=0)
     return ({name: view.clone() for name, (view, _) in views.items()},
             {name: mask.clone() for name, (_, mask) in views.items()})
@@ -146,9 +157,11 @@ _EXACT_BELOW = 1 << 20  # select exactly over all scores below this many; else b
 
 
 def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest value of `flat`, exactly. Large inputs: a fixed-seed sample brackets the value,
-    one pass counts what lies above the bracket, and only the bracket is searched (a full selection
-    when the bracket misses)."""
+    """The k-th largest value of `flat`, exactly. Large inputs: a fixed-seed sample brackets the value
+    in (low, high], one pass counts what lies above the bracket, and only the bracket is searched. When
+    the value lies at or below `low` and `low` itself reaches the k-th place (a mass of ties at the
+    bottom, such as pruned weights' scores, which the bracket leaves out), it is `low`. A full selection
+    when the bracket misses."""
     n = flat.numel()
     if n <= _EXACT_BELOW:
         return torch.kthvalue(flat, n - k + 1).values
@@ -157,9 +170,11 @@ def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     low, high = torch.quantile(sample.double(), torch.tensor([max(0.0, place - 0.01), min(1.0, place + 0.01)],
                                                              dtype=torch.float64)).to(flat.dtype)
     above = int(torch.count_nonzero(flat > high))
-    band = flat[(flat >= low) & (flat <= high)]
+    band = flat[(flat > low) & (flat <= high)]
     if above < k <= above + band.numel():
         return torch.kthvalue(band, band.numel() - (k - above) + 1).values
+    if k > above + band.numel() and int(torch.count_nonzero(flat >= low)) >= k:
+        return low
     return torch.kthvalue(flat, n - k + 1).values
 
 

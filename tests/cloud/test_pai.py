@@ -48,6 +48,53 @@ def test_synflow_scores_are_conserved_layer_by_layer():
     assert len(sums) == 3 and torch.allclose(sums, sums[0].expand(3), rtol=1e-5)
 
 
+def _plain_synflow(model, compression, input_shape, rounds):
+    """SynFlow as the paper states it, with no bookkeeping tricks: the reference for `pai.synflow`."""
+    net = pai._linearized(model)
+    weights = pai._weights(net)
+    magnitudes = {n: w.detach().clone() for n, w in weights.items()}
+    masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+    total = sum(w.numel() for w in weights.values())
+    for k in range(1, rounds + 1):
+        with torch.no_grad():
+            for n, w in weights.items():
+                w.copy_(magnitudes[n] * masks[n])
+        net.zero_grad()
+        net(torch.ones(1, *input_shape, dtype=torch.float64)).sum().backward()
+        scores = {n: (w * w.grad).float() for n, w in weights.items()}
+        keep = max(1, int(round(total / compression ** (k / rounds))))
+        live = torch.cat([scores[n][masks[n]] for n in weights])
+        if keep < live.numel():
+            kth = live.sort(descending=True).values[keep - 1]
+            masks = {n: masks[n] & (scores[n] >= kth) for n in weights}
+    return scores, masks
+
+
+@pytest.mark.parametrize("compression, rounds", [(50.0, 10), (8.0, 3)])
+def test_synflow_matches_the_plain_algorithm(compression, rounds):
+    torch.manual_seed(0)
+    model = models.build("vgg11", KWARGS)
+    scores, masks = pai.synflow(model, compression, (1, 28, 28), rounds=rounds)
+    want_scores, want_masks = _plain_synflow(model, compression, (1, 28, 28), rounds)
+    assert list(masks) == list(want_masks)
+    assert all(torch.equal(masks[n], want_masks[n]) for n in masks)
+    assert all(torch.equal(scores[n], want_scores[n]) for n in scores)
+
+
+def test_synflow_keeps_pruned_weights_pruned_when_live_scores_tie_at_zero():
+    """Pruning can cut every path through a live weight, so its score falls to 0 like a pruned one's.
+    In this network (found by search) the last round's threshold is 0: only live weights may be kept
+    at it, as the plain algorithm does."""
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Linear(3, 3, bias=False), nn.ReLU(), nn.Linear(3, 3, bias=False), nn.ReLU(),
+                        nn.Linear(3, 2, bias=False))
+    scores, masks = pai.synflow(net, 2.0, (3,), rounds=6)
+    want_scores, want_masks = _plain_synflow(net, 2.0, (3,), 6)
+    assert all(torch.equal(masks[n], want_masks[n]) for n in masks)
+    assert all(torch.equal(scores[n], want_scores[n]) for n in scores)
+    assert any(bool(((s == 0) & m).any()) for s, m in zip(scores.values(), masks.values()))  # a live 0
+
+
 def test_iterative_synflow_never_collapses_a_layer_at_high_compression():
     """Layer collapse (a whole layer pruned away) is what iterative SynFlow was built to avoid."""
     torch.manual_seed(0)
@@ -108,6 +155,17 @@ def test_the_kth_largest_is_exact_with_ties_and_masked_entries(size):
     flat[torch.randperm(size, generator=gen)[: size // 3]] = -torch.inf  # masked weights
     for k in (1, size // 7, size // 2, size - size // 3):
         assert pai._kth_largest(flat, k) == flat.sort(descending=True).values[k - 1]
+
+
+def test_the_kth_largest_is_exact_over_a_mass_of_ties_at_the_bottom():
+    """SynFlow's scores late in its rounds: most are pruned weights' zeros, the rest positive."""
+    size = 3_000_000
+    gen = torch.Generator().manual_seed(2)
+    flat = torch.rand(size, generator=gen)
+    flat[torch.randperm(size, generator=gen)[: size * 7 // 10]] = 0.0
+    live = size - size * 7 // 10
+    for k in (1, live // 2, live - 100, live, live + 1, live + 5000, size):
+        assert pai._kth_largest(flat, k) == flat.sort(descending=True).values[k - 1], k
 
 
 @pytest.mark.parametrize(("scorer", "compression", "batches", "message"), [
