@@ -13,8 +13,9 @@ on 3x32x32 inputs, SynFlow at 100 rounds, against one training epoch of a CIFAR-
 (50,000 images; the time of a step does not depend on the pixel values, so an epoch is measured as
 `STEP_SAMPLES` steps of random images and labels, scaled to the epoch's step count).
 
-The full run also sweeps the sensitivity threshold at one scorer and compression: the evidence behind
-the default.
+The full run also sweeps the sensitivity threshold at one scorer and compression, and the coverage
+(the share of a group's surviving weights the channels it keeps must hold) at two compressions: the
+evidence behind the defaults.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ FULL = {"model": "vgg11", "width": 0.5, "subset": 10000, "epochs": 2, "rounds": 
         "points": [["synflow", 8], ["synflow", 32], ["synflow", 128], ["snip", 32], ["snip", 128], ["grasp", 32],
                    ["magnitude", 32], ["random", 32]],
         "sweep": {"scorer": "synflow", "compression": 32, "thresholds": [0.02, 0.05, 0.25, 1.0]},
+        "coverage_sweep": {"scorer": "synflow", "compressions": [32, 128], "coverages": [0.0, 0.5, 0.8]},
         "spread": {"scorer": "synflow", "compression": 32}, "timing": ["vgg16", "resnet56"],
         "forms": ["served", "as_loaded"]}  # what a point's latency covers: finished points are kept per plan
 QUICK = {"model": "vgg11", "width": 0.25, "subset": 5000, "epochs": 2, "rounds": 100, "iters": 8,
@@ -64,7 +66,7 @@ def _unstructured_only(plan: dict, data: datasets.Dataset, scorer: str, compress
 
 
 def _point(plan: dict, data: datasets.Dataset, scorer: str, compression: float, threshold: float,
-           with_baseline: bool = True) -> dict:
+           with_baseline: bool = True, coverage: float = reconvene.MIN_COVERAGE) -> dict:
     shape = data.info.input_shape
     recipe = TrainConfig(epochs=plan["epochs"], batch_size=128, progress=False)
     torch.manual_seed(0)
@@ -73,11 +75,12 @@ def _point(plan: dict, data: datasets.Dataset, scorer: str, compression: float, 
     example = datasets.normalize(data.train.images[:1], data.info.mean, data.info.std)
     batches = pai.scoring_batches(scorer, data, SCORE_BATCHES, SCORE_BATCH_SIZE, 0)
     try:
-        pruned = reconvene.prune(dense, scorer, compression, example, batches, threshold, plan["rounds"])
+        pruned = reconvene.prune(dense, scorer, compression, example, batches, threshold, plan["rounds"],
+                                 coverage=coverage)
     except reconvene.ReconveneError as err:  # e.g. layer collapse: the unstructured model is as broken
         log.warning("%s %gx refused: %s", scorer, compression, err)
         return {"scorer": scorer, "compression": compression, "threshold": threshold, "refused": str(err)}
-    point = {"scorer": scorer, "compression": compression, "threshold": threshold,
+    point = {"scorer": scorer, "compression": compression, "threshold": threshold, "coverage": coverage,
              "prune_s": pruned.seconds, "score_s": pruned.score_s, "structure_s": pruned.structure_s,
              "params_dense": models.count_params(dense), "params_reconvene": models.count_params(pruned.model),
              "weights_remaining": pruned.remaining_weights, "weights_reconvene": pruned.weights,
@@ -160,6 +163,20 @@ def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
             if baseline is not None and "refused" not in point:
                 point["acc_gap_pp"] = 100 * (baseline["acc_unstructured"] - point["acc_reconvene"])
             sweep.append(point)
+    coverage_sweep = []
+    for compression in (plan.get("coverage_sweep") or {}).get("compressions", ()):
+        spec = plan["coverage_sweep"]
+        baseline = next((p for p in points if p["scorer"] == spec["scorer"] and p["compression"] == compression
+                         and "refused" not in p), None)
+        for value in spec["coverages"]:
+            if baseline is not None and value == reconvene.MIN_COVERAGE:
+                coverage_sweep.append(baseline)
+                continue
+            point = workdir.cached(work, f"coverage-{compression:g}-{value:g}", lambda c=compression, v=value: _point(
+                plan, data, spec["scorer"], float(c), threshold, with_baseline=False, coverage=v))
+            if baseline is not None and "refused" not in point:
+                point["acc_gap_pp"] = 100 * (baseline["acc_unstructured"] - point["acc_reconvene"])
+            coverage_sweep.append(point)
     spread = None
     if plan.get("spread"):  # how far the same recipe moves on its own: the scale of the accuracy gaps
         scorer, compression = plan["spread"]["scorer"], float(plan["spread"]["compression"])
@@ -172,8 +189,8 @@ def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
     timing = [workdir.cached(work, f"timing-{arch}", lambda a=arch: _timing(a, plan["rounds"])) for arch in plan["timing"]]
     summary = summarize(points, timing)
     summary["seed_spread_pp"] = spread["spread_pp"] if spread else None
-    return {"points": points, "sweep": sweep, "timing": timing, "spread": spread, "plan": dict(plan),
-            "threshold": threshold, "summary": summary}
+    return {"points": points, "sweep": sweep, "coverage_sweep": coverage_sweep, "timing": timing, "spread": spread,
+            "plan": dict(plan), "threshold": threshold, "coverage": reconvene.MIN_COVERAGE, "summary": summary}
 
 
 def summarize(points: list[dict], timing: list[dict], tolerance_pp: float = 0.5) -> dict:

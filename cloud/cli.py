@@ -50,6 +50,9 @@ def _add_build(sub) -> None:
     p.add_argument("--sensitivity-threshold", type=float, default=None,
                    help="reconvene: a layer group whose writers keep less than this share of their weights is "
                         "pruned structurally (default: the documented one)")
+    p.add_argument("--sensitivity-coverage", type=float, default=None,
+                   help="reconvene: ... and only when the channels it keeps hold at least this share of its "
+                        "surviving weights (default: the documented one)")
     p.add_argument("--synflow-rounds", type=int, default=100)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128, help="global batch, split over torchrun processes")
@@ -162,6 +165,7 @@ def _portfolio(args) -> int:
         from cloud.train import TrainConfig
 
         threshold = reconvene.DEFAULT_THRESHOLD if args.sensitivity_threshold is None else args.sensitivity_threshold
+        coverage = reconvene.MIN_COVERAGE if args.sensitivity_coverage is None else args.sensitivity_coverage
 
         config = portfolio.BuildConfig(
             out=args.out, method=args.method, model=args.model, width=args.width, dataset=args.dataset,
@@ -172,7 +176,7 @@ def _portfolio(args) -> int:
             shifter=shifter.ShifterConfig(levels=args.levels, rate=args.rate, rewind_iteration=args.rewind_iteration,
                                           ignore=args.ignore),
             reconvene=reconvene.ReconveneConfig(scorer=args.scorer, compressions=args.compressions,
-                                                threshold=threshold, rounds=args.synflow_rounds))
+                                                threshold=threshold, coverage=coverage, rounds=args.synflow_rounds))
         manifest = portfolio.build(config)
         if manifest is None:  # a torchrun worker: rank 0 publishes and prints
             return 0

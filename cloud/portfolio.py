@@ -98,7 +98,7 @@ def _reconvene_levels(config: BuildConfig, data: Dataset, store: PortfolioStore)
         pai.check_request(dense, settings.scorer, compression, batches)
     compressions = _planned_compressions(config)
     prepared = [reconvene.prune(dense, settings.scorer, c, example, batches, settings.threshold, settings.rounds,
-                                config.seed) for c in compressions]
+                                config.seed, settings.coverage) for c in compressions]
     if distributed.is_main():  # the per-group decisions, for the operator
         atomic_write_json(store.work_dir / "reconvene-decisions.json", [
             {"compression": c, "ready_s": pruned.seconds, "rectified": list(pruned.rectified),

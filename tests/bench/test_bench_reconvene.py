@@ -9,6 +9,7 @@ from bench.__main__ import main
 TINY = {"model": "vgg11", "width": 0.125, "subset": 256, "epochs": 1, "rounds": 10, "iters": 2,
         "points": [["synflow", 4], ["synflow", 16], ["snip", 4], ["snip", 16]],
         "sweep": {"scorer": "synflow", "compression": 16, "thresholds": [0.1, 1.0]},
+        "coverage_sweep": {"scorer": "synflow", "compressions": [16], "coverages": [0.0, 0.8]},
         "spread": {"scorer": "snip", "compression": 4}, "timing": ["resnet20"]}
 
 
@@ -22,9 +23,13 @@ def test_a_tiny_reconvene_benchmark_runs_end_to_end_and_resumes(tmp_path, monkey
     for p in points:
         assert 0 < p["acc_reconvene"] <= 1 and 0 < p["acc_unstructured"] <= 1
         assert p["params_reconvene"] <= p["params_dense"] and p["bytes_reconvene"] <= p["bytes_unstructured"]
-        if p["compression"] == 16:  # the sparsest groups are pruned structurally
-            assert p["params_reconvene"] < p["params_dense"] / 2 and p["groups_structured"] > 0
+        assert p["groups_structured"] == sum(d["insensitive"] for d in p["decisions"])
         assert p["prune_s"] == p["score_s"] + p["structure_s"]
+    # at coverage 0 the density alone decides: the sparsest groups are pruned structurally
+    free, default = result["coverage_sweep"]
+    assert (free["coverage"], default["coverage"]) == (0.0, 0.8)
+    assert free["params_reconvene"] < free["params_dense"] / 2 and free["groups_structured"] > 0
+    assert default == points[1]  # the default is the point itself, trained once
     summary = result["summary"]
     assert summary["max_acc_gap_pp"] == max(p["acc_gap_pp"] for p in points)
     assert summary["best_params_ratio"] == max(p["params_ratio"] for p in points)

@@ -31,7 +31,7 @@ def _weights(model: nn.Module) -> int:
 def test_the_composite_model_stays_within_the_budget_and_runs(arch, width):
     torch.manual_seed(0)
     dense = models.build(arch, {**KW28, "width": width})
-    pruned = reconvene.prune(dense, "synflow", 32.0, _example(), rounds=20)
+    pruned = reconvene.prune(dense, "synflow", 32.0, _example(), rounds=20, coverage=0.0)  # shrink every sparse group
     total = _weights(dense)
     assert pruned.remaining_weights == pytest.approx(total / 32, abs=1)
     # every insensitive group may round its channel count up by one filter per writer
@@ -58,11 +58,49 @@ def test_insensitive_groups_keep_what_their_budget_supports_by_score_mass():
     scores = {name: torch.ones(m.shape) for name, m in masks.items()}
     scores["3.weight"][4] = 5.0  # channel 4 carries the most surviving score
     analysis = channels.analyse(channels.trace(net, torch.randn(1, 1, 8, 8), None))
-    decisions, keep = reconvene.decide(net, masks, scores, analysis, threshold=0.25)
+    decisions, keep = reconvene.decide(net, masks, scores, analysis, threshold=0.25, coverage=0.0)
     by_group = {d.group: d for d in decisions}
     assert not by_group["0"].insensitive and by_group["0"].kept == 8
     assert by_group["3"].insensitive and by_group["3"].kept == 1 and keep["3"].tolist() == [4]
-    assert "keeps 1 of 8 channels" in by_group["3"].reason
+    assert "keeps 1 of 8 channels, holding 0.33 of its surviving weights" in by_group["3"].reason
+    # the one channel would hold a third of what the mask kept there: at the default it stays masked
+    decisions, _ = reconvene.decide(net, masks, scores, analysis, threshold=0.25)
+    group = {d.group: d for d in decisions}["3"]
+    assert not group.insensitive and "would hold less than 0.8" in group.reason
+
+
+def _two_convs() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
+def test_a_group_whose_surviving_weights_sit_in_few_channels_is_shrunk_to_them():
+    net = _two_convs()
+    masks = {"0.weight": torch.ones(8, 1, 3, 3, dtype=torch.bool), "3.weight": torch.zeros(8, 8, 3, 3, dtype=torch.bool),
+             "8.weight": torch.ones(10, 8, dtype=torch.bool)}
+    masks["3.weight"][4, :6] = True  # 54 weights, all in filter 4: the 1 channel they buy holds them all
+    scores = {name: torch.ones(m.shape) for name, m in masks.items()}
+    analysis = channels.analyse(channels.trace(net, torch.randn(1, 1, 8, 8), None))
+    decisions, keep = reconvene.decide(net, masks, scores, analysis, threshold=0.25)
+    group = {d.group: d for d in decisions}["3"]
+    assert group.insensitive and group.kept == 1 and keep["3"].tolist() == [4]
+    assert "holding 1.00 of its surviving weights" in group.reason
+
+
+def test_the_budget_counts_only_the_live_inputs_of_a_masked_group():
+    """Surgery removes a masked group's dead channels, so a channel reading it costs only its live inputs."""
+    net = _two_convs()
+    masks = {"0.weight": torch.zeros(8, 1, 3, 3, dtype=torch.bool), "3.weight": torch.zeros(8, 8, 3, 3, dtype=torch.bool),
+             "8.weight": torch.ones(10, 8, dtype=torch.bool)}
+    masks["0.weight"][:4] = True  # density 0.5 (masked), channels 4 to 7 dead
+    masks["3.weight"][[4, 6], :3] = True  # 54 weights over 4 live inputs of 9 each: 2 channels
+    scores = {name: torch.ones(m.shape) for name, m in masks.items()}
+    analysis = channels.analyse(channels.trace(net, torch.randn(1, 1, 8, 8), None))
+    decisions, keep = reconvene.decide(net, masks, scores, analysis, threshold=0.25)
+    by_group = {d.group: d for d in decisions}
+    assert not by_group["0"].insensitive
+    assert by_group["3"].insensitive and by_group["3"].kept == 2 and keep["3"].tolist() == [4, 6]
 
 
 def test_threshold_zero_is_the_unstructured_model_and_one_prunes_every_sparse_group():
@@ -72,14 +110,14 @@ def test_threshold_zero_is_the_unstructured_model_and_one_prunes_every_sparse_gr
     assert not any(d.insensitive for d in none.decisions) and none.rectified == ()
     assert models.count_params(none.model) == models.count_params(dense)
     assert {n: m.tolist() for n, m in none.masks.items()} == {n: m.tolist() for n, m in none.unstructured.items()}
-    every = reconvene.prune(dense, "magnitude", 8.0, _example(), threshold=1.0)
+    every = reconvene.prune(dense, "magnitude", 8.0, _example(), threshold=1.0, coverage=0.0)
     assert all(d.insensitive for d in every.decisions if d.density < 1.0)
 
 
 def test_the_rectifier_reinitializes_reshaped_layers_for_their_new_fan_in():
     torch.manual_seed(0)
     dense = models.build("vgg11", {**KW28, "width": 0.25})
-    pruned = reconvene.prune(dense, "synflow", 64.0, _example(), rounds=20)
+    pruned = reconvene.prune(dense, "synflow", 64.0, _example(), rounds=20, coverage=0.0)
     layers = models.prunable_layers(pruned.model)
     assert pruned.rectified
     for name in pruned.rectified:
@@ -91,16 +129,20 @@ def test_the_rectifier_reinitializes_reshaped_layers_for_their_new_fan_in():
         assert live.abs().max() <= bound + 1e-6
         assert live.abs().max() >= 0.5 * bound or live.numel() < 8
     untouched = [n for n in layers if n not in pruned.rectified]
-    for name in untouched:  # same shape: the scored initialization itself, under its mask
+    for name in untouched:  # the scored initialization itself, under its mask (less any dead channels)
         expected = models.prunable_layers(dense)[name].weight.detach()
-        mask = pruned.masks.get(f"{name}.weight", torch.ones_like(expected, dtype=torch.bool))
-        assert torch.equal(layers[name].weight.detach(), expected * mask)
+        mask = pruned.masks.get(f"{name}.weight")
+        weight = layers[name].weight.detach()
+        if weight.shape == expected.shape:
+            assert torch.equal(weight, expected * (mask if mask is not None else 1))
+        else:
+            assert mask is not None and torch.isin(weight[mask], expected).all()
 
 
 def test_residual_stages_lose_the_same_channels_in_every_member():
     torch.manual_seed(0)
     dense = models.build("resnet20", {**KW28, "width": 0.5})
-    pruned = reconvene.prune(dense, "synflow", 32.0, _example(), threshold=0.25, rounds=20)
+    pruned = reconvene.prune(dense, "synflow", 32.0, _example(), threshold=0.25, rounds=20, coverage=0.0)
     stages = [d for d in pruned.decisions if len(d.writers) > 1 and d.insensitive and d.kept < d.channels]
     assert stages, "expected a residual stage to be pruned structurally at 32x"
     layers = models.prunable_layers(pruned.model)
