@@ -174,6 +174,7 @@ def test_layer_collapse_is_refused_before_training():
     (["--compressions", "0.5"], "compressions must be >= 1"),
     (["--compressions", "1e9"], "out of reach"),
     (["--scorer", "oracle"], "unknown scorer 'oracle'"),
+    (["--sensitivity-coverage", "1.5"], "coverage is a share in [0, 1]"),
 ])
 def test_bad_reconvene_requests_fail_before_any_training(tmp_path, args, needle):
     result = subprocess.run([PRUNEFLEET, "portfolio", "build", "--method", "reconvene", "--subset", "64",
