@@ -65,6 +65,8 @@ def build_portfolio(plan: dict, work: Path, data_dir) -> PortfolioStore:
     method = plan.get("method", "shifter")
     steps = ("compressions",) if method == "reconvene" else ("levels", "rate")
     recipe = "-".join(str(plan[k]).replace(", ", "_").strip("()") for k in ("width", "subset", "epochs", *steps))
+    if method == "reconvene":  # a change of the method's defaults makes another portfolio
+        recipe += f"-threshold{reconvene.DEFAULT_THRESHOLD:g}-coverage{reconvene.MIN_COVERAGE:g}"
     store = PortfolioStore(work / f"portfolio-{method}-{recipe}")
     try:
         store.manifest()
