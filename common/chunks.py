@@ -44,8 +44,7 @@ def _varint(n: int) -> bytes:
 def encode_chunk(offset: int, data: bytes, total_size: int, sha256: str) -> bytes:
     """`VariantChunk(offset=, data=, total_size=, sha256=)` in protobuf's encoding, with `data` copied
     once and written last (zero values left out): a link that dies after the last data byte has crossed
-    leaves the edge a whole message, and the edge can check the header before the data arrives.
-    Sizes and offsets are >= 0."""
+    leaves the edge a whole message (gRPC hands over only whole ones). Sizes and offsets are >= 0."""
     digest = sha256.encode()
     head = (b"\x08" + _varint(offset) if offset else b"") + (b"\x18" + _varint(total_size) if total_size else b"") + \
         (b"\x22" + _varint(len(digest)) + digest if digest else b"") + (b"\x12" + _varint(len(data)) if data else b"")
