@@ -143,6 +143,23 @@ def _timing(arch: str, rounds: int) -> dict:
     return result
 
 
+def _sweep(points: list[dict], scorer: str, compression: float, values, default, reconvene_at) -> list[dict]:
+    """Reconvene at each value of one setting (`reconvene_at(value)`, trained without a counterpart),
+    its gap taken against the counterpart of the point at the default, which stands for that value."""
+    baseline = next((p for p in points if p["scorer"] == scorer and p["compression"] == compression
+                     and "refused" not in p), None)
+    out = []
+    for value in values:
+        if baseline is not None and value == default:  # the point itself, already trained
+            out.append(baseline)
+            continue
+        point = reconvene_at(value)
+        if baseline is not None and "refused" not in point:
+            point["acc_gap_pp"] = 100 * (baseline["acc_unstructured"] - point["acc_reconvene"])
+        out.append(point)
+    return out
+
+
 def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
     plan = QUICK if quick else FULL
     work, data = workdir.start(plan, work, "runs/bench-reconvene.work", data_dir)
@@ -152,31 +169,16 @@ def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
     sweep = []
     if plan["sweep"]:
         spec = plan["sweep"]
-        baseline = next((p for p in points if p["scorer"] == spec["scorer"] and p["compression"] == spec["compression"]
-                         and "refused" not in p), None)
-        for value in spec["thresholds"]:
-            if baseline is not None and value == threshold:  # the point itself, already trained
-                sweep.append(baseline)
-                continue
-            point = workdir.cached(work, f"sweep-{value:g}", lambda v=value: _point(
-                plan, data, spec["scorer"], float(spec["compression"]), v, with_baseline=False))
-            if baseline is not None and "refused" not in point:
-                point["acc_gap_pp"] = 100 * (baseline["acc_unstructured"] - point["acc_reconvene"])
-            sweep.append(point)
+        sweep = _sweep(points, spec["scorer"], spec["compression"], spec["thresholds"], threshold,
+                       lambda v: workdir.cached(work, f"sweep-{v:g}", lambda: _point(
+                           plan, data, spec["scorer"], float(spec["compression"]), v, with_baseline=False)))
     coverage_sweep = []
     for compression in (plan.get("coverage_sweep") or {}).get("compressions", ()):
         spec = plan["coverage_sweep"]
-        baseline = next((p for p in points if p["scorer"] == spec["scorer"] and p["compression"] == compression
-                         and "refused" not in p), None)
-        for value in spec["coverages"]:
-            if baseline is not None and value == reconvene.MIN_COVERAGE:
-                coverage_sweep.append(baseline)
-                continue
-            point = workdir.cached(work, f"coverage-{compression:g}-{value:g}", lambda c=compression, v=value: _point(
-                plan, data, spec["scorer"], float(c), threshold, with_baseline=False, coverage=v))
-            if baseline is not None and "refused" not in point:
-                point["acc_gap_pp"] = 100 * (baseline["acc_unstructured"] - point["acc_reconvene"])
-            coverage_sweep.append(point)
+        coverage_sweep += _sweep(points, spec["scorer"], compression, spec["coverages"], reconvene.MIN_COVERAGE,
+                                 lambda v, c=compression: workdir.cached(work, f"coverage-{c:g}-{v:g}", lambda: _point(
+                                     plan, data, spec["scorer"], float(c), threshold, with_baseline=False,
+                                     coverage=v)))
     spread = None
     if plan.get("spread"):  # how far the same recipe moves on its own: the scale of the accuracy gaps
         scorer, compression = plan["spread"]["scorer"], float(plan["spread"]["compression"])

@@ -142,19 +142,17 @@ def decide(model: nn.Module, masks: Masks, scores: pai.Scores, analysis: channel
     for _ in range(2 * len(groups) + 2):  # a group's count depends on what its writers' inputs keep
         before = (dict(counts), set(insensitive))
         for plan, found, writers, count, mass in groups:
-            if plan.name not in insensitive:
-                counts[plan.name], share[plan.name] = found.channels, alive[plan.name] / found.channels
-                continue
-            needed = max(math.ceil(int(mask.sum()) / (mask[0].numel() * share[source[m]] if m in source
-                                                      else mask[0].numel()))
-                         for m, _, mask in writers)
-            kept = max(1, min(found.channels, needed, alive[plan.name]))
-            top = torch.topk(mass, kept, sorted=False).indices
-            if float(count[top].sum()) < coverage * float(count.sum()):
+            if plan.name in insensitive:
+                needed = max(math.ceil(int(mask.sum()) / (mask[0].numel() * share[source[m]] if m in source
+                                                          else mask[0].numel()))
+                             for m, _, mask in writers)
+                kept = max(1, min(found.channels, needed, alive[plan.name]))
+                top = torch.topk(mass, kept, sorted=False).indices
+                if float(count[top].sum()) >= coverage * float(count.sum()):
+                    counts[plan.name], share[plan.name] = kept, kept / found.channels
+                    continue
                 insensitive.discard(plan.name)  # shrinking it would drop what the mask kept: stays masked
-                counts[plan.name], share[plan.name] = found.channels, alive[plan.name] / found.channels
-                continue
-            counts[plan.name], share[plan.name] = kept, kept / found.channels
+            counts[plan.name], share[plan.name] = found.channels, alive[plan.name] / found.channels
         if (counts, insensitive) == before:
             break
     decisions, keep = [], {}
