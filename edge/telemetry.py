@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,17 +72,24 @@ class RequestWindow:
 
 class ProcessStats:
     """CPU percent of this process since the previous sample, and its resident memory; and how busy the
-    whole device was (every process, every core) since the previous `device_busy`."""
+    device was (every process) since the previous `device_busy`. The device is the CPUs this process
+    may run on (its affinity): an agent pinned to some cores of a bigger machine, as the cluster and
+    the policy benchmark place it, is judged by those cores alone, not by load elsewhere."""
 
-    def __init__(self, process: psutil.Process | None = None):
+    def __init__(self, process: psutil.Process | None = None, cpus: Sequence[int] | None = None):
         self._process = process or psutil.Process()
         self._process.cpu_percent(None)
-        self.cores = psutil.cpu_count() or 1
-        psutil.cpu_percent(None)
+        self._cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
+        if not self._cpus:
+            raise ValueError("the device needs at least one CPU")
+        self.cores = len(self._cpus)
+        psutil.cpu_percent(None, percpu=True)
 
     def device_busy(self) -> float:
         """Share of the device's CPU time in use, all processes, since the previous call (0 to 1)."""
-        return min(1.0, max(0.0, psutil.cpu_percent(None) / 100.0))
+        per_cpu = psutil.cpu_percent(None, percpu=True)
+        busy = [per_cpu[c] for c in self._cpus if c < len(per_cpu)]
+        return min(1.0, max(0.0, sum(busy) / max(len(busy), 1) / 100.0))
 
     def sample(self) -> tuple[float, int]:
         return float(self._process.cpu_percent(None)), int(self._process.memory_info().rss)

@@ -1,6 +1,9 @@
 """The request window, the process sample, the metrics layout, and the link's outbox."""
 
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 
@@ -45,6 +48,28 @@ def test_process_sample():
     assert cpu >= 0 and rss > 10 << 20
     assert stats.cores >= 1 and 0 < stats.device_busy() <= 1
 
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_device_busy_reads_only_the_cpus_the_agent_may_run_on():
+    busy_cpu, idle_cpu = sorted(os.sched_getaffinity(0))[:2]
+    before = os.sched_getaffinity(0)
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    try:
+        os.sched_setaffinity(burner.pid, {busy_cpu})
+        os.sched_setaffinity(0, {idle_cpu})  # this thread waits on the other CPU
+        on_busy, on_idle = ProcessStats(cpus=[busy_cpu]), ProcessStats(cpus=[idle_cpu])
+        time.sleep(1.0)
+        busy, idle = on_busy.device_busy(), on_idle.device_busy()
+    finally:
+        os.sched_setaffinity(0, before)
+        burner.kill()
+        burner.wait()
+    assert on_busy.cores == on_idle.cores == 1
+    assert busy > 0.8 and idle < busy - 0.3, (busy, idle)
+    assert ProcessStats().cores == len(before)
+    with pytest.raises(ValueError, match="at least one CPU"):
+        ProcessStats(cpus=[])
 
 def test_metrics_live_on_the_injected_registry_with_a_bucket_at_the_slo():
     assert 0.042 in latency_buckets(0.042) and list(latency_buckets(0.042)) == sorted(latency_buckets(0.042))
