@@ -29,6 +29,7 @@ class Outcome:
     latency_ms: float
     variant_id: str  # "" when failed
     code: str
+    send_lag_ms: float = 0.0  # how late the sender sent it (counted in latency_ms): the load generator's share
 
 
 def replay(stub, request, phases: list[Phase], seed: int = 0, timeout_s: float = 10.0) -> list[Outcome]:
@@ -37,13 +38,13 @@ def replay(stub, request, phases: list[Phase], seed: int = 0, timeout_s: float =
     start = time.perf_counter()
     due = 0.0
 
-    def record(phase: str, sent: float, future) -> None:
+    def record(phase: str, sent: float, lag_ms: float, future) -> None:
         latency = (time.perf_counter() - start - sent) * 1e3
         try:
             reply = future.result()
-            outcome = Outcome(phase, sent, latency, reply.variant_id, "OK")
+            outcome = Outcome(phase, sent, latency, reply.variant_id, "OK", lag_ms)
         except grpc.RpcError as err:
-            outcome = Outcome(phase, sent, latency, "", err.code().name)
+            outcome = Outcome(phase, sent, latency, "", err.code().name, lag_ms)
         with lock:
             outcomes.append(outcome)
 
@@ -57,8 +58,9 @@ def replay(stub, request, phases: list[Phase], seed: int = 0, timeout_s: float =
             wait = due - (time.perf_counter() - start)
             if wait > 0:
                 time.sleep(wait)
+            lag_ms = max(0.0, time.perf_counter() - start - due) * 1e3
             future = stub.Predict.future(request, timeout=timeout_s)
-            future.add_done_callback(lambda f, p=phase.name, s=due: record(p, s, f))
+            future.add_done_callback(lambda f, p=phase.name, s=due, lag=lag_ms: record(p, s, lag, f))
             pending.append(future)
     for future in pending:
         try:

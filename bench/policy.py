@@ -13,11 +13,16 @@ scales the trace), the trace is steady at `steady` x mu(largest), a step up to `
 mu(smallest) (a load the smallest serves with room) or `OVER_LARGEST` x mu(largest), whichever is
 less (the report says how far past each capacity that is), a burst `burst` times that, and a step
 down to steady. The bound over the largest keeps the trace within what the load generator and the
-gRPC stack deliver on the same cores: served optimized, this portfolio's smallest variant answered
-568 requests/s closed-loop, 3.7x the largest, and at 60% of that the fixed smallest replay was late
-on 14% of its requests, bound by the machine rather than the model (docs/results.md). The same trace (same
+gRPC stack deliver: served optimized, this portfolio's smallest variant answered 568 requests/s
+closed-loop, 3.7x the largest, and at 60% of that the fixed smallest replay was late on 14% of its
+requests, bound by the machine rather than the model (docs/results.md). The same trace (same
 Poisson arrivals) is replayed three times: with the policy deciding, pinned to the largest variant,
 pinned to the smallest.
+
+The edge runs on a CPU of its own (`placement`), as a device does; the cloud and this process, which
+sends the load, share the others. On the same cores, the load generator's own delays counted as the
+edge's: a request is timed from when it was due, and the sender records how late it sent each one
+(`late_at_send`).
 
 Reported per run: SLO attainment (share of requests answered within the SLO, client side), effective
 accuracy (the answering variant's test accuracy averaged over all requests, a late or failed request
@@ -27,6 +32,7 @@ counting as wrong) and the switches the edge made during the trace (from `ListEv
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
@@ -115,10 +121,16 @@ def _switches(cloud, since: float) -> list:
 
 
 def score(outcomes, accuracy: dict[str, float], slo_ms: float) -> dict:
+    """`late_at_send` counts the requests the load generator itself sent a tenth of the SLO or more
+    after their time (a late request among them was late partly or wholly before the edge saw it)."""
     on_time = [o for o in outcomes if o.code == "OK" and o.latency_ms <= slo_ms]
     total = max(len(outcomes), 1)
+    lags = [o.send_lag_ms for o in outcomes]
     return {"requests": len(outcomes), "failed": sum(o.code != "OK" for o in outcomes),
             "slo_attainment": len(on_time) / total,
+            "late_at_send": sum(lag >= slo_ms / 10 for lag in lags),
+            "late_at_send_and_over_slo": sum(o.send_lag_ms >= slo_ms / 10 and o.latency_ms > slo_ms for o in outcomes),
+            "send_lag_p99_ms": float(np.percentile(lags, 99)) if lags else 0.0,
             "effective_accuracy": sum(accuracy.get(o.variant_id, 0.0) for o in on_time) / total,
             "p95_ms": float(np.percentile([o.latency_ms for o in outcomes], 95)) if outcomes else 0.0,
             "by_phase": {p: sum(o.latency_ms <= slo_ms and o.code == "OK" for o in outcomes if o.phase == p)
@@ -220,6 +232,14 @@ def summarize(result: dict) -> dict:
             "failed_requests": runs["adaptive"]["failed"], "slo_ms": result["slo_ms"]}
 
 
+def placement(cpus: list[int]) -> tuple[list[int], list[int]]:
+    """The CPUs of the edge, and those of everything else (the cloud, and this process: the load
+    generator). The edge gets the last CPU to itself, as a device has its own cores and its clients
+    run elsewhere; on a single CPU everything shares it."""
+    cpus = sorted(cpus)
+    return (cpus[-1:], cpus[:-1]) if len(cpus) > 1 else (cpus, cpus)
+
+
 def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
     plan = QUICK if quick else FULL
     work = Path(work or "runs/bench-policy.work")
@@ -228,18 +248,27 @@ def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
     shutil.rmtree(fleet, ignore_errors=True)  # or policy must not carry over into this one
     fleet.mkdir(parents=True)
     logs = work / "logs"
-    cloud = processes.start("cloud", ["cloud.cli", "cloud", "serve", "--insecure", "--store", str(store.root), "--port", "0",
-                                      "--metrics-port", "0", "--db", str(fleet / "fleet.sqlite")], logs)
-    children = [cloud]
+    edge_cpus, others = placement(list(os.sched_getaffinity(0)))
+    before = processes.pin_this_process(others)
+    children = []
     try:
+        cloud = processes.start("cloud", ["cloud.cli", "cloud", "serve", "--insecure", "--store", str(store.root),
+                                          "--port", "0", "--metrics-port", "0", "--db", str(fleet / "fleet.sqlite")],
+                                logs, affinity=others)
+        children.append(cloud)
         children.append(processes.start("edge", [
             "edge.cli", "run", "--insecure", "--cloud", cloud.address, "--name", EDGE, "--port", "0", "--metrics-port", "0",
-            "--cache", str(fleet / "cache"), "--threads", "1", "--batch", str(plan["batch"])], logs, timeout_s=600))
+            "--cache", str(fleet / "cache"), "--threads", "1", "--batch", str(plan["batch"])], logs, timeout_s=600,
+            affinity=edge_cpus))
+        placed = {"edge_cpus": sorted(os.sched_getaffinity(children[1].process.pid)),
+                  "cloud_and_load_cpus": sorted(os.sched_getaffinity(0))}
         result = _experiment(cloud, children[1], store, plan, data_dir)
     finally:
         for child in reversed(children):
             child.stop()
+        processes.pin_this_process(before)
     result["plan"] = dict(plan)
     result["policy"] = dict(POLICY)
+    result["placement"] = placed  # as the edge process and this one ran
     result["summary"] = summarize(result)
     return result

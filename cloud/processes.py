@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,13 +55,30 @@ def _drain(stream, log_path: Path) -> None:
             log.flush()
 
 
-def start(name: str, args: list[str], log_dir: Path, timeout_s: float = 120.0, env: dict | None = None) -> Child:
-    """Run `python -m ARGS...`; stderr goes to LOG_DIR/NAME.log; wait for the serving line on stdout."""
+def pin_this_process(cpus: Iterable[int]) -> set[int]:
+    """Run every thread of this process, and so every thread they start later, on `cpus` only;
+    returns the CPUs the calling thread could run on before."""
+    before = os.sched_getaffinity(0)
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), set(cpus))
+        except ProcessLookupError:  # a thread that has just ended
+            pass
+    return before
+
+
+def start(name: str, args: list[str], log_dir: Path, timeout_s: float = 120.0, env: dict | None = None,
+          affinity: Iterable[int] = ()) -> Child:
+    """Run `python -m ARGS...`; stderr goes to LOG_DIR/NAME.log; wait for the serving line on stdout.
+    With `affinity`, the process and every thread it starts run on those CPUs only."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
+    cpus = set(affinity)
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=log,
                                    env={**os.environ, **(env or {})}, start_new_session=True)
+    if cpus:  # the interpreter is still starting, before any thread of its own exists
+        os.sched_setaffinity(process.pid, cpus)
     selector = selectors.DefaultSelector()
     selector.register(process.stdout, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout_s

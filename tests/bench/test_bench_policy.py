@@ -1,6 +1,7 @@
 """The policy benchmark: its trace and scoring, and a tiny run against a real cloud and edge."""
 
 import json
+import os
 
 from bench import policy
 from bench.__main__ import main
@@ -24,11 +25,17 @@ def test_the_trace_steps_from_what_the_largest_serves_to_what_only_the_smallest_
     assert high == policy.OVER_LARGEST * 100.0 < policy.MAX_UTILIZATION * 600.0
 
 
+def test_the_edge_gets_a_cpu_of_its_own_when_there_are_two():
+    assert policy.placement([3, 0, 1]) == ([3], [0, 1])
+    assert policy.placement([0]) == ([0], [0])
+
+
 def test_late_and_failed_requests_count_as_wrong():
     outcomes = [Outcome("a", 0.0, 5.0, "big", "OK"), Outcome("a", 0.1, 50.0, "big", "OK"),
-                Outcome("a", 0.2, 5.0, "small", "OK"), Outcome("a", 0.3, 1.0, "", "RESOURCE_EXHAUSTED")]
+                Outcome("a", 0.2, 5.0, "small", "OK", send_lag_ms=2.0), Outcome("a", 0.3, 1.0, "", "RESOURCE_EXHAUSTED")]
     scored = policy.score(outcomes, {"big": 0.9, "small": 0.8}, slo_ms=10.0)
     assert scored["slo_attainment"] == 0.5 and scored["failed"] == 1
+    assert scored["late_at_send"] == 1 and scored["late_at_send_and_over_slo"] == 0  # sent 2 ms late, on time
     assert abs(scored["effective_accuracy"] - (0.9 + 0.8) / 4) < 1e-12
 
 
@@ -40,9 +47,13 @@ def test_a_tiny_policy_benchmark_runs_three_replays_on_a_real_edge(tmp_path, mon
     assert KEYS <= set(result["summary"]) and result["summary"]["load_steps"] == 4
     assert set(result["runs"]) == {"adaptive", "fixed_largest", "fixed_smallest"}
     for run in result["runs"].values():
+        assert 0 <= run["late_at_send_and_over_slo"] <= run["late_at_send"] <= run["requests"]
         assert run["requests"] > 0 and 0 <= run["slo_attainment"] <= 1 and 0 <= run["effective_accuracy"] <= 1
     assert result["runs"]["fixed_largest"]["switches"] <= 1  # pinned: at most the pin itself
     assert all(0 < v["accuracy"] < 1 for v in result["variants"])
+    edge_cpus, others = result["placement"]["edge_cpus"], result["placement"]["cloud_and_load_cpus"]
+    assert len(edge_cpus) == 1 and (set(edge_cpus).isdisjoint(others) or len(os.sched_getaffinity(0)) == 1)
+    assert os.sched_getaffinity(0) == set(edge_cpus) | set(others)  # this process is unpinned again
     assert result["capacity_rps"]["largest"] > 0 and result["capacity_rps"]["smallest"] > 0
     assert [v["name"] for v in result["variants"]] == ["vgg11-synflow-1x", "vgg11-synflow-16x"]
     step = result["step_up_load"]  # whichever bound is lower
