@@ -40,10 +40,10 @@ FULL = {"model": "vgg11", "width": 0.5, "subset": 10000, "epochs": 2, "rounds": 
                    ["magnitude", 32], ["random", 32]],
         "sweep": {"scorer": "synflow", "compression": 32, "thresholds": [0.02, 0.05, 0.25, 1.0]},
         "coverage_sweep": {"scorer": "synflow", "compressions": [32, 128], "coverages": [0.0, 0.5, 0.8]},
-        "spread": {"scorer": "synflow", "compression": 32}, "timing": ["vgg16", "resnet56"],
+        "seeds": [0, 1, 2], "timing": ["vgg16", "resnet56"],
         "forms": ["served", "as_loaded"]}  # what a point's latency covers: finished points are kept per plan
 QUICK = {"model": "vgg11", "width": 0.25, "subset": 5000, "epochs": 2, "rounds": 100, "iters": 8,
-         "points": [["synflow", 8], ["synflow", 128], ["snip", 128]], "sweep": None, "spread": None,
+         "points": [["synflow", 8], ["synflow", 128], ["snip", 128]], "sweep": None, "seeds": [0, 1, 2],
          "timing": ["resnet56", "vgg16"], "forms": ["served", "as_loaded"]}
 EPOCH_IMAGES = 50_000  # CIFAR-10's training set
 STEP_SAMPLES = 6  # timed training steps (after one warm-up) that estimate an epoch
@@ -54,33 +54,34 @@ def _state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def _unstructured_only(plan: dict, data: datasets.Dataset, scorer: str, compression: float, seed: int) -> float:
-    """Test accuracy of the unstructured PaI model from another seed (initialization and data order)."""
+def _prune(plan: dict, data: datasets.Dataset, scorer: str, compression: float, threshold: float, coverage: float,
+           seed: int) -> tuple[nn.Module, reconvene.Pruned]:
+    """The dense model initialized from `seed`, and reconvene's composite model from it."""
     torch.manual_seed(seed)
     dense = models.build(plan["model"], models.zoo_kwargs(data.info.input_shape, data.info.num_classes,
                                                           plan["width"]))
+    example = datasets.normalize(data.train.images[:1], data.info.mean, data.info.std)
     batches = pai.scoring_batches(scorer, data, SCORE_BATCHES, SCORE_BATCH_SIZE, seed)
-    masks = pai.prune_at_init(dense, scorer, compression, batches, data.info.input_shape, plan["rounds"], seed)
-    recipe = TrainConfig(epochs=plan["epochs"], batch_size=128, progress=False, seed=seed)
-    return evaluate(train(dense, data.info, data.train, recipe, masks=masks, desc="seed spread"), data.info, data.test)
+    return dense, reconvene.prune(dense, scorer, compression, example, batches, threshold, plan["rounds"],
+                                  coverage=coverage)
+
+
+def _recipe(plan: dict, seed: int) -> TrainConfig:
+    return TrainConfig(epochs=plan["epochs"], batch_size=128, progress=False, seed=seed)
 
 
 def _point(plan: dict, data: datasets.Dataset, scorer: str, compression: float, threshold: float,
-           with_baseline: bool = True, coverage: float = reconvene.MIN_COVERAGE) -> dict:
+           with_baseline: bool = True, coverage: float = reconvene.MIN_COVERAGE, seed: int = 0) -> dict:
+    """One scorer and compression from one seed (initialization, scoring batches and data order): both
+    models trained, and with the baseline their latencies."""
     shape = data.info.input_shape
-    recipe = TrainConfig(epochs=plan["epochs"], batch_size=128, progress=False)
-    torch.manual_seed(0)
-    dense = models.build(plan["model"], models.zoo_kwargs(data.info.input_shape, data.info.num_classes,
-                                                          plan["width"]))
-    example = datasets.normalize(data.train.images[:1], data.info.mean, data.info.std)
-    batches = pai.scoring_batches(scorer, data, SCORE_BATCHES, SCORE_BATCH_SIZE, 0)
+    recipe = _recipe(plan, seed)
     try:
-        pruned = reconvene.prune(dense, scorer, compression, example, batches, threshold, plan["rounds"],
-                                 coverage=coverage)
+        dense, pruned = _prune(plan, data, scorer, compression, threshold, coverage, seed)
     except reconvene.ReconveneError as err:  # e.g. layer collapse: the unstructured model is as broken
         log.warning("%s %gx refused: %s", scorer, compression, err)
         return {"scorer": scorer, "compression": compression, "threshold": threshold, "refused": str(err)}
-    point = {"scorer": scorer, "compression": compression, "threshold": threshold, "coverage": coverage,
+    point = {"scorer": scorer, "compression": compression, "threshold": threshold, "coverage": coverage, "seed": seed,
              "prune_s": pruned.seconds, "score_s": pruned.score_s, "structure_s": pruned.structure_s,
              "params_dense": models.count_params(dense), "params_reconvene": models.count_params(pruned.model),
              "weights_remaining": pruned.remaining_weights, "weights_reconvene": pruned.weights,
@@ -101,6 +102,8 @@ def _point(plan: dict, data: datasets.Dataset, scorer: str, compression: float, 
     point["train_unstructured_s"] = time.perf_counter() - started
     point["acc_unstructured"] = evaluate(unstructured, data.info, data.test)
     point["acc_gap_pp"] = 100 * (point["acc_unstructured"] - point["acc_reconvene"])
+    if seed != plan["seeds"][0]:  # latency is measured on the first seed's models
+        return point
     point.update(latency.paired({"unstructured": unstructured, "reconvene": trained}, shape, plan["iters"]))
     point["speedup_b1"] = point["unstructured_b1_ms"] / point["reconvene_b1_ms"]
     point["speedup_b32"] = point["unstructured_b32_ms"] / point["reconvene_b32_ms"]
@@ -108,6 +111,33 @@ def _point(plan: dict, data: datasets.Dataset, scorer: str, compression: float, 
     log.info("%s %gx: %s", scorer, compression, {k: round(v, 4) if isinstance(v, float) else v
                                                 for k, v in point.items() if k != "decisions"})
     return point
+
+
+SEED_KEYS = ("seed", "acc_unstructured", "acc_reconvene", "acc_gap_pp", "params_reconvene", "groups_structured")
+
+
+def over_seeds(runs: list[dict]) -> dict:
+    """A point over several seeds: the first seed's models (structure, bytes, latency) and the mean
+    accuracies and gap of all, each seed's listed under `seeds`. Paired by seed, the gap leaves out how
+    far the recipe itself moves between seeds (`acc_unstructured_range_pp`)."""
+    first = runs[0]
+    if "refused" in first or len(runs) == 1:
+        return first
+    mean = lambda key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
+    unstructured = [100 * r["acc_unstructured"] for r in runs]
+    return {**first, "acc_unstructured": mean("acc_unstructured"), "acc_reconvene": mean("acc_reconvene"),
+            "acc_gap_pp": mean("acc_gap_pp"), "acc_gap_pp_worst_seed": max(r["acc_gap_pp"] for r in runs),
+            "acc_unstructured_range_pp": max(unstructured) - min(unstructured),
+            "seeds": [{k: r[k] for k in SEED_KEYS} for r in runs]}
+
+
+def first_seed(point: dict) -> dict:
+    """The point as its first seed alone trained it (what a single-seed sweep compares with)."""
+    if "seeds" not in point:
+        return point
+    first = point["seeds"][0]
+    rest = {k: v for k, v in point.items() if k not in ("seeds", "acc_gap_pp_worst_seed", "acc_unstructured_range_pp")}
+    return {**rest, **{k: first[k] for k in ("acc_unstructured", "acc_reconvene", "acc_gap_pp")}}
 
 
 def _epoch_s(model: nn.Module, shape: tuple, batch_size: int = 128) -> float:
@@ -164,35 +194,33 @@ def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
     plan = QUICK if quick else FULL
     work, data = workdir.start(plan, work, "runs/bench-reconvene.work", data_dir)
     threshold = reconvene.DEFAULT_THRESHOLD
-    points = [workdir.cached(work, f"point-{scorer}-{c:g}", lambda s=scorer, c=c: _point(plan, data, s, float(c), threshold))
-              for scorer, c in plan["points"]]
+    points = []
+    for scorer, c in plan["points"]:
+        runs = []
+        for seed in plan["seeds"]:
+            runs.append(workdir.cached(work, f"point-{scorer}-{c:g}-seed{seed}", lambda s=scorer, c=c, seed=seed: _point(
+                plan, data, s, float(c), threshold, seed=seed)))
+            if "refused" in runs[-1]:
+                break
+        points.append(over_seeds(runs))
+    single = [first_seed(p) for p in points]  # the sweeps train one seed: they compare with its pair
     sweep = []
     if plan["sweep"]:
         spec = plan["sweep"]
-        sweep = _sweep(points, spec["scorer"], spec["compression"], spec["thresholds"], threshold,
+        sweep = _sweep(single, spec["scorer"], spec["compression"], spec["thresholds"], threshold,
                        lambda v: workdir.cached(work, f"sweep-{v:g}", lambda: _point(
                            plan, data, spec["scorer"], float(spec["compression"]), v, with_baseline=False)))
     coverage_sweep = []
     for compression in (plan.get("coverage_sweep") or {}).get("compressions", ()):
         spec = plan["coverage_sweep"]
-        coverage_sweep += _sweep(points, spec["scorer"], compression, spec["coverages"], reconvene.MIN_COVERAGE,
+        coverage_sweep += _sweep(single, spec["scorer"], compression, spec["coverages"], reconvene.MIN_COVERAGE,
                                  lambda v, c=compression: workdir.cached(work, f"coverage-{c:g}-{v:g}", lambda: _point(
                                      plan, data, spec["scorer"], float(c), threshold, with_baseline=False,
                                      coverage=v)))
-    spread = None
-    if plan.get("spread"):  # how far the same recipe moves on its own: the scale of the accuracy gaps
-        scorer, compression = plan["spread"]["scorer"], float(plan["spread"]["compression"])
-        first = next(p for p in points if p["scorer"] == scorer and p["compression"] == compression)
-        other = workdir.cached(work, "spread", lambda: {"acc_unstructured": _unstructured_only(
-            plan, data, scorer, compression, seed=1)})
-        spread = {"scorer": scorer, "compression": compression, "seed0": first["acc_unstructured"],
-                  "seed1": other["acc_unstructured"],
-                  "spread_pp": 100 * abs(first["acc_unstructured"] - other["acc_unstructured"])}
     timing = [workdir.cached(work, f"timing-{arch}", lambda a=arch: _timing(a, plan["rounds"])) for arch in plan["timing"]]
-    summary = summarize(points, timing)
-    summary["seed_spread_pp"] = spread["spread_pp"] if spread else None
-    return {"points": points, "sweep": sweep, "coverage_sweep": coverage_sweep, "timing": timing, "spread": spread,
-            "plan": dict(plan), "threshold": threshold, "coverage": reconvene.MIN_COVERAGE, "summary": summary}
+    return {"points": points, "sweep": sweep, "coverage_sweep": coverage_sweep, "timing": timing,
+            "plan": dict(plan), "threshold": threshold, "coverage": reconvene.MIN_COVERAGE,
+            "summary": summarize(points, timing)}
 
 
 def summarize(points: list[dict], timing: list[dict], tolerance_pp: float = 0.5) -> dict:
@@ -207,6 +235,9 @@ def summarize(points: list[dict], timing: list[dict], tolerance_pp: float = 0.5)
             "prune_s_max": max(p["prune_s"] for p in points),
             "prune_epoch_ratio": max((t["prune_epoch_ratio"] for t in timing), default=None),
             "points_within_0_5pp": len(within), "points": len(points), "points_refused": len(refused),
+            "seeds": max((len(p.get("seeds", [p])) for p in points), default=0),
+            "max_acc_gap_pp_worst_seed": max(p.get("acc_gap_pp_worst_seed", p["acc_gap_pp"]) for p in points),
+            "seed_spread_pp": max((p["acc_unstructured_range_pp"] for p in points if "seeds" in p), default=None),
             "best_params_ratio_within_0_5pp": max((p["params_ratio"] for p in within), default=None),
             "best_speedup_b32_within_0_5pp": max((p["speedup_b32"] for p in within), default=None)}
 
