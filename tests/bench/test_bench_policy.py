@@ -1,5 +1,6 @@
 """The policy benchmark: its trace and scoring, and a tiny run against a real cloud and edge."""
 
+import gc
 import json
 import os
 
@@ -54,6 +55,7 @@ def test_a_tiny_policy_benchmark_runs_three_replays_on_a_real_edge(tmp_path, mon
     edge_cpus, others = result["placement"]["edge_cpus"], result["placement"]["cloud_and_load_cpus"]
     assert len(edge_cpus) == 1 and (set(edge_cpus).isdisjoint(others) or len(os.sched_getaffinity(0)) == 1)
     assert os.sched_getaffinity(0) == set(edge_cpus) | set(others)  # this process is unpinned again
+    assert gc.isenabled()  # off during the replays only
     assert result["capacity_rps"]["largest"] > 0 and result["capacity_rps"]["smallest"] > 0
     assert [v["name"] for v in result["variants"]] == ["vgg11-synflow-1x", "vgg11-synflow-16x"]
     step = result["step_up_load"]  # whichever bound is lower
