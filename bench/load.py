@@ -7,7 +7,8 @@ answer; a failed request records its status code.
 The sender's own pauses count as the edge's (a request is timed from when it was due), so the
 replay runs with Python's cyclic garbage collector off: a full collection of the benchmark's process
 (torch, the dataset and the gRPC stack loaded: about 180,000 objects) takes about 100 ms, and the
-futures and outcomes a replay keeps trigger one about every replay (docs/results.md).
+futures and outcomes a replay keeps set collections off. With it on, the sender's p99 delay in a
+replay reached 54 ms; with it off, under 4 ms (docs/results.md, policy runs 30 and 31).
 """
 
 from __future__ import annotations

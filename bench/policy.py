@@ -36,10 +36,12 @@ import os
 import shutil
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.load import Phase, replay
 from cloud import operator, portfolio, processes, reconvene, shifter
@@ -176,16 +178,26 @@ def capacity(cloud, stub, request, variant_id: str, seconds: float, clients: int
     return sum(done) / seconds
 
 
-def _run(cloud, stub, request, phases, plan, pin: str, accuracy, slo_ms) -> dict:
+def gc_collections(metrics_address: str) -> dict[str, float]:
+    """The edge's garbage collections so far, by generation, from its metrics endpoint."""
+    with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {s.labels["generation"]: s.value for family in text_string_to_metric_families(text)
+            if family.name == "python_gc_collections" for s in family.samples if s.name.endswith("_total")}
+
+
+def _run(cloud, edge, stub, request, phases, plan, pin: str, accuracy, slo_ms) -> dict:
     if pin:
         _pin(cloud, stub, request, pin)
     else:
         operator.set_policy(cloud.address, PLAIN, pinned_variant="")
     replay(stub, request, [Phase("warmup", plan["warmup_s"], phases[0].rate)], seed=1)
-    since = time.time()
+    since, collections = time.time(), gc_collections(edge.metrics_address)
     outcomes = replay(stub, request, phases, seed=0)
+    after = gc_collections(edge.metrics_address)
     time.sleep(1.0)  # the last switch events reach the coordinator
-    result = {**score(outcomes, accuracy, slo_ms), "timeline": timeline(outcomes, slo_ms)}
+    result = {**score(outcomes, accuracy, slo_ms), "timeline": timeline(outcomes, slo_ms),
+              "edge_gc_collections": {g: after[g] - collections.get(g, 0.0) for g in after}}
     switches = _switches(cloud, since)
     result["switches"] = len(switches)
     result["switch_log"] = [{"t": e.timestamp - since, "to": e.to_variant[:12], "reason": e.reason_code,
@@ -207,7 +219,7 @@ def _experiment(cloud, edge, store: PortfolioStore, plan: dict, data_dir) -> dic
     mu = {v.variant_id: capacity(cloud, stub, request, v.variant_id, plan["capacity_s"])
           for v in (largest, smallest)}
     phases = trace(plan, mu[largest.variant_id], mu[smallest.variant_id])
-    runs = {name: _run(cloud, stub, request, phases, plan, pin, accuracy, slo_ms) for name, pin in
+    runs = {name: _run(cloud, edge, stub, request, phases, plan, pin, accuracy, slo_ms) for name, pin in
             (("adaptive", ""), ("fixed_largest", largest.variant_id), ("fixed_smallest", smallest.variant_id))}
     operator.set_policy(cloud.address, PLAIN, pinned_variant="")
     return {"slo_ms": slo_ms, "trace": [vars(p) for p in phases], "runs": runs,

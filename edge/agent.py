@@ -51,7 +51,7 @@ class Agent:
                                             memory_budget_bytes=config.memory_budget_bytes)
         self._state: policies.PolicyState | None = None
         self._decided_at: float | None = None
-        self._in_flight_at_open = 0  # inferences in flight when the policy window opened
+        self._arrived_at_open = window.arrived  # requests come when the policy window opened
         self._slot_s_at_open = 0.0  # the runtime's slot seconds then
         self._arrivals: deque[tuple[float, int]] = deque(maxlen=256)  # (time, requests come so far)
         self._decide_lock = threading.Lock()  # the policy state and the switches that follow it
@@ -200,8 +200,9 @@ class Agent:
         """Close the telemetry window and report it (kept while the cloud is away). None when telemetry
         is missing: the window could not be read, it is stale (the decision loop was held up for over
         `STALE_WINDOWS` windows), or requests came and none was answered (no latency to go by). The
-        rate the policy sees counts the requests that came in the window (finished, plus what the queue
-        grew by): under overload, answers come at the active variant's capacity whatever the load. A
+        rate the policy sees counts the requests that came in the window, as gRPC handed them over
+        (answered, failed, or still waiting for a worker thread or a slot): under overload, answers
+        come at the active variant's capacity whatever the load. A
         window closed `early` (by a queue alarm: the load has just risen) takes the rate of its
         last `RECENT_S` if that is higher, since its average mixes the new load with the calm before it
         and would have the policy step down too little, then again. The process's CPU time over the
@@ -209,9 +210,9 @@ class Agent:
         Python's lock included) tell the policy what a request costs beyond the model's forward pass."""
         try:
             stats = self._window.close_window(now)
-            in_flight, opened_with = self.runtime.in_flight, self._in_flight_at_open
+            in_flight, arrived, arrived_at_open = self.runtime.in_flight, self._window.arrived, self._arrived_at_open
             slot_s, slot_s_at_open = self.runtime.slot_seconds, self._slot_s_at_open
-            self._in_flight_at_open, self._slot_s_at_open = in_flight, slot_s
+            self._arrived_at_open, self._slot_s_at_open = arrived, slot_s
             cpu, rss = self._process.sample()
             device_busy = self._process.device_busy()
             self._outbox.telemetry(self._report(telemetry=self._telemetry(stats, cpu, rss)))
@@ -226,8 +227,7 @@ class Agent:
             return None
         cpu_ms = cpu * 10.0 * stats.seconds / answered if answered else 0.0  # percent of a core -> ms
         slot_ms = (slot_s - slot_s_at_open) * 1e3 / answered if answered else 0.0
-        came = max(0, stats.requests + in_flight - opened_with)  # finished, plus what the queue grew by
-        rate = max(came / stats.seconds, recent)
+        rate = max((arrived - arrived_at_open) / stats.seconds, recent)
         return policies.Window(answered, stats.p95_ms, rate, self.runtime.config.slots, cpu_ms,
                                in_flight, device_busy, self._process.cores, slot_ms)
 

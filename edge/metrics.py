@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector
 
 BASE_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
                 0.25, 0.5, 1.0, 2.5)
@@ -83,6 +83,7 @@ class EdgeMetrics:
             self._loads.labels(edge, source)
         ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         ProcessCollector(namespace="prunefleet_edge", registry=registry)  # the same, under the project's prefix
+        GCCollector(registry=registry)  # python_gc_collections_total by generation: a full one pauses every request
 
     def request(self, variant_id: str, code: str, seconds: float | None) -> None:
         """One Predict outcome; latencies are observed for answered requests only."""

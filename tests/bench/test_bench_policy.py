@@ -49,6 +49,7 @@ def test_a_tiny_policy_benchmark_runs_three_replays_on_a_real_edge(tmp_path, mon
     assert set(result["runs"]) == {"adaptive", "fixed_largest", "fixed_smallest"}
     for run in result["runs"].values():
         assert 0 <= run["late_at_send_and_over_slo"] <= run["late_at_send"] <= run["requests"]
+        assert set(run["edge_gc_collections"]) == {"0", "1", "2"} and run["edge_gc_collections"]["0"] >= 0
         assert run["requests"] > 0 and 0 <= run["slo_attainment"] <= 1 and 0 <= run["effective_accuracy"] <= 1
     assert result["runs"]["fixed_largest"]["switches"] <= 1  # pinned: at most the pin itself
     assert all(0 < v["accuracy"] < 1 for v in result["variants"])

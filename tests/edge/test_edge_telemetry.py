@@ -107,6 +107,7 @@ def test_a_new_slo_gets_its_bucket_and_load_and_memory_metrics_are_counted():
     assert 'prunefleet_edge_resident_variants{edge="e1"} 1.0' in text
     assert 'prunefleet_edge_memory_budget_bytes{edge="e1"} 4096.0' in text
     assert "prunefleet_edge_process_cpu_seconds_total" in text and "process_resident_memory_bytes" in text
+    assert 'python_gc_collections_total{generation="2"}' in text
 
 
 def _report(kind: str, n: int) -> coordinator_pb2.EdgeReport:
