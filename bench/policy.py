@@ -178,12 +178,18 @@ def capacity(cloud, stub, request, variant_id: str, seconds: float, clients: int
     return sum(done) / seconds
 
 
-def gc_collections(metrics_address: str) -> dict[str, float]:
-    """The edge's garbage collections so far, by generation, from its metrics endpoint."""
+def edge_counts(metrics_address: str, slo_ms: float) -> dict:
+    """From the edge's metrics endpoint: its garbage collections so far by generation, and the
+    requests it answered and those it answered within `slo_ms` (from the servicer taking a request to
+    its answer; the time in gRPC and on the network is not in it)."""
     with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return {s.labels["generation"]: s.value for family in text_string_to_metric_families(text)
-            if family.name == "python_gc_collections" for s in family.samples if s.name.endswith("_total")}
+        families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
+    samples = families["prunefleet_edge_request_duration_seconds"].samples
+    return {"gc": {s.labels["generation"]: s.value for s in families["python_gc_collections"].samples
+                   if s.name.endswith("_total")},
+            "answered": sum(s.value for s in samples if s.name.endswith("_count")),
+            "within": sum(s.value for s in samples if s.name.endswith("_bucket")
+                          and abs(float(s.labels["le"]) - slo_ms / 1e3) < 1e-6)}
 
 
 def _run(cloud, edge, stub, request, phases, plan, pin: str, accuracy, slo_ms) -> dict:
@@ -192,12 +198,15 @@ def _run(cloud, edge, stub, request, phases, plan, pin: str, accuracy, slo_ms) -
     else:
         operator.set_policy(cloud.address, PLAIN, pinned_variant="")
     replay(stub, request, [Phase("warmup", plan["warmup_s"], phases[0].rate)], seed=1)
-    since, collections = time.time(), gc_collections(edge.metrics_address)
+    since, before = time.time(), edge_counts(edge.metrics_address, slo_ms)
     outcomes = replay(stub, request, phases, seed=0)
-    after = gc_collections(edge.metrics_address)
+    after = edge_counts(edge.metrics_address, slo_ms)
     time.sleep(1.0)  # the last switch events reach the coordinator
+    answered = after["answered"] - before["answered"]
     result = {**score(outcomes, accuracy, slo_ms), "timeline": timeline(outcomes, slo_ms),
-              "edge_gc_collections": {g: after[g] - collections.get(g, 0.0) for g in after}}
+              "edge_gc_collections": {g: after["gc"][g] - before["gc"].get(g, 0.0) for g in after["gc"]},
+              "edge_answered": answered,  # the edge's own view: served within the SLO, of what it answered
+              "edge_within_slo": (after["within"] - before["within"]) / answered if answered else 0.0}
     switches = _switches(cloud, since)
     result["switches"] = len(switches)
     result["switch_log"] = [{"t": e.timestamp - since, "to": e.to_variant[:12], "reason": e.reason_code,

@@ -50,6 +50,8 @@ def test_a_tiny_policy_benchmark_runs_three_replays_on_a_real_edge(tmp_path, mon
     for run in result["runs"].values():
         assert 0 <= run["late_at_send_and_over_slo"] <= run["late_at_send"] <= run["requests"]
         assert set(run["edge_gc_collections"]) == {"0", "1", "2"} and run["edge_gc_collections"]["0"] >= 0
+        assert run["requests"] - run["failed"] <= run["edge_answered"] <= run["requests"]  # a timed-out one may count
+        assert run["slo_attainment"] <= run["edge_within_slo"] <= 1  # the edge's clock starts later
         assert run["requests"] > 0 and 0 <= run["slo_attainment"] <= 1 and 0 <= run["effective_accuracy"] <= 1
     assert result["runs"]["fixed_largest"]["switches"] <= 1  # pinned: at most the pin itself
     assert all(0 < v["accuracy"] < 1 for v in result["variants"])
