@@ -66,16 +66,13 @@ def _prune(plan: dict, data: datasets.Dataset, scorer: str, compression: float, 
                                   coverage=coverage)
 
 
-def _recipe(plan: dict, seed: int) -> TrainConfig:
-    return TrainConfig(epochs=plan["epochs"], batch_size=128, progress=False, seed=seed)
-
-
 def _point(plan: dict, data: datasets.Dataset, scorer: str, compression: float, threshold: float,
-           with_baseline: bool = True, coverage: float = reconvene.MIN_COVERAGE, seed: int = 0) -> dict:
-    """One scorer and compression from one seed (initialization, scoring batches and data order): both
-    models trained, and with the baseline their latencies."""
+           with_baseline: bool = True, coverage: float = reconvene.MIN_COVERAGE, seed: int | None = None) -> dict:
+    """One scorer and compression from one seed (initialization, scoring batches and data order; the
+    plan's first by default): both models trained, and with the baseline their latencies."""
     shape = data.info.input_shape
-    recipe = _recipe(plan, seed)
+    seed = plan["seeds"][0] if seed is None else seed
+    recipe = TrainConfig(epochs=plan["epochs"], batch_size=128, progress=False, seed=seed)
     try:
         dense, pruned = _prune(plan, data, scorer, compression, threshold, coverage, seed)
     except reconvene.ReconveneError as err:  # e.g. layer collapse: the unstructured model is as broken
@@ -123,7 +120,9 @@ def over_seeds(runs: list[dict]) -> dict:
     first = runs[0]
     if "refused" in first or len(runs) == 1:
         return first
-    mean = lambda key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
+    def mean(key: str) -> float:
+        return sum(r[key] for r in runs) / len(runs)
+
     unstructured = [100 * r["acc_unstructured"] for r in runs]
     return {**first, "acc_unstructured": mean("acc_unstructured"), "acc_reconvene": mean("acc_reconvene"),
             "acc_gap_pp": mean("acc_gap_pp"), "acc_gap_pp_worst_seed": max(r["acc_gap_pp"] for r in runs),

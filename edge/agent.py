@@ -51,7 +51,7 @@ class Agent:
                                             memory_budget_bytes=config.memory_budget_bytes)
         self._state: policies.PolicyState | None = None
         self._decided_at: float | None = None
-        self._arrived_at_open = window.arrived  # requests come when the policy window opened
+        self._arrived_at_open = window.arrived  # requests that had come when the policy window opened
         self._slot_s_at_open = 0.0  # the runtime's slot seconds then
         self._arrivals: deque[tuple[float, int]] = deque(maxlen=256)  # (time, requests come so far)
         self._decide_lock = threading.Lock()  # the policy state and the switches that follow it
@@ -202,10 +202,10 @@ class Agent:
         `STALE_WINDOWS` windows), or requests came and none was answered (no latency to go by). The
         rate the policy sees counts the requests that came in the window, as gRPC handed them over
         (answered, failed, or still waiting for a worker thread or a slot): under overload, answers
-        come at the active variant's capacity whatever the load. A
-        window closed `early` (by a queue alarm: the load has just risen) takes the rate of its
-        last `RECENT_S` if that is higher, since its average mixes the new load with the calm before it
-        and would have the policy step down too little, then again. The process's CPU time over the
+        come at the active variant's capacity whatever the load. A window closed `early` (by a queue
+        alarm: the load has just risen) takes the rate of its last `RECENT_S` if that is higher, since
+        its average mixes the new load with the calm before it and would have the policy step down too
+        little, then again. The process's CPU time over the
         window, per answered request, and the wall time each held a slot (waits for the CPU and for
         Python's lock included) tell the policy what a request costs beyond the model's forward pass."""
         try:
