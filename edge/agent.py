@@ -205,9 +205,9 @@ class Agent:
         come at the active variant's capacity whatever the load. A window closed `early` (by a queue
         alarm: the load has just risen) takes the rate of its last `RECENT_S` if that is higher, since
         its average mixes the new load with the calm before it and would have the policy step down too
-        little, then again. The process's CPU time over the
-        window, per answered request, and the wall time each held a slot (waits for the CPU and for
-        Python's lock included) tell the policy what a request costs beyond the model's forward pass."""
+        little, then again. The process's CPU time over the window, per answered request, and the wall
+        time each held a slot (waits for the CPU and for Python's lock included) tell the policy what a
+        request costs beyond the model's forward pass."""
         try:
             stats = self._window.close_window(now)
             in_flight, arrived, arrived_at_open = self.runtime.in_flight, self._window.arrived, self._arrived_at_open

@@ -49,7 +49,6 @@ def test_process_sample():
     assert stats.cores >= 1 and 0 < stats.device_busy() <= 1
 
 
-
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
 def test_device_busy_reads_only_the_cpus_the_agent_may_run_on():
     busy_cpu, idle_cpu = sorted(os.sched_getaffinity(0))[:2]
@@ -70,6 +69,7 @@ def test_device_busy_reads_only_the_cpus_the_agent_may_run_on():
     assert ProcessStats().cores == len(before)
     with pytest.raises(ValueError, match="at least one CPU"):
         ProcessStats(cpus=[])
+
 
 def test_metrics_live_on_the_injected_registry_with_a_bucket_at_the_slo():
     assert 0.042 in latency_buckets(0.042) and list(latency_buckets(0.042)) == sorted(latency_buckets(0.042))
