@@ -21,8 +21,8 @@ fails, as one that views its input as contiguous does), the model is built again
 loaded, and the reason logged. The check runs at batch 1 only: both changes act on each sample
 alike, and each new batch size costs oneDNN a compiled kernel per convolution that stays resident
 (a second check at batch 3 added 1.1 MB over five VGG-16 variants of 20 MB and doubled the memory
-peak of a load). Folding works in place and the layout change one tensor at a time, so a variant
-never holds a second copy of its weights while it is made ready.
+peak of a load). Folding and the layout change both work in place (the layout a block of output
+channels at a time), so a variant never holds a second copy of its weights while it is made ready.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -51,16 +52,39 @@ class ChannelsLast(nn.Module):
         return self.model(x.contiguous(memory_format=torch.channels_last))
 
 
+BLOCK_BYTES = 1 << 18  # the scratch of the in-place layout change: one block of output channels
+
+
 @torch.no_grad()
 def _to_channels_last(model: nn.Module) -> nn.Module:
-    """`model` with its 4-d weights in channels-last layout, changed one tensor at a time, largest
-    first: each new tensor then fits where a larger one was freed, so the heap grows by about the
-    largest tensor, not by the whole model (the allocator keeps freed memory for reuse)."""
-    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.dim() == 4]
-    for tensor in sorted(tensors, key=torch.Tensor.numel, reverse=True):
-        # always restrided: `contiguous` would keep the strides of a tensor with one input channel
-        tensor.data = torch.empty_like(tensor, memory_format=torch.channels_last).copy_(tensor)
+    """`model` with its 4-d weights in channels-last layout, changed in place. Both layouts keep each
+    output channel's values in the same span of memory ([O, I, kh, kw] and [O, kh, kw, I]), so a
+    tensor is changed a block of output channels at a time through a copy of that block: the model
+    never holds a second copy of a tensor, and the scratch is one block (a tensor-sized copy, freed
+    tensor by tensor, grew the heap by up to 2.5 MB on a VGG-16 variant of 5.3 MB)."""
+    for tensor in (t for t in (*model.parameters(), *model.buffers()) if t.dim() == 4):
+        _restride_in_place(tensor)
     return model
+
+
+def _restride_in_place(tensor: torch.Tensor) -> None:
+    data = tensor.data
+    if data.is_contiguous(memory_format=torch.channels_last) and data.stride() == _channels_last_strides(data):
+        return
+    data = data.contiguous()  # a copy only for a tensor that is neither layout (e.g. a view)
+    # always restrided: strides alone can call a tensor with one input channel channels-last already
+    restrided = torch.as_strided(data, data.shape, _channels_last_strides(data), data.storage_offset())
+    per_channel = max(1, data[0].numel() * data.element_size())
+    step = max(1, BLOCK_BYTES // per_channel)
+    for start in range(0, data.shape[0], step):
+        block = data[start:start + step].clone()
+        restrided[start:start + step].copy_(block)
+    tensor.data = restrided
+
+
+def _channels_last_strides(tensor: torch.Tensor) -> tuple[int, ...]:
+    _, channels, height, width = tensor.shape
+    return (height * width * channels, 1, width * channels, channels)
 
 
 def _leaves(value):
@@ -166,24 +190,55 @@ class NotServableError(RuntimeError):
     """The model as served computes something else than the model as loaded."""
 
 
+@dataclass(frozen=True)
+class ServingPlan:
+    """How a model's check decided to serve it: folded and channels-last, with the (convolution,
+    BatchNorm) pairs folded by module name, or as loaded (`folds` None)."""
+
+    folds: tuple[tuple[str, str], ...] | None
+
+
+AS_LOADED = ServingPlan(None)
+
+
 def for_inference(model: nn.Module, input_shape: tuple[int, ...],
                   rebuild: Callable[[], nn.Module] | None = None) -> nn.Module:
-    """What to serve for `model`, in eval mode. `model` is taken over: folding changes it in place, so
-    when the served model fails its check, the model is built again with `rebuild` and served as
-    loaded (NotServableError without one)."""
+    """What to serve for `model`, in eval mode (see `checked_for_inference`)."""
+    return checked_for_inference(model, input_shape, rebuild)[0]
+
+
+def checked_for_inference(model: nn.Module, input_shape: tuple[int, ...],
+                          rebuild: Callable[[], nn.Module] | None = None) -> tuple[nn.Module, ServingPlan]:
+    """What to serve for `model`, in eval mode, and the plan its check decided on. `model` is taken
+    over: folding changes it in place, so when the served model fails its check, the model is built
+    again with `rebuild` and served as loaded (NotServableError without one)."""
     model = model.eval()
+    names = {module: name for name, module in model.named_modules()}
     x = torch.randn(CHECK_BATCH, *input_shape, generator=torch.Generator().manual_seed(0))
     watch = _Watch(model)
     with torch.inference_mode(), watch:  # the check's reference pass also finds what to fold
         expected = model(x)
-    served = ChannelsLast(_fold_batchnorm(model, watch.pairs())).eval()
+    pairs = watch.pairs()
+    served = ChannelsLast(_fold_batchnorm(model, pairs)).eval()
     problem = _differs(served, x, expected)
     if problem is None:
-        return served
+        return served, ServingPlan(tuple((names[conv], names[norm]) for conv, norm in pairs))
     if rebuild is None:
         raise NotServableError(problem)
     log.warning("%s; serving the model as loaded", problem)
-    return rebuild().eval()
+    return rebuild().eval(), AS_LOADED
+
+
+def as_planned(model: nn.Module, plan: ServingPlan) -> nn.Module:
+    """What to serve for `model`, made ready as `plan` says with no forward pass: for a model built
+    from the very bytes whose check made the plan (an edge loading again, on demand, a variant it
+    checked on arrival). No pass means no scratch for activations, so the load holds little more
+    than the weights."""
+    model = model.eval()
+    if plan.folds is None:
+        return model
+    modules = dict(model.named_modules())
+    return ChannelsLast(_fold_batchnorm(model, [(modules[conv], modules[norm]) for conv, norm in plan.folds])).eval()
 
 
 def _differs(served: nn.Module, x: torch.Tensor, want: torch.Tensor) -> str | None:

@@ -35,15 +35,26 @@ def variant_info(info) -> VariantInfo:
 def cache_loader(info: VariantInfo, path: Path, allowed_models: tuple[str, ...] = (),
                  optimize: bool = True) -> Callable[[], LoadedVariant]:
     """How to build a variant from its verified file in the cache (on arrival, and again on demand):
-    read, check the sha256 against its id, rebuild, optimize unless told not to (see `runtime.loaded`),
-    warm up."""
-    def read():
-        return variant.load(path, expected_sha256=info.variant_id, allowed_models=allowed_models)
+    read, check the sha256 against its id, rebuild, optimize unless told not to (see `runtime.loaded`).
+
+    The first load checks the model with forward passes (its shapes; the optimized model against the
+    model as loaded) and warms it up. A later load of the same bytes skips the passes: it is made
+    ready as the first load's check decided. So an on-demand load during a switch holds little beyond
+    the variant's own bytes (the passes took about 3 MB of scratch on VGG-16 on 3x32x32, more than its
+    smallest variants hold), and its first request finds oneDNN's kernels for its shapes already made
+    by the first load."""
+    plan = None
+
+    def read(check: bool = True):
+        return variant.load(path, expected_sha256=info.variant_id, allowed_models=allowed_models, check=check)
 
     def load() -> LoadedVariant:
-        held = read()
-        ready = loaded(info, held.spec, held.model, optimize, rebuild=lambda: read().model)
-        warm_up(ready)
+        nonlocal plan
+        held = read(check=plan is None)
+        ready = loaded(info, held.spec, held.model, optimize, rebuild=lambda: read().model, plan=plan)
+        if plan is None:
+            warm_up(ready)
+            plan = ready.plan
         return ready
     return load
 

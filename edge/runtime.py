@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.inference import for_inference
+from common.inference import AS_LOADED, ServingPlan, as_planned, checked_for_inference
 from common.variant import VariantSpec
 from common.wire import TensorError, pixels_to_unit
 
@@ -73,6 +73,7 @@ class LoadedVariant:
     spec: VariantSpec
     mean: torch.Tensor  # [1, C, 1, 1]
     std: torch.Tensor
+    plan: ServingPlan = AS_LOADED  # how it was made ready (`loaded`): a later load of it may skip the check
 
     @property
     def variant_id(self) -> str:
@@ -100,20 +101,27 @@ def libc_trim() -> Callable[[], None]:
 
 
 def loaded(info: VariantInfo, spec: VariantSpec, model: nn.Module, optimize: bool = True,
-           rebuild: Callable[[], nn.Module] | None = None) -> LoadedVariant:
+           rebuild: Callable[[], nn.Module] | None = None, plan: ServingPlan | None = None) -> LoadedVariant:
     """A variant ready to serve, with its normalization as broadcastable tensors: by default optimized
     (BatchNorm folded, channels-last: common.inference, which also says what `rebuild` is for), with
-    `optimize=False` the model as loaded, in eval mode (`--no-optimize-models`).
+    `optimize=False` the model as loaded, in eval mode (`--no-optimize-models`). With the `plan` of an
+    earlier load of the same verified bytes, it is made ready as that load's check decided, with no
+    forward pass.
 
     Optimized, a batch of 32 of the shifter benchmark's VGG-11 ran 1.4x (dense) to 1.8x (1024x
     compact) faster, so a compact variant gains more than its sparse parent. The price is paid while a
-    variant loads (a checking forward pass in each form, a few milliseconds more) and in a little
+    variant first loads (a checking forward pass in each form, a few milliseconds more) and in a little
     resident memory for oneDNN's kernels per convolution shape (docs/results.md, "Switching")."""
     channels = spec.input_shape[0]
-    served = for_inference(model, tuple(spec.input_shape), rebuild) if optimize else model.eval()
+    if not optimize:
+        served, plan = model.eval(), AS_LOADED
+    elif plan is not None:
+        served = as_planned(model, plan)
+    else:
+        served, plan = checked_for_inference(model, tuple(spec.input_shape), rebuild)
     return LoadedVariant(info, served, spec,
                          torch.tensor(spec.mean, dtype=torch.float32).view(1, channels, 1, 1),
-                         torch.tensor(spec.std, dtype=torch.float32).view(1, channels, 1, 1))
+                         torch.tensor(spec.std, dtype=torch.float32).view(1, channels, 1, 1), plan)
 
 
 def warm_up(variant: LoadedVariant, batch: int = 1) -> None:

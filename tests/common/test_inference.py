@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from common import models
+from common import inference, models
 from common.inference import NotServableError, for_inference
 from conftest import hammering
 
@@ -82,6 +82,22 @@ class _Contiguous(nn.Module):
     def forward(self, x):
         y = self.conv(x)
         return y.view(y.shape[0], -1)
+
+
+@pytest.mark.parametrize("shape", [(64, 32, 3, 3), (37, 5, 3, 3), (16, 1, 3, 3), (8, 3, 1, 1), (5, 7, 2, 4)])
+def test_weights_go_channels_last_in_place_block_by_block(shape, monkeypatch):
+    monkeypatch.setattr(inference, "BLOCK_BYTES", 4 * 5 * 9 * 4)  # several blocks, the last one partial
+    torch.manual_seed(0)
+    conv = nn.Conv2d(shape[1], shape[0], shape[2:], bias=False)
+    conv.weight.data = torch.randn(shape)
+    values, where = conv.weight.detach().clone(), conv.weight.data_ptr()
+    inference._to_channels_last(conv)
+    assert conv.weight.data_ptr() == where  # the same memory: no second copy of the tensor
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert conv.weight.stride() == torch.empty(shape, memory_format=torch.channels_last).stride()
+    assert torch.equal(conv.weight, values)
+    inference._to_channels_last(conv)  # already channels-last: left as it is
+    assert conv.weight.data_ptr() == where and torch.equal(conv.weight, values)
 
 
 def test_only_a_batchnorm_that_alone_reads_a_convolution_run_once_is_folded():

@@ -115,6 +115,21 @@ def test_unknown_tensor_is_refused():
         variant.load_bytes(variant.encode(model, spec_for("vgg11", KWARGS)))
 
 
+def test_a_tensor_of_another_dtype_than_the_architecture_declares_is_refused():
+    model = models.build("vgg11", KWARGS)
+    model.features[1].running_mean = model.features[1].running_mean.double()
+    with pytest.raises(variant.VariantError, match=r"'features.1.running_mean' is torch.float64; vgg11 declares torch.float32"):
+        variant.load_bytes(variant.encode(model, spec_for("vgg11", KWARGS)))
+
+
+def test_only_a_file_of_a_known_sha256_may_skip_the_shape_check(tmp_path):
+    path = tmp_path / "v.safetensors"
+    sha = variant.save(models.build("vgg11", KWARGS), spec_for("vgg11", KWARGS), path)
+    assert variant.load(path, expected_sha256=sha, check=False).sha256 == sha
+    with pytest.raises(ValueError, match="known sha256"):
+        variant.load(path, check=False)
+
+
 def test_the_same_model_gives_the_same_bytes_in_every_process():
     """Variant ids are sha256 of the file: they must repeat across processes and builds."""
     code = ("import hashlib, torch; from common import models, variant; from conftest import spec_for; "

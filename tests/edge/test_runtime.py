@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import datasets
+from common import datasets, variant
 from common.wire import TensorError
 from edge.loading import cache_loader
 from edge.runtime import NotReadyError, Runtime, RuntimeConfig, UnknownVariantError, VariantInfo
@@ -134,3 +134,26 @@ def test_a_variant_is_served_optimized_by_default_and_answers_what_it_answers_as
     (logits, served_by), (optimized_logits, optimized_by) = answers
     assert served_by == optimized_by == sha
     np.testing.assert_allclose(optimized_logits, logits, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("optimize", [True, False])
+def test_a_variant_loaded_again_skips_the_passes_of_its_first_load_and_answers_the_same(tmp_path, optimize):
+    path, sha = write_variant(tmp_path, 0.25, 0.85, seed=4)
+    load = cache_loader(VariantInfo(sha, "again", 0.85, path.stat().st_size, 0), path, optimize=optimize)
+    passes = []
+    hook = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: passes.append(module))
+    try:
+        first = load()
+        first_passes, passes[:] = len(passes), []
+        again = load()
+    finally:
+        hook.remove()
+    assert first_passes > 0 and passes == []  # checks and warm-up ran once: no forward pass the second time
+    assert again.plan == first.plan and (first.plan.folds is None) == (not optimize)
+    assert again.model is not first.model and again.memory_bytes == first.memory_bytes
+    pixels = np.random.default_rng(2).integers(0, 256, (3, 1, 28, 28), dtype=np.uint8)
+    np.testing.assert_array_equal(runtime_on(again, pixels), runtime_on(first, pixels))
+    other, _ = write_variant(tmp_path, 0.125, 0.8, seed=5)
+    path.write_bytes(other.read_bytes())  # the file changed under the cache: still verified on every load
+    with pytest.raises(variant.VariantError, match="sha256 does not match"):
+        load()
