@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ FULL = {"model": "vgg11", "width": 0.5, "subset": 10000, "epochs": 2, "rounds": 
                    ["magnitude", 32], ["random", 32]],
         "sweep": {"scorer": "synflow", "compression": 32, "thresholds": [0.02, 0.05, 0.25, 1.0]},
         "coverage_sweep": {"scorer": "synflow", "compressions": [32, 128], "coverages": [0.0, 0.5, 0.8]},
-        "seeds": [0, 1, 2], "timing": ["vgg16", "resnet56"],
+        "seeds": [0, 1, 2, 3, 4], "timing": ["vgg16", "resnet56"],
         "forms": ["served", "as_loaded"]}  # what a point's latency covers: finished points are kept per plan
 QUICK = {"model": "vgg11", "width": 0.25, "subset": 5000, "epochs": 2, "rounds": 100, "iters": 8,
          "points": [["synflow", 8], ["synflow", 128], ["snip", 128]], "sweep": None, "seeds": [0, 1, 2],
@@ -116,7 +117,8 @@ SEED_KEYS = ("seed", "acc_unstructured", "acc_reconvene", "acc_gap_pp", "params_
 def over_seeds(runs: list[dict]) -> dict:
     """A point over several seeds: the first seed's models (structure, bytes, latency) and the mean
     accuracies and gap of all, each seed's listed under `seeds`. Paired by seed, the gap leaves out how
-    far the recipe itself moves between seeds (`acc_unstructured_range_pp`)."""
+    far the recipe itself moves between seeds (`acc_unstructured_range_pp`); `acc_gap_pp_sem` is the
+    mean gap's standard error (the seeds' standard deviation over the square root of their count)."""
     first = runs[0]
     if "refused" in first or len(runs) == 1:
         return first
@@ -124,8 +126,10 @@ def over_seeds(runs: list[dict]) -> dict:
         return sum(r[key] for r in runs) / len(runs)
 
     unstructured = [100 * r["acc_unstructured"] for r in runs]
+    gaps = [r["acc_gap_pp"] for r in runs]
     return {**first, "acc_unstructured": mean("acc_unstructured"), "acc_reconvene": mean("acc_reconvene"),
-            "acc_gap_pp": mean("acc_gap_pp"), "acc_gap_pp_worst_seed": max(r["acc_gap_pp"] for r in runs),
+            "acc_gap_pp": mean("acc_gap_pp"), "acc_gap_pp_worst_seed": max(gaps),
+            "acc_gap_pp_sem": statistics.stdev(gaps) / math.sqrt(len(gaps)),
             "acc_unstructured_range_pp": max(unstructured) - min(unstructured),
             "seeds": [{k: r[k] for k in SEED_KEYS} for r in runs]}
 
@@ -135,7 +139,8 @@ def first_seed(point: dict) -> dict:
     if "seeds" not in point:
         return point
     first = point["seeds"][0]
-    rest = {k: v for k, v in point.items() if k not in ("seeds", "acc_gap_pp_worst_seed", "acc_unstructured_range_pp")}
+    aggregates = ("seeds", "acc_gap_pp_worst_seed", "acc_gap_pp_sem", "acc_unstructured_range_pp")
+    rest = {k: v for k, v in point.items() if k not in aggregates}
     return {**rest, **{k: first[k] for k in ("acc_unstructured", "acc_reconvene", "acc_gap_pp")}}
 
 

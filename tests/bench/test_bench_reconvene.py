@@ -29,6 +29,8 @@ def test_a_tiny_reconvene_benchmark_runs_end_to_end_and_resumes(tmp_path, monkey
         assert p["acc_gap_pp"] == pytest.approx(sum(r["acc_gap_pp"] for r in p["seeds"]) / 2)
         assert p["acc_unstructured"] == pytest.approx(sum(r["acc_unstructured"] for r in p["seeds"]) / 2)
         assert p["acc_gap_pp_worst_seed"] == max(r["acc_gap_pp"] for r in p["seeds"])
+        first, second = (r["acc_gap_pp"] for r in p["seeds"])
+        assert p["acc_gap_pp_sem"] == pytest.approx(abs(first - second) / 2)  # stdev of two / sqrt(2)
         assert p["params_reconvene"] <= p["params_dense"] and p["bytes_reconvene"] <= p["bytes_unstructured"]
         assert p["groups_structured"] == sum(d["insensitive"] for d in p["decisions"])
         assert p["prune_s"] == p["score_s"] + p["structure_s"]
