@@ -41,8 +41,9 @@ def cache_loader(info: VariantInfo, path: Path, allowed_models: tuple[str, ...] 
     model as loaded) and warms it up. A later load of the same bytes skips the passes: it is made
     ready as the first load's check decided. So an on-demand load during a switch holds little beyond
     the variant's own bytes (the passes took about 3 MB of scratch on VGG-16 on 3x32x32, more than its
-    smallest variants hold), and its first request finds oneDNN's kernels for its shapes already made
-    by the first load."""
+    smallest variants hold) and takes less than half the time. Its first request is then at most a
+    millisecond or two slower than the next: oneDNN keeps the kernels the first load made for those
+    shapes (docs/results.md, "Switching")."""
     plan = None
 
     def read(check: bool = True):
