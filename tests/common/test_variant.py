@@ -118,7 +118,8 @@ def test_unknown_tensor_is_refused():
 def test_a_tensor_of_another_dtype_than_the_architecture_declares_is_refused():
     model = models.build("vgg11", KWARGS)
     model.features[1].running_mean = model.features[1].running_mean.double()
-    with pytest.raises(variant.VariantError, match=r"'features.1.running_mean' is torch.float64; vgg11 declares torch.float32"):
+    refused = r"'features.1.running_mean' is torch.float64; vgg11 declares torch.float32"
+    with pytest.raises(variant.VariantError, match=refused):
         variant.load_bytes(variant.encode(model, spec_for("vgg11", KWARGS)))
 
 
