@@ -69,7 +69,7 @@ def _to_channels_last(model: nn.Module) -> nn.Module:
 
 def _restride_in_place(tensor: torch.Tensor) -> None:
     data = tensor.data
-    if data.is_contiguous(memory_format=torch.channels_last) and data.stride() == _channels_last_strides(data):
+    if data.stride() == _channels_last_strides(data):
         return
     data = data.contiguous()  # a copy only for a tensor that is neither layout (e.g. a view)
     # always restrided: strides alone can call a tensor with one input channel channels-last already
