@@ -5,13 +5,19 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test setup data tools protos clean
+.PHONY: demo test lint setup data tools protos clean
 
 demo: setup data
 	$(BIN)/prunefleet demo
 
-test: setup data tools
+test: setup data tools lint
 	$(BIN)/python -m pytest -q
+
+# Lint, format and the architecture's import rules (import-linter contracts in pyproject.toml).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 setup: $(STAMP)
 

@@ -18,10 +18,25 @@ from common.registry import UnknownNameError, lookup
 
 
 def _suites() -> dict:
-    from bench import policy, reconvene, reliability, shifter, surgery, switching, transfer
+    from bench.suites import (
+        policy,
+        reconvene,
+        reliability,
+        shifter,
+        surgery,
+        switching,
+        transfer,
+    )
 
-    return {"surgery": surgery, "shifter": shifter, "reconvene": reconvene, "switching": switching, "policy": policy,
-            "transfer": transfer, "reliability": reliability}
+    return {
+        "surgery": surgery,
+        "shifter": shifter,
+        "reconvene": reconvene,
+        "switching": switching,
+        "policy": policy,
+        "transfer": transfer,
+        "reliability": reliability,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,9 +57,19 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     stem = args.json.with_suffix("")
     result = suite.run(quick=args.quick, data_dir=args.data_dir, work=stem.with_name(f"{stem.name}.work"))
-    result["meta"] = {"suite": args.suite, "quick": args.quick, "threads": args.threads, "seconds": time.time() - started,
-                      "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-                                  "processor": platform.processor(), "torch": torch.__version__}}
+    result["meta"] = {
+        "suite": args.suite,
+        "quick": args.quick,
+        "threads": args.threads,
+        "seconds": time.time() - started,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+        },
+    }
     atomic_write_json(args.json, result)
     if hasattr(suite, "figures"):
         for path in suite.figures(result, stem):

@@ -14,7 +14,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from cloud.masks import conv_batchnorm_pairs
+from cloud.build.methods.masks import conv_batchnorm_pairs
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -37,9 +37,12 @@ def fuse_batchnorm(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
 
 
 def _single_producer(graph: tp.DependencyGraph, group) -> nn.Conv2d | None:
-    producers = [item.dep.target.module for item in group.items
-                 if graph.is_out_channel_pruning_fn(item.dep.handler)
-                 and isinstance(item.dep.target.module, (nn.Conv2d, nn.Linear))]
+    producers = [
+        item.dep.target.module
+        for item in group.items
+        if graph.is_out_channel_pruning_fn(item.dep.handler)
+        and isinstance(item.dep.target.module, (nn.Conv2d, nn.Linear))
+    ]
     return producers[0] if len(producers) == 1 and isinstance(producers[0], nn.Conv2d) else None
 
 

@@ -14,8 +14,9 @@ from common.inference import for_inference
 from common.profiling import measure_latency
 
 
-def paired(models: dict[str, nn.Module], shape: tuple, iters: int, rounds: int = 3,
-           batches: tuple[int, ...] = (1, 32)) -> dict[str, float]:
+def paired(
+    models: dict[str, nn.Module], shape: tuple, iters: int, rounds: int = 3, batches: tuple[int, ...] = (1, 32)
+) -> dict[str, float]:
     """`{who}_b{batch}_ms` (as served) and `{who}_as_loaded_b{batch}_ms`: the median over `rounds` of
     each model's p50 over `iters` runs. The models themselves are left as they are."""
     forms: dict[str, nn.Module] = {}
@@ -27,5 +28,6 @@ def paired(models: dict[str, nn.Module], shape: tuple, iters: int, rounds: int =
         for who, model in forms.items():
             for batch in batches:
                 samples.setdefault(f"{who}_b{batch}_ms", []).append(
-                    measure_latency(model, shape, batch, iters=iters, warmup=2).p50_ms)
+                    measure_latency(model, shape, batch, iters=iters, warmup=2).p50_ms
+                )
     return {key: statistics.median(values) for key, values in samples.items()}

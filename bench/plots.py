@@ -7,7 +7,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import matplotlib.pyplot as plt
 
 
 def _save(fig, path: Path) -> Path:
@@ -37,12 +37,19 @@ def shifter_figures(points: list[dict], stem: Path) -> list[Path]:
         "accuracy-latency": ("sparse_b32_ms", "compact_b32_ms", "CPU latency at batch 32 (ms)", False),
     }.items():
         fig, ax = plt.subplots(figsize=(6, 4))
-        for key, acc, name, marker in ((sparse_key, "sparse_accuracy", "sparse (masked)", "o"),
-                                       (compact_key, "compact_accuracy", "compact (after surgery)", "s")):
+        for key, acc, name, marker in (
+            (sparse_key, "sparse_accuracy", "sparse (masked)", "o"),
+            (compact_key, "compact_accuracy", "compact (after surgery)", "s"),
+        ):
             ax.plot([p[key] for p in points], [100 * p[acc] for p in points], marker=marker, label=name)
         for p in points:
-            ax.annotate(f"L{p['level']}", (p[compact_key], 100 * p["compact_accuracy"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
+            ax.annotate(
+                f"L{p['level']}",
+                (p[compact_key], 100 * p["compact_accuracy"]),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(3, 3),
+            )
         paths.append(_finish(fig, ax, label, log_x, stem.with_name(f"{stem.name}-{suffix}.png")))
     return paths
 
@@ -59,12 +66,28 @@ def reconvene_figures(points: list[dict], stem: Path) -> list[Path]:
         points = [p for p in points if "refused" not in p]
         for scorer in dict.fromkeys(p["scorer"] for p in points):
             mine = sorted((p for p in points if p["scorer"] == scorer), key=lambda p: p["compression"])
-            line, = ax.plot([p[keys[1]] for p in mine], [100 * p["acc_reconvene"] for p in mine], marker="s",
-                            label=f"reconvene {scorer}")
-            ax.plot([p[keys[0]] for p in mine], [100 * p["acc_unstructured"] for p in mine], marker="o",
-                    linestyle="--", color=line.get_color(), alpha=0.6, label=f"unstructured {scorer}")
+            (line,) = ax.plot(
+                [p[keys[1]] for p in mine],
+                [100 * p["acc_reconvene"] for p in mine],
+                marker="s",
+                label=f"reconvene {scorer}",
+            )
+            ax.plot(
+                [p[keys[0]] for p in mine],
+                [100 * p["acc_unstructured"] for p in mine],
+                marker="o",
+                linestyle="--",
+                color=line.get_color(),
+                alpha=0.6,
+                label=f"unstructured {scorer}",
+            )
             for p in mine:
-                ax.annotate(f"{p['compression']:g}x", (p[keys[1]], 100 * p["acc_reconvene"]), fontsize=7,
-                            textcoords="offset points", xytext=(3, 3))
+                ax.annotate(
+                    f"{p['compression']:g}x",
+                    (p[keys[1]], 100 * p["acc_reconvene"]),
+                    fontsize=7,
+                    textcoords="offset points",
+                    xytext=(3, 3),
+                )
         paths.append(_finish(fig, ax, label, log_x, stem.with_name(f"{stem.name}-{suffix}.png")))
     return paths

@@ -1,1 +1,2 @@
-"""Cloud side: training, pruning methods, the portfolio store, gRPC servers, coordinator, operator CLI."""
+"""Cloud side: building portfolios (`build`), the cloud process (`service`), the operator client (`admin`),
+the local fleet tooling (`localfleet`) and the `prunefleet` command (`cli`)."""

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.errors import PrunefleetError
+
 VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
 FIELDS = {1: ("offset", VARINT), 2: ("data", LENGTH), 3: ("total_size", VARINT), 4: ("sha256", LENGTH)}
 
 
-class ChunkError(ValueError):
+class ChunkError(PrunefleetError, ValueError):
     """Bytes that are not a VariantChunk; the message says where they break."""
 
 
@@ -46,8 +48,12 @@ def encode_chunk(offset: int, data: bytes, total_size: int, sha256: str) -> byte
     once and written last (zero values left out): a link that dies after the last data byte has crossed
     leaves the edge a whole message (gRPC hands over only whole ones). Sizes and offsets are >= 0."""
     digest = sha256.encode()
-    head = (b"\x08" + _varint(offset) if offset else b"") + (b"\x18" + _varint(total_size) if total_size else b"") + \
-        (b"\x22" + _varint(len(digest)) + digest if digest else b"") + (b"\x12" + _varint(len(data)) if data else b"")
+    head = (
+        (b"\x08" + _varint(offset) if offset else b"")
+        + (b"\x18" + _varint(total_size) if total_size else b"")
+        + (b"\x22" + _varint(len(digest)) + digest if digest else b"")
+        + (b"\x12" + _varint(len(data)) if data else b"")
+    )
     return b"".join((head, data))
 
 

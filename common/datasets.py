@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.errors import PrunefleetError
 from common.registry import lookup
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -29,7 +30,7 @@ FASHION_MNIST_HINT = (
 _IDX_DTYPES = {0x08: np.uint8}
 
 
-class DatasetError(RuntimeError):
+class DatasetError(PrunefleetError, RuntimeError):
     """A dataset file is missing or unreadable; the message says how to get it."""
 
 
@@ -132,8 +133,10 @@ def load_fashion_mnist(data_dir: Path | None = None, val_fraction: float = 0.1, 
 
 
 CIFAR10 = DatasetInfo("cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), augment=True)
-CIFAR10_HINT = ("pass --data-dir DIR holding CIFAR-10's binary distribution: data_batch_1.bin ... "
-                "data_batch_5.bin and test_batch.bin (the cifar-10-batches-bin folder of cifar-10-binary.tar.gz)")
+CIFAR10_HINT = (
+    "pass --data-dir DIR holding CIFAR-10's binary distribution: data_batch_1.bin ... "
+    "data_batch_5.bin and test_batch.bin (the cifar-10-batches-bin folder of cifar-10-binary.tar.gz)"
+)
 _CIFAR_RECORD = 1 + 3 * 32 * 32
 
 
@@ -143,8 +146,10 @@ def _cifar_file(path: Path) -> Split:
     except OSError as err:
         raise DatasetError(f"cannot read {path}: {err}; {CIFAR10_HINT}") from err
     if not raw or len(raw) % _CIFAR_RECORD:
-        raise DatasetError(f"{path} holds {len(raw)} bytes, not a whole number of {_CIFAR_RECORD}-byte CIFAR-10 "
-                           f"records; it is corrupt or truncated")
+        raise DatasetError(
+            f"{path} holds {len(raw)} bytes, not a whole number of {_CIFAR_RECORD}-byte CIFAR-10 "
+            f"records; it is corrupt or truncated"
+        )
     records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
     labels = records[:, 0].astype(np.int64)
     if labels.max() >= 10:
@@ -197,8 +202,12 @@ def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) 
 
 
 def batches(
-    split: Split, info: DatasetInfo, batch_size: int, shuffle_seed: int | None = None,
-    shard: tuple[int, int] = (0, 1), train: bool = False,
+    split: Split,
+    info: DatasetInfo,
+    batch_size: int,
+    shuffle_seed: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    train: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalized (inputs, labels) batches; shuffled deterministically when a seed is given. With
     `shard=(rank, world)` this process gets every world-th example of the (padded) order, in batches of

@@ -10,6 +10,12 @@ import tempfile
 from pathlib import Path
 
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+SHORT_ID_HEX = 12  # hex digits that name a variant or portfolio to people: in logs, tables, metric labels
+
+
+def short_id(full_id: str) -> str:
+    """The first `SHORT_ID_HEX` hex digits of a sha256 id, how people and metric labels see it."""
+    return full_id[:SHORT_ID_HEX]
 
 
 def is_sha256_hex(text: str) -> bool:

@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from common.errors import PrunefleetError
+
 log = logging.getLogger(__name__)
 CHECK_BATCH = 1  # one pass: each new batch size would cost oneDNN a kernel per convolution, kept
 ATOL, RTOL = 1e-4, 1e-3  # folding and oneDNN sum in another order than the original: float32 ulps apart
@@ -77,8 +79,8 @@ def _restride_in_place(tensor: torch.Tensor) -> None:
     per_channel = max(1, data[0].numel() * data.element_size())
     step = max(1, BLOCK_BYTES // per_channel)
     for start in range(0, data.shape[0], step):
-        block = data[start:start + step].clone()
-        restrided[start:start + step].copy_(block)
+        block = data[start : start + step].clone()
+        restrided[start : start + step].copy_(block)
     tensor.data = restrided
 
 
@@ -117,8 +119,10 @@ class _Watch(TorchFunctionMode):
             if type(module) is nn.Conv2d:
                 self._hooks.append(module.register_forward_hook(self._produced))
             elif type(module) is nn.BatchNorm2d:
-                self._hooks += [module.register_forward_pre_hook(self._reading),
-                                module.register_forward_hook(self._read)]
+                self._hooks += [
+                    module.register_forward_pre_hook(self._reading),
+                    module.register_forward_hook(self._read),
+                ]
 
     def _produced(self, conv, args, output) -> None:
         self.calls[conv] += 1
@@ -152,9 +156,11 @@ class _Watch(TorchFunctionMode):
         for hook in self._hooks:
             hook.remove()
         self.outputs.clear()
-        return [(conv, norm) for conv, norm in self.reader.items()
-                if self.reads[conv] == 0 and self.calls[conv] == 1 and self.calls[norm] == 1
-                and norm.track_running_stats]
+        return [
+            (conv, norm)
+            for conv, norm in self.reader.items()
+            if self.reads[conv] == 0 and self.calls[conv] == 1 and self.calls[norm] == 1 and norm.track_running_stats
+        ]
 
 
 def _fold_batchnorm(model: nn.Module, pairs: list[tuple[nn.Conv2d, nn.BatchNorm2d]]) -> nn.Module:
@@ -186,7 +192,7 @@ def _fold_into(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
         conv.bias.mul_(scale).add_(shift)
 
 
-class NotServableError(RuntimeError):
+class NotServableError(PrunefleetError, RuntimeError):
     """The model as served computes something else than the model as loaded."""
 
 
@@ -201,14 +207,16 @@ class ServingPlan:
 AS_LOADED = ServingPlan(None)
 
 
-def for_inference(model: nn.Module, input_shape: tuple[int, ...],
-                  rebuild: Callable[[], nn.Module] | None = None) -> nn.Module:
+def for_inference(
+    model: nn.Module, input_shape: tuple[int, ...], rebuild: Callable[[], nn.Module] | None = None
+) -> nn.Module:
     """What to serve for `model`, in eval mode (see `checked_for_inference`)."""
     return checked_for_inference(model, input_shape, rebuild)[0]
 
 
-def checked_for_inference(model: nn.Module, input_shape: tuple[int, ...],
-                          rebuild: Callable[[], nn.Module] | None = None) -> tuple[nn.Module, ServingPlan]:
+def checked_for_inference(
+    model: nn.Module, input_shape: tuple[int, ...], rebuild: Callable[[], nn.Module] | None = None
+) -> tuple[nn.Module, ServingPlan]:
     """What to serve for `model`, in eval mode, and the plan its check decided on. `model` is taken
     over: folding changes it in place, so when the served model fails its check, the model is built
     again with `rebuild` and served as loaded (NotServableError without one)."""
@@ -246,10 +254,12 @@ def _differs(served: nn.Module, x: torch.Tensor, want: torch.Tensor) -> str | No
     with torch.inference_mode():
         try:
             got = served(x)
-        except Exception as err:  # noqa: BLE001 - e.g. a custom model that views its input as contiguous
+        except Exception as err:
             return f"folded and channels-last, the model fails at batch {x.shape[0]}: {type(err).__name__}: {err}"
     if got.shape == want.shape and torch.allclose(got, want, atol=ATOL, rtol=RTOL):
         return None
     diff = (got - want).abs().max().item() if got.shape == want.shape else float("nan")
-    return (f"folded and channels-last, the model differs from the model as loaded at batch "
-            f"{x.shape[0]} (shapes {tuple(got.shape)} and {tuple(want.shape)}, max abs diff {diff:.3g})")
+    return (
+        f"folded and channels-last, the model differs from the model as loaded at batch "
+        f"{x.shape[0]} (shapes {tuple(got.shape)} and {tuple(want.shape)}, max abs diff {diff:.3g})"
+    )

@@ -19,7 +19,14 @@ from collections.abc import Callable, Collection, Iterable
 import torch
 from torch import nn
 
-from common.registry import UnknownNameError, import_object, is_import_path, lookup, parse_import_path
+from common.errors import PrunefleetError
+from common.registry import (
+    UnknownNameError,
+    import_object,
+    is_import_path,
+    lookup,
+    parse_import_path,
+)
 
 ALLOW_ENV = "PRUNEFLEET_ALLOW_MODELS"  # read by the edge CLI's main(), never at import time
 
@@ -113,16 +120,24 @@ class ResNet(nn.Module):
 # 28 -> 14 -> 7 -> 4, 32 -> 16 -> 8 -> 4) so that few layers run at full resolution, and one block fewer
 # in the 64-, 96- and 160-channel stages: 1.7 M parameters at width 1, 0.46 M at width 0.5.
 MOBILENETV2_STAGES: tuple[tuple[int, int, int, int], ...] = (
-    (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 3, 2), (6, 96, 2, 1), (6, 160, 2, 1), (6, 320, 1, 1),
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 3, 2),
+    (6, 96, 2, 1),
+    (6, 160, 2, 1),
+    (6, 320, 1, 1),
 )
 MOBILENETV2_STEM, MOBILENETV2_FEATURES = 32, 1280
 
 
-def _conv_bn(in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1,
-             relu6: bool = True) -> list[nn.Module]:
+def _conv_bn(
+    in_channels: int, out_channels: int, kernel: int, stride: int = 1, groups: int = 1, relu6: bool = True
+) -> list[nn.Module]:
     layers: list[nn.Module] = [
         nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
-        nn.BatchNorm2d(out_channels)]
+        nn.BatchNorm2d(out_channels),
+    ]
     return layers + [nn.ReLU6(inplace=True)] if relu6 else layers
 
 
@@ -184,8 +199,7 @@ def _resnet(depth: int) -> Callable[..., nn.Module]:
     return build
 
 
-def _mobilenetv2(*, in_channels: int = 1, num_classes: int = 10, input_size: int = 28,
-                 width: float = 1.0) -> nn.Module:
+def _mobilenetv2(*, in_channels: int = 1, num_classes: int = 10, input_size: int = 28, width: float = 1.0) -> nn.Module:
     del input_size  # global pooling makes the network size-agnostic
     return MobileNetV2(in_channels, num_classes, width)
 
@@ -200,11 +214,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 CONSTRUCTOR_ARGS = frozenset({"in_channels", "num_classes", "input_size", "width"})
 
 
-class ModelNotAllowedError(ValueError):
+class ModelNotAllowedError(PrunefleetError, ValueError):
     """An import path that is well-formed but not on this process's allow-list."""
 
 
-class ConstructorError(ValueError):
+class ConstructorError(PrunefleetError, ValueError):
     """A user constructor that does not keep the zoo's contract (keyword arguments in, nn.Module out)."""
 
 
@@ -244,8 +258,9 @@ def _check_constructor(path: str, constructor: object) -> Callable[..., nn.Modul
     try:
         inspect.signature(constructor).bind(**dict.fromkeys(CONSTRUCTOR_ARGS))
     except (TypeError, ValueError) as err:
-        raise ConstructorError(f"{path!r} must accept the keyword arguments {sorted(CONSTRUCTOR_ARGS)} "
-                               f"(and require no others): {err}") from None
+        raise ConstructorError(
+            f"{path!r} must accept the keyword arguments {sorted(CONSTRUCTOR_ARGS)} (and require no others): {err}"
+        ) from None
     return constructor
 
 

@@ -11,6 +11,8 @@ import re
 from collections.abc import Mapping
 from typing import TypeVar
 
+from common.errors import PrunefleetError
+
 T = TypeVar("T")
 
 _IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
@@ -18,14 +20,14 @@ _IMPORT_PATH = re.compile(rf"({_IDENTIFIER}(?:\.{_IDENTIFIER})*):({_IDENTIFIER})
 MAX_IMPORT_PATH_CHARS = 256
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(PrunefleetError, KeyError):
     """A name that a registry does not hold."""
 
     def __str__(self) -> str:
         return str(self.args[0])
 
 
-class ImportPathError(ValueError):
+class ImportPathError(PrunefleetError, ValueError):
     """An import path that is malformed, or whose module or attribute cannot be imported."""
 
 
@@ -51,8 +53,10 @@ def parse_import_path(path: str) -> tuple[str, str]:
     match = _IMPORT_PATH.fullmatch(path)
     parts = (match.group(1).split(".") + [match.group(2)]) if match else []
     if not match or any(keyword.iskeyword(part) for part in parts):
-        raise ImportPathError(f"malformed import path {path!r}; expected package.module:function "
-                              "(dotted Python identifiers, one colon, a function name)")
+        raise ImportPathError(
+            f"malformed import path {path!r}; expected package.module:function "
+            "(dotted Python identifiers, one colon, a function name)"
+        )
     return match.group(1), match.group(2)
 
 
@@ -62,13 +66,14 @@ def import_object(path: str) -> object:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        raise ImportPathError(f"cannot import {path!r}: no module named {err.name!r} "
-                              "(is it installed or on PYTHONPATH?)") from err
+        raise ImportPathError(
+            f"cannot import {path!r}: no module named {err.name!r} (is it installed or on PYTHONPATH?)"
+        ) from err
     except Exception as err:  # the user's module ran and failed: report it, whatever it raised
-        raise ImportPathError(f"cannot import {path!r}: importing {module_name} failed: "
-                              f"{type(err).__name__}: {err}") from err
+        raise ImportPathError(
+            f"cannot import {path!r}: importing {module_name} failed: {type(err).__name__}: {err}"
+        ) from err
     try:
         return getattr(module, attribute)
     except AttributeError:
-        raise ImportPathError(f"cannot import {path!r}: module {module_name} has no attribute "
-                              f"{attribute!r}") from None
+        raise ImportPathError(f"cannot import {path!r}: module {module_name} has no attribute {attribute!r}") from None

@@ -23,9 +23,13 @@ from pathlib import Path
 import grpc
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 
-from common.files import is_sha256_hex
+from common.errors import PrunefleetError
+from common.files import is_sha256_hex, short_id
 from common.wire import CHANNEL_OPTIONS
 
 CA, CERT, KEY, TOKEN, SIGNING_KEY, SIGNING_PUB = "ca.pem", "cert.pem", "key.pem", "token", "signing.key", "signing.pub"
@@ -34,7 +38,7 @@ MIN_TOKEN_CHARS = 16
 AUTHORIZATION = "authorization"
 
 
-class SecurityError(ValueError):
+class SecurityError(PrunefleetError, ValueError):
     """Missing or unusable certificates, keys or tokens; the message says what to do."""
 
 
@@ -45,8 +49,10 @@ def read_secret(path: Path) -> bytes:
             raise SecurityError(f"{path} is larger than {MAX_SECRET_BYTES} bytes; not a key or certificate")
         return path.read_bytes()
     except FileNotFoundError:
-        raise SecurityError(f"{path} does not exist; create certificates with 'prunefleet certs init DIR' "
-                            "or pass --insecure for plaintext") from None
+        raise SecurityError(
+            f"{path} does not exist; create certificates with 'prunefleet certs init DIR' "
+            "or pass --insecure for plaintext"
+        ) from None
 
 
 def read_token(path: Path) -> str:
@@ -77,8 +83,12 @@ class Transport:
     def load(cls, directory: Path, token: bool = False) -> Transport:
         """From a role directory; `token` also reads its token file."""
         directory = Path(directory)
-        return cls(read_secret(directory / CA), read_secret(directory / CERT), read_secret(directory / KEY),
-                   read_token(directory / TOKEN) if token else "")
+        return cls(
+            read_secret(directory / CA),
+            read_secret(directory / CERT),
+            read_secret(directory / KEY),
+            read_token(directory / TOKEN) if token else "",
+        )
 
     @property
     def insecure(self) -> bool:
@@ -86,8 +96,7 @@ class Transport:
 
     def server_credentials(self) -> grpc.ServerCredentials:
         """TLS that refuses any client without a certificate from our CA (checked in the handshake)."""
-        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca,
-                                           require_client_auth=True)
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca, require_client_auth=True)
 
     def bind(self, server: grpc.Server, address: str) -> int:
         """Add a listening port; 0 when it cannot be bound."""
@@ -102,8 +111,9 @@ class Transport:
         if self.insecure:
             channel = grpc.insecure_channel(address, options=options)
         else:
-            credentials = grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
-                                                       certificate_chain=self.cert)
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+            )
             channel = grpc.secure_channel(address, credentials, options=options)
         if self.token:
             channel = grpc.intercept_channel(channel, BearerToken(self.token))
@@ -118,8 +128,12 @@ class _CallDetails(grpc.ClientCallDetails):
         self.metadata = metadata
 
 
-class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                  grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Adds `authorization: Bearer TOKEN` to every call of a channel."""
 
     def __init__(self, token: str):
@@ -144,12 +158,14 @@ class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterc
 def _refuse(message: str) -> grpc.RpcMethodHandler:
     def handler(request, context):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
     return grpc.unary_unary_rpc_method_handler(handler)
 
 
 def _refuse_async(message: str) -> grpc.RpcMethodHandler:
     async def handler(request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
     return grpc.unary_unary_rpc_method_handler(handler)
 
 
@@ -217,8 +233,9 @@ class Signer:
         return self._key.sign(_digest(variant_id))
 
     def public_pem(self) -> bytes:
-        return self._key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+        return self._key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
 
 
 class Verifier:
@@ -240,11 +257,11 @@ class Verifier:
     def check(self, variant_id: str, signature: bytes) -> None:
         """Raise SecurityError unless `signature` is the cloud's over `variant_id`."""
         if not signature:
-            raise SecurityError(f"variant {variant_id[:12]} is unsigned")
+            raise SecurityError(f"variant {short_id(variant_id)} is unsigned")
         try:
             self._key.verify(signature, _digest(variant_id))
         except InvalidSignature:
-            raise SecurityError(f"variant {variant_id[:12]} has a wrong signature") from None
+            raise SecurityError(f"variant {short_id(variant_id)} has a wrong signature") from None
 
 
 # --- command-line flags, the same on every command ----------------------------------------------------
@@ -255,12 +272,21 @@ def add_arguments(parser, token: bool, environ=None) -> None:
     """`--certs DIR` (default from $PRUNEFLEET_CERTS, read by the caller's main), `--insecure` and, for
     commands that carry or check the operator token, `--token-file`."""
     default = (environ or {}).get(CERTS_ENV) or None
-    parser.add_argument("--certs", type=Path, default=default, metavar="DIR",
-                        help=f"this role's directory from 'prunefleet certs init' (default ${CERTS_ENV})")
+    parser.add_argument(
+        "--certs",
+        type=Path,
+        default=default,
+        metavar="DIR",
+        help=f"this role's directory from 'prunefleet certs init' (default ${CERTS_ENV})",
+    )
     parser.add_argument("--insecure", action="store_true", help="plaintext gRPC, no certificates (local use only)")
     if token:
-        parser.add_argument("--token-file", type=Path, default=None,
-                            help="operator token (default: DIR/token; with --insecure, no token unless given)")
+        parser.add_argument(
+            "--token-file",
+            type=Path,
+            default=None,
+            help="operator token (default: DIR/token; with --insecure, no token unless given)",
+        )
 
 
 def from_arguments(args, token: bool) -> Transport:
@@ -269,8 +295,9 @@ def from_arguments(args, token: bool) -> Transport:
     if args.insecure:
         return Transport.plaintext(read_token(token_file) if token_file else "")
     if args.certs is None:
-        raise SecurityError(f"pass --certs DIR (made by 'prunefleet certs init'; or set ${CERTS_ENV}) "
-                            "or --insecure for plaintext")
+        raise SecurityError(
+            f"pass --certs DIR (made by 'prunefleet certs init'; or set ${CERTS_ENV}) or --insecure for plaintext"
+        )
     transport = Transport.load(args.certs)
     if token:
         path = token_file or Path(args.certs) / TOKEN

@@ -18,12 +18,23 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+from common.errors import PrunefleetError
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
-class TensorFileError(ValueError):
+class TensorFileError(PrunefleetError, ValueError):
     """A file that is not a well-formed safetensors file; the message says where."""
 
 
@@ -44,8 +55,10 @@ def _entry(name: str, raw) -> tuple[int, int, str, torch.dtype, tuple[int, ...]]
         raise TensorFileError(f"tensor {name!r} has malformed data offsets {offsets!r}")
     dtype = DTYPES[raw["dtype"]]
     if offsets[1] - offsets[0] != math.prod(shape) * dtype.itemsize:
-        raise TensorFileError(f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes, its shape needs "
-                              f"{math.prod(shape) * dtype.itemsize}")
+        raise TensorFileError(
+            f"tensor {name!r} spans {offsets[1] - offsets[0]} bytes, its shape needs "
+            f"{math.prod(shape) * dtype.itemsize}"
+        )
     return offsets[0], offsets[1], name, dtype, tuple(shape)
 
 

@@ -26,6 +26,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from common import models, tensorfile
+from common.errors import PrunefleetError
 from common.files import atomic_write_bytes, sha256_bytes
 from common.registry import UnknownNameError
 
@@ -35,7 +36,7 @@ MAX_HEADER_BYTES = 16 << 20
 MAX_INPUT_VALUES = 1 << 21  # one sample as float32 fits in a Predict message (8 MiB)
 
 
-class VariantError(ValueError):
+class VariantError(PrunefleetError, ValueError):
     """A variant file that must not be used; the message says why."""
 
 
@@ -142,8 +143,9 @@ def _spec(metadata: dict[str, str], allowed_models: Collection[str]) -> VariantS
     return spec
 
 
-def decode(data: bytes, expected_sha256: str | None = None, *,
-           allowed_models: Collection[str] = ()) -> tuple[VariantSpec, dict[str, torch.Tensor]]:
+def decode(
+    data: bytes, expected_sha256: str | None = None, *, allowed_models: Collection[str] = ()
+) -> tuple[VariantSpec, dict[str, torch.Tensor]]:
     """Check and parse variant-file bytes. Nothing is built, imported or unpickled; an `arch` that is
     neither a zoo name nor an import path in `allowed_models` is refused."""
     if len(data) > MAX_VARIANT_BYTES:
@@ -173,8 +175,9 @@ def _sync_conv(name: str, conv: nn.Conv2d) -> None:
     out_channels, in_per_group = conv.weight.shape[:2]
     if conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels:
         if in_per_group != 1:
-            raise VariantError(f"depthwise conv {name!r} must store [C, 1, k, k] weights, "
-                               f"got {list(conv.weight.shape)}")
+            raise VariantError(
+                f"depthwise conv {name!r} must store [C, 1, k, k] weights, got {list(conv.weight.shape)}"
+            )
         conv.groups = out_channels
     elif out_channels % conv.groups:
         raise VariantError(f"conv {name!r} has {conv.groups} groups, which do not divide {out_channels} filters")
@@ -188,7 +191,9 @@ def _sync_shape_attributes(name: str, module: nn.Module) -> None:
     elif isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
     elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        module.num_features = module.running_mean.shape[0] if module.running_mean is not None else module.weight.shape[0]
+        module.num_features = (
+            module.running_mean.shape[0] if module.running_mean is not None else module.weight.shape[0]
+        )
 
 
 def _base_model(spec: VariantSpec, allowed_models: Collection[str]) -> nn.Module:
@@ -201,8 +206,9 @@ def _base_model(spec: VariantSpec, allowed_models: Collection[str]) -> nn.Module
         raise VariantError(f"cannot build {spec.arch!r} with {spec.kwargs}: {err}") from err
 
 
-def build_model(spec: VariantSpec, tensors: dict[str, torch.Tensor], *,
-                allowed_models: Collection[str] = (), check: bool = True) -> nn.Module:
+def build_model(
+    spec: VariantSpec, tensors: dict[str, torch.Tensor], *, allowed_models: Collection[str] = (), check: bool = True
+) -> nn.Module:
     """Build the base architecture (on the meta device), shrink each layer to the stored shapes and
     take the stored tensors as its weights (no copy). `allowed_models` as in `decode`. A forward pass
     at batch 1 checks that the layers fit together; `check=False` skips it, only for tensors whose
@@ -248,14 +254,14 @@ def build_model(spec: VariantSpec, tensors: dict[str, torch.Tensor], *,
     return model
 
 
-def load_bytes(data: bytes, expected_sha256: str | None = None, *,
-               allowed_models: Collection[str] = ()) -> Variant:
+def load_bytes(data: bytes, expected_sha256: str | None = None, *, allowed_models: Collection[str] = ()) -> Variant:
     spec, tensors = decode(data, expected_sha256, allowed_models=allowed_models)
     return Variant(spec, build_model(spec, tensors, allowed_models=allowed_models), sha256_bytes(data), len(data))
 
 
-def load(path: Path, expected_sha256: str | None = None, *, allowed_models: Collection[str] = (),
-         check: bool = True) -> Variant:
+def load(
+    path: Path, expected_sha256: str | None = None, *, allowed_models: Collection[str] = (), check: bool = True
+) -> Variant:
     """Read, verify and rebuild a variant file; `allowed_models` as in `decode`, `check` as in
     `build_model` (False needs `expected_sha256`). The tensors are read straight into place
     (`common.tensorfile`), so loading holds the variant once, not twice."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.errors import PrunefleetError
 from protos import inference_pb2
 
 MAX_MESSAGE_BYTES = 8 << 20
@@ -33,7 +34,7 @@ SERVER_OPTIONS = GRPC_OPTIONS + (("grpc.http2.min_ping_interval_without_data_ms"
 CHANNEL_OPTIONS = GRPC_OPTIONS + (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", CHUNK_BYTES // 4))
 
 
-class TensorError(ValueError):
+class TensorError(PrunefleetError, ValueError):
     """A tensor message that cannot be used; the message names the problem."""
 
 

@@ -17,15 +17,15 @@ from collections.abc import Callable, Iterable
 
 import grpc
 
-from common import variant
-from common.files import portfolio_id
+from common.errors import PrunefleetError
+from common.files import portfolio_id, short_id
 from common.security import Verifier
 from edge import policy as policies
 from edge.config import AgentConfig
 from edge.link import Link, Outbox
 from edge.metrics import EdgeMetrics
 from edge.portfolio_sync import PortfolioSync
-from edge.runtime import Runtime, UnknownVariantError
+from edge.runtime import Runtime
 from edge.server import set_serving
 from edge.telemetry import ProcessStats, RequestWindow
 from protos import coordinator_pb2
@@ -38,17 +38,29 @@ RECENT_S = 0.2  # a window closed early takes its request rate from at least thi
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, runtime: Runtime, metrics: EdgeMetrics, window: RequestWindow,
-                 process: ProcessStats, health, portfolio_stub, outbox: Outbox, stopping: threading.Event,
-                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
-                 verifier: Verifier | None = None):
+    def __init__(
+        self,
+        config: AgentConfig,
+        runtime: Runtime,
+        metrics: EdgeMetrics,
+        window: RequestWindow,
+        process: ProcessStats,
+        health,
+        portfolio_stub,
+        outbox: Outbox,
+        stopping: threading.Event,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        verifier: Verifier | None = None,
+    ):
         self.config, self.runtime, self.metrics = config, runtime, metrics
         self._window, self._process, self._health = window, process, health
         self._outbox, self.stopping = outbox, stopping
         self._clock, self._wall_clock = clock, wall_clock
         self._sync = PortfolioSync(config, runtime, metrics, portfolio_stub, outbox, stopping, verifier)
-        self.policy = policies.PolicyConfig(slo_ms=config.slo_ms, window_s=config.window_s,
-                                            memory_budget_bytes=config.memory_budget_bytes)
+        self.policy = policies.PolicyConfig(
+            slo_ms=config.slo_ms, window_s=config.window_s, memory_budget_bytes=config.memory_budget_bytes
+        )
         self._state: policies.PolicyState | None = None
         self._decided_at: float | None = None
         self._arrived_at_open = window.arrived  # requests that had come when the policy window opened
@@ -80,23 +92,32 @@ class Agent:
 
     def options(self) -> list[policies.Option]:
         known, profiles = self.runtime.variants(), self._sync.profiles
-        return [policies.Option(vid, known[vid].accuracy, p.batch.p50_ms, p.batch.p95_ms, known[vid].name,
-                                known[vid].size_bytes)
-                for vid, p in profiles.items() if vid in known]
+        return [
+            policies.Option(
+                vid, known[vid].accuracy, p.batch.p50_ms, p.batch.p95_ms, known[vid].name, known[vid].size_bytes
+            )
+            for vid, p in profiles.items()
+            if vid in known
+        ]
 
     def profile_reports(self) -> list[coordinator_pb2.EdgeReport]:
         return [self._report(profile=p.to_proto()) for p in self._sync.profiles.values()]
 
     def set_policy(self, policy: coordinator_pb2.Policy) -> None:
         try:
-            self.policy = policies.PolicyConfig.from_proto(policy, window_s=self.config.window_s,
-                                                           memory_budget_bytes=self.config.memory_budget_bytes)
+            self.policy = policies.PolicyConfig.from_proto(
+                policy, window_s=self.config.window_s, memory_budget_bytes=self.config.memory_budget_bytes
+            )
         except ValueError as err:
             log.error("policy v%d refused, keeping v%d: %s", policy.version, self.policy.version, err)
             return
         self.metrics.slo(self.policy.slo_ms / 1e3)
-        log.info("policy v%d: SLO p95 <= %.1f ms, pinned %s", self.policy.version, self.policy.slo_ms,
-                 self.policy.pinned_variant[:12] or "none")
+        log.info(
+            "policy v%d: SLO p95 <= %.1f ms, pinned %s",
+            self.policy.version,
+            self.policy.slo_ms,
+            short_id(self.policy.pinned_variant) or "none",
+        )
 
     # --- the coordinator's side of the link (edge.link.LinkHandler) ------------------------------
     def registered(self, reply: coordinator_pb2.RegisterResponse) -> None:
@@ -122,8 +143,9 @@ class Agent:
     def _chosen(self, choice: policies.Option, reason: str, reason_code: str) -> policies.Decision:
         """A switch the agent decides outside the policy's window loop (start-up, portfolio change)."""
         state = policies.PolicyState(choice.variant_id, last_switch_at=self._clock())
-        return policies.Decision(choice.variant_id, reason, reason_code, state, switch=True,
-                                 predicted_p95_ms=choice.p95_ms)
+        return policies.Decision(
+            choice.variant_id, reason, reason_code, state, switch=True, predicted_p95_ms=choice.p95_ms
+        )
 
     def _apply(self, decision: policies.Decision, window: policies.Window | None = None) -> None:
         """Carry out a recorded decision (the caller holds the decision lock): switch if it says so (an
@@ -133,32 +155,58 @@ class Agent:
         record = None
         if decision.switch:
             record = self.runtime.switch(decision.target, decision.reason)
-            self.metrics.switched(decision.reason_code, record.switch_us / 1e6, self.runtime.variants(),
-                                  decision.target)
+            self.metrics.switched(
+                decision.reason_code, record.switch_us / 1e6, self.runtime.variants(), decision.target
+            )
             if record.load_s:
                 self.metrics.loaded(decision.target, record.load_s, self.runtime.resident_bytes(), "on_demand")
             self._sync.memory_changed(record.evicted)
         self._state = decision.state
         load_ms = record.load_s * 1e3 if record else 0.0
-        log.info("%s %s -> %s in %.1f us%s: %s", "switch" if record else "decision", active[:12] or "-",
-                 decision.target[:12], record.switch_us if record else 0.0,
-                 f" after a {load_ms:.1f} ms load" if load_ms else "", decision.reason)
-        self._outbox.event(self._report(switch=coordinator_pb2.SwitchEvent(
-            timestamp=self._wall_clock(), from_variant=record.from_variant if record else active,
-            to_variant=decision.target, reason=decision.reason, reason_code=decision.reason_code,
-            observed_p95_ms=window.p95_ms if window else 0.0, switch_us=record.switch_us if record else 0.0,
-            request_rate=window.rate if window else 0.0, window_requests=window.requests if window else 0,
-            predicted_p95_ms=decision.predicted_p95_ms, slo_ms=self.policy.slo_ms,
-            policy_version=self.policy.version, load_ms=load_ms, switched=record is not None,
-            telemetry_missing=window is None and decision.reason_code == "fallback")))
+        log.info(
+            "%s %s -> %s in %.1f us%s: %s",
+            "switch" if record else "decision",
+            short_id(active) or "-",
+            short_id(decision.target),
+            record.switch_us if record else 0.0,
+            f" after a {load_ms:.1f} ms load" if load_ms else "",
+            decision.reason,
+        )
+        self._outbox.event(
+            self._report(
+                switch=coordinator_pb2.SwitchEvent(
+                    timestamp=self._wall_clock(),
+                    from_variant=record.from_variant if record else active,
+                    to_variant=decision.target,
+                    reason=decision.reason,
+                    reason_code=decision.reason_code,
+                    observed_p95_ms=window.p95_ms if window else 0.0,
+                    switch_us=record.switch_us if record else 0.0,
+                    request_rate=window.rate if window else 0.0,
+                    window_requests=window.requests if window else 0,
+                    predicted_p95_ms=decision.predicted_p95_ms,
+                    slo_ms=self.policy.slo_ms,
+                    policy_version=self.policy.version,
+                    load_ms=load_ms,
+                    switched=record is not None,
+                    telemetry_missing=window is None and decision.reason_code == "fallback",
+                )
+            )
+        )
 
     def start_serving(self) -> None:
         """Close the start-up window, activate the initial choice and report SERVING."""
         self._startup_window()
         with self._decide_lock:
             choice = policies.initial_choice(self.policy, self.options())
-            self._apply(self._chosen(choice, f"initial choice: {choice.label}, profiled p95 {choice.p95_ms:.1f} ms "
-                                     f"at batch {self.config.batch} (SLO {self.policy.slo_ms:.1f} ms)", "initial"))
+            self._apply(
+                self._chosen(
+                    choice,
+                    f"initial choice: {choice.label}, profiled p95 {choice.p95_ms:.1f} ms "
+                    f"at batch {self.config.batch} (SLO {self.policy.slo_ms:.1f} ms)",
+                    "initial",
+                )
+            )
         set_serving(self._health, True)
 
     def _startup_window(self) -> None:
@@ -174,11 +222,20 @@ class Agent:
     def _telemetry(self, stats, cpu: float, rss: int) -> coordinator_pb2.Telemetry:
         active = self.runtime.active
         return coordinator_pb2.Telemetry(
-            timestamp=self._wall_clock(), active_variant=active.variant_id if active else "",
-            request_rate=stats.rate, p50_ms=stats.p50_ms, p95_ms=stats.p95_ms, p99_ms=stats.p99_ms,
-            requests=stats.requests, errors=stats.errors, cpu_percent=cpu, rss_bytes=rss,
-            resident_variants=len(self.runtime.resident()), portfolio_id=portfolio_id(self.runtime.variants()),
-            policy_version=self.policy.version)
+            timestamp=self._wall_clock(),
+            active_variant=active.variant_id if active else "",
+            request_rate=stats.rate,
+            p50_ms=stats.p50_ms,
+            p95_ms=stats.p95_ms,
+            p99_ms=stats.p99_ms,
+            requests=stats.requests,
+            errors=stats.errors,
+            cpu_percent=cpu,
+            rss_bytes=rss,
+            resident_variants=len(self.runtime.resident()),
+            portfolio_id=portfolio_id(self.runtime.variants()),
+            policy_version=self.policy.version,
+        )
 
     def note_arrivals(self, now: float) -> None:
         """Sample the running count of requests that came (the decision loop does, every poll)."""
@@ -216,7 +273,7 @@ class Agent:
             cpu, rss = self._process.sample()
             device_busy = self._process.device_busy()
             self._outbox.telemetry(self._report(telemetry=self._telemetry(stats, cpu, rss)))
-        except Exception:  # noqa: BLE001 - whatever broke, the policy must fall back, not stop
+        except Exception:
             log.exception("telemetry window unreadable")
             return None
         recent = self.recent_rate(now, now - stats.seconds - 1e-9) if early else 0.0
@@ -228,8 +285,17 @@ class Agent:
         cpu_ms = cpu * 10.0 * stats.seconds / answered if answered else 0.0  # percent of a core -> ms
         slot_ms = (slot_s - slot_s_at_open) * 1e3 / answered if answered else 0.0
         rate = max((arrived - arrived_at_open) / stats.seconds, recent)
-        return policies.Window(answered, stats.p95_ms, rate, self.runtime.config.slots, cpu_ms,
-                               in_flight, device_busy, self._process.cores, slot_ms)
+        return policies.Window(
+            answered,
+            stats.p95_ms,
+            rate,
+            self.runtime.config.slots,
+            cpu_ms,
+            in_flight,
+            device_busy,
+            self._process.cores,
+            slot_ms,
+        )
 
     def decide_once(self, early: bool = False) -> policies.Decision | None:
         """Close the window (`early`: before its time, on a queue alarm), report it, and switch if the
@@ -243,9 +309,13 @@ class Agent:
             if decision.recorded:
                 try:
                     self._apply(decision, window)
-                except (UnknownVariantError, variant.VariantError, OSError, RuntimeError, ValueError) as err:
-                    log.error("switch to %s failed, staying on %s: %s", decision.target[:12],
-                              self.runtime.active.variant_id[:12], err)
+                except (PrunefleetError, OSError, RuntimeError, ValueError) as err:
+                    log.error(
+                        "switch to %s failed, staying on %s: %s",
+                        short_id(decision.target),
+                        short_id(self.runtime.active.variant_id),
+                        err,
+                    )
             else:
                 self._state = decision.state
             self._decided_at = self._clock()

@@ -42,15 +42,21 @@ class _Pending:
 
 
 class MicroBatcher:
-    def __init__(self, runtime: Runtime, config: BatchConfig, on_batch: Callable[[int], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        runtime: Runtime,
+        config: BatchConfig,
+        on_batch: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._runtime, self.config, self._clock = runtime, config, clock
         self._on_batch = on_batch or (lambda requests: None)
         self._queue: deque[_Pending] = deque()
         self._ready = threading.Condition()
         self._stopping = False
-        self._workers = [threading.Thread(target=self._work, daemon=True, name=f"batch-{i}")
-                         for i in range(config.workers)]
+        self._workers = [
+            threading.Thread(target=self._work, daemon=True, name=f"batch-{i}") for i in range(config.workers)
+        ]
         for worker in self._workers:
             worker.start()
 
@@ -99,13 +105,13 @@ class MicroBatcher:
             return
         try:
             logits = self._runtime.run(variant, torch.cat([p.x for p in fitting]))
-        except Exception as err:  # noqa: BLE001 - every waiting request learns what went wrong
+        except Exception as err:
             for p in fitting:
                 p.answer.set_exception(err)
             return
         offset = 0
         for p in fitting:
-            p.answer.set_result((logits[offset:offset + len(p.x)], variant.variant_id))
+            p.answer.set_result((logits[offset : offset + len(p.x)], variant.variant_id))
             offset += len(p.x)
         self._on_batch(len(fitting))
 

@@ -53,8 +53,7 @@ STOP_GRACE_S = 2.0
 
 def _parser(environ=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunefleet-edge", description="The prunefleet edge agent.")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        type=str.upper)
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
     run = parser.add_subparsers(dest="command", required=True).add_parser("run", help="run an edge agent")
     run.add_argument("--cloud", required=True, metavar="HOST:PORT", help="the coordinator and portfolio service")
     run.add_argument("--name", required=True, help="this edge's unique name")
@@ -67,28 +66,54 @@ def _parser(environ=None) -> argparse.ArgumentParser:
     run.add_argument("--batch", type=int, default=8, help="typical batch size, profiled on arrival")
     run.add_argument("--max-batch", type=int, default=256)
     run.add_argument("--window-s", type=float, default=1.0, help="telemetry window until the policy sets one")
-    run.add_argument("--slo-ms", type=float, default=50.0,
-                     help="latency histogram gets a bucket here (the coordinator's policy sets the SLO itself)")
-    run.add_argument("--memory-budget-mib", type=float, default=0.0,
-                     help="keep at most this many MiB of variants in memory; the rest load on demand (0: all)")
-    run.add_argument("--batch-delay-ms", type=float, default=0.0,
-                     help="micro-batching: a request waits at most this long for others to share a forward pass "
-                          "(0: off)")
-    run.add_argument("--max-pending", type=int, default=256,
-                     help="Predicts in progress or queued; beyond, RESOURCE_EXHAUSTED")
-    run.add_argument("--optimize-models", action=argparse.BooleanOptionalAction, default=True,
-                     help="serve every variant with BatchNorm folded into its convolutions and in channels-last "
-                          "layout (default); --no-optimize-models serves them as loaded: slower inference, "
-                          "faster loads")
-    run.add_argument("--allow-model", action="append", dest="allow_models", metavar="PACKAGE.MODULE:FUNCTION",
-                     help="also build variants of this import-path architecture (repeatable; adds to the "
-                          f"comma-separated {models.ALLOW_ENV}); zoo architectures are always allowed")
+    run.add_argument(
+        "--slo-ms",
+        type=float,
+        default=50.0,
+        help="latency histogram gets a bucket here (the coordinator's policy sets the SLO itself)",
+    )
+    run.add_argument(
+        "--memory-budget-mib",
+        type=float,
+        default=0.0,
+        help="keep at most this many MiB of variants in memory; the rest load on demand (0: all)",
+    )
+    run.add_argument(
+        "--batch-delay-ms",
+        type=float,
+        default=0.0,
+        help="micro-batching: a request waits at most this long for others to share a forward pass (0: off)",
+    )
+    run.add_argument(
+        "--max-pending", type=int, default=256, help="Predicts in progress or queued; beyond, RESOURCE_EXHAUSTED"
+    )
+    run.add_argument(
+        "--optimize-models",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve every variant with BatchNorm folded into its convolutions and in channels-last "
+        "layout (default); --no-optimize-models serves them as loaded: slower inference, "
+        "faster loads",
+    )
+    run.add_argument(
+        "--allow-model",
+        action="append",
+        dest="allow_models",
+        metavar="PACKAGE.MODULE:FUNCTION",
+        help="also build variants of this import-path architecture (repeatable; adds to the "
+        f"comma-separated {models.ALLOW_ENV}); zoo architectures are always allowed",
+    )
     security.add_arguments(run, token=False, environ=environ)
-    run.add_argument("--verify-key", type=Path, default=None,
-                     help="the cloud's Ed25519 public key (default: DIR/signing.pub of --certs)")
+    run.add_argument(
+        "--verify-key",
+        type=Path,
+        default=None,
+        help="the cloud's Ed25519 public key (default: DIR/signing.pub of --certs)",
+    )
     # the log level may also come after `run`; SUPPRESS keeps the top-level value when it does not
-    run.add_argument("--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                     type=str.upper)
+    run.add_argument(
+        "--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
+    )
     return parser
 
 
@@ -104,18 +129,33 @@ def verify_key(args) -> Path | None:
 
 
 def _config(args, allowed: tuple[str, ...] = ()) -> AgentConfig:
-    return AgentConfig(allowed_models=allowed, verify_key=verify_key(args), cloud=args.cloud, name=args.name,
-                       cache_dir=args.cache, host=args.host,
-                       advertise_host=args.advertise_host, port=args.port,
-                       metrics_port=args.metrics_port, threads=args.threads, batch=args.batch,
-                       max_batch=args.max_batch, window_s=args.window_s, slo_ms=args.slo_ms,
-                       memory_budget_mib=args.memory_budget_mib, batch_delay_ms=args.batch_delay_ms,
-                       max_pending=args.max_pending, optimize_models=args.optimize_models)
+    return AgentConfig(
+        allowed_models=allowed,
+        verify_key=verify_key(args),
+        cloud=args.cloud,
+        name=args.name,
+        cache_dir=args.cache,
+        host=args.host,
+        advertise_host=args.advertise_host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        threads=args.threads,
+        batch=args.batch,
+        max_batch=args.max_batch,
+        window_s=args.window_s,
+        slo_ms=args.slo_ms,
+        memory_budget_mib=args.memory_budget_mib,
+        batch_delay_ms=args.batch_delay_ms,
+        max_pending=args.max_pending,
+        optimize_models=args.optimize_models,
+    )
 
 
 def _serve(agent: Agent, link: Link, banner: str) -> None:
-    threads = [threading.Thread(target=agent.decision_loop, daemon=True, name="decide"),
-               threading.Thread(target=link.run, args=(agent,), daemon=True, name="link")]
+    threads = [
+        threading.Thread(target=agent.decision_loop, daemon=True, name="decide"),
+        threading.Thread(target=link.run, args=(agent,), daemon=True, name="link"),
+    ]
     for thread in threads:
         thread.start()
     print(banner, flush=True)
@@ -159,22 +199,46 @@ def assemble(config: AgentConfig, stopping: threading.Event, transport: security
     metrics = EdgeMetrics(registry, config.name, slo_s=config.slo_ms / 1e3)
     http, _ = start_http_server(config.metrics_port, config.host, registry=registry)
     metrics.budget(config.memory_budget_bytes)
-    runtime = Runtime(RuntimeConfig(slots=config.threads, max_batch=config.max_batch,
-                                    memory_budget_bytes=config.memory_budget_bytes))
+    runtime = Runtime(
+        RuntimeConfig(slots=config.threads, max_batch=config.max_batch, memory_budget_bytes=config.memory_budget_bytes)
+    )
     window = RequestWindow(time.monotonic())
-    batcher = (MicroBatcher(runtime, BatchConfig(config.batch_delay_ms, config.max_batch, config.threads),
-                            metrics.batched) if config.batch_delay_ms else None)
-    server, port, health = make_server(InferenceServicer(runtime, window, metrics, batcher), config.host,
-                                       config.port, config.workers,
-                                       None if transport.insecure else transport.server_credentials(),
-                                       config.max_pending)
+    batcher = (
+        MicroBatcher(runtime, BatchConfig(config.batch_delay_ms, config.max_batch, config.threads), metrics.batched)
+        if config.batch_delay_ms
+        else None
+    )
+    server, port, health = make_server(
+        InferenceServicer(runtime, window, metrics, batcher),
+        config.host,
+        config.port,
+        config.workers,
+        None if transport.insecure else transport.server_credentials(),
+        config.max_pending,
+    )
     channel = transport.channel(config.cloud)
     address, metrics_address = f"{config.public_host}:{port}", f"{config.public_host}:{http.server_port}"
-    link_config = LinkConfig(edge=config.name, address=address, metrics_address=metrics_address,
-                             threads=config.threads, backoff_s=config.backoff_s, max_backoff_s=config.max_backoff_s)
+    link_config = LinkConfig(
+        edge=config.name,
+        address=address,
+        metrics_address=metrics_address,
+        threads=config.threads,
+        backoff_s=config.backoff_s,
+        max_backoff_s=config.max_backoff_s,
+    )
     outbox = Outbox(link_config.max_buffered, link_config.max_live, link_config.max_telemetry)
-    agent = Agent(config, runtime, metrics, window, ProcessStats(), health,
-                  portfolio_stub(channel), outbox, stopping, verifier=verifier)
+    agent = Agent(
+        config,
+        runtime,
+        metrics,
+        window,
+        ProcessStats(),
+        health,
+        portfolio_stub(channel),
+        outbox,
+        stopping,
+        verifier=verifier,
+    )
     link = Link(link_config, coordinator_pb2_grpc.CoordinatorServiceStub(channel), outbox, stopping)
     return Node(agent, link, server, health, http, channel, address, metrics_address, batcher)
 
@@ -193,8 +257,9 @@ def run(config: AgentConfig, stopping: threading.Event, transport: security.Tran
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser(os.environ).parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())

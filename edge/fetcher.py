@@ -22,17 +22,23 @@ from pathlib import Path
 import grpc
 
 from common.chunks import ChunkView, decode_chunk
-from common.files import fsync_dir, is_sha256_hex, sha256_file
+from common.errors import PrunefleetError
+from common.files import fsync_dir, is_sha256_hex, sha256_file, short_id
 from common.variant import MAX_VARIANT_BYTES
 from edge.backoff import full_jitter
 from protos import portfolio_pb2, portfolio_pb2_grpc
 
 log = logging.getLogger(__name__)
-PERMANENT = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
-             grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED)
+PERMANENT = (
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.UNIMPLEMENTED,
+)
 
 
-class FetchError(RuntimeError):
+class FetchError(PrunefleetError, RuntimeError):
     """A download that failed verification or could not complete; the message says why."""
 
 
@@ -56,7 +62,9 @@ def portfolio_stub(channel: grpc.Channel) -> portfolio_pb2_grpc.PortfolioService
     stub = portfolio_pb2_grpc.PortfolioServiceStub(channel)
     stub.FetchVariant = channel.unary_stream(
         f"/{portfolio_pb2.DESCRIPTOR.services_by_name['PortfolioService'].full_name}/FetchVariant",
-        request_serializer=portfolio_pb2.FetchVariantRequest.SerializeToString, response_deserializer=decode_chunk)
+        request_serializer=portfolio_pb2.FetchVariantRequest.SerializeToString,
+        response_deserializer=decode_chunk,
+    )
     return stub
 
 
@@ -66,16 +74,18 @@ def cached_path(cache_dir: Path, variant_id: str) -> Path:
     return Path(cache_dir) / f"{variant_id}.safetensors"
 
 
-def _check_chunk(chunk: ChunkView | portfolio_pb2.VariantChunk, variant_id: str, offset: int,
-                 total: int | None) -> int:
+def _check_chunk(chunk: ChunkView | portfolio_pb2.VariantChunk, variant_id: str, offset: int, total: int | None) -> int:
     if chunk.sha256 != variant_id or chunk.offset != offset:
-        raise FetchError(f"chunk of {chunk.sha256[:12]!r} at offset {chunk.offset}, expected {variant_id[:12]} "
-                         f"at {offset}")
+        raise FetchError(
+            f"chunk of {short_id(chunk.sha256)!r} at offset {chunk.offset}, expected {short_id(variant_id)} at {offset}"
+        )
     if total is not None and chunk.total_size != total:
         raise FetchError(f"total size changed from {total} to {chunk.total_size} mid-stream")
     if chunk.total_size > MAX_VARIANT_BYTES or offset + len(chunk.data) > chunk.total_size:
-        raise FetchError(f"variant {variant_id[:12]} declares {chunk.total_size} bytes: over the "
-                         f"{MAX_VARIANT_BYTES}-byte limit or short of its own data")
+        raise FetchError(
+            f"variant {short_id(variant_id)} declares {chunk.total_size} bytes: over the "
+            f"{MAX_VARIANT_BYTES}-byte limit or short of its own data"
+        )
     return chunk.total_size
 
 
@@ -94,14 +104,14 @@ def _stream_into(stub, variant_id: str, part: Path, deadline_s: float) -> None:
             f.flush()
             os.fsync(f.fileno())
     if total is not None and offset != total:
-        raise FetchError(f"stream of {variant_id[:12]} ended at byte {offset} of {total}")
+        raise FetchError(f"stream of {short_id(variant_id)} ended at byte {offset} of {total}")
 
 
 def _finish(part: Path, final: Path, variant_id: str) -> None:
     digest = sha256_file(part)
     if digest != variant_id:
         part.unlink(missing_ok=True)
-        raise FetchError(f"downloaded file hashes to {digest[:12]}, not {variant_id[:12]}; discarded")
+        raise FetchError(f"downloaded file hashes to {short_id(digest)}, not {short_id(variant_id)}; discarded")
     os.replace(part, final)
     fsync_dir(final.parent)
 
@@ -128,8 +138,16 @@ def fetch_once(stub, variant_id: str, cache_dir: Path, deadline_s: float) -> Pat
     return final
 
 
-def fetch(stub, variant_id: str, cache_dir: Path, deadline_s: float = 300.0, *, retry: RetryConfig = RetryConfig(),
-          sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None) -> Path:
+def fetch(
+    stub,
+    variant_id: str,
+    cache_dir: Path,
+    deadline_s: float = 300.0,
+    *,
+    retry: RetryConfig = RetryConfig(),
+    sleep: Callable[[float], None] = time.sleep,
+    rng: random.Random | None = None,
+) -> Path:
     """The verified path of a variant file, fetched through `stub` (`portfolio_stub`, or any stub whose
     FetchVariant yields VariantChunk-like messages) if needed.
 
@@ -144,8 +162,10 @@ def fetch(stub, variant_id: str, cache_dir: Path, deadline_s: float = 300.0, *, 
             permanent = isinstance(err, grpc.RpcError) and err.code() in PERMANENT
             detail = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.RpcError) else str(err)
             if permanent or attempt == retry.attempts:
-                raise FetchError(f"fetching {variant_id[:12]} failed after {attempt} attempt(s): {detail}") from err
+                raise FetchError(
+                    f"fetching {short_id(variant_id)} failed after {attempt} attempt(s): {detail}"
+                ) from err
             delay = retry.delay(attempt, rng)
-            log.warning("fetching %s failed (%s); retrying in %.2f s", variant_id[:12], detail, delay)
+            log.warning("fetching %s failed (%s); retrying in %.2f s", short_id(variant_id), detail, delay)
             sleep(delay)
     raise AssertionError("unreachable")

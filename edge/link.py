@@ -148,8 +148,15 @@ class LinkHandler(Protocol):
 
 
 class Link:
-    def __init__(self, config: LinkConfig, stub, outbox: Outbox, stopping: threading.Event,
-                 rng: random.Random | None = None, sleep: Callable[[float], bool] | None = None):
+    def __init__(
+        self,
+        config: LinkConfig,
+        stub,
+        outbox: Outbox,
+        stopping: threading.Event,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], bool] | None = None,
+    ):
         self.config, self._stub, self._outbox, self._stopping = config, stub, outbox, stopping
         self._rng = rng or random.Random()
         self._sleep = sleep or stopping.wait  # returns True once stopping: the wait ends early
@@ -157,9 +164,12 @@ class Link:
         self._heard_at = time.monotonic()  # when it last did (a reply to Register counts)
 
     def register(self) -> coordinator_pb2.RegisterResponse:
-        request = coordinator_pb2.RegisterRequest(edge=self.config.edge, address=self.config.address,
-                                                  metrics_address=self.config.metrics_address,
-                                                  threads=self.config.threads)
+        request = coordinator_pb2.RegisterRequest(
+            edge=self.config.edge,
+            address=self.config.address,
+            metrics_address=self.config.metrics_address,
+            threads=self.config.threads,
+        )
         return self._stub.Register(request, timeout=self.config.rpc_timeout_s)
 
     def backoff(self, attempt: int) -> None:
@@ -172,8 +182,9 @@ class Link:
         alive = threading.Event()
         alive.set()
         try:
-            call = self._stub.Connect(self._outbox.stream(handler.hello(), alive),
-                                      timeout=self.config.stream_deadline_s)
+            call = self._stub.Connect(
+                self._outbox.stream(handler.hello(), alive), timeout=self.config.stream_deadline_s
+            )
             threading.Thread(target=self._watch, args=(call, alive), daemon=True, name="link-watch").start()
             for directive in call:
                 self._heard.set()

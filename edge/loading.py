@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import variant
+from common.files import short_id
 from common.profiling import LatencyProfile
 from edge.runtime import LoadedVariant, VariantInfo, loaded, warm_up
 from protos import coordinator_pb2
@@ -22,18 +23,25 @@ class Profile:
 
     def to_proto(self) -> coordinator_pb2.VariantProfile:
         return coordinator_pb2.VariantProfile(
-            variant_id=self.variant_id, p50_ms_b1=self.b1.p50_ms, p95_ms_b1=self.b1.p95_ms, batch=self.batch.batch,
-            p50_ms_batch=self.batch.p50_ms, p95_ms_batch=self.batch.p95_ms)
+            variant_id=self.variant_id,
+            p50_ms_b1=self.b1.p50_ms,
+            p95_ms_b1=self.b1.p95_ms,
+            batch=self.batch.batch,
+            p50_ms_batch=self.batch.p50_ms,
+            p95_ms_batch=self.batch.p95_ms,
+        )
 
 
 def variant_info(info) -> VariantInfo:
     """From a portfolio_pb2.VariantInfo."""
-    return VariantInfo(info.variant_id, info.name or info.variant_id[:12], info.accuracy, info.size_bytes,
-                       info.params)
+    return VariantInfo(
+        info.variant_id, info.name or short_id(info.variant_id), info.accuracy, info.size_bytes, info.params
+    )
 
 
-def cache_loader(info: VariantInfo, path: Path, allowed_models: tuple[str, ...] = (),
-                 optimize: bool = True) -> Callable[[], LoadedVariant]:
+def cache_loader(
+    info: VariantInfo, path: Path, allowed_models: tuple[str, ...] = (), optimize: bool = True
+) -> Callable[[], LoadedVariant]:
     """How to build a variant from its verified file in the cache (on arrival, and again on demand):
     read, check the sha256 against its id, rebuild, optimize unless told not to (see `runtime.loaded`).
 
@@ -57,6 +65,7 @@ def cache_loader(info: VariantInfo, path: Path, allowed_models: tuple[str, ...] 
             warm_up(ready)
             plan = ready.plan
         return ready
+
     return load
 
 

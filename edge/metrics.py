@@ -1,7 +1,8 @@
 """Prometheus metrics of one agent, on a registry passed in (never the global one).
 
-Every series carries the agent's name as the label `edge` (this client has no constant labels); `variant` labels hold the first
-12 hex digits of the variant id, and `reason` the low-cardinality reason code of a switch.
+Every series carries the agent's name as the label `edge` (this client has no constant labels);
+`variant` labels hold the first 12 hex digits of the variant id, and `reason` the low-cardinality
+reason code of a switch.
 
 The request duration histogram has a bucket at the SLO. Bucket bounds are fixed once a histogram
 exists, so when the policy sets an SLO that no bucket marks, the histogram is registered again with
@@ -14,16 +15,43 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    ProcessCollector,
+)
 
-BASE_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
-                0.25, 0.5, 1.0, 2.5)
+from common.files import short_id
+
+BASE_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
 SWITCH_BUCKETS = (1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 1e-3, 1e-2)
 LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 def short(variant_id: str) -> str:
-    return variant_id[:12] or "none"
+    return short_id(variant_id) or "none"
 
 
 def latency_buckets(slo_s: float, base: tuple[float, ...] = BASE_BUCKETS) -> tuple[float, ...]:
@@ -34,8 +62,13 @@ def latency_buckets(slo_s: float, base: tuple[float, ...] = BASE_BUCKETS) -> tup
 
 
 def _request_histogram(registry: CollectorRegistry, buckets: tuple[float, ...]) -> Histogram:
-    return Histogram("prunefleet_edge_request_duration_seconds", "Predict latency, from arrival to answer, by variant",
-                     ["edge", "variant"], buckets=buckets, registry=registry)
+    return Histogram(
+        "prunefleet_edge_request_duration_seconds",
+        "Predict latency, from arrival to answer, by variant",
+        ["edge", "variant"],
+        buckets=buckets,
+        registry=registry,
+    )
 
 
 class EdgeMetrics:
@@ -44,38 +77,79 @@ class EdgeMetrics:
         self._histogram_lock = threading.Lock()
         self._bounds = latency_buckets(slo_s)
         self._request_seconds = _request_histogram(registry, self._bounds)
-        self._requests = Counter("prunefleet_edge_requests_total", "Predict requests by variant and status code",
-                                 ["edge", "variant", "code"], registry=registry)
-        self._active = Gauge("prunefleet_edge_active_variant", "1 for the variant being served, else 0",
-                             ["edge", "variant"], registry=registry)
-        self._switches = Counter("prunefleet_edge_switches_total", "Variant switches by reason code",
-                                 ["edge", "reason"], registry=registry)
-        self._switch_seconds = Histogram("prunefleet_edge_switch_duration_seconds",
-                                         "Time a variant switch takes (the reference swap)",
-                                         ["edge"], buckets=SWITCH_BUCKETS, registry=registry)
-        self._load_seconds = Gauge("prunefleet_edge_variant_load_seconds",
-                                   "Time the last load of a variant took (on arrival: fetch, verify, build; "
-                                   "on demand: read from the cache, verify, build)", ["edge", "variant"],
-                                   registry=registry)
-        self._loads = Counter("prunefleet_edge_variant_loads_total", "Variant loads, on arrival or on demand",
-                              ["edge", "source"], registry=registry)
-        self._on_demand_seconds = Histogram("prunefleet_edge_on_demand_load_seconds",
-                                            "Time a switch spent loading a variant that was not resident",
-                                            ["edge"], buckets=LOAD_BUCKETS, registry=registry)
-        self._resident_bytes = Gauge("prunefleet_edge_resident_bytes",
-                                     "Bytes of the parameters and buffers of the variants held in memory",
-                                     ["edge"], registry=registry)
-        self._resident_variants = Gauge("prunefleet_edge_resident_variants", "Variants held in memory",
-                                        ["edge"], registry=registry)
-        self._evictions = Counter("prunefleet_edge_evictions_total",
-                                  "Variants dropped from memory to stay within the memory budget", ["edge"],
-                                  registry=registry)
-        self._budget_bytes = Gauge("prunefleet_edge_memory_budget_bytes",
-                                   "The memory budget for resident variants (0: none)", ["edge"], registry=registry)
-        self._batch_size = Histogram("prunefleet_edge_batch_size", "Requests run together by the micro-batcher",
-                                     ["edge"], buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
-        self._slo_seconds = Gauge("prunefleet_edge_slo_seconds", "The p95 latency objective in force",
-                                  ["edge"], registry=registry)
+        self._requests = Counter(
+            "prunefleet_edge_requests_total",
+            "Predict requests by variant and status code",
+            ["edge", "variant", "code"],
+            registry=registry,
+        )
+        self._active = Gauge(
+            "prunefleet_edge_active_variant",
+            "1 for the variant being served, else 0",
+            ["edge", "variant"],
+            registry=registry,
+        )
+        self._switches = Counter(
+            "prunefleet_edge_switches_total", "Variant switches by reason code", ["edge", "reason"], registry=registry
+        )
+        self._switch_seconds = Histogram(
+            "prunefleet_edge_switch_duration_seconds",
+            "Time a variant switch takes (the reference swap)",
+            ["edge"],
+            buckets=SWITCH_BUCKETS,
+            registry=registry,
+        )
+        self._load_seconds = Gauge(
+            "prunefleet_edge_variant_load_seconds",
+            "Time the last load of a variant took (on arrival: fetch, verify, build; "
+            "on demand: read from the cache, verify, build)",
+            ["edge", "variant"],
+            registry=registry,
+        )
+        self._loads = Counter(
+            "prunefleet_edge_variant_loads_total",
+            "Variant loads, on arrival or on demand",
+            ["edge", "source"],
+            registry=registry,
+        )
+        self._on_demand_seconds = Histogram(
+            "prunefleet_edge_on_demand_load_seconds",
+            "Time a switch spent loading a variant that was not resident",
+            ["edge"],
+            buckets=LOAD_BUCKETS,
+            registry=registry,
+        )
+        self._resident_bytes = Gauge(
+            "prunefleet_edge_resident_bytes",
+            "Bytes of the parameters and buffers of the variants held in memory",
+            ["edge"],
+            registry=registry,
+        )
+        self._resident_variants = Gauge(
+            "prunefleet_edge_resident_variants", "Variants held in memory", ["edge"], registry=registry
+        )
+        self._evictions = Counter(
+            "prunefleet_edge_evictions_total",
+            "Variants dropped from memory to stay within the memory budget",
+            ["edge"],
+            registry=registry,
+        )
+        self._budget_bytes = Gauge(
+            "prunefleet_edge_memory_budget_bytes",
+            "The memory budget for resident variants (0: none)",
+            ["edge"],
+            registry=registry,
+        )
+        self._batch_size = Histogram(
+            "prunefleet_edge_batch_size",
+            "Requests run together by the micro-batcher",
+            ["edge"],
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=registry,
+        )
+        self._slo_seconds = Gauge(
+            "prunefleet_edge_slo_seconds", "The p95 latency objective in force", ["edge"], registry=registry
+        )
         self._slo_seconds.labels(edge).set(slo_s)
         for series in (self._evictions, self._on_demand_seconds, self._resident_variants, self._budget_bytes):
             series.labels(edge)  # present (at 0) before the first event, so queries never come back empty

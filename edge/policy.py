@@ -72,9 +72,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from common.files import short_id
+
 MIN_SLO_MS, MAX_SLO_MS = 0.001, 3.6e6  # 1 us (the SLO bucket's resolution) to an hour
-DEFAULTS = {"slo_ms": 50.0, "down_windows": 2, "up_windows": 3, "up_headroom": 0.7, "window_s": 1.0,
-            "max_switches_per_minute": 6}
+DEFAULTS = {
+    "slo_ms": 50.0,
+    "down_windows": 2,
+    "up_windows": 3,
+    "up_headroom": 0.7,
+    "window_s": 1.0,
+    "max_switches_per_minute": 6,
+}
 DEFAULT_DWELL_S = 5.0
 STAY = "stay"
 MAX_UTILIZATION = 0.85
@@ -110,16 +118,21 @@ class PolicyConfig:
             raise ValueError("max_switches_per_minute must be >= 1 and memory_budget_bytes >= 0")
 
     @classmethod
-    def from_proto(cls, policy, window_s: float = DEFAULTS["window_s"], memory_budget_bytes: int = 0
-                   ) -> PolicyConfig:
+    def from_proto(cls, policy, window_s: float = DEFAULTS["window_s"], memory_budget_bytes: int = 0) -> PolicyConfig:
         """From a coordinator_pb2.Policy. Fields left at 0 take the defaults (`window_s` when unset);
         `dwell_s` takes its default only when the whole policy is unset, since 0 s is a real choice.
         The memory budget is the device's own, not the coordinator's."""
         defaults = {**DEFAULTS, "window_s": window_s}
         values = {name: getattr(policy, name) or default for name, default in defaults.items()}
         dwell_s = policy.dwell_s if policy.slo_ms else policy.dwell_s or DEFAULT_DWELL_S
-        return cls(min_accuracy=policy.min_accuracy, dwell_s=dwell_s, pinned_variant=policy.pinned_variant,
-                   version=policy.version, memory_budget_bytes=memory_budget_bytes, **values)
+        return cls(
+            min_accuracy=policy.min_accuracy,
+            dwell_s=dwell_s,
+            pinned_variant=policy.pinned_variant,
+            version=policy.version,
+            memory_budget_bytes=memory_budget_bytes,
+            **values,
+        )
 
 
 @dataclass(frozen=True)
@@ -136,7 +149,7 @@ class Option:
 
     @property
     def label(self) -> str:
-        return self.name or self.variant_id[:12]
+        return self.name or short_id(self.variant_id)
 
 
 @dataclass(frozen=True)
@@ -290,27 +303,51 @@ def _recent(state: PolicyState, now: float) -> tuple[float, ...]:
     return tuple(t for t in state.recent_switches if now - t < 60.0)
 
 
-def _switched(config: PolicyConfig, target: Option, reason: str, reason_code: str, state: PolicyState,
-              now: float, predicted: float = 0.0) -> Decision:
+def _switched(
+    config: PolicyConfig,
+    target: Option,
+    reason: str,
+    reason_code: str,
+    state: PolicyState,
+    now: float,
+    predicted: float = 0.0,
+) -> Decision:
     """Switch to `target`, unless the per-minute cap holds a step-up back."""
     recent = _recent(state, now)
     if reason_code in CAPPED_CODES and len(recent) >= config.max_switches_per_minute:
         held = replace(state, recent_switches=recent, capped=True)
         if state.capped:
             return Decision(state.active, "switch held back by the cap, waiting", STAY, held)
-        return Decision(state.active, f"wanted {target.label} ({reason}); held back: {len(recent)} step-ups in the "
-                                      f"last minute, cap {config.max_switches_per_minute}", "capped", held,
-                        predicted_p95_ms=predicted)
+        return Decision(
+            state.active,
+            f"wanted {target.label} ({reason}); held back: {len(recent)} step-ups in the "
+            f"last minute, cap {config.max_switches_per_minute}",
+            "capped",
+            held,
+            predicted_p95_ms=predicted,
+        )
     counted = recent + (now,) if reason_code in CAPPED_CODES else recent
     ceilings = tuple(c for c in state.ceilings if now - c.at < CEILING_S)
-    new_state = PolicyState(target.variant_id, last_switch_at=now, recent_switches=counted,
-                            pinned=target.variant_id if reason_code == "pinned" else "", ceilings=ceilings)
-    return Decision(target.variant_id, reason, reason_code, new_state, switch=target.variant_id != state.active,
-                    predicted_p95_ms=predicted)
+    new_state = PolicyState(
+        target.variant_id,
+        last_switch_at=now,
+        recent_switches=counted,
+        pinned=target.variant_id if reason_code == "pinned" else "",
+        ceilings=ceilings,
+    )
+    return Decision(
+        target.variant_id,
+        reason,
+        reason_code,
+        new_state,
+        switch=target.variant_id != state.active,
+        predicted_p95_ms=predicted,
+    )
 
 
-def _step_down(config: PolicyConfig, candidates: list[Option], active: Option, window: Window,
-               state: PolicyState, now: float) -> Decision:
+def _step_down(
+    config: PolicyConfig, candidates: list[Option], active: Option, window: Window, state: PolicyState, now: float
+) -> Decision:
     # with the headroom a step up needs if one fits it: a step down to a variant predicted just under
     # the SLO tends to need a second one, and each costs late requests while its window fills
     bound = config.slo_ms * config.up_headroom
@@ -325,8 +362,10 @@ def _step_down(config: PolicyConfig, candidates: list[Option], active: Option, w
     if window.p95_ms > config.slo_ms:
         why = f"p95 {window.p95_ms:.1f} ms over SLO {config.slo_ms:.1f} ms"
     elif queued(config, active, window):
-        why = (f"{window.in_flight} inferences in flight take {active.label} "
-               f"{queue_ms(active, active, window):.1f} ms to serve (queue)")
+        why = (
+            f"{window.in_flight} inferences in flight take {active.label} "
+            f"{queue_ms(active, active, window):.1f} ms to serve (queue)"
+        )
     else:
         why = f"{window.rate:.1f} req/s keep {active.label} {utilization(active, active, window):.0%} busy (saturated)"
     reason = f"{why} for {state.over_count} windows at {window.rate:.1f} req/s; {outlook}"
@@ -338,19 +377,28 @@ def _step_down(config: PolicyConfig, candidates: list[Option], active: Option, w
     return _switched(config, target, reason, "slo_violation", state, now, predicted)
 
 
-def _under_ceiling(config: PolicyConfig, option: Option, active: Option, state: PolicyState, window: Window,
-                   now: float) -> bool:
+def _under_ceiling(
+    config: PolicyConfig, option: Option, active: Option, state: PolicyState, window: Window, now: float
+) -> bool:
     """`option` may be stepped up to: no recent ceiling at this rate and SLO covers it."""
     return option.variant_id == active.variant_id or not any(
-        now - c.at < CEILING_S and window.rate > CEILING_RATE * c.rate and config.slo_ms <= c.slo_ms
-        and option.p50_ms >= c.p50_ms for c in state.ceilings)
+        now - c.at < CEILING_S
+        and window.rate > CEILING_RATE * c.rate
+        and config.slo_ms <= c.slo_ms
+        and option.p50_ms >= c.p50_ms
+        for c in state.ceilings
+    )
 
 
-def _step_up(config: PolicyConfig, candidates: list[Option], active: Option, window: Window,
-             state: PolicyState, now: float) -> Decision:
-    allowed = [o for o in candidates if _under_ceiling(config, o, active, state, window, now)
-               and (o is active or max(utilization(o, active, window), device_busy(o, active, window))
-                    <= config.up_headroom)]
+def _step_up(
+    config: PolicyConfig, candidates: list[Option], active: Option, window: Window, state: PolicyState, now: float
+) -> Decision:
+    allowed = [
+        o
+        for o in candidates
+        if _under_ceiling(config, o, active, state, window, now)
+        and (o is active or max(utilization(o, active, window), device_busy(o, active, window)) <= config.up_headroom)
+    ]
     best = _best_under(allowed, active, window, config.slo_ms * config.up_headroom)
     if best is None or best[0].accuracy <= active.accuracy:
         return Decision(active.variant_id, "steady", STAY, replace(state, over_count=0, under_count=0, capped=False))
@@ -358,25 +406,34 @@ def _step_up(config: PolicyConfig, candidates: list[Option], active: Option, win
     if state.under_count < config.up_windows or now - state.last_switch_at < config.dwell_s:
         return Decision(active.variant_id, "headroom, waiting", STAY, state)
     target, predicted = best
-    reason = (f"p95 {window.p95_ms:.1f} ms leaves headroom under SLO {config.slo_ms:.1f} ms for "
-              f"{state.under_count} windows at {window.rate:.1f} req/s; predicted {predicted:.1f} ms on {target.label}, "
-              f"device {device_busy(target, active, window):.0%} busy")
+    reason = (
+        f"p95 {window.p95_ms:.1f} ms leaves headroom under SLO {config.slo_ms:.1f} ms for "
+        f"{state.under_count} windows at {window.rate:.1f} req/s; predicted {predicted:.1f} ms on {target.label}, "
+        f"device {device_busy(target, active, window):.0%} busy"
+    )
     return _switched(config, target, reason, "headroom", state, now, predicted)
 
 
-def _pin_or_unpin(config: PolicyConfig, by_id: dict[str, Option], state: PolicyState, now: float
-                  ) -> Decision | None:
+def _pin_or_unpin(config: PolicyConfig, by_id: dict[str, Option], state: PolicyState, now: float) -> Decision | None:
     pinned = by_id.get(config.pinned_variant)
     if pinned is not None:
         if state.active == pinned.variant_id:
             reason_code = "pinned" if state.pinned != pinned.variant_id else STAY
-            return Decision(state.active, "pinned", reason_code, replace(state, over_count=0, under_count=0,
-                                                                         pinned=pinned.variant_id))
+            return Decision(
+                state.active,
+                "pinned",
+                reason_code,
+                replace(state, over_count=0, under_count=0, pinned=pinned.variant_id),
+            )
         return _switched(config, pinned, f"pinned by the operator to {pinned.label}", "pinned", state, now)
     if state.pinned:
-        name = by_id[state.pinned].label if state.pinned in by_id else state.pinned[:12]
-        return Decision(state.active, f"unpinned by the operator from {name}; the policy decides again", "unpinned",
-                        replace(state, pinned="", over_count=0, under_count=0, capped=False))
+        name = by_id[state.pinned].label if state.pinned in by_id else short_id(state.pinned)
+        return Decision(
+            state.active,
+            f"unpinned by the operator from {name}; the policy decides again",
+            "unpinned",
+            replace(state, pinned="", over_count=0, under_count=0, capped=False),
+        )
     return None
 
 
@@ -384,12 +441,20 @@ def _fallback(config: PolicyConfig, options: list[Option], state: PolicyState, w
     target = smallest(options)
     if target.variant_id == state.active:
         return Decision(state.active, f"{why}; already on the smallest variant", STAY, state)
-    return _switched(config, target, f"{why}; fell back to the smallest variant, {target.label}", "fallback",
-                     state, now, target.p95_ms)
+    return _switched(
+        config,
+        target,
+        f"{why}; fell back to the smallest variant, {target.label}",
+        "fallback",
+        state,
+        now,
+        target.p95_ms,
+    )
 
 
-def decide(config: PolicyConfig, options: list[Option], state: PolicyState, window: Window | None,
-           now: float) -> Decision:
+def decide(
+    config: PolicyConfig, options: list[Option], state: PolicyState, window: Window | None, now: float
+) -> Decision:
     """What to serve after this window, and the state to carry into the next one. `window` is None
     when telemetry is missing."""
     by_id = {o.variant_id: o for o in options}
@@ -401,10 +466,11 @@ def decide(config: PolicyConfig, options: list[Option], state: PolicyState, wind
     active = by_id.get(state.active)
     if not state.active:
         choice = initial_choice(config, options)
-        return _switched(config, choice, f"no active variant; chose {choice.label}", "initial", state, now,
-                         choice.p95_ms)
+        return _switched(
+            config, choice, f"no active variant; chose {choice.label}", "initial", state, now, choice.p95_ms
+        )
     if active is None:
-        return _fallback(config, options, state, f"active variant {state.active[:12]} has no profile", now)
+        return _fallback(config, options, state, f"active variant {short_id(state.active)} has no profile", now)
     if window is None:
         return _fallback(config, options, state, "telemetry missing", now)
     candidates = frontier(config, options)

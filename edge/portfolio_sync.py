@@ -18,10 +18,11 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from common import variant
-from common.security import SecurityError, Verifier
+from common.errors import PrunefleetError
+from common.files import short_id
+from common.security import Verifier
 from edge.config import AgentConfig
-from edge.fetcher import FetchError, RetryConfig, fetch
+from edge.fetcher import RetryConfig, fetch
 from edge.link import Outbox
 from edge.loading import Profile, budget_groups, cache_loader, variant_info
 from edge.metrics import EdgeMetrics
@@ -35,8 +36,16 @@ log = logging.getLogger(__name__)
 class PortfolioSync:
     """The variants of a portfolio, from the cloud's listing into the runtime, with their profiles."""
 
-    def __init__(self, config: AgentConfig, runtime: Runtime, metrics: EdgeMetrics, portfolio_stub,
-                 outbox: Outbox, stopping: threading.Event, verifier: Verifier | None = None):
+    def __init__(
+        self,
+        config: AgentConfig,
+        runtime: Runtime,
+        metrics: EdgeMetrics,
+        portfolio_stub,
+        outbox: Outbox,
+        stopping: threading.Event,
+        verifier: Verifier | None = None,
+    ):
         self.config, self.runtime, self.metrics = config, runtime, metrics
         self._portfolio, self._outbox, self._stopping = portfolio_stub, outbox, stopping
         self._verifier = verifier
@@ -58,9 +67,17 @@ class PortfolioSync:
         start = time.perf_counter()
         if self._verifier is not None:
             self._verifier.check(info.variant_id, info.signature)  # before a byte is downloaded
-        path = fetch(self._portfolio, info.variant_id, self.config.cache_dir, self.config.fetch_deadline_s,
-                     retry=RetryConfig(attempts=self.config.fetch_attempts, backoff_s=self.config.backoff_s,
-                                       max_backoff_s=self.config.max_backoff_s))
+        path = fetch(
+            self._portfolio,
+            info.variant_id,
+            self.config.cache_dir,
+            self.config.fetch_deadline_s,
+            retry=RetryConfig(
+                attempts=self.config.fetch_attempts,
+                backoff_s=self.config.backoff_s,
+                max_backoff_s=self.config.max_backoff_s,
+            ),
+        )
         return path, time.perf_counter() - start
 
     def _loader(self, info, path: Path) -> Callable[[], LoadedVariant]:
@@ -79,13 +96,23 @@ class PortfolioSync:
             self.metrics.loaded(info.variant_id, load_s, self.runtime.resident_bytes(), "arrival")
             self.memory_changed(evicted)
             self._outbox.report(coordinator_pb2.EdgeReport(edge=self.config.name, profile=profile.to_proto()))
-            log.info("loaded %s (%s) in %.2f s: p95 %.2f ms at batch 1, %.2f ms at batch %d", info.name,
-                     info.variant_id[:12], load_s, profile.b1.p95_ms, profile.batch.p95_ms, self.config.batch)
+            log.info(
+                "loaded %s (%s) in %.2f s: p95 %.2f ms at batch 1, %.2f ms at batch %d",
+                info.name,
+                short_id(info.variant_id),
+                load_s,
+                profile.b1.p95_ms,
+                profile.batch.p95_ms,
+                self.config.batch,
+            )
 
     def memory_changed(self, evicted: tuple[str, ...]) -> None:
         for variant_id in evicted:
-            log.info("evicted %s from memory (budget %.1f MiB); it loads again on demand", variant_id[:12],
-                     self.config.memory_budget_mib)
+            log.info(
+                "evicted %s from memory (budget %.1f MiB); it loads again on demand",
+                short_id(variant_id),
+                self.config.memory_budget_mib,
+            )
         self.metrics.memory(self.runtime.resident(), self.runtime.resident_bytes(), len(evicted))
 
     def _load_group(self, group: list[tuple]) -> None:
@@ -95,8 +122,8 @@ class PortfolioSync:
             start = time.perf_counter()
             try:
                 ready = loader()
-            except (variant.VariantError, OSError, RuntimeError, ValueError) as err:
-                log.error("variant %s refused: %s", info.variant_id[:12], err)
+            except (PrunefleetError, OSError, RuntimeError, ValueError) as err:
+                log.error("variant %s refused: %s", short_id(info.variant_id), err)
                 continue
             fresh.append((info, ready, fetch_s + time.perf_counter() - start, loader))
         if fresh:
@@ -115,8 +142,8 @@ class PortfolioSync:
                 seen.add(info.variant_id)
                 try:
                     fetched.append((info, *self._fetch(info)))
-                except (FetchError, SecurityError, variant.VariantError, OSError, RuntimeError, ValueError) as err:
-                    log.error("variant %s refused: %s", info.variant_id[:12], err)
+                except (PrunefleetError, OSError, RuntimeError, ValueError) as err:
+                    log.error("variant %s refused: %s", short_id(info.variant_id), err)
             for group in budget_groups(fetched, self.config.memory_budget_bytes):
                 if not self._stopping.is_set():
                     self._load_group(group)
@@ -130,5 +157,5 @@ class PortfolioSync:
         for variant_id in leaving:
             self.runtime.remove(variant_id)
             self.metrics.evicted(variant_id, self.runtime.resident_bytes())
-            log.info("dropped %s: no longer in the portfolio", variant_id[:12])
+            log.info("dropped %s: no longer in the portfolio", short_id(variant_id))
         self.memory_changed(())

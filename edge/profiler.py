@@ -17,8 +17,9 @@ from torch import nn
 from common.profiling import LatencyProfile
 
 
-def profile_interleaved(models: Mapping[str, tuple[nn.Module, tuple[int, ...]]], batch: int, iters: int,
-                        warmup: int = 5) -> dict[str, LatencyProfile]:
+def profile_interleaved(
+    models: Mapping[str, tuple[nn.Module, tuple[int, ...]]], batch: int, iters: int, warmup: int = 5
+) -> dict[str, LatencyProfile]:
     """Latency of each model (keyed by id, with its [C, H, W] input shape) on random batches of `batch`."""
     if iters < 1 or batch < 1 or warmup < 0:
         raise ValueError("iters and batch must be >= 1 and warmup >= 0")

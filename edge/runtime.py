@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.errors import PrunefleetError
+from common.files import short_id
 from common.inference import AS_LOADED, ServingPlan, as_planned, checked_for_inference
 from common.variant import VariantSpec
 from common.wire import TensorError, pixels_to_unit
@@ -34,11 +36,11 @@ from common.wire import TensorError, pixels_to_unit
 INPUT_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
 
 
-class NotReadyError(RuntimeError):
+class NotReadyError(PrunefleetError, RuntimeError):
     """No variant is active yet."""
 
 
-class UnknownVariantError(LookupError):
+class UnknownVariantError(PrunefleetError, LookupError):
     """A variant id the runtime does not hold."""
 
 
@@ -100,8 +102,14 @@ def libc_trim() -> Callable[[], None]:
     return (lambda: trim(0)) if trim else (lambda: None)
 
 
-def loaded(info: VariantInfo, spec: VariantSpec, model: nn.Module, optimize: bool = True,
-           rebuild: Callable[[], nn.Module] | None = None, plan: ServingPlan | None = None) -> LoadedVariant:
+def loaded(
+    info: VariantInfo,
+    spec: VariantSpec,
+    model: nn.Module,
+    optimize: bool = True,
+    rebuild: Callable[[], nn.Module] | None = None,
+    plan: ServingPlan | None = None,
+) -> LoadedVariant:
     """A variant ready to serve, with its normalization as broadcastable tensors: by default optimized
     (BatchNorm folded, channels-last: common.inference, which also says what `rebuild` is for), with
     `optimize=False` the model as loaded, in eval mode (`--no-optimize-models`). With the `plan` of an
@@ -119,9 +127,14 @@ def loaded(info: VariantInfo, spec: VariantSpec, model: nn.Module, optimize: boo
         served = as_planned(model, plan)
     else:
         served, plan = checked_for_inference(model, tuple(spec.input_shape), rebuild)
-    return LoadedVariant(info, served, spec,
-                         torch.tensor(spec.mean, dtype=torch.float32).view(1, channels, 1, 1),
-                         torch.tensor(spec.std, dtype=torch.float32).view(1, channels, 1, 1), plan)
+    return LoadedVariant(
+        info,
+        served,
+        spec,
+        torch.tensor(spec.mean, dtype=torch.float32).view(1, channels, 1, 1),
+        torch.tensor(spec.std, dtype=torch.float32).view(1, channels, 1, 1),
+        plan,
+    )
 
 
 def warm_up(variant: LoadedVariant, batch: int = 1) -> None:
@@ -185,8 +198,9 @@ class Runtime:
         if not budget:
             return ()
         active = self._active.variant_id if self._active else ""
-        evictable = sorted((self._used.get(k, 0), k) for k in self._resident
-                           if k not in keep and k != active and k in self._loaders)
+        evictable = sorted(
+            (self._used.get(k, 0), k) for k in self._resident if k not in keep and k != active and k in self._loaders
+        )
         for _, variant_id in evictable:
             if self.resident_bytes() + incoming <= budget:
                 break
@@ -200,7 +214,7 @@ class Runtime:
         """Forget a variant; the active one stays (switch away first)."""
         with self._memory_lock:
             if self._active is not None and self._active.variant_id == variant_id:
-                raise ValueError(f"variant {variant_id[:12]} is active")
+                raise ValueError(f"variant {short_id(variant_id)} is active")
             self._known = MappingProxyType({k: v for k, v in self._known.items() if k != variant_id})
             self._drop(variant_id)
             self._loaders.pop(variant_id, None)
@@ -225,12 +239,12 @@ class Runtime:
         """Load a known variant that is not resident: make room first, then build it."""
         loader = self._loaders.get(variant_id)
         if variant_id not in self._known or loader is None:
-            raise UnknownVariantError(f"variant {variant_id[:12]} is not loaded")
+            raise UnknownVariantError(f"variant {short_id(variant_id)} is not loaded")
         evicted = self._evict_over_budget(keep={variant_id}, incoming=self._known[variant_id].size_bytes)
         start = time.perf_counter()
         target = loader()
         if target.variant_id != variant_id:
-            raise UnknownVariantError(f"loading {variant_id[:12]} gave {target.variant_id[:12]}")
+            raise UnknownVariantError(f"loading {short_id(variant_id)} gave {short_id(target.variant_id)}")
         load_s = time.perf_counter() - start
         self._hold(target)
         return target, load_s, evicted
@@ -264,8 +278,10 @@ class Runtime:
 
     def _validate(self, array: np.ndarray, variant: LoadedVariant) -> torch.Tensor:
         if array.dtype not in INPUT_DTYPES:
-            raise TensorError(f"dtype {array.dtype} is not supported: send uint8 pixels or float32 in [0, 1]; "
-                              f"{self._expected(variant.spec)}")
+            raise TensorError(
+                f"dtype {array.dtype} is not supported: send uint8 pixels or float32 in [0, 1]; "
+                f"{self._expected(variant.spec)}"
+            )
         shape = tuple(variant.spec.input_shape)
         if array.ndim != 4 or tuple(array.shape[1:]) != shape or not 1 <= array.shape[0] <= self.config.max_batch:
             raise TensorError(f"{self._expected(variant.spec)}, got {list(array.shape)}")

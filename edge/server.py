@@ -18,7 +18,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.wire import DTYPES, MAX_MESSAGE_BYTES, SERVER_OPTIONS, TensorError, from_proto, to_proto
+from common.errors import PrunefleetError
+from common.wire import (
+    DTYPES,
+    MAX_MESSAGE_BYTES,
+    SERVER_OPTIONS,
+    TensorError,
+    from_proto,
+    to_proto,
+)
 from edge.batching import MicroBatcher
 from edge.metrics import EdgeMetrics
 from edge.runtime import NotReadyError, Runtime
@@ -31,7 +39,7 @@ PREDICT_METHOD = f"/{INFERENCE_SERVICE}/Predict"
 HEALTH_NAMES = ("", INFERENCE_SERVICE)
 
 
-class PayloadTooLargeError(ValueError):
+class PayloadTooLargeError(PrunefleetError, ValueError):
     """A tensor whose declared size is over the message limit."""
 
 
@@ -41,15 +49,18 @@ def check_declared_size(tensor: inference_pb2.Tensor) -> None:
         return  # from_proto names the problem
     declared = math.prod(tensor.shape) * dtype.itemsize
     if declared > MAX_MESSAGE_BYTES:
-        raise PayloadTooLargeError(f"shape {list(tensor.shape)} of {tensor.dtype} needs {declared} bytes, over "
-                                   f"the {MAX_MESSAGE_BYTES}-byte limit; send smaller batches")
+        raise PayloadTooLargeError(
+            f"shape {list(tensor.shape)} of {tensor.dtype} needs {declared} bytes, over "
+            f"the {MAX_MESSAGE_BYTES}-byte limit; send smaller batches"
+        )
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """Predict on the runtime, or through a micro-batcher when one is given."""
 
-    def __init__(self, runtime: Runtime, window: RequestWindow, metrics: EdgeMetrics,
-                 batcher: MicroBatcher | None = None):
+    def __init__(
+        self, runtime: Runtime, window: RequestWindow, metrics: EdgeMetrics, batcher: MicroBatcher | None = None
+    ):
         self._runtime, self._window, self._metrics = runtime, window, metrics
         self._predict = batcher.predict if batcher is not None else runtime.predict
 
@@ -111,16 +122,24 @@ def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
         health_servicer.set(name, status)
 
 
-def make_server(servicer: InferenceServicer, host: str, port: int, workers: int,
-                credentials: grpc.ServerCredentials | None = None, max_pending: int | None = None
-                ) -> tuple[grpc.Server, int, health.HealthServicer]:
+def make_server(
+    servicer: InferenceServicer,
+    host: str,
+    port: int,
+    workers: int,
+    credentials: grpc.ServerCredentials | None = None,
+    max_pending: int | None = None,
+) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A started server, NOT_SERVING until the caller says otherwise, and its bound port (port 0 picks one).
     With `credentials` it speaks TLS; without, plaintext. `workers` threads take RPCs; beyond
     `max_pending` RPCs in progress (queued ones included), gRPC answers RESOURCE_EXHAUSTED at once
     instead of letting a queue grow without bound."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict"),
-                         interceptors=(ArrivalCounter(servicer.window),), options=SERVER_OPTIONS,
-                         maximum_concurrent_rpcs=max_pending)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict"),
+        interceptors=(ArrivalCounter(servicer.window),),
+        options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=max_pending,
+    )
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

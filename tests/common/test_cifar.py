@@ -27,7 +27,7 @@ def test_cifar10_loads_records_as_channel_planes(tmp_path):
     assert len(data.train) + len(data.val) == 100 and len(data.test) == 20
     raw = np.frombuffer((folder / "test_batch.bin").read_bytes(), dtype=np.uint8).reshape(20, 3073)
     assert int(data.test.labels[3]) == raw[3, 0]
-    assert torch.equal(data.test.images[3, 1, 0], torch.from_numpy(raw[3, 1 + 1024:1 + 1024 + 32].copy()))
+    assert torch.equal(data.test.images[3, 1, 0], torch.from_numpy(raw[3, 1 + 1024 : 1 + 1024 + 32].copy()))
 
 
 def test_a_truncated_cifar_file_is_refused_with_its_name(tmp_path):

@@ -7,12 +7,12 @@ import uuid
 
 import pytest
 import torch
+from helpers import random_batchnorm_statistics, spec_for
 
 from common import models, variant
 from common.registry import ImportPathError, UnknownNameError
-from conftest import random_batchnorm_statistics, spec_for
 
-NETS = '''
+NETS = """
 import torch
 from torch import nn
 
@@ -44,7 +44,7 @@ def fails(*, in_channels=1, num_classes=10, input_size=28, width=1.0):
 
 
 NOT_CALLABLE = 3
-'''
+"""
 KWARGS = {"in_channels": 1, "num_classes": 10, "input_size": 28, "width": 0.5}
 
 
@@ -76,7 +76,7 @@ def test_allowed_import_path_builds_like_a_zoo_name(user_package):
 
 
 def test_cloud_build_config_accepts_an_import_path(user_package, tmp_path):
-    from cloud import portfolio
+    from cloud.build import portfolio
 
     path = f"{user_package}.nets:tiny_cnn"
     assert portfolio.BuildConfig(out=tmp_path / "p", model=path).model == path
@@ -109,11 +109,32 @@ def test_variant_of_an_import_path_not_allowed_is_refused_without_importing(user
     assert not _imported(user_package)
 
 
-@pytest.mark.parametrize("path", [
-    "nets", "pkg.nets", "pkg:nets:tiny", "pkg..nets:tiny", ".pkg:tiny", "pkg.:tiny", "pkg:tiny.cnn", "pkg:",
-    ":tiny", "pkg :tiny", " pkg:tiny", "pkg:tiny\n", "1pkg:tiny", "pkg:1tiny", "my-pkg:tiny", "pkg/nets:tiny",
-    "class.nets:tiny", "pkg:def", "pkg:tiny()", "péché:tiny", "pkg:" + "x" * 300,
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "nets",
+        "pkg.nets",
+        "pkg:nets:tiny",
+        "pkg..nets:tiny",
+        ".pkg:tiny",
+        "pkg.:tiny",
+        "pkg:tiny.cnn",
+        "pkg:",
+        ":tiny",
+        "pkg :tiny",
+        " pkg:tiny",
+        "pkg:tiny\n",
+        "1pkg:tiny",
+        "pkg:1tiny",
+        "my-pkg:tiny",
+        "pkg/nets:tiny",
+        "class.nets:tiny",
+        "pkg:def",
+        "pkg:tiny()",
+        "péché:tiny",
+        "pkg:" + "x" * 300,
+    ],
+)
 def test_malformed_import_paths_are_refused_even_when_listed(path):
     with pytest.raises((ImportPathError, UnknownNameError)):
         models.resolve(path, allowed=(path,))
@@ -140,13 +161,16 @@ def test_missing_module_or_attribute_is_a_clear_error(user_package):
         models.resolve(broken, allowed=[broken])
 
 
-@pytest.mark.parametrize("function, message", [
-    ("not_a_module", "returned dict, not a torch.nn.Module"),
-    ("needs_depth", "must accept the keyword arguments"),
-    ("positional", "must accept the keyword arguments"),
-    ("NOT_CALLABLE", "is not callable"),
-    ("fails", "RuntimeError: out of ideas"),
-])
+@pytest.mark.parametrize(
+    "function, message",
+    [
+        ("not_a_module", "returned dict, not a torch.nn.Module"),
+        ("needs_depth", "must accept the keyword arguments"),
+        ("positional", "must accept the keyword arguments"),
+        ("NOT_CALLABLE", "is not callable"),
+        ("fails", "RuntimeError: out of ideas"),
+    ],
+)
 def test_constructor_that_breaks_the_contract_is_a_clear_error(user_package, function, message):
     path = f"{user_package}.nets:{function}"
     with pytest.raises(models.ConstructorError, match=message):
@@ -159,12 +183,26 @@ def test_constructor_that_breaks_the_contract_is_a_clear_error(user_package, fun
 def test_allow_list_merges_flags_and_the_environment_variable():
     from edge import cli
 
-    args = cli._parser().parse_args(["run", "--cloud", "c:1", "--name", "e", "--cache", "/tmp/c",
-                                     "--allow-model", "a.b:c", "--allow-model", "d:e,vgg11"])
+    args = cli._parser().parse_args(
+        [
+            "run",
+            "--cloud",
+            "c:1",
+            "--name",
+            "e",
+            "--cache",
+            "/tmp/c",
+            "--allow-model",
+            "a.b:c",
+            "--allow-model",
+            "d:e,vgg11",
+        ]
+    )
     environ = {models.ALLOW_ENV: " x.y:z , a.b:c,,"}
     assert cli.allowed_models(args, environ) == ("a.b:c", "d:e", "vgg11", "x.y:z")
-    assert cli.allowed_models(cli._parser().parse_args(["run", "--cloud", "c:1", "--name", "e", "--cache", "c"]),
-                              {}) == ()
+    assert (
+        cli.allowed_models(cli._parser().parse_args(["run", "--cloud", "c:1", "--name", "e", "--cache", "c"]), {}) == ()
+    )
     with pytest.raises(ImportPathError, match="malformed import path 'x y:z'"):
         cli.allowed_models(args, {models.ALLOW_ENV: "x y:z"})
 

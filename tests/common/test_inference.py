@@ -4,11 +4,11 @@ served wrongly is built again and served as loaded, or refused with a message th
 
 import pytest
 import torch
+from helpers import hammering
 from torch import nn
 
 from common import inference, models
 from common.inference import NotServableError, for_inference
-from conftest import hammering
 
 ZOO = ["vgg11", "vgg16", "resnet20", "resnet56", "mobilenetv2"]
 

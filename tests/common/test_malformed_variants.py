@@ -10,9 +10,9 @@ import sys
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from bench import fuzz_files
-from bench.fuzz_fleet import variant_bytes
-from cloud.store import PortfolioStore, StoreError
+from bench.fuzz import files as fuzz_files
+from bench.fuzz.fleet import variant_bytes
+from cloud.build.store import PortfolioStore, StoreError
 from common import tensorfile, variant
 from common.files import sha256_bytes
 
@@ -32,8 +32,10 @@ def test_a_malformed_variant_file_is_refused_naming_the_problem(what, tmp_path):
     path = tmp_path / "variant.safetensors"
     path.write_bytes(data)
     modules = set(sys.modules)
-    for load in (lambda: variant.load(path, expected_sha256=sha256_bytes(data)),
-                 lambda: variant.load_bytes(data, expected_sha256=sha256_bytes(data))):
+    for load in (
+        lambda: variant.load(path, expected_sha256=sha256_bytes(data)),
+        lambda: variant.load_bytes(data, expected_sha256=sha256_bytes(data)),
+    ):
         with pytest.raises(variant.VariantError) as refused:
             load()
         assert any(word in str(refused.value).lower() for word in words), str(refused.value)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import random_batchnorm_statistics, spec_for
 
 from common import models, variant
 from common.files import sha256_bytes
-from conftest import random_batchnorm_statistics, spec_for
 
 KWARGS = {"in_channels": 1, "input_size": 28, "num_classes": 10, "width": 0.125}
 
@@ -22,7 +22,9 @@ def _consistent_small(arch: str) -> torch.nn.Module:
     kwargs = dict(KWARGS, width=0.25)
     model = models.build(arch, kwargs).eval()
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 1, 28, 28))
-    for group in list(graph.get_all_groups(ignored_layers=[m for m in model.modules() if isinstance(m, torch.nn.Linear)])):
+    for group in list(
+        graph.get_all_groups(ignored_layers=[m for m in model.modules() if isinstance(m, torch.nn.Linear)])
+    ):
         root = group[0].dep.target.module
         n = len(group[0].idxs)
         if n > 2:
@@ -46,8 +48,9 @@ def test_round_trip_in_a_separate_process_gives_the_same_outputs(arch, tmp_path)
         "x = torch.load(sys.argv[3], weights_only=True)\n"
         "with torch.no_grad(): torch.save(v.model(x), sys.argv[4])\n"
     )
-    subprocess.run([sys.executable, "-c", code, str(path), sha, str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-c", code, str(path), sha, str(tmp_path / "x.pt"), str(tmp_path / "y.pt")], check=True
+    )
     got = torch.load(tmp_path / "y.pt", weights_only=True)
     assert torch.equal(got, expected)
     assert models.count_params(variant.load(path).model) == models.count_params(model)
@@ -87,11 +90,14 @@ def _header(data: bytes) -> dict:
     return json.loads(data[8 : 8 + n])
 
 
-@pytest.mark.parametrize("bad, message", [
-    (b"", "shorter than"),
-    (struct.pack("<Q", 1 << 40) + b"{}", "beyond the file"),
-    (struct.pack("<Q", 2) + b"{}", "no metadata"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (b"", "shorter than"),
+        (struct.pack("<Q", 1 << 40) + b"{}", "beyond the file"),
+        (struct.pack("<Q", 2) + b"{}", "no metadata"),
+    ],
+)
 def test_malformed_headers_are_refused(bad, message):
     with pytest.raises(variant.VariantError, match=message):
         variant.load_bytes(bad)
@@ -133,18 +139,28 @@ def test_only_a_file_of_a_known_sha256_may_skip_the_shape_check(tmp_path):
 
 def test_the_same_model_gives_the_same_bytes_in_every_process():
     """Variant ids are sha256 of the file: they must repeat across processes and builds."""
-    code = ("import hashlib, torch; from common import models, variant; from conftest import spec_for; "
-            "torch.manual_seed(0); m = models.build('vgg11', {'width': 0.125}); "
-            "print(hashlib.sha256(variant.encode(m, spec_for('vgg11', {'width': 0.125}))).hexdigest())")
+    code = (
+        "import hashlib, torch; from common import models, variant; from helpers import spec_for; "
+        "torch.manual_seed(0); m = models.build('vgg11', {'width': 0.125}); "
+        "print(hashlib.sha256(variant.encode(m, spec_for('vgg11', {'width': 0.125}))).hexdigest())"
+    )
     tests = str(Path(__file__).resolve().parents[1])
-    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                              env={**os.environ, "PYTHONPATH": tests}).stdout.strip() for _ in range(3)}
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": tests},
+        ).stdout.strip()
+        for _ in range(3)
+    }
     assert len(digests) == 1 and len(next(iter(digests))) == 64
 
 
 def test_the_header_is_written_canonically():
     data = variant.encode(models.build("vgg11", {"width": 0.125}), spec_for("vgg11", {"width": 0.125}))
     (length,) = struct.unpack("<Q", data[:8])
-    header = data[8:8 + length]
+    header = data[8 : 8 + length]
     canonical = json.dumps(json.loads(header), sort_keys=True, separators=(",", ":")).encode()
     assert header.rstrip(b" ") == canonical and length % 8 == 0

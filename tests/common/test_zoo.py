@@ -6,10 +6,10 @@ import operator
 
 import pytest
 import torch
+from helpers import spec_for
 from torch import fx, nn
 
 from common import models, variant
-from conftest import spec_for
 
 ZOO = ["vgg11", "vgg16", "resnet20", "resnet56", "mobilenetv2"]
 SHAPES = [(1, 28), (3, 32)]
@@ -17,8 +17,14 @@ DEPTHWISE_CONVS, RESIDUAL_ADDS = 14, 7  # one depthwise conv per block; adds whe
 
 
 def _depthwise(model: nn.Module) -> list[nn.Conv2d]:
-    return [m for m in model.modules() if isinstance(m, nn.Conv2d)
-            and m.groups > 1 and m.groups == m.in_channels == m.out_channels and m.weight.shape[1] == 1]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+        and m.groups > 1
+        and m.groups == m.in_channels == m.out_channels
+        and m.weight.shape[1] == 1
+    ]
 
 
 def _adds(model: nn.Module) -> int:

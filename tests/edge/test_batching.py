@@ -5,11 +5,11 @@ from concurrent import futures
 
 import numpy as np
 import pytest
+from edge_helpers import load_variant, write_variant
 
 from common.wire import TensorError
 from edge.batching import BatchConfig, MicroBatcher
 from edge.runtime import Runtime, RuntimeConfig
-from edge_fixtures import load_variant, write_variant
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import threading
 import grpc
 import numpy as np
 import pytest
+from edge_helpers import FakeCloud, portfolio_of, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common.files import portfolio_id, sha256_bytes
@@ -16,7 +17,6 @@ from common.wire import to_proto
 from edge.agent import initial_portfolio
 from edge.cli import assemble
 from edge.config import AgentConfig
-from edge_fixtures import FakeCloud, portfolio_of, wait_for
 from protos import coordinator_pb2, inference_pb2, inference_pb2_grpc, portfolio_pb2
 
 
@@ -33,8 +33,16 @@ def wired(portfolio, tmp_path):
     cloud = FakeCloud({**files, liar.variant_id: lying}, infos + [liar])
     address = cloud.start()
     stopping = threading.Event()
-    config = AgentConfig(cloud=address, name="edge-t", cache_dir=tmp_path / "cache", profile_iters=3, batch=4,
-                         backoff_s=0.05, max_backoff_s=0.2, fetch_attempts=2)
+    config = AgentConfig(
+        cloud=address,
+        name="edge-t",
+        cache_dir=tmp_path / "cache",
+        profile_iters=3,
+        batch=4,
+        backoff_s=0.05,
+        max_backoff_s=0.2,
+        fetch_attempts=2,
+    )
     node = assemble(config, stopping, Transport.plaintext())
     yield cloud, node, infos, liar
     stopping.set()
@@ -128,8 +136,9 @@ def test_a_policy_directive_pins_and_the_switch_is_reported(wired):
     cloud, node, infos, _ = wired
     _start(node)
     small = infos[0].variant_id
-    cloud.directives.put(coordinator_pb2.Directive(policy=coordinator_pb2.Policy(
-        slo_ms=1000.0, pinned_variant=small, version=2)))
+    cloud.directives.put(
+        coordinator_pb2.Directive(policy=coordinator_pb2.Policy(slo_ms=1000.0, pinned_variant=small, version=2))
+    )
     wait_for(lambda: node.agent.policy.version == 2, what="the new policy")
     decision = node.agent.decide_once()
     assert decision.reason_code == "pinned" and node.agent.runtime.active.variant_id == small
@@ -148,12 +157,18 @@ def test_decisions_go_on_without_the_cloud_and_events_flush_on_reconnect(wired):
     assert node.agent.runtime.active.variant_id == small
     registrations = len(cloud.registrations)
     cloud.start(cloud.port)
-    event = wait_for(lambda: [e for e in cloud.switches() if e.reason_code == "pinned"], timeout_s=15,
-                     what="the buffered switch event")[0]
+    event = wait_for(
+        lambda: [e for e in cloud.switches() if e.reason_code == "pinned"],
+        timeout_s=15,
+        what="the buffered switch event",
+    )[0]
     assert event.to_variant == small
     assert len(cloud.registrations) > registrations  # re-registered on reconnect
-    windows = wait_for(lambda: [r.telemetry for r in cloud.reports if r.WhichOneof("body") == "telemetry"],
-                       timeout_s=15, what="the telemetry window buffered while the cloud was away")
+    windows = wait_for(
+        lambda: [r.telemetry for r in cloud.reports if r.WhichOneof("body") == "telemetry"],
+        timeout_s=15,
+        what="the telemetry window buffered while the cloud was away",
+    )
     assert windows[0].policy_version == 3  # the window closed while the cloud was away, under the local policy
     assert windows[0].portfolio_id == portfolio_id(v.variant_id for v in infos)
     assert cloud.streams[-1][0].edge == "edge-t"
@@ -166,19 +181,26 @@ def test_a_portfolio_directive_loads_new_variants_switches_in_and_drops_the_old(
     cloud.files.update(files)
     small, big = infos
     assert node.agent.runtime.active.variant_id == big.variant_id
-    cloud.directives.put(coordinator_pb2.Directive(portfolio=portfolio_pb2.ListVariantsResponse(
-        variants=[small, tiny], portfolio_id="p2")))
+    cloud.directives.put(
+        coordinator_pb2.Directive(
+            portfolio=portfolio_pb2.ListVariantsResponse(variants=[small, tiny], portfolio_id="p2")
+        )
+    )
     event = wait_for(lambda: [e for e in cloud.switches() if e.reason_code == "portfolio"], what="the switch in")[0]
     assert (event.from_variant, event.to_variant) == (big.variant_id, small.variant_id)  # the best that stayed
     wait_for(lambda: set(node.agent.runtime.variants()) == {small.variant_id, tiny.variant_id}, what="the eviction")
     assert {o.variant_id for o in node.agent.options()} == {small.variant_id, tiny.variant_id}
-    profiles = wait_for(lambda: [r for r in cloud.reports if r.WhichOneof("body") == "profile"
-                                 and r.profile.variant_id == tiny.variant_id], what="the new variant's profile")
+    profiles = wait_for(
+        lambda: [
+            r for r in cloud.reports if r.WhichOneof("body") == "profile" and r.profile.variant_id == tiny.variant_id
+        ],
+        what="the new variant's profile",
+    )
     assert profiles[0].edge == "edge-t"
 
 
 def test_an_edge_with_the_cloud_key_loads_only_variants_signed_by_it(portfolio, tmp_path):
-    from cloud import certs
+    from cloud.admin import certs
     from common.security import Signer
 
     keys, other = certs.init(tmp_path / "certs"), certs.init(tmp_path / "other")
@@ -192,8 +214,15 @@ def test_an_edge_with_the_cloud_key_loads_only_variants_signed_by_it(portfolio, 
     cloud = FakeCloud(files, [signed, unsigned, forged])
     address = cloud.start()
     stopping = threading.Event()
-    config = AgentConfig(cloud=address, name="edge-s", cache_dir=tmp_path / "cache", profile_iters=2, batch=4,
-                         fetch_attempts=1, verify_key=keys["edge"] / "signing.pub")
+    config = AgentConfig(
+        cloud=address,
+        name="edge-s",
+        cache_dir=tmp_path / "cache",
+        profile_iters=2,
+        batch=4,
+        fetch_attempts=1,
+        verify_key=keys["edge"] / "signing.pub",
+    )
     node = assemble(config, stopping, Transport.plaintext())
     try:
         assert initial_portfolio(node.agent, node.link)
@@ -236,8 +265,12 @@ def test_requests_refused_before_serving_are_reported_under_no_portfolio(wired):
     threading.Thread(target=node.link.run, args=(node.agent,), daemon=True).start()
     assert predict(request, timeout=5).variant_id == node.agent.runtime.active.variant_id
     node.agent.decide_once()
-    windows = wait_for(lambda: (w := [r.telemetry for r in cloud.reports if r.WhichOneof("body") == "telemetry"])
-                       and len(w) >= 2 and w, what="the start-up window and the next")
+    windows = wait_for(
+        lambda: (
+            (w := [r.telemetry for r in cloud.reports if r.WhichOneof("body") == "telemetry"]) and len(w) >= 2 and w
+        ),
+        what="the start-up window and the next",
+    )
     held = portfolio_id(v.variant_id for v in infos)
     assert (windows[0].portfolio_id, windows[0].requests, windows[0].errors) == ("", 3, 3)
     assert windows[1].portfolio_id == held and (windows[1].requests, windows[1].errors) == (1, 0)

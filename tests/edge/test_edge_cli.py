@@ -12,9 +12,9 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from edge_helpers import FakeCloud, portfolio_of, wait_for
 
 from common.wire import to_proto
-from edge_fixtures import FakeCloud, portfolio_of, wait_for
 from protos import inference_pb2, inference_pb2_grpc
 
 SERVING = re.compile(r"^prunefleet-edge edge-c serving on (127\.0\.0\.1:\d+) metrics on (127\.0\.0\.1:\d+)$")
@@ -44,10 +44,33 @@ def _lines(stream) -> queue.Queue:
 
 def test_run_serves_reports_and_exits_cleanly_on_sigterm(cloud, tmp_path):
     process = subprocess.Popen(
-        [sys.executable, "-m", "edge.cli", "run", "--cloud", f"127.0.0.1:{cloud.port}", "--name", "edge-c",
-         "--port", "0", "--metrics-port", "0", "--cache", str(tmp_path / "cache"), "--batch", "4",
-         "--window-s", "0.2", "--log-level", "warning", "--insecure"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "edge.cli",
+            "run",
+            "--cloud",
+            f"127.0.0.1:{cloud.port}",
+            "--name",
+            "edge-c",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--batch",
+            "4",
+            "--window-s",
+            "0.2",
+            "--log-level",
+            "warning",
+            "--insecure",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         lines = _lines(process.stdout)
         first = lines.get(timeout=60)
@@ -60,8 +83,10 @@ def test_run_serves_reports_and_exits_cleanly_on_sigterm(cloud, tmp_path):
         assert reply.variant_id in cloud.files and reply.output.shape == [4, 10]
         metrics = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5).read().decode()
         assert f'prunefleet_edge_active_variant{{edge="edge-c",variant="{reply.variant_id[:12]}"}} 1.0' in metrics
-        wait_for(lambda: any(r.WhichOneof("body") == "telemetry" and r.telemetry.requests for r in cloud.reports),
-                 what="telemetry counting the request")
+        wait_for(
+            lambda: any(r.WhichOneof("body") == "telemetry" and r.telemetry.requests for r in cloud.reports),
+            what="telemetry counting the request",
+        )
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0
         assert lines.get(timeout=5) is None  # exactly one line on stdout
@@ -72,14 +97,17 @@ def test_run_serves_reports_and_exits_cleanly_on_sigterm(cloud, tmp_path):
 
 
 def test_the_edge_imports_nothing_from_the_cloud_side():
-    code = ("import sys, edge.cli, edge.agent, edge.profiler\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('cloud', 'torch_pruning', 'matplotlib')))")
+    code = (
+        "import sys, edge.cli, edge.agent, edge.profiler\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('cloud', 'torch_pruning', 'matplotlib')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
 def test_variants_are_served_optimized_unless_the_operator_says_otherwise():
     from edge import cli
+
     base = ["run", "--cloud", "127.0.0.1:1", "--name", "e", "--cache", "cache", "--insecure"]
     assert cli._config(cli._parser({}).parse_args(base)).optimize_models
     assert not cli._config(cli._parser({}).parse_args([*base, "--no-optimize-models"])).optimize_models

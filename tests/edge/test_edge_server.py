@@ -6,6 +6,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+from edge_helpers import load_variant, wait_for, write_variant
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, generate_latest
@@ -15,7 +16,6 @@ from edge.metrics import EdgeMetrics
 from edge.runtime import Runtime, RuntimeConfig
 from edge.server import INFERENCE_SERVICE, InferenceServicer, make_server, set_serving
 from edge.telemetry import RequestWindow
-from edge_fixtures import load_variant, wait_for, write_variant
 from protos import inference_pb2, inference_pb2_grpc
 
 EXPECTED = "expected shape [N, 1, 28, 28] with 1 <= N <= 64"
@@ -29,8 +29,15 @@ def edge(tmp_path_factory):
     servicer = InferenceServicer(runtime, window, EdgeMetrics(registry, "edge-t", slo_s=0.033))
     server, port, health = make_server(servicer, "127.0.0.1", 0, workers=4)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield dict(runtime=runtime, held=held, health=health, registry=registry, window=window, channel=channel,
-               stub=inference_pb2_grpc.InferenceServiceStub(channel))
+    yield dict(
+        runtime=runtime,
+        held=held,
+        health=health,
+        registry=registry,
+        window=window,
+        channel=channel,
+        stub=inference_pb2_grpc.InferenceServiceStub(channel),
+    )
     channel.close()
     server.stop(0)
 
@@ -73,15 +80,19 @@ def test_predict_answers_logits_and_the_variant(serving):
     np.testing.assert_allclose(logits, serving["runtime"].predict(pixels)[0], atol=1e-6)
 
 
-@pytest.mark.parametrize("tensor", [
-    to_proto(np.zeros((2, 3, 28, 28), np.float32)),  # wrong channels
-    to_proto(np.zeros((2, 28, 28), np.uint8)),  # no channel dimension
-    to_proto(np.zeros((65, 1, 28, 28), np.uint8)),  # over max_batch
-    inference_pb2.Tensor(shape=[1, 1, 28, 28], dtype="float64", data=bytes(8 * 784)),  # dtype
-    inference_pb2.Tensor(shape=[1, 1, 28, 28], dtype="float32", data=bytes(10)),  # byte count
-    inference_pb2.Tensor(shape=[1, -1, 28, 28], dtype="float32", data=b""),  # negative dimension
-    inference_pb2.Tensor(),  # empty
-], ids=["channels", "rank", "batch", "dtype", "bytes", "negative", "empty"])
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        to_proto(np.zeros((2, 3, 28, 28), np.float32)),  # wrong channels
+        to_proto(np.zeros((2, 28, 28), np.uint8)),  # no channel dimension
+        to_proto(np.zeros((65, 1, 28, 28), np.uint8)),  # over max_batch
+        inference_pb2.Tensor(shape=[1, 1, 28, 28], dtype="float64", data=bytes(8 * 784)),  # dtype
+        inference_pb2.Tensor(shape=[1, 1, 28, 28], dtype="float32", data=bytes(10)),  # byte count
+        inference_pb2.Tensor(shape=[1, -1, 28, 28], dtype="float32", data=b""),  # negative dimension
+        inference_pb2.Tensor(),  # empty
+    ],
+    ids=["channels", "rank", "batch", "dtype", "bytes", "negative", "empty"],
+)
 def test_bad_tensors_get_invalid_argument_naming_the_expected_shape(serving, tensor):
     err = _error(serving, tensor)
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and EXPECTED in err.details()
@@ -132,8 +143,9 @@ def test_requests_count_as_come_while_they_wait_for_a_worker_thread(serving):
     runtime, window = serving["runtime"], serving["window"]
     before = window.arrived
     request = inference_pb2.PredictRequest(input=to_proto(np.zeros((1, 1, 28, 28), np.uint8)))
-    calls = [threading.Thread(target=serving["stub"].Predict, args=(request,), kwargs={"timeout": 30})
-             for _ in range(6)]
+    calls = [
+        threading.Thread(target=serving["stub"].Predict, args=(request,), kwargs={"timeout": 30}) for _ in range(6)
+    ]
     runtime._slots.acquire()
     try:
         for call in calls:

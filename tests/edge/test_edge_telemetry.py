@@ -32,8 +32,9 @@ def test_window_stats_and_reset():
 
 def test_window_is_thread_safe():
     window = RequestWindow(started_at=0.0)
-    threads = [threading.Thread(target=lambda: [window.record(0.001, "v", True) for _ in range(2000)])
-               for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda: [window.record(0.001, "v", True) for _ in range(2000)]) for _ in range(4)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -53,7 +54,9 @@ def test_process_sample():
 def test_device_busy_reads_only_the_cpus_the_agent_may_run_on():
     busy_cpu, idle_cpu = sorted(os.sched_getaffinity(0))[:2]
     before = os.sched_getaffinity(0)
-    burner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    burner = subprocess.Popen(
+        [sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"]
+    )
     try:
         os.sched_setaffinity(burner.pid, {busy_cpu})
         os.sched_setaffinity(0, {idle_cpu})  # this thread waits on the other CPU
@@ -98,7 +101,9 @@ def test_a_new_slo_gets_its_bucket_and_load_and_memory_metrics_are_counted():
     metrics.budget(4096)
     text = generate_latest(registry).decode()
     for le in ("0.023", "0.042"):
-        assert f'prunefleet_edge_request_duration_seconds_bucket{{edge="e1",le="{le}",variant="{"a" * 12}"}} 1.0' in text
+        assert (
+            f'prunefleet_edge_request_duration_seconds_bucket{{edge="e1",le="{le}",variant="{"a" * 12}"}} 1.0' in text
+        )
     assert 'prunefleet_edge_slo_seconds{edge="e1"} 0.042' in text
     assert 'prunefleet_edge_variant_loads_total{edge="e1",source="on_demand"} 1.0' in text
     assert 'prunefleet_edge_variant_loads_total{edge="e1",source="arrival"} 0.0' in text
@@ -148,8 +153,10 @@ def test_interleaved_profiles_rank_a_bigger_model_slower():
     from edge.profiler import profile_interleaved
 
     kwargs = {"in_channels": 1, "input_size": 28, "num_classes": 10}
-    pair = {"big": (models.build("vgg11", dict(kwargs, width=0.5)), (1, 28, 28)),
-            "tiny": (models.build("vgg11", dict(kwargs, width=0.0625)), (1, 28, 28))}
+    pair = {
+        "big": (models.build("vgg11", dict(kwargs, width=0.5)), (1, 28, 28)),
+        "tiny": (models.build("vgg11", dict(kwargs, width=0.0625)), (1, 28, 28)),
+    }
     profiles = profile_interleaved(pair, batch=8, iters=10, warmup=2)
     assert set(profiles) == {"big", "tiny"}
     assert all(p.batch == 8 and 0 < p.p50_ms <= p.p95_ms for p in profiles.values())
@@ -212,8 +219,9 @@ def test_a_silent_stream_is_given_up_and_everything_it_took_since_last_heard_is_
         outbox.telemetry(_report("telemetry", n))
     outbox.event(_report("switch", 9))
     stub = _SilentStub()
-    link = Link(LinkConfig(edge="e1", address="127.0.0.1:1", metrics_address="", silence_s=0.6), stub, outbox,
-                threading.Event())
+    link = Link(
+        LinkConfig(edge="e1", address="127.0.0.1:1", metrics_address="", silence_s=0.6), stub, outbox, threading.Event()
+    )
     start = time.monotonic()
     link.session(_Handler())  # returns once the watchdog cancels the silent stream
     assert stub.call.cancelled.is_set() and 0.6 <= time.monotonic() - start < 5

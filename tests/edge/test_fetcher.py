@@ -35,9 +35,12 @@ class MemoryPortfolio(portfolio_pb2_grpc.PortfolioServiceServicer):
             if self.fail_after_chunks is not None and i == self.fail_after_chunks:
                 self.fail_after_chunks = None
                 context.abort(grpc.StatusCode.UNAVAILABLE, "connection dropped")
-            yield portfolio_pb2.VariantChunk(offset=offset + (7 if self.bad_offset else 0),
-                                             data=data[offset:offset + CHUNK], total_size=len(data),
-                                             sha256=request.variant_id)
+            yield portfolio_pb2.VariantChunk(
+                offset=offset + (7 if self.bad_offset else 0),
+                data=data[offset : offset + CHUNK],
+                total_size=len(data),
+                sha256=request.variant_id,
+            )
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +90,15 @@ def test_a_dropped_stream_is_retried_from_where_it_stopped(portfolio, tmp_path):
     servicer, stub = portfolio
     servicer.fail_after_chunks = 3
     sleeps = Sleeps()
-    path = fetch(stub, SHA, tmp_path, deadline_s=10, retry=RetryConfig(attempts=3, backoff_s=0.5),
-                 sleep=sleeps, rng=random.Random(1))
+    path = fetch(
+        stub,
+        SHA,
+        tmp_path,
+        deadline_s=10,
+        retry=RetryConfig(attempts=3, backoff_s=0.5),
+        sleep=sleeps,
+        rng=random.Random(1),
+    )
     assert servicer.requests == [(SHA, 0), (SHA, 3 * CHUNK)]
     assert path.read_bytes() == DATA
     assert len(sleeps) == 1 and 0 <= sleeps[0] <= 0.5
@@ -151,13 +161,20 @@ def test_bad_ids_are_refused_before_touching_the_filesystem(portfolio, tmp_path,
 def test_a_stream_of_bytes_that_are_no_chunk_fails_the_call_and_leaves_no_file(tmp_path):
     """A peer whose messages do not parse as VariantChunk: the call ends INTERNAL, and the fetch fails
     after its retries with nothing in the cache."""
+
     def garbage(request, context):
         yield b"\x12\x05abc"  # data declared 5 bytes long, 3 sent
 
-    handler = grpc.method_handlers_generic_handler("prunefleet.v1.PortfolioService", {
-        "FetchVariant": grpc.unary_stream_rpc_method_handler(
-            garbage, request_deserializer=portfolio_pb2.FetchVariantRequest.FromString,
-            response_serializer=lambda message: message)})
+    handler = grpc.method_handlers_generic_handler(
+        "prunefleet.v1.PortfolioService",
+        {
+            "FetchVariant": grpc.unary_stream_rpc_method_handler(
+                garbage,
+                request_deserializer=portfolio_pb2.FetchVariantRequest.FromString,
+                response_serializer=lambda message: message,
+            )
+        },
+    )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -165,8 +182,9 @@ def test_a_stream_of_bytes_that_are_no_chunk_fails_the_call_and_leaves_no_file(t
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             with pytest.raises(FetchError, match="INTERNAL"):
-                fetch(portfolio_stub(channel), SHA, tmp_path, deadline_s=10,
-                      retry=RetryConfig(attempts=2, backoff_s=0.0))
+                fetch(
+                    portfolio_stub(channel), SHA, tmp_path, deadline_s=10, retry=RetryConfig(attempts=2, backoff_s=0.0)
+                )
     finally:
         server.stop(0)
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".safetensors"] == []

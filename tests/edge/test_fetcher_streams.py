@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 
-from bench import fuzz_streams
-from bench.fuzz_fleet import variant_bytes
+from bench.fuzz import streams as fuzz_streams
+from bench.fuzz.fleet import variant_bytes
 from common.files import sha256_bytes
 
 GOOD = variant_bytes(0.0625)

@@ -1,12 +1,11 @@
 """The runtime under a memory budget: eviction, on-demand loads from real files, and switching under load."""
 
-
 import numpy as np
 import pytest
+from edge_helpers import load_variant, write_variant
+from helpers import hammering
 
 from edge.runtime import Runtime, RuntimeConfig, UnknownVariantError
-from conftest import hammering
-from edge_fixtures import load_variant, write_variant
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +25,7 @@ def _budgeted(files, budget_variants: float):
         def load():
             loads.append(sha)
             return load_variant(path, sha, name)
+
         return load
 
     evicted = []

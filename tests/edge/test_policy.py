@@ -6,8 +6,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.policy import (Option, PolicyConfig, PolicyState, Window, decide, frontier, initial_choice, predicted_p95,
-                         queue_ms)
+from edge.policy import (
+    Option,
+    PolicyConfig,
+    PolicyState,
+    Window,
+    decide,
+    frontier,
+    initial_choice,
+    predicted_p95,
+    queue_ms,
+)
 from protos import coordinator_pb2
 
 FAST = Option("a" * 64, accuracy=0.80, p50_ms=3.0, p95_ms=4.0, name="fast")
@@ -35,16 +44,35 @@ def run(config, state, windows, start=100.0, step=1.0, options=OPTIONS):
 
 def test_from_proto_takes_defaults_for_unset_fields():
     config = PolicyConfig.from_proto(coordinator_pb2.Policy())
-    assert (config.slo_ms, config.down_windows, config.up_windows, config.up_headroom, config.dwell_s,
-            config.window_s, config.max_switches_per_minute) == (50.0, 2, 3, 0.7, 5.0, 1.0, 6)
-    set_by_coordinator = PolicyConfig.from_proto(coordinator_pb2.Policy(slo_ms=20.0, dwell_s=0.0, version=4),
-                                                 window_s=0.5)
+    assert (
+        config.slo_ms,
+        config.down_windows,
+        config.up_windows,
+        config.up_headroom,
+        config.dwell_s,
+        config.window_s,
+        config.max_switches_per_minute,
+    ) == (50.0, 2, 3, 0.7, 5.0, 1.0, 6)
+    set_by_coordinator = PolicyConfig.from_proto(
+        coordinator_pb2.Policy(slo_ms=20.0, dwell_s=0.0, version=4), window_s=0.5
+    )
     assert set_by_coordinator.dwell_s == 0.0 and set_by_coordinator.window_s == 0.5
     assert set_by_coordinator.slo_ms == 20.0 and set_by_coordinator.version == 4
 
 
-@pytest.mark.parametrize("bad", [dict(max_switches_per_minute=0), dict(memory_budget_bytes=-1), dict(slo_ms=0), dict(up_headroom=1.5), dict(down_windows=0), dict(dwell_s=-1),
-                                 dict(min_accuracy=2.0), dict(window_s=0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(max_switches_per_minute=0),
+        dict(memory_budget_bytes=-1),
+        dict(slo_ms=0),
+        dict(up_headroom=1.5),
+        dict(down_windows=0),
+        dict(dwell_s=-1),
+        dict(min_accuracy=2.0),
+        dict(window_s=0),
+    ],
+)
 def test_config_is_validated(bad):
     with pytest.raises(ValueError):
         PolicyConfig(**bad)
@@ -167,8 +195,15 @@ def test_the_cap_holds_back_step_ups_and_records_that_once_but_never_a_step_down
         decision = decide(config, OPTIONS, state, window, now)
         decisions.append(decision)
         state = decision.state
-    assert [d.reason_code for d in decisions] == ["slo_violation", "headroom", "slo_violation", "headroom",
-                                                  "slo_violation", "capped", "stay"]
+    assert [d.reason_code for d in decisions] == [
+        "slo_violation",
+        "headroom",
+        "slo_violation",
+        "headroom",
+        "slo_violation",
+        "capped",
+        "stay",
+    ]
     assert not decisions[5].switch and decisions[5].recorded and "cap 2" in decisions[5].reason
     later = decide(config, OPTIONS, state, Window(10, 0.2 * BY_ID[state.active].p95_ms), 165.0)
     assert later.switch and later.reason_code == "headroom"  # the minute has passed
@@ -272,8 +307,11 @@ def test_decisions_are_values():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 3), st.floats(0.0, 100.0)), min_size=1, max_size=60),
-       st.integers(1, 4), st.integers(1, 4))
+@given(
+    st.lists(st.tuples(st.integers(0, 3), st.floats(0.0, 100.0)), min_size=1, max_size=60),
+    st.integers(1, 4),
+    st.integers(1, 4),
+)
 def test_switches_are_always_separated_by_the_hysteresis(windows, down_windows, up_windows):
     config = PolicyConfig(slo_ms=30.0, down_windows=down_windows, up_windows=up_windows, dwell_s=0.0)
     switches, _ = run(config, PolicyState(MID.variant_id), [Window(r, p) for r, p in windows])

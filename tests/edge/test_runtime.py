@@ -5,20 +5,28 @@ import time
 import numpy as np
 import pytest
 import torch
+from edge_helpers import load_variant, write_variant
+from helpers import hammering
 
 from common import datasets, variant
 from common.wire import TensorError
 from edge.loading import cache_loader
-from edge.runtime import NotReadyError, Runtime, RuntimeConfig, UnknownVariantError, VariantInfo
-from conftest import hammering
-from edge_fixtures import load_variant, write_variant
+from edge.runtime import (
+    NotReadyError,
+    Runtime,
+    RuntimeConfig,
+    UnknownVariantError,
+    VariantInfo,
+)
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     directory = tmp_path_factory.mktemp("variants")
-    return (load_variant(*write_variant(directory, 0.125, 0.80, seed=0), name="small"),
-            load_variant(*write_variant(directory, 0.25, 0.85, seed=1), name="big"))
+    return (
+        load_variant(*write_variant(directory, 0.125, 0.80, seed=0), name="small"),
+        load_variant(*write_variant(directory, 0.25, 0.85, seed=1), name="big"),
+    )
 
 
 @pytest.fixture
@@ -49,7 +57,6 @@ def test_predict_matches_the_model_on_normalized_pixels(runtime, pair):
     np.testing.assert_allclose(as_float, logits, atol=1e-5)
 
 
-
 def test_the_time_inferences_hold_a_slot_adds_up(runtime):
     """What the policy reads as the wall time a request costs on this device: inside the slot only."""
     pixels = np.zeros((4, 1, 28, 28), np.uint8)
@@ -59,6 +66,7 @@ def test_the_time_inferences_hold_a_slot_adds_up(runtime):
         runtime.predict(pixels)
     elapsed = time.perf_counter() - started
     assert 0 < runtime.slot_seconds < elapsed
+
 
 @pytest.mark.parametrize("shape", [(1, 3, 28, 28), (2, 28, 28), (0, 1, 28, 28), (17, 1, 28, 28), (1, 1, 28, 27)])
 def test_bad_shapes_name_the_expected_shape(runtime, shape):
@@ -79,8 +87,11 @@ def test_bad_dtype_and_non_finite_values_are_rejected(runtime):
 
 def test_switch_is_timed_and_refuses_unknown_variants(runtime, pair):
     record = runtime.switch(pair[1].variant_id, "headroom")
-    assert (record.from_variant, record.to_variant, record.reason) == (pair[0].variant_id, pair[1].variant_id,
-                                                                       "headroom")
+    assert (record.from_variant, record.to_variant, record.reason) == (
+        pair[0].variant_id,
+        pair[1].variant_id,
+        "headroom",
+    )
     assert 0 < record.switch_us < 10_000
     with pytest.raises(UnknownVariantError):
         runtime.switch("0" * 64)
@@ -125,9 +136,9 @@ def test_a_variant_is_served_optimized_by_default_and_answers_what_it_answers_as
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in optimized.model.modules())  # folded
     assert optimized.memory_bytes < plain.memory_bytes  # BatchNorm's tensors folded away
     answers = []
-    for variant in (plain, optimized):
+    for loaded_variant in (plain, optimized):
         runtime = Runtime(RuntimeConfig(slots=2, max_batch=16))
-        runtime.add(variant)
+        runtime.add(loaded_variant)
         runtime.switch(sha, "initial")
         pixels = np.random.default_rng(1).integers(0, 256, (5, 1, 28, 28), dtype=np.uint8)
         answers.append(runtime.predict(pixels))

@@ -5,14 +5,14 @@ import time
 import grpc
 import numpy as np
 import pytest
-
-from cloud import operator, processes
-from cloud.store import PortfolioStore
 import torch
+from helpers import wait_for
 
+from cloud.admin import operator_client
+from cloud.build.store import PortfolioStore
+from cloud.localfleet import processes
 from common import datasets, variant
 from common.security import Transport
-from conftest import wait_for
 from common.wire import from_proto, to_proto
 from protos import coordinator_pb2, inference_pb2, inference_pb2_grpc
 
@@ -23,18 +23,53 @@ PLAIN = Transport.plaintext()
 @pytest.fixture(scope="module")
 def cluster(small_portfolio, tmp_path_factory):
     run = tmp_path_factory.mktemp("cluster")
-    cloud = processes.start("cloud", ["cloud.cli", "cloud", "serve", "--store", str(small_portfolio), "--port", "0",
-                                      "--db", str(run / "fleet.sqlite"), "--insecure"], run / "logs")
+    cloud = processes.start(
+        "cloud",
+        [
+            "cloud.cli",
+            "cloud",
+            "serve",
+            "--store",
+            str(small_portfolio),
+            "--port",
+            "0",
+            "--db",
+            str(run / "fleet.sqlite"),
+            "--insecure",
+        ],
+        run / "logs",
+    )
     children = [cloud]
     try:
-        children.append(processes.start("edge", [
-            "edge.cli", "run", "--cloud", cloud.address, "--name", "edge-1", "--port", "0", "--metrics-port", "0",
-            "--cache", str(run / "cache"), "--threads", "1", "--batch", "8", "--insecure"], run / "logs"))
+        children.append(
+            processes.start(
+                "edge",
+                [
+                    "edge.cli",
+                    "run",
+                    "--cloud",
+                    cloud.address,
+                    "--name",
+                    "edge-1",
+                    "--port",
+                    "0",
+                    "--metrics-port",
+                    "0",
+                    "--cache",
+                    str(run / "cache"),
+                    "--threads",
+                    "1",
+                    "--batch",
+                    "8",
+                    "--insecure",
+                ],
+                run / "logs",
+            )
+        )
         yield cloud, children[1], PortfolioStore(small_portfolio)
     finally:
         for child in reversed(children):
             child.stop()
-
 
 
 def _wait_for(predicate, timeout_s=60.0, what="condition"):
@@ -42,7 +77,9 @@ def _wait_for(predicate, timeout_s=60.0, what="condition"):
 
 
 def _edge_status(cloud):
-    fleet = operator.coordinator_stub(cloud.address, PLAIN).GetFleet(coordinator_pb2.GetFleetRequest(), timeout=5)
+    fleet = operator_client.coordinator_stub(cloud.address, PLAIN).GetFleet(
+        coordinator_pb2.GetFleetRequest(), timeout=5
+    )
     return next((e for e in fleet.edges if e.edge == "edge-1"), None)
 
 
@@ -54,8 +91,10 @@ def _predict(edge, images):
 def test_edge_fetches_profiles_and_serves_real_predictions(cluster, fashion_mnist):
     cloud, edge, store = cluster
     manifest = store.manifest()
-    status = _wait_for(lambda: (s := _edge_status(cloud)) and len(s.profiles) == len(manifest.variants) and s,
-                   what="profiles of every variant")
+    status = _wait_for(
+        lambda: (s := _edge_status(cloud)) and len(s.profiles) == len(manifest.variants) and s,
+        what="profiles of every variant",
+    )
     assert {p.variant_id for p in status.profiles} == {v.variant_id for v in manifest.variants}
     images = fashion_mnist.test.images[:256].numpy()
     reply = _predict(edge, images)
@@ -71,10 +110,13 @@ def test_edge_fetches_profiles_and_serves_real_predictions(cluster, fashion_mnis
     assert accuracy > 0.3  # a trained model answered (chance is 0.1)
 
 
-@pytest.mark.parametrize("array, needle", [
-    (np.zeros((2, 3, 28, 28), np.float32), "[N, 1, 28, 28]"),
-    (np.zeros((2, 28, 28), np.uint8), "[N, 1, 28, 28]"),
-])
+@pytest.mark.parametrize(
+    "array, needle",
+    [
+        (np.zeros((2, 3, 28, 28), np.float32), "[N, 1, 28, 28]"),
+        (np.zeros((2, 28, 28), np.uint8), "[N, 1, 28, 28]"),
+    ],
+)
 def test_bad_shapes_get_invalid_argument_naming_the_expected_shape(cluster, array, needle):
     _, edge, _ = cluster
     with pytest.raises(grpc.RpcError) as err:
@@ -85,16 +127,19 @@ def test_bad_shapes_get_invalid_argument_naming_the_expected_shape(cluster, arra
 def test_bad_dtype_and_byte_count_get_invalid_argument(cluster):
     _, edge, _ = cluster
     stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(edge.address))
-    for tensor in (inference_pb2.Tensor(shape=[1, 1, 28, 28], dtype="float64", data=bytes(8 * 784)),
-                   inference_pb2.Tensor(shape=[1, 1, 28, 28], dtype="float32", data=bytes(10))):
+    for tensor in (
+        inference_pb2.Tensor(shape=[1, 1, 28, 28], dtype="float64", data=bytes(8 * 784)),
+        inference_pb2.Tensor(shape=[1, 1, 28, 28], dtype="float32", data=bytes(10)),
+    ):
         with pytest.raises(grpc.RpcError) as err:
             stub.Predict(inference_pb2.PredictRequest(input=tensor), timeout=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details()
 
 
 def _events(cloud, code):
-    reply = operator.coordinator_stub(cloud.address, PLAIN).ListEvents(coordinator_pb2.ListEventsRequest(edge="edge-1"),
-                                                                timeout=5)
+    reply = operator_client.coordinator_stub(cloud.address, PLAIN).ListEvents(
+        coordinator_pb2.ListEventsRequest(edge="edge-1"), timeout=5
+    )
     return [e.event for e in reply.events if e.event.reason_code == code]
 
 
@@ -104,17 +149,27 @@ def test_policy_drives_a_switch_down_and_back_up(cluster, fashion_mnist):
     nothing meets sends the edge to the fastest, a loose one brings it back to the most accurate."""
     cloud, edge, store = cluster
     manifest = store.manifest()
-    status = _wait_for(lambda: (s := _edge_status(cloud)) and len(s.profiles) == len(manifest.variants) and s,
-                       what="profiles")
+    status = _wait_for(
+        lambda: (s := _edge_status(cloud)) and len(s.profiles) == len(manifest.variants) and s, what="profiles"
+    )
     accuracy = {v.variant_id: v.accuracy for v in manifest.variants}
     # the policy's order when nothing meets the SLO: p50, then p95, then the more accurate, then the id
-    latency = {p.variant_id: (p.p50_ms_batch, p.p95_ms_batch, -accuracy[p.variant_id], p.variant_id)
-               for p in status.profiles}
+    latency = {
+        p.variant_id: (p.p50_ms_batch, p.p95_ms_batch, -accuracy[p.variant_id], p.variant_id) for p in status.profiles
+    }
     fastest, best = min(latency, key=latency.get), max(accuracy, key=accuracy.get)
     start = best if best != fastest else max((v for v in accuracy if v != fastest), key=accuracy.get)
     images = fashion_mnist.test.images[:8].numpy()
-    operator.set_policy(cloud.address, PLAIN, slo_ms=10_000.0, pinned_variant=start, down_windows=1, up_windows=1,
-                        dwell_s=0.0, window_s=0.5)
+    operator_client.set_policy(
+        cloud.address,
+        PLAIN,
+        slo_ms=10_000.0,
+        pinned_variant=start,
+        down_windows=1,
+        up_windows=1,
+        dwell_s=0.0,
+        window_s=0.5,
+    )
 
     def loaded_until(predicate, what):
         deadline = time.monotonic() + 30
@@ -124,7 +179,7 @@ def test_policy_drives_a_switch_down_and_back_up(cluster, fashion_mnist):
         raise AssertionError(f"timed out waiting for {what}")
 
     loaded_until(lambda reply: reply.variant_id == start, "the pin")
-    operator.set_policy(cloud.address, PLAIN, slo_ms=0.001, pinned_variant="")
+    operator_client.set_policy(cloud.address, PLAIN, slo_ms=0.001, pinned_variant="")
     loaded_until(lambda _: _events(cloud, "slo_violation"), "a switch down")
     down = _events(cloud, "slo_violation")[-1]
     assert down.from_variant == start and down.to_variant == fastest and "SLO" in down.reason
@@ -132,7 +187,7 @@ def test_policy_drives_a_switch_down_and_back_up(cluster, fashion_mnist):
     assert _predict(edge, images).variant_id == fastest
     if best == fastest:  # the fastest is also the most accurate: there is nothing to step up to
         return
-    operator.set_policy(cloud.address, PLAIN, slo_ms=10_000.0)
+    operator_client.set_policy(cloud.address, PLAIN, slo_ms=10_000.0)
     loaded_until(lambda _: _events(cloud, "headroom"), "a switch back up")
     up = _events(cloud, "headroom")[-1]
     assert up.from_variant == fastest and accuracy[up.to_variant] > accuracy[up.from_variant]
@@ -146,15 +201,34 @@ def test_operator_cli_shows_the_fleet_and_sets_the_policy(cluster):
     cloud, _, _ = cluster
     cli = str(Path(sys.executable).parent / "prunefleet")
     _wait_for(lambda: (s := _edge_status(cloud)) and s.telemetry.active_variant, what="first telemetry")
-    status = subprocess.run([cli, "fleet", "status", "--cloud", cloud.address, "--insecure"], capture_output=True,
-                            text=True, timeout=30, check=True).stdout
+    status = subprocess.run(
+        [cli, "fleet", "status", "--cloud", cloud.address, "--insecure"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
     assert "edge-1" in status and "live" in status and "vgg11-L" in status
-    changed = subprocess.run([cli, "policy", "set", "--cloud", cloud.address, "--slo-ms", "123", "--insecure"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
+    changed = subprocess.run(
+        [cli, "policy", "set", "--cloud", cloud.address, "--slo-ms", "123", "--insecure"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
     assert "123.0 ms" in changed
-    events = subprocess.run([cli, "fleet", "events", "--cloud", cloud.address, "--insecure"], capture_output=True,
-                            text=True, timeout=30, check=True).stdout
+    events = subprocess.run(
+        [cli, "fleet", "events", "--cloud", cloud.address, "--insecure"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
     assert "edge-1" in events and "initial" in events
-    bad = subprocess.run([cli, "policy", "set", "--cloud", cloud.address, "--slo-ms", "-5", "--insecure"],
-                         capture_output=True, text=True, timeout=30)
+    bad = subprocess.run(
+        [cli, "policy", "set", "--cloud", cloud.address, "--slo-ms", "-5", "--insecure"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "slo_ms" in bad.stderr

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from cloud import cluster, cluster_load, detached, plots, report
-from cloud.cluster import ClusterConfig, EdgeSpec
-from cloud.detached import Proc
-from cloud.loadgen import Phase, Sample
-from cloud.store import PortfolioStore
+from cloud.build.store import PortfolioStore
+from cloud.localfleet import cluster, cluster_load, demo_report, detached, plots
+from cloud.localfleet.cluster import ClusterConfig, EdgeSpec
+from cloud.localfleet.detached import Proc
+from cloud.localfleet.loadgen import Phase, Sample
 from protos import coordinator_pb2
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -62,8 +62,12 @@ def test_the_written_prometheus_config_is_valid(tmp_path):
 
 
 def test_stop_ends_our_process_and_never_touches_a_reused_pid(tmp_path):
-    spawned = detached.spawn("sleeper", [sys.executable, "-c", "import time; print('up', flush=True); "
-                                         "time.sleep(60)"], tmp_path / "sleeper.log", affinity=[0])
+    spawned = detached.spawn(
+        "sleeper",
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+        tmp_path / "sleeper.log",
+        affinity=[0],
+    )
     detached.wait_for_line(spawned, re.compile("^up$"), 30)
     mine = Proc("sleeper", "test", spawned.process.pid, spawned.started, str(spawned.log))
     impostor = Proc("sleeper", "test", spawned.process.pid, spawned.started - 100, str(spawned.log))
@@ -84,8 +88,9 @@ def test_stop_kills_what_ignores_sigterm(tmp_path):
 
 
 def test_a_process_that_dies_early_is_an_error_naming_its_log(tmp_path):
-    spawned = detached.spawn("broken", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
-                             tmp_path / "broken.log")
+    spawned = detached.spawn(
+        "broken", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], tmp_path / "broken.log"
+    )
     with pytest.raises(detached.DetachedError, match="exited with code 3") as err:
         detached.wait_for_line(spawned, re.compile("never"), 30)
     assert "boom" in str(err.value)
@@ -112,12 +117,27 @@ def test_the_demo_report_plots_the_timeline_and_the_frontier(small_portfolio, tm
     manifest = PortfolioStore(small_portfolio).manifest()
     top, low = manifest.variants[0].variant_id, manifest.variants[-1].variant_id
     samples = [_sample(t / 10, edge, 5.0 + t % 7, top if t < 40 else low) for t in range(80) for edge in ("a", "b")]
-    events = [coordinator_pb2.EdgeEvent(edge=edge, event=coordinator_pb2.SwitchEvent(
-        timestamp=1000.0 + 4, from_variant=top, to_variant=low, reason="p95 over the SLO", reason_code="slo_violation"))
-        for edge in ("a", "b")]
-    outcome = {"slo_ms": 9.0, "started": 1000.0, "samples": samples, "events": events,
-               "names": {v.variant_id: v.name for v in manifest.variants}}
-    report.write(tmp_path, manifest, outcome, [Phase("light", 4, 1), Phase("heavy", 4, 2)], ("a", "b"))
+    events = [
+        coordinator_pb2.EdgeEvent(
+            edge=edge,
+            event=coordinator_pb2.SwitchEvent(
+                timestamp=1000.0 + 4,
+                from_variant=top,
+                to_variant=low,
+                reason="p95 over the SLO",
+                reason_code="slo_violation",
+            ),
+        )
+        for edge in ("a", "b")
+    ]
+    outcome = {
+        "slo_ms": 9.0,
+        "started": 1000.0,
+        "samples": samples,
+        "events": events,
+        "names": {v.variant_id: v.name for v in manifest.variants},
+    }
+    demo_report.write(tmp_path, manifest, outcome, [Phase("light", 4, 1), Phase("heavy", 4, 2)], ("a", "b"))
     for name in ("timeline.png", "frontier.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from cloud.server import CloudConfig, start
+from cloud.service.server import CloudConfig, start
 from common.security import Transport
 from edge.metrics import EdgeMetrics
 
@@ -33,15 +33,16 @@ def _compose() -> list[str]:
 def _blocks(rendered: str) -> dict[str, str]:
     """The rendered config's text per service (services sit at two spaces under `services:`)."""
     start = re.search(r"^services:\n", rendered, flags=re.M)
-    body = re.split(r"\n(?=\S)", rendered[start.end():], maxsplit=1)[0]
+    body = re.split(r"\n(?=\S)", rendered[start.end() :], maxsplit=1)[0]
     parts = re.split(r"^  ([\w.-]+):\n", body, flags=re.M)
     return dict(zip(parts[1::2], parts[2::2]))
 
 
 @pytest.fixture(scope="module")
 def rendered() -> str:
-    result = subprocess.run([*_compose(), "-f", str(COMPOSE), "config"], capture_output=True, text=True,
-                            timeout=60, cwd=ROOT)
+    result = subprocess.run(
+        [*_compose(), "-f", str(COMPOSE), "config"], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -82,16 +83,18 @@ def test_prometheus_scrapes_the_cloud_and_every_edge_service():
     targets = set(re.findall(r'"([\w.-]+:\d+)"', config))
     assert targets == {"cloud:9100", "edge-1:9101", "edge-2:9101", "edge-3:9101"}
     if shutil.which("promtool"):
-        result = subprocess.run(["promtool", "check", "config", str(DEPLOY / "prometheus.yml")],
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            ["promtool", "check", "config", str(DEPLOY / "prometheus.yml")], capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 0, result.stdout + result.stderr
 
 
 def _exported_names(store: Path, scratch: Path) -> set[str]:
     """Every sample name the cloud and an edge export, on their own registries."""
     cloud_registry, edge_registry = CollectorRegistry(), CollectorRegistry()
-    cloud = start(CloudConfig(store=store, transport=Transport.plaintext(), port=0, db=scratch / "fleet.sqlite"),
-                  cloud_registry)
+    cloud = start(
+        CloudConfig(store=store, transport=Transport.plaintext(), port=0, db=scratch / "fleet.sqlite"), cloud_registry
+    )
     try:
         metrics = EdgeMetrics(edge_registry, "edge-1", slo_s=0.05)
         metrics.request("a" * 64, "OK", 0.01)
@@ -109,13 +112,26 @@ def test_the_dashboard_uses_only_exported_metrics_and_covers_the_views(small_por
     missing = used - _exported_names(small_portfolio, tmp_path)
     assert not missing, f"the dashboard queries metrics nobody exports: {sorted(missing)}"
     titles = " | ".join(p["title"].lower() for p in dashboard["panels"])
-    for view in ("p95", "slo", "request rate", "active variant", "switches by reason", "memory",
-                 "transfer progress", "fleet size", "resident variants", "evictions", "on-demand load"):
+    for view in (
+        "p95",
+        "slo",
+        "request rate",
+        "active variant",
+        "switches by reason",
+        "memory",
+        "transfer progress",
+        "fleet size",
+        "resident variants",
+        "evictions",
+        "on-demand load",
+    ):
         assert view in titles
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     datasource = (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
     uid = re.search(r"uid: (\S+)", datasource).group(1)
     assert all(p["datasource"]["uid"] == uid for p in dashboard["panels"])
     provider = (DEPLOY / "grafana" / "provisioning" / "dashboards" / "prunefleet.yml").read_text()
-    assert "/var/lib/grafana/dashboards" in provider and "./deploy/grafana/dashboards:/var/lib/grafana/dashboards" \
-        in COMPOSE.read_text()
+    assert (
+        "/var/lib/grafana/dashboards" in provider
+        and "./deploy/grafana/dashboards:/var/lib/grafana/dashboards" in COMPOSE.read_text()
+    )

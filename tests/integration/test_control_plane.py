@@ -16,16 +16,22 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from helpers import variant_store as _store
+from helpers import wait_for
 
-from cloud import certs, processes
-from cloud.store import PortfolioStore, portfolio_id
+from cloud.admin import certs
+from cloud.build.store import PortfolioStore, portfolio_id
+from cloud.localfleet import processes
 from common import variant
 from common.security import Transport
 from common.wire import to_proto
-from conftest import wait_for
 from edge.fetcher import RetryConfig, fetch
-from protos import coordinator_pb2, inference_pb2, inference_pb2_grpc, portfolio_pb2_grpc
-from conftest import variant_store as _store
+from protos import (
+    coordinator_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    portfolio_pb2_grpc,
+)
 
 pytestmark = pytest.mark.integration
 PRUNEFLEET = str(Path(sys.executable).parent / "prunefleet")
@@ -43,8 +49,23 @@ def _free_port() -> int:
 
 
 def _cloud(store: Path, run: Path, keys, port: int, name: str = "cloud") -> processes.Child:
-    return processes.start(name, ["cloud.cli", "cloud", "serve", "--store", str(store), "--port", str(port),
-                                  "--db", str(run / "fleet.sqlite"), "--certs", str(keys["cloud"])], run / "logs")
+    return processes.start(
+        name,
+        [
+            "cloud.cli",
+            "cloud",
+            "serve",
+            "--store",
+            str(store),
+            "--port",
+            str(port),
+            "--db",
+            str(run / "fleet.sqlite"),
+            "--certs",
+            str(keys["cloud"]),
+        ],
+        run / "logs",
+    )
 
 
 class SlowReader:
@@ -66,16 +87,22 @@ def test_a_cloud_killed_mid_transfer_is_resumed_from_where_it_stopped(keys, tmp_
     assert big.size_bytes > 8 << 20  # many more chunks than the client reads ahead
     port = _free_port()
     cloud = _cloud(store.root, tmp_path, keys, port)
-    reader = SlowReader(portfolio_pb2_grpc.PortfolioServiceStub(Transport.load(keys["edge"]).channel(
-        f"localhost:{port}")), pause_s=0.4)
+    reader = SlowReader(
+        portfolio_pb2_grpc.PortfolioServiceStub(Transport.load(keys["edge"]).channel(f"localhost:{port}")), pause_s=0.4
+    )
     cache, outcome = tmp_path / "cache", {}
     part, final = cache / f"{big.variant_id}.part", cache / f"{big.variant_id}.safetensors"
 
     def download():
         try:
-            outcome["path"] = fetch(reader, big.variant_id, cache, deadline_s=60,
-                                    retry=RetryConfig(attempts=30, backoff_s=0.2, max_backoff_s=1.0))
-        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            outcome["path"] = fetch(
+                reader,
+                big.variant_id,
+                cache,
+                deadline_s=60,
+                retry=RetryConfig(attempts=30, backoff_s=0.2, max_backoff_s=1.0),
+            )
+        except Exception as err:
             outcome["error"] = err
 
     thread = threading.Thread(target=download)
@@ -107,8 +134,9 @@ def _subset(source: Path, target: Path) -> str:
     kept = original.variants[:-1]
     for entry in kept:
         store.put_variant(PortfolioStore(source).variant_path(entry.variant_id).read_bytes())
-    store.write_manifest(dataclasses.replace(original, variants=kept,
-                                             portfolio_id=portfolio_id([v.variant_id for v in kept])))
+    store.write_manifest(
+        dataclasses.replace(original, variants=kept, portfolio_id=portfolio_id([v.variant_id for v in kept]))
+    )
     return store.manifest().portfolio_id
 
 
@@ -117,9 +145,9 @@ class Fleet:
         self.address, self.transport = address, transport
 
     def stub(self):
-        from cloud import operator
+        from cloud.admin import operator_client
 
-        return operator.coordinator_stub(self.address, self.transport)
+        return operator_client.coordinator_stub(self.address, self.transport)
 
     def edges(self) -> dict:
         fleet = self.stub().GetFleet(coordinator_pb2.GetFleetRequest(), timeout=10)
@@ -151,8 +179,12 @@ def _judged_under_load(fleet: Fleet, rollout_id: int, edge_address: str, good: b
     load = threading.Thread(target=_load, args=(edge_address, fleet.transport, good, stop), daemon=True)
     load.start()
     try:
-        return wait_for(lambda: (r := fleet.rollout(rollout_id)).state != "canary" and r, 120,
-                        f"rollout {rollout_id} judged", interval_s=0.5)
+        return wait_for(
+            lambda: (r := fleet.rollout(rollout_id)).state != "canary" and r,
+            120,
+            f"rollout {rollout_id} judged",
+            interval_s=0.5,
+        )
     finally:
         stop.set()
         load.join(15)
@@ -161,8 +193,13 @@ def _judged_under_load(fleet: Fleet, rollout_id: int, edge_address: str, good: b
 def _requests_between(db: Path, edge: str, start: float, end: float) -> int:
     """Requests in the telemetry windows the coordinator stored for `edge` that closed in (start, end)."""
     with sqlite3.connect(db) as connection:
-        return connection.execute("SELECT SUM(requests) FROM windows WHERE edge = ? AND timestamp > ? AND "
-                                  "timestamp < ?", (edge, start, end)).fetchone()[0] or 0
+        return (
+            connection.execute(
+                "SELECT SUM(requests) FROM windows WHERE edge = ? AND timestamp > ? AND timestamp < ?",
+                (edge, start, end),
+            ).fetchone()[0]
+            or 0
+        )
 
 
 def _cli(*args) -> str:
@@ -172,7 +209,8 @@ def _cli(*args) -> str:
 
 
 def test_canary_rollouts_roll_back_on_their_own_and_by_hand_and_survive_a_coordinator_restart(
-        small_portfolio, keys, tmp_path):
+    small_portfolio, keys, tmp_path
+):
     first = PortfolioStore(small_portfolio).manifest().portfolio_id
     second = _subset(small_portfolio, tmp_path / "second")
     port = _free_port()
@@ -182,19 +220,49 @@ def test_canary_rollouts_roll_back_on_their_own_and_by_hand_and_survive_a_coordi
     operator_flags = ["--cloud", fleet.address, "--certs", str(keys["operator"])]
     try:
         for name in ("edge-1", "edge-2"):
-            children.append(processes.start(name, [
-                "edge.cli", "run", "--cloud", fleet.address, "--name", name, "--port", "0", "--metrics-port", "0",
-                "--cache", str(tmp_path / "cache" / name), "--batch", "2", "--certs", str(keys["edge"])],
-                tmp_path / "logs"))
+            children.append(
+                processes.start(
+                    name,
+                    [
+                        "edge.cli",
+                        "run",
+                        "--cloud",
+                        fleet.address,
+                        "--name",
+                        name,
+                        "--port",
+                        "0",
+                        "--metrics-port",
+                        "0",
+                        "--cache",
+                        str(tmp_path / "cache" / name),
+                        "--batch",
+                        "2",
+                        "--certs",
+                        str(keys["edge"]),
+                    ],
+                    tmp_path / "logs",
+                )
+            )
         edge_1 = children[1].address
         _cli("policy", "set", "--slo-ms", "10000", "--up-windows", "1", *operator_flags)
-        fleet.stub().SetPolicy(coordinator_pb2.SetPolicyRequest(policy=coordinator_pb2.Policy(
-            slo_ms=10_000, window_s=0.3)), timeout=10)
+        fleet.stub().SetPolicy(
+            coordinator_pb2.SetPolicyRequest(policy=coordinator_pb2.Policy(slo_ms=10_000, window_s=0.3)), timeout=10
+        )
         wait_for(lambda: fleet.holding(["edge-1", "edge-2"], first), 60, "both edges on the first portfolio", 0.5)
 
         # a healthy canary: promoted to the other edge
-        out = _cli("deploy", str(tmp_path / "second"), "--canary", "1", "--min-windows", "3",
-                   "--adopt-timeout-s", "90", *operator_flags)
+        out = _cli(
+            "deploy",
+            str(tmp_path / "second"),
+            "--canary",
+            "1",
+            "--min-windows",
+            "3",
+            "--adopt-timeout-s",
+            "90",
+            *operator_flags,
+        )
         assert "rollout 1 " in out and "canary edge-1" in out
         wait_for(lambda: fleet.holding(["edge-1"], second), 60, "the canary on the new portfolio", 0.5)
         assert fleet.edges()["edge-2"].reported_portfolio_id == first  # the rest wait for the verdict
@@ -205,8 +273,12 @@ def test_canary_rollouts_roll_back_on_their_own_and_by_hand_and_survive_a_coordi
         assert len(rows) == 2 and all(f" {second} " in row and "->" not in row for row in rows)  # desired == reported
 
         # an unhealthy canary: rolled back on its own
-        again = fleet.stub().Deploy(coordinator_pb2.DeployRequest(
-            portfolio=first, canary=1, thresholds=coordinator_pb2.RolloutThresholds(min_windows=3)), timeout=30)
+        again = fleet.stub().Deploy(
+            coordinator_pb2.DeployRequest(
+                portfolio=first, canary=1, thresholds=coordinator_pb2.RolloutThresholds(min_windows=3)
+            ),
+            timeout=30,
+        )
         wait_for(lambda: fleet.holding(["edge-1"], first), 60, "the canary back on the first portfolio", 0.5)
         failed = _judged_under_load(fleet, again.rollout.id, edge_1, good=False)
         assert failed.state == "rolled_back" and "error rate" in failed.reason
@@ -215,9 +287,12 @@ def test_canary_rollouts_roll_back_on_their_own_and_by_hand_and_survive_a_coordi
         # by hand: the first rollout
         assert "rolled_back" in _cli("rollback", "--rollout", "1", "--reason", "by hand", *operator_flags)
         wait_for(lambda: fleet.holding(["edge-1", "edge-2"], first), 60, "the manual rollback", 0.5)
-        before = (fleet.edges(), fleet.stub().GetFleet(coordinator_pb2.GetFleetRequest(), timeout=10),
-                  fleet.stub().ListEvents(coordinator_pb2.ListEventsRequest(), timeout=10).events,
-                  fleet.stub().ListRollouts(coordinator_pb2.ListRolloutsRequest(), timeout=10).rollouts)
+        before = (
+            fleet.edges(),
+            fleet.stub().GetFleet(coordinator_pb2.GetFleetRequest(), timeout=10),
+            fleet.stub().ListEvents(coordinator_pb2.ListEventsRequest(), timeout=10).events,
+            fleet.stub().ListRollouts(coordinator_pb2.ListRolloutsRequest(), timeout=10).rollouts,
+        )
 
         # the coordinator dies and comes back: the edges keep serving meanwhile, and nothing is lost
         cloud.process.send_signal(signal.SIGKILL)
@@ -225,8 +300,9 @@ def test_canary_rollouts_roll_back_on_their_own_and_by_hand_and_survive_a_coordi
         down_at = time.time()
         predict = inference_pb2_grpc.InferenceServiceStub(fleet.transport.channel(edge_1)).Predict
         for _ in range(10):
-            reply = predict(inference_pb2.PredictRequest(input=to_proto(np.zeros((2, 1, 28, 28), np.uint8))),
-                            timeout=10)
+            reply = predict(
+                inference_pb2.PredictRequest(input=to_proto(np.zeros((2, 1, 28, 28), np.uint8))), timeout=10
+            )
             assert reply.output.shape == [2, 10]
             time.sleep(0.1)
         time.sleep(1.0)
@@ -235,15 +311,24 @@ def test_canary_rollouts_roll_back_on_their_own_and_by_hand_and_survive_a_coordi
         edges, fleet_view, events, rollouts = before
         after = fleet.stub().GetFleet(coordinator_pb2.GetFleetRequest(), timeout=10)
         assert after.policy == fleet_view.policy and after.portfolio_id == fleet_view.portfolio_id == first
-        assert {e.edge: (e.desired_portfolio_id, e.registered_at) for e in after.edges} == \
-            {e.edge: (e.desired_portfolio_id, e.registered_at) for e in edges.values()}
+        assert {e.edge: (e.desired_portfolio_id, e.registered_at) for e in after.edges} == {
+            e.edge: (e.desired_portfolio_id, e.registered_at) for e in edges.values()
+        }
         later = fleet.stub().ListEvents(coordinator_pb2.ListEventsRequest(), timeout=10).events
-        assert list(later)[:len(events)] == list(events)
-        assert list(fleet.stub().ListRollouts(coordinator_pb2.ListRolloutsRequest(), timeout=10).rollouts) == \
-            list(rollouts)
+        assert list(later)[: len(events)] == list(events)
+        assert list(fleet.stub().ListRollouts(coordinator_pb2.ListRolloutsRequest(), timeout=10).rollouts) == list(
+            rollouts
+        )
         wait_for(lambda: all(e.connected for e in fleet.edges().values()), 60, "the edges back on the link", 0.5)
-        assert wait_for(lambda: _requests_between(tmp_path / "fleet.sqlite", "edge-1", down_at, up_at), 30,
-                        "the windows buffered during the outage", 0.5) >= 10
+        assert (
+            wait_for(
+                lambda: _requests_between(tmp_path / "fleet.sqlite", "edge-1", down_at, up_at),
+                30,
+                "the windows buffered during the outage",
+                0.5,
+            )
+            >= 10
+        )
 
         # an edge that goes away is shown stale, never forgotten
         children[2].stop()

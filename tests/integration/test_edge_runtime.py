@@ -9,12 +9,13 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from helpers import wait_for
 
-from cloud import operator, processes
-from cloud.store import PortfolioStore
+from cloud.admin import operator_client
+from cloud.build.store import PortfolioStore
+from cloud.localfleet import processes
 from common.security import Transport
 from common.wire import MAX_MESSAGE_BYTES, to_proto
-from conftest import wait_for
 from protos import coordinator_pb2, inference_pb2, inference_pb2_grpc
 
 PLAIN = Transport.plaintext()  # these processes run plaintext (--insecure)
@@ -27,14 +28,54 @@ def cluster(small_portfolio, tmp_path_factory):
     run = tmp_path_factory.mktemp("edge-runtime")
     store = PortfolioStore(small_portfolio)
     budget_mib = 1.2 * max(v.size_bytes for v in store.manifest().variants) / (1 << 20)  # one variant at a time
-    cloud = processes.start("cloud", ["cloud.cli", "cloud", "serve", "--insecure", "--store", str(small_portfolio), "--port", "0",
-                                      "--db", str(run / "fleet.sqlite")], run / "logs")
+    cloud = processes.start(
+        "cloud",
+        [
+            "cloud.cli",
+            "cloud",
+            "serve",
+            "--insecure",
+            "--store",
+            str(small_portfolio),
+            "--port",
+            "0",
+            "--db",
+            str(run / "fleet.sqlite"),
+        ],
+        run / "logs",
+    )
     children = [cloud]
     try:
-        children.append(processes.start("edge", [
-            "edge.cli", "run", "--insecure", "--cloud", cloud.address, "--name", "edge-m", "--port", "0", "--metrics-port", "0",
-            "--cache", str(run / "cache"), "--threads", "1", "--batch", "4", "--memory-budget-mib", f"{budget_mib:.4f}",
-            "--batch-delay-ms", "2", "--optimize-models"], run / "logs"))
+        children.append(
+            processes.start(
+                "edge",
+                [
+                    "edge.cli",
+                    "run",
+                    "--insecure",
+                    "--cloud",
+                    cloud.address,
+                    "--name",
+                    "edge-m",
+                    "--port",
+                    "0",
+                    "--metrics-port",
+                    "0",
+                    "--cache",
+                    str(run / "cache"),
+                    "--threads",
+                    "1",
+                    "--batch",
+                    "4",
+                    "--memory-budget-mib",
+                    f"{budget_mib:.4f}",
+                    "--batch-delay-ms",
+                    "2",
+                    "--optimize-models",
+                ],
+                run / "logs",
+            )
+        )
         yield cloud, children[1], store, budget_mib
     finally:
         for child in reversed(children):
@@ -42,26 +83,35 @@ def cluster(small_portfolio, tmp_path_factory):
 
 
 def _active(cloud):
-    fleet = operator.coordinator_stub(cloud.address, PLAIN).GetFleet(coordinator_pb2.GetFleetRequest(), timeout=5)
+    fleet = operator_client.coordinator_stub(cloud.address, PLAIN).GetFleet(
+        coordinator_pb2.GetFleetRequest(), timeout=5
+    )
     edge = next((e for e in fleet.edges if e.edge == "edge-m"), None)
     return edge.telemetry.active_variant if edge else ""
 
 
 def _events(cloud):
-    reply = operator.coordinator_stub(cloud.address, PLAIN).ListEvents(coordinator_pb2.ListEventsRequest(edge="edge-m"),
-                                                               timeout=5)
+    reply = operator_client.coordinator_stub(cloud.address, PLAIN).ListEvents(
+        coordinator_pb2.ListEventsRequest(edge="edge-m"), timeout=5
+    )
     return [e.event for e in reply.events]
 
 
 BAD = [
-    (inference_pb2.Tensor(shape=[1, 1, 28, 28], dtype="float32",
-                          data=np.full(784, np.nan, np.float32).tobytes()), "INVALID_ARGUMENT", "NaN"),
+    (
+        inference_pb2.Tensor(shape=[1, 1, 28, 28], dtype="float32", data=np.full(784, np.nan, np.float32).tobytes()),
+        "INVALID_ARGUMENT",
+        "NaN",
+    ),
     (to_proto(np.zeros((1, 3, 28, 28), np.uint8)), "INVALID_ARGUMENT", "[N, 1, 28, 28]"),
     (inference_pb2.Tensor(shape=[1, 1, 28, 28], dtype="int64", data=bytes(784 * 8)), "INVALID_ARGUMENT", "int64"),
     (inference_pb2.Tensor(shape=[1, 1, 28, 28], dtype="uint8", data=bytes(700)), "INVALID_ARGUMENT", "700 bytes"),
     (inference_pb2.Tensor(shape=[50_000, 1, 28, 28], dtype="float32"), "RESOURCE_EXHAUSTED", "limit"),
-    (inference_pb2.Tensor(shape=[3000, 1, 28, 28], dtype="float32", data=bytes(MAX_MESSAGE_BYTES + 1024)),
-     "RESOURCE_EXHAUSTED", "larger than max"),
+    (
+        inference_pb2.Tensor(shape=[3000, 1, 28, 28], dtype="float32", data=bytes(MAX_MESSAGE_BYTES + 1024)),
+        "RESOURCE_EXHAUSTED",
+        "larger than max",
+    ),
 ]
 
 
@@ -82,7 +132,7 @@ def test_pins_under_load_with_bad_input_fail_no_good_request(cluster):
 
     def bad_client():
         while not stop.is_set():
-            for tensor, code, needle in BAD:
+            for tensor, _code, needle in BAD:
                 try:
                     stub.Predict(inference_pb2.PredictRequest(input=tensor), timeout=30)
                     bad_codes.append(("answered", needle))
@@ -94,9 +144,9 @@ def test_pins_under_load_with_bad_input_fail_no_good_request(cluster):
         thread.start()
     try:
         for variant_id in [*ids, ids[0]]:
-            operator.set_policy(cloud.address, PLAIN, pinned_variant=variant_id)
-            wait_for(lambda: _active(cloud) == variant_id, timeout_s=60, what="the pin", interval_s=0.2)
-        operator.set_policy(cloud.address, PLAIN, pinned_variant="")
+            operator_client.set_policy(cloud.address, PLAIN, pinned_variant=variant_id)
+            wait_for(lambda: _active(cloud) == variant_id, timeout_s=60, what="the pin", interval_s=0.2)  # noqa: B023 - called before the loop moves on
+        operator_client.set_policy(cloud.address, PLAIN, pinned_variant="")
         wait_for(lambda: any(e.reason_code == "unpinned" for e in _events(cloud)), timeout_s=30, what="the unpin")
     finally:
         stop.set()
@@ -111,12 +161,15 @@ def test_pins_under_load_with_bad_input_fail_no_good_request(cluster):
     assert all(e.policy_version > 0 and e.slo_ms > 0 for e in events)
     unpin = next(e for e in events if e.reason_code == "unpinned")
     assert not unpin.switched and unpin.from_variant == unpin.to_variant
-    table = operator.events_table(cloud.address, PLAIN, "edge-m")
+    table = operator_client.events_table(cloud.address, PLAIN, "edge-m")
     assert "unpinned" in table and "load ms" in table
 
     text = urllib.request.urlopen(f"http://{edge.metrics_address}/metrics", timeout=10).read().decode()
-    metric = {line.split(" ")[0]: float(line.split(" ")[-1]) for line in text.splitlines()
-              if line and not line.startswith("#")}
+    metric = {
+        line.split(" ")[0]: float(line.split(" ")[-1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     assert metric['prunefleet_edge_variant_loads_total{edge="edge-m",source="on_demand"}'] > 0
     assert metric['prunefleet_edge_evictions_total{edge="edge-m"}'] > 0
     assert metric['prunefleet_edge_batch_size_count{edge="edge-m"}'] > 0

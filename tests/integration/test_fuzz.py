@@ -13,11 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench import fuzz, fuzz_cases
-from bench.fuzz_files import crafted_files
-from bench.fuzz_fleet import call, cache_problems, snapshot, start_fleet, variant_bytes
-from bench.fuzz_loading import AT_THE_EDGE, Tally, edge_fetches_crafted
-from bench.fuzz_rules import BY_NAME, RPCS, judge, judge_garbage
+from bench.fuzz import cases as fuzz_cases
+from bench.fuzz import run as fuzz
+from bench.fuzz.files import crafted_files
+from bench.fuzz.fleet import cache_problems, call, snapshot, start_fleet, variant_bytes
+from bench.fuzz.loading import AT_THE_EDGE, Tally, edge_fetches_crafted
+from bench.fuzz.rules import BY_NAME, RPCS, judge, judge_garbage
 from protos import coordinator_pb2
 
 pytestmark = pytest.mark.integration
@@ -29,8 +30,11 @@ S = grpc.StatusCode
 def fleet(tmp_path_factory):
     work = tmp_path_factory.mktemp("fuzz")
     fleet = start_fleet(work / "rpc")
-    code, details, _ = call(fleet.channels["edge"], BY_NAME["Register"],
-                            coordinator_pb2.RegisterRequest(edge="fuzz-edge", address="127.0.0.1:1", threads=1))
+    code, details, _ = call(
+        fleet.channels["edge"],
+        BY_NAME["Register"],
+        coordinator_pb2.RegisterRequest(edge="fuzz-edge", address="127.0.0.1:1", threads=1),
+    )
     assert code == S.OK, details
     allowed = [fleet.work / name for name in ("store", "logs", "certs", "edge-f-cache", "edge-b-cache")]
     before = snapshot([fleet.work], [], allowed)
@@ -63,8 +67,9 @@ def test_every_rpc_answers_fuzzed_requests_with_a_status_that_names_the_problem(
 @given(garbage=fuzz_cases.garbage())
 def test_bytes_that_do_not_parse_are_refused_by_grpc_and_the_server_stays_up(fleet, name, garbage):
     rpc = BY_NAME[name]
-    code, details, replies = call(fleet.channel(rpc, "right"), rpc, [garbage] if rpc.kind == "bidi" else garbage,
-                                  raw=True)
+    code, details, replies = call(
+        fleet.channel(rpc, "right"), rpc, [garbage] if rpc.kind == "bidi" else garbage, raw=True
+    )
     assert judge_garbage(rpc, garbage, code, details, replies, fleet.known) is None
     assert not fleet.alive()
 
@@ -74,29 +79,57 @@ REGRESSIONS = [
     ("Deploy", coordinator_pb2.DeployRequest(portfolio="a" * 300), S.INVALID_ARGUMENT, "portfolio"),
     ("Pin", coordinator_pb2.PinRequest(edges=" , "), S.INVALID_ARGUMENT, "edges"),
     ("Register", coordinator_pb2.RegisterRequest(edge="fuzz-edge", threads=-1), S.INVALID_ARGUMENT, "threads"),
-    ("Register", coordinator_pb2.RegisterRequest(edge="fuzz-edge", address="*" * 300), S.INVALID_ARGUMENT,
-     "address"),
-    ("Register", coordinator_pb2.RegisterRequest(edge="fuzz-edge", address="10.0.0.1:1\nforged log line"),
-     S.INVALID_ARGUMENT, "printable"),
-    ("SetPolicy", coordinator_pb2.SetPolicyRequest(policy=coordinator_pb2.Policy(slo_ms=math.inf)),
-     S.INVALID_ARGUMENT, "finite"),
-    ("SetPolicy", coordinator_pb2.SetPolicyRequest(policy=coordinator_pb2.Policy(dwell_s=math.inf)),
-     S.INVALID_ARGUMENT, "finite"),
+    ("Register", coordinator_pb2.RegisterRequest(edge="fuzz-edge", address="*" * 300), S.INVALID_ARGUMENT, "address"),
+    (
+        "Register",
+        coordinator_pb2.RegisterRequest(edge="fuzz-edge", address="10.0.0.1:1\nforged log line"),
+        S.INVALID_ARGUMENT,
+        "printable",
+    ),
+    (
+        "SetPolicy",
+        coordinator_pb2.SetPolicyRequest(policy=coordinator_pb2.Policy(slo_ms=math.inf)),
+        S.INVALID_ARGUMENT,
+        "finite",
+    ),
+    (
+        "SetPolicy",
+        coordinator_pb2.SetPolicyRequest(policy=coordinator_pb2.Policy(dwell_s=math.inf)),
+        S.INVALID_ARGUMENT,
+        "finite",
+    ),
     # a denormal SLO was accepted and broke every edge's link (its SLO bucket underflowed to 0 s)
-    ("SetPolicy", coordinator_pb2.SetPolicyRequest(policy=coordinator_pb2.Policy(slo_ms=1e-320)),
-     S.INVALID_ARGUMENT, "slo_ms"),
+    (
+        "SetPolicy",
+        coordinator_pb2.SetPolicyRequest(policy=coordinator_pb2.Policy(slo_ms=1e-320)),
+        S.INVALID_ARGUMENT,
+        "slo_ms",
+    ),
     ("ListEvents", coordinator_pb2.ListEventsRequest(since=math.nan), S.INVALID_ARGUMENT, "since"),
-    ("Connect", [coordinator_pb2.EdgeReport(telemetry=coordinator_pb2.Telemetry(timestamp=1.0))],
-     S.PERMISSION_DENIED, "edge"),
-    ("Connect", [coordinator_pb2.EdgeReport(edge="fuzz-edge", telemetry=coordinator_pb2.Telemetry(timestamp=math.nan))],
-     S.INVALID_ARGUMENT, "finite"),
-    ("Connect", [coordinator_pb2.EdgeReport(edge="fuzz-edge", telemetry=coordinator_pb2.Telemetry(requests=-5))],
-     S.INVALID_ARGUMENT, "requests"),
+    (
+        "Connect",
+        [coordinator_pb2.EdgeReport(telemetry=coordinator_pb2.Telemetry(timestamp=1.0))],
+        S.PERMISSION_DENIED,
+        "edge",
+    ),
+    (
+        "Connect",
+        [coordinator_pb2.EdgeReport(edge="fuzz-edge", telemetry=coordinator_pb2.Telemetry(timestamp=math.nan))],
+        S.INVALID_ARGUMENT,
+        "finite",
+    ),
+    (
+        "Connect",
+        [coordinator_pb2.EdgeReport(edge="fuzz-edge", telemetry=coordinator_pb2.Telemetry(requests=-5))],
+        S.INVALID_ARGUMENT,
+        "requests",
+    ),
 ]
 
 
-@pytest.mark.parametrize("name, request_, code, word", REGRESSIONS,
-                         ids=[f"{r[0]}-{i}" for i, r in enumerate(REGRESSIONS)])
+@pytest.mark.parametrize(
+    "name, request_, code, word", REGRESSIONS, ids=[f"{r[0]}-{i}" for i, r in enumerate(REGRESSIONS)]
+)
 def test_requests_that_once_crashed_or_were_accepted_are_refused_naming_the_field(fleet, name, request_, code, word):
     got, details, _ = call(fleet.channel(BY_NAME[name], "right"), BY_NAME[name], request_)
     assert (got, word in details) == (code, True), details
@@ -107,8 +140,10 @@ def test_a_bad_window_leaves_the_edges_reported_state_alone(fleet):
     rpc, edge = BY_NAME["Connect"], "window-edge"
     assert call(fleet.channels["edge"], BY_NAME["Register"], coordinator_pb2.RegisterRequest(edge=edge))[0] == S.OK
     bad = coordinator_pb2.Telemetry(timestamp=math.inf, portfolio_id="bogus")
-    assert call(fleet.channels["edge"], rpc, [coordinator_pb2.EdgeReport(edge=edge, telemetry=bad)])[0] == \
-        S.INVALID_ARGUMENT
+    assert (
+        call(fleet.channels["edge"], rpc, [coordinator_pb2.EdgeReport(edge=edge, telemetry=bad)])[0]
+        == S.INVALID_ARGUMENT
+    )
     good = coordinator_pb2.Telemetry(timestamp=2e9, portfolio_id=fleet.known.portfolio_id, requests=1)
     assert call(fleet.channels["edge"], rpc, [coordinator_pb2.EdgeReport(edge=edge, telemetry=good)])[0] == S.OK
     edges = call(fleet.channels["right"], BY_NAME["GetFleet"], coordinator_pb2.GetFleetRequest())[2][0].edges

@@ -17,10 +17,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 
-from cloud import detached
-from cloud.detached import Proc
-from conftest import wait_for
+from cloud.localfleet import detached
+from cloud.localfleet.detached import Proc
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,8 +40,22 @@ def _cli(*args, check=True, timeout=300):
 @pytest.fixture(scope="module")
 def cluster(small_portfolio, tmp_path_factory):
     directory = tmp_path_factory.mktemp("cluster")
-    _cli("up", "--dir", str(directory), "--portfolio", str(small_portfolio), "--base-port", "0",
-         "--scrape-interval-s", "1", "--clients", "1", "--timeout-s", "120", "--insecure")
+    _cli(
+        "up",
+        "--dir",
+        str(directory),
+        "--portfolio",
+        str(small_portfolio),
+        "--base-port",
+        "0",
+        "--scrape-interval-s",
+        "1",
+        "--clients",
+        "1",
+        "--timeout-s",
+        "120",
+        "--insecure",
+    )
     try:
         yield directory, json.loads((directory / "cluster.json").read_text())
     finally:
@@ -99,8 +113,12 @@ def _expressions() -> list[tuple[str, str]]:
 def test_every_dashboard_expression_returns_data(cluster):
     _, state = cluster
     url = _prometheus(state)
-    wait_for(lambda: len([r for r in _query(url, "up") if r["value"][1] == "1"]) == 1 + len(EDGES), 60,
-             "every target up", interval_s=0.5)
+    wait_for(
+        lambda: len([r for r in _query(url, "up") if r["value"][1] == "1"]) == 1 + len(EDGES),
+        60,
+        "every target up",
+        interval_s=0.5,
+    )
     expressions = _expressions()
     assert len(expressions) >= 10
 
@@ -112,7 +130,7 @@ def test_every_dashboard_expression_returns_data(cluster):
         return finite and (not edges or {r["metric"]["edge"] for r in finite} == set(EDGES)) and result
 
     for title, expr in expressions:
-        wait_for(lambda: answered(expr), 60, f"data for panel {title!r}: {expr}", interval_s=1.0)
+        wait_for(lambda: answered(expr), 60, f"data for panel {title!r}: {expr}", interval_s=1.0)  # noqa: B023 - called before the loop moves on
 
 
 def test_status_reports_a_dead_process_and_down_stops_the_rest_and_writes_the_report(cluster):

@@ -1,0 +1,265 @@
+"""The cluster the fault scenarios break: one cloud and its edges as real processes over mutual TLS.
+
+Each edge reaches the cloud through its own `TcpProxy` (its network link, which a scenario may slow
+down or cut); clients reach the edges directly. Processes keep their ports across restarts, so a
+restarted cloud or edge is found where it was. Portfolios: the base one (a real shifter portfolio)
+and payload portfolios (the base plus one new variant file of a few MiB, so its download spans
+several chunks and can be cut in the middle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import signal
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from bench.net.tcp_proxy import TcpProxy
+from cloud.admin import certs, operator_client
+from cloud.build import portfolio
+from cloud.build.methods import shifter
+from cloud.build.store import PortfolioStore, StoreError, VariantEntry, portfolio_id
+from cloud.build.train import TrainConfig
+from cloud.localfleet import processes
+from common import models, variant
+from common.security import Transport
+from protos import coordinator_pb2
+
+RPC_S = 10.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_portfolio(plan: dict, work: Path, data_dir) -> Path:
+    """A real shifter portfolio of VGG-11 trained briefly on Fashion-MNIST, built once per recipe."""
+    recipe = "-".join(str(plan[k]) for k in ("width", "subset", "levels"))
+    store = PortfolioStore(work / f"portfolio-{recipe}")
+    try:
+        store.manifest()
+        return store.root
+    except StoreError:
+        pass
+    torch.manual_seed(0)
+    portfolio.build(
+        portfolio.BuildConfig(
+            out=store.root,
+            model="vgg11",
+            width=plan["width"],
+            subset=plan["subset"],
+            data_dir=data_dir,
+            check_images=64,
+            threads=1,
+            train=TrainConfig(epochs=1, batch_size=64, progress=False),
+            shifter=shifter.ShifterConfig(levels=plan["levels"], rate=0.85),
+        )
+    )
+    return store.root
+
+
+def payload_portfolio(base: Path, root: Path, seed: int, width: float) -> tuple[Path, str]:
+    """The base portfolio plus one new variant: an untrained VGG-11 at `width` (weights from `seed`),
+    named as such and with chance accuracy, so the policy never prefers it. Returns (store, its id)."""
+    source = PortfolioStore(base)
+    manifest = source.manifest()
+    store = PortfolioStore(root)
+    reference = variant.load(source.variant_path(manifest.variants[0].variant_id)).spec
+    kwargs = models.zoo_kwargs(reference.input_shape, reference.num_classes, width)
+    torch.manual_seed(seed)
+    model = models.build("vgg11", kwargs)
+    spec = dataclasses.replace(
+        reference, kwargs=kwargs, method="dense", sparsity=0.0, accuracy=0.1, name=f"payload-{seed}", level=0
+    )
+    extra = store.put_variant(variant.encode(model, spec))
+    for entry in manifest.variants:
+        store.put_variant(source.variant_path(entry.variant_id).read_bytes())
+    size = store.variant_path(extra).stat().st_size
+    added = VariantEntry(
+        extra,
+        f"payload-{seed}",
+        0,
+        "dense",
+        "vgg11",
+        models.count_params(model),
+        size,
+        0.1,
+        0.1,
+        0.0,
+        1.0,
+        1.0,
+        0.0,
+        0.0,
+    )
+    variants = (*manifest.variants, added)
+    store.write_manifest(
+        dataclasses.replace(manifest, variants=variants, portfolio_id=portfolio_id([v.variant_id for v in variants]))
+    )
+    return store.root, extra
+
+
+def _kill(child: processes.Child) -> float:
+    """SIGKILL; the time just before the signal (a request it fails may end before the process is reaped)."""
+    at = time.time()
+    child.process.send_signal(signal.SIGKILL)
+    child.process.wait(30)
+    return at
+
+
+@dataclasses.dataclass
+class Edge:
+    name: str
+    port: int
+    metrics_port: int
+    cache: Path
+    proxy: TcpProxy
+    flags: tuple[str, ...] = ()
+    child: processes.Child | None = None
+    starts: int = 0
+    started_at: float = 0.0  # when the current process was started (unix seconds)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_address(self) -> str:
+        return f"127.0.0.1:{self.metrics_port}"
+
+    def part(self, variant_id: str) -> Path:
+        return self.cache / f"{variant_id}.part"
+
+
+class Cluster:
+    def __init__(self, work: Path, store: Path, edges: dict[str, tuple[str, ...]]):
+        self.work, self.store, self.logs = work, store, work / "logs"
+        self.keys = certs.init(work / "certs", force=True)
+        self.operator = Transport.load(self.keys["operator"], token=True)
+        self.client = Transport.load(self.keys["operator"])
+        self.db = work / "fleet.sqlite"
+        self.port = free_port()
+        self.cloud: processes.Child | None = None
+        self.cloud_starts = 0
+        self.edges = {
+            name: Edge(name, free_port(), free_port(), work / "cache" / name, TcpProxy(self.port), flags)
+            for name, flags in edges.items()
+        }
+        self._stub = None
+
+    @property
+    def address(self) -> str:
+        return f"localhost:{self.port}"
+
+    def stub(self):
+        if self._stub is None:
+            self._stub = operator_client.coordinator_stub(self.address, self.operator)
+        return self._stub
+
+    # --- processes -------------------------------------------------------------------------------------
+    def start_cloud(self) -> processes.Child:
+        self.cloud_starts += 1
+        self.cloud = processes.start(
+            f"cloud-{self.cloud_starts}",
+            [
+                "cloud.cli",
+                "cloud",
+                "serve",
+                "--store",
+                str(self.store),
+                "--port",
+                str(self.port),
+                "--metrics-port",
+                "0",
+                "--db",
+                str(self.db),
+                "--certs",
+                str(self.keys["cloud"]),
+            ],
+            self.logs,
+        )
+        return self.cloud
+
+    def bytes_sent(self) -> int:
+        """Variant bytes the running cloud process has handed to gRPC since it started."""
+        text = urllib.request.urlopen(f"http://{self.cloud.metrics_address}/metrics", timeout=10).read().decode()
+        return int(float(re.search(r"^prunefleet_cloud_variant_bytes_sent_total (\S+)$", text, re.M).group(1)))
+
+    def kill_cloud(self) -> float:
+        """SIGKILL the cloud; the time the signal was sent."""
+        return _kill(self.cloud)
+
+    def start_edge(self, name: str, timeout_s: float = 300.0) -> processes.Child:
+        edge = self.edges[name]
+        edge.starts += 1
+        edge.started_at = time.time()
+        edge.child = processes.start(
+            f"{name}-{edge.starts}",
+            [
+                "edge.cli",
+                "run",
+                "--cloud",
+                f"localhost:{edge.proxy.port}",
+                "--name",
+                name,
+                "--port",
+                str(edge.port),
+                "--metrics-port",
+                str(edge.metrics_port),
+                "--cache",
+                str(edge.cache),
+                "--batch",
+                "2",
+                "--certs",
+                str(self.keys["edge"]),
+                *edge.flags,
+            ],
+            self.logs,
+            timeout_s=timeout_s,
+        )
+        return edge.child
+
+    def kill_edge(self, name: str) -> float:
+        return _kill(self.edges[name].child)
+
+    def close(self) -> None:
+        for edge in self.edges.values():
+            if edge.child is not None:
+                edge.child.stop()
+            edge.proxy.close()
+        if self.cloud is not None:
+            self.cloud.stop()
+
+    # --- the coordinator ---------------------------------------------------------------------------------
+    def fleet(self) -> coordinator_pb2.GetFleetResponse:
+        return self.stub().GetFleet(coordinator_pb2.GetFleetRequest(), timeout=RPC_S)
+
+    def rollouts(self) -> list:
+        return list(self.stub().ListRollouts(coordinator_pb2.ListRolloutsRequest(limit=100), timeout=RPC_S).rollouts)
+
+    def events(self, edge: str = "", since: float = 0.0) -> list:
+        reply = self.stub().ListEvents(
+            coordinator_pb2.ListEventsRequest(edge=edge, since=since, limit=10_000), timeout=RPC_S
+        )
+        return list(reply.events)
+
+    def deploy(self, store: Path, edges: str, min_windows: int, adopt_timeout_s: float = 240.0):
+        request = coordinator_pb2.DeployRequest(
+            portfolio=str(store),
+            edges=edges,
+            canary=1,
+            thresholds=coordinator_pb2.RolloutThresholds(min_windows=min_windows, adopt_timeout_s=adopt_timeout_s),
+        )
+        return self.stub().Deploy(request, timeout=60).rollout
+
+    def pin(self, edges: str, variant_id: str):
+        return self.stub().Pin(coordinator_pb2.PinRequest(edges=edges, variant_id=variant_id), timeout=RPC_S)
+
+    def set_policy(self, **changes) -> coordinator_pb2.Policy:
+        return operator_client.set_policy(self.address, self.operator, **changes)

@@ -1,0 +1,1 @@
+"""Bad input (part of `prunefleet bench reliability`): fuzzed RPCs, damaged files and crafted streams."""

@@ -1,0 +1,1 @@
+"""Load generators: open-loop arrivals for the policy suite, a saturated agent, a simulated fleet."""

@@ -1,0 +1,1 @@
+"""Programs a suite runs in a fresh process to read resident memory (`python -m bench.probes.NAME`)."""

@@ -1,0 +1,1 @@
+"""The benchmark suites behind `prunefleet bench SUITE`, one module each."""

@@ -1,0 +1,145 @@
+"""`prunefleet bench shifter`: a whole shifter build, sparse vs compact per level, and its cost.
+
+IMP with rewinding runs on Fashion-MNIST (resumable: its checkpoints live beside the JSON). Per level:
+compression (conv and linear weights / remaining), sparse and compact test accuracy, params as stored
+dense vs compact, MACs, CPU latency of the masked sparse model and of the compact one at batch 1 and
+32, measured interleaved in the same run, each as an edge serves it by default (`speedup_b32`:
+BatchNorm folded, channels-last) and as loaded (`speedup_b32_as_loaded`: eager PyTorch, how an edge
+serves with `--no-optimize-models`). Then the cost of the portfolio: `derive_s` is the wall time
+to turn the IMP checkpoints into compact, checked variants (load, surgery, check); `train_from_scratch_s`
+is the wall time to train each compact architecture from a fresh initialization with the same recipe
+(what a portfolio of separately designed small models would cost), with the accuracy each one reaches.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench import latency, plots, workdir
+from cloud.build.compaction import surgery
+from cloud.build.methods import masks as masking
+from cloud.build.methods import shifter
+from cloud.build.train import TrainConfig, evaluate, train
+from common import datasets, models
+from common.profiling import count_macs
+
+log = logging.getLogger(__name__)
+# 10 levels at 50% reach 1024x (20% per level would need 31). Width 0.5: at width 0.25 a batch of 32
+# costs about 5 ms whatever the channel count, so pruning could not show in latency.
+FULL = {
+    "model": "vgg11",
+    "width": 0.5,
+    "subset": 12000,
+    "epochs": 4,
+    "levels": 10,
+    "rate": 0.5,
+    "rewind_iteration": 20,
+    "iters": 20,
+}
+QUICK = {
+    "model": "vgg11",
+    "width": 0.25,
+    "subset": 1500,
+    "epochs": 2,
+    "levels": 5,
+    "rate": 0.65,
+    "rewind_iteration": 10,
+    "iters": 8,
+}
+
+
+def _reinitialized(model: nn.Module, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters") and module is not model:
+            module.reset_parameters()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+    return model
+
+
+def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
+    plan = QUICK if quick else FULL
+    work, data = workdir.start(plan, work, "runs/bench-shifter.work", data_dir)
+    shape = data.info.input_shape
+    recipe = TrainConfig(epochs=plan["epochs"], batch_size=128, progress=False)
+    config = shifter.ShifterConfig(levels=plan["levels"], rate=plan["rate"], rewind_iteration=plan["rewind_iteration"])
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    kwargs = models.zoo_kwargs(data.info.input_shape, data.info.num_classes, plan["width"])
+    checkpoints = list(shifter.run_imp(models.build(plan["model"], kwargs), data, recipe, config, work))
+    imp_s = time.perf_counter() - started
+    check = datasets.normalize(data.test.images[:16], data.info.mean, data.info.std)
+    points, derive_s, compacts = [], 0.0, []
+    for level in checkpoints:
+        start = time.perf_counter()
+        sparse = models.build(plan["model"], kwargs)
+        sparse.load_state_dict(level.state)
+        compact, report = surgery.compact(sparse.eval(), check[:1], check_inputs=check)
+        derive_s += time.perf_counter() - start
+        compacts.append(compact)
+        sparse_acc, compact_acc = evaluate(sparse, data.info, data.test), evaluate(compact, data.info, data.test)
+        sparsity = masking.sparsity(level.masks)
+        point = {
+            "level": level.level,
+            "compression": 1.0 / max(1e-12, 1.0 - sparsity),
+            "sparsity": sparsity,
+            "sparse_accuracy": sparse_acc,
+            "compact_accuracy": compact_acc,
+            "acc_delta_pp": 100 * (compact_acc - sparse_acc),
+            "max_abs_diff": report.max_abs_diff,
+            "params_sparse": models.count_params(sparse),
+            "params_compact": report.params_after,
+            "macs_sparse": count_macs(sparse, shape),
+            "macs_compact": count_macs(compact, shape),
+            "surgery_ms": 1e3 * report.seconds,
+            **latency.paired({"sparse": sparse, "compact": compact}, shape, plan["iters"]),
+        }
+        point["params_ratio"] = point["params_sparse"] / point["params_compact"]
+        point["speedup_b1"] = point["sparse_b1_ms"] / point["compact_b1_ms"]
+        point["speedup_b32"] = point["sparse_b32_ms"] / point["compact_b32_ms"]
+        point["speedup_b32_as_loaded"] = point["sparse_as_loaded_b32_ms"] / point["compact_as_loaded_b32_ms"]
+        log.info("level %d: %s", level.level, {k: round(v, 4) if isinstance(v, float) else v for k, v in point.items()})
+        points.append(point)
+    for point, compact in zip(points, compacts):
+        scratch = workdir.cached(
+            work,
+            f"scratch-{point['level']}",
+            lambda: _from_scratch(compact, point["level"], data, recipe),  # noqa: B023 - called before the loop moves on
+        )
+        point["scratch_accuracy"], point["scratch_s"] = scratch["accuracy"], scratch["seconds"]
+    scratch_s = sum(p["scratch_s"] for p in points)
+    result = {"points": points, "plan": dict(plan), "imp_s": imp_s, "summary": summarize(points, derive_s, scratch_s)}
+    return result
+
+
+def _from_scratch(compact: nn.Module, level: int, data: datasets.Dataset, recipe: TrainConfig) -> dict:
+    """The compact architecture trained from a fresh start; kept in the work directory so a rerun resumes."""
+    start = time.perf_counter()
+    fresh = train(
+        _reinitialized(copy.deepcopy(compact), seed=level), data.info, data.train, recipe, desc=f"scratch L{level}"
+    )
+    return {"seconds": time.perf_counter() - start, "accuracy": evaluate(fresh, data.info, data.test)}
+
+
+def summarize(points: list[dict], derive_s: float, scratch_s: float) -> dict:
+    return {
+        "max_acc_delta_pp": max(abs(p["acc_delta_pp"]) for p in points),
+        "best_params_ratio": max(p["params_ratio"] for p in points),
+        "best_speedup_b32": max(p["speedup_b32"] for p in points),
+        "best_speedup_b32_as_loaded": max(p["speedup_b32_as_loaded"] for p in points),
+        "derive_s": derive_s,
+        "train_from_scratch_s": scratch_s,
+        "generation_speedup": scratch_s / max(derive_s, 1e-9),
+        "levels": len(points),
+    }
+
+
+def figures(result: dict, stem: Path) -> list[Path]:
+    return plots.shifter_figures(result["points"], stem)

@@ -1,0 +1,1 @@
+"""Building portfolios: training, data-parallel workers, pruning methods, surgery, and the store."""

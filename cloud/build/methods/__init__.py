@@ -1,0 +1,1 @@
+"""Pruning methods (`METHODS`), their scorers and masks."""

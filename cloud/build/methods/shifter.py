@@ -1,0 +1,131 @@
+"""`shifter`: iterative magnitude pruning with lottery-ticket rewinding (after DNNShifter).
+
+Level 0 trains the dense model. Each further level prunes `rate` of the surviving conv and linear
+weights by global magnitude, rewinds the survivors to their values at iteration `rewind_iteration`
+and retrains them. Every finished level is a checkpoint (`work/level-L.pt`), and an interrupted build
+resumes at the last finished level (and inside a level at the last finished epoch). Under torchrun
+each level trains data-parallel and rank 0 writes the checkpoints.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cloud.build import distributed
+from cloud.build.methods import masks as masking
+from cloud.build.train import Masks, TrainConfig, apply_masks, train
+from common.datasets import Dataset
+from common.files import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShifterConfig:
+    levels: int = 3  # pruning levels after the dense level 0
+    rate: float = 0.2  # share of surviving weights pruned per level
+    rewind_iteration: int = 0  # rewind to the weights after this many training steps (0 = init)
+    ignore: tuple[str, ...] = ()  # layer names never pruned
+
+    def __post_init__(self) -> None:
+        if self.levels < 0:
+            raise ValueError(f"levels must be >= 0, got {self.levels}")
+        if not 0.0 < self.rate < 1.0:
+            raise ValueError(f"rate must be in (0, 1), got {self.rate}")
+        if self.rewind_iteration < 0:
+            raise ValueError(f"rewind_iteration must be >= 0, got {self.rewind_iteration}")
+
+
+@dataclass(frozen=True)
+class Level:
+    level: int
+    state: dict[str, torch.Tensor]  # trained weights, masks already applied
+    masks: Masks
+
+
+def _save(path: Path, obj: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+class _RewindCapture:
+    """Keeps a copy of the weights after `iteration` optimizer steps of the dense run."""
+
+    def __init__(self, iteration: int, path: Path):
+        self.iteration, self.path, self.steps = iteration, path, 0
+
+    def __call__(self, model: nn.Module) -> None:
+        self.steps += 1
+        if self.steps == self.iteration and not self.path.exists():
+            _save(self.path, {"state": model.state_dict()})
+
+
+def _train_dense(model: nn.Module, data: Dataset, train_config: TrainConfig, config: ShifterConfig, work: Path) -> None:
+    rewind_path = work / "rewind.pt"
+    if config.rewind_iteration == 0 and not rewind_path.exists() and distributed.is_main():
+        _save(rewind_path, {"state": model.state_dict()})
+    capture = _RewindCapture(config.rewind_iteration, rewind_path) if config.rewind_iteration else None
+    train(
+        model,
+        data.info,
+        data.train,
+        train_config,
+        checkpoint=work / "level-0.train.pt",
+        desc="level 0 (dense)",
+        after_step=capture,
+    )
+    distributed.barrier()
+    if not rewind_path.exists():
+        raise ValueError(f"rewind_iteration {config.rewind_iteration} is beyond the dense run's steps")
+
+
+def run_imp(
+    model: nn.Module, data: Dataset, train_config: TrainConfig, config: ShifterConfig, work: Path
+) -> Iterator[Level]:
+    """Yield every level (0 = dense), training what is not checkpointed yet."""
+    work.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(1, *data.info.input_shape)
+    pairs = masking.conv_batchnorm_pairs(model, example)
+    masks = masking.dense_masks(model, config.ignore)
+    for level in range(config.levels + 1):
+        done = work / f"level-{level}.pt"
+        if done.exists():
+            saved = _load(done)
+            model.load_state_dict(saved["state"])
+            masks = saved["masks"]
+            log.info("level %d: resumed from %s", level, done)
+            yield Level(level, saved["state"], masks)
+            continue
+        if level == 0:
+            _train_dense(model, data, train_config, config, work)
+        else:
+            masks = masking.with_batchnorm_masks(masking.prune_global_magnitude(model, masks, config.rate), pairs)
+            model.load_state_dict(_load(work / "rewind.pt")["state"])
+            apply_masks(model, masks)
+            train(
+                model,
+                data.info,
+                data.train,
+                train_config,
+                masks=masks,
+                checkpoint=work / f"level-{level}.train.pt",
+                desc=f"level {level} (sparsity {masking.sparsity(masks):.1%})",
+            )
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        if distributed.is_main():  # under torchrun every process holds the same state; one writes it
+            _save(done, {"state": state, "masks": masks})
+            (work / f"level-{level}.train.pt").unlink(missing_ok=True)
+        distributed.barrier()
+        yield Level(level, state, masks)

@@ -1,0 +1,1 @@
+"""The `prunefleet` command: argument parsing and dispatch, above everything it dispatches to."""

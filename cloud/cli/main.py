@@ -1,0 +1,392 @@
+"""`prunefleet`: the operator and cloud CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+
+from cloud.admin import operator_client
+from cloud.build.store import PortfolioStore
+from cloud.cli import cluster_commands
+from common import security
+from common.errors import PrunefleetError
+from common.files import short_id
+from protos import coordinator_pb2
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _add_build(sub) -> None:
+    p = sub.add_parser("build", help="train a model and derive a portfolio of pruned variants")
+    p.add_argument("--method", default="shifter", help="shifter (IMP with rewinding) or reconvene (structured PaI)")
+    p.add_argument(
+        "--model", default="vgg11", help="zoo name (vgg11, resnet20, mobilenetv2, ...) or package.module:function"
+    )
+    p.add_argument("--width", type=float, default=0.25, help="channel width multiplier")
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--levels", type=int, default=3, help="pruning levels after the dense model")
+    p.add_argument("--rate", type=float, default=0.2, help="share of surviving weights pruned per level")
+    p.add_argument("--rewind-iteration", type=int, default=0, help="rewind survivors to this training step")
+    p.add_argument("--ignore", type=_names, default=(), help="comma-separated layers never pruned")
+    p.add_argument(
+        "--targets",
+        type=_floats,
+        default=(),
+        help="keep the levels nearest these compressions, e.g. 1,2,4,8 (default: every level)",
+    )
+    p.add_argument("--scorer", default="synflow", help="reconvene: random, magnitude, snip, grasp or synflow")
+    p.add_argument(
+        "--compressions",
+        type=_floats,
+        default=(2.0, 4.0, 8.0, 16.0, 32.0),
+        help="reconvene: total weights / remaining weights, one variant each (default 2,4,8,16,32)",
+    )
+    p.add_argument(
+        "--sensitivity-threshold",
+        type=float,
+        default=None,
+        help="reconvene: a layer group whose writers keep less than this share of their weights is "
+        "pruned structurally (default: the documented one)",
+    )
+    p.add_argument(
+        "--sensitivity-coverage",
+        type=float,
+        default=None,
+        help="reconvene: ... and only when the channels it keeps hold at least this share of its "
+        "surviving weights (default: the documented one)",
+    )
+    p.add_argument("--synflow-rounds", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch, split over torchrun processes")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument(
+        "--milestones",
+        type=_floats,
+        default=(0.5, 0.75),
+        help="step schedule: fractions of the epochs where the rate drops by --gamma",
+    )
+    p.add_argument("--gamma", type=float, default=0.1)
+    p.add_argument("--subset", type=int, default=0, help="training examples to use (0 = all)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+
+
+def _operator(parser, environ, name: str, help_text: str):
+    """A command that talks to a running cloud: --cloud and the transport flags."""
+    command = parser.add_parser(name, help=help_text)
+    command.add_argument("--cloud", required=True, metavar="HOST:PORT")
+    security.add_arguments(command, token=True, environ=environ)
+    return command
+
+
+def _add_serve(top, environ) -> None:
+    serve = (
+        top.add_parser("cloud", help="the cloud server")
+        .add_subparsers(dest="action", required=True)
+        .add_parser("serve", help="serve a portfolio and coordinate the fleet")
+    )
+    serve.add_argument("--store", type=Path, required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    serve.add_argument("--metrics-port", type=int, default=None)
+    serve.add_argument("--db", type=Path, default=None, help="SQLite file (default STORE/fleet.sqlite)")
+    serve.add_argument(
+        "--workers", type=int, default=64, help="threads for unary RPCs and blocking reads (edge streams need none)"
+    )
+    serve.add_argument(
+        "--max-rpcs",
+        type=int,
+        default=10_000,
+        help="RPCs at once, one per connected edge included; beyond, RESOURCE_EXHAUSTED (the edge retries)",
+    )
+    serve.add_argument(
+        "--signing-key",
+        type=Path,
+        default=None,
+        help="Ed25519 key that signs variants (default: DIR/signing.key of --certs)",
+    )
+    security.add_arguments(serve, token=True, environ=environ)
+
+
+def _add_rollouts(top, environ) -> None:
+    deploy = _operator(top, environ, "deploy", "send a portfolio to canary edges first, then to the rest")
+    deploy.add_argument("portfolio", help="a portfolio store directory on the cloud host, or a portfolio id")
+    deploy.add_argument("--edges", default="", help="comma-separated edge names or patterns (default: every edge)")
+    deploy.add_argument("--canary", type=int, default=1, help="edges that get it first")
+    deploy.add_argument("--min-slo-attainment", type=float, default=0.0, help="default 0.9")
+    deploy.add_argument("--max-error-rate", type=float, default=0.0, help="default 0.05")
+    deploy.add_argument("--min-windows", type=int, default=0, help="per canary edge before promoting (default 5)")
+    deploy.add_argument("--adopt-timeout-s", type=float, default=0.0, help="default 300")
+    rollback = _operator(top, environ, "rollback", "put every edge of a rollout back on its previous portfolio")
+    rollback.add_argument("--rollout", type=int, default=0, help="rollout id (default: the latest)")
+    rollback.add_argument("--reason", default="")
+
+
+def _parser(environ=None) -> argparse.ArgumentParser:
+    environ = environ or {}
+    parser = argparse.ArgumentParser(prog="prunefleet", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    top = parser.add_subparsers(dest="command", required=True)
+    portfolio = top.add_parser("portfolio", help="build and inspect portfolios").add_subparsers(
+        dest="action", required=True
+    )
+    _add_build(portfolio)
+    portfolio.add_parser("list", help="the variants of a portfolio").add_argument("--store", type=Path, required=True)
+    show = portfolio.add_parser("show", help="one variant in full")
+    show.add_argument("--store", type=Path, required=True)
+    show.add_argument("id", help="variant id, unique id prefix, or name")
+    _add_serve(top, environ)
+    certs = top.add_parser("certs", help="certificates, token and signing key").add_subparsers(
+        dest="action", required=True
+    )
+    init = certs.add_parser("init", help="create a CA, cloud/edge/operator certificates, a token and a signing key")
+    init.add_argument("dir", type=Path)
+    init.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        default=[],
+        help="a name or IP the cloud or an edge is reached by (repeatable; localhost and 127.0.0.1 always)",
+    )
+    init.add_argument("--force", action="store_true", help="replace an existing CA and every key")
+    fleet = top.add_parser("fleet", help="the fleet as the coordinator sees it").add_subparsers(
+        dest="action", required=True
+    )
+    _operator(fleet, environ, "status", "desired vs reported state per edge")
+    events = _operator(fleet, environ, "events", "switch decisions with their reasons")
+    events.add_argument("--edge", default="")
+    events.add_argument("--limit", type=int, default=100)
+    _operator(fleet, environ, "rollouts", "rollouts, newest first").add_argument("--limit", type=int, default=20)
+    _add_rollouts(top, environ)
+    policy = top.add_parser("policy", help="the switching policy").add_subparsers(dest="action", required=True)
+    pin = _operator(policy, environ, "pin", "pin some edges to a variant (overrides the policy's pin for them)")
+    pin.add_argument("variant", help="variant id ('' unpins)")
+    pin.add_argument("--edges", required=True, help="comma-separated edge names or patterns")
+    pset = _operator(policy, environ, "set", "change fields of the current policy")
+    pset.add_argument("--slo-ms", type=float)
+    pset.add_argument("--min-accuracy", type=float)
+    pset.add_argument("--down-windows", type=int)
+    pset.add_argument("--up-windows", type=int)
+    pset.add_argument("--up-headroom", type=float)
+    pset.add_argument("--dwell-s", type=float)
+    pset.add_argument("--window-s", type=float, help="telemetry window the edges decide on")
+    pset.add_argument(
+        "--max-switches-per-minute",
+        type=int,
+        help="cap on step-ups in any 60 s (step-downs, which protect the SLO, are never held back)",
+    )
+    pset.add_argument("--pin", dest="pinned_variant", help="serve only this variant id ('' unpins)")
+    bench = top.add_parser("bench", help="run a benchmark suite (python -m bench)", add_help=False)
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    demo = top.add_parser("demo", help="build a portfolio and run a two-edge cluster under changing load")
+    demo.add_argument("--out", type=Path, default=Path("reports/demo"))
+    demo.add_argument("--data-dir", type=Path, default=None)
+    demo.add_argument("--quick", action="store_true", help="smaller model, data and phases (for tests)")
+    cluster_commands.add_parser(top, environ)
+    return parser
+
+
+def _portfolio(args) -> int:
+    if args.action == "build":
+        from cloud.build import portfolio
+        from cloud.build.methods import reconvene, shifter
+        from cloud.build.train import TrainConfig
+
+        threshold = reconvene.DEFAULT_THRESHOLD if args.sensitivity_threshold is None else args.sensitivity_threshold
+        coverage = reconvene.MIN_COVERAGE if args.sensitivity_coverage is None else args.sensitivity_coverage
+
+        config = portfolio.BuildConfig(
+            out=args.out,
+            method=args.method,
+            model=args.model,
+            width=args.width,
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            subset=args.subset,
+            threads=args.threads,
+            seed=args.seed,
+            targets=args.targets,
+            train=TrainConfig(
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                seed=args.seed,
+                momentum=args.momentum,
+                weight_decay=args.weight_decay,
+                milestones=args.milestones,
+                gamma=args.gamma,
+            ),
+            shifter=shifter.ShifterConfig(
+                levels=args.levels, rate=args.rate, rewind_iteration=args.rewind_iteration, ignore=args.ignore
+            ),
+            reconvene=reconvene.ReconveneConfig(
+                scorer=args.scorer,
+                compressions=args.compressions,
+                threshold=threshold,
+                coverage=coverage,
+                rounds=args.synflow_rounds,
+            ),
+        )
+        manifest = portfolio.build(config)
+        if manifest is None:  # a torchrun worker: rank 0 publishes and prints
+            return 0
+        print(operator_client.portfolio_table(manifest))
+        print(f"portfolio {manifest.portfolio_id} written to {args.out}")
+        return 0
+    store = PortfolioStore(args.store)
+    if args.action == "list":
+        manifest = store.manifest()
+        print(f"portfolio {manifest.portfolio_id}: {manifest.method} on {manifest.model} / {manifest.dataset}")
+        print(operator_client.portfolio_table(manifest))
+    else:
+        entry = store.find(args.id)
+        print(json.dumps({**entry.__dict__, "path": str(store.variant_path(entry.variant_id))}, indent=2))
+    return 0
+
+
+def _bench(args) -> int:
+    """Benchmarks import cloud and edge side by side; they run as their own program so `cloud` never
+    imports `edge`."""
+    return subprocess.call([sys.executable, "-m", "bench", *args.args])
+
+
+def _dispatch(args) -> int:
+    if args.command == "bench":
+        return _bench(args)
+    if args.command == "portfolio":
+        return _portfolio(args)
+    if args.command == "cluster":
+        return cluster_commands.main(args)
+    if args.command == "demo":
+        from cloud.localfleet import demo
+
+        return demo.run(demo.DemoConfig(out=args.out, data_dir=args.data_dir, quick=args.quick))
+    if args.command == "certs":
+        from cloud.admin import certs
+
+        for role, path in certs.init(args.dir, args.hosts, args.force).items():
+            print(f"{role:9s} {path}")
+        print(f"keep {args.dir / 'ca' / 'ca.key'} offline; give each process its role's directory with --certs")
+        return 0
+    if args.command == "cloud":
+        return _serve(args)
+    return _operate(args, security.from_arguments(args, token=True))
+
+
+def _serve(args) -> int:
+    from cloud.service.server import CloudConfig, serve
+
+    transport = security.from_arguments(args, token=True)
+    signing_key = args.signing_key
+    if signing_key is None and args.certs is not None and not args.insecure:
+        signing_key = args.certs / security.SIGNING_KEY
+    serve(
+        CloudConfig(
+            store=args.store,
+            transport=transport,
+            signing_key=signing_key,
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            db=args.db,
+            workers=args.workers,
+            max_rpcs=args.max_rpcs,
+        )
+    )
+    return 0
+
+
+def _operate(args, transport: security.Transport) -> int:
+    if args.command == "fleet":
+        if args.action == "status":
+            print(operator_client.fleet_status(args.cloud, transport))
+        elif args.action == "rollouts":
+            print(operator_client.rollouts_table(args.cloud, transport, args.limit))
+        else:
+            print(operator_client.events_table(args.cloud, transport, args.edge, args.limit))
+        return 0
+    if args.command == "deploy":
+        portfolio = str(Path(args.portfolio).resolve()) if Path(args.portfolio).is_dir() else args.portfolio
+        thresholds = coordinator_pb2.RolloutThresholds(
+            min_slo_attainment=args.min_slo_attainment,
+            max_error_rate=args.max_error_rate,
+            min_windows=args.min_windows,
+            adopt_timeout_s=args.adopt_timeout_s,
+        )
+        print(
+            operator_client.rollout_line(
+                operator_client.deploy(args.cloud, transport, portfolio, args.edges, args.canary, thresholds)
+            )
+        )
+        return 0
+    if args.command == "rollback":
+        print(operator_client.rollout_line(operator_client.rollback(args.cloud, transport, args.rollout, args.reason)))
+        return 0
+    if args.command == "policy" and args.action == "pin":
+        reply = operator_client.pin(args.cloud, transport, args.edges, args.variant)
+        print(
+            f"policy v{reply.policy.version}: {'pinned to ' + short_id(args.variant) if args.variant else 'unpinned'}: "
+            f"{', '.join(reply.edges)}"
+        )
+        return 0
+    if args.command == "policy":
+        policy = operator_client.set_policy(
+            args.cloud,
+            transport,
+            slo_ms=args.slo_ms,
+            min_accuracy=args.min_accuracy,
+            down_windows=args.down_windows,
+            up_windows=args.up_windows,
+            up_headroom=args.up_headroom,
+            dwell_s=args.dwell_s,
+            window_s=args.window_s,
+            max_switches_per_minute=args.max_switches_per_minute,
+            pinned_variant=args.pinned_variant,
+        )
+        print(f"policy v{policy.version}: SLO p95 <= {policy.slo_ms:.1f} ms, pinned {policy.pinned_variant or 'none'}")
+        return 0
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser(os.environ)
+    args, rest = parser.parse_known_args(argv)  # `bench` passes its options (--help included) through
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "bench":
+        args.args = [*args.args, *rest]
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    try:
+        return _dispatch(args)
+    except (PrunefleetError, ValueError, OSError) as err:
+        print(f"prunefleet: error: {err}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as err:
+        print(f"prunefleet: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The cluster report: the load generator's measurements, the coordinator's switches and on-device
+profiles, and two plots (latency against the SLO per edge, the accuracy-latency frontier)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from cloud.admin import operator_client
+from cloud.build.store import PortfolioStore
+from cloud.localfleet import cluster_load, plots
+from cloud.localfleet.detached import Proc
+from common.files import atomic_write_json, short_id
+from common.security import Transport
+from protos import coordinator_pb2
+
+SETTLED_WINDOW_S = 30.0  # the variant an edge settled on: the one that answered most in this last stretch
+
+
+def _direction(event: coordinator_pb2.SwitchEvent, accuracy: dict[str, float]) -> str:
+    if not event.from_variant:
+        return "initial"
+    before, after = accuracy.get(event.from_variant, 0.0), accuracy.get(event.to_variant, 0.0)
+    return "down" if after < before else "up" if after > before else "same"
+
+
+def _settled(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    last = rows[-1]["t"]
+    recent = [r["variant"] for r in rows if r["t"] >= last - SETTLED_WINDOW_S and r["variant"]]
+    return Counter(recent).most_common(1)[0][0] if recent else ""
+
+
+def _series(directory: Path, edges: list[str], names: dict[str, str], started: float) -> dict[str, list[dict]]:
+    rows = cluster_load.read(directory / "load.jsonl")
+    return {
+        edge: [
+            {
+                "t": round(r["t"] - started, 2),
+                "p95_ms": r["p95_ms"],
+                "requests": r["requests"],
+                "errors": r["errors"],
+                "variant": names.get(r["variant"], short_id(r["variant"])),
+            }
+            for r in rows
+            if r["edge"] == edge
+        ]
+        for edge in edges
+    }
+
+
+def write(state: dict, procs: list[Proc]) -> tuple[Path, str]:
+    """Write DIR/report/{report.json,latency.png,frontier.png}; the directory and a short summary."""
+    directory, started = Path(state["dir"]), state["started"]
+    out = directory / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    cloud = next(p for p in procs if p.role == "cloud")
+    edges = [p.name for p in procs if p.role == "edge"]
+    manifest = PortfolioStore(state["portfolio"]).manifest()
+    names = {v.variant_id: v.name for v in manifest.variants}
+    accuracy = {v.variant_id: v.accuracy for v in manifest.variants}
+    stub = operator_client.coordinator_stub(cloud.address, Transport.plaintext())
+    fleet = stub.GetFleet(coordinator_pb2.GetFleetRequest(), timeout=operator_client.RPC_TIMEOUT_S)
+    events = stub.ListEvents(
+        coordinator_pb2.ListEventsRequest(since=started, limit=10_000), timeout=operator_client.RPC_TIMEOUT_S
+    ).events
+    switches = [
+        {
+            "t": round(e.event.timestamp - started, 2),
+            "edge": e.edge,
+            "direction": _direction(e.event, accuracy),
+            "from": names.get(e.event.from_variant, ""),
+            "to": names.get(e.event.to_variant, ""),
+            "reason_code": e.event.reason_code,
+            "reason": e.event.reason,
+            "switch_us": e.event.switch_us,
+        }
+        for e in events
+    ]
+    series = _series(directory, edges, names, started)
+    settled = {edge: _settled(rows) for edge, rows in series.items()}
+    profiled = [e for e in fleet.edges if e.edge in edges and e.profiles]
+    on_device = {e.edge: {p.variant_id: p.p95_ms_batch for p in e.profiles} for e in profiled}
+    order = [v.name for v in sorted(manifest.variants, key=lambda v: v.accuracy)]
+    plots.latency_timeline(out / "latency.png", series, switches, fleet.policy.slo_ms, order)
+    plots.frontier(
+        out / "frontier.png",
+        manifest,
+        {f"{e.edge}, p95 at batch {e.profiles[0].batch}": on_device[e.edge] for e in profiled},
+    )
+    cpus = {p.name: p.cpus for p in procs if p.role == "edge"}
+    atomic_write_json(
+        out / "report.json",
+        {
+            "portfolio": manifest.to_json(),
+            "slo_ms": fleet.policy.slo_ms,
+            "edges": cpus,
+            "settled": settled,
+            "switches": switches,
+            "per_second": series,
+            "on_device_p95_ms": {edge: {names.get(k, k): v for k, v in p.items()} for edge, p in on_device.items()},
+        },
+    )
+    lines = [
+        f"{edge} ({cpus[edge]:g} CPU): settled on {settled[edge] or '-'}, "
+        f"{sum(s['edge'] == edge and s['direction'] in ('down', 'up') for s in switches)} switch(es)"
+        for edge in edges
+    ]
+    lines.append(f"report: {out / 'report.json'}  plots: {out / 'latency.png'}, {out / 'frontier.png'}")
+    return out, "\n".join(lines)

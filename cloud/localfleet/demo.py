@@ -1,0 +1,252 @@
+"""`prunefleet demo`: the whole path on real data and real processes.
+
+Trains a small CNN on Fashion-MNIST, builds a shifter portfolio, creates certificates, starts the cloud
+and two edge agents as separate processes on loopback speaking mutual TLS (variants signed, operator
+calls with the token), measures an SLO under load on this machine, drives a light-heavy-light
+load and checks that every edge stepped down under the heavy phase and back up after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cloud.admin import certs, operator_client
+from cloud.build import portfolio
+from cloud.build.methods import shifter
+from cloud.build.train import TrainConfig
+from cloud.localfleet import demo_report, loadgen, processes
+from common import datasets
+from common.files import short_id
+from common.security import Transport
+from protos import coordinator_pb2
+
+log = logging.getLogger(__name__)
+EDGES = ("edge-a", "edge-b")
+BATCH = 8
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: Path
+    data_dir: Path | None = None
+    quick: bool = False
+    heavy_clients: int = 6
+    light_think_s: float = 0.05
+
+    def build_config(self) -> portfolio.BuildConfig:
+        if self.quick:
+            return portfolio.BuildConfig(
+                out=self.out / "portfolio-quick",
+                model="vgg11",
+                width=0.25,
+                data_dir=self.data_dir,
+                subset=3000,
+                train=TrainConfig(epochs=1, batch_size=64),
+                shifter=shifter.ShifterConfig(levels=4, rate=0.8),
+            )
+        return portfolio.BuildConfig(
+            out=self.out / "portfolio",
+            model="vgg11",
+            width=0.5,
+            data_dir=self.data_dir,
+            subset=8000,
+            train=TrainConfig(epochs=2),
+            shifter=shifter.ShifterConfig(levels=5, rate=0.75, rewind_iteration=20),
+        )
+
+    def phases(self) -> list[loadgen.Phase]:
+        scale = 0.5 if self.quick else 1.0
+        return [
+            loadgen.Phase("light", 15 * scale, 1, self.light_think_s),
+            loadgen.Phase("heavy", 40 * scale, self.heavy_clients),
+            loadgen.Phase("light-again", 45 * scale, 1, self.light_think_s),
+        ]
+
+
+def _wait_for_profiles(
+    cloud: str, transport: Transport, n_variants: int, timeout_s: float = 180.0
+) -> coordinator_pb2.GetFleetResponse:
+    stub = operator_client.coordinator_stub(cloud, transport)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        fleet = stub.GetFleet(coordinator_pb2.GetFleetRequest(), timeout=operator_client.RPC_TIMEOUT_S)
+        ready = [e for e in fleet.edges if e.connected and len(e.profiles) >= n_variants and e.telemetry.active_variant]
+        if len(ready) == len(EDGES):
+            return fleet
+        time.sleep(0.5)
+    raise TimeoutError(f"edges did not report profiles of all {n_variants} variants within {timeout_s:.0f} s")
+
+
+def _frontier_ends(manifest, fleet) -> tuple[str, str]:
+    """The most accurate variant and the fastest (by the edges' own profiles)."""
+    latency = {p.variant_id: p.p50_ms_batch for p in fleet.edges[0].profiles}
+    most_accurate = max(manifest.variants, key=lambda v: v.accuracy)
+    fastest = min(manifest.variants, key=lambda v: latency[v.variant_id])
+    return most_accurate.variant_id, fastest.variant_id
+
+
+def _edge_p95s(cloud: str, transport: Transport, variant_id: str, seen: dict) -> None:
+    """Add each edge's newest telemetry window spent on `variant_id` (keyed by edge and window end)."""
+    fleet = operator_client.coordinator_stub(cloud, transport).GetFleet(
+        coordinator_pb2.GetFleetRequest(), timeout=operator_client.RPC_TIMEOUT_S
+    )
+    for edge in fleet.edges:
+        t = edge.telemetry
+        if t.active_variant == variant_id and t.requests > 0:
+            seen[(edge.edge, t.timestamp)] = t.p95_ms
+
+
+def calibrate_slo_ms(
+    cloud: str, transport: Transport, generator: loadgen.LoadGenerator, heavy: loadgen.Phase, ends: tuple[str, str]
+) -> float:
+    """Pin each end of the frontier in turn under the heavy load and measure its p95 on this machine,
+    as the edges report it (the policy decides on the edges' own windows, not on what clients see).
+
+    The SLO is the geometric mean of the two medians: the heavy load breaks it on the most accurate
+    variant and leaves the fastest inside it, with the same margin on both sides.
+    """
+    p95s = []
+    for variant_id in ends:
+        operator_client.set_policy(cloud, transport, pinned_variant=variant_id)
+        time.sleep(1.5)  # one decision window for the pin to take effect
+        seen: dict = {}
+        load = threading.Thread(target=generator.run, args=([heavy],), daemon=True)
+        load.start()
+        time.sleep(1.5)  # skip the window in which the load starts
+        while load.is_alive():
+            _edge_p95s(cloud, transport, variant_id, seen)
+            time.sleep(0.5)
+        load.join()
+        if not seen:
+            raise RuntimeError(f"no telemetry window on {short_id(variant_id)} during calibration")
+        p95s.append(float(np.median(list(seen.values()))))
+    operator_client.set_policy(cloud, transport, pinned_variant="")
+    return round(math.sqrt(p95s[0] * p95s[1]), 1)
+
+
+def _start_cluster(store: Path, run_dir: Path, keys: dict[str, Path]) -> list[processes.Child]:
+    logs = run_dir / "logs"
+    cloud = processes.start(
+        "cloud",
+        [
+            "cloud.cli",
+            "cloud",
+            "serve",
+            "--store",
+            str(store),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--db",
+            str(run_dir / "fleet.sqlite"),
+            "--certs",
+            str(keys["cloud"]),
+        ],
+        logs,
+    )
+    children = [cloud]
+    try:
+        for name in EDGES:
+            children.append(
+                processes.start(
+                    name,
+                    [
+                        "edge.cli",
+                        "run",
+                        "--cloud",
+                        cloud.address,
+                        "--name",
+                        name,
+                        "--port",
+                        "0",
+                        "--metrics-port",
+                        "0",
+                        "--cache",
+                        str(run_dir / "cache" / name),
+                        "--threads",
+                        "1",
+                        "--batch",
+                        str(BATCH),
+                        "--certs",
+                        str(keys["edge"]),
+                    ],
+                    logs,
+                )
+            )
+    except BaseException:
+        for child in reversed(children):
+            child.stop()
+        raise
+    return children
+
+
+def _drive(config: DemoConfig, children: list[processes.Child], manifest, transport: Transport) -> dict:
+    cloud = children[0].address
+    fleet = _wait_for_profiles(cloud, transport, len(manifest.variants))
+    images = datasets.load("fashion-mnist", config.data_dir).test.images.numpy()[:2000]
+    generator = loadgen.LoadGenerator({c.name: c.address for c in children[1:]}, images, BATCH, transport)
+    heavy = loadgen.Phase("calibration", 4 if config.quick else 6, config.heavy_clients)
+    slo_ms = calibrate_slo_ms(cloud, transport, generator, heavy, _frontier_ends(manifest, fleet))
+    policy = operator_client.set_policy(
+        cloud, transport, slo_ms=slo_ms, down_windows=2, up_windows=3, up_headroom=0.7, dwell_s=3.0, window_s=1.0
+    )
+    print(
+        f"policy v{policy.version}: SLO p95 <= {slo_ms:.1f} ms per batch of {BATCH} "
+        "(measured under heavy load on this machine)",
+        flush=True,
+    )
+    time.sleep(2 * policy.window_s)
+    generator = loadgen.LoadGenerator({c.name: c.address for c in children[1:]}, images, BATCH, transport)
+    started = time.time()
+    generator.run(
+        config.phases(),
+        on_phase=lambda p: print(f"phase {p.name}: {p.clients} client(s) per edge for {p.seconds:.0f} s", flush=True),
+    )
+    time.sleep(1.5)  # let the last telemetry window and switch reports arrive
+    events = (
+        operator_client.coordinator_stub(cloud, transport)
+        .ListEvents(coordinator_pb2.ListEventsRequest(since=started), timeout=operator_client.RPC_TIMEOUT_S)
+        .events
+    )
+    return {
+        "slo_ms": slo_ms,
+        "started": started,
+        "samples": generator.samples,
+        "events": list(events),
+        "names": operator_client.variant_names(cloud, transport),
+    }
+
+
+def run(config: DemoConfig) -> int:
+    run_dir = config.out
+    build = config.build_config()
+    print(f"building a shifter portfolio of {build.model} (width {build.width}) on Fashion-MNIST ...", flush=True)
+    manifest = portfolio.build(build)
+    print(operator_client.portfolio_table(manifest), flush=True)
+    keys = certs.init(run_dir / "certs", force=True)
+    transport = Transport.load(keys["operator"], token=True)
+    children = _start_cluster(build.out, run_dir, keys)
+    try:
+        print(
+            "cloud on "
+            + children[0].address
+            + "; edges "
+            + ", ".join(f"{c.name} on {c.address}" for c in children[1:])
+            + " (mutual TLS)",
+            flush=True,
+        )
+        outcome = _drive(config, children, manifest, transport)
+    finally:
+        for child in reversed(children):
+            child.stop()
+    verdict = demo_report.write(run_dir, manifest, outcome, config.phases(), EDGES)
+    print(verdict.text)
+    return 0 if verdict.ok else 1

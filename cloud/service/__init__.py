@@ -1,0 +1,1 @@
+"""The cloud process: gRPC servers, coordinator, fleet database, rollouts, catalog, validation, metrics."""

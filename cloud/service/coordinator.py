@@ -1,0 +1,315 @@
+"""CoordinatorService: registration, the edge stream (reports up, policy and portfolio down, and
+an empty heartbeat directive whenever the stream has been idle for `heartbeat_s`), fleet view, rollouts.
+
+Edge streams are held by coroutines on the cloud's `grpc.aio` event loop, so one coordinator holds
+thousands of them without a thread each; their reports are stored in batches by `ReportWriter`.
+
+The coordinator never decides for an edge's variant; it stores what edges report, hands them the
+policy and the portfolio it wants each to hold (desired state), and compares that with what each
+edge says it holds (reported state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+import grpc
+
+from cloud.build.store import StoreError
+from cloud.service.catalog import Catalog
+from cloud.service.fleet_db import FleetDB
+from cloud.service.interceptors import BadRequest
+from cloud.service.report_writer import ReportWriter
+from cloud.service.rollout import RolloutConflict, RolloutError, Rollouts, select
+from cloud.service.validation import (
+    DEFAULT_POLICY,
+    PolicyError,
+    telemetry_problem,
+    validate_policy,
+)
+from common.files import short_id
+from protos import coordinator_pb2, coordinator_pb2_grpc, portfolio_pb2
+
+log = logging.getLogger(__name__)
+MAX_EDGE_NAME = 128
+MAX_ADDRESS = 256
+MAX_EVENTS = 10_000
+MAX_ROLLOUTS = 1000
+OPERATOR_METHODS = tuple(
+    f"/prunefleet.v1.CoordinatorService/{m}"
+    for m in ("GetFleet", "SetPolicy", "ListEvents", "Deploy", "Rollback", "ListRollouts", "Pin")
+)
+_CLOSE = object()
+HEARTBEAT_S = 5.0  # an idle Connect stream carries an empty Directive this often: the edge hears the link is alive
+
+
+class Outbox:
+    """What goes down one edge's stream: filled from any thread (the rollout judge, operator RPCs),
+    read by the stream's coroutine on the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop, self._queue = loop, asyncio.Queue()
+
+    def put(self, item) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the server has stopped, the stream with it
+            pass
+
+    async def get(self):
+        return await self._queue.get()
+
+
+def _valid_edge_name(name: str) -> bool:
+    return 0 < len(name) <= MAX_EDGE_NAME and all(c.isalnum() or c in "-_." for c in name)
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
+    """`Connect` is a coroutine on the cloud's event loop (one task per edge stream, no thread); the
+    other RPCs are plain functions that the server runs in its thread pool. Reports go to the
+    `ReportWriter`; the loop runs database reads in `blocking` (an executor), never itself."""
+
+    def __init__(
+        self,
+        db: FleetDB,
+        catalog: Catalog,
+        clock: Callable[[], float],
+        reports: ReportWriter,
+        blocking: Executor | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
+    ):
+        self._heartbeat_s = heartbeat_s
+        self._db = db
+        self._catalog = catalog
+        self._clock = clock
+        self._reports = reports
+        self._blocking = blocking
+        self._lock = threading.Lock()
+        self._streams: dict[int, tuple[str, Outbox]] = {}
+        if db.policy() is None:
+            db.save_policy(DEFAULT_POLICY)
+        self.rollouts = Rollouts(db, catalog, db.policy, self.push, clock)
+
+    def _desired(self, edge: str) -> portfolio_pb2.ListVariantsResponse:
+        """The portfolio `edge` should hold: its desired one, else (a new edge) the current one."""
+        desired = self._db.desired(edge)
+        if not desired or not self._catalog.known(desired):
+            desired = self._catalog.current()
+            self._db.set_desired([edge], desired)
+        return self._catalog.listing(desired)
+
+    def _policy_for(self, edge: str, pins: dict[str, str] | None = None) -> coordinator_pb2.Policy:
+        """The policy, with the edge's own pin in place of the policy's when it has one."""
+        policy = self._db.policy()
+        pinned = (self._db.pins() if pins is None else pins).get(edge)
+        if pinned:
+            policy.pinned_variant = pinned
+        return policy
+
+    def push(self, edge: str, portfolio: portfolio_pb2.ListVariantsResponse) -> None:
+        """Send a portfolio to `edge` if it is connected; otherwise it gets it when it registers."""
+        with self._lock:
+            for bound, outbox in self._streams.values():
+                if bound == edge:
+                    outbox.put(coordinator_pb2.Directive(portfolio=portfolio))
+
+    def _connected(self) -> set[str]:
+        with self._lock:
+            return {edge for edge, _ in self._streams.values() if edge}
+
+    @property
+    def streams(self) -> int:
+        """Connect streams open now (bound to an edge or not yet)."""
+        with self._lock:
+            return len(self._streams)
+
+    def Register(self, request, context):
+        if not _valid_edge_name(request.edge):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"edge name must be 1-{MAX_EDGE_NAME} characters of letters, digits, '-', '_' or '.'",
+            )
+        addresses = (request.address, request.metrics_address)
+        if request.threads < 0 or any(len(a) > MAX_ADDRESS or not a.isprintable() for a in addresses):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"threads must be >= 0 and address and metrics_address at most {MAX_ADDRESS} printable characters",
+            )
+        self._db.register(request)
+        log.info("edge %s registered at %s", request.edge, request.address)
+        portfolio = self._desired(request.edge)
+        return coordinator_pb2.RegisterResponse(
+            policy=self._policy_for(request.edge), variants=portfolio.variants, portfolio_id=portfolio.portfolio_id
+        )
+
+    async def _run_blocking(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._blocking, function, *args)
+
+    async def _consume(self, reports, stream_id: int, outbox: Outbox) -> None:
+        try:
+            async for report in reports:
+                refusal = await self._accept(report, stream_id)
+                if refusal:
+                    outbox.put(refusal)
+                    return
+        except BadRequest as err:
+            outbox.put((grpc.StatusCode.INVALID_ARGUMENT, str(err)))
+        except grpc.RpcError:
+            pass
+        finally:
+            outbox.put(_CLOSE)
+
+    async def _bind(self, edge: str, stream_id: int) -> bool:
+        """Bind the stream to `edge` on its first report: the portfolio it should hold (a rollout may
+        have moved on) and its own policy (its pin, if any) go down first."""
+        if not await self._run_blocking(self._db.is_registered, edge):
+            return False
+        with self._lock:
+            if stream_id not in self._streams:  # the stream ended meanwhile
+                return False
+            outbox = self._streams[stream_id][1]
+            self._streams[stream_id] = (edge, outbox)
+        outbox.put(coordinator_pb2.Directive(portfolio=await self._run_blocking(self._desired, edge)))
+        outbox.put(coordinator_pb2.Directive(policy=await self._run_blocking(self._policy_for, edge)))
+        return True
+
+    async def _accept(self, report: coordinator_pb2.EdgeReport, stream_id: int) -> tuple[grpc.StatusCode, str] | None:
+        """Queue one report for storing; the refusal (code, message) that ends the stream, if any."""
+        edge = report.edge
+        with self._lock:
+            bound = self._streams.get(stream_id, ("",))[0]
+        if not edge or (bound != edge and (bound or not await self._bind(edge, stream_id))):
+            return grpc.StatusCode.PERMISSION_DENIED, f"unknown or unregistered edge {edge[:MAX_EDGE_NAME]!r}"
+        kind = report.WhichOneof("body")
+        if kind == "telemetry" and (problem := telemetry_problem(report.telemetry)):
+            return grpc.StatusCode.INVALID_ARGUMENT, problem
+        self._reports.put(report)
+        if kind == "switch":
+            log.info(
+                "edge %s switched %s -> %s: %s",
+                edge,
+                short_id(report.switch.from_variant),
+                short_id(report.switch.to_variant),
+                report.switch.reason,
+            )
+        return None
+
+    async def Connect(self, request_iterator, context):
+        outbox = Outbox(asyncio.get_running_loop())
+        stream_id = id(outbox)
+        with self._lock:
+            self._streams[stream_id] = ("", outbox)
+        reader = asyncio.create_task(self._consume(request_iterator, stream_id, outbox))
+        try:
+            yield coordinator_pb2.Directive(policy=await self._run_blocking(self._db.policy))
+            while True:
+                try:
+                    item = await asyncio.wait_for(outbox.get(), self._heartbeat_s)
+                except TimeoutError:
+                    item = coordinator_pb2.Directive()  # the heartbeat: no body, nothing to apply
+                if item is _CLOSE:
+                    return
+                if isinstance(item, tuple):
+                    await context.abort(*item)
+                yield item
+        finally:
+            reader.cancel()
+            with self._lock:
+                self._streams.pop(stream_id, None)
+
+    def _broadcast_policy(self) -> None:
+        pins = self._db.pins()
+        with self._lock:
+            streams = list(self._streams.values())
+        for edge, outbox in streams:
+            outbox.put(coordinator_pb2.Directive(policy=self._policy_for(edge, pins)))
+
+    def GetFleet(self, request, context):
+        self._reports.flush()  # every report an edge sent before this call is in the answer
+        connected = self._connected()
+        edges = self._db.edges()
+        for edge in edges:
+            edge.connected = edge.edge in connected
+        policy, pins = self._db.policy(), self._db.pins()
+        for edge in edges:
+            edge.desired_policy_version = policy.version
+            edge.pinned_variant = pins.get(edge.edge, "")
+        return coordinator_pb2.GetFleetResponse(edges=edges, policy=policy, portfolio_id=self._catalog.current())
+
+    def SetPolicy(self, request, context):
+        try:
+            policy = validate_policy(request.policy)
+        except PolicyError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        known = {v.variant_id for v in self._catalog.listing().variants}
+        if policy.pinned_variant and policy.pinned_variant not in known:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"pinned_variant {policy.pinned_variant[:80]!r} is not a variant of the current portfolio",
+            )
+        policy.version = self._db.policy().version + 1
+        self._db.save_policy(policy)
+        self._broadcast_policy()
+        log.info("policy v%d: slo %.1f ms", policy.version, policy.slo_ms)
+        return coordinator_pb2.SetPolicyResponse(policy=policy)
+
+    def ListEvents(self, request, context):
+        if request.limit < 0 or request.limit > MAX_EVENTS or math.isnan(request.since):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit must be in [0, {MAX_EVENTS}] and since a number")
+        self._reports.flush()
+        events = self._db.events(request.edge, request.since, request.limit or 1000)
+        return coordinator_pb2.ListEventsResponse(events=events)
+
+    def Deploy(self, request, context):
+        if len(request.portfolio) > 4096 or len(request.edges) > 4096:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "portfolio and edges must be at most 4096 characters")
+        try:
+            return coordinator_pb2.DeployResponse(rollout=self.rollouts.deploy(request))
+        except RolloutConflict as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        except (RolloutError, StoreError) as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
+    def Rollback(self, request, context):
+        if request.rollout_id < 0 or len(request.reason) > 1000:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "rollout_id must be >= 0 and reason at most 1000 chars")
+        try:
+            rollout = self.rollouts.rollback(request.rollout_id, request.reason or "rolled back by an operator")
+        except RolloutConflict as err:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        except RolloutError as err:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+        return coordinator_pb2.RollbackResponse(rollout=rollout)
+
+    def ListRollouts(self, request, context):
+        if not 0 <= request.limit <= MAX_ROLLOUTS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit must be in [0, {MAX_ROLLOUTS}]")
+        return coordinator_pb2.ListRolloutsResponse(rollouts=self.rollouts.list(request.limit or 20))
+
+    def Pin(self, request, context):
+        if request.variant_id and self._catalog.file(request.variant_id) is None:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"variant_id {request.variant_id[:80]!r} is in no portfolio of this cloud",
+            )
+        if not request.edges.replace(",", "").strip() or len(request.edges) > 4096:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "edges: name the edges to pin (names or patterns)")
+        edges = select(self._db.edge_names(), request.edges)
+        if not edges:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"selector {request.edges[:200]!r} matches no registered edge")
+        self._db.set_pins(edges, request.variant_id)
+        policy = self._db.policy()
+        policy.version += 1  # the edges report the version they apply: desired vs reported
+        self._db.save_policy(policy)
+        self._broadcast_policy()
+        log.info(
+            "%s %s",
+            f"pinned to {short_id(request.variant_id)}:" if request.variant_id else "unpinned:",
+            ", ".join(edges),
+        )
+        return coordinator_pb2.PinResponse(edges=edges, policy=policy)

@@ -1,0 +1,219 @@
+"""The cloud process: PortfolioService and CoordinatorService on one gRPC server, plus metrics.
+
+Mutual TLS unless the transport is plaintext (`--insecure`); operator RPCs need the bearer token when
+one is configured (always with TLS); variants are signed when the cloud has a signing key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    ProcessCollector,
+    start_http_server,
+)
+
+from cloud.service.catalog import Catalog
+from cloud.service.coordinator import HEARTBEAT_S, OPERATOR_METHODS, CoordinatorServicer
+from cloud.service.fleet_db import FleetDB
+from cloud.service.interceptors import ParseRequests
+from cloud.service.portfolio_service import PortfolioServicer, add_to_server
+from cloud.service.report_writer import ReportWriter, WriterConfig
+from common.security import RequireTokenAsync, SecurityError, Signer, Transport
+from common.wire import SERVER_OPTIONS
+from protos import coordinator_pb2, coordinator_pb2_grpc, portfolio_pb2
+
+log = logging.getLogger(__name__)
+ROLLOUT_TICK_S = 1.0
+MAX_RPCS = 10_000  # the bound on edges per coordinator (each holds one stream), operator calls included
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    store: Path
+    transport: Transport  # mutual TLS, or plaintext when built with Transport.plaintext() (--insecure)
+    signing_key: Path | None = None  # Ed25519 private key (PEM); variants go out unsigned without it
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int | None = None
+    db: Path | None = None  # default: STORE/fleet.sqlite
+    workers: int = 64  # threads for unary RPCs and variant downloads (edge streams need none)
+    max_rpcs: int = MAX_RPCS  # RPCs in progress at once, edge streams included; beyond: RESOURCE_EXHAUSTED
+    rollout_tick_s: float = ROLLOUT_TICK_S
+    report_tick_s: float = 0.1  # edge reports are stored in one transaction per tick
+    heartbeat_s: float = HEARTBEAT_S  # an idle edge stream carries an empty directive this often
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.workers < 4:
+            raise ValueError("workers must be >= 4")
+        if self.max_rpcs < self.workers:
+            raise ValueError("max_rpcs must be >= workers")
+        if not self.transport.insecure and not self.transport.token:
+            raise SecurityError("with TLS the cloud needs an operator token")
+        if not 0.05 <= self.rollout_tick_s <= 60 or not 0.05 <= self.heartbeat_s <= 60:
+            raise ValueError("rollout_tick_s and heartbeat_s must be in [0.05, 60]")
+        WriterConfig(tick_s=self.report_tick_s)  # validates it
+
+
+@dataclass
+class CloudServer:
+    port: int
+    db: FleetDB
+    coordinator: CoordinatorServicer
+    reports: ReportWriter
+    stopping: threading.Event
+    loop: asyncio.AbstractEventLoop
+    server: grpc.aio.Server
+    thread: threading.Thread
+    pool: futures.ThreadPoolExecutor
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Stop serving (streams get `grace` seconds), store the reports still queued, close the database."""
+        self.stopping.set()
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result(grace + 10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            if not self.thread.is_alive():
+                self.loop.close()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.reports.close()
+            self.db.close()
+
+
+def _service_names() -> tuple[str, ...]:
+    return (
+        portfolio_pb2.DESCRIPTOR.services_by_name["PortfolioService"].full_name,
+        coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name,
+        health.SERVICE_NAME,
+        reflection.SERVICE_NAME,
+    )
+
+
+def _portfolio_gauges(catalog: Catalog, registry: CollectorRegistry) -> None:
+    """What an edge must hold to have the whole portfolio: the dashboard's transfer progress."""
+    Gauge(
+        "prunefleet_cloud_portfolio_variants", "Variants in the portfolio being served", registry=registry
+    ).set_function(lambda: len(catalog.manifest().variants))
+    Gauge(
+        "prunefleet_cloud_portfolio_bytes",
+        "Bytes of the variant files of the portfolio being served",
+        registry=registry,
+    ).set_function(lambda: sum(v.size_bytes for v in catalog.manifest().variants))
+
+
+def _fleet_metrics(db: FleetDB, registry: CollectorRegistry) -> tuple[Counter, Counter]:
+    """Edges known, and the counters the report writer increments (stored, given up)."""
+    Gauge("prunefleet_cloud_edges", "Edges known to the coordinator", registry=registry).set_function(db.edge_count)
+    return (
+        Counter(
+            "prunefleet_cloud_reports_stored_total", "Edge reports stored in the fleet database", registry=registry
+        ),
+        Counter(
+            "prunefleet_cloud_reports_dropped_total", "Edge reports given up after failed commits", registry=registry
+        ),
+    )
+
+
+def _judge_rollouts(coordinator: CoordinatorServicer, stopping: threading.Event, every_s: float) -> None:
+    while not stopping.wait(every_s):
+        try:
+            coordinator.rollouts.tick()
+        except Exception:  # a failed judgement is retried on the next tick
+            log.exception("judging the rollout failed")
+
+
+async def _serve(
+    config: CloudConfig,
+    catalog: Catalog,
+    coordinator: CoordinatorServicer,
+    sent: Counter,
+    pool: futures.ThreadPoolExecutor,
+) -> tuple[grpc.aio.Server, int]:
+    """Build and start the gRPC server on the running loop; (server, 0) when the port cannot be bound."""
+    token = config.transport.token
+    server = grpc.aio.server(
+        migration_thread_pool=pool,
+        options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=config.max_rpcs,
+        interceptors=[*([RequireTokenAsync(token, OPERATOR_METHODS)] if token else []), ParseRequests()],
+    )
+    portfolios = PortfolioServicer(catalog, on_bytes_sent=sent.inc, blocking=pool)
+    add_to_server(portfolios, server)
+    coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(coordinator, server)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(_service_names(), server)
+    port = config.transport.bind(server, f"{config.host}:{config.port}")
+    if port == 0:
+        return server, 0
+    await server.start()
+    for name in _service_names()[:2] + ("",):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port
+
+
+def start(config: CloudConfig, registry: CollectorRegistry) -> CloudServer:
+    """Serve on an event loop in its own thread; returns once the port is bound and serving."""
+    db = FleetDB(config.db or config.store / "fleet.sqlite", clock=time.time)
+    signer = Signer.load(config.signing_key) if config.signing_key else None
+    catalog = Catalog(db, signer)
+    catalog.start_with(config.store)  # fail now, with the store's message, when there is no portfolio
+    sent = Counter("prunefleet_cloud_variant_bytes_sent_total", "Variant bytes streamed to edges", registry=registry)
+    pool = futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc")
+    stored, dropped = _fleet_metrics(db, registry)
+    reports = ReportWriter(db, WriterConfig(tick_s=config.report_tick_s), on_stored=stored.inc, on_dropped=dropped.inc)
+    coordinator = CoordinatorServicer(db, catalog, time.time, reports, blocking=pool, heartbeat_s=config.heartbeat_s)
+    Gauge("prunefleet_cloud_streams", "Edge streams open now", registry=registry).set_function(
+        lambda: coordinator.streams
+    )
+    _portfolio_gauges(catalog, registry)
+    ProcessCollector(registry=registry)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True, name="grpc-loop")
+    thread.start()
+    server, port = asyncio.run_coroutine_threadsafe(_serve(config, catalog, coordinator, sent, pool), loop).result(60)
+    stopping = threading.Event()
+    cloud = CloudServer(port, db, coordinator, reports, stopping, loop, server, thread, pool)
+    if port == 0:
+        cloud.stop(0)
+        raise OSError(f"cannot bind {config.host}:{config.port}")
+    threading.Thread(
+        target=_judge_rollouts, args=(coordinator, stopping, config.rollout_tick_s), daemon=True, name="rollouts"
+    ).start()
+    return cloud
+
+
+def serve(config: CloudConfig) -> None:
+    """Run until SIGINT or SIGTERM; prints one line with the bound address once serving."""
+    registry = CollectorRegistry()
+    cloud = start(config, registry)
+    metrics = ""
+    if config.metrics_port is not None:
+        http, _ = start_http_server(config.metrics_port, config.host, registry=registry)
+        metrics = f" metrics on {config.host}:{http.server_port}"
+    mode = "plaintext (--insecure)" if config.transport.insecure else "mutual TLS"
+    print(f"prunefleet cloud serving on {config.host}:{cloud.port}{metrics} ({mode})", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down")
+    cloud.stop()
