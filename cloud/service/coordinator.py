@@ -22,6 +22,7 @@ import grpc
 
 from cloud.build.store import StoreError
 from cloud.service.catalog import Catalog
+from cloud.service.edge_streams import CLOSE, EdgeStreams, Outbox
 from cloud.service.fleet_db import FleetDB
 from cloud.service.interceptors import BadRequest
 from cloud.service.report_writer import ReportWriter
@@ -44,25 +45,7 @@ OPERATOR_METHODS = tuple(
     f"/prunefleet.v1.CoordinatorService/{m}"
     for m in ("GetFleet", "SetPolicy", "ListEvents", "Deploy", "Rollback", "ListRollouts", "Pin")
 )
-_CLOSE = object()
 HEARTBEAT_S = 5.0  # an idle Connect stream carries an empty Directive this often: the edge hears the link is alive
-
-
-class Outbox:
-    """What goes down one edge's stream: filled from any thread (the rollout judge, operator RPCs),
-    read by the stream's coroutine on the event loop."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop, self._queue = loop, asyncio.Queue()
-
-    def put(self, item) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the loop is closed: the server has stopped, the stream with it
-            pass
-
-    async def get(self):
-        return await self._queue.get()
 
 
 def _valid_edge_name(name: str) -> bool:
@@ -89,8 +72,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self._clock = clock
         self._reports = reports
         self._blocking = blocking
-        self._lock = threading.Lock()
-        self._streams: dict[int, tuple[str, Outbox]] = {}
+        self._broadcasting = threading.Lock()  # policy broadcasts one at a time: the newest goes out last
+        self._streams = EdgeStreams()
         if db.policy() is None:
             db.save_policy(DEFAULT_POLICY)
         self.rollouts = Rollouts(db, catalog, db.policy, self.push, clock)
@@ -113,20 +96,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     def push(self, edge: str, portfolio: portfolio_pb2.ListVariantsResponse) -> None:
         """Send a portfolio to `edge` if it is connected; otherwise it gets it when it registers."""
-        with self._lock:
-            for bound, outbox in self._streams.values():
-                if bound == edge:
-                    outbox.put(coordinator_pb2.Directive(portfolio=portfolio))
-
-    def _connected(self) -> set[str]:
-        with self._lock:
-            return {edge for edge, _ in self._streams.values() if edge}
+        for outbox in self._streams.to(edge):
+            outbox.put(coordinator_pb2.Directive(portfolio=portfolio))
 
     @property
     def streams(self) -> int:
         """Connect streams open now (bound to an edge or not yet)."""
-        with self._lock:
-            return len(self._streams)
+        return len(self._streams)
 
     def Register(self, request, context):
         if not _valid_edge_name(request.edge):
@@ -162,27 +138,24 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         except grpc.RpcError:
             pass
         finally:
-            outbox.put(_CLOSE)
+            outbox.put(CLOSE)
 
     async def _bind(self, edge: str, stream_id: int) -> bool:
         """Bind the stream to `edge` on its first report: the portfolio it should hold (a rollout may
         have moved on) and its own policy (its pin, if any) go down first."""
         if not await self._run_blocking(self._db.is_registered, edge):
             return False
-        with self._lock:
-            if stream_id not in self._streams:  # the stream ended meanwhile
-                return False
-            outbox = self._streams[stream_id][1]
-            self._streams[stream_id] = (edge, outbox)
+        outbox = self._streams.bind(stream_id, edge)
+        if outbox is None:  # the stream ended meanwhile
+            return False
         outbox.put(coordinator_pb2.Directive(portfolio=await self._run_blocking(self._desired, edge)))
-        outbox.put(coordinator_pb2.Directive(policy=await self._run_blocking(self._policy_for, edge)))
+        await self._run_blocking(self._send_policy, edge, outbox)
         return True
 
     async def _accept(self, report: coordinator_pb2.EdgeReport, stream_id: int) -> tuple[grpc.StatusCode, str] | None:
         """Queue one report for storing; the refusal (code, message) that ends the stream, if any."""
         edge = report.edge
-        with self._lock:
-            bound = self._streams.get(stream_id, ("",))[0]
+        bound = self._streams.bound_edge(stream_id)
         if not edge or (bound != edge and (bound or not await self._bind(edge, stream_id))):
             return grpc.StatusCode.PERMISSION_DENIED, f"unknown or unregistered edge {edge[:MAX_EDGE_NAME]!r}"
         kind = report.WhichOneof("body")
@@ -201,9 +174,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     async def Connect(self, request_iterator, context):
         outbox = Outbox(asyncio.get_running_loop())
-        stream_id = id(outbox)
-        with self._lock:
-            self._streams[stream_id] = ("", outbox)
+        stream_id = self._streams.open(outbox)
         reader = asyncio.create_task(self._consume(request_iterator, stream_id, outbox))
         try:
             yield coordinator_pb2.Directive(policy=await self._run_blocking(self._db.policy))
@@ -212,26 +183,32 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                     item = await asyncio.wait_for(outbox.get(), self._heartbeat_s)
                 except TimeoutError:
                     item = coordinator_pb2.Directive()  # the heartbeat: no body, nothing to apply
-                if item is _CLOSE:
+                if item is CLOSE:
                     return
                 if isinstance(item, tuple):
                     await context.abort(*item)
                 yield item
         finally:
             reader.cancel()
-            with self._lock:
-                self._streams.pop(stream_id, None)
+            self._streams.close(stream_id)
+
+    def _send_policy(self, edge: str, outbox: Outbox) -> None:
+        """One stream's policy as stored now, queued in turn with the broadcasts (see `_broadcast_policy`)."""
+        with self._broadcasting:
+            outbox.put(coordinator_pb2.Directive(policy=self._policy_for(edge)))
 
     def _broadcast_policy(self) -> None:
-        pins = self._db.pins()
-        with self._lock:
-            streams = list(self._streams.values())
-        for edge, outbox in streams:
-            outbox.put(coordinator_pb2.Directive(policy=self._policy_for(edge, pins)))
+        """Send every connected edge its policy as stored now. Sends run one at a time and each reads
+        the policy inside, so when operator calls overlap, the latest version is queued last on every
+        stream and no edge is left on an older one."""
+        with self._broadcasting:
+            pins = self._db.pins()
+            for edge, outbox in self._streams.all():
+                outbox.put(coordinator_pb2.Directive(policy=self._policy_for(edge, pins)))
 
     def GetFleet(self, request, context):
         self._reports.flush()  # every report an edge sent before this call is in the answer
-        connected = self._connected()
+        connected = self._streams.connected()
         edges = self._db.edges()
         for edge in edges:
             edge.connected = edge.edge in connected
@@ -252,8 +229,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"pinned_variant {policy.pinned_variant[:80]!r} is not a variant of the current portfolio",
             )
-        policy.version = self._db.policy().version + 1
-        self._db.save_policy(policy)
+        policy = self._db.set_policy(policy)  # the database numbers it: concurrent calls get their own
         self._broadcast_policy()
         log.info("policy v%d: slo %.1f ms", policy.version, policy.slo_ms)
         return coordinator_pb2.SetPolicyResponse(policy=policy)
@@ -302,10 +278,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         edges = select(self._db.edge_names(), request.edges)
         if not edges:
             context.abort(grpc.StatusCode.NOT_FOUND, f"selector {request.edges[:200]!r} matches no registered edge")
-        self._db.set_pins(edges, request.variant_id)
-        policy = self._db.policy()
-        policy.version += 1  # the edges report the version they apply: desired vs reported
-        self._db.save_policy(policy)
+        policy = self._db.pin(edges, request.variant_id)  # and a new policy version: edges report the one they apply
         self._broadcast_policy()
         log.info(
             "%s %s",

@@ -3,80 +3,36 @@ windows and profiles, the policy, the switch audit log, the portfolios the cloud
 
 Protobuf messages are stored as their serialized bytes (never pickled). One connection guarded by a
 lock: the coordinator's writes are small and frequent, and SQLite in WAL mode keeps readers cheap.
-Edge reports arrive at fleet rate (1000 edges: 1000 windows a second); the coordinator hands them to
-`cloud.reports.ReportWriter`, which stores a tick's worth in one transaction (`record_reports`).
+Edge reports arrive at fleet rate (every edge sends a window each `window_s`); the coordinator hands
+them to `cloud.service.report_writer.ReportWriter`, which stores a tick's worth in one transaction
+(`record_reports`).
+
+Policy versions are numbered here, in the transaction that stores them, never by callers: operator
+calls that arrive at once each get their own version, and the history keeps every one.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from cloud.service.fleet_schema import (
+    COLUMNS,
+    SCHEMA,
+    event_statement,
+    pin_statements,
+    profile_statement,
+    telemetry_statements,
+)
+from common.errors import PrunefleetError
 from protos import coordinator_pb2
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS edges (
-    name TEXT PRIMARY KEY, address TEXT, metrics_address TEXT, threads INTEGER,
-    registered_at REAL, last_seen REAL, telemetry BLOB, policy_version INTEGER DEFAULT 0);
-CREATE TABLE IF NOT EXISTS profiles (
-    edge TEXT, variant_id TEXT, profile BLOB, PRIMARY KEY (edge, variant_id));
-CREATE TABLE IF NOT EXISTS policy (id INTEGER PRIMARY KEY CHECK (id = 1), policy BLOB);
-CREATE TABLE IF NOT EXISTS policies (version INTEGER PRIMARY KEY, saved_at REAL, policy BLOB);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, edge TEXT, timestamp REAL, event BLOB);
-CREATE INDEX IF NOT EXISTS events_by_time ON events (timestamp);
-CREATE TABLE IF NOT EXISTS windows (
-    edge TEXT, timestamp REAL, portfolio_id TEXT, p95_ms REAL, requests INTEGER, errors INTEGER,
-    PRIMARY KEY (edge, timestamp));
-CREATE TABLE IF NOT EXISTS portfolios (id TEXT PRIMARY KEY, store TEXT, added_at REAL);
-CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS pins (edge TEXT PRIMARY KEY, variant_id TEXT, pinned_at REAL);
-CREATE TABLE IF NOT EXISTS rollouts (id INTEGER PRIMARY KEY AUTOINCREMENT, state TEXT, rollout BLOB);
-CREATE TABLE IF NOT EXISTS rollout_edges (
-    rollout_id INTEGER, edge TEXT, previous TEXT, canary INTEGER, PRIMARY KEY (rollout_id, edge));
-"""
-# columns added after the first release: (table, column, declaration)
-COLUMNS = (
-    ("edges", "desired_portfolio", "TEXT DEFAULT ''"),
-    ("edges", "reported_portfolio", "TEXT DEFAULT ''"),
-    ("edges", "telemetry_at", "REAL DEFAULT 0"),
-)
-KEEP_WINDOWS_S = 6 * 3600.0  # telemetry history per edge (rollouts judge canaries on it)
 
-
-def _telemetry_statements(edge: str, t: coordinator_pb2.Telemetry, now: float) -> list[tuple[str, tuple]]:
-    return [
-        (
-            "INSERT OR IGNORE INTO windows (edge, timestamp, portfolio_id, p95_ms, requests, errors) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (edge, t.timestamp, t.portfolio_id, t.p95_ms, t.requests, t.errors),
-        ),
-        ("DELETE FROM windows WHERE edge = ? AND timestamp < ?", (edge, t.timestamp - KEEP_WINDOWS_S)),
-        ("UPDATE edges SET last_seen = ? WHERE name = ?", (now, edge)),
-        (
-            "UPDATE edges SET telemetry = ?, telemetry_at = ?, reported_portfolio = ?, policy_version = ? "
-            "WHERE name = ? AND telemetry_at <= ?",
-            (t.SerializeToString(), t.timestamp, t.portfolio_id, t.policy_version, edge, t.timestamp),
-        ),
-    ]
-
-
-def _event_statement(edge: str, event: coordinator_pb2.SwitchEvent) -> tuple[str, tuple]:
-    blob = event.SerializeToString()
-    return (
-        "INSERT INTO events (edge, timestamp, event) SELECT ?, ?, ? WHERE NOT EXISTS "
-        "(SELECT 1 FROM events WHERE timestamp = ? AND edge = ? AND event = ?)",
-        (edge, event.timestamp, blob, event.timestamp, edge, blob),
-    )
-
-
-def _profile_statement(edge: str, profile: coordinator_pb2.VariantProfile) -> tuple[str, tuple]:
-    return (
-        "INSERT OR REPLACE INTO profiles (edge, variant_id, profile) VALUES (?, ?, ?)",
-        (edge, profile.variant_id, profile.SerializeToString()),
-    )
+class NoPolicy(PrunefleetError, LookupError):
+    """A pin asked for a new policy version before any policy was stored (the coordinator seeds one)."""
 
 
 class FleetDB:
@@ -103,17 +59,24 @@ class FleetDB:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
-    def transaction(self, statements: list[tuple[str, tuple]]) -> None:
-        """Several writes that land together or not at all."""
+    @contextmanager
+    def _immediate(self) -> Iterator[sqlite3.Connection]:
+        """The connection inside one write transaction, taken before the first read (`BEGIN IMMEDIATE`),
+        so what is read in it cannot change before the commit, in this process or another."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for sql, args in statements:
-                    self._db.execute(sql, args)
+                yield self._db
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    def transaction(self, statements: list[tuple[str, tuple]]) -> None:
+        """Several writes that land together or not at all."""
+        with self._immediate() as db:
+            for sql, args in statements:
+                db.execute(sql, args)
 
     query, execute = _read, _write
 
@@ -135,7 +98,7 @@ class FleetDB:
     def record_telemetry(self, edge: str, telemetry: coordinator_pb2.Telemetry) -> None:
         """Keep the window (once, however often it is resent) and, if it is the newest, the edge's
         reported state. Windows buffered while the cloud was away arrive late and out of date."""
-        self.transaction(_telemetry_statements(edge, telemetry, self._clock()))
+        self.transaction(telemetry_statements(edge, telemetry, self._clock()))
 
     def record_reports(self, reports: list[coordinator_pb2.EdgeReport]) -> None:
         """Many edges' reports in one transaction (the coordinator's writer batches a tick's worth):
@@ -144,11 +107,11 @@ class FleetDB:
         for report in reports:
             kind, edge = report.WhichOneof("body"), report.edge
             if kind == "telemetry":
-                statements += _telemetry_statements(edge, report.telemetry, now)
+                statements += telemetry_statements(edge, report.telemetry, now)
             elif kind == "switch":
-                statements.append(_event_statement(edge, report.switch))
+                statements.append(event_statement(edge, report.switch))
             elif kind == "profile":
-                statements.append(_profile_statement(edge, report.profile))
+                statements.append(profile_statement(edge, report.profile))
             else:
                 statements.append(("UPDATE edges SET last_seen = ? WHERE name = ?", (now, edge)))
         self.transaction(statements)
@@ -169,21 +132,6 @@ class FleetDB:
     def desired(self, edge: str) -> str:
         rows = self._read("SELECT desired_portfolio FROM edges WHERE name = ?", (edge,))
         return rows[0][0] or "" if rows else ""
-
-    def set_pins(self, edges: list[str], variant_id: str) -> None:
-        """Pin `edges` to `variant_id`, or unpin them when it is ""."""
-        if variant_id:
-            self.transaction(
-                [
-                    (
-                        "INSERT OR REPLACE INTO pins (edge, variant_id, pinned_at) VALUES (?, ?, ?)",
-                        (e, variant_id, self._clock()),
-                    )
-                    for e in edges
-                ]
-            )
-        else:
-            self.transaction([("DELETE FROM pins WHERE edge = ?", (e,)) for e in edges])
 
     def pins(self) -> dict[str, str]:
         return dict(self._read("SELECT edge, variant_id FROM pins"))
@@ -208,28 +156,58 @@ class FleetDB:
         return self._read("SELECT id, store FROM portfolios ORDER BY added_at")
 
     def record_profile(self, edge: str, profile: coordinator_pb2.VariantProfile) -> None:
-        self._write(*_profile_statement(edge, profile))
+        self._write(*profile_statement(edge, profile))
 
     def record_event(self, edge: str, event: coordinator_pb2.SwitchEvent) -> None:
         """Idempotent: an edge resends the events of a stream that broke, so a copy is stored once."""
-        self._write(*_event_statement(edge, event))
+        self._write(*event_statement(edge, event))
 
     def policy(self) -> coordinator_pb2.Policy | None:
         rows = self._read("SELECT policy FROM policy WHERE id = 1")
         return coordinator_pb2.Policy.FromString(rows[0][0]) if rows else None
 
     def save_policy(self, policy: coordinator_pb2.Policy) -> None:
-        """The current policy, and every version ever set (the policy history)."""
+        """Store `policy` with the version it carries as the current one and in the history: for seeding
+        the first policy. Changes of a running fleet go through `set_policy` and `pin`, which number them."""
         blob = policy.SerializeToString()
-        self.transaction(
-            [
-                ("INSERT OR REPLACE INTO policy (id, policy) VALUES (1, ?)", (blob,)),
-                (
-                    "INSERT OR REPLACE INTO policies (version, saved_at, policy) VALUES (?, ?, ?)",
-                    (policy.version, self._clock(), blob),
-                ),
-            ]
+        with self._immediate() as db:
+            db.execute("INSERT OR REPLACE INTO policy (id, policy) VALUES (1, ?)", (blob,))
+            db.execute(
+                "INSERT OR REPLACE INTO policies (version, saved_at, policy) VALUES (?, ?, ?)",
+                (policy.version, self._clock(), blob),
+            )
+
+    def set_policy(self, policy: coordinator_pb2.Policy) -> coordinator_pb2.Policy:
+        """Store `policy` as the next version and make it current; the stored policy, with its version."""
+        with self._immediate() as db:
+            return self._store_next(db, policy)
+
+    def pin(self, edges: list[str], variant_id: str) -> coordinator_pb2.Policy:
+        """Pin `edges` to `variant_id` (unpin them when it is "") and store the current policy again as
+        the next version, in one transaction: edges report the version they apply, so the coordinator
+        sees which edges have taken the pin. The stored policy, with its new version."""
+        with self._immediate() as db:
+            for sql, args in pin_statements(edges, variant_id, self._clock()):
+                db.execute(sql, args)
+            return self._store_next(db, None)
+
+    def _store_next(self, db: sqlite3.Connection, policy: coordinator_pb2.Policy | None) -> coordinator_pb2.Policy:
+        """Inside a transaction: `policy` (None: the current one again) numbered one past every version
+        stored so far, added to the history (never replacing a row) and made current."""
+        row = db.execute("SELECT policy FROM policy WHERE id = 1").fetchone()
+        current = coordinator_pb2.Policy.FromString(row[0]) if row else None
+        if policy is None and current is None:
+            raise NoPolicy("no policy is stored yet: set one before pinning")
+        latest = db.execute("SELECT MAX(version) FROM policies").fetchone()[0] or 0
+        stored = coordinator_pb2.Policy()
+        stored.CopyFrom(current if policy is None else policy)
+        stored.version = max(latest, current.version if current else 0) + 1
+        blob = stored.SerializeToString()
+        db.execute(
+            "INSERT INTO policies (version, saved_at, policy) VALUES (?, ?, ?)", (stored.version, self._clock(), blob)
         )
+        db.execute("INSERT OR REPLACE INTO policy (id, policy) VALUES (1, ?)", (blob,))
+        return stored
 
     def policies(self) -> list[coordinator_pb2.Policy]:
         return [

@@ -1,0 +1,81 @@
+"""The edges' open `Connect` streams: what goes down each one, and which edge each is bound to.
+
+A stream's coroutine reads its `Outbox` on the cloud's event loop; anything else (operator RPCs in
+the thread pool, the rollout judge) puts directives into it from its own thread. A stream is bound
+to an edge by the edge's first report; until then it has no edge and gets no pushes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+CLOSE = object()  # put into an outbox: the stream ends
+
+
+class Outbox:
+    """What goes down one edge's stream: filled from any thread, read by the stream's coroutine."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop, self._queue = loop, asyncio.Queue()
+
+    def put(self, item) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the server has stopped, the stream with it
+            pass
+
+    async def get(self):
+        return await self._queue.get()
+
+
+class EdgeStreams:
+    """Every open stream by id, with the edge it is bound to ('' until its first report); thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._streams: dict[int, tuple[str, Outbox]] = {}
+
+    def open(self, outbox: Outbox) -> int:
+        stream_id = id(outbox)
+        with self._lock:
+            self._streams[stream_id] = ("", outbox)
+        return stream_id
+
+    def close(self, stream_id: int) -> None:
+        with self._lock:
+            self._streams.pop(stream_id, None)
+
+    def bound_edge(self, stream_id: int) -> str:
+        """The edge the stream is bound to, or '' (not bound yet, or closed)."""
+        with self._lock:
+            return self._streams.get(stream_id, ("",))[0]
+
+    def bind(self, stream_id: int, edge: str) -> Outbox | None:
+        """Bind the stream to `edge`; its outbox, or None when the stream has closed meanwhile."""
+        with self._lock:
+            if stream_id not in self._streams:
+                return None
+            outbox = self._streams[stream_id][1]
+            self._streams[stream_id] = (edge, outbox)
+            return outbox
+
+    def to(self, edge: str) -> Iterator[Outbox]:
+        """The outboxes of the streams bound to `edge`."""
+        with self._lock:
+            outboxes = [outbox for bound, outbox in self._streams.values() if bound == edge]
+        yield from outboxes
+
+    def all(self) -> list[tuple[str, Outbox]]:
+        with self._lock:
+            return list(self._streams.values())
+
+    def connected(self) -> set[str]:
+        """The edges with a bound stream."""
+        with self._lock:
+            return {edge for edge, _ in self._streams.values() if edge}
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._streams)
