@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -16,32 +17,34 @@ import torch
 from common.files import atomic_write_json
 from common.registry import UnknownNameError, lookup
 
+SUITES = {
+    name: f"bench.suites.{name}"
+    for name in ("surgery", "shifter", "reconvene", "switching", "policy", "transfer", "reliability")
+}
+# What the suites import beyond an edge's install: module -> the distribution that provides it.
+REQUIREMENTS = {
+    "torch_pruning": "torch-pruning",
+    "matplotlib": "matplotlib",
+    "hypothesis": "hypothesis",
+    "hyperframe": "hyperframe",
+}
+INSTALL_HINT = "pip install 'prunefleet[bench]'"
 
-def _suites() -> dict:
-    from bench.suites import (
-        policy,
-        reconvene,
-        reliability,
-        shifter,
-        surgery,
-        switching,
-        transfer,
-    )
 
-    return {
-        "surgery": surgery,
-        "shifter": shifter,
-        "reconvene": reconvene,
-        "switching": switching,
-        "policy": policy,
-        "transfer": transfer,
-        "reliability": reliability,
-    }
+def missing_requirements() -> list[str]:
+    """The distributions the suites need that this environment cannot import."""
+    missing = []
+    for module, distribution in REQUIREMENTS.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(distribution)
+    return missing
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prunefleet bench", description=__doc__)
-    parser.add_argument("suite", help=f"one of: {', '.join(_suites())}")
+    parser.add_argument("suite", help=f"one of: {', '.join(SUITES)}")
     parser.add_argument("--json", type=Path, required=True, help="where to write the results")
     parser.add_argument("--quick", action="store_true", help="fewer models and points (minutes, for CI)")
     parser.add_argument("--data-dir", type=Path, default=None)
@@ -49,10 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
-        suite = lookup(_suites(), "benchmark suite", args.suite)
+        module = lookup(SUITES, "benchmark suite", args.suite)
     except UnknownNameError as err:
         print(f"prunefleet bench: error: {err}", file=sys.stderr)
         return 2
+    missing = missing_requirements()
+    if missing:
+        print(
+            f"prunefleet bench: error: the benchmarks need {', '.join(missing)}, which this environment "
+            f"lacks; install them with: {INSTALL_HINT}",
+            file=sys.stderr,
+        )
+        return 2
+    suite = importlib.import_module(module)
     torch.set_num_threads(args.threads)
     started = time.time()
     stem = args.json.with_suffix("")
