@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from common.files import atomic_write_json
+from common.profiling import cpu_model
 from common.registry import UnknownNameError, lookup
 
 SUITES = {
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch_threads": torch.get_num_threads(),
             "platform": platform.platform(),
             "processor": platform.processor(),
+            "cpu_model": cpu_model(),
             "torch": torch.__version__,
         },
     }

@@ -3,25 +3,24 @@
 `for_inference` folds every BatchNorm that follows a convolution into that convolution's weights
 and bias (one pass over the activations less per layer) and moves the weights and every input to
 channels-last memory layout, where PyTorch's CPU convolutions run on oneDNN. Both keep the
-computation the same up to float32 rounding. On the shifter benchmark's VGG-11 a batch of 32 ran
-1.4x (the dense model) to 1.8x (its 1024x compact variant) faster than as loaded (docs/results.md):
-the gain is largest on the small layers pruning leaves, whose time went mostly to memory passes
-rather than arithmetic. Most of it is the layout: folding alone gained 1.04x to 1.08x. It is how an
-edge serves by default.
+computation the same up to float32 rounding; together they make a model serve faster than as
+loaded. The gain is largest on the small layers pruning leaves, whose time goes to memory passes more
+than to arithmetic, and most of it comes from the layout, folding adding a smaller part (measured; the
+figures are in docs/results.md). It is how an edge serves by default.
 
 What to fold is seen in the check's reference pass (below): a BatchNorm folds into the convolution whose
 output it reads when nothing else reads that output and neither runs twice. Forward hooks on the
 layers and a torch function mode count the reads; both act on this model in this thread only, so
-other variants keep serving while one loads (torch.fx's tracer, used at first, patches every module's
-call in the process while it traces, and a concurrent request then failed). A model whose wiring
+other variants keep serving while one loads (a tracer such as torch.fx's patches every module's call
+in the process while it traces, so a concurrent request could fail). A model whose wiring
 between layers depends on its input's values is folded as its wiring was for the check's input;
 serve such a model with `--no-optimize-models`. The served model is then checked
 against the model as loaded on a random input before it is used; if they differ (or the served model
 fails, as one that views its input as contiguous does), the model is built again and served as
 loaded, and the reason logged. The check runs at batch 1 only: both changes act on each sample
 alike, and each new batch size costs oneDNN a compiled kernel per convolution that stays resident
-(a second check at batch 3 added 1.1 MB over five VGG-16 variants of 20 MB and doubled the memory
-peak of a load). Folding and the layout change both work in place (the layout a block of output
+(a second check at another batch size would add resident memory for every variant and raise the
+memory peak of a load). Folding and the layout change both work in place (the layout a block of output
 channels at a time), so a variant never holds a second copy of its weights while it is made ready.
 """
 
@@ -62,8 +61,8 @@ def _to_channels_last(model: nn.Module) -> nn.Module:
     """`model` with its 4-d weights in channels-last layout, changed in place. Both layouts keep each
     output channel's values in the same span of memory ([O, I, kh, kw] and [O, kh, kw, I]), so a
     tensor is changed a block of output channels at a time through a copy of that block: the model
-    never holds a second copy of a tensor, and the scratch is one block (a tensor-sized copy, freed
-    tensor by tensor, grew the heap by up to 2.5 MB on a VGG-16 variant of 5.3 MB)."""
+    never holds a second copy of a tensor, and the scratch is one block (a tensor-sized copy, even
+    freed tensor by tensor, grows the heap by a large share of the model's own bytes)."""
     for tensor in (t for t in (*model.parameters(), *model.buffers()) if t.dim() == 4):
         _restride_in_place(tensor)
     return model

@@ -9,14 +9,13 @@ every peer's) or, only when asked for with `--insecure`, in plaintext. A role di
     signing.key                   cloud: Ed25519 private key that signs variants
     signing.pub                   edge: the matching public key; unsigned or wrongly signed variants are refused
 
-Operator RPCs carry `authorization: Bearer TOKEN` metadata; the cloud compares it in constant time.
+Operator RPCs carry `authorization: Bearer TOKEN` metadata (`BearerToken` adds it to a channel); the
+server's check, in constant time, is `common.token_check`.
 A variant's signature is Ed25519 over the 32-byte sha256 digest of its file (its id).
 """
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,57 +152,6 @@ class BearerToken(
 
     def intercept_stream_stream(self, continuation, details, requests):
         return continuation(self._details(details), requests)
-
-
-def _refuse(message: str) -> grpc.RpcMethodHandler:
-    def handler(request, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    return grpc.unary_unary_rpc_method_handler(handler)
-
-
-def _refuse_async(message: str) -> grpc.RpcMethodHandler:
-    async def handler(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    return grpc.unary_unary_rpc_method_handler(handler)
-
-
-class RequireToken(grpc.ServerInterceptor):
-    """UNAUTHENTICATED for a guarded method called without the token (every guarded method is unary)."""
-
-    def __init__(self, token: str, methods: Collection[str]):
-        if len(token) < MIN_TOKEN_CHARS:
-            raise SecurityError(f"a token is at least {MIN_TOKEN_CHARS} characters")
-        self._expected = f"Bearer {token}".encode()
-        self._methods = frozenset(methods)
-
-    def refusal(self, details) -> str:
-        """Why this call is refused ("" when it may go on)."""
-        if details.method not in self._methods:
-            return ""
-        sent = [v for k, v in details.invocation_metadata or () if k == AUTHORIZATION]
-        if not sent:
-            return "this call needs an operator token: 'authorization: Bearer TOKEN'"
-        value = sent[0].encode() if isinstance(sent[0], str) else sent[0]
-        if len(sent) != 1 or not hmac.compare_digest(value, self._expected):
-            return "the operator token is wrong"
-        return ""
-
-    def intercept_service(self, continuation: Callable, details):
-        refusal = self.refusal(details)
-        return _refuse(refusal) if refusal else continuation(details)
-
-
-class RequireTokenAsync(grpc.aio.ServerInterceptor):
-    """`RequireToken` for a `grpc.aio` server (the cloud's)."""
-
-    def __init__(self, token: str, methods: Collection[str]):
-        self._check = RequireToken(token, methods)
-
-    async def intercept_service(self, continuation, details):
-        refusal = self._check.refusal(details)
-        return _refuse_async(refusal) if refusal else await continuation(details)
 
 
 # --- variant signatures ---------------------------------------------------------------------------------

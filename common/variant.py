@@ -212,8 +212,8 @@ def build_model(
     """Build the base architecture (on the meta device), shrink each layer to the stored shapes and
     take the stored tensors as its weights (no copy). `allowed_models` as in `decode`. A forward pass
     at batch 1 checks that the layers fit together; `check=False` skips it, only for tensors whose
-    identical copy (same sha256) passed it in this process: the pass's scratch (about 3 MB on VGG-16
-    on 3x32x32) is more than the smallest variants hold."""
+    identical copy (same sha256) passed it in this process: the pass's scratch for activations can be
+    more than the smallest variants hold."""
     model = _base_model(spec, allowed_models)
     modules = dict(model.named_modules())
     for key, value in tensors.items():

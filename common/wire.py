@@ -29,8 +29,8 @@ SERVER_OPTIONS = GRPC_OPTIONS + (("grpc.http2.min_ping_interval_without_data_ms"
 # Clients read ahead a quarter of a chunk per stream: a fixed flow-control window instead of gRPC's
 # bandwidth-delay probing, which lets a fast sender run megabytes ahead of a slow reader. A client that
 # drops a download (cancelled, or its process killed) loses what gRPC held for it but had not handed
-# over: up to the next chunk and this window (measured: 1.0 MiB with a quarter chunk, 1.45 MiB with
-# half of one).
+# over: up to the next chunk and this window, so a smaller window loses less (measured against half a
+# chunk; the transfer suite's cancelled download in docs/results.md).
 CHANNEL_OPTIONS = GRPC_OPTIONS + (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", CHUNK_BYTES // 4))
 
 

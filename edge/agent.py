@@ -2,9 +2,10 @@
 
 The decision loop closes a telemetry window every `window_s`, asks the policy what to serve and
 switches locally. A queue that builds up within a window closes it early (`queue_alarm`), so a step
-up in load is answered within about a tenth of a second rather than at the window's end. It never
-waits for the coordinator: with the cloud unreachable the agent keeps serving and switching under its
-last policy (the `Link` buffers the switch events meanwhile).
+up in load is answered after `MIN_WINDOW_S` rather than at the window's end. It never waits for the
+coordinator: with the cloud unreachable the agent keeps serving and switching under its last policy
+(the `Link` buffers the switch events meanwhile). Every decision carries a `ReasonCode` of the policy
+contract (`common.policy_contract`), which the events and the switch counter report as its string.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 
 import grpc
 
 from common.errors import PrunefleetError
-from common.files import portfolio_id, short_id
+from common.files import short_id
+from common.policy_contract import ReasonCode
 from common.security import Verifier
 from edge import policy as policies
 from edge.config import AgentConfig
@@ -28,13 +29,12 @@ from edge.portfolio_sync import PortfolioSync
 from edge.runtime import Runtime
 from edge.server import set_serving
 from edge.telemetry import ProcessStats, RequestWindow
+from edge.windows import MIN_WINDOW_S, PolicyWindows
 from protos import coordinator_pb2
 
 log = logging.getLogger(__name__)
 STALE_WINDOWS = 3
 POLL_S = 0.02  # how often the decision loop looks at the queue
-MIN_WINDOW_S = 0.1  # a window closed early is at least this long, so it holds answered requests
-RECENT_S = 0.2  # a window closed early takes its request rate from at least this last stretch of it
 
 
 class Agent:
@@ -63,9 +63,14 @@ class Agent:
         )
         self._state: policies.PolicyState | None = None
         self._decided_at: float | None = None
-        self._arrived_at_open = window.arrived  # requests that had come when the policy window opened
-        self._slot_s_at_open = 0.0  # the runtime's slot seconds then
-        self._arrivals: deque[tuple[float, int]] = deque(maxlen=256)  # (time, requests come so far)
+        self.windows = PolicyWindows(
+            window,
+            process,
+            runtime,
+            lambda telemetry: outbox.telemetry(self._report(telemetry=telemetry)),
+            lambda: self.policy.version,
+            wall_clock,
+        )
         self._decide_lock = threading.Lock()  # the policy state and the switches that follow it
 
     def _report(self, **body) -> coordinator_pb2.EdgeReport:
@@ -87,7 +92,7 @@ class Agent:
             self._sync.forget_profiles(leaving)
             if self.runtime.active.variant_id in leaving:
                 choice = policies.initial_choice(self.policy, self.options())
-                self._apply(self._chosen(choice, f"portfolio changed; {choice.label} fits best", "portfolio"))
+                self._apply(self._chosen(choice, f"portfolio changed; {choice.label} fits best", ReasonCode.PORTFOLIO))
             self._sync.drop(leaving)
 
     def options(self) -> list[policies.Option]:
@@ -140,7 +145,7 @@ class Agent:
         threading.Thread(target=work, args=args, daemon=True, name="portfolio").start()
 
     # --- decisions ---------------------------------------------------------------------------------
-    def _chosen(self, choice: policies.Option, reason: str, reason_code: str) -> policies.Decision:
+    def _chosen(self, choice: policies.Option, reason: str, reason_code: ReasonCode) -> policies.Decision:
         """A switch the agent decides outside the policy's window loop (start-up, portfolio change)."""
         state = policies.PolicyState(choice.variant_id, last_switch_at=self._clock())
         return policies.Decision(
@@ -189,14 +194,14 @@ class Agent:
                     policy_version=self.policy.version,
                     load_ms=load_ms,
                     switched=record is not None,
-                    telemetry_missing=window is None and decision.reason_code == "fallback",
+                    telemetry_missing=window is None and decision.reason_code == ReasonCode.FALLBACK,
                 )
             )
         )
 
     def start_serving(self) -> None:
         """Close the start-up window, activate the initial choice and report SERVING."""
-        self._startup_window()
+        self.windows.startup(self._clock())
         with self._decide_lock:
             choice = policies.initial_choice(self.policy, self.options())
             self._apply(
@@ -204,98 +209,17 @@ class Agent:
                     choice,
                     f"initial choice: {choice.label}, profiled p95 {choice.p95_ms:.1f} ms "
                     f"at batch {self.config.batch} (SLO {self.policy.slo_ms:.1f} ms)",
-                    "initial",
+                    ReasonCode.INITIAL,
                 )
             )
         set_serving(self._health, True)
 
-    def _startup_window(self) -> None:
-        """Requests that came while nothing was active (refused UNAVAILABLE) say nothing about the portfolio
-        held: their window is reported, but under no portfolio, so a rollout judging this edge as a
-        canary (restarted mid-rollout, say) never counts them against the new portfolio."""
-        stats = self._window.close_window(self._clock())
-        if stats.requests:
-            telemetry = self._telemetry(stats, *self._process.sample())
-            telemetry.portfolio_id = ""
-            self._outbox.telemetry(self._report(telemetry=telemetry))
-
-    def _telemetry(self, stats, cpu: float, rss: int) -> coordinator_pb2.Telemetry:
-        active = self.runtime.active
-        return coordinator_pb2.Telemetry(
-            timestamp=self._wall_clock(),
-            active_variant=active.variant_id if active else "",
-            request_rate=stats.rate,
-            p50_ms=stats.p50_ms,
-            p95_ms=stats.p95_ms,
-            p99_ms=stats.p99_ms,
-            requests=stats.requests,
-            errors=stats.errors,
-            cpu_percent=cpu,
-            rss_bytes=rss,
-            resident_variants=len(self.runtime.resident()),
-            portfolio_id=portfolio_id(self.runtime.variants()),
-            policy_version=self.policy.version,
-        )
-
-    def note_arrivals(self, now: float) -> None:
-        """Sample the running count of requests that came (the decision loop does, every poll)."""
-        self._arrivals.append((now, self._window.arrived))
-
-    def recent_rate(self, now: float, since: float, span_s: float = RECENT_S) -> float:
-        """Requests per second that came over about the last `span_s` before `now`, from the newest
-        sample (`note_arrivals`) at least that old and taken at or after `since` (the window's opening),
-        else from the window's oldest one; 0 when the stretch is too short to measure."""
-        samples = [(t, n) for t, n in self._arrivals if since <= t < now]
-        if not samples:
-            return 0.0
-        then, count = next(((t, n) for t, n in reversed(samples) if now - t >= span_s - 1e-6), samples[0])
-        if now - then < MIN_WINDOW_S / 2:
-            return 0.0
-        return (self._window.arrived - count) / (now - then)
-
     def _policy_window(self, now: float, early: bool = False) -> policies.Window | None:
-        """Close the telemetry window and report it (kept while the cloud is away). None when telemetry
-        is missing: the window could not be read, it is stale (the decision loop was held up for over
-        `STALE_WINDOWS` windows), or requests came and none was answered (no latency to go by). The
-        rate the policy sees counts the requests that came in the window, as gRPC handed them over
-        (answered, failed, or still waiting for a worker thread or a slot): under overload, answers
-        come at the active variant's capacity whatever the load. A window closed `early` (by a queue
-        alarm: the load has just risen) takes the rate of its last `RECENT_S` if that is higher, since
-        its average mixes the new load with the calm before it and would have the policy step down too
-        little, then again. The process's CPU time over the window, per answered request, and the wall
-        time each held a slot (waits for the CPU and for Python's lock included) tell the policy what a
-        request costs beyond the model's forward pass."""
-        try:
-            stats = self._window.close_window(now)
-            in_flight, arrived, arrived_at_open = self.runtime.in_flight, self._window.arrived, self._arrived_at_open
-            slot_s, slot_s_at_open = self.runtime.slot_seconds, self._slot_s_at_open
-            self._arrived_at_open, self._slot_s_at_open = arrived, slot_s
-            cpu, rss = self._process.sample()
-            device_busy = self._process.device_busy()
-            self._outbox.telemetry(self._report(telemetry=self._telemetry(stats, cpu, rss)))
-        except Exception:
-            log.exception("telemetry window unreadable")
-            return None
-        recent = self.recent_rate(now, now - stats.seconds - 1e-9) if early else 0.0
-        self.note_arrivals(now)
+        """Close the telemetry window and report it (`edge.windows`). None when telemetry is missing,
+        or stale: the decision loop was held up for over `STALE_WINDOWS` windows."""
+        window = self.windows.close(now, early)
         stale = self._decided_at is not None and now - self._decided_at > STALE_WINDOWS * self.policy.window_s
-        answered = stats.requests - stats.errors
-        if stale or (stats.requests and not answered):
-            return None
-        cpu_ms = cpu * 10.0 * stats.seconds / answered if answered else 0.0  # percent of a core -> ms
-        slot_ms = (slot_s - slot_s_at_open) * 1e3 / answered if answered else 0.0
-        rate = max((arrived - arrived_at_open) / stats.seconds, recent)
-        return policies.Window(
-            answered,
-            stats.p95_ms,
-            rate,
-            self.runtime.config.slots,
-            cpu_ms,
-            in_flight,
-            device_busy,
-            self._process.cores,
-            slot_ms,
-        )
+        return None if stale else window
 
     def decide_once(self, early: bool = False) -> policies.Decision | None:
         """Close the window (`early`: before its time, on a queue alarm), report it, and switch if the
@@ -339,7 +263,7 @@ class Agent:
         opened, early = self._clock(), False
         while not self.stopping.wait(POLL_S):
             now = self._clock()
-            self.note_arrivals(now)
+            self.windows.note_arrivals(now)
             due = now - opened >= self.policy.window_s
             if not due and (early or not self.queue_alarm(now - opened)):
                 continue

@@ -3,7 +3,11 @@
     prunefleet-edge run --cloud HOST:PORT --name NAME --port PORT --metrics-port PORT --cache DIR
                         (--certs DIR | --insecure) [--verify-key PEM]
                         [--memory-budget-mib MIB] [--batch-delay-ms MS] [--max-pending N]
-                        [--allow-model package.module:function ...]
+                        [--window-s S] [--slo-ms MS] [--allow-model package.module:function ...]
+
+`--window-s` and `--slo-ms` are the agent's own values of two policy settings until the coordinator's
+policy sets them; their defaults and ranges are the policy contract's (`common.policy_contract`), and a
+value out of range is refused at start-up, naming the flag.
 
 With `--certs DIR` (the `edge` directory of `prunefleet certs init`) the agent speaks mutual TLS to the
 cloud and serves its InferenceService over mutual TLS, and refuses variants not signed by the key in
@@ -14,6 +18,7 @@ Zoo architectures are always built. A variant whose architecture is an import pa
 anything is imported, unless the path is allowed: `--allow-model PATH` (repeatable) plus the
 comma-separated paths in the environment variable PRUNEFLEET_ALLOW_MODELS (read when `main` runs).
 
+The agent's parts are wired in `edge.node`; this module parses the flags and runs the loops.
 Once the agent serves, it prints one line to stdout:
 `prunefleet-edge NAME serving on HOST:PORT metrics on HOST:MPORT` (the bound ports; 0 picks free ones).
 Logs go to stderr.
@@ -27,34 +32,23 @@ import os
 import signal
 import sys
 import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import torch
-from prometheus_client import CollectorRegistry, start_http_server
 
 from common import models, security
+from common import policy_contract as contract
 from edge.agent import Agent, initial_portfolio
-from edge.batching import BatchConfig, MicroBatcher
 from edge.config import AgentConfig
-from edge.fetcher import portfolio_stub
-from edge.link import Link, LinkConfig, Outbox
-from edge.metrics import EdgeMetrics
-from edge.runtime import Runtime, RuntimeConfig
-from edge.server import InferenceServicer, make_server, set_serving
-from edge.telemetry import ProcessStats, RequestWindow
-from protos import coordinator_pb2_grpc
+from edge.link import Link
+from edge.node import STOP_GRACE_S, assemble
 
 log = logging.getLogger("edge")
-STOP_GRACE_S = 2.0
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
-def _parser(environ=None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunefleet-edge", description="The prunefleet edge agent.")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
-    run = parser.add_subparsers(dest="command", required=True).add_parser("run", help="run an edge agent")
+def _add_identity_flags(run: argparse.ArgumentParser) -> None:
+    """Who this edge is, where its cloud is, where it serves and caches."""
     run.add_argument("--cloud", required=True, metavar="HOST:PORT", help="the coordinator and portfolio service")
     run.add_argument("--name", required=True, help="this edge's unique name")
     run.add_argument("--host", default="127.0.0.1", help="address to serve on")
@@ -62,16 +56,13 @@ def _parser(environ=None) -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, default=50061, help="InferenceService port; 0 picks a free one")
     run.add_argument("--metrics-port", type=int, default=9101, help="Prometheus port; 0 picks a free one")
     run.add_argument("--cache", type=Path, required=True, help="content-addressed variant cache directory")
+
+
+def _add_serving_flags(run: argparse.ArgumentParser) -> None:
+    """How inference runs: threads, batches, memory, queueing, model optimization."""
     run.add_argument("--threads", type=int, default=1, help="inference threads (and concurrent inferences)")
     run.add_argument("--batch", type=int, default=8, help="typical batch size, profiled on arrival")
     run.add_argument("--max-batch", type=int, default=256)
-    run.add_argument("--window-s", type=float, default=1.0, help="telemetry window until the policy sets one")
-    run.add_argument(
-        "--slo-ms",
-        type=float,
-        default=50.0,
-        help="latency histogram gets a bucket here (the coordinator's policy sets the SLO itself)",
-    )
     run.add_argument(
         "--memory-budget-mib",
         type=float,
@@ -95,6 +86,48 @@ def _parser(environ=None) -> argparse.ArgumentParser:
         "layout (default); --no-optimize-models serves them as loaded: slower inference, "
         "faster loads",
     )
+
+
+def _policy_value(name: str):
+    """An argparse `type` for the policy setting `name`: a value of its type within its range in the
+    policy contract, else an error that argparse reports under the flag's name."""
+    wanted = contract.setting(name)
+
+    def parse(text: str):
+        try:
+            value = wanted.kind(text)
+        except ValueError:
+            kind = "an integer" if wanted.kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {text!r}") from None
+        found = wanted.problem(value)
+        if found is not None:
+            raise argparse.ArgumentTypeError(found)
+        return value
+
+    return parse
+
+
+def _add_policy_flags(run: argparse.ArgumentParser) -> None:
+    """The agent's own values of two policy settings, until the coordinator's policy sets them: defaults
+    and ranges from the policy contract."""
+    uses = {
+        "window_s": "telemetry window until the policy sets one",
+        "slo_ms": "latency histogram gets a bucket here (the coordinator's policy sets the SLO itself)",
+    }
+    for name, use in uses.items():
+        known = contract.setting(name)
+        unit = f" {known.unit}" if known.unit else ""
+        run.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=_policy_value(name),
+            metavar=known.unit.upper() or "N",
+            default=known.default,
+            help=f"{use}; default {known.default:g}{unit}, {known.range_text}{unit}",
+        )
+
+
+def _add_trust_flags(run: argparse.ArgumentParser, environ) -> None:
+    """What this edge trusts: its certificates, the cloud's signing key, import-path architectures."""
     run.add_argument(
         "--allow-model",
         action="append",
@@ -110,10 +143,18 @@ def _parser(environ=None) -> argparse.ArgumentParser:
         default=None,
         help="the cloud's Ed25519 public key (default: DIR/signing.pub of --certs)",
     )
+
+
+def _parser(environ=None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunefleet-edge", description="The prunefleet edge agent.")
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, type=str.upper)
+    run = parser.add_subparsers(dest="command", required=True).add_parser("run", help="run an edge agent")
+    _add_identity_flags(run)
+    _add_serving_flags(run)
+    _add_policy_flags(run)
+    _add_trust_flags(run, environ)
     # the log level may also come after `run`; SUPPRESS keeps the top-level value when it does not
-    run.add_argument(
-        "--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
-    )
+    run.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS, type=str.upper)
     return parser
 
 
@@ -164,83 +205,6 @@ def _serve(agent: Agent, link: Link, banner: str) -> None:
     log.info("shutting down")
     for thread in threads:
         thread.join(timeout=STOP_GRACE_S)
-
-
-@dataclass(frozen=True)
-class Node:
-    """One wired agent: its servers, channel and loops. `close` stops what `assemble` started."""
-
-    agent: Agent
-    link: Link
-    server: grpc.Server
-    health: object
-    http: object
-    channel: grpc.Channel
-    address: str
-    metrics_address: str
-    batcher: MicroBatcher | None = None
-
-    def banner(self) -> str:
-        return f"prunefleet-edge {self.agent.config.name} serving on {self.address} metrics on {self.metrics_address}"
-
-    def close(self) -> None:
-        set_serving(self.health, False)
-        self.server.stop(STOP_GRACE_S).wait()
-        if self.batcher is not None:
-            self.batcher.close()
-        self.channel.close()
-        self.http.shutdown()
-
-
-def assemble(config: AgentConfig, stopping: threading.Event, transport: security.Transport) -> Node:
-    """Start the InferenceService (NOT_SERVING) and the metrics endpoint, and wire the agent to them."""
-    verifier = security.Verifier.load(config.verify_key) if config.verify_key else None
-    registry = CollectorRegistry()
-    metrics = EdgeMetrics(registry, config.name, slo_s=config.slo_ms / 1e3)
-    http, _ = start_http_server(config.metrics_port, config.host, registry=registry)
-    metrics.budget(config.memory_budget_bytes)
-    runtime = Runtime(
-        RuntimeConfig(slots=config.threads, max_batch=config.max_batch, memory_budget_bytes=config.memory_budget_bytes)
-    )
-    window = RequestWindow(time.monotonic())
-    batcher = (
-        MicroBatcher(runtime, BatchConfig(config.batch_delay_ms, config.max_batch, config.threads), metrics.batched)
-        if config.batch_delay_ms
-        else None
-    )
-    server, port, health = make_server(
-        InferenceServicer(runtime, window, metrics, batcher),
-        config.host,
-        config.port,
-        config.workers,
-        None if transport.insecure else transport.server_credentials(),
-        config.max_pending,
-    )
-    channel = transport.channel(config.cloud)
-    address, metrics_address = f"{config.public_host}:{port}", f"{config.public_host}:{http.server_port}"
-    link_config = LinkConfig(
-        edge=config.name,
-        address=address,
-        metrics_address=metrics_address,
-        threads=config.threads,
-        backoff_s=config.backoff_s,
-        max_backoff_s=config.max_backoff_s,
-    )
-    outbox = Outbox(link_config.max_buffered, link_config.max_live, link_config.max_telemetry)
-    agent = Agent(
-        config,
-        runtime,
-        metrics,
-        window,
-        ProcessStats(),
-        health,
-        portfolio_stub(channel),
-        outbox,
-        stopping,
-        verifier=verifier,
-    )
-    link = Link(link_config, coordinator_pb2_grpc.CoordinatorServiceStub(channel), outbox, stopping)
-    return Node(agent, link, server, health, http, channel, address, metrics_address, batcher)
 
 
 def run(config: AgentConfig, stopping: threading.Event, transport: security.Transport) -> int:

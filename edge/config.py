@@ -1,11 +1,21 @@
 """The edge agent's settings: one frozen dataclass, validated on construction, built from the flags of
 `prunefleet-edge run` (`edge.cli`) and read by the agent (`edge.agent`) and its portfolio sync
-(`edge.portfolio_sync`)."""
+(`edge.portfolio_sync`).
+
+Two settings are the agent's own values of policy settings, held until the coordinator's policy
+arrives: the telemetry window (`window_s`) and the SLO the latency histogram first gets a bucket at
+(`slo_ms`). Their defaults and ranges are the policy contract's (`common.policy_contract`), so an edge
+never starts on a value the coordinator would refuse.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from common.policy_contract import PolicyContractError, setting
+
+POLICY_SETTINGS = ("window_s", "slo_ms")  # the agent's own values of these, checked by the policy contract
 
 
 @dataclass(frozen=True)
@@ -20,12 +30,12 @@ class AgentConfig:
     threads: int = 1  # inference threads, and concurrent inferences
     batch: int = 8  # the typical batch, profiled on arrival
     max_batch: int = 256
-    window_s: float = 1.0  # telemetry window until the policy sets one
+    window_s: float = setting("window_s").default  # telemetry window until the policy sets one
     workers: int = 16  # gRPC server threads
     profile_iters: int = 30
     fetch_deadline_s: float = 300.0
     fetch_attempts: int = 5
-    slo_ms: float = 50.0  # where the latency histogram gets its SLO bucket; the policy sets the real SLO
+    slo_ms: float = setting("slo_ms").default  # the latency histogram's first SLO bucket; the policy sets the SLO
     backoff_s: float = 0.5  # reconnect and re-register: exponential backoff with full jitter from here
     max_backoff_s: float = 10.0
     allowed_models: tuple[str, ...] = ()  # import-path architectures this edge may build (zoo: always)
@@ -44,8 +54,12 @@ class AgentConfig:
             raise ValueError(f"batch must be in [1, max_batch={self.max_batch}]")
         if not 0 <= self.port <= 65535 or not 0 <= self.metrics_port <= 65535:
             raise ValueError("ports must be in [0, 65535]")
-        if self.window_s <= 0 or self.fetch_deadline_s <= 0 or self.slo_ms <= 0:
-            raise ValueError("window_s, fetch_deadline_s and slo_ms must be positive")
+        if self.fetch_deadline_s <= 0:
+            raise ValueError("fetch_deadline_s must be positive")
+        for name in POLICY_SETTINGS:
+            found = setting(name).problem(getattr(self, name))
+            if found is not None:
+                raise PolicyContractError(found)
         if not 0 <= self.backoff_s <= self.max_backoff_s:
             raise ValueError("backoff_s must be in [0, max_backoff_s]")
         if self.memory_budget_mib < 0 or not 0 <= self.batch_delay_ms <= 1000 or self.max_pending < 1:

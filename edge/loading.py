@@ -9,7 +9,7 @@ from pathlib import Path
 from common import variant
 from common.files import short_id
 from common.profiling import LatencyProfile
-from edge.runtime import LoadedVariant, VariantInfo, loaded, warm_up
+from edge.variants import LoadedVariant, VariantInfo, loaded, warm_up
 from protos import coordinator_pb2
 
 
@@ -43,15 +43,14 @@ def cache_loader(
     info: VariantInfo, path: Path, allowed_models: tuple[str, ...] = (), optimize: bool = True
 ) -> Callable[[], LoadedVariant]:
     """How to build a variant from its verified file in the cache (on arrival, and again on demand):
-    read, check the sha256 against its id, rebuild, optimize unless told not to (see `runtime.loaded`).
+    read, check the sha256 against its id, rebuild, optimize unless told not to (see `edge.variants.loaded`).
 
     The first load checks the model with forward passes (its shapes; the optimized model against the
     model as loaded) and warms it up. A later load of the same bytes skips the passes: it is made
     ready as the first load's check decided. So an on-demand load during a switch holds little beyond
-    the variant's own bytes (the passes took about 3 MB of scratch on VGG-16 on 3x32x32, more than its
-    smallest variants hold) and takes less than half the time. Its first request is then at most a
-    millisecond or two slower than the next: oneDNN keeps the kernels the first load made for those
-    shapes (docs/results.md, "Switching")."""
+    the variant's own bytes (the passes' scratch for activations can exceed what the smallest variants
+    hold) and takes less time than the first. Its first request costs little more than the next:
+    oneDNN keeps the kernels the first load made for those shapes. The figures are in docs/results.md."""
     plan = None
 
     def read(check: bool = True):

@@ -1,8 +1,8 @@
 """Prometheus metrics of one agent, on a registry passed in (never the global one).
 
 Every series carries the agent's name as the label `edge` (this client has no constant labels);
-`variant` labels hold the first 12 hex digits of the variant id, and `reason` the low-cardinality
-reason code of a switch.
+`variant` labels hold the variant id's short form (`common.files.short_id`), and `reason` the
+low-cardinality reason code of a switch.
 
 The request duration histogram has a bucket at the SLO. Bucket bounds are fixed once a histogram
 exists, so when the policy sets an SLO that no bucket marks, the histogram is registered again with
@@ -71,11 +71,31 @@ def _request_histogram(registry: CollectorRegistry, buckets: tuple[float, ...]) 
     )
 
 
+def _add_process_collectors(registry: CollectorRegistry) -> None:
+    ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+    ProcessCollector(namespace="prunefleet_edge", registry=registry)  # the same, under the project's prefix
+    GCCollector(registry=registry)  # python_gc_collections_total by generation: a full one pauses every request
+
+
 class EdgeMetrics:
+    """Every series of one agent, in groups: serving (requests, latency, the active variant, batches,
+    the SLO), switching, and memory (loads, resident variants, evictions, the budget)."""
+
     def __init__(self, registry: CollectorRegistry, edge: str, slo_s: float):
         self._edge, self._registry = edge, registry
         self._histogram_lock = threading.Lock()
         self._bounds = latency_buckets(slo_s)
+        self._add_serving(registry)
+        self._add_switching(registry)
+        self._add_memory(registry)
+        self._slo_seconds.labels(edge).set(slo_s)
+        for series in (self._evictions, self._on_demand_seconds, self._resident_variants, self._budget_bytes):
+            series.labels(edge)  # present (at 0) before the first event, so queries never come back empty
+        for source in ("arrival", "on_demand"):
+            self._loads.labels(edge, source)
+        _add_process_collectors(registry)
+
+    def _add_serving(self, registry: CollectorRegistry) -> None:
         self._request_seconds = _request_histogram(registry, self._bounds)
         self._requests = Counter(
             "prunefleet_edge_requests_total",
@@ -89,6 +109,18 @@ class EdgeMetrics:
             ["edge", "variant"],
             registry=registry,
         )
+        self._batch_size = Histogram(
+            "prunefleet_edge_batch_size",
+            "Requests run together by the micro-batcher",
+            ["edge"],
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=registry,
+        )
+        self._slo_seconds = Gauge(
+            "prunefleet_edge_slo_seconds", "The p95 latency objective in force", ["edge"], registry=registry
+        )
+
+    def _add_switching(self, registry: CollectorRegistry) -> None:
         self._switches = Counter(
             "prunefleet_edge_switches_total", "Variant switches by reason code", ["edge", "reason"], registry=registry
         )
@@ -99,6 +131,15 @@ class EdgeMetrics:
             buckets=SWITCH_BUCKETS,
             registry=registry,
         )
+        self._on_demand_seconds = Histogram(
+            "prunefleet_edge_on_demand_load_seconds",
+            "Time a switch spent loading a variant that was not resident",
+            ["edge"],
+            buckets=LOAD_BUCKETS,
+            registry=registry,
+        )
+
+    def _add_memory(self, registry: CollectorRegistry) -> None:
         self._load_seconds = Gauge(
             "prunefleet_edge_variant_load_seconds",
             "Time the last load of a variant took (on arrival: fetch, verify, build; "
@@ -110,13 +151,6 @@ class EdgeMetrics:
             "prunefleet_edge_variant_loads_total",
             "Variant loads, on arrival or on demand",
             ["edge", "source"],
-            registry=registry,
-        )
-        self._on_demand_seconds = Histogram(
-            "prunefleet_edge_on_demand_load_seconds",
-            "Time a switch spent loading a variant that was not resident",
-            ["edge"],
-            buckets=LOAD_BUCKETS,
             registry=registry,
         )
         self._resident_bytes = Gauge(
@@ -140,24 +174,6 @@ class EdgeMetrics:
             ["edge"],
             registry=registry,
         )
-        self._batch_size = Histogram(
-            "prunefleet_edge_batch_size",
-            "Requests run together by the micro-batcher",
-            ["edge"],
-            buckets=(1, 2, 4, 8, 16, 32, 64),
-            registry=registry,
-        )
-        self._slo_seconds = Gauge(
-            "prunefleet_edge_slo_seconds", "The p95 latency objective in force", ["edge"], registry=registry
-        )
-        self._slo_seconds.labels(edge).set(slo_s)
-        for series in (self._evictions, self._on_demand_seconds, self._resident_variants, self._budget_bytes):
-            series.labels(edge)  # present (at 0) before the first event, so queries never come back empty
-        for source in ("arrival", "on_demand"):
-            self._loads.labels(edge, source)
-        ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
-        ProcessCollector(namespace="prunefleet_edge", registry=registry)  # the same, under the project's prefix
-        GCCollector(registry=registry)  # python_gc_collections_total by generation: a full one pauses every request
 
     def request(self, variant_id: str, code: str, seconds: float | None) -> None:
         """One Predict outcome; latencies are observed for answered requests only."""

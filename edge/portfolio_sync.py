@@ -27,7 +27,8 @@ from edge.link import Outbox
 from edge.loading import Profile, budget_groups, cache_loader, variant_info
 from edge.metrics import EdgeMetrics
 from edge.profiler import profile_interleaved
-from edge.runtime import LoadedVariant, Runtime
+from edge.runtime import Runtime
+from edge.variants import LoadedVariant
 from protos import coordinator_pb2
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,9 @@ active first, and is loaded on demand when a switch names it: room is made first
 outside the swap lock while requests go on on the old variant, then the swap, then the old variant is
 evicted if the budget needs it (requests in flight keep their own reference). So a switch never holds
 more than the two variants involved beyond the steady state. The active variant is never evicted.
+
+What it holds are `edge.variants` records: `VariantInfo` for every variant known, `LoadedVariant` for
+those in memory.
 """
 
 from __future__ import annotations
@@ -25,13 +28,12 @@ from types import MappingProxyType
 
 import numpy as np
 import torch
-from torch import nn
 
 from common.errors import PrunefleetError
 from common.files import short_id
-from common.inference import AS_LOADED, ServingPlan, as_planned, checked_for_inference
 from common.variant import VariantSpec
 from common.wire import TensorError, pixels_to_unit
+from edge.variants import LoadedVariant, Loader, VariantInfo
 
 INPUT_DTYPES = (np.dtype(np.uint8), np.dtype(np.float32))
 
@@ -46,6 +48,8 @@ class UnknownVariantError(PrunefleetError, LookupError):
 
 @dataclass(frozen=True)
 class RuntimeConfig:
+    """The runtime's settings: inference slots, the largest batch taken, the memory budget."""
+
     slots: int = 1  # concurrent inferences; size it to the device
     max_batch: int = 256
     memory_budget_bytes: int = 0  # resident model bytes (0 = hold every variant)
@@ -57,44 +61,6 @@ class RuntimeConfig:
             raise ValueError("memory_budget_bytes must be >= 0")
 
 
-@dataclass(frozen=True)
-class VariantInfo:
-    """What the portfolio says about a variant."""
-
-    variant_id: str
-    name: str
-    accuracy: float
-    size_bytes: int
-    params: int
-
-
-@dataclass(frozen=True)
-class LoadedVariant:
-    info: VariantInfo
-    model: nn.Module  # as served: as loaded, or optimized (see `loaded`)
-    spec: VariantSpec
-    mean: torch.Tensor  # [1, C, 1, 1]
-    std: torch.Tensor
-    plan: ServingPlan = AS_LOADED  # how it was made ready (`loaded`): a later load of it may skip the check
-
-    @property
-    def variant_id(self) -> str:
-        return self.info.variant_id
-
-    @property
-    def memory_bytes(self) -> int:
-        return model_bytes(self.model)
-
-
-Loader = Callable[[], LoadedVariant]
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of a model's parameters and buffers: what holding it costs."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def libc_trim() -> Callable[[], None]:
     """glibc's malloc_trim (returns freed heap to the system after an eviction), or a no-op."""
     name = ctypes.util.find_library("c")
@@ -102,49 +68,10 @@ def libc_trim() -> Callable[[], None]:
     return (lambda: trim(0)) if trim else (lambda: None)
 
 
-def loaded(
-    info: VariantInfo,
-    spec: VariantSpec,
-    model: nn.Module,
-    optimize: bool = True,
-    rebuild: Callable[[], nn.Module] | None = None,
-    plan: ServingPlan | None = None,
-) -> LoadedVariant:
-    """A variant ready to serve, with its normalization as broadcastable tensors: by default optimized
-    (BatchNorm folded, channels-last: common.inference, which also says what `rebuild` is for), with
-    `optimize=False` the model as loaded, in eval mode (`--no-optimize-models`). With the `plan` of an
-    earlier load of the same verified bytes, it is made ready as that load's check decided, with no
-    forward pass.
-
-    Optimized, a batch of 32 of the shifter benchmark's VGG-11 ran 1.4x (dense) to 1.8x (1024x
-    compact) faster, so a compact variant gains more than its sparse parent. The price is paid while a
-    variant first loads (a checking forward pass in each form, a few milliseconds more) and in a little
-    resident memory for oneDNN's kernels per convolution shape (docs/results.md, "Switching")."""
-    channels = spec.input_shape[0]
-    if not optimize:
-        served, plan = model.eval(), AS_LOADED
-    elif plan is not None:
-        served = as_planned(model, plan)
-    else:
-        served, plan = checked_for_inference(model, tuple(spec.input_shape), rebuild)
-    return LoadedVariant(
-        info,
-        served,
-        spec,
-        torch.tensor(spec.mean, dtype=torch.float32).view(1, channels, 1, 1),
-        torch.tensor(spec.std, dtype=torch.float32).view(1, channels, 1, 1),
-        plan,
-    )
-
-
-def warm_up(variant: LoadedVariant, batch: int = 1) -> None:
-    """One forward pass, so the first request does not pay for lazy initialization."""
-    with torch.inference_mode():
-        variant.model(torch.zeros(batch, *variant.spec.input_shape))
-
-
 @dataclass(frozen=True)
 class SwitchRecord:
+    """What one switch did and cost: the swap's own time apart from an on-demand load's."""
+
     from_variant: str  # "" for the first activation
     to_variant: str
     reason: str
@@ -154,6 +81,8 @@ class SwitchRecord:
 
 
 class Runtime:
+    """The variants this edge knows, those in memory, and the active one (see the module's doc)."""
+
     def __init__(self, config: RuntimeConfig):
         self.config = config
         self._known: Mapping[str, VariantInfo] = MappingProxyType({})

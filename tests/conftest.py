@@ -35,7 +35,8 @@ def small_portfolio(tmp_path_factory) -> Path:
             subset=2000,
             check_images=64,
             train=TrainConfig(epochs=1, batch_size=64, progress=False),
-            shifter=shifter.ShifterConfig(levels=3, rate=0.85),
+            method="shifter",
+            method_settings=shifter.ShifterConfig(levels=3, rate=0.85),
         )
     )
     return out

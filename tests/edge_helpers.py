@@ -13,7 +13,7 @@ from helpers import wait_for  # noqa: F401  (re-exported for the edge tests)
 
 from common import models, variant
 from common.variant import VariantSpec
-from edge.runtime import LoadedVariant, VariantInfo, loaded
+from edge.variants import LoadedVariant, VariantInfo, loaded
 from protos import (
     coordinator_pb2,
     coordinator_pb2_grpc,

@@ -28,7 +28,8 @@ from cloud.build.store import PortfolioStore
 from common import variant
 from common.files import sha256_file
 from common.wire import from_proto, to_proto
-from edge.runtime import Runtime, RuntimeConfig, VariantInfo, loaded
+from edge.runtime import Runtime, RuntimeConfig
+from edge.variants import VariantInfo, loaded
 from protos import inference_pb2, inference_pb2_grpc
 
 LOADED = re.compile(r'^prunefleet_edge_variant_load_seconds\{[^}]*variant="([0-9a-f]+)"', re.M)

@@ -20,12 +20,10 @@ from pathlib import Path
 import torch
 
 from bench.net.tcp_proxy import TcpProxy
+from bench.suites.policy_parts import build_portfolio
 from cloud.admin import certs, operator_client
-from cloud.build import portfolio
-from cloud.build.methods import shifter
-from cloud.build.store import PortfolioStore, StoreError, VariantEntry, portfolio_id
-from cloud.build.train import TrainConfig
-from cloud.localfleet import processes
+from cloud.build.store import PortfolioStore, VariantEntry, portfolio_id
+from cloud.localfleet import commands, processes
 from common import models, variant
 from common.security import Transport
 from protos import coordinator_pb2
@@ -41,28 +39,8 @@ def free_port() -> int:
 
 def base_portfolio(plan: dict, work: Path, data_dir) -> Path:
     """A real shifter portfolio of VGG-11 trained briefly on Fashion-MNIST, built once per recipe."""
-    recipe = "-".join(str(plan[k]) for k in ("width", "subset", "levels"))
-    store = PortfolioStore(work / f"portfolio-{recipe}")
-    try:
-        store.manifest()
-        return store.root
-    except StoreError:
-        pass
-    torch.manual_seed(0)
-    portfolio.build(
-        portfolio.BuildConfig(
-            out=store.root,
-            model="vgg11",
-            width=plan["width"],
-            subset=plan["subset"],
-            data_dir=data_dir,
-            check_images=64,
-            threads=1,
-            train=TrainConfig(epochs=1, batch_size=64, progress=False),
-            shifter=shifter.ShifterConfig(levels=plan["levels"], rate=0.85),
-        )
-    )
-    return store.root
+    recipe = {"method": "shifter", "epochs": 1, "rate": 0.85, **{k: plan[k] for k in ("width", "subset", "levels")}}
+    return build_portfolio(recipe, work, data_dir).root
 
 
 def payload_portfolio(base: Path, root: Path, seed: int, width: float) -> tuple[Path, str]:
@@ -165,25 +143,8 @@ class Cluster:
     # --- processes -------------------------------------------------------------------------------------
     def start_cloud(self) -> processes.Child:
         self.cloud_starts += 1
-        self.cloud = processes.start(
-            f"cloud-{self.cloud_starts}",
-            [
-                "cloud.cli",
-                "cloud",
-                "serve",
-                "--store",
-                str(self.store),
-                "--port",
-                str(self.port),
-                "--metrics-port",
-                "0",
-                "--db",
-                str(self.db),
-                "--certs",
-                str(self.keys["cloud"]),
-            ],
-            self.logs,
-        )
+        args = commands.cloud_args(self.store, db=self.db, certs=self.keys["cloud"], port=self.port, metrics_port=0)
+        self.cloud = processes.start(f"cloud-{self.cloud_starts}", args, self.logs)
         return self.cloud
 
     def bytes_sent(self) -> int:
@@ -199,30 +160,17 @@ class Cluster:
         edge = self.edges[name]
         edge.starts += 1
         edge.started_at = time.time()
-        edge.child = processes.start(
-            f"{name}-{edge.starts}",
-            [
-                "edge.cli",
-                "run",
-                "--cloud",
-                f"localhost:{edge.proxy.port}",
-                "--name",
-                name,
-                "--port",
-                str(edge.port),
-                "--metrics-port",
-                str(edge.metrics_port),
-                "--cache",
-                str(edge.cache),
-                "--batch",
-                "2",
-                "--certs",
-                str(self.keys["edge"]),
-                *edge.flags,
-            ],
-            self.logs,
-            timeout_s=timeout_s,
+        args = commands.edge_args(
+            f"localhost:{edge.proxy.port}",
+            name,
+            cache=edge.cache,
+            certs=self.keys["edge"],
+            port=edge.port,
+            metrics_port=edge.metrics_port,
+            batch=2,
+            extra=edge.flags,
         )
+        edge.child = processes.start(f"{name}-{edge.starts}", args, self.logs, timeout_s=timeout_s)
         return edge.child
 
     def kill_edge(self, name: str) -> float:

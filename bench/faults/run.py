@@ -1,9 +1,9 @@
 """Faults (part of `prunefleet bench reliability`): break a running fleet and check what it promises.
 
 One cloud and two edges run as real processes over mutual TLS; each edge reaches the cloud through a
-TCP proxy that stands for its network link (bench/tcp_proxy.py). Clients load both edges all along,
+TCP proxy that stands for its network link (`bench.net.tcp_proxy`). Clients load both edges all along,
 straight to the edges, and check every answer against what the answering variant's file computes.
-Faults, in order (bench/fault_scenarios.py):
+Faults, in order (`bench.faults.scenarios`):
 
     cloud_kill_during_transfer      SIGKILL the cloud while the canary edge downloads a new portfolio
                                     over a slow link (a file of several chunks, cut after the first)
@@ -23,7 +23,7 @@ data lost (state the coordinator had before a kill and lacks after it, requests 
 that no stored telemetry window counts, switch events a killed edge had logged but never delivered)
 and the time from recovery until every edge holds its desired portfolio and policy (`converge_s`).
 A fault is survived when all of its promises held: no failed request, nothing corrupt, no promised
-data lost, converged within `converge_s`, and the fault's own checks (see fault_scenarios).
+data lost, converged within `converge_s`, and the fault's own checks (see `bench.faults.scenarios`).
 """
 
 from __future__ import annotations

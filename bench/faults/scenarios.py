@@ -19,6 +19,29 @@ from common.wire import CHUNK_BYTES
 LOGGED_DECISION = re.compile(r" INFO (switch|decision) \S+ -> \S+ in ")
 
 
+def outcome(
+    fault_at: float,
+    recovered_at: float,
+    converge_s: float | None,
+    checks: dict[str, bool],
+    killed: dict | None = None,
+    lost: dict | None = None,
+    detail: dict | None = None,
+) -> dict:
+    """What a scenario hands the suite: when the fault struck and the fleet recovered, how long it took to
+    converge (None: never), the processes killed (name -> (killed at, restarted at)), what was lost, the
+    checks it made, and any detail worth reporting."""
+    result = {
+        "fault_at": fault_at,
+        "recovered_at": recovered_at,
+        "converge_s": converge_s,
+        "killed": killed or {},
+        "lost": lost or {},
+        "checks": checks,
+    }
+    return result | ({"detail": detail} if detail is not None else {})
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -85,21 +108,20 @@ def cloud_kill_during_transfer(ctx) -> dict:
     sent = ctx.cluster.bytes_sent()  # by the new cloud process: only this download
     edge.proxy.open()
     converge_s = _settled(ctx, rollout.id)
-    return {
-        "fault_at": fault_at,
-        "recovered_at": recovered_at,
-        "converge_s": converge_s,
-        "killed": {},
-        "lost": {"state": lost},
-        "checks": {
+    return outcome(
+        fault_at,
+        recovered_at,
+        converge_s,
+        {
             "caught mid-download": caught,
             "partial file kept": kept >= CHUNK_BYTES,
             "download resumed from the partial file": _resumed(size, kept, sent),
             "adopted": adopted is not None,
             "rollout completed": converge_s is not None,
         },
-        "detail": {"variant_bytes": size, "part_bytes_at_kill": kept, "bytes_sent_after": sent, "rollout": rollout.id},
-    }
+        lost={"state": lost},
+        detail={"variant_bytes": size, "part_bytes_at_kill": kept, "bytes_sent_after": sent, "rollout": rollout.id},
+    )
 
 
 def cloud_kill_during_rollout(ctx) -> dict:
@@ -112,19 +134,18 @@ def cloud_kill_during_rollout(ctx) -> dict:
     ctx.cluster.start_cloud()
     recovered_at = time.time()
     converge_s = _settled(ctx, rollout.id)
-    return {
-        "fault_at": fault_at,
-        "recovered_at": recovered_at,
-        "converge_s": converge_s,
-        "killed": {},
-        "lost": {"state": lost},
-        "checks": {
+    return outcome(
+        fault_at,
+        recovered_at,
+        converge_s,
+        {
             "canary adopted": adopted is not None,
             "killed while the canary was judged": judging,
             "rollout completed after the restart": converge_s is not None,
         },
-        "detail": {"rollout": rollout.id, "state_at_kill": "canary" if judging else _state(ctx, rollout.id)},
-    }
+        lost={"state": lost},
+        detail={"rollout": rollout.id, "state_at_kill": "canary" if judging else _state(ctx, rollout.id)},
+    )
 
 
 def edge_kill_during_download(ctx) -> dict:
@@ -139,26 +160,25 @@ def edge_kill_during_download(ctx) -> dict:
     sent = ctx.cluster.bytes_sent() - before  # the edge serves only once its portfolio is loaded
     edge.proxy.open()
     converge_s = _settled(ctx, rollout.id)
-    return {
-        "fault_at": fault_at,
-        "recovered_at": recovered_at,
-        "converge_s": converge_s,
-        "killed": {"edge-2": (fault_at, restarted_at)},
-        "lost": {},
-        "checks": {
+    return outcome(
+        fault_at,
+        recovered_at,
+        converge_s,
+        {
             "caught mid-download": caught,
             "partial file kept, never in place": kept >= CHUNK_BYTES and final_absent,
             "download resumed from the partial file": _resumed(size, kept, sent),
             "rollout completed": converge_s is not None,
         },
-        "detail": {
+        killed={"edge-2": (fault_at, restarted_at)},
+        detail={
             "variant_bytes": size,
             "part_bytes_at_kill": kept,
             "bytes_sent_after": sent,
             "rollout": rollout.id,
             "restart_to_serving_s": recovered_at - fault_at,
         },
-    }
+    )
 
 
 def _flip(ctx, edge: str, variants: tuple[str, str], stop: threading.Event) -> None:
@@ -199,22 +219,22 @@ def edge_kill_during_switch(ctx) -> dict:
     stored = [e for e in ctx.cluster.events("edge-1", started) if e.event.timestamp <= fault_at]
     logged = _decisions_logged(log)
     ctx.cluster.pin("edge-1", "")
-    return {
-        "fault_at": fault_at,
-        "recovered_at": recovered_at,
-        "converge_s": converge_s,
-        "killed": {"edge-1": (fault_at, restarted_at)},
-        "lost": {"switch_events_of_killed_edge": max(0, logged - len(stored))},
-        "checks": {
+    return outcome(
+        fault_at,
+        recovered_at,
+        converge_s,
+        {
             "switching when killed": switching is not None,
             "back on its pinned variant": converge_s is not None,
         },
-        "detail": {
+        killed={"edge-1": (fault_at, restarted_at)},
+        lost={"switch_events_of_killed_edge": max(0, logged - len(stored))},
+        detail={
             "decisions_logged": logged,
             "events_stored": len(stored),
             "restart_to_serving_s": recovered_at - fault_at,
         },
-    }
+    )
 
 
 def coordinator_restart_under_load(ctx) -> dict:
@@ -227,15 +247,14 @@ def coordinator_restart_under_load(ctx) -> dict:
     recovered_at = time.time()
     lost += state_lost(before, rpc_state(ctx.cluster))
     converge_s = _settled(ctx)
-    return {
-        "fault_at": fault_at,
-        "recovered_at": recovered_at,
-        "converge_s": converge_s,
-        "killed": {},
-        "lost": {"state": lost},
-        "checks": {"fleet converged": converge_s is not None},
-        "detail": {"down_s": recovered_at - fault_at},
-    }
+    return outcome(
+        fault_at,
+        recovered_at,
+        converge_s,
+        {"fleet converged": converge_s is not None},
+        lost={"state": lost},
+        detail={"down_s": recovered_at - fault_at},
+    )
 
 
 def network_cut(ctx) -> dict:
@@ -251,18 +270,16 @@ def network_cut(ctx) -> dict:
     recovered_at = time.time()
     converge_s = _settled(ctx)
     applied = any(e.edge == "edge-2" and e.policy_version >= policy.version for e in ctx.cluster.fleet().edges)
-    return {
-        "fault_at": fault_at,
-        "recovered_at": recovered_at,
-        "converge_s": converge_s,
-        "killed": {},
-        "lost": {},
-        "checks": {
+    return outcome(
+        fault_at,
+        recovered_at,
+        converge_s,
+        {
             "policy changed during the cut applied after it": applied,
             "fleet converged": converge_s is not None,
         },
-        "detail": {"cut_s": recovered_at - fault_at, "policy_version": policy.version},
-    }
+        detail={"cut_s": recovered_at - fault_at, "policy_version": policy.version},
+    )
 
 
 SCENARIOS = {

@@ -1,9 +1,9 @@
-"""Hypothesis strategies for every RPC's request messages, shared by `bench/fuzz.py` and the tests.
+"""Hypothesis strategies for every RPC's request messages, shared by `bench.fuzz.run` and the tests.
 
-Each strategy mixes plain random values with the ones that break servers: huge and negative sizes,
-NaN and infinities, empty and very long strings, path-like ids (`../x`), wrong dtypes, bytes that do
-not match their shape, and now and then a request that is valid (a known variant id, a registered
-edge), so that both sides of every check are exercised. `Known` is what the fleet under test holds.
+Each strategy mixes plain random values with the ones that break servers (`bench.fuzz.values`): huge
+and negative sizes, NaN and infinities, empty and very long strings, path-like ids (`../x`), wrong
+dtypes, bytes that do not match their shape, and now and then a request that is valid (a known variant
+id, a registered edge), so that both sides of every check are exercised. `Known` is what the fleet under test holds.
 """
 
 from __future__ import annotations
@@ -14,30 +14,9 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
+from bench.fuzz.values import SPECIAL_FLOATS, doubles, either, int32s, int64s, one_wild, texts
 from protos import coordinator_pb2, inference_pb2, portfolio_pb2
 
-INT64 = (-(1 << 63), (1 << 63) - 1)
-INT32 = (-(1 << 31), (1 << 31) - 1)
-SPECIAL_TEXTS = (
-    "",
-    "../x",
-    "../../etc/passwd",
-    "/",
-    ".",
-    "a" * 300,
-    "*",
-    ",",
-    " , ",
-    "x\x00y",
-    "é",
-    "0" * 64,
-    "A" * 64,
-    "edge one",
-    "-",
-    "[",
-    "**/*",
-)
-SPECIAL_FLOATS = (0.0, -0.0, math.nan, math.inf, -math.inf, 1e308, -1e308, 5e-324, -1.0, 0.5, 1.0, 1e9)
 FUZZ_EDGE = "fuzz-edge"  # registered by the fuzz before it starts
 DTYPES = ("float32", "uint8", "float64", "int64", "FLOAT32", "", "float16", "bool")
 
@@ -52,56 +31,6 @@ class Known:
     edges: tuple[str, ...]  # registered edge names
     input_shape: tuple[int, int, int]
     max_batch: int
-
-
-def int64s() -> st.SearchStrategy[int]:
-    return st.one_of(st.integers(*INT64), st.integers(-3, 3), st.sampled_from(INT64))
-
-
-def int32s() -> st.SearchStrategy[int]:
-    return st.one_of(st.integers(*INT32), st.integers(-3, 3), st.sampled_from(INT32))
-
-
-def doubles() -> st.SearchStrategy[float]:
-    return st.one_of(
-        st.sampled_from((math.inf, -math.inf, math.nan)),
-        st.sampled_from(SPECIAL_FLOATS),
-        st.floats(),
-        st.floats(0, 100),
-    )
-
-
-def either(wild: st.SearchStrategy, *good) -> st.SearchStrategy:
-    """A field that is often valid (one of `good`) and otherwise wild, so that requests with one bad
-    field among good ones get past the first check and reach the deeper ones."""
-    return st.one_of(st.sampled_from(good), wild) if good else wild
-
-
-def one_wild(message: type, good: dict, wild: dict, most: int = 2) -> st.SearchStrategy:
-    """A message whose fields are drawn valid (`good`: field -> values) but for up to `most` of them,
-    drawn wild: a bad value among good ones reaches the check meant for it instead of failing earlier."""
-
-    @st.composite
-    def build(draw):
-        valid = draw(st.integers(0, 3)) == 0  # a quarter of them entirely valid
-        chosen = set() if valid else draw(st.sets(st.sampled_from(sorted(wild)), min_size=1, max_size=most))
-        return message(
-            **{
-                name: draw(wild[name]) if name in chosen else draw(st.sampled_from(values))
-                for name, values in good.items()
-            }
-        )
-
-    return build()
-
-
-def texts(*known: str) -> st.SearchStrategy[str]:
-    """Random, special, very long, and (when given) known valid strings."""
-    long = st.builds(lambda c, n: c * n, st.sampled_from(("a", "/", "*", "é", "../")), st.integers(1000, 20_000))
-    options = [st.text(max_size=40), st.sampled_from(SPECIAL_TEXTS), long]
-    if known:
-        options.append(st.sampled_from(known))
-    return st.one_of(*options)
 
 
 # --- PortfolioService --------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from bench.fuzz.cases import Known
 from bench.fuzz.rules import Rpc
 from cloud.admin import certs
 from cloud.build.store import Manifest, PortfolioStore, VariantEntry, portfolio_id
-from cloud.localfleet import processes
+from cloud.localfleet import commands, processes
 from common import models, variant
 from common.files import sha256_file
 from common.security import Transport
@@ -73,52 +73,22 @@ def variant_bytes(width: float) -> bytes:
 
 
 def start_cloud(store: Path, work: Path, keys: dict, name: str = "cloud") -> processes.Child:
-    return processes.start(
-        name,
-        [
-            "cloud.cli",
-            "cloud",
-            "serve",
-            "--store",
-            str(store),
-            "--port",
-            "0",
-            "--db",
-            str(work / f"{name}.sqlite"),
-            "--certs",
-            str(keys["cloud"]),
-        ],
-        work / "logs",
-    )
+    return processes.start(name, cloud_args(store, work, keys, name), work / "logs")
 
 
 def start_edge(cloud: processes.Child, work: Path, keys: dict, name: str, *extra: str) -> processes.Child:
-    return processes.start(
-        name,
-        [
-            "edge.cli",
-            "run",
-            "--cloud",
-            cloud.address,
-            "--name",
-            name,
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--cache",
-            str(work / f"{name}-cache"),
-            "--threads",
-            "1",
-            "--batch",
-            "2",
-            "--max-batch",
-            str(MAX_BATCH),
-            "--certs",
-            str(keys["edge"]),
-            *extra,
-        ],
-        work / "logs",
+    return processes.start(name, edge_args(cloud.address, work, keys, name, *extra), work / "logs")
+
+
+def cloud_args(store: Path, work: Path, keys: dict, name: str = "cloud") -> list[str]:
+    return commands.cloud_args(store, db=work / f"{name}.sqlite", certs=keys["cloud"])
+
+
+def edge_args(cloud: str, work: Path, keys: dict, name: str, *extra: str) -> list[str]:
+    """An edge answering batches of 2 (up to MAX_BATCH) on one thread, its cache in WORK/NAME-cache."""
+    flags = ("--max-batch", str(MAX_BATCH), *extra)
+    return commands.edge_args(
+        cloud, name, cache=work / f"{name}-cache", certs=keys["edge"], threads=1, batch=2, extra=flags
     )
 
 
@@ -260,15 +230,13 @@ def _channels(keys: dict, address: str) -> dict:
 def start_fleet(work: Path) -> Fleet:
     keys = certs.init(work / "certs", force=True)
     store = write_store(work / "store", [variant_bytes(0.125), variant_bytes(0.0625)])
-    cloud = start_cloud(store.root, work, keys)
-    edges: dict = {}
-    try:
-        edges["edge-f"] = start_edge(cloud, work, keys, "edge-f")
-        edges["edge-b"] = start_edge(cloud, work, keys, "edge-b", "--batch-delay-ms", "2")
-    except Exception:
-        for child in (*edges.values(), cloud):
-            child.stop()
-        raise
+    flags = {"edge-f": (), "edge-b": ("--batch-delay-ms", "2")}  # edge-b micro-batches
+    cloud, *started = processes.start_cluster(
+        processes.Launch("cloud", cloud_args(store.root, work, keys)),
+        lambda address: [processes.Launch(n, edge_args(address, work, keys, n, *f)) for n, f in flags.items()],
+        work / "logs",
+    )
+    edges = dict(zip(flags, started))
     edge_role = Transport.load(keys["edge"])
     manifest = store.manifest()
     known = Known(

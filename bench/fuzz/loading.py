@@ -66,7 +66,7 @@ class Tally:
 
 
 def _refusals(log_path: Path, ids: list[str], timeout_s: float) -> set[str]:
-    """The ids (first 12 hex digits) the edge has logged as refused, waiting up to `timeout_s` for all."""
+    """The ids (as `short_id` prints them) the edge has logged as refused, waiting up to `timeout_s` for all."""
     deadline, found = time.monotonic() + timeout_s, set()
     while time.monotonic() < deadline:
         text = log_path.read_text(errors="replace")
@@ -120,7 +120,7 @@ def edge_fetches_crafted(good: bytes, bad: dict[str, bytes], work: Path, tally: 
 
 
 def run(examples: int, work: Path, drive) -> dict:
-    """`drive(strategy, body, examples)` runs hypothesis (as `bench.fuzz.drive`)."""
+    """`drive(strategy, body, examples)` runs hypothesis (as `bench.fuzz.run.drive`)."""
     work.mkdir(parents=True, exist_ok=True)
     good = fuzz_fleet.variant_bytes(0.125)
     tally = Tally()

@@ -5,12 +5,12 @@ malformed variant files through the edge's loading paths.
             micro-batches) take hypothesis-generated requests for every RPC: random fields, huge and
             negative sizes, NaN and infinities, wrong dtypes, empty, very long and path-like strings;
             the operator RPCs also without, with a wrong and with a forged token; and raw bytes that
-            do not parse as the request. Each answer is judged (`bench/fuzz_rules.py`), the servers'
+            do not parse as the request. Each answer is judged (`bench.fuzz.verdicts`), the servers'
             health is checked after every RPC, and afterwards good requests must still be served
             right, every edge must still follow the coordinator, no file may have appeared outside
             the caches, store, logs and database, the edge caches may hold only verified files, and
             no log may hold a traceback other than gRPC's refusal of unparsable bytes.
-    files   malformed variant files (`bench/fuzz_files.py`) through `common.variant` and
+    files   malformed variant files (`bench.fuzz.files`) through `common.variant` and
             `common.tensorfile`, the fetcher with path-like ids, and a real edge fetching a portfolio
             of crafted files from a real cloud.
 
@@ -32,7 +32,8 @@ from hypothesis import strategies as st
 from bench.fuzz import cases as fuzz_cases
 from bench.fuzz import loading as fuzz_loading
 from bench.fuzz.fleet import Fleet, cache_problems, call, snapshot, start_fleet
-from bench.fuzz.rules import RPCS, Rpc, judge, judge_garbage
+from bench.fuzz.rules import RPCS, Rpc
+from bench.fuzz.verdicts import judge, judge_garbage
 from common.files import sha256_bytes
 from common.wire import to_proto
 from protos import coordinator_pb2, inference_pb2, portfolio_pb2

@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 import psutil
 
-from cloud.localfleet import processes
+from cloud.localfleet import commands, processes
 from common.files import short_id
 from common.security import Transport
 from common.wire import to_proto
@@ -85,28 +85,8 @@ class RssSampler(Periodic):
 
 
 def start_agent(cloud_address: str, edge_certs: Path, run_dir: Path, threads: int, name: str = "edge-load"):
-    return processes.start(
-        name,
-        [
-            "edge.cli",
-            "run",
-            "--cloud",
-            cloud_address,
-            "--name",
-            name,
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--cache",
-            str(run_dir / "cache" / name),
-            "--threads",
-            str(threads),
-            "--certs",
-            str(edge_certs),
-        ],
-        run_dir / "logs",
-    )
+    args = commands.edge_args(cloud_address, name, cache=run_dir / "cache" / name, certs=edge_certs, threads=threads)
+    return processes.start(name, args, run_dir / "logs")
 
 
 def _wait_ready(predict, request, timeout_s: float = 300.0) -> None:

@@ -6,7 +6,7 @@ memory over many switches, all against real processes on loopback with mutual TL
                one telemetry window a second for `fleet_s` seconds. A window is dropped when the edge
                sent it and the coordinator's database does not hold it afterwards: the bench compares
                every (edge, timestamp) the edges sent with the rows in the `windows` table.
-    predict    closed-loop Predict against one real agent (`bench.agent_load.saturate`).
+    predict    closed-loop Predict against one real agent (`bench.load.agent.saturate`).
     switches   RSS over `switches` switches in the edge runtime (`bench.probes.switches`).
 
 `run(quick, data_dir, work)` returns the three parts and a `summary`. The portfolio is a small shifter
@@ -25,10 +25,10 @@ from pathlib import Path
 
 from bench.load import agent as agent_load
 from bench.load.agent import Periodic, RssSampler
-from bench.suites.policy import build_portfolio
+from bench.suites.policy_parts import build_portfolio
 from cloud.admin import certs, operator_client
 from cloud.build.store import PortfolioStore
-from cloud.localfleet import processes
+from cloud.localfleet import commands, processes
 from common import datasets
 from common.security import Transport
 from protos import coordinator_pb2
@@ -60,31 +60,14 @@ QUICK = {
     "every": 50,
     "on_demand_switches": 100,
 }
-PORTFOLIO = {"width": 0.25, "subset": 2000, "epochs": 1, "levels": 3, "rate": 0.5}
+PORTFOLIO = {"width": 0.25, "subset": 2000, "epochs": 1, "levels": 3, "rate": 0.5, "rewind_iteration": 20}
 PREFIX = "sim"
 MB = 1 << 20
 
 
 def start_cloud(store: Path, run_dir: Path, keys: dict) -> processes.Child:
-    return processes.start(
-        "cloud",
-        [
-            "cloud.cli",
-            "cloud",
-            "serve",
-            "--store",
-            str(store),
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--db",
-            str(run_dir / "fleet.sqlite"),
-            "--certs",
-            str(keys["cloud"]),
-        ],
-        run_dir / "logs",
-    )
+    args = commands.cloud_args(store, db=run_dir / "fleet.sqlite", certs=keys["cloud"], metrics_port=0)
+    return processes.start("cloud", args, run_dir / "logs")
 
 
 def _connected(stub, prefix: str) -> int:

@@ -5,10 +5,11 @@ the sender down, as real traffic would. A request's latency runs from its schedu
 answer; a failed request records its status code.
 
 The sender's own pauses count as the edge's (a request is timed from when it was due), so the
-replay runs with Python's cyclic garbage collector off: a full collection of the benchmark's process
-(torch, the dataset and the gRPC stack loaded: about 180,000 objects) takes about 100 ms, and the
-futures and outcomes a replay keeps set collections off. With it on, the sender's p99 delay in a
-replay reached 54 ms; with it off, under 4 ms (docs/results.md, policy runs 30 and 31).
+replay runs with Python's cyclic garbage collector off: the benchmark's process holds torch, the
+dataset and the gRPC stack, so a full collection of it pauses the sender for far longer than an
+inference takes, and the futures and outcomes a replay keeps would set collections off again and
+again. With it on, those pauses dominate the sender's tail delay (measured; each outcome records
+how late it went out, `send_lag_ms`).
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ import torch
 
 from common.files import sha256_file, short_id
 from edge.loading import cache_loader
-from edge.runtime import Runtime, RuntimeConfig, VariantInfo, libc_trim
+from edge.runtime import Runtime, RuntimeConfig, libc_trim
+from edge.variants import VariantInfo
 
 HWM = re.compile(r"VmHWM:\s+(\d+) kB")
 

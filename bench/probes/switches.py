@@ -26,7 +26,8 @@ import torch
 from common import datasets
 from common.files import sha256_file
 from edge.loading import cache_loader
-from edge.runtime import Runtime, RuntimeConfig, VariantInfo
+from edge.runtime import Runtime, RuntimeConfig
+from edge.variants import VariantInfo
 
 VMRSS = re.compile(r"VmRSS:\s+(\d+) kB")
 

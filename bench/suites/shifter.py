@@ -30,8 +30,8 @@ from common import datasets, models
 from common.profiling import count_macs
 
 log = logging.getLogger(__name__)
-# 10 levels at 50% reach 1024x (20% per level would need 31). Width 0.5: at width 0.25 a batch of 32
-# costs about 5 ms whatever the channel count, so pruning could not show in latency.
+# 10 levels at 50% reach 1024x (20% per level would need 31). Width 0.5: at width 0.25 a batch of 32 is
+# so cheap that fixed per-call costs, not the channel count, set its latency, so pruning could not show in it.
 FULL = {
     "model": "vgg11",
     "width": 0.5,
@@ -65,48 +65,74 @@ def _reinitialized(model: nn.Module, seed: int) -> nn.Module:
 
 
 def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
+    """IMP once, then per level its compact variant beside its sparse model, then each compact architecture
+    trained from scratch: what deriving the portfolio costs against designing and training each variant."""
     plan = QUICK if quick else FULL
     work, data = workdir.start(plan, work, "runs/bench-shifter.work", data_dir)
-    shape = data.info.input_shape
     recipe = TrainConfig(epochs=plan["epochs"], batch_size=128, progress=False)
-    config = shifter.ShifterConfig(levels=plan["levels"], rate=plan["rate"], rewind_iteration=plan["rewind_iteration"])
-    torch.manual_seed(0)
-    started = time.perf_counter()
     kwargs = models.zoo_kwargs(data.info.input_shape, data.info.num_classes, plan["width"])
-    checkpoints = list(shifter.run_imp(models.build(plan["model"], kwargs), data, recipe, config, work))
+    started = time.perf_counter()
+    checkpoints = _imp(plan, kwargs, data, recipe, work)
     imp_s = time.perf_counter() - started
     check = datasets.normalize(data.test.images[:16], data.info.mean, data.info.std)
-    points, derive_s, compacts = [], 0.0, []
+    points, compacts, derive_s = [], [], 0.0
     for level in checkpoints:
-        start = time.perf_counter()
-        sparse = models.build(plan["model"], kwargs)
-        sparse.load_state_dict(level.state)
-        compact, report = surgery.compact(sparse.eval(), check[:1], check_inputs=check)
-        derive_s += time.perf_counter() - start
-        compacts.append(compact)
-        sparse_acc, compact_acc = evaluate(sparse, data.info, data.test), evaluate(compact, data.info, data.test)
-        sparsity = masking.sparsity(level.masks)
-        point = {
-            "level": level.level,
-            "compression": 1.0 / max(1e-12, 1.0 - sparsity),
-            "sparsity": sparsity,
-            "sparse_accuracy": sparse_acc,
-            "compact_accuracy": compact_acc,
-            "acc_delta_pp": 100 * (compact_acc - sparse_acc),
-            "max_abs_diff": report.max_abs_diff,
-            "params_sparse": models.count_params(sparse),
-            "params_compact": report.params_after,
-            "macs_sparse": count_macs(sparse, shape),
-            "macs_compact": count_macs(compact, shape),
-            "surgery_ms": 1e3 * report.seconds,
-            **latency.paired({"sparse": sparse, "compact": compact}, shape, plan["iters"]),
-        }
-        point["params_ratio"] = point["params_sparse"] / point["params_compact"]
-        point["speedup_b1"] = point["sparse_b1_ms"] / point["compact_b1_ms"]
-        point["speedup_b32"] = point["sparse_b32_ms"] / point["compact_b32_ms"]
-        point["speedup_b32_as_loaded"] = point["sparse_as_loaded_b32_ms"] / point["compact_as_loaded_b32_ms"]
-        log.info("level %d: %s", level.level, {k: round(v, 4) if isinstance(v, float) else v for k, v in point.items()})
+        point, compact, seconds = _level(plan, kwargs, level, data, check)
         points.append(point)
+        compacts.append(compact)
+        derive_s += seconds
+    _add_from_scratch(points, compacts, work, data, recipe)
+    scratch_s = sum(p["scratch_s"] for p in points)
+    return {"points": points, "plan": dict(plan), "imp_s": imp_s, "summary": summarize(points, derive_s, scratch_s)}
+
+
+def _imp(plan: dict, kwargs: dict, data: datasets.Dataset, recipe: TrainConfig, work: Path) -> list:
+    """Every level's checkpoint of IMP with rewinding, from a seeded dense model (resumable from `work`)."""
+    config = shifter.ShifterConfig(levels=plan["levels"], rate=plan["rate"], rewind_iteration=plan["rewind_iteration"])
+    torch.manual_seed(0)
+    return list(shifter.run_imp(models.build(plan["model"], kwargs), data, recipe, config, work))
+
+
+def _level(
+    plan: dict, kwargs: dict, level, data: datasets.Dataset, check: torch.Tensor
+) -> tuple[dict, nn.Module, float]:
+    """One level: its sparse model made compact by surgery (timed, the cost of deriving the variant), then
+    both side by side: accuracy, size, MACs and latency. Returns the point, the compact model and that time."""
+    shape = data.info.input_shape
+    start = time.perf_counter()
+    sparse = models.build(plan["model"], kwargs)
+    sparse.load_state_dict(level.state)
+    compact, report = surgery.compact(sparse.eval(), check[:1], check_inputs=check)
+    derive_s = time.perf_counter() - start
+    sparse_acc, compact_acc = evaluate(sparse, data.info, data.test), evaluate(compact, data.info, data.test)
+    sparsity = masking.sparsity(level.masks)
+    point = {
+        "level": level.level,
+        "compression": 1.0 / max(1e-12, 1.0 - sparsity),
+        "sparsity": sparsity,
+        "sparse_accuracy": sparse_acc,
+        "compact_accuracy": compact_acc,
+        "acc_delta_pp": 100 * (compact_acc - sparse_acc),
+        "max_abs_diff": report.max_abs_diff,
+        "params_sparse": models.count_params(sparse),
+        "params_compact": report.params_after,
+        "macs_sparse": count_macs(sparse, shape),
+        "macs_compact": count_macs(compact, shape),
+        "surgery_ms": 1e3 * report.seconds,
+        **latency.paired({"sparse": sparse, "compact": compact}, shape, plan["iters"]),
+    }
+    point["params_ratio"] = point["params_sparse"] / point["params_compact"]
+    point["speedup_b1"] = point["sparse_b1_ms"] / point["compact_b1_ms"]
+    point["speedup_b32"] = point["sparse_b32_ms"] / point["compact_b32_ms"]
+    point["speedup_b32_as_loaded"] = point["sparse_as_loaded_b32_ms"] / point["compact_as_loaded_b32_ms"]
+    log.info("level %d: %s", level.level, {k: round(v, 4) if isinstance(v, float) else v for k, v in point.items()})
+    return point, compact, derive_s
+
+
+def _add_from_scratch(
+    points: list[dict], compacts: list[nn.Module], work: Path, data: datasets.Dataset, recipe: TrainConfig
+) -> None:
+    """Each point's `scratch_accuracy` and `scratch_s`: its compact architecture trained from a fresh start."""
     for point, compact in zip(points, compacts):
         scratch = workdir.cached(
             work,
@@ -114,9 +140,6 @@ def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
             lambda: _from_scratch(compact, point["level"], data, recipe),  # noqa: B023 - called before the loop moves on
         )
         point["scratch_accuracy"], point["scratch_s"] = scratch["accuracy"], scratch["seconds"]
-    scratch_s = sum(p["scratch_s"] for p in points)
-    result = {"points": points, "plan": dict(plan), "imp_s": imp_s, "summary": summarize(points, derive_s, scratch_s)}
-    return result
 
 
 def _from_scratch(compact: nn.Module, level: int, data: datasets.Dataset, recipe: TrainConfig) -> dict:
@@ -142,4 +165,6 @@ def summarize(points: list[dict], derive_s: float, scratch_s: float) -> dict:
 
 
 def figures(result: dict, stem: Path) -> list[Path]:
-    return plots.shifter_figures(result["points"], stem)
+    """PNGs beside the JSON: accuracy against params and batch-32 latency, sparse vs compact per level, the dense
+    model a star."""
+    return plots.shifter_figures(result, stem)

@@ -39,7 +39,8 @@ from common import models, variant
 from common.files import atomic_write_json, sha256_file, short_id
 from common.wire import to_proto
 from edge.loading import cache_loader
-from edge.runtime import Runtime, RuntimeConfig, VariantInfo, loaded
+from edge.runtime import Runtime, RuntimeConfig
+from edge.variants import VariantInfo, loaded
 from protos import inference_pb2
 
 log = logging.getLogger(__name__)

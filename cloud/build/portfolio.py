@@ -1,4 +1,11 @@
-"""Build a portfolio: train, prune with a method, compact every sparse model, store the variants."""
+"""Build a portfolio: train, prune with a method, compact every sparse model, store the variants.
+
+The build owns what every method shares: the data, the store and its resumable work directory, the
+surgery that turns each sparse model into a compact variant (with its equivalence check), and
+measuring and publishing the variants. What is pruned, and how, is the method's
+(`cloud.build.methods`): the build hands it a `BuildContext` and the method's own settings, and takes
+the sparse models it yields.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,15 +23,17 @@ from tqdm import tqdm
 
 from cloud.build import distributed
 from cloud.build.compaction import surgery
-from cloud.build.methods import reconvene, scorers, shifter
+from cloud.build.methods import METHODS
+from cloud.build.methods.base import BuildContext, Method, SparseModel
 from cloud.build.methods.masks import sparsity as mask_sparsity
+from cloud.build.settings import SettingsError
 from cloud.build.store import Manifest, PortfolioStore, VariantEntry, portfolio_id
-from cloud.build.train import TrainConfig, evaluate, train
+from cloud.build.train import TrainConfig, evaluate
 from common import datasets, models, variant
 from common.datasets import Dataset
 from common.files import atomic_write_json
 from common.inference import for_inference
-from common.profiling import count_macs, measure_latency
+from common.profiling import count_macs, measure_interleaved
 from common.registry import lookup
 
 log = logging.getLogger(__name__)
@@ -33,128 +41,53 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BuildConfig:
-    out: Path
-    method: str = "shifter"
-    model: str = "vgg11"
-    width: float = 0.25
-    dataset: str = "fashion-mnist"
-    data_dir: Path | None = None
-    subset: int = 0  # training examples to use (0 = all)
-    threads: int = 2
-    seed: int = 0
-    train: TrainConfig = field(default_factory=TrainConfig)
-    shifter: shifter.ShifterConfig = field(default_factory=shifter.ShifterConfig)
-    reconvene: reconvene.ReconveneConfig = field(default_factory=reconvene.ReconveneConfig)
-    check_images: int = 256  # real test images for the surgery equivalence check
-    targets: tuple[float, ...] = ()  # keep the levels nearest these compressions (empty: every level)
+    """The settings of a build: the common ones (each a `portfolio build` flag), the training recipe,
+    and the chosen method's own settings (an instance of that method's settings dataclass)."""
+
+    out: Path = field(metadata={"help": "the portfolio store directory (created; an unfinished build there resumes)"})
+    method: str = field(
+        default="shifter", metadata={"help": "pruning method; its settings are the flags of its group below"}
+    )
+    model: str = field(
+        default="vgg11",
+        metadata={"help": "zoo name (vgg11, resnet20, mobilenetv2, ...) or package.module:function"},
+    )
+    width: float = field(default=0.25, metadata={"help": "channel width multiplier"})
+    dataset: str = field(default="fashion-mnist", metadata={"help": f"dataset: {', '.join(sorted(datasets.LOADERS))}"})
+    data_dir: Path | None = field(default=None, metadata={"help": "where the dataset's files are"})
+    subset: int = field(default=0, metadata={"help": "training examples to use (0: all)"})
+    threads: int = field(default=2, metadata={"help": "CPU threads of this process"})
+    seed: int = field(default=0, metadata={"help": "seed of the initialization, the data subset and its order"})
+    check_images: int = field(default=256, metadata={"help": "real test images the surgery equivalence check runs on"})
+    targets: tuple[float, ...] = field(
+        default=(),
+        metadata={"help": "keep only the levels nearest these compressions, e.g. 1,2,4,8 (none: every level)"},
+    )
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"cli": False})
+    method_settings: object = field(default=None, metadata={"cli": False})  # None: the method's defaults
 
     def __post_init__(self) -> None:
-        lookup(METHODS, "method", self.method)
+        method = lookup(METHODS, "method", self.method)
         models.resolve(self.model, allowed=(self.model,))  # the operator typed it: an import path is allowed
         if self.subset < 0 or self.threads <= 0 or self.check_images <= 0:
-            raise ValueError("subset must be >= 0; threads and check_images positive")
+            raise SettingsError("subset must be >= 0; threads and check_images positive")
         if any(not t >= 1 for t in self.targets):
-            raise ValueError(f"target compressions must be >= 1, got {self.targets}")
+            raise SettingsError(f"target compressions must be >= 1, got {self.targets}")
+        if self.method_settings is None:
+            object.__setattr__(self, "method_settings", method.settings())
+        if type(self.method_settings) is not method.settings:
+            raise SettingsError(
+                f"method {self.method!r} takes {method.settings.__name__} settings, "
+                f"got {type(self.method_settings).__name__}"
+            )
 
     def settings(self) -> dict:
+        """Everything that shapes the portfolio, as JSON: a resumed build must match it."""
         raw = asdict(self)
         raw.pop("out")
         raw["data_dir"] = str(self.data_dir) if self.data_dir else None
+        raw["train"].pop("progress")  # shows progress bars; the portfolio is the same either way
         return json.loads(json.dumps(raw, default=str))
-
-
-@dataclass(frozen=True)
-class SparseModel:
-    """What a pruning method hands to the portfolio: a trained sparse model and where it came from."""
-
-    level: int
-    model: nn.Module
-    masks: dict[str, torch.Tensor]
-    compression: float | None = None  # against the dense model; None: from the masks (same shape)
-    name: str | None = None
-
-
-def _model_kwargs(config: BuildConfig, info: datasets.DatasetInfo) -> dict:
-    return models.zoo_kwargs(info.input_shape, info.num_classes, config.width)
-
-
-def _shifter_levels(config: BuildConfig, data: Dataset, store: PortfolioStore):
-    torch.manual_seed(config.seed)
-    model = models.build(config.model, _model_kwargs(config, data.info), allowed=(config.model,))
-    for level in shifter.run_imp(model, data, config.train, config.shifter, store.work_dir):
-        sparse = models.build(config.model, _model_kwargs(config, data.info), allowed=(config.model,))
-        sparse.load_state_dict(level.state)
-        yield SparseModel(level.level, sparse.eval(), level.masks)
-
-
-def _reconvene_levels(config: BuildConfig, data: Dataset, store: PortfolioStore):
-    """One composite model per compression, all pruned (and any impossible request refused) before the
-    first is trained; each trains once, resumably, with the build's recipe."""
-    settings = config.reconvene
-    torch.manual_seed(config.seed)
-    dense = models.build(config.model, _model_kwargs(config, data.info), allowed=(config.model,))
-    example = datasets.normalize(data.train.images[:1], data.info.mean, data.info.std)
-    batches = scorers.scoring_batches(
-        settings.scorer, data, settings.score_batches, settings.score_batch_size, config.seed
-    )
-    for compression in settings.compressions:
-        scorers.check_request(dense, settings.scorer, compression, batches)
-    compressions = _planned_compressions(config)
-    prepared = [
-        reconvene.prune(
-            dense,
-            settings.scorer,
-            c,
-            example,
-            batches,
-            settings.threshold,
-            settings.rounds,
-            config.seed,
-            settings.coverage,
-        )
-        for c in compressions
-    ]
-    if distributed.is_main():  # the per-group decisions, for the operator
-        atomic_write_json(
-            store.work_dir / "reconvene-decisions.json",
-            [
-                {
-                    "compression": c,
-                    "ready_s": pruned.seconds,
-                    "rectified": list(pruned.rectified),
-                    "groups": [asdict(d) for d in pruned.decisions],
-                }
-                for c, pruned in zip(compressions, prepared)
-            ],
-        )
-    for level, (compression, pruned) in enumerate(zip(compressions, prepared)):
-        log.info(
-            "%s at %gx: %d of %d groups pruned structurally, ready to train in %.2f s",
-            settings.scorer,
-            compression,
-            sum(d.insensitive for d in pruned.decisions),
-            len(pruned.decisions),
-            pruned.seconds,
-        )
-        model = train(
-            pruned.model,
-            data.info,
-            data.train,
-            config.train,
-            masks=pruned.masks,
-            checkpoint=store.work_dir / f"reconvene-{level}.pt",
-            desc=f"reconvene {level}",
-        )
-        yield SparseModel(
-            level,
-            model.eval(),
-            pruned.masks,
-            compression=compression,
-            name=f"{config.model}-{settings.scorer}-{compression:g}x",
-        )
-
-
-METHODS: dict[str, Callable] = {"shifter": _shifter_levels, "reconvene": _reconvene_levels}
 
 
 def select_levels(compressions: list[float], targets: tuple[float, ...]) -> set[int]:
@@ -162,14 +95,6 @@ def select_levels(compressions: list[float], targets: tuple[float, ...]) -> set[
     if not targets:
         return set(range(len(compressions)))
     return {min(range(len(compressions)), key=lambda i: (abs(math.log(compressions[i] / t)), i)) for t in targets}
-
-
-def _planned_compressions(config: BuildConfig) -> list[float]:
-    """What each level will reach: reconvene's compressions in order; for the shifter, every level keeps
-    1 - rate of the surviving weights."""
-    if config.method == "reconvene":
-        return sorted(set(config.reconvene.compressions))
-    return [(1.0 - config.shifter.rate) ** -level for level in range(config.shifter.levels + 1)]
 
 
 def _check_settings(config: BuildConfig, store: PortfolioStore) -> None:
@@ -180,19 +105,18 @@ def _check_settings(config: BuildConfig, store: PortfolioStore) -> None:
         before = json.loads(path.read_text())
         if before != settings:
             changed = sorted(k for k in settings if settings.get(k) != before.get(k))
-            raise ValueError(
+            raise SettingsError(
                 f"{store.root} holds a build with other settings ({', '.join(changed)}); "
                 "use another --out or remove its work/ folder"
             )
     else:
-        store.work_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2, sort_keys=True))
+        atomic_write_json(path, settings)
 
 
-def derive_variant(
-    sparse: SparseModel, config: BuildConfig, data: Dataset, store: PortfolioStore, dense_params: int
-) -> VariantEntry:
-    """Compact one sparse model, prove it equivalent, measure it and store it as a variant file."""
+def derive_variant(sparse: SparseModel, context: BuildContext, dense_params: int) -> tuple[VariantEntry, nn.Module]:
+    """Compact one sparse model, prove it equivalent, measure it and store it as a variant file. The
+    entry's latencies are left at 0 for `time_variants`, with the model as an edge serves it."""
+    config, data, store = context.config, context.data, context.store
     shape = data.info.input_shape
     check = datasets.normalize(data.test.images[: config.check_images], data.info.mean, data.info.std)
     compact, report = surgery.compact(sparse.model, check[:1], check_inputs=check)
@@ -201,7 +125,7 @@ def derive_variant(
     level_sparsity = mask_sparsity(sparse.masks) if sparse.compression is None else 1.0 - 1.0 / sparse.compression
     spec = variant.VariantSpec(
         arch=config.model,
-        kwargs=_model_kwargs(config, data.info),
+        kwargs=context.model_kwargs(),
         input_shape=shape,
         num_classes=data.info.num_classes,
         mean=data.info.mean,
@@ -216,7 +140,7 @@ def derive_variant(
     variant_id = store.put_variant(variant.encode(compact, spec))
     params = models.count_params(compact)
     served = for_inference(copy.deepcopy(compact), tuple(shape))  # timed as an edge serves it by default
-    return VariantEntry(
+    entry = VariantEntry(
         variant_id=variant_id,
         name=spec.name,
         level=sparse.level,
@@ -229,12 +153,66 @@ def derive_variant(
         sparsity=level_sparsity,
         compression=1.0 / max(1e-12, 1.0 - level_sparsity),
         params_ratio=dense_params / params,
-        latency_ms_b1=measure_latency(served, shape, 1).p50_ms,
-        latency_ms_b32=measure_latency(served, shape, 32, iters=10).p50_ms,
+        latency_ms_b1=0.0,
+        latency_ms_b32=0.0,
         max_abs_diff=report.max_abs_diff,
         macs=count_macs(compact, shape),
         sparse_params=models.count_params(sparse.model),
     )
+    return entry, served
+
+
+def time_variants(entries: list[VariantEntry], served: list[nn.Module], shape: tuple) -> list[VariantEntry]:
+    """Every variant's latency at batch 1 and 32, timed together in interleaved rounds once all are
+    built: timed one by one as each is derived, minutes apart, the machine's load of the moment would
+    rank variants of the same architecture against each other. The quartiles say where two variants
+    cannot be told apart."""
+    spreads = {
+        batch: measure_interleaved({e.variant_id: m for e, m in zip(entries, served)}, tuple(shape), batch, iters=iters)
+        for batch, iters in ((1, 4), (32, 2))
+    }
+    timed = []
+    for entry in entries:
+        b1, b32 = spreads[1][entry.variant_id], spreads[32][entry.variant_id]
+        timed.append(
+            replace(
+                entry,
+                latency_ms_b1=b1.p50_ms,
+                latency_ms_b1_q1=b1.q1_ms,
+                latency_ms_b1_q3=b1.q3_ms,
+                latency_ms_b32=b32.p50_ms,
+                latency_ms_b32_q1=b32.q1_ms,
+                latency_ms_b32_q3=b32.q3_ms,
+            )
+        )
+    return timed
+
+
+def _derive(context: BuildContext, method: Method) -> list[VariantEntry]:
+    """The variants of the levels the method yields (those nearest the targets); on rank 0 only, the
+    others train their shards and derive nothing."""
+    config = context.config
+    planned = method.planned_compressions(config.method_settings)
+    keep = select_levels(planned, config.targets)
+    dense_params = models.count_params(context.new_model())
+    main = distributed.is_main()
+    entries, served = [], []
+    levels = method.levels(context, config.method_settings)
+    for sparse in tqdm(levels, desc=f"{method.name} portfolio", total=len(planned), unit="level", disable=not main):
+        if not main or sparse.level not in keep:
+            continue
+        entry, model = derive_variant(sparse, context, dense_params)
+        log.info(
+            "%s: sparsity %.1f%%, %d params, accuracy %.2f%% (sparse %.2f%%)",
+            entry.name,
+            100 * entry.sparsity,
+            entry.params,
+            100 * entry.accuracy,
+            100 * entry.sparse_accuracy,
+        )
+        entries.append(entry)
+        served.append(model)
+    return time_variants(entries, served, context.data.info.input_shape) if entries else entries
 
 
 def build(config: BuildConfig) -> Manifest | None:
@@ -249,32 +227,9 @@ def build(config: BuildConfig) -> Manifest | None:
     distributed.barrier()
     data = datasets.load(config.dataset, config.data_dir, seed=config.seed)
     data = Dataset(data.info, data.train.subset(config.subset, config.seed), data.val, data.test)
-    dense_params = models.count_params(
-        models.build(config.model, _model_kwargs(config, data.info), allowed=(config.model,))
-    )
-    entries = []
-    levels = lookup(METHODS, "method", config.method)(config, data, store)
-    keep = select_levels(_planned_compressions(config), config.targets)
-    main = distributed.is_main()
-    for sparse in tqdm(
-        levels,
-        desc=f"{config.method} portfolio",
-        total=len(_planned_compressions(config)),
-        unit="level",
-        disable=not main,
-    ):
-        if not main or sparse.level not in keep:
-            continue
-        entry = derive_variant(sparse, config, data, store, dense_params)
-        log.info(
-            "%s: sparsity %.1f%%, %d params, accuracy %.2f%% (sparse %.2f%%)",
-            entry.name,
-            100 * entry.sparsity,
-            entry.params,
-            100 * entry.accuracy,
-            100 * entry.sparse_accuracy,
-        )
-        entries.append(entry)
+    entries = _derive(BuildContext(config, data, store), lookup(METHODS, "method", config.method))
+    if not distributed.is_main():
+        return None
     manifest = Manifest(
         portfolio_id=portfolio_id([e.variant_id for e in entries]),
         model=config.model,
@@ -284,7 +239,5 @@ def build(config: BuildConfig) -> Manifest | None:
         settings=config.settings(),
         variants=tuple(entries),
     )
-    if not main:
-        return None
     store.write_manifest(manifest)
     return manifest

@@ -45,6 +45,12 @@ class VariantEntry:
     max_abs_diff: float = 0.0  # surgery equivalence check
     macs: int = 0  # conv and linear multiply-accumulates per input, compact model
     sparse_params: int = 0  # parameters of the sparse parent as stored dense (its pruned zeros included)
+    # quartiles of the latency over the interleaved rounds that timed every variant of the portfolio
+    # together (None in manifests written before they were measured)
+    latency_ms_b1_q1: float | None = None
+    latency_ms_b1_q3: float | None = None
+    latency_ms_b32_q1: float | None = None
+    latency_ms_b32_q3: float | None = None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Training and evaluation with progress bars, seeds, thread count and resumable checkpoints.
+"""Training and evaluation with progress bars, seeds, resumable checkpoints, and masks kept applied.
 
 Checkpoints are local files this process wrote itself; they are read back with
 `torch.load(weights_only=True)` and nothing else.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,32 +16,55 @@ from torch import nn
 from tqdm import tqdm
 
 from cloud.build import distributed
-from cloud.build.methods.masks import check_masks
+from cloud.build.settings import SettingsError
 from common.datasets import DatasetInfo, Split, batches
+from common.errors import PrunefleetError
 from common.files import atomic_write_bytes
 
 Masks = dict[str, torch.Tensor]
 
 
+class MaskError(PrunefleetError, ValueError):
+    """A mask that does not fit the model; the message names the tensor."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 2
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    milestones: tuple[float, ...] = (0.5, 0.75)  # step schedule, as fractions of all epochs
-    gamma: float = 0.1
-    seed: int = 0
-    progress: bool = True
+    """The training recipe (SGD with momentum and a step schedule); each field is a `portfolio build` flag."""
+
+    epochs: int = field(default=2, metadata={"help": "training epochs (of every level that trains)"})
+    batch_size: int = field(default=128, metadata={"help": "global batch, split over torchrun processes"})
+    lr: float = field(default=0.05, metadata={"help": "learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "L2 weight decay"})
+    milestones: tuple[float, ...] = field(
+        default=(0.5, 0.75),
+        metadata={"help": "step schedule: fractions of the epochs where the rate drops by --gamma"},
+    )
+    gamma: float = field(default=0.1, metadata={"help": "factor of the learning rate at each milestone"})
+    seed: int = field(default=0, metadata={"cli": False, "help": "data order; the build passes its own --seed"})
+    progress: bool = field(default=True, metadata={"help": "progress bars while training"})
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size <= 0 or self.lr <= 0:
-            raise ValueError("epochs must be >= 0, batch_size and lr positive")
+            raise SettingsError("epochs must be >= 0, batch_size and lr positive")
         if not 0 <= self.momentum < 1 or self.weight_decay < 0:
-            raise ValueError("momentum must be in [0, 1) and weight_decay >= 0")
+            raise SettingsError("momentum must be in [0, 1) and weight_decay >= 0")
         if any(not 0 < m < 1 for m in self.milestones):
-            raise ValueError(f"milestones are fractions in (0, 1), got {self.milestones}")
+            raise SettingsError(f"milestones are fractions in (0, 1), got {self.milestones}")
+
+
+def check_masks(model: nn.Module, masks: Masks) -> None:
+    """Every mask names a tensor of the model, has its shape, and is boolean (or 0/1 numbers)."""
+    state = model.state_dict()
+    for name, mask in masks.items():
+        if name not in state:
+            raise MaskError(f"mask {name!r} names no tensor of {type(model).__name__}")
+        if not isinstance(mask, torch.Tensor) or mask.shape != state[name].shape:
+            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise MaskError(f"mask {name!r} has shape {shape}, the tensor {tuple(state[name].shape)}")
+        if mask.dtype != torch.bool and (mask.is_complex() or not ((mask == 0) | (mask == 1)).all()):
+            raise MaskError(f"mask {name!r} must be boolean or hold only 0 and 1, got dtype {mask.dtype}")
 
 
 def apply_masks(model: nn.Module, masks: Masks | None) -> None:

@@ -14,81 +14,12 @@ import grpc
 
 from cloud.admin import operator_client
 from cloud.build.store import PortfolioStore
-from cloud.cli import cluster_commands
+from cloud.cli import build_command, cluster_commands
 from common import security
 from common.errors import PrunefleetError
 from common.files import short_id
+from common.policy_contract import SETTINGS as POLICY_SETTINGS
 from protos import coordinator_pb2
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-def _add_build(sub) -> None:
-    p = sub.add_parser("build", help="train a model and derive a portfolio of pruned variants")
-    p.add_argument("--method", default="shifter", help="shifter (IMP with rewinding) or reconvene (structured PaI)")
-    p.add_argument(
-        "--model", default="vgg11", help="zoo name (vgg11, resnet20, mobilenetv2, ...) or package.module:function"
-    )
-    p.add_argument("--width", type=float, default=0.25, help="channel width multiplier")
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--levels", type=int, default=3, help="pruning levels after the dense model")
-    p.add_argument("--rate", type=float, default=0.2, help="share of surviving weights pruned per level")
-    p.add_argument("--rewind-iteration", type=int, default=0, help="rewind survivors to this training step")
-    p.add_argument("--ignore", type=_names, default=(), help="comma-separated layers never pruned")
-    p.add_argument(
-        "--targets",
-        type=_floats,
-        default=(),
-        help="keep the levels nearest these compressions, e.g. 1,2,4,8 (default: every level)",
-    )
-    p.add_argument("--scorer", default="synflow", help="reconvene: random, magnitude, snip, grasp or synflow")
-    p.add_argument(
-        "--compressions",
-        type=_floats,
-        default=(2.0, 4.0, 8.0, 16.0, 32.0),
-        help="reconvene: total weights / remaining weights, one variant each (default 2,4,8,16,32)",
-    )
-    p.add_argument(
-        "--sensitivity-threshold",
-        type=float,
-        default=None,
-        help="reconvene: a layer group whose writers keep less than this share of their weights is "
-        "pruned structurally (default: the documented one)",
-    )
-    p.add_argument(
-        "--sensitivity-coverage",
-        type=float,
-        default=None,
-        help="reconvene: ... and only when the channels it keeps hold at least this share of its "
-        "surviving weights (default: the documented one)",
-    )
-    p.add_argument("--synflow-rounds", type=int, default=100)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=128, help="global batch, split over torchrun processes")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument(
-        "--milestones",
-        type=_floats,
-        default=(0.5, 0.75),
-        help="step schedule: fractions of the epochs where the rate drops by --gamma",
-    )
-    p.add_argument("--gamma", type=float, default=0.1)
-    p.add_argument("--subset", type=int, default=0, help="training examples to use (0 = all)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True)
 
 
 def _operator(parser, environ, name: str, help_text: str):
@@ -142,20 +73,18 @@ def _add_rollouts(top, environ) -> None:
     rollback.add_argument("--reason", default="")
 
 
-def _parser(environ=None) -> argparse.ArgumentParser:
-    environ = environ or {}
-    parser = argparse.ArgumentParser(prog="prunefleet", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
-    top = parser.add_subparsers(dest="command", required=True)
+def _add_portfolio(top) -> None:
     portfolio = top.add_parser("portfolio", help="build and inspect portfolios").add_subparsers(
         dest="action", required=True
     )
-    _add_build(portfolio)
+    build_command.add_parser(portfolio)
     portfolio.add_parser("list", help="the variants of a portfolio").add_argument("--store", type=Path, required=True)
     show = portfolio.add_parser("show", help="one variant in full")
     show.add_argument("--store", type=Path, required=True)
     show.add_argument("id", help="variant id, unique id prefix, or name")
-    _add_serve(top, environ)
+
+
+def _add_certs(top) -> None:
     certs = top.add_parser("certs", help="certificates, token and signing key").add_subparsers(
         dest="action", required=True
     )
@@ -169,6 +98,9 @@ def _parser(environ=None) -> argparse.ArgumentParser:
         help="a name or IP the cloud or an edge is reached by (repeatable; localhost and 127.0.0.1 always)",
     )
     init.add_argument("--force", action="store_true", help="replace an existing CA and every key")
+
+
+def _add_fleet(top, environ) -> None:
     fleet = top.add_parser("fleet", help="the fleet as the coordinator sees it").add_subparsers(
         dest="action", required=True
     )
@@ -177,82 +109,50 @@ def _parser(environ=None) -> argparse.ArgumentParser:
     events.add_argument("--edge", default="")
     events.add_argument("--limit", type=int, default=100)
     _operator(fleet, environ, "rollouts", "rollouts, newest first").add_argument("--limit", type=int, default=20)
-    _add_rollouts(top, environ)
+
+
+def _add_policy(top, environ) -> None:
     policy = top.add_parser("policy", help="the switching policy").add_subparsers(dest="action", required=True)
     pin = _operator(policy, environ, "pin", "pin some edges to a variant (overrides the policy's pin for them)")
     pin.add_argument("variant", help="variant id ('' unpins)")
     pin.add_argument("--edges", required=True, help="comma-separated edge names or patterns")
     pset = _operator(policy, environ, "set", "change fields of the current policy")
-    pset.add_argument("--slo-ms", type=float)
-    pset.add_argument("--min-accuracy", type=float)
-    pset.add_argument("--down-windows", type=int)
-    pset.add_argument("--up-windows", type=int)
-    pset.add_argument("--up-headroom", type=float)
-    pset.add_argument("--dwell-s", type=float)
-    pset.add_argument("--window-s", type=float, help="telemetry window the edges decide on")
-    pset.add_argument(
-        "--max-switches-per-minute",
-        type=int,
-        help="cap on step-ups in any 60 s (step-downs, which protect the SLO, are never held back)",
-    )
-    pset.add_argument("--pin", dest="pinned_variant", help="serve only this variant id ('' unpins)")
+    for setting in POLICY_SETTINGS.values():  # defaults and ranges as the policy contract states them
+        if setting.kind is not str:
+            flag = "--" + setting.name.replace("_", "-")
+            pset.add_argument(flag, type=setting.kind, help=f"{setting.help} ({setting.described})")
+    pset.add_argument("--pin", dest="pinned_variant", help=POLICY_SETTINGS["pinned_variant"].help)
+
+
+def _add_bench_and_demo(top) -> None:
     bench = top.add_parser("bench", help="run a benchmark suite (python -m bench)", add_help=False)
     bench.add_argument("args", nargs=argparse.REMAINDER)
     demo = top.add_parser("demo", help="build a portfolio and run a two-edge cluster under changing load")
     demo.add_argument("--out", type=Path, default=Path("reports/demo"))
     demo.add_argument("--data-dir", type=Path, default=None)
     demo.add_argument("--quick", action="store_true", help="smaller model, data and phases (for tests)")
+
+
+def _parser(environ=None) -> argparse.ArgumentParser:
+    """Every subcommand, in the order `prunefleet --help` lists them."""
+    environ = environ or {}
+    parser = argparse.ArgumentParser(prog="prunefleet", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    top = parser.add_subparsers(dest="command", required=True)
+    _add_portfolio(top)
+    _add_serve(top, environ)
+    _add_certs(top)
+    _add_fleet(top, environ)
+    _add_rollouts(top, environ)
+    _add_policy(top, environ)
+    _add_bench_and_demo(top)
     cluster_commands.add_parser(top, environ)
     return parser
 
 
 def _portfolio(args) -> int:
     if args.action == "build":
-        from cloud.build import portfolio
-        from cloud.build.methods import reconvene, shifter
-        from cloud.build.train import TrainConfig
-
-        threshold = reconvene.DEFAULT_THRESHOLD if args.sensitivity_threshold is None else args.sensitivity_threshold
-        coverage = reconvene.MIN_COVERAGE if args.sensitivity_coverage is None else args.sensitivity_coverage
-
-        config = portfolio.BuildConfig(
-            out=args.out,
-            method=args.method,
-            model=args.model,
-            width=args.width,
-            dataset=args.dataset,
-            data_dir=args.data_dir,
-            subset=args.subset,
-            threads=args.threads,
-            seed=args.seed,
-            targets=args.targets,
-            train=TrainConfig(
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                seed=args.seed,
-                momentum=args.momentum,
-                weight_decay=args.weight_decay,
-                milestones=args.milestones,
-                gamma=args.gamma,
-            ),
-            shifter=shifter.ShifterConfig(
-                levels=args.levels, rate=args.rate, rewind_iteration=args.rewind_iteration, ignore=args.ignore
-            ),
-            reconvene=reconvene.ReconveneConfig(
-                scorer=args.scorer,
-                compressions=args.compressions,
-                threshold=threshold,
-                coverage=coverage,
-                rounds=args.synflow_rounds,
-            ),
-        )
-        manifest = portfolio.build(config)
-        if manifest is None:  # a torchrun worker: rank 0 publishes and prints
-            return 0
-        print(operator_client.portfolio_table(manifest))
-        print(f"portfolio {manifest.portfolio_id} written to {args.out}")
-        return 0
+        return build_command.run(args)
     store = PortfolioStore(args.store)
     if args.action == "list":
         manifest = store.manifest()
@@ -350,19 +250,8 @@ def _operate(args, transport: security.Transport) -> int:
         )
         return 0
     if args.command == "policy":
-        policy = operator_client.set_policy(
-            args.cloud,
-            transport,
-            slo_ms=args.slo_ms,
-            min_accuracy=args.min_accuracy,
-            down_windows=args.down_windows,
-            up_windows=args.up_windows,
-            up_headroom=args.up_headroom,
-            dwell_s=args.dwell_s,
-            window_s=args.window_s,
-            max_switches_per_minute=args.max_switches_per_minute,
-            pinned_variant=args.pinned_variant,
-        )
+        changes = {name: getattr(args, name) for name in POLICY_SETTINGS}  # every setting the contract states
+        policy = operator_client.set_policy(args.cloud, transport, **changes)
         print(f"policy v{policy.version}: SLO p95 <= {policy.slo_ms:.1f} ms, pinned {policy.pinned_variant or 'none'}")
         return 0
     raise AssertionError(f"unhandled command {args.command}")

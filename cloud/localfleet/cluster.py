@@ -5,28 +5,27 @@ with it. `up` starts the cloud, one edge agent per `--edge NAME=CPUS`, a load ge
 is installed, Prometheus, each detached in its own session; it returns once every one is healthy.
 A CPU limit is mimicked by the edge's thread count and CPU affinity (`placement`). DIR/cluster.json
 holds what `status` and `down` need: each process's pid, start time, ports and log file.
+
+This module holds what the cluster is (its settings, CPU placement, ports and state) and the order it
+comes up in; how each process is launched and awaited is `cloud.localfleet.cluster_start`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import socket
-import sys
 import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.build.store import PortfolioStore
-from cloud.localfleet import detached
-from cloud.localfleet.detached import DetachedError, Proc
-from cloud.localfleet.processes import SERVING
+from cloud.localfleet import cluster_start, detached
+from cloud.localfleet.detached import Proc
 from common.errors import PrunefleetError
-from common.files import atomic_write_bytes, atomic_write_json
+from common.files import atomic_write_json
+from common.policy_contract import PolicyContractError, setting
 from common.security import Transport
 
 STATE = "cluster.json"
@@ -85,8 +84,8 @@ class ClusterConfig:
             raise ValueError("edges must be at least one, with unique names")
         if self.clients < 1 or self.think_s < 0 or self.batch < 1 or self.timeout_s <= 0:
             raise ValueError("clients and batch must be >= 1, think_s >= 0, timeout_s > 0")
-        if self.slo_ms is not None and self.slo_ms <= 0:
-            raise ValueError("slo_ms must be positive")
+        if self.slo_ms is not None and (found := setting("slo_ms").problem(self.slo_ms)):
+            raise PolicyContractError(found)  # the edges start on it and the coordinator sets it: one range
         if not 0.1 <= self.scrape_interval_s <= 60:
             raise ValueError("scrape_interval_s must be in [0.1, 60]")
 
@@ -116,6 +115,14 @@ def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _ports(config: ClusterConfig) -> tuple[int, int, int, list[tuple[int, int]]]:
+    """Cloud, cloud metrics, Prometheus, and (gRPC, metrics) per edge; 0 lets a process pick."""
+    b = config.base_port
+    if b == 0:
+        return 0, 0, free_port(config.host), [(0, 0)] * len(config.edges)
+    return b, b + 1, b + 2, [(b + 10 + 2 * i, b + 11 + 2 * i) for i in range(len(config.edges))]
 
 
 def prometheus_config(cloud_metrics: str, edge_metrics: Sequence[str], interval_s: float) -> str:
@@ -162,173 +169,6 @@ def _portfolio(config: ClusterConfig) -> Path:
     return build.out
 
 
-def _python(*args: str) -> list[str]:
-    return [sys.executable, "-m", *args]
-
-
-def _ports(config: ClusterConfig) -> tuple[int, int, int, list[tuple[int, int]]]:
-    """Cloud, cloud metrics, Prometheus, and (gRPC, metrics) per edge; 0 lets a process pick."""
-    b = config.base_port
-    if b == 0:
-        return 0, 0, free_port(config.host), [(0, 0)] * len(config.edges)
-    return b, b + 1, b + 2, [(b + 10 + 2 * i, b + 11 + 2 * i) for i in range(len(config.edges))]
-
-
-def _up_serving(spawned, role: str, config: ClusterConfig, **extra) -> Proc:
-    match = detached.wait_for_line(spawned, SERVING, config.timeout_s)
-    return Proc(
-        spawned.name,
-        role,
-        spawned.process.pid,
-        spawned.started,
-        str(spawned.log),
-        match.group(1),
-        match.group(2) or "",
-        affinity=spawned.affinity,
-        **extra,
-    )
-
-
-def _start_cloud(config: ClusterConfig, store: Path, ports, shared) -> Proc:
-    args = _python(
-        "cloud.cli",
-        "cloud",
-        "serve",
-        "--store",
-        str(store),
-        "--host",
-        config.host,
-        "--port",
-        str(ports[0]),
-        "--metrics-port",
-        str(ports[1]),
-        "--db",
-        str(config.dir / "fleet.sqlite"),
-        "--insecure",
-    )
-    return _up_serving(
-        detached.spawn("cloud", args, config.dir / "logs" / "cloud.log", affinity=shared), "cloud", config
-    )
-
-
-def _start_edges(config: ClusterConfig, cloud: str, ports, placed) -> list[Proc]:
-    spawned = []
-    for edge, (port, metrics_port), (affinity, threads) in zip(config.edges, ports[3], placed):
-        args = _python(
-            "edge.cli",
-            "run",
-            "--cloud",
-            cloud,
-            "--name",
-            edge.name,
-            "--host",
-            config.host,
-            "--port",
-            str(port),
-            "--metrics-port",
-            str(metrics_port),
-            "--threads",
-            str(threads),
-            "--batch",
-            str(config.batch),
-            "--cache",
-            str(config.dir / "cache" / edge.name),
-            "--insecure",
-            *(["--slo-ms", str(config.slo_ms)] if config.slo_ms else []),
-        )
-        spawned.append(
-            (
-                edge,
-                threads,
-                detached.spawn(
-                    edge.name,
-                    args,
-                    config.dir / "logs" / f"{edge.name}.log",
-                    env={"OMP_NUM_THREADS": str(threads)},
-                    affinity=affinity,
-                ),
-            )
-        )
-    try:
-        return [_up_serving(s, "edge", config, cpus=edge.cpus, threads=threads) for edge, threads, s in spawned]
-    except BaseException:
-        for _, _, s in spawned:
-            detached.abandon(s)
-        raise
-
-
-def _start_load(config: ClusterConfig, cloud: str, shared) -> Proc:
-    args = _python(
-        "cloud.cli",
-        "cluster",
-        "load",
-        "--cloud",
-        cloud,
-        "--clients",
-        str(config.clients),
-        "--think-s",
-        str(config.think_s),
-        "--batch",
-        str(config.batch),
-        "--out",
-        str(config.dir / "load.jsonl"),
-        "--insecure",
-        *(["--data-dir", str(config.data_dir)] if config.data_dir else []),
-    )
-    spawned = detached.spawn("load", args, config.dir / "logs" / "load.log", affinity=shared)
-    detached.wait_for_line(spawned, re.compile(rf"driving load at {len(config.edges)} edge"), config.timeout_s)
-    return Proc("load", "load", spawned.process.pid, spawned.started, str(spawned.log), affinity=shared)
-
-
-def prometheus_binary(choice: str) -> str | None:
-    if choice == "off":
-        return None
-    return shutil.which("prometheus") if choice == "auto" else choice
-
-
-def _wait_ready(spawned, url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if spawned.process.poll() is not None:
-            raise DetachedError(
-                f"prometheus exited with code {spawned.process.returncode}; log {spawned.log}:\n"
-                f"{detached.tail(spawned.log)}"
-            )
-        try:
-            with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise DetachedError(
-        f"prometheus not ready within {timeout_s:.0f} s; log {spawned.log}:\n{detached.tail(spawned.log)}"
-    )
-
-
-def _start_prometheus(config: ClusterConfig, binary: str, port: int, cloud: Proc, edges: list[Proc]) -> Proc:
-    path = config.dir / "prometheus.yml"
-    atomic_write_bytes(
-        path,
-        prometheus_config(cloud.metrics_address, [e.metrics_address for e in edges], config.scrape_interval_s).encode(),
-    )
-    address = f"{config.host}:{port}"
-    args = [
-        binary,
-        f"--config.file={path}",
-        f"--storage.tsdb.path={config.dir / 'prometheus-data'}",
-        f"--web.listen-address={address}",
-        "--storage.tsdb.retention.time=2d",
-    ]
-    spawned = detached.spawn("prometheus", args, config.dir / "logs" / "prometheus.log")
-    try:
-        _wait_ready(spawned, f"http://{address}", config.timeout_s)
-    except BaseException:
-        detached.abandon(spawned)
-        raise
-    return Proc("prometheus", "prometheus", spawned.process.pid, spawned.started, str(spawned.log), address)
-
-
 def _fresh(config: ClusterConfig) -> None:
     """Refuse to start over a running cluster; forget a dead one (its logs are overwritten)."""
     state = read_state(config.dir)
@@ -342,16 +182,39 @@ def _fresh(config: ClusterConfig) -> None:
     (config.dir / "load.jsonl").unlink(missing_ok=True)
 
 
+def _start_all(config: ClusterConfig, store: Path, binary: str | None, state: dict, procs: list[Proc]) -> None:
+    """Start the processes in order (cloud, edges, load, Prometheus), appending each to `procs` and
+    saving the state after each step, so `down` finds whatever did start."""
+    shared, placed = placement(config.edges, sorted(os.sched_getaffinity(0)))
+    cloud_port, cloud_metrics_port, prometheus_port, edge_ports = _ports(config)
+    procs.append(cluster_start.start_cloud(config, store, cloud_port, cloud_metrics_port, shared))
+    _save(state, procs)
+    cloud = procs[0]
+    procs.extend(cluster_start.start_edges(config, cloud.address, edge_ports, placed))
+    _save(state, procs)
+    procs.append(cluster_start.start_load(config, cloud.address, shared))
+    _save(state, procs)
+    if binary:
+        edges = [p.metrics_address for p in procs if p.role == "edge"]
+        scrape = prometheus_config(cloud.metrics_address, edges, config.scrape_interval_s)
+        procs.append(cluster_start.start_prometheus(config, binary, prometheus_port, scrape))
+        state["prometheus_url"] = f"http://{procs[-1].address}"
+    if config.slo_ms:
+        from cloud.admin import operator_client
+
+        operator_client.set_policy(cloud.address, Transport.plaintext(), slo_ms=config.slo_ms)
+    _save(state, procs)
+
+
 def up(config: ClusterConfig) -> dict:
-    """Start everything, wait until each process is healthy, and return the state (also in DIR/cluster.json)."""
+    """Start everything, wait until each process is healthy, and return the state (also in DIR/cluster.json).
+    When any process fails to come up, the ones already started are stopped again."""
     config.dir.mkdir(parents=True, exist_ok=True)
     _fresh(config)
     store = _portfolio(config)
-    binary = prometheus_binary(config.prometheus)
+    binary = cluster_start.prometheus_binary(config.prometheus)
     if config.prometheus not in ("auto", "off") and not (binary and os.access(binary, os.X_OK)):
         raise ClusterError(f"--prometheus {config.prometheus}: not an executable")
-    shared, placed = placement(config.edges, sorted(os.sched_getaffinity(0)))
-    ports = _ports(config)
     state = {
         "dir": str(config.dir.resolve()),
         "started": time.time(),
@@ -360,20 +223,7 @@ def up(config: ClusterConfig) -> dict:
     }
     procs: list[Proc] = []
     try:
-        procs.append(_start_cloud(config, store, ports, shared))
-        _save(state, procs)
-        procs.extend(_start_edges(config, procs[0].address, ports, placed))
-        _save(state, procs)
-        procs.append(_start_load(config, procs[0].address, shared))
-        _save(state, procs)
-        if binary:
-            procs.append(_start_prometheus(config, binary, ports[2], procs[0], procs[1:-1]))
-            state["prometheus_url"] = f"http://{procs[-1].address}"
-        if config.slo_ms:
-            from cloud.admin import operator_client
-
-            operator_client.set_policy(procs[0].address, Transport.plaintext(), slo_ms=config.slo_ms)
-        _save(state, procs)
+        _start_all(config, store, binary, state, procs)
     except BaseException:
         detached.stop(procs[::-1], grace_s=5.0)
         (config.dir / STATE).unlink(missing_ok=True)

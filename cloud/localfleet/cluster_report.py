@@ -8,20 +8,13 @@ from pathlib import Path
 
 from cloud.admin import operator_client
 from cloud.build.store import PortfolioStore
-from cloud.localfleet import cluster_load, plots
+from cloud.localfleet import cluster_load, demo_report, plots
 from cloud.localfleet.detached import Proc
 from common.files import atomic_write_json, short_id
 from common.security import Transport
 from protos import coordinator_pb2
 
 SETTLED_WINDOW_S = 30.0  # the variant an edge settled on: the one that answered most in this last stretch
-
-
-def _direction(event: coordinator_pb2.SwitchEvent, accuracy: dict[str, float]) -> str:
-    if not event.from_variant:
-        return "initial"
-    before, after = accuracy.get(event.from_variant, 0.0), accuracy.get(event.to_variant, 0.0)
-    return "down" if after < before else "up" if after > before else "same"
 
 
 def _settled(rows: list[dict]) -> str:
@@ -50,6 +43,14 @@ def _series(directory: Path, edges: list[str], names: dict[str, str], started: f
     }
 
 
+def _switches(stub, started: float, names: dict[str, str], accuracy: dict[str, float]) -> list[dict]:
+    """The coordinator's switch events since the cluster started, as the report lists them."""
+    events = stub.ListEvents(
+        coordinator_pb2.ListEventsRequest(since=started, limit=10_000), timeout=operator_client.RPC_TIMEOUT_S
+    ).events
+    return demo_report.switch_timeline(events, names, accuracy, started)
+
+
 def write(state: dict, procs: list[Proc]) -> tuple[Path, str]:
     """Write DIR/report/{report.json,latency.png,frontier.png}; the directory and a short summary."""
     directory, started = Path(state["dir"]), state["started"]
@@ -62,28 +63,14 @@ def write(state: dict, procs: list[Proc]) -> tuple[Path, str]:
     accuracy = {v.variant_id: v.accuracy for v in manifest.variants}
     stub = operator_client.coordinator_stub(cloud.address, Transport.plaintext())
     fleet = stub.GetFleet(coordinator_pb2.GetFleetRequest(), timeout=operator_client.RPC_TIMEOUT_S)
-    events = stub.ListEvents(
-        coordinator_pb2.ListEventsRequest(since=started, limit=10_000), timeout=operator_client.RPC_TIMEOUT_S
-    ).events
-    switches = [
-        {
-            "t": round(e.event.timestamp - started, 2),
-            "edge": e.edge,
-            "direction": _direction(e.event, accuracy),
-            "from": names.get(e.event.from_variant, ""),
-            "to": names.get(e.event.to_variant, ""),
-            "reason_code": e.event.reason_code,
-            "reason": e.event.reason,
-            "switch_us": e.event.switch_us,
-        }
-        for e in events
-    ]
+    switches = _switches(stub, started, names, accuracy)
     series = _series(directory, edges, names, started)
     settled = {edge: _settled(rows) for edge, rows in series.items()}
     profiled = [e for e in fleet.edges if e.edge in edges and e.profiles]
     on_device = {e.edge: {p.variant_id: p.p95_ms_batch for p in e.profiles} for e in profiled}
     order = [v.name for v in sorted(manifest.variants, key=lambda v: v.accuracy)]
-    plots.latency_timeline(out / "latency.png", series, switches, fleet.policy.slo_ms, order)
+    title = f"switching under load: {manifest.model} on {manifest.dataset}; edges on {plots.machine_label()}"
+    plots.latency_timeline(out / "latency.png", series, switches, fleet.policy.slo_ms, order, title=title)
     plots.frontier(
         out / "frontier.png",
         manifest,

@@ -21,7 +21,7 @@ from cloud.admin import certs, operator_client
 from cloud.build import portfolio
 from cloud.build.methods import shifter
 from cloud.build.train import TrainConfig
-from cloud.localfleet import demo_report, loadgen, processes
+from cloud.localfleet import commands, demo_report, loadgen, processes
 from common import datasets
 from common.files import short_id
 from common.security import Transport
@@ -49,7 +49,8 @@ class DemoConfig:
                 data_dir=self.data_dir,
                 subset=3000,
                 train=TrainConfig(epochs=1, batch_size=64),
-                shifter=shifter.ShifterConfig(levels=4, rate=0.8),
+                method="shifter",
+                method_settings=shifter.ShifterConfig(levels=4, rate=0.8),
             )
         return portfolio.BuildConfig(
             out=self.out / "portfolio",
@@ -58,7 +59,8 @@ class DemoConfig:
             data_dir=self.data_dir,
             subset=8000,
             train=TrainConfig(epochs=2),
-            shifter=shifter.ShifterConfig(levels=5, rate=0.75, rewind_iteration=20),
+            method="shifter",
+            method_settings=shifter.ShifterConfig(levels=5, rate=0.75, rewind_iteration=20),
         )
 
     def phases(self) -> list[loadgen.Phase]:
@@ -132,60 +134,21 @@ def calibrate_slo_ms(
 
 
 def _start_cluster(store: Path, run_dir: Path, keys: dict[str, Path]) -> list[processes.Child]:
-    logs = run_dir / "logs"
-    cloud = processes.start(
-        "cloud",
-        [
-            "cloud.cli",
-            "cloud",
-            "serve",
-            "--store",
-            str(store),
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--db",
-            str(run_dir / "fleet.sqlite"),
-            "--certs",
-            str(keys["cloud"]),
-        ],
-        logs,
-    )
-    children = [cloud]
-    try:
-        for name in EDGES:
-            children.append(
-                processes.start(
-                    name,
-                    [
-                        "edge.cli",
-                        "run",
-                        "--cloud",
-                        cloud.address,
-                        "--name",
-                        name,
-                        "--port",
-                        "0",
-                        "--metrics-port",
-                        "0",
-                        "--cache",
-                        str(run_dir / "cache" / name),
-                        "--threads",
-                        "1",
-                        "--batch",
-                        str(BATCH),
-                        "--certs",
-                        str(keys["edge"]),
-                    ],
-                    logs,
-                )
+    """The cloud and the edges of EDGES on loopback, speaking mutual TLS; the cloud first."""
+
+    def edges(cloud: str) -> list[processes.Launch]:
+        return [
+            processes.Launch(
+                name,
+                commands.edge_args(
+                    cloud, name, cache=run_dir / "cache" / name, certs=keys["edge"], threads=1, batch=BATCH
+                ),
             )
-    except BaseException:
-        for child in reversed(children):
-            child.stop()
-        raise
-    return children
+            for name in EDGES
+        ]
+
+    cloud = commands.cloud_args(store, db=run_dir / "fleet.sqlite", certs=keys["cloud"], metrics_port=0)
+    return processes.start_cluster(processes.Launch("cloud", cloud), edges, run_dir / "logs")
 
 
 def _drive(config: DemoConfig, children: list[processes.Child], manifest, transport: Transport) -> dict:
@@ -245,8 +208,7 @@ def run(config: DemoConfig) -> int:
         )
         outcome = _drive(config, children, manifest, transport)
     finally:
-        for child in reversed(children):
-            child.stop()
+        processes.stop_all(children)
     verdict = demo_report.write(run_dir, manifest, outcome, config.phases(), EDGES)
     print(verdict.text)
     return 0 if verdict.ok else 1

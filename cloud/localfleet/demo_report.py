@@ -21,7 +21,7 @@ class Verdict:
     text: str
 
 
-def _direction(event, accuracy: dict[str, float]) -> str:
+def direction(event, accuracy: dict[str, float]) -> str:
     """A step down trades accuracy for speed; a step up takes accuracy back."""
     if not event.from_variant:
         return "initial"
@@ -63,12 +63,14 @@ def per_second(samples: Sequence[Sample], edge: str) -> list[dict]:
     return series
 
 
-def _timeline(events, names: dict[str, str], accuracy: dict[str, float], started: float) -> list[dict]:
+def switch_timeline(events, names: dict[str, str], accuracy: dict[str, float], started: float) -> list[dict]:
+    """The coordinator's switch events (`ListEvents`) as the reports list them: seconds since `started`,
+    the edge, the direction (by the variants' accuracies), the variants' names and the reason."""
     return [
         {
             "t": round(e.event.timestamp - started, 2),
             "edge": e.edge,
-            "direction": _direction(e.event, accuracy),
+            "direction": direction(e.event, accuracy),
             "from": names.get(e.event.from_variant, ""),
             "to": names.get(e.event.to_variant, ""),
             "reason_code": e.event.reason_code,
@@ -87,6 +89,7 @@ def _plot(
     names: dict[str, str],
     order: list[str],
     phases: Sequence[Phase],
+    title: str,
 ) -> None:
     named = {edge: [{**r, "variant": names.get(r["variant"], "")} for r in rows] for edge, rows in series.items()}
     spans, start = [], 0.0
@@ -94,14 +97,16 @@ def _plot(
         if phase.clients > 1:
             spans.append((start, start + phase.seconds))
         start += phase.seconds
-    plots.latency_timeline(path, named, timeline, slo_ms, order, shaded=spans, xlabel="seconds since load started")
+    plots.latency_timeline(
+        path, named, timeline, slo_ms, order, shaded=spans, xlabel="seconds since load started", title=title
+    )
 
 
 def write(run_dir: Path, manifest: Manifest, outcome: dict, phases: Sequence[Phase], edges: Sequence[str]) -> Verdict:
     names = outcome["names"]
     accuracy = {v.variant_id: v.accuracy for v in manifest.variants}
     order = [v.name for v in sorted(manifest.variants, key=lambda v: v.accuracy)]
-    timeline = _timeline(outcome["events"], names, accuracy, outcome["started"])
+    timeline = switch_timeline(outcome["events"], names, accuracy, outcome["started"])
     series = {edge: per_second(outcome["samples"], edge) for edge in edges}
     samples = outcome["samples"]
     failed = sum(1 for s in samples if s.code != "OK")
@@ -121,7 +126,8 @@ def write(run_dir: Path, manifest: Manifest, outcome: dict, phases: Sequence[Pha
             "ok": ok,
         },
     )
-    _plot(run_dir / "timeline.png", series, timeline, outcome["slo_ms"], names, order, phases)
+    title = f"switching under load: {manifest.model} on {manifest.dataset}; edges on {plots.machine_label()}"
+    _plot(run_dir / "timeline.png", series, timeline, outcome["slo_ms"], names, order, phases, title)
     plots.frontier(run_dir / "frontier.png", manifest)
     rows = [(f"{e['t']:.1f}s", e["edge"], e["direction"], e["from"] or "-", e["to"], e["reason"]) for e in timeline]
     lines = [

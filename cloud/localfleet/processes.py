@@ -1,4 +1,5 @@
-"""Start prunefleet processes, wait for their "serving on HOST:PORT" line, stop them cleanly."""
+"""Start prunefleet processes, wait for their "serving on HOST:PORT" line, stop them cleanly; start a
+cloud and its edges as one cluster. Their argument lists come from `cloud.localfleet.commands`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,3 +111,42 @@ def start(
         f"{name} did not start within {timeout_s:.0f} s (exit code {process.returncode}); "
         f"log {log_path}:\n{_tail(log_path)}"
     )
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One process `start_cluster` starts: `start`'s name, arguments, timeout and CPUs."""
+
+    name: str
+    args: list[str]
+    timeout_s: float = 120.0
+    affinity: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.args:
+            raise ValueError("a launch needs a name and the arguments of `python -m`")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
+
+    def start(self, log_dir: Path) -> Child:
+        return start(self.name, self.args, log_dir, self.timeout_s, affinity=self.affinity)
+
+
+def stop_all(children: Iterable[Child]) -> None:
+    """Stop every child, the last started first (edges before the cloud they report to)."""
+    for child in reversed(list(children)):
+        child.stop()
+
+
+def start_cluster(cloud: Launch, edges: Callable[[str], Iterable[Launch]], log_dir: Path) -> list[Child]:
+    """Start the cloud, then each edge that `edges(the cloud's HOST:PORT)` lists, each serving before
+    the next starts; returns the children in that order, the cloud first. If one does not come up,
+    those already started are stopped before the error goes on, so a failed start leaves nothing running."""
+    children = [cloud.start(log_dir)]
+    try:
+        for edge in edges(children[0].address):
+            children.append(edge.start(log_dir))
+    except BaseException:
+        stop_all(children)
+        raise
+    return children

@@ -33,7 +33,8 @@ from cloud.service.fleet_db import FleetDB
 from cloud.service.interceptors import ParseRequests
 from cloud.service.portfolio_service import PortfolioServicer, add_to_server
 from cloud.service.report_writer import ReportWriter, WriterConfig
-from common.security import RequireTokenAsync, SecurityError, Signer, Transport
+from common.security import SecurityError, Signer, Transport
+from common.token_check import RequireTokenAsync
 from common.wire import SERVER_OPTIONS
 from protos import coordinator_pb2, coordinator_pb2_grpc, portfolio_pb2
 

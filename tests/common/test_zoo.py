@@ -9,7 +9,7 @@ import torch
 from helpers import spec_for
 from torch import fx, nn
 
-from common import models, variant
+from common import architectures, models, variant
 
 ZOO = ["vgg11", "vgg16", "resnet20", "resnet56", "mobilenetv2"]
 SHAPES = [(1, 28), (3, 32)]
@@ -52,7 +52,7 @@ def test_mobilenetv2_has_depthwise_convs_and_residual_adds(channels, size):
     model = models.build("mobilenetv2", {"in_channels": channels, "input_size": size, "width": 0.25})
     assert len(_depthwise(model)) == DEPTHWISE_CONVS
     assert _adds(model) == RESIDUAL_ADDS
-    assert sum(isinstance(m, models.InvertedResidual) and m.residual for m in model.modules()) == RESIDUAL_ADDS
+    assert sum(isinstance(m, architectures.InvertedResidual) and m.residual for m in model.modules()) == RESIDUAL_ADDS
     assert any(isinstance(m, nn.ReLU6) for m in model.modules())
     assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Conv2d))
 

@@ -15,8 +15,8 @@ from common.files import portfolio_id, sha256_bytes
 from common.security import Transport
 from common.wire import to_proto
 from edge.agent import initial_portfolio
-from edge.cli import assemble
 from edge.config import AgentConfig
+from edge.node import assemble
 from protos import coordinator_pb2, inference_pb2, inference_pb2_grpc, portfolio_pb2
 
 
@@ -119,17 +119,17 @@ def test_a_window_closed_early_takes_the_rate_of_its_recent_stretch(wired):
     agent = node.agent
     t0 = agent._clock()
     agent._policy_window(t0)  # a fresh window
-    agent.note_arrivals(t0 + 0.5)
-    agent.note_arrivals(t0 + 0.8)  # nothing came in the first 0.8 s
+    agent.windows.note_arrivals(t0 + 0.5)
+    agent.windows.note_arrivals(t0 + 0.8)  # nothing came in the first 0.8 s
     with _waiting_for_the_slot(node, 6):  # then 6 at once
         early = agent._policy_window(t0 + 1.0, early=True)
     assert early.in_flight == 6 and early.rate == pytest.approx(6 / 0.2)  # not 6 / 1.0
-    agent.note_arrivals(t0 + 10.0)
+    agent.windows.note_arrivals(t0 + 10.0)
     with _waiting_for_the_slot(node, 6):
-        agent.note_arrivals(t0 + 10.9)
+        agent.windows.note_arrivals(t0 + 10.9)
         full = agent._policy_window(t0 + 11.0)  # closed at its end: its own average
     assert full.rate == pytest.approx(6 / 10.0)
-    assert agent.recent_rate(t0 + 11.02, since=t0 + 11.0) == 0.0  # too short a stretch to measure
+    assert agent.windows.recent_rate(t0 + 11.02, since=t0 + 11.0) == 0.0  # too short a stretch to measure
 
 
 def test_a_policy_directive_pins_and_the_switch_is_reported(wired):

@@ -6,10 +6,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common import policy_contract
 from edge.policy import (
     Option,
     PolicyConfig,
     PolicyState,
+    ReasonCode,
     Window,
     decide,
     frontier,
@@ -44,15 +46,8 @@ def run(config, state, windows, start=100.0, step=1.0, options=OPTIONS):
 
 def test_from_proto_takes_defaults_for_unset_fields():
     config = PolicyConfig.from_proto(coordinator_pb2.Policy())
-    assert (
-        config.slo_ms,
-        config.down_windows,
-        config.up_windows,
-        config.up_headroom,
-        config.dwell_s,
-        config.window_s,
-        config.max_switches_per_minute,
-    ) == (50.0, 2, 3, 0.7, 5.0, 1.0, 6)
+    assert config == PolicyConfig()
+    assert {name: getattr(config, name) for name in policy_contract.SETTINGS} == policy_contract.defaults()
     set_by_coordinator = PolicyConfig.from_proto(
         coordinator_pb2.Policy(slo_ms=20.0, dwell_s=0.0, version=4), window_s=0.5
     )
@@ -71,6 +66,9 @@ def test_from_proto_takes_defaults_for_unset_fields():
         dict(dwell_s=-1),
         dict(min_accuracy=2.0),
         dict(window_s=0),
+        dict(window_s=61.0),
+        dict(max_switches_per_minute=601),
+        dict(slo_ms=float("nan")),
     ],
 )
 def test_config_is_validated(bad):
@@ -102,7 +100,7 @@ def test_sustained_overload_steps_down_exactly_once():
     assert len(switches) == 1
     when, decision = switches[0]
     assert when == 102.0  # the second window over the SLO
-    assert decision.target == MID.variant_id and decision.reason_code == "slo_violation"
+    assert decision.target == MID.variant_id and decision.reason_code == ReasonCode.SLO_VIOLATION
     assert decision.reason == "p95 40.0 ms over SLO 30.0 ms for 2 windows at 0.0 req/s; predicted 16.0 ms on mid"
     assert state.active == MID.variant_id
 
@@ -133,7 +131,7 @@ def test_sustained_light_load_steps_up_after_up_windows_and_dwell():
     assert len(switches) == 1
     when, decision = switches[0]
     assert when == 105.0  # three windows of headroom came at 103, the dwell ends at 105
-    assert decision.target == SLOW.variant_id and decision.reason_code == "headroom"
+    assert decision.target == SLOW.variant_id and decision.reason_code == ReasonCode.HEADROOM
     assert "predicted 12.5 ms on slow" in decision.reason
 
 
@@ -147,14 +145,14 @@ def test_idle_windows_use_the_profiles():
 def test_pinned_variant_wins_and_holds_under_overload():
     config = PolicyConfig(slo_ms=30.0, pinned_variant=SLOW.variant_id)
     switches, state = run(config, PolicyState(FAST.variant_id), [5.0] * 10)
-    assert [(d.target, d.reason_code) for _, d in switches] == [(SLOW.variant_id, "pinned")]
+    assert [(d.target, d.reason_code) for _, d in switches] == [(SLOW.variant_id, ReasonCode.PINNED)]
     assert state.active == SLOW.variant_id
 
 
 def test_pin_to_a_variant_not_loaded_is_ignored():
     config = PolicyConfig(slo_ms=30.0, pinned_variant="f" * 64)
     switches, _ = run(config, PolicyState(SLOW.variant_id), [1.6] * 3)
-    assert [d.reason_code for _, d in switches] == ["slo_violation"]
+    assert [d.reason_code for _, d in switches] == [ReasonCode.SLO_VIOLATION]
 
 
 def test_min_accuracy_floor_holds_when_stepping_down():
@@ -165,9 +163,9 @@ def test_min_accuracy_floor_holds_when_stepping_down():
 
 def test_an_active_variant_without_profile_falls_back_to_the_smallest():
     decision = decide(CONFIG, OPTIONS, PolicyState("9" * 64), Window(0, 0.0), 1.0)
-    assert decision.switch and decision.reason_code == "fallback" and decision.target == FAST.variant_id
+    assert decision.switch and decision.reason_code == ReasonCode.FALLBACK and decision.target == FAST.variant_id
     first = decide(CONFIG, OPTIONS, PolicyState(""), Window(0, 0.0), 1.0)
-    assert first.switch and first.reason_code == "initial" and first.target == MID.variant_id
+    assert first.switch and first.reason_code == ReasonCode.INITIAL and first.target == MID.variant_id
 
 
 def test_missing_telemetry_falls_back_to_the_smallest_even_when_capped():
@@ -175,7 +173,7 @@ def test_missing_telemetry_falls_back_to_the_smallest_even_when_capped():
     config = replace(CONFIG, max_switches_per_minute=1)
     state = PolicyState(SLOW.variant_id, recent_switches=(99.0,))
     decision = decide(config, sized, state, None, 100.0)
-    assert decision.switch and decision.reason_code == "fallback" and decision.target == MID.variant_id
+    assert decision.switch and decision.reason_code == ReasonCode.FALLBACK and decision.target == MID.variant_id
     assert "telemetry missing" in decision.reason
     again = decide(config, sized, decision.state, None, 101.0)
     assert not again.switch and not again.recorded  # already there: nothing to record
@@ -186,7 +184,7 @@ def test_the_cap_holds_back_step_ups_and_records_that_once_but_never_a_step_down
     # overload and light load alternate every two windows: without the cap, a switch every other window
     windows = [5.0, 5.0, 0.2, 0.2] * 30
     switches, _ = run(config, PolicyState(SLOW.variant_id), windows)
-    ups = [d for _, d in switches if d.reason_code == "headroom"]
+    ups = [d for _, d in switches if d.reason_code == ReasonCode.HEADROOM]
     assert len(ups) <= 2 * (len(windows) // 60 + 1) and len(switches) <= (2 + 1) * 3 * (len(windows) // 60 + 1)
     state, now, decisions = PolicyState(SLOW.variant_id), 100.0, []
     for factor in [5.0, 0.2, 5.0, 0.2, 5.0, 0.2, 0.2]:
@@ -196,17 +194,17 @@ def test_the_cap_holds_back_step_ups_and_records_that_once_but_never_a_step_down
         decisions.append(decision)
         state = decision.state
     assert [d.reason_code for d in decisions] == [
-        "slo_violation",
-        "headroom",
-        "slo_violation",
-        "headroom",
-        "slo_violation",
-        "capped",
-        "stay",
+        ReasonCode.SLO_VIOLATION,
+        ReasonCode.HEADROOM,
+        ReasonCode.SLO_VIOLATION,
+        ReasonCode.HEADROOM,
+        ReasonCode.SLO_VIOLATION,
+        ReasonCode.CAPPED,
+        ReasonCode.STAY,
     ]
     assert not decisions[5].switch and decisions[5].recorded and "cap 2" in decisions[5].reason
     later = decide(config, OPTIONS, state, Window(10, 0.2 * BY_ID[state.active].p95_ms), 165.0)
-    assert later.switch and later.reason_code == "headroom"  # the minute has passed
+    assert later.switch and later.reason_code == ReasonCode.HEADROOM  # the minute has passed
 
 
 def test_a_variant_left_over_the_slo_is_no_step_up_at_that_load_for_a_while():
@@ -270,7 +268,7 @@ def test_a_window_over_the_slo_that_the_load_does_not_explain_needs_a_second_one
     first = decide(config, OPTIONS, PolicyState(SLOW.variant_id), stall, now=10.0)
     assert not first.switch and first.reason == "over the SLO, waiting"
     second = decide(config, OPTIONS, first.state, stall, now=10.5)
-    assert second.switch and second.reason_code == "slo_violation" and "for 2 windows" in second.reason
+    assert second.switch and second.reason_code == ReasonCode.SLO_VIOLATION and "for 2 windows" in second.reason
     busy = replace(stall, rate=40.0)  # 40 x 21 ms: 84% busy
     assert decide(config, OPTIONS, PolicyState(SLOW.variant_id), busy, now=10.0).switch
     assert decide(config, OPTIONS, PolicyState(SLOW.variant_id), replace(stall, rate=0.0), now=10.0).switch  # unknown
@@ -279,14 +277,14 @@ def test_a_window_over_the_slo_that_the_load_does_not_explain_needs_a_second_one
 def test_pin_and_unpin_are_recorded_once_each_and_the_policy_resumes():
     pinned = PolicyConfig(slo_ms=30.0, pinned_variant=SLOW.variant_id, max_switches_per_minute=1)
     on_slow = decide(pinned, OPTIONS, PolicyState(SLOW.variant_id), Window(10, 5.0), 1.0)
-    assert on_slow.recorded and not on_slow.switch and on_slow.reason_code == "pinned"  # already there
+    assert on_slow.recorded and not on_slow.switch and on_slow.reason_code == ReasonCode.PINNED  # already there
     held = decide(pinned, OPTIONS, on_slow.state, Window(10, 100.0), 2.0)
     assert not held.recorded and held.target == SLOW.variant_id
     unpinned = decide(replace(pinned, pinned_variant=""), OPTIONS, held.state, Window(10, 100.0), 3.0)
-    assert unpinned.reason_code == "unpinned" and not unpinned.switch and unpinned.state.pinned == ""
+    assert unpinned.reason_code == ReasonCode.UNPINNED and not unpinned.switch and unpinned.state.pinned == ""
     free = replace(pinned, pinned_variant="", down_windows=1)
     down = decide(free, OPTIONS, unpinned.state, Window(10, 100.0), 4.0)
-    assert down.switch and down.reason_code == "slo_violation"
+    assert down.switch and down.reason_code == ReasonCode.SLO_VIOLATION
 
 
 def test_variants_over_the_memory_budget_are_never_candidates():
@@ -332,7 +330,7 @@ def test_a_variant_the_request_rate_would_overload_is_never_a_step_up():
     assert not decision.switch
     light = Window(requests=20, p95_ms=4.0, rate=20.0, slots=1)
     decision = decide(config, [big, small], PolicyState(small.variant_id), light, now=10.0)
-    assert decision.switch and decision.target == big.variant_id and decision.reason_code == "headroom"
+    assert decision.switch and decision.target == big.variant_id and decision.reason_code == ReasonCode.HEADROOM
     two_slots = Window(requests=120, p95_ms=4.0, rate=120.0, slots=2)
     assert predicted_p95(big, small, two_slots) < float("inf")
 
@@ -344,7 +342,7 @@ def test_a_saturated_variant_steps_down_before_its_p95_crosses_the_slo():
     first = decide(config, OPTIONS, PolicyState(SLOW.variant_id), saturating, 1.0)
     assert not first.switch and first.state.over_count == 1
     second = decide(config, OPTIONS, first.state, saturating, 2.0)
-    assert second.switch and second.reason_code == "slo_violation" and "saturated" in second.reason
+    assert second.switch and second.reason_code == ReasonCode.SLO_VIOLATION and "saturated" in second.reason
     assert second.target == MID.variant_id  # 50 req/s x 8 ms = 40% busy on MID
     busy = Window(requests=45, p95_ms=12.0, rate=45.0, slots=1)  # 90%: under saturation, no step down
     calm = decide(config, OPTIONS, decide(config, OPTIONS, PolicyState(SLOW.variant_id), busy, 1.0).state, busy, 2.0)
@@ -352,7 +350,8 @@ def test_a_saturated_variant_steps_down_before_its_p95_crosses_the_slo():
 
 
 def test_a_noisy_p95_does_not_hide_a_variant_with_a_clearly_faster_median():
-    """On a busy device the profiled p95 of the smallest variant came out above the next one's."""
+    """A profile taken on a busy device can put the smallest variant's p95 above the next one's; its
+    clearly faster median keeps it on the frontier."""
     bigger = Option("l4" * 32, accuracy=0.85, p50_ms=5.65, p95_ms=6.19, name="L4")
     smaller = Option("l5" * 32, accuracy=0.80, p50_ms=4.30, p95_ms=6.42, name="L5")
     assert frontier(CONFIG, [bigger, smaller]) == [smaller, bigger]
@@ -363,9 +362,8 @@ def test_a_noisy_p95_does_not_hide_a_variant_with_a_clearly_faster_median():
 
 
 def test_the_cost_of_serving_beyond_the_forward_pass_counts_in_every_utilization():
-    """Measured in a policy benchmark: at 150 req/s on a 2.5 ms variant the edge spent about 4 ms of CPU
-    per request. A 4.3 ms variant looked 65% busy by its forward pass alone, but cost 5.8 ms a request:
-    87% busy, too close to overload to step up to."""
+    """At 150 req/s with 4 ms of CPU per request on a 2.5 ms variant, a 4.3 ms variant looks 65% busy by
+    its forward pass alone but costs 5.8 ms a request: 87% busy, too close to overload to step up to."""
     small = Option("s" * 64, 0.61, p50_ms=2.5, p95_ms=3.0, name="256x")
     mid = Option("m" * 64, 0.83, p50_ms=4.3, p95_ms=4.8, name="16x")
     config = PolicyConfig(slo_ms=38.0, up_windows=1, dwell_s=0.0)
@@ -381,9 +379,9 @@ def test_the_cost_of_serving_beyond_the_forward_pass_counts_in_every_utilization
 
 
 def test_no_step_up_to_a_variant_the_load_would_keep_busy_beyond_the_headroom():
-    """After policy benchmark runs 5 and 6: at about 190 req/s on the 2.5 ms variant the policy stepped
-    up to the 3.1 ms one, which fell behind and was undone 3 to 5 s later. By latency, and under the 85%
-    that predicts overload, it looked fine (the figures below are for illustration)."""
+    """By latency, and under the utilization that predicts overload, the slower variant looks fine at
+    200 req/s; but it would be busy beyond the headroom, where open-loop arrivals queue behind one
+    another, so the policy does not step up until the load is lighter."""
     small = Option("s" * 64, 0.61, p50_ms=2.46, p95_ms=2.90, name="256x")
     mid = Option("m" * 64, 0.78, p50_ms=3.07, p95_ms=3.58, name="64x")
     config = PolicyConfig(slo_ms=34.5, up_windows=1, up_headroom=0.7, dwell_s=0.0)
@@ -392,12 +390,12 @@ def test_no_step_up_to_a_variant_the_load_would_keep_busy_beyond_the_headroom():
     assert not decide(config, [mid, small], PolicyState(small.variant_id), busy, now=10.0).switch
     lighter = replace(busy, requests=60, rate=120.0)  # 45% busy on 64x
     up = decide(config, [mid, small], PolicyState(small.variant_id), lighter, now=10.0)
-    assert up.switch and up.target == mid.variant_id and up.reason_code == "headroom"
+    assert up.switch and up.target == mid.variant_id and up.reason_code == ReasonCode.HEADROOM
 
 
 def test_no_step_up_while_other_work_keeps_the_device_busy():
-    """The agent's own CPU time does not show what other processes on the device take (in the policy
-    benchmark, the load generator): a step up must also leave the whole device's CPU headroom."""
+    """The agent's own CPU time does not show what other processes on the device take (a load generator
+    on the same cores, say): a step up must also leave the whole device's CPU headroom."""
     small = Option("s" * 64, 0.61, p50_ms=2.46, p95_ms=2.90, name="256x")
     mid = Option("m" * 64, 0.78, p50_ms=3.07, p95_ms=3.58, name="64x")
     config = PolicyConfig(slo_ms=34.5, up_windows=1, up_headroom=0.7, dwell_s=0.0)
@@ -409,9 +407,8 @@ def test_no_step_up_while_other_work_keeps_the_device_busy():
 
 
 def test_the_time_a_request_holds_a_slot_counts_when_it_is_more_than_its_cpu_time():
-    """After a policy benchmark run: at 231 req/s on the 0.9 ms variant the edge stepped up to the 1.4 ms
-    one with the device's CPU 41% busy, and fell behind within 9 s. Waits for the CPU and for Python's
-    lock cost no CPU time, but hold the slot (the figures below are for illustration)."""
+    """Waits for the CPU and for Python's lock cost no CPU time, but hold the slot: by CPU time alone the
+    slower variant leaves room at this rate, by the time each request held the slot it does not."""
     small = Option("s" * 64, 0.61, p50_ms=0.92, p95_ms=1.04, name="256x")
     mid = Option("m" * 64, 0.78, p50_ms=1.39, p95_ms=1.50, name="64x")
     config = PolicyConfig(slo_ms=30.7, up_windows=1, up_headroom=0.7, dwell_s=0.0)
@@ -432,10 +429,10 @@ def test_pins_and_fallbacks_do_not_use_up_the_cap_on_automatic_switches():
     assert state.recent_switches == ()
     down = decide(config, OPTIONS, state, Window(10, 100.0), now + 1.0)  # to FAST: never capped
     up = decide(config, OPTIONS, down.state, Window(10, 0.1), now + 2.0)  # the one step-up the cap allows
-    assert (down.reason_code, up.reason_code) == ("slo_violation", "headroom") and up.switch
+    assert (down.reason_code, up.reason_code) == (ReasonCode.SLO_VIOLATION, ReasonCode.HEADROOM) and up.switch
     down = decide(config, OPTIONS, up.state, Window(10, 100.0), now + 3.0)
     held = decide(config, OPTIONS, down.state, Window(10, 0.1), now + 4.0)
-    assert down.switch and not held.switch and held.reason_code == "capped"
+    assert down.switch and not held.switch and held.reason_code == ReasonCode.CAPPED
 
 
 def test_a_queue_that_takes_the_slo_to_serve_steps_down_before_any_answer_is_late():
@@ -448,7 +445,7 @@ def test_a_queue_that_takes_the_slo_to_serve_steps_down_before_any_answer_is_lat
     assert queue_ms(SLOW, SLOW, replace(on_time, in_flight=2)) == 40.0  # 2 x 20 ms on one slot
     queued = replace(on_time, in_flight=2)
     down = decide(config, OPTIONS, PolicyState(SLOW.variant_id), queued, now=10.0)
-    assert down.switch and down.reason_code == "slo_violation" and "2 inferences in flight" in down.reason
+    assert down.switch and down.reason_code == ReasonCode.SLO_VIOLATION and "2 inferences in flight" in down.reason
     assert down.target == MID.variant_id  # the most accurate that serves the two within the SLO: 2 x 8 ms
     two_slots = replace(queued, slots=2)  # the same two run at once: no queue
     assert queue_ms(SLOW, SLOW, two_slots) == 0.0

@@ -11,13 +11,8 @@ from helpers import hammering
 from common import datasets, variant
 from common.wire import TensorError
 from edge.loading import cache_loader
-from edge.runtime import (
-    NotReadyError,
-    Runtime,
-    RuntimeConfig,
-    UnknownVariantError,
-    VariantInfo,
-)
+from edge.runtime import NotReadyError, Runtime, RuntimeConfig, UnknownVariantError
+from edge.variants import VariantInfo
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from helpers import wait_for
 
 from cloud.admin import operator_client
 from cloud.build.store import PortfolioStore
-from cloud.localfleet import processes
+from cloud.localfleet import commands, processes
 from common import datasets, variant
 from common.security import Transport
 from common.wire import from_proto, to_proto
@@ -23,53 +23,20 @@ PLAIN = Transport.plaintext()
 @pytest.fixture(scope="module")
 def cluster(small_portfolio, tmp_path_factory):
     run = tmp_path_factory.mktemp("cluster")
-    cloud = processes.start(
-        "cloud",
-        [
-            "cloud.cli",
-            "cloud",
-            "serve",
-            "--store",
-            str(small_portfolio),
-            "--port",
-            "0",
-            "--db",
-            str(run / "fleet.sqlite"),
-            "--insecure",
-        ],
-        run / "logs",
-    )
-    children = [cloud]
-    try:
-        children.append(
-            processes.start(
-                "edge",
-                [
-                    "edge.cli",
-                    "run",
-                    "--cloud",
-                    cloud.address,
-                    "--name",
-                    "edge-1",
-                    "--port",
-                    "0",
-                    "--metrics-port",
-                    "0",
-                    "--cache",
-                    str(run / "cache"),
-                    "--threads",
-                    "1",
-                    "--batch",
-                    "8",
-                    "--insecure",
-                ],
-                run / "logs",
+    cloud = processes.Launch("cloud", commands.cloud_args(small_portfolio, db=run / "fleet.sqlite", certs=None))
+
+    def edge(address: str) -> list[processes.Launch]:  # plaintext, batches of 8 on one thread
+        return [
+            processes.Launch(
+                "edge", commands.edge_args(address, "edge-1", cache=run / "cache", certs=None, threads=1, batch=8)
             )
-        )
-        yield cloud, children[1], PortfolioStore(small_portfolio)
+        ]
+
+    children = processes.start_cluster(cloud, edge, run / "logs")
+    try:
+        yield children[0], children[1], PortfolioStore(small_portfolio)
     finally:
-        for child in reversed(children):
-            child.stop()
+        processes.stop_all(children)
 
 
 def _wait_for(predicate, timeout_s=60.0, what="condition"):

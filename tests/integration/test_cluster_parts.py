@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cloud.build.store import PortfolioStore
-from cloud.localfleet import cluster, cluster_load, demo_report, detached, plots
+from cloud.localfleet import chart, cluster, cluster_load, demo_report, detached, plots
 from cloud.localfleet.cluster import ClusterConfig, EdgeSpec
 from cloud.localfleet.detached import Proc
 from cloud.localfleet.loadgen import Phase, Sample
@@ -110,7 +110,7 @@ def test_load_rows_cover_only_finished_seconds_and_carry_the_rest():
 
 def test_pareto_keeps_the_points_nothing_beats():
     points = [(1.0, 0.5), (2.0, 0.7), (2.5, 0.6), (3.0, 0.9), (0.5, 0.1), (3.0, 0.8)]
-    assert plots.pareto(points) == [(0.5, 0.1), (1.0, 0.5), (2.0, 0.7), (3.0, 0.9)]
+    assert chart.pareto(points) == [(0.5, 0.1), (1.0, 0.5), (2.0, 0.7), (3.0, 0.9)]
 
 
 def test_the_demo_report_plots_the_timeline_and_the_frontier(small_portfolio, tmp_path):

@@ -21,7 +21,7 @@ from helpers import wait_for
 
 from cloud.admin import certs
 from cloud.build.store import PortfolioStore, portfolio_id
-from cloud.localfleet import processes
+from cloud.localfleet import commands, processes
 from common import variant
 from common.security import Transport
 from common.wire import to_proto
@@ -49,23 +49,8 @@ def _free_port() -> int:
 
 
 def _cloud(store: Path, run: Path, keys, port: int, name: str = "cloud") -> processes.Child:
-    return processes.start(
-        name,
-        [
-            "cloud.cli",
-            "cloud",
-            "serve",
-            "--store",
-            str(store),
-            "--port",
-            str(port),
-            "--db",
-            str(run / "fleet.sqlite"),
-            "--certs",
-            str(keys["cloud"]),
-        ],
-        run / "logs",
-    )
+    args = commands.cloud_args(store, db=run / "fleet.sqlite", certs=keys["cloud"], port=port)
+    return processes.start(name, args, run / "logs")
 
 
 class SlowReader:
@@ -220,30 +205,8 @@ def test_canary_rollouts_roll_back_on_their_own_and_by_hand_and_survive_a_coordi
     operator_flags = ["--cloud", fleet.address, "--certs", str(keys["operator"])]
     try:
         for name in ("edge-1", "edge-2"):
-            children.append(
-                processes.start(
-                    name,
-                    [
-                        "edge.cli",
-                        "run",
-                        "--cloud",
-                        fleet.address,
-                        "--name",
-                        name,
-                        "--port",
-                        "0",
-                        "--metrics-port",
-                        "0",
-                        "--cache",
-                        str(tmp_path / "cache" / name),
-                        "--batch",
-                        "2",
-                        "--certs",
-                        str(keys["edge"]),
-                    ],
-                    tmp_path / "logs",
-                )
-            )
+            args = commands.edge_args(fleet.address, name, cache=tmp_path / "cache" / name, certs=keys["edge"], batch=2)
+            children.append(processes.start(name, args, tmp_path / "logs"))
         edge_1 = children[1].address
         _cli("policy", "set", "--slo-ms", "10000", "--up-windows", "1", *operator_flags)
         fleet.stub().SetPolicy(

@@ -13,7 +13,7 @@ from helpers import wait_for
 
 from cloud.admin import operator_client
 from cloud.build.store import PortfolioStore
-from cloud.localfleet import processes
+from cloud.localfleet import commands, processes
 from common.security import Transport
 from common.wire import MAX_MESSAGE_BYTES, to_proto
 from protos import coordinator_pb2, inference_pb2, inference_pb2_grpc
@@ -28,58 +28,21 @@ def cluster(small_portfolio, tmp_path_factory):
     run = tmp_path_factory.mktemp("edge-runtime")
     store = PortfolioStore(small_portfolio)
     budget_mib = 1.2 * max(v.size_bytes for v in store.manifest().variants) / (1 << 20)  # one variant at a time
-    cloud = processes.start(
-        "cloud",
-        [
-            "cloud.cli",
-            "cloud",
-            "serve",
-            "--insecure",
-            "--store",
-            str(small_portfolio),
-            "--port",
-            "0",
-            "--db",
-            str(run / "fleet.sqlite"),
+    flags = ("--memory-budget-mib", f"{budget_mib:.4f}", "--batch-delay-ms", "2", "--optimize-models")
+    children = processes.start_cluster(
+        processes.Launch("cloud", commands.cloud_args(small_portfolio, db=run / "fleet.sqlite", certs=None)),
+        lambda cloud: [
+            processes.Launch(
+                "edge",
+                commands.edge_args(cloud, "edge-m", cache=run / "cache", certs=None, threads=1, batch=4, extra=flags),
+            )
         ],
         run / "logs",
     )
-    children = [cloud]
     try:
-        children.append(
-            processes.start(
-                "edge",
-                [
-                    "edge.cli",
-                    "run",
-                    "--insecure",
-                    "--cloud",
-                    cloud.address,
-                    "--name",
-                    "edge-m",
-                    "--port",
-                    "0",
-                    "--metrics-port",
-                    "0",
-                    "--cache",
-                    str(run / "cache"),
-                    "--threads",
-                    "1",
-                    "--batch",
-                    "4",
-                    "--memory-budget-mib",
-                    f"{budget_mib:.4f}",
-                    "--batch-delay-ms",
-                    "2",
-                    "--optimize-models",
-                ],
-                run / "logs",
-            )
-        )
-        yield cloud, children[1], store, budget_mib
+        yield children[0], children[1], store, budget_mib
     finally:
-        for child in reversed(children):
-            child.stop()
+        processes.stop_all(children)
 
 
 def _active(cloud):

@@ -18,7 +18,8 @@ from bench.fuzz import run as fuzz
 from bench.fuzz.files import crafted_files
 from bench.fuzz.fleet import cache_problems, call, snapshot, start_fleet, variant_bytes
 from bench.fuzz.loading import AT_THE_EDGE, Tally, edge_fetches_crafted
-from bench.fuzz.rules import BY_NAME, RPCS, judge, judge_garbage
+from bench.fuzz.rules import BY_NAME, RPCS
+from bench.fuzz.verdicts import judge, judge_garbage
 from protos import coordinator_pb2
 
 pytestmark = pytest.mark.integration

@@ -1,15 +1,14 @@
 """Which channels of a sparse model are provably dead, and what folding makes their removal exact.
 
 Over torch-pruning dependency groups (the layers that lose a channel together: a conv, its BatchNorm,
-activations, a depthwise conv, its readers; across residual adds the whole stage), each channel's value
-is propagated through the group's ops (`cloud.build.compaction.channel_values`): a writer (conv or linear) whose filter
-is all zero emits its bias, a constant; BatchNorm, activations, pooling, depthwise convs and residual
-adds map constants to constants where that is exact; anything else is unknown. A channel is removable
-when every reader (a conv or linear layer taking it as input) either has zero weights on it, or receives
-exactly zero, or receives a constant it can absorb exactly into its bias (a linear layer, incl. after a
-flatten; an unpadded 1x1 conv). A constant that meets a padded conv is not foldable exactly (the zero
-padding at the border sees something else): the channel stays, unless the caller asks for approximate
-folding.
+activations, a depthwise conv, its readers; across residual adds the whole stage), each channel's value is
+propagated through the group's ops (`cloud.build.compaction.channel_values`): a writer (conv or linear)
+whose filter is all zero emits its bias, a constant; BatchNorm, activations, pooling, depthwise convs and
+residual adds map constants to constants where that is exact; anything else is unknown. A channel is
+removable when every reader (a conv or linear layer taking it as input) either has zero weights on it, or
+receives exactly zero, or receives a constant it can absorb exactly into its bias (a linear layer, incl.
+after a flatten; an unpadded 1x1 conv). A constant that meets a padded conv is not foldable exactly (the
+zero padding at the border sees something else): the channel stays unless folding is approximate.
 
 A concat along channels is followed through: each branch's group reaches the readers' slice of it.
 Groups whose ops may mix channels or are not understood (slices, other reshapes, reductions over

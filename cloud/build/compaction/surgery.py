@@ -169,6 +169,48 @@ def _blame(model, example_input, classifier, batches, expected, atol, removed: d
     return culprits
 
 
+def _remove_dead(
+    trace: channels.Trace, approximate: bool
+) -> tuple[channels.Analysis, dict[str, int], list[channels.Fold]]:
+    """Remove dead channels from the traced model in place until none is left: the first analysis,
+    the channels removed per group and the folds applied."""
+    first = analysis = channels.analyse(trace, approximate)
+    removed: dict[str, int] = {}
+    folds: list[channels.Fold] = []
+    while (step := _prune(analysis))[0]:  # repeat: a removed reader can leave its own inputs unread
+        removed = {name: removed.get(name, 0) + step[0].get(name, 0) for name in {**removed, **step[0]}}
+        folds += step[1]
+        if sum(removed.values()) >= first.channels:  # cannot happen unless pruning silently did nothing
+            raise SurgeryError(f"removing dead channels does not converge: {removed}")
+        analysis = channels.analyse(trace, approximate)
+    return first, removed, folds
+
+
+def _check(
+    model: nn.Module,
+    pruned: nn.Module,
+    example_input: torch.Tensor,
+    classifier: nn.Module | None,
+    batches: list,
+    removed: dict[str, int],
+    atol: float,
+    approximate: bool,
+) -> tuple[float, float, float | None]:
+    """How far the compact copy is from the sparse model (see `_verify`); unless approximate, a copy
+    that differs is refused, naming the groups whose removal alone breaks it."""
+    if not removed:  # nothing changed: the copy computes exactly what the sparse model computes
+        return 0.0, 1.0, None
+    what = f"the model after pruning groups {removed}"
+    expected = _sparse_outputs(model, batches)  # the untouched sparse model
+    if approximate:
+        return (*_compare(pruned, batches, expected, what), None)
+    try:
+        return _verify(model, pruned, batches, expected, atol, what)
+    except SurgeryError as err:
+        culprits = _blame(model, example_input, classifier, batches, expected, atol, removed)
+        raise SurgeryError(f"{err}; groups that break it alone: {culprits or 'none'}") from err
+
+
 def compact(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -188,30 +230,9 @@ def compact(
     pruned = copy.deepcopy(model).eval()
     trace = channels.trace(pruned, example_input, _counterpart(model, pruned, classifier))
     batches = _check_batches(example_input, check_inputs, random_checks)
-    first = analysis = channels.analyse(trace, approximate)
-    removed: dict[str, int] = {}
-    folds: list[channels.Fold] = []
-    while (step := _prune(analysis))[0]:  # repeat: a removed reader can leave its own inputs unread
-        removed = {name: removed.get(name, 0) + step[0].get(name, 0) for name in {**removed, **step[0]}}
-        folds += step[1]
-        if sum(removed.values()) >= first.channels:  # cannot happen unless pruning silently did nothing
-            raise SurgeryError(f"removing dead channels does not converge: {removed}")
-        analysis = channels.analyse(trace, approximate)
+    first, removed, folds = _remove_dead(trace, approximate)
     checking = time.perf_counter()
-    what = f"the model after pruning groups {removed}"
-    diff64 = None
-    if not removed:  # nothing changed: the copy computes exactly what the sparse model computes
-        diff, agreement = 0.0, 1.0
-    elif approximate:
-        expected = _sparse_outputs(model, batches)  # still the untouched sparse model
-        diff, agreement = _compare(pruned, batches, expected, what)
-    else:
-        expected = _sparse_outputs(model, batches)
-        try:
-            diff, agreement, diff64 = _verify(model, pruned, batches, expected, atol, what)
-        except SurgeryError as err:
-            culprits = _blame(model, example_input, classifier, batches, expected, atol, removed)
-            raise SurgeryError(f"{err}; groups that break it alone: {culprits or 'none'}") from err
+    diff, agreement, diff64 = _check(model, pruned, example_input, classifier, batches, removed, atol, approximate)
     check_s = time.perf_counter() - checking
     return pruned, SurgeryReport(
         params_before=count_params(model),

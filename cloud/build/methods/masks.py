@@ -11,27 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.errors import PrunefleetError
 from common.models import prunable_layers
 
 Masks = dict[str, torch.Tensor]
-
-
-class MaskError(PrunefleetError, ValueError):
-    """A mask that does not fit the model; the message names the tensor."""
-
-
-def check_masks(model: nn.Module, masks: Masks) -> None:
-    """Every mask names a tensor of the model, has its shape, and is boolean (or 0/1 numbers)."""
-    state = model.state_dict()
-    for name, mask in masks.items():
-        if name not in state:
-            raise MaskError(f"mask {name!r} names no tensor of {type(model).__name__}")
-        if not isinstance(mask, torch.Tensor) or mask.shape != state[name].shape:
-            shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise MaskError(f"mask {name!r} has shape {shape}, the tensor {tuple(state[name].shape)}")
-        if mask.dtype != torch.bool and (mask.is_complex() or not ((mask == 0) | (mask == 1)).all()):
-            raise MaskError(f"mask {name!r} must be boolean or hold only 0 and 1, got dtype {mask.dtype}")
 
 
 def dense_masks(model: nn.Module, ignore: tuple[str, ...] = ()) -> Masks:

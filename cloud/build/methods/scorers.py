@@ -1,7 +1,7 @@
 """Pruning at initialization (PaI): score every conv and linear weight before training, keep the best.
 
 A scorer maps a freshly initialized model (and, for the data-driven ones, a few labelled batches) to a
-score per weight; higher means keep. `prune_at_init` applies one global threshold over all scored
+score per weight; higher means keep. `score` applies one global threshold over all scored
 layers to reach a compression (total weights / remaining weights). The scorers, as published:
 - `random`: uniform noise (a baseline).
 - `magnitude`: |w|.
@@ -114,6 +114,24 @@ def _linearized(model: nn.Module) -> nn.Module:
     return clone
 
 
+@torch.no_grad()
+def _flat_buffers(weights: dict[str, nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """One flat float64 buffer that the weights become views of, one flat score buffer and one flat
+    mask beside it, and each layer's (score, mask) views into those."""
+    total = sum(w.numel() for w in weights.values())
+    flat_weights = torch.empty(total, dtype=torch.float64)
+    flat_scores = torch.empty(total, dtype=torch.float32)
+    flat_mask = torch.ones(total, dtype=torch.bool)
+    views, start = {}, 0
+    for name, w in weights.items():
+        part = slice(start, start + w.numel())
+        flat_weights[part].view(w.shape).copy_(w)
+        w.data = flat_weights[part].view(w.shape)  # the layer now reads the flat buffer
+        views[name] = (flat_scores[part].view(w.shape), flat_mask[part].view(w.shape))
+        start += w.numel()
+    return flat_weights, flat_scores, flat_mask, views
+
+
 def synflow(
     model: nn.Module, compression: float, input_shape: tuple[int, ...], rounds: int = 100
 ) -> tuple[Scores, Masks]:
@@ -129,18 +147,8 @@ def synflow(
         raise ValueError(f"SynFlow needs at least one round, got {rounds}")
     net = _linearized(model)
     weights = _weights(net)
-    total = sum(w.numel() for w in weights.values())
-    flat_weights = torch.empty(total, dtype=torch.float64)
-    flat_scores = torch.empty(total, dtype=torch.float32)
-    flat_mask = torch.ones(total, dtype=torch.bool)
-    views, start = {}, 0
-    with torch.no_grad():
-        for name, w in weights.items():
-            part = slice(start, start + w.numel())
-            flat_weights[part].view(w.shape).copy_(w)
-            w.data = flat_weights[part].view(w.shape)  # the layer now reads the flat buffer
-            views[name] = (flat_scores[part].view(w.shape), flat_mask[part].view(w.shape))
-            start += w.numel()
+    flat_weights, flat_scores, flat_mask, views = _flat_buffers(weights)
+    total = flat_weights.numel()
     ones = torch.ones(1, *input_shape, dtype=torch.float64)
     alive = total
     for k in range(1, rounds + 1):
@@ -270,20 +278,3 @@ def score(
         return synflow(model, compression, input_shape, rounds)
     scores = SCORERS[scorer](model, batches, seed=seed)
     return scores, threshold(scores, compression)
-
-
-def prune_at_init(
-    model: nn.Module,
-    scorer: str,
-    compression: float,
-    batches: Iterable = (),
-    input_shape: tuple[int, ...] = (1, 28, 28),
-    rounds: int = 100,
-    seed: int = 0,
-) -> Masks:
-    """Masks over every conv and linear weight reaching `compression` with the named scorer."""
-    return score(model, scorer, compression, batches, input_shape, rounds, seed)[1]
-
-
-def layer_density(masks: Masks) -> dict[str, float]:
-    return {name: float(m.float().mean()) for name, m in masks.items()}

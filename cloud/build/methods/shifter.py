@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,8 @@ from torch import nn
 
 from cloud.build import distributed
 from cloud.build.methods import masks as masking
+from cloud.build.methods.base import BuildContext, Method, SparseModel
+from cloud.build.settings import SettingsError
 from cloud.build.train import Masks, TrainConfig, apply_masks, train
 from common.datasets import Dataset
 from common.files import atomic_write_bytes
@@ -29,18 +31,25 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ShifterConfig:
-    levels: int = 3  # pruning levels after the dense level 0
-    rate: float = 0.2  # share of surviving weights pruned per level
-    rewind_iteration: int = 0  # rewind to the weights after this many training steps (0 = init)
-    ignore: tuple[str, ...] = ()  # layer names never pruned
+    """The settings of `shifter`; each field is a `portfolio build` flag."""
+
+    levels: int = field(default=3, metadata={"help": "pruning levels after the dense model (level 0)"})
+    rate: float = field(default=0.2, metadata={"help": "share of the surviving weights pruned per level"})
+    rewind_iteration: int = field(
+        default=0,
+        metadata={"help": "rewind the survivors to their weights after this many training steps (0: initialization)"},
+    )
+    ignore: tuple[str, ...] = field(
+        default=(), metadata={"help": "comma-separated layer names never pruned, e.g. features.0,classifier"}
+    )
 
     def __post_init__(self) -> None:
         if self.levels < 0:
-            raise ValueError(f"levels must be >= 0, got {self.levels}")
+            raise SettingsError(f"levels must be >= 0, got {self.levels}")
         if not 0.0 < self.rate < 1.0:
-            raise ValueError(f"rate must be in (0, 1), got {self.rate}")
+            raise SettingsError(f"rate must be in (0, 1), got {self.rate}")
         if self.rewind_iteration < 0:
-            raise ValueError(f"rewind_iteration must be >= 0, got {self.rewind_iteration}")
+            raise SettingsError(f"rewind_iteration must be >= 0, got {self.rewind_iteration}")
 
 
 @dataclass(frozen=True)
@@ -129,3 +138,27 @@ def run_imp(
             (work / f"level-{level}.train.pt").unlink(missing_ok=True)
         distributed.barrier()
         yield Level(level, state, masks)
+
+
+def levels(context: BuildContext, settings: ShifterConfig) -> Iterator[SparseModel]:
+    """Every level of IMP as a sparse model of the dense shape; its compression follows from its masks."""
+    torch.manual_seed(context.config.seed)
+    model = context.new_model()
+    for level in run_imp(model, context.data, context.config.train, settings, context.work_dir):
+        sparse = context.new_model()
+        sparse.load_state_dict(level.state)
+        yield SparseModel(level.level, sparse.eval(), level.masks)
+
+
+def planned_compressions(settings: ShifterConfig) -> list[float]:
+    """Every level keeps 1 - rate of the weights that survived the one before."""
+    return [(1.0 - settings.rate) ** -level for level in range(settings.levels + 1)]
+
+
+METHOD = Method(
+    name="shifter",
+    help="iterative magnitude pruning with rewinding; each level compacted structurally (after DNNShifter)",
+    settings=ShifterConfig,
+    levels=levels,
+    planned_compressions=planned_compressions,
+)

@@ -84,3 +84,23 @@ def test_summary_counts_points_within_half_a_point():
         [*points, {"scorer": "magnitude", "compression": 32, "refused": "layer collapse"}], []
     )
     assert refused["points"] == 2 and refused["points_refused"] == 1 and refused["max_acc_gap_pp"] == 2.0
+
+
+def test_a_later_seed_refused_is_left_out_of_the_means_and_counted():
+    from bench.suites.reconvene import SEED_KEYS, over_seeds
+
+    def run(seed, acc_u, acc_r):
+        return {k: 0 for k in SEED_KEYS} | {
+            "seed": seed,
+            "acc_unstructured": acc_u,
+            "acc_reconvene": acc_r,
+            "acc_gap_pp": 100 * (acc_u - acc_r),
+        }
+
+    runs = [run(0, 0.90, 0.89), {"seed": 1, "refused": "too few weights"}, run(2, 0.92, 0.90)]
+    point = over_seeds(runs)
+    assert point["seeds_refused"] == 1 and [s["seed"] for s in point["seeds"]] == [0, 2]
+    assert point["acc_reconvene"] == pytest.approx(0.895) and point["acc_gap_pp"] == pytest.approx(1.5)
+    alone = over_seeds([run(0, 0.9, 0.89), {"seed": 1, "refused": "too few weights"}])
+    assert alone["seeds_refused"] == 1 and alone["acc_reconvene"] == 0.89
+    assert "seeds_refused" not in over_seeds([run(0, 0.9, 0.89), run(1, 0.91, 0.9)])

@@ -3,7 +3,7 @@
 import json
 import types
 
-from bench.__main__ import _suites
+from bench.__main__ import SUITES
 from bench.suites import reliability
 
 
@@ -16,7 +16,7 @@ def _part(name: str, calls: list) -> types.SimpleNamespace:
 
 
 def test_the_suite_is_registered_and_joins_every_part_summary_once(tmp_path, monkeypatch):
-    assert _suites()["reliability"] is reliability
+    assert SUITES["reliability"] == reliability.__name__
     calls: list = []
     monkeypatch.setattr(reliability, "PARTS", {name: _part(name, calls) for name in ("faults", "fuzz", "load")})
     result = reliability.run(quick=True, work=tmp_path / "work")

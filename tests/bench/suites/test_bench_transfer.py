@@ -3,7 +3,7 @@ and eight edge fetchers. Checks the result's shape and invariants, never its tim
 
 import json
 
-from bench import __main__ as bench_main
+from bench.__main__ import SUITES
 from bench.suites import transfer
 from common.files import atomic_write_json, sha256_file
 from common.wire import CHUNK_BYTES
@@ -12,7 +12,7 @@ PLAN = {"variant_mib": 3, "others_mib": (1,), "repeats": 1, "edges": 8}
 
 
 def test_transfer_bench_shape_and_invariants(tmp_path):
-    assert bench_main._suites()["transfer"] is transfer
+    assert SUITES["transfer"] == transfer.__name__
     result = transfer.run(quick=True, data_dir=None, work=tmp_path / "work", plan=PLAN)
     atomic_write_json(tmp_path / "transfer.json", result)  # JSON all the way down
     summary = json.loads((tmp_path / "transfer.json").read_text())["summary"]

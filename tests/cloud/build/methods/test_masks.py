@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from cloud.build.methods.masks import MaskError, dense_masks
-from cloud.build.train import apply_masks
+from cloud.build.methods.masks import dense_masks
+from cloud.build.train import MaskError, apply_masks
 from common import models
 
 

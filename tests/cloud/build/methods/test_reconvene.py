@@ -12,7 +12,7 @@ from torch import nn
 
 from cloud.build import portfolio
 from cloud.build.compaction import channels
-from cloud.build.methods import reconvene
+from cloud.build.methods import reconvene, sensitivity
 from cloud.build.store import PortfolioStore
 from cloud.build.train import TrainConfig, train
 from common import datasets, models, variant
@@ -52,17 +52,7 @@ def test_the_composite_model_stays_within_the_budget_and_runs(arch, width):
 
 def test_insensitive_groups_keep_what_their_budget_supports_by_score_mass():
     torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 10),
-    )
+    net = _two_convs()
     masks = {
         "0.weight": torch.ones(8, 1, 3, 3, dtype=torch.bool),  # dense: sensitive
         "3.weight": torch.zeros(8, 8, 3, 3, dtype=torch.bool),
@@ -72,13 +62,13 @@ def test_insensitive_groups_keep_what_their_budget_supports_by_score_mass():
     scores = {name: torch.ones(m.shape) for name, m in masks.items()}
     scores["3.weight"][4] = 5.0  # channel 4 carries the most surviving score
     analysis = channels.analyse(channels.trace(net, torch.randn(1, 1, 8, 8), None))
-    decisions, keep = reconvene.decide(net, masks, scores, analysis, threshold=0.25, coverage=0.0)
+    decisions, keep = sensitivity.decide(net, masks, scores, analysis, threshold=0.25, coverage=0.0)
     by_group = {d.group: d for d in decisions}
     assert not by_group["0"].insensitive and by_group["0"].kept == 8
     assert by_group["3"].insensitive and by_group["3"].kept == 1 and keep["3"].tolist() == [4]
     assert "keeps 1 of 8 channels, holding 0.33 of its surviving weights" in by_group["3"].reason
     # the one channel would hold a third of what the mask kept there: at the default it stays masked
-    decisions, _ = reconvene.decide(net, masks, scores, analysis, threshold=0.25)
+    decisions, _ = sensitivity.decide(net, masks, scores, analysis, threshold=0.25)
     group = {d.group: d for d in decisions}["3"]
     assert not group.insensitive and "would hold less than 0.8" in group.reason
 
@@ -107,7 +97,7 @@ def test_a_group_whose_surviving_weights_sit_in_few_channels_is_shrunk_to_them()
     masks["3.weight"][4, :6] = True  # 54 weights, all in filter 4: the 1 channel they buy holds them all
     scores = {name: torch.ones(m.shape) for name, m in masks.items()}
     analysis = channels.analyse(channels.trace(net, torch.randn(1, 1, 8, 8), None))
-    decisions, keep = reconvene.decide(net, masks, scores, analysis, threshold=0.25)
+    decisions, keep = sensitivity.decide(net, masks, scores, analysis, threshold=0.25)
     group = {d.group: d for d in decisions}["3"]
     assert group.insensitive and group.kept == 1 and keep["3"].tolist() == [4]
     assert "holding 1.00 of its surviving weights" in group.reason
@@ -125,7 +115,7 @@ def test_the_budget_counts_only_the_live_inputs_of_a_masked_group():
     masks["3.weight"][[4, 6], :3] = True  # 54 weights over 4 live inputs of 9 each: 2 channels
     scores = {name: torch.ones(m.shape) for name, m in masks.items()}
     analysis = channels.analyse(channels.trace(net, torch.randn(1, 1, 8, 8), None))
-    decisions, keep = reconvene.decide(net, masks, scores, analysis, threshold=0.25)
+    decisions, keep = sensitivity.decide(net, masks, scores, analysis, threshold=0.25)
     by_group = {d.group: d for d in decisions}
     assert not by_group["0"].insensitive
     assert by_group["3"].insensitive and by_group["3"].kept == 2 and keep["3"].tolist() == [4, 6]
@@ -240,7 +230,7 @@ def test_a_reconvene_portfolio_builds_and_its_variants_load_as_any_other(tmp_pat
         subset=512,
         check_images=32,
         train=TrainConfig(epochs=1, batch_size=64, progress=False),
-        reconvene=reconvene.ReconveneConfig(scorer="snip", compressions=(2.0, 16.0), score_batches=2),
+        method_settings=reconvene.ReconveneConfig(scorer="snip", compressions=(2.0, 16.0), score_batches=2),
     )
     manifest = portfolio.build(config)
     assert [round(v.compression, 6) for v in manifest.variants] == [2.0, 16.0]
@@ -259,4 +249,4 @@ def test_a_reconvene_portfolio_builds_and_its_variants_load_as_any_other(tmp_pat
         {"group", "density", "kept", "channels", "insensitive", "reason"} <= set(g) for g in decisions[1]["groups"]
     )
     settings = json.loads((tmp_path / "p" / "work" / "settings.json").read_text())
-    assert settings["reconvene"]["scorer"] == "snip"
+    assert settings["method"] == "reconvene" and settings["method_settings"]["scorer"] == "snip"

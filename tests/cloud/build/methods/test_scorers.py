@@ -26,7 +26,7 @@ def _total(masks) -> tuple[int, int]:
 def test_each_scorer_reaches_the_compression_with_one_global_threshold(scorer):
     torch.manual_seed(0)
     model = models.build("vgg11", KWARGS)
-    masks = scorers.prune_at_init(model, scorer, 10.0, _batches(), input_shape=(1, 28, 28), rounds=10)
+    _, masks = scorers.score(model, scorer, 10.0, _batches(), input_shape=(1, 28, 28), rounds=10)
     kept, total = _total(masks)
     assert abs(kept - total / 10) <= 1 and set(masks) == {f"{n}.weight" for n in models.prunable_layers(model)}
 
@@ -156,7 +156,7 @@ def test_grasp_uses_the_hessian_gradient_product():
 
 def test_an_unknown_scorer_lists_the_known_ones():
     with pytest.raises(KeyError, match="known: grasp, magnitude, random, snip, synflow"):
-        scorers.prune_at_init(models.build("vgg11", KWARGS), "oracle", 2.0)
+        scorers.score(models.build("vgg11", KWARGS), "oracle", 2.0)
 
 
 @pytest.mark.parametrize("size", [1000, 3_000_000])

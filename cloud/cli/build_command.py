@@ -1,0 +1,67 @@
+"""`prunefleet portfolio build`: flags generated from the settings dataclasses, and the build they ask for.
+
+The flags come in groups: the build's own (`BuildConfig`), the training recipe (`TrainConfig`) and one
+group per registered pruning method (its settings dataclass), so a method registered in
+`cloud.build.methods.METHODS` brings its flags along. No flag may mean two things: a clash between
+groups stops the parser from being built. A method's flags apply only with that `--method`: given with
+another, they are refused by name rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from cloud.admin import operator_client
+from cloud.build import portfolio, settings
+from cloud.build.methods import METHODS
+from cloud.build.portfolio import BuildConfig
+from cloud.build.settings import SettingsError
+from cloud.build.train import TrainConfig
+from common.registry import lookup
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    """Add `build` to the `portfolio` subcommands; raises SettingsError when two groups share a flag."""
+    parser = sub.add_parser(
+        "build",
+        help="train a model and derive a portfolio of pruned variants",
+        description="Train a model and derive a portfolio of pruned variants with one pruning method.",
+    )
+    taken = {"-h": "argparse", "--help": "argparse"}
+    settings.add_arguments(parser.add_argument_group("build settings"), BuildConfig, "the build", taken)
+    settings.add_arguments(parser.add_argument_group("training settings"), TrainConfig, "training", taken)
+    for name, method in METHODS.items():
+        group = parser.add_argument_group(f"{name} settings", f"{method.help}; with --method {name} only")
+        settings.add_arguments(group, method.settings, f"method {name!r}", taken)
+    return parser
+
+
+def config_from_arguments(args: argparse.Namespace) -> BuildConfig:
+    """The build's settings from parsed flags: the training seed is the build's `--seed`, and the method
+    settings are the chosen method's (a flag of another method is an error that names both)."""
+    common = settings.from_arguments(BuildConfig, args)
+    method = lookup(METHODS, "method", common.method)
+    for name, other in METHODS.items():
+        foreign = settings.given(other.settings, args) if name != common.method else []
+        if foreign:
+            raise SettingsError(
+                f"{', '.join(foreign)} {'is a setting' if len(foreign) == 1 else 'are settings'} of method "
+                f"{name!r}, not of --method {common.method}"
+            )
+    return dataclasses.replace(
+        common,
+        train=settings.from_arguments(TrainConfig, args, seed=common.seed),
+        method_settings=settings.from_arguments(method.settings, args),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the portfolio and print its table (on rank 0: under torchrun the other ranks print nothing)."""
+    config = config_from_arguments(args)
+    manifest = portfolio.build(config)
+    if manifest is None:
+        return 0
+    print(operator_client.portfolio_table(manifest))
+    print(f"portfolio {manifest.portfolio_id} written to {config.out}")
+    return 0

@@ -1,0 +1,107 @@
+"""One wired edge agent: its InferenceService, metrics endpoint, channel to the cloud, agent and link.
+
+`assemble` builds every part from the agent's settings (`edge.config.AgentConfig`) and a transport,
+starting the servers (the InferenceService NOT_SERVING until the agent starts serving) but no loop:
+the command line (`edge.cli`) runs the loops, and the same wiring can run inside another process.
+`Node.close` stops what `assemble` started.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+from prometheus_client import CollectorRegistry, start_http_server
+
+from common.security import Transport, Verifier
+from edge.agent import Agent
+from edge.batching import BatchConfig, MicroBatcher
+from edge.config import AgentConfig
+from edge.fetcher import portfolio_stub
+from edge.link import Link, LinkConfig, Outbox
+from edge.metrics import EdgeMetrics
+from edge.runtime import Runtime, RuntimeConfig
+from edge.server import InferenceServicer, make_server, set_serving
+from edge.telemetry import ProcessStats, RequestWindow
+from protos import coordinator_pb2_grpc
+
+STOP_GRACE_S = 2.0
+
+
+@dataclass(frozen=True)
+class Node:
+    """One wired agent: its servers, channel and loops. `close` stops what `assemble` started."""
+
+    agent: Agent
+    link: Link
+    server: grpc.Server
+    health: object
+    http: object
+    channel: grpc.Channel
+    address: str
+    metrics_address: str
+    batcher: MicroBatcher | None = None
+
+    def banner(self) -> str:
+        return f"prunefleet-edge {self.agent.config.name} serving on {self.address} metrics on {self.metrics_address}"
+
+    def close(self) -> None:
+        set_serving(self.health, False)
+        self.server.stop(STOP_GRACE_S).wait()
+        if self.batcher is not None:
+            self.batcher.close()
+        self.channel.close()
+        self.http.shutdown()
+
+
+def assemble(config: AgentConfig, stopping: threading.Event, transport: Transport) -> Node:
+    """Start the InferenceService (NOT_SERVING) and the metrics endpoint, and wire the agent to them."""
+    verifier = Verifier.load(config.verify_key) if config.verify_key else None
+    registry = CollectorRegistry()
+    metrics = EdgeMetrics(registry, config.name, slo_s=config.slo_ms / 1e3)
+    http, _ = start_http_server(config.metrics_port, config.host, registry=registry)
+    metrics.budget(config.memory_budget_bytes)
+    runtime = Runtime(
+        RuntimeConfig(slots=config.threads, max_batch=config.max_batch, memory_budget_bytes=config.memory_budget_bytes)
+    )
+    window = RequestWindow(time.monotonic())
+    batcher = (
+        MicroBatcher(runtime, BatchConfig(config.batch_delay_ms, config.max_batch, config.threads), metrics.batched)
+        if config.batch_delay_ms
+        else None
+    )
+    server, port, health = make_server(
+        InferenceServicer(runtime, window, metrics, batcher),
+        config.host,
+        config.port,
+        config.workers,
+        None if transport.insecure else transport.server_credentials(),
+        config.max_pending,
+    )
+    channel = transport.channel(config.cloud)
+    address, metrics_address = f"{config.public_host}:{port}", f"{config.public_host}:{http.server_port}"
+    link_config = LinkConfig(
+        edge=config.name,
+        address=address,
+        metrics_address=metrics_address,
+        threads=config.threads,
+        backoff_s=config.backoff_s,
+        max_backoff_s=config.max_backoff_s,
+    )
+    outbox = Outbox(link_config.max_buffered, link_config.max_live, link_config.max_telemetry)
+    agent = Agent(
+        config,
+        runtime,
+        metrics,
+        window,
+        ProcessStats(),
+        health,
+        portfolio_stub(channel),
+        outbox,
+        stopping,
+        verifier=verifier,
+    )
+    link = Link(link_config, coordinator_pb2_grpc.CoordinatorServiceStub(channel), outbox, stopping)
+    return Node(agent, link, server, health, http, channel, address, metrics_address, batcher)
