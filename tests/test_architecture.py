@@ -81,3 +81,18 @@ def test_product_files_and_functions_stay_small():
                 if length > MAX_FUNCTION_LINES:
                     too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {length} lines")
     assert not too_long, "\n".join(too_long)
+
+
+def test_every_test_directory_is_collected():
+    """pytest skips directories matching `norecursedirs` (its default skips any `build`): a test
+    directory that mirrors a package of that name would silently never run."""
+    import fnmatch
+    import tomllib
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["norecursedirs"]
+    test_dirs = {p.parent for p in (ROOT / "tests").rglob("test_*.py")}
+    skipped = [
+        d for d in test_dirs for part in d.relative_to(ROOT).parts if any(fnmatch.fnmatch(part, p) for p in patterns)
+    ]
+    assert not skipped, f"never collected: {sorted(map(str, skipped))}"
+    assert any(d.name == "build" for d in test_dirs)  # the case the default would have skipped
