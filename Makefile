@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test lint setup data tools protos clean
+.PHONY: demo test lint setup data tools protos clean gpu-check
 
 demo: setup data
 	$(BIN)/prunefleet demo
@@ -52,6 +52,11 @@ tools:
 		echo "Missing:$$missing. Run 'sudo apt-get install$$missing' so the monitoring and compose" \
 		     "tests run instead of being skipped."; \
 	fi
+
+# A build on CUDA (and under torchrun on two GPUs, when there are two) whose variants match on the CPU.
+# Needs a GPU and a CUDA build of torch; without them it fails at once and says so.
+gpu-check: setup data
+	$(BIN)/python -m cloud.build.gpu_check
 
 # Regenerate the gRPC stubs after editing protos/*.proto.
 protos: setup

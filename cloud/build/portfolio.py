@@ -5,6 +5,10 @@ surgery that turns each sparse model into a compact variant (with its equivalenc
 measuring and publishing the variants. What is pruned, and how, is the method's
 (`cloud.build.methods`): the build hands it a `BuildContext` and the method's own settings, and takes
 the sparse models it yields.
+
+Training and scoring run on the build's `--device` (`cloud.build.devices`), resolved and checked first,
+before any data is loaded; everything after training (surgery, the equivalence check, accuracy of the
+variants, timing, the files) runs on the CPU, as the edges do.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cloud.build import distributed
+from cloud.build import devices, distributed
 from cloud.build.compaction import surgery
 from cloud.build.methods import METHODS
 from cloud.build.methods.base import BuildContext, Method, SparseModel
@@ -57,6 +61,13 @@ class BuildConfig:
     data_dir: Path | None = field(default=None, metadata={"help": "where the dataset's files are"})
     subset: int = field(default=0, metadata={"help": "training examples to use (0: all)"})
     threads: int = field(default=2, metadata={"help": "CPU threads of this process"})
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "where training and scoring run: auto (a GPU when there is one, else the CPU), cpu, cuda or "
+            "cuda:N; under torchrun auto and cuda take the GPU of each process's LOCAL_RANK"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of the initialization, the data subset and its order"})
     check_images: int = field(default=256, metadata={"help": "real test images the surgery equivalence check runs on"})
     targets: tuple[float, ...] = field(
@@ -71,6 +82,9 @@ class BuildConfig:
         models.resolve(self.model, allowed=(self.model,))  # the operator typed it: an import path is allowed
         if self.subset < 0 or self.threads <= 0 or self.check_images <= 0:
             raise SettingsError("subset must be >= 0; threads and check_images positive")
+        devices.check_form(self.device)
+        if self.train.amp and self.device == "cpu":
+            raise SettingsError("mixed precision (--amp) needs a CUDA device, not --device cpu")
         if any(not t >= 1 for t in self.targets):
             raise SettingsError(f"target compressions must be >= 1, got {self.targets}")
         if self.method_settings is None:
@@ -85,6 +99,7 @@ class BuildConfig:
         """Everything that shapes the portfolio, as JSON: a resumed build must match it."""
         raw = asdict(self)
         raw.pop("out")
+        raw.pop("device")  # where it trains: a build may resume on another device
         raw["data_dir"] = str(self.data_dir) if self.data_dir else None
         raw["train"].pop("progress")  # shows progress bars; the portfolio is the same either way
         return json.loads(json.dumps(raw, default=str))
@@ -117,6 +132,7 @@ def derive_variant(sparse: SparseModel, context: BuildContext, dense_params: int
     """Compact one sparse model, prove it equivalent, measure it and store it as a variant file. The
     entry's latencies are left at 0 for `time_variants`, with the model as an edge serves it."""
     config, data, store = context.config, context.data, context.store
+    sparse.model.cpu()  # surgery, its check and the measurements run where the edges run variants
     shape = data.info.input_shape
     check = datasets.normalize(data.test.images[: config.check_images], data.info.mean, data.info.std)
     compact, report = surgery.compact(sparse.model, check[:1], check_inputs=check)
@@ -215,11 +231,22 @@ def _derive(context: BuildContext, method: Method) -> list[VariantEntry]:
     return time_variants(entries, served, context.data.info.input_shape) if entries else entries
 
 
+def _device(config: BuildConfig) -> torch.device:
+    """The build's device on this machine (each torchrun process its own GPU); raises DeviceError for a
+    GPU that is not there and refuses --amp off CUDA, both before any data is loaded."""
+    device = devices.resolve(config.device, distributed.local_rank())
+    if config.train.amp and device.type != "cuda":
+        raise devices.DeviceError(f"mixed precision (--amp) needs a CUDA device; --device {config.device} is {device}")
+    log.info("training and scoring on %s", device)
+    return device
+
+
 def build(config: BuildConfig) -> Manifest | None:
     """Run the whole build; resumable, and atomic in what it publishes (the manifest goes last).
     Under torchrun every process trains its shard and rank 0 alone derives and publishes (the others
     return None)."""
-    distributed.init_from_env()
+    device = _device(config)
+    distributed.init_from_env(device)
     torch.set_num_threads(config.threads)
     store = PortfolioStore(config.out)
     if distributed.is_main():
@@ -227,7 +254,7 @@ def build(config: BuildConfig) -> Manifest | None:
     distributed.barrier()
     data = datasets.load(config.dataset, config.data_dir, seed=config.seed)
     data = Dataset(data.info, data.train.subset(config.subset, config.seed), data.val, data.test)
-    entries = _derive(BuildContext(config, data, store), lookup(METHODS, "method", config.method))
+    entries = _derive(BuildContext(config, data, store, device), lookup(METHODS, "method", config.method))
     if not distributed.is_main():
         return None
     manifest = Manifest(

@@ -1,7 +1,12 @@
 """Training and evaluation with progress bars, seeds, resumable checkpoints, and masks kept applied.
 
-Checkpoints are local files this process wrote itself; they are read back with
-`torch.load(weights_only=True)` and nothing else.
+Both run on the device they are given (the build's `--device`): the model, every batch and the masks
+go there, and a trained model comes back to the CPU, where surgery, the equivalence check and the
+variant files work. Mixed precision (`amp`: autocast and a gradient scaler) is for CUDA only.
+
+Checkpoints are local files this process wrote itself, saved from CPU copies so a build resumes on
+another device; they are read back with `torch.load(weights_only=True, map_location="cpu")` and
+nothing else.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ class TrainConfig:
     gamma: float = field(default=0.1, metadata={"help": "factor of the learning rate at each milestone"})
     seed: int = field(default=0, metadata={"cli": False, "help": "data order; the build passes its own --seed"})
     progress: bool = field(default=True, metadata={"help": "progress bars while training"})
+    amp: bool = field(
+        default=False, metadata={"help": "mixed-precision training (autocast and gradient scaling); CUDA only"}
+    )
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size <= 0 or self.lr <= 0:
@@ -83,26 +91,67 @@ def _mask(model: nn.Module, masks: Masks | None) -> None:
                 tensor.mul_(masks[name].to(tensor.dtype))
 
 
-def _save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, epoch: int) -> None:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": epoch,
-    }
+def on_cpu(value):
+    """A copy of a state dict (nested dicts, lists and tuples of tensors and plain values) on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(item) for item in value)
+    return value
+
+
+def _save_checkpoint(path: Path, model: nn.Module, parts: dict, epoch: int) -> None:
+    state = {"model": model.state_dict(), **{name: part.state_dict() for name, part in parts.items()}, "epoch": epoch}
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save(on_cpu(state), buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _resume(path: Path | None, model: nn.Module, optimizer, scheduler) -> int:
+def _resume(path: Path | None, model: nn.Module, parts: dict) -> int:
+    """Load a checkpoint into the model and the optimizer, scheduler (and scaler, when saved with one);
+    the optimizer moves its state to the parameters' device itself."""
     if path is None or not path.exists():
         return 0
-    state = torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True, map_location="cpu")
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    for name, part in parts.items():
+        if name in state:
+            part.load_state_dict(state[name])
     return int(state["epoch"])
+
+
+def _check_amp(config: TrainConfig, device: torch.device) -> None:
+    if config.amp and device.type != "cuda":
+        raise SettingsError(f"mixed precision (--amp) needs a CUDA device; this build trains on {device}")
+
+
+def _epoch(net: nn.Module, steps, optimizer, scaler, step_done: Callable[[], None], device: torch.device) -> None:
+    """One pass over `steps`; under autocast and the scaler when they are enabled (a no-op otherwise)."""
+    loss_fn = nn.CrossEntropyLoss()
+    net.train()
+    for inputs, labels in steps:
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=scaler.is_enabled()):
+            loss = loss_fn(net(inputs), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        step_done()
+        steps.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+
+
+def _optimizing(model: nn.Module, config: TrainConfig, device: torch.device) -> tuple:
+    """The optimizer, its schedule and the gradient scaler (disabled, a pass-through, without amp) for
+    a model already on `device`."""
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    milestones = sorted({max(1, round(m * config.epochs)) for m in config.milestones})
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=config.gamma)
+    return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=config.amp)
 
 
 def train(
@@ -114,21 +163,29 @@ def train(
     checkpoint: Path | None = None,
     desc: str = "train",
     after_step: Callable[[nn.Module], None] | None = None,
+    device: torch.device | None = None,
 ) -> nn.Module:
-    """SGD with momentum and a step schedule; masked entries stay zero. Resumes from `checkpoint`.
-    Under torchrun, each process trains on its shard of every batch (DDP); only rank 0 writes the
-    checkpoint and calls `after_step`."""
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
-    milestones = sorted({max(1, round(m * config.epochs)) for m in config.milestones})
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=config.gamma)
-    start = _resume(checkpoint, model, optimizer, scheduler)
-    apply_masks(model, masks)  # checks the masks once; the loop below reapplies them unchecked
-    net, shard, main = distributed.wrap(model), (distributed.rank(), distributed.world()), distributed.is_main()
-    loss_fn = nn.CrossEntropyLoss()
+    """SGD with momentum and a step schedule on `device` (default: the CPU); masked entries stay zero.
+    Resumes from `checkpoint`. Under torchrun, each process trains on its shard of every batch (DDP);
+    only rank 0 writes the checkpoint and calls `after_step` (with the model on `device`). The model
+    is returned on the CPU, in eval mode."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    _check_amp(config, device)
+    if masks:
+        check_masks(model, masks)  # once; they are reapplied unchecked after every step
+        masks = {name: mask.to(device) for name, mask in masks.items()}
+    optimizer, scheduler, scaler = _optimizing(model.to(device), config, device)
+    parts = {"optimizer": optimizer, "scheduler": scheduler, **({"scaler": scaler} if config.amp else {})}
+    start = _resume(checkpoint, model, parts)
+    _mask(model, masks)
+    net, shard, main = distributed.wrap(model, device), (distributed.rank(), distributed.world()), distributed.is_main()
+
+    def step_done() -> None:
+        _mask(model, masks)
+        if after_step is not None and main:
+            after_step(model)
+
     for epoch in range(start, config.epochs):
-        net.train()
         steps = tqdm(
             batches(split, info, config.batch_size, shuffle_seed=config.seed * 1000 + epoch, shard=shard, train=True),
             total=-(-len(split) // config.batch_size),
@@ -136,32 +193,39 @@ def train(
             disable=not (config.progress and main),
             leave=False,
         )
-        for inputs, labels in steps:
-            loss = loss_fn(net(inputs), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            _mask(model, masks)
-            if after_step is not None and main:
-                after_step(model)
-            steps.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        _epoch(net, steps, optimizer, scaler, step_done, device)
         scheduler.step()
         if checkpoint is not None and main:
-            _save_checkpoint(checkpoint, model, optimizer, scheduler, epoch + 1)
+            _save_checkpoint(checkpoint, model, parts, epoch + 1)
         distributed.barrier()
-    model.eval()
-    return model
+    return model.to("cpu").eval()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, info: DatasetInfo, split: Split, batch_size: int = 1000) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(x) for x, _ in batches(split, info, batch_size)])
+def predict_logits(
+    model: nn.Module, info: DatasetInfo, split: Split, batch_size: int = 1000, device: torch.device | None = None
+) -> torch.Tensor:
+    """The model's logits over `split`, computed on `device` (default: where the model is) and
+    returned on the CPU; the model is left on the device it was found on."""
+    found = _device_of(model)
+    device = found if device is None else torch.device(device)
+    model.to(device).eval()
+    try:
+        return torch.cat([model(x.to(device)).float().cpu() for x, _ in batches(split, info, batch_size)])
+    finally:
+        model.to(found)
 
 
-def evaluate(model: nn.Module, info: DatasetInfo, split: Split, batch_size: int = 1000) -> float:
-    """Top-1 accuracy in [0, 1]."""
+def evaluate(
+    model: nn.Module, info: DatasetInfo, split: Split, batch_size: int = 1000, device: torch.device | None = None
+) -> float:
+    """Top-1 accuracy in [0, 1], computed on `device` (default: where the model is)."""
     if len(split) == 0:
         raise ValueError("cannot evaluate on an empty split")
-    logits = predict_logits(model, info, split, batch_size)
+    logits = predict_logits(model, info, split, batch_size, device)
     return float((logits.argmax(1) == split.labels).float().mean())

@@ -49,11 +49,14 @@ class SparseModel:
 @dataclass(frozen=True)
 class BuildContext:
     """What a method gets from the build: its common settings (architecture, width, seed, training
-    recipe), the data, and the store whose work directory keeps the method's resumable checkpoints."""
+    recipe), the data, the store whose work directory keeps the method's resumable checkpoints, and
+    the device it trains and scores on (resolved from `--device`; the sparse models it yields are
+    on the CPU)."""
 
     config: BuildConfig
     data: Dataset
     store: PortfolioStore
+    device: torch.device = torch.device("cpu")
 
     @property
     def work_dir(self) -> Path:

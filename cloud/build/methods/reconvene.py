@@ -119,11 +119,14 @@ def prune(
     rounds: int = 100,
     seed: int = 0,
     coverage: float = MIN_COVERAGE,
+    device: torch.device | None = None,
 ) -> Pruned:
     """From an initialized dense model to a composite model ready to train; refuses impossible
-    requests (see `scorers.check_request`, layer collapse) before any work is spent on them."""
+    requests (see `scorers.check_request`, layer collapse) before any work is spent on them. Scoring
+    runs on `device` (default: the CPU); the structure is decided on the CPU."""
     started = time.perf_counter()
-    scores, masks = scorers.score(model, scorer, compression, batches, tuple(example.shape[1:]), rounds, seed)
+    shape = tuple(example.shape[1:])
+    scores, masks = scorers.score(model, scorer, compression, batches, shape, rounds, seed, device=device)
     scored = time.perf_counter()
     _refuse_collapse(masks, scorer, compression)
     compact, fixed, decisions, rectified = structure(model, masks, scores, example, threshold, seed, coverage)
@@ -165,7 +168,18 @@ def _prepare(context: BuildContext, settings: ReconveneConfig) -> list[Pruned]:
     for compression in settings.compressions:
         scorers.check_request(dense, settings.scorer, compression, batches)
     return [
-        prune(dense, settings.scorer, c, example, batches, settings.threshold, settings.rounds, seed, settings.coverage)
+        prune(
+            dense,
+            settings.scorer,
+            c,
+            example,
+            batches,
+            settings.threshold,
+            settings.rounds,
+            seed,
+            settings.coverage,
+            device=context.device,
+        )
         for c in planned_compressions(settings)
     ]
 
@@ -208,6 +222,7 @@ def levels(context: BuildContext, settings: ReconveneConfig) -> Iterator[SparseM
             masks=pruned.masks,
             checkpoint=context.work_dir / f"reconvene-{level}.pt",
             desc=f"reconvene {level}",
+            device=context.device,
         )
         name = f"{context.config.model}-{settings.scorer}-{compression:g}x"
         yield SparseModel(level, model.eval(), pruned.masks, compression=compression, name=name)

@@ -12,6 +12,9 @@ layers to reach a compression (total weights / remaining weights). The scorers, 
   absolute values and run in float64 on an all-ones input; the score is |w * dR/dw| with R the sum of
   the outputs. Pruning proceeds over `rounds` rounds with an exponential density schedule, re-scoring
   the surviving weights each round, which avoids layer collapse.
+
+The data-driven scorers and SynFlow run on the device they are given (the build's `--device`); scores
+and masks always come back on the CPU, where the structure is decided.
 """
 
 from __future__ import annotations
@@ -48,20 +51,25 @@ def magnitude_scores(model: nn.Module, batches=(), **_) -> Scores:
     return {name: w.detach().abs().clone() for name, w in _weights(model).items()}
 
 
-def snip_scores(model: nn.Module, batches: Iterable, **_) -> Scores:
-    model = copy.deepcopy(model).train()
+def _placed(model: nn.Module, batches: Iterable, device: torch.device | None) -> tuple[nn.Module, list]:
+    """A training-mode copy of the model and the batches, both on `device` (default: the CPU)."""
+    device = torch.device("cpu") if device is None else device
+    return copy.deepcopy(model).to(device).train(), [(x.to(device), y.to(device)) for x, y in batches]
+
+
+def snip_scores(model: nn.Module, batches: Iterable, device: torch.device | None = None, **_) -> Scores:
+    model, batches = _placed(model, batches, device)
     weights = _weights(model)
     model.zero_grad(set_to_none=True)
     for inputs, labels in batches:
         F.cross_entropy(model(inputs), labels).backward()
-    return {name: (w.detach() * w.grad).abs() for name, w in weights.items()}
+    return {name: (w.detach() * w.grad).abs().cpu() for name, w in weights.items()}
 
 
-def grasp_scores(model: nn.Module, batches: Iterable, **_) -> Scores:
-    model = copy.deepcopy(model).train()
+def grasp_scores(model: nn.Module, batches: Iterable, device: torch.device | None = None, **_) -> Scores:
+    model, batches = _placed(model, batches, device)
     weights = _weights(model)
     params = list(weights.values())
-    batches = list(batches)
     grads = [torch.zeros_like(p) for p in params]
     for inputs, labels in batches:  # g, without a graph
         for total, g in zip(grads, torch.autograd.grad(F.cross_entropy(model(inputs), labels), params)):
@@ -72,7 +80,7 @@ def grasp_scores(model: nn.Module, batches: Iterable, **_) -> Scores:
         z = sum((g.detach() * live).sum() for g, live in zip(grads, g_live))
         for total, h in zip(hg, torch.autograd.grad(z, params)):
             total += h
-    return {name: w.detach() * h for (name, w), h in zip(weights.items(), hg)}
+    return {name: (w.detach() * h).cpu() for (name, w), h in zip(weights.items(), hg)}
 
 
 # On SynFlow's all-positive signals ReLU is the identity; saturating or curved activations are not, and
@@ -118,10 +126,10 @@ def _linearized(model: nn.Module) -> nn.Module:
 def _flat_buffers(weights: dict[str, nn.Parameter]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """One flat float64 buffer that the weights become views of, one flat score buffer and one flat
     mask beside it, and each layer's (score, mask) views into those."""
-    total = sum(w.numel() for w in weights.values())
-    flat_weights = torch.empty(total, dtype=torch.float64)
-    flat_scores = torch.empty(total, dtype=torch.float32)
-    flat_mask = torch.ones(total, dtype=torch.bool)
+    total, device = sum(w.numel() for w in weights.values()), next(iter(weights.values())).device
+    flat_weights = torch.empty(total, dtype=torch.float64, device=device)
+    flat_scores = torch.empty(total, dtype=torch.float32, device=device)
+    flat_mask = torch.ones(total, dtype=torch.bool, device=device)
     views, start = {}, 0
     for name, w in weights.items():
         part = slice(start, start + w.numel())
@@ -133,10 +141,14 @@ def _flat_buffers(weights: dict[str, nn.Parameter]) -> tuple[torch.Tensor, torch
 
 
 def synflow(
-    model: nn.Module, compression: float, input_shape: tuple[int, ...], rounds: int = 100
+    model: nn.Module,
+    compression: float,
+    input_shape: tuple[int, ...],
+    rounds: int = 100,
+    device: torch.device | None = None,
 ) -> tuple[Scores, Masks]:
-    """Iterative SynFlow: density (1/compression)^(k/rounds) after round k, re-scored every round.
-    Returns the last round's scores and the final masks.
+    """Iterative SynFlow: density (1/compression)^(k/rounds) after round k, re-scored every round, on
+    `device` (default: the CPU). Returns the last round's scores and the final masks, on the CPU.
 
     The linearized float64 copy is made once, its weights views of one flat buffer, beside one flat
     score buffer and one flat mask (the layers' masks are views of it), so a round's bookkeeping is a
@@ -145,11 +157,11 @@ def synflow(
     pruned one, with no need to mark the pruned scores first."""
     if rounds < 1:
         raise ValueError(f"SynFlow needs at least one round, got {rounds}")
-    net = _linearized(model)
+    net = _linearized(model).to(torch.device("cpu") if device is None else device)
     weights = _weights(net)
     flat_weights, flat_scores, flat_mask, views = _flat_buffers(weights)
     total = flat_weights.numel()
-    ones = torch.ones(1, *input_shape, dtype=torch.float64)
+    ones = torch.ones(1, *input_shape, dtype=torch.float64, device=flat_weights.device)
     alive = total
     for k in range(1, rounds + 1):
         net.zero_grad(set_to_none=True)
@@ -174,8 +186,8 @@ def synflow(
             alive = int(torch.count_nonzero(flat_mask))
     flat_scores.clamp_(min=0)
     return (
-        {name: view.clone() for name, (view, _) in views.items()},
-        {name: mask.clone() for name, (_, mask) in views.items()},
+        {name: view.to("cpu", copy=True) for name, (view, _) in views.items()},
+        {name: mask.to("cpu", copy=True) for name, (_, mask) in views.items()},
     )
 
 
@@ -191,11 +203,10 @@ def _kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
     n = flat.numel()
     if n <= _EXACT_BELOW:
         return torch.kthvalue(flat, n - k + 1).values
-    sample = flat[torch.randint(n, (1 << 16,), generator=torch.Generator().manual_seed(0))]
+    sample = flat[torch.randint(n, (1 << 16,), generator=torch.Generator().manual_seed(0)).to(flat.device)]
     place = 1.0 - k / n  # the value's quantile
-    low, high = torch.quantile(
-        sample.double(), torch.tensor([max(0.0, place - 0.01), min(1.0, place + 0.01)], dtype=torch.float64)
-    ).to(flat.dtype)
+    quantiles = torch.tensor([max(0.0, place - 0.01), min(1.0, place + 0.01)], dtype=torch.float64, device=flat.device)
+    low, high = torch.quantile(sample.double(), quantiles).to(flat.dtype)
     above = int(torch.count_nonzero(flat > high))
     band = flat[(flat > low) & (flat <= high)]
     if above < k <= above + band.numel():
@@ -269,12 +280,13 @@ def score(
     input_shape: tuple[int, ...] = (1, 28, 28),
     rounds: int = 100,
     seed: int = 0,
+    device: torch.device | None = None,
 ) -> tuple[Scores, Masks]:
     """Scores (SynFlow: its last round's) and masks over every conv and linear weight reaching
-    `compression` with the named scorer."""
+    `compression` with the named scorer, computed on `device` (default: the CPU), returned on the CPU."""
     batches = list(batches)
     check_request(model, scorer, compression, batches)
     if scorer == "synflow":
-        return synflow(model, compression, input_shape, rounds)
-    scores = SCORERS[scorer](model, batches, seed=seed)
+        return synflow(model, compression, input_shape, rounds, device)
+    scores = {name: s.cpu() for name, s in SCORERS[scorer](model, batches, seed=seed, device=device).items()}
     return scores, threshold(scores, compression)

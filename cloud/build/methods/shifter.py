@@ -22,7 +22,7 @@ from cloud.build import distributed
 from cloud.build.methods import masks as masking
 from cloud.build.methods.base import BuildContext, Method, SparseModel
 from cloud.build.settings import SettingsError
-from cloud.build.train import Masks, TrainConfig, apply_masks, train
+from cloud.build.train import Masks, TrainConfig, apply_masks, on_cpu, train
 from common.datasets import Dataset
 from common.files import atomic_write_bytes
 
@@ -61,12 +61,12 @@ class Level:
 
 def _save(path: Path, obj: dict) -> None:
     buffer = io.BytesIO()
-    torch.save(obj, buffer)
+    torch.save(on_cpu(obj), buffer)  # CPU copies: the weights of a GPU run resume anywhere
     atomic_write_bytes(path, buffer.getvalue())
 
 
 def _load(path: Path) -> dict:
-    return torch.load(path, weights_only=True)
+    return torch.load(path, weights_only=True, map_location="cpu")
 
 
 class _RewindCapture:
@@ -81,7 +81,9 @@ class _RewindCapture:
             _save(self.path, {"state": model.state_dict()})
 
 
-def _train_dense(model: nn.Module, data: Dataset, train_config: TrainConfig, config: ShifterConfig, work: Path) -> None:
+def _train_dense(
+    model: nn.Module, data: Dataset, train_config: TrainConfig, config: ShifterConfig, work: Path, device: torch.device
+) -> None:
     rewind_path = work / "rewind.pt"
     if config.rewind_iteration == 0 and not rewind_path.exists() and distributed.is_main():
         _save(rewind_path, {"state": model.state_dict()})
@@ -94,6 +96,7 @@ def _train_dense(model: nn.Module, data: Dataset, train_config: TrainConfig, con
         checkpoint=work / "level-0.train.pt",
         desc="level 0 (dense)",
         after_step=capture,
+        device=device,
     )
     distributed.barrier()
     if not rewind_path.exists():
@@ -101,9 +104,15 @@ def _train_dense(model: nn.Module, data: Dataset, train_config: TrainConfig, con
 
 
 def run_imp(
-    model: nn.Module, data: Dataset, train_config: TrainConfig, config: ShifterConfig, work: Path
+    model: nn.Module,
+    data: Dataset,
+    train_config: TrainConfig,
+    config: ShifterConfig,
+    work: Path,
+    device: torch.device | None = None,
 ) -> Iterator[Level]:
-    """Yield every level (0 = dense), training what is not checkpointed yet."""
+    """Yield every level (0 = dense), training what is not checkpointed yet on `device` (default: the
+    CPU); every level's state and masks are on the CPU."""
     work.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, *data.info.input_shape)
     pairs = masking.conv_batchnorm_pairs(model, example)
@@ -118,7 +127,7 @@ def run_imp(
             yield Level(level, saved["state"], masks)
             continue
         if level == 0:
-            _train_dense(model, data, train_config, config, work)
+            _train_dense(model, data, train_config, config, work, device)
         else:
             masks = masking.with_batchnorm_masks(masking.prune_global_magnitude(model, masks, config.rate), pairs)
             model.load_state_dict(_load(work / "rewind.pt")["state"])
@@ -131,6 +140,7 @@ def run_imp(
                 masks=masks,
                 checkpoint=work / f"level-{level}.train.pt",
                 desc=f"level {level} (sparsity {masking.sparsity(masks):.1%})",
+                device=device,
             )
         state = {k: v.clone() for k, v in model.state_dict().items()}
         if distributed.is_main():  # under torchrun every process holds the same state; one writes it
@@ -144,7 +154,7 @@ def levels(context: BuildContext, settings: ShifterConfig) -> Iterator[SparseMod
     """Every level of IMP as a sparse model of the dense shape; its compression follows from its masks."""
     torch.manual_seed(context.config.seed)
     model = context.new_model()
-    for level in run_imp(model, context.data, context.config.train, settings, context.work_dir):
+    for level in run_imp(model, context.data, context.config.train, settings, context.work_dir, context.device):
         sparse = context.new_model()
         sparse.load_state_dict(level.state)
         yield SparseModel(level.level, sparse.eval(), level.masks)
