@@ -160,16 +160,17 @@ def edge_kill_during_download(ctx) -> dict:
     sent = ctx.cluster.bytes_sent() - before  # the edge serves only once its portfolio is loaded
     edge.proxy.open()
     converge_s = _settled(ctx, rollout.id)
+    checks = {
+        "caught mid-download": caught,
+        "partial file kept, never in place": kept >= CHUNK_BYTES and final_absent,
+        "download resumed from the partial file": _resumed(size, kept, sent),
+        "rollout completed": converge_s is not None,
+    }
     return outcome(
         fault_at,
         recovered_at,
         converge_s,
-        {
-            "caught mid-download": caught,
-            "partial file kept, never in place": kept >= CHUNK_BYTES and final_absent,
-            "download resumed from the partial file": _resumed(size, kept, sent),
-            "rollout completed": converge_s is not None,
-        },
+        checks,
         killed={"edge-2": (fault_at, restarted_at)},
         detail={
             "variant_bytes": size,
