@@ -102,11 +102,21 @@ def on_cpu(value):
     return value
 
 
-def _save_checkpoint(path: Path, model: nn.Module, parts: dict, epoch: int) -> None:
-    state = {"model": model.state_dict(), **{name: part.state_dict() for name, part in parts.items()}, "epoch": epoch}
+def save_state(path: Path, state: dict) -> None:
+    """Write a checkpoint atomically, from CPU copies: the weights of a GPU run resume anywhere."""
     buffer = io.BytesIO()
     torch.save(on_cpu(state), buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_state(path: Path) -> dict:
+    """A checkpoint this build wrote (a local, trusted file), onto the CPU."""
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def _save_checkpoint(path: Path, model: nn.Module, parts: dict, epoch: int) -> None:
+    state = {"model": model.state_dict(), **{name: part.state_dict() for name, part in parts.items()}, "epoch": epoch}
+    save_state(path, state)
 
 
 def _resume(path: Path | None, model: nn.Module, parts: dict) -> int:
@@ -114,7 +124,7 @@ def _resume(path: Path | None, model: nn.Module, parts: dict) -> int:
     the optimizer moves its state to the parameters' device itself."""
     if path is None or not path.exists():
         return 0
-    state = torch.load(path, weights_only=True, map_location="cpu")
+    state = load_state(path)
     model.load_state_dict(state["model"])
     for name, part in parts.items():
         if name in state:

@@ -9,7 +9,6 @@ each level trains data-parallel and rank 0 writes the checkpoints.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,9 +21,8 @@ from cloud.build import distributed
 from cloud.build.methods import masks as masking
 from cloud.build.methods.base import BuildContext, Method, SparseModel
 from cloud.build.settings import SettingsError
-from cloud.build.train import Masks, TrainConfig, apply_masks, on_cpu, train
+from cloud.build.train import Masks, TrainConfig, apply_masks, load_state, save_state, train
 from common.datasets import Dataset
-from common.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +57,6 @@ class Level:
     masks: Masks
 
 
-def _save(path: Path, obj: dict) -> None:
-    buffer = io.BytesIO()
-    torch.save(on_cpu(obj), buffer)  # CPU copies: the weights of a GPU run resume anywhere
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def _load(path: Path) -> dict:
-    return torch.load(path, weights_only=True, map_location="cpu")
-
-
 class _RewindCapture:
     """Keeps a copy of the weights after `iteration` optimizer steps of the dense run."""
 
@@ -78,7 +66,7 @@ class _RewindCapture:
     def __call__(self, model: nn.Module) -> None:
         self.steps += 1
         if self.steps == self.iteration and not self.path.exists():
-            _save(self.path, {"state": model.state_dict()})
+            save_state(self.path, {"state": model.state_dict()})
 
 
 def _train_dense(
@@ -86,7 +74,7 @@ def _train_dense(
 ) -> None:
     rewind_path = work / "rewind.pt"
     if config.rewind_iteration == 0 and not rewind_path.exists() and distributed.is_main():
-        _save(rewind_path, {"state": model.state_dict()})
+        save_state(rewind_path, {"state": model.state_dict()})
     capture = _RewindCapture(config.rewind_iteration, rewind_path) if config.rewind_iteration else None
     train(
         model,
@@ -120,7 +108,7 @@ def run_imp(
     for level in range(config.levels + 1):
         done = work / f"level-{level}.pt"
         if done.exists():
-            saved = _load(done)
+            saved = load_state(done)
             model.load_state_dict(saved["state"])
             masks = saved["masks"]
             log.info("level %d: resumed from %s", level, done)
@@ -130,7 +118,7 @@ def run_imp(
             _train_dense(model, data, train_config, config, work, device)
         else:
             masks = masking.with_batchnorm_masks(masking.prune_global_magnitude(model, masks, config.rate), pairs)
-            model.load_state_dict(_load(work / "rewind.pt")["state"])
+            model.load_state_dict(load_state(work / "rewind.pt")["state"])
             apply_masks(model, masks)
             train(
                 model,
@@ -144,7 +132,7 @@ def run_imp(
             )
         state = {k: v.clone() for k, v in model.state_dict().items()}
         if distributed.is_main():  # under torchrun every process holds the same state; one writes it
-            _save(done, {"state": state, "masks": masks})
+            save_state(done, {"state": state, "masks": masks})
             (work / f"level-{level}.train.pt").unlink(missing_ok=True)
         distributed.barrier()
         yield Level(level, state, masks)
