@@ -54,7 +54,7 @@ class Agent:
         verifier: Verifier | None = None,
     ):
         self.config, self.runtime, self.metrics = config, runtime, metrics
-        self._window, self._process, self._health = window, process, health
+        self._health = health
         self._outbox, self.stopping = outbox, stopping
         self._clock, self._wall_clock = clock, wall_clock
         self._sync = PortfolioSync(config, runtime, metrics, portfolio_stub, outbox, stopping, verifier)
