@@ -20,7 +20,17 @@ from common.registry import UnknownNameError, lookup
 
 SUITES = {
     name: f"bench.suites.{name}"
-    for name in ("surgery", "shifter", "reconvene", "switching", "policy", "transfer", "reliability")
+    for name in (
+        "surgery",
+        "shifter",
+        "reconvene",
+        "switching",
+        "policy",
+        "transfer",
+        "reliability",
+        "data",
+        "torchvision",
+    )
 }
 # What the suites import beyond an edge's install: module -> the distribution that provides it.
 REQUIREMENTS = {
@@ -28,6 +38,8 @@ REQUIREMENTS = {
     "matplotlib": "matplotlib",
     "hypothesis": "hypothesis",
     "hyperframe": "hyperframe",
+    "PIL": "Pillow",
+    "torchvision": "torchvision",
 }
 INSTALL_HINT = "pip install 'prunefleet[bench]'"
 

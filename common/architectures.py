@@ -1,11 +1,14 @@
 """The zoo's networks: VGG, CIFAR-style ResNet and MobileNetV2 for small images, all with BatchNorm.
 
-Each takes plain numbers (input channels, classes, input size where it matters, and a width multiplier
-that scales every channel count). The zoo (`common.models`) wraps each in a keyword-only constructor
-that a variant file can name; nothing else builds these classes by name.
+Each takes plain numbers (input channels, classes, input size where it matters: an int for square
+images or (H, W), as `image_size` reads it; and a width multiplier that scales every channel count).
+The zoo (`common.models`) wraps each in a keyword-only constructor that a variant file can name;
+nothing else builds these classes by name.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -16,6 +19,14 @@ VGG_CONFIGS: dict[str, list[int | str]] = {
 }
 
 
+def image_size(input_size: int | Sequence[int]) -> tuple[int, int]:
+    """(H, W) of a constructor's `input_size`: one int for square images, or [H, W]."""
+    sides = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    if len(sides) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sides):
+        raise ValueError(f"input_size must be a positive int or [H, W] of positive ints, got {input_size!r}")
+    return sides
+
+
 def _scaled(channels: int, width: float) -> int:
     if width <= 0:
         raise ValueError(f"width must be positive, got {width}")
@@ -23,23 +34,26 @@ def _scaled(channels: int, width: float) -> int:
 
 
 class VGG(nn.Module):
-    """VGG with BatchNorm. Pools that would shrink the map below 1x1 are skipped (28x28 inputs)."""
+    """VGG with BatchNorm. Pools that would shrink the map below 1x1 are skipped (28x28 inputs). The
+    classifier reads the last map whole: its size follows from `input_size` (an int, or [H, W])."""
 
-    def __init__(self, config: list[int | str], in_channels: int, num_classes: int, input_size: int, width: float):
+    def __init__(
+        self, config: list[int | str], in_channels: int, num_classes: int, input_size: int | Sequence[int], width: float
+    ):
         super().__init__()
         layers: list[nn.Module] = []
-        channels, size = in_channels, input_size
+        channels, (rows, cols) = in_channels, image_size(input_size)
         for entry in config:
             if entry == "M":
-                if size >= 2:
+                if min(rows, cols) >= 2:
                     layers.append(nn.MaxPool2d(2))
-                    size //= 2
+                    rows, cols = rows // 2, cols // 2
                 continue
             out = _scaled(int(entry), width)
             layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
             channels = out
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(channels * size * size, num_classes)
+        self.classifier = nn.Linear(channels * rows * cols, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))

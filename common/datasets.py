@@ -2,24 +2,34 @@
 
 Fashion-MNIST comes from its IDX files (Debian package `dataset-fashion-mnist`, or any directory that
 holds the four files, gzipped or not); CIFAR-10 from its binary distribution (`cifar-10-batches-bin`).
-Images stay uint8 in memory; `batches` normalizes on the fly, and augments training batches of the
-datasets that call for it (CIFAR-10: random 32x32 crops of the 4-pixel zero-padded image, random
-horizontal flips). Under data-parallel training each process takes its shard of every epoch.
+Both are held in memory as uint8 `Split`s; `batches` normalizes on the fly, and augments training
+batches of the datasets that call for it (CIFAR-10: random 32x32 crops of the 4-pixel zero-padded
+image, random horizontal flips). Under data-parallel training each process takes its shard of every
+epoch.
+
+The kinds of split (`Split` in memory, `StreamSplit` read on demand; `common.splits`) and their
+batching (`common.batching`) are re-exported here, where every caller finds them. Datasets the build
+streams (image folders, datasets named by import path) are loaded by `cloud.build.data`.
 """
 
 from __future__ import annotations
 
 import gzip
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common.errors import PrunefleetError
+from common.batching import augment, batches, channel_stats, index_batches, normalize
 from common.registry import lookup
+from common.splits import Dataset, DatasetError, DatasetInfo, Split, StreamSplit, head, seeded_parts
+
+__all__ = [
+    "CIFAR10", "FASHION_MNIST", "LOADERS", "Dataset", "DatasetError", "DatasetInfo", "Split", "StreamSplit",
+    "augment", "batches", "channel_stats", "head", "index_batches", "load", "load_cifar10", "load_fashion_mnist",
+    "normalize", "seeded_parts",
+]  # fmt: skip
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_HINT = (
@@ -28,50 +38,6 @@ FASHION_MNIST_HINT = (
     "train-labels-idx1-ubyte(.gz), t10k-images-idx3-ubyte(.gz) and t10k-labels-idx1-ubyte(.gz)"
 )
 _IDX_DTYPES = {0x08: np.uint8}
-
-
-class DatasetError(PrunefleetError, RuntimeError):
-    """A dataset file is missing or unreadable; the message says how to get it."""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    input_shape: tuple[int, int, int]
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    augment: bool = False  # random crop (padding 4) and horizontal flip while training
-
-
-@dataclass(frozen=True)
-class Split:
-    """Images as uint8 [N, C, H, W] and labels as int64 [N]."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if len(self.images) != len(self.labels):
-            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, size: int, seed: int) -> Split:
-        """A deterministic random subset of `size` examples (all of them if size >= len)."""
-        if size <= 0 or size >= len(self):
-            return self
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:size]
-        return Split(self.images[order], self.labels[order])
-
-
-@dataclass(frozen=True)
-class Dataset:
-    info: DatasetInfo
-    train: Split
-    val: Split
-    test: Split
 
 
 def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
@@ -122,7 +88,10 @@ def _split_train_val(full: Split, val_fraction: float, seed: int) -> tuple[Split
     return Split(full.images[train_idx], full.labels[train_idx]), Split(full.images[val_idx], full.labels[val_idx])
 
 
-FASHION_MNIST = DatasetInfo("fashion-mnist", (1, 28, 28), 10, (0.2860,), (0.3530,))
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
+)  # fmt: skip
+FASHION_MNIST = DatasetInfo("fashion-mnist", (1, 28, 28), 10, (0.2860,), (0.3530,), classes=FASHION_MNIST_CLASSES)
 
 
 def load_fashion_mnist(data_dir: Path | None = None, val_fraction: float = 0.1, seed: int = 0) -> Dataset:
@@ -132,7 +101,18 @@ def load_fashion_mnist(data_dir: Path | None = None, val_fraction: float = 0.1, 
     return Dataset(FASHION_MNIST, train, val, _idx_split(data_dir, "t10k"))
 
 
-CIFAR10 = DatasetInfo("cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), augment=True)
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"
+)  # fmt: skip
+CIFAR10 = DatasetInfo(
+    "cifar10",
+    (3, 32, 32),
+    10,
+    (0.4914, 0.4822, 0.4465),
+    (0.2470, 0.2435, 0.2616),
+    augment=True,
+    classes=CIFAR10_CLASSES,
+)
 CIFAR10_HINT = (
     "pass --data-dir DIR holding CIFAR-10's binary distribution: data_batch_1.bin ... "
     "data_batch_5.bin and test_batch.bin (the cifar-10-batches-bin folder of cifar-10-binary.tar.gz)"
@@ -176,58 +156,3 @@ LOADERS = {"fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10}
 
 def load(name: str, data_dir: Path | None = None, val_fraction: float = 0.1, seed: int = 0) -> Dataset:
     return lookup(LOADERS, "dataset", name)(data_dir, val_fraction=val_fraction, seed=seed)
-
-
-def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 [N, C, H, W] pixels to float32, scaled to [0, 1] and normalized per channel."""
-    x = images.to(torch.float32).div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return x.sub_(m).div_(s)
-
-
-def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Random crops of the zero-padded uint8 images at their own size, and random horizontal flips."""
-    n, _, h, w = images.shape
-    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-    flip = torch.rand(n, generator=generator) < 0.5
-    rows = (dy.view(n, 1) + torch.arange(h)).view(n, 1, h, 1)
-    cols = dx.view(n, 1) + torch.arange(w)
-    cols = torch.where(flip.view(n, 1), cols.flip(1), cols).view(n, 1, 1, w)
-    batch = torch.arange(n).view(n, 1, 1, 1)
-    channel = torch.arange(images.shape[1]).view(1, -1, 1, 1)
-    return padded[batch, channel, rows, cols]
-
-
-def batches(
-    split: Split,
-    info: DatasetInfo,
-    batch_size: int,
-    shuffle_seed: int | None = None,
-    shard: tuple[int, int] = (0, 1),
-    train: bool = False,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalized (inputs, labels) batches; shuffled deterministically when a seed is given. With
-    `shard=(rank, world)` this process gets every world-th example of the (padded) order, in batches of
-    batch_size // world, so every process takes the same number of steps. `train` augments the
-    datasets that call for it (deterministically, from the shuffle seed)."""
-    rank, world = shard
-    if batch_size % world:
-        raise ValueError(f"batch size {batch_size} does not split over {world} processes")
-    n = len(split)
-    if shuffle_seed is None:
-        order = torch.arange(n)
-    else:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed))
-    if world > 1:
-        order = torch.cat([order, order[: (-n) % world]])[rank::world]  # pad by wrapping, as samplers do
-        batch_size //= world
-    generator = torch.Generator().manual_seed((shuffle_seed or 0) * 7919 + rank)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        images = split.images[idx]
-        if train and info.augment:
-            images = augment(images, generator)
-        yield normalize(images, info.mean, info.std), split.labels[idx]

@@ -1,13 +1,16 @@
 """The model zoo, and the one place that turns an architecture name into a constructor.
 
-Every constructor takes keyword arguments only (`in_channels`, `num_classes`, `input_size`, `width`),
-so a variant file can name the architecture and its arguments and nothing else.
+Every constructor takes keyword arguments only (`in_channels`, `num_classes`, `input_size` (an int
+for square images, or [H, W]), `width`), so a variant file can name the architecture and its
+arguments and nothing else.
 
-The networks themselves are in `common.architectures`.
+The networks themselves are in `common.architectures`; torchvision's, adapted to the same arguments,
+in `common.vision_models`.
 
-An architecture name is either a zoo name (a key of `MODELS`) or an import path
-`package.module:function` naming a user constructor with the same keyword arguments that returns an
-`nn.Module`. `resolve(name, allowed=...)` is the allow-list: zoo names always resolve; an import path
+An architecture name is a zoo name (a key of `MODELS`), a torchvision classification model
+`torchvision:NAME`, or an import path `package.module:function` naming a user constructor with the
+same keyword arguments that returns an `nn.Module`. `resolve(name, allowed=...)` is the allow-list:
+zoo and torchvision names always resolve (torchvision is imported only then); an import path
 resolves only when it is listed in `allowed`, and it is checked (`check_allowed`) before anything is
 imported. The cloud allows the path its operator named; an edge allows only the paths it was started
 with (`prunefleet-edge run --allow-model PATH`, or the comma-separated `PRUNEFLEET_ALLOW_MODELS`).
@@ -16,10 +19,11 @@ with (`prunefleet-edge run --allow-model PATH`, or the comma-separated `PRUNEFLE
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 from torch import nn
 
+from common import vision_models
 from common.architectures import VGG, VGG_CONFIGS, MobileNetV2, ResNet
 from common.errors import PrunefleetError
 from common.registry import (
@@ -31,24 +35,28 @@ from common.registry import (
 )
 
 ALLOW_ENV = "PRUNEFLEET_ALLOW_MODELS"  # read by the edge CLI's main(), never at import time
+ZOO_WIDTH = 0.25  # the width a build takes unless told: small networks for small images
+Size = int | Sequence[int]
 
 
 def _vgg(name: str) -> Callable[..., nn.Module]:
-    def build(*, in_channels: int = 1, num_classes: int = 10, input_size: int = 28, width: float = 1.0) -> nn.Module:
+    def build(*, in_channels: int = 1, num_classes: int = 10, input_size: Size = 28, width: float = 1.0) -> nn.Module:
         return VGG(VGG_CONFIGS[name], in_channels, num_classes, input_size, width)
 
     return build
 
 
 def _resnet(depth: int) -> Callable[..., nn.Module]:
-    def build(*, in_channels: int = 1, num_classes: int = 10, input_size: int = 28, width: float = 1.0) -> nn.Module:
+    def build(*, in_channels: int = 1, num_classes: int = 10, input_size: Size = 28, width: float = 1.0) -> nn.Module:
         del input_size  # global pooling makes the network size-agnostic
         return ResNet(depth, in_channels, num_classes, width)
 
     return build
 
 
-def _mobilenetv2(*, in_channels: int = 1, num_classes: int = 10, input_size: int = 28, width: float = 1.0) -> nn.Module:
+def _mobilenetv2(
+    *, in_channels: int = 1, num_classes: int = 10, input_size: Size = 28, width: float = 1.0
+) -> nn.Module:
     del input_size  # global pooling makes the network size-agnostic
     return MobileNetV2(in_channels, num_classes, width)
 
@@ -80,6 +88,9 @@ def check_allowed(name: str, allowed: Collection[str] = ()) -> None:
         raise UnknownNameError(f"architecture must be a name, got {type(name).__name__}")
     if name in MODELS:
         return
+    if vision_models.is_vision_name(name):
+        vision_models.check_name(name)
+        return
     if not is_import_path(name):
         try:
             lookup(MODELS, "architecture", name)
@@ -93,10 +104,13 @@ def check_allowed(name: str, allowed: Collection[str] = ()) -> None:
 
 def parse_allow_list(entries: Iterable[str]) -> tuple[str, ...]:
     """Allow-list entries (flags, or the comma-separated `PRUNEFLEET_ALLOW_MODELS`), each checked:
-    zoo names (always allowed anyway) or well-formed import paths. Sorted, without duplicates."""
+    zoo and torchvision names (always allowed anyway) or well-formed import paths. Sorted, without
+    duplicates."""
     names = {name.strip() for entry in entries for name in entry.split(",") if name.strip()}
     for name in names:
-        if name not in MODELS:
+        if vision_models.is_vision_name(name):
+            vision_models.check_name(name)
+        elif name not in MODELS:
             parse_import_path(name)
     return tuple(sorted(names))
 
@@ -114,12 +128,15 @@ def _check_constructor(path: str, constructor: object) -> Callable[..., nn.Modul
 
 
 def resolve(name: str, *, allowed: Collection[str] = ()) -> Callable[..., nn.Module]:
-    """The constructor `name` stands for: a zoo entry, or, when `name` is an import path listed in
+    """The constructor `name` stands for: a zoo entry, a torchvision model (`common.vision_models`:
+    imports torchvision, refuses a NAME it does not know), or, when `name` is an import path listed in
     `allowed`, the imported function (checked to take the zoo's keyword arguments). The allow-list
     check comes before any import."""
     check_allowed(name, allowed)
     if name in MODELS:
         return MODELS[name]
+    if vision_models.is_vision_name(name):
+        return vision_models.constructor(name)
     return _check_constructor(name, import_object(name))
 
 
@@ -129,7 +146,7 @@ def build(arch: str, kwargs: dict, *, allowed: Collection[str] = ()) -> nn.Modul
     unknown = set(kwargs) - CONSTRUCTOR_ARGS
     if unknown:
         raise ValueError(f"unknown constructor arguments for {arch}: {sorted(unknown)}")
-    if arch in MODELS:
+    if arch in MODELS or vision_models.is_vision_name(arch):  # vetted constructors: their errors as they are
         return constructor(**kwargs)
     try:
         model = constructor(**kwargs)
@@ -140,9 +157,23 @@ def build(arch: str, kwargs: dict, *, allowed: Collection[str] = ()) -> nn.Modul
     return model
 
 
-def zoo_kwargs(input_shape: tuple[int, ...], num_classes: int, width: float) -> dict:
-    """The keyword arguments every zoo constructor takes, for inputs of `input_shape` (C, H, W)."""
-    return {"in_channels": input_shape[0], "num_classes": num_classes, "input_size": input_shape[1], "width": width}
+def default_width(arch: str) -> float:
+    """The width a build of `arch` takes unless told: 1.0 for torchvision's networks (their own
+    size), `ZOO_WIDTH` for the zoo's and for import paths."""
+    return vision_models.DEFAULT_WIDTH if vision_models.is_vision_name(arch) else ZOO_WIDTH
+
+
+def zoo_kwargs(input_shape: tuple[int, ...], num_classes: int, width: float | None = None, arch: str = "") -> dict:
+    """The keyword arguments every constructor takes, for inputs of `input_shape` (C, H, W): the size
+    is one int for square inputs, [H, W] otherwise; a width of None is `arch`'s default
+    (`default_width`), stored as the number it stands for."""
+    channels, height, image_width = (int(d) for d in input_shape)
+    return {
+        "in_channels": channels,
+        "num_classes": num_classes,
+        "input_size": height if height == image_width else [height, image_width],
+        "width": default_width(arch) if width is None else width,
+    }
 
 
 def count_params(model: nn.Module) -> int:

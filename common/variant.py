@@ -5,9 +5,9 @@ tensors: a reader builds the base architecture and shrinks every layer to the st
 rebuilding a compact model needs neither torch-pruning nor the pruning history. A depthwise conv
 (groups == in == out channels in the base) stays depthwise at its stored channel count.
 
-The spec's `arch` is a zoo name or an import path (`package.module:function`). Readers pass
-`allowed_models`, the import paths this process may build (zoo names always may; by default none),
-and `decode` refuses any other path before anything is built or imported (`common.models.resolve`).
+The spec's `arch` is a zoo name, `torchvision:NAME` or an import path (`package.module:function`).
+Readers pass `allowed_models`, the import paths this process may build (zoo and torchvision names
+always may; by default none), and `decode` refuses any other path before anything is built or imported.
 """
 
 from __future__ import annotations
@@ -25,15 +25,18 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from common import models, tensorfile
+from common import layer_shapes, models, tensorfile
 from common.errors import PrunefleetError
 from common.files import atomic_write_bytes, sha256_bytes
 from common.registry import UnknownNameError
+from common.vision_models import VisionUnavailableError
 
 FORMAT = "prunefleet.variant/1"
 MAX_VARIANT_BYTES = 1 << 30
 MAX_HEADER_BYTES = 16 << 20
 MAX_INPUT_VALUES = 1 << 21  # one sample as float32 fits in a Predict message (8 MiB)
+MAX_CLASSES = 100_000
+MAX_CLASS_NAME_CHARS = 200
 
 
 class VariantError(PrunefleetError, ValueError):
@@ -54,6 +57,7 @@ class VariantSpec:
     name: str = ""
     level: int = 0
     extra: dict = field(default_factory=dict)
+    classes: tuple[str, ...] = ()  # the name of each class, in output order (empty: unnamed)
 
     def __post_init__(self) -> None:
         if len(self.input_shape) != 3 or any(int(d) <= 0 for d in self.input_shape):
@@ -70,6 +74,20 @@ class VariantSpec:
             raise VariantError(f"std must be positive, got {self.std}")
         if not 0.0 <= self.sparsity <= 1.0:
             raise VariantError(f"sparsity must be in [0, 1], got {self.sparsity}")
+        self._check_classes()
+
+    def _check_classes(self) -> None:
+        if self.num_classes > MAX_CLASSES:
+            raise VariantError(f"num_classes {self.num_classes} is over the limit of {MAX_CLASSES}")
+        if not self.classes:
+            return
+        if len(self.classes) != self.num_classes:
+            raise VariantError(f"classes names {len(self.classes)} classes, the model has {self.num_classes}")
+        for name in self.classes:
+            if not isinstance(name, str) or not name or len(name) > MAX_CLASS_NAME_CHARS or not name.isprintable():
+                raise VariantError(
+                    f"class name {str(name)[:40]!r} must be printable text of 1 to {MAX_CLASS_NAME_CHARS} characters"
+                )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -81,6 +99,7 @@ class VariantSpec:
             raw["input_shape"] = tuple(int(d) for d in raw["input_shape"])
             raw["mean"] = tuple(float(v) for v in raw["mean"])
             raw["std"] = tuple(float(v) for v in raw["std"])
+            raw["classes"] = tuple(raw.get("classes", ()))
             return cls(**raw)
         except (KeyError, TypeError, ValueError, ArithmeticError, RecursionError) as err:
             if isinstance(err, VariantError):
@@ -188,20 +207,19 @@ def _sync_conv(name: str, conv: nn.Conv2d) -> None:
 def _sync_shape_attributes(name: str, module: nn.Module) -> None:
     if isinstance(module, nn.Conv2d):
         _sync_conv(name, module)
-    elif isinstance(module, nn.Linear):
-        module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-        module.num_features = (
-            module.running_mean.shape[0] if module.running_mean is not None else module.weight.shape[0]
-        )
+    else:
+        layer_shapes.sync(name, module)  # linear layers and norms
 
 
 def _base_model(spec: VariantSpec, allowed_models: Collection[str]) -> nn.Module:
     """The base architecture on the meta device: shapes only, no memory (a compact variant never
-    allocates its full-size base)."""
+    allocates its full-size base). A torchvision architecture where torchvision is missing is refused
+    with how to install it."""
     try:
         with torch.device("meta"):
             return models.build(spec.arch, spec.kwargs, allowed=allowed_models)
+    except VisionUnavailableError as err:
+        raise VariantError(str(err)) from err
     except (UnknownNameError, ValueError, TypeError, RuntimeError, ArithmeticError) as err:
         raise VariantError(f"cannot build {spec.arch!r} with {spec.kwargs}: {err}") from err
 

@@ -1,9 +1,10 @@
 # The cloud image: portfolio builder (trainer), cloud server, operator CLI and load generator.
-# It installs prunefleet with the `cloud` extra (torch-pruning, matplotlib) and Fashion-MNIST from Debian.
+# It installs prunefleet with the `cloud` extra (torch-pruning, matplotlib, torchvision, Pillow) and Fashion-MNIST from Debian.
 #   docker build -f deploy/cloud.Dockerfile -t prunefleet-cloud:0.1.0 .
 FROM python:3.12-slim-bookworm
 
-ARG TORCH_VERSION=2.13.0
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Fashion-MNIST's IDX files, under /usr/share/datasets/fashion-mnist
@@ -12,7 +13,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 # the CPU build of torch first, so that the project's pin resolves against it
-RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}"
+RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
 WORKDIR /opt/prunefleet
 COPY pyproject.toml README.md ./

@@ -2,7 +2,7 @@
 #   docker build -f deploy/edge.Dockerfile -t prunefleet-edge:0.1.0 .
 FROM python:3.12-slim-bookworm
 
-ARG TORCH_VERSION=2.13.0
+ARG TORCH_VERSION=2.14.1
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # the CPU build of torch first, so that the project's pin resolves against it

@@ -5,6 +5,11 @@ INVALID_ARGUMENT with a message naming what is expected; a tensor declared large
 limit is RESOURCE_EXHAUSTED, and so is a message over it (refused by the transport, which names both
 sizes) and any RPC beyond `max_pending` in progress; before any variant is active, UNAVAILABLE. A bad
 request fails alone: it never reaches the model, and everyone else is served meanwhile.
+
+Describe answers with the active variant's spec as a client needs it (input shape, normalization, class
+names, the batch bound), UNAVAILABLE before any variant is active. It is served by the same server as
+Predict, so the same transport (mutual TLS unless the agent runs with --insecure) guards both; it is
+neither a request in the telemetry nor an arrival.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ log = logging.getLogger(__name__)
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 PREDICT_METHOD = f"/{INFERENCE_SERVICE}/Predict"
 HEALTH_NAMES = ("", INFERENCE_SERVICE)
+MAX_CLASS_NAMES_BYTES = MAX_MESSAGE_BYTES // 4  # Describe leaves out names longer in all than this
 
 
 class PayloadTooLargeError(PrunefleetError, ValueError):
@@ -53,6 +59,25 @@ def check_declared_size(tensor: inference_pb2.Tensor) -> None:
             f"shape {list(tensor.shape)} of {tensor.dtype} needs {declared} bytes, over "
             f"the {MAX_MESSAGE_BYTES}-byte limit; send smaller batches"
         )
+
+
+def describe(runtime: Runtime) -> inference_pb2.DescribeResponse:
+    """The active variant as a client needs it; NotReadyError before any variant is active."""
+    active = runtime.active
+    if active is None:
+        raise NotReadyError("this edge serves no variant yet: it has not loaded one from its cloud")
+    spec = active.spec
+    names_bytes = sum(len(name.encode()) + 4 for name in spec.classes)  # +4: a field's tag and length
+    return inference_pb2.DescribeResponse(
+        variant_id=active.variant_id,
+        name=active.info.name,
+        input_shape=list(spec.input_shape),
+        mean=list(spec.mean),
+        std=list(spec.std),
+        num_classes=spec.num_classes,
+        classes=list(spec.classes) if names_bytes <= MAX_CLASS_NAMES_BYTES else [],
+        max_batch=runtime.config.max_batch,
+    )
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -101,6 +126,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         reply = inference_pb2.PredictResponse(output=to_proto(logits), variant_id=variant_id)
         self._finish(start, variant_id, grpc.StatusCode.OK)
         return reply
+
+    def Describe(self, request, context):
+        try:
+            return describe(self._runtime)
+        except NotReadyError as err:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
 
 
 class ArrivalCounter(grpc.ServerInterceptor):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\rprunefleet.v1\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"6\n\x0ePredictRequest\x12$\n\x05input\x18\x01 \x01(\x0b\x32\x15.prunefleet.v1.Tensor\"L\n\x0fPredictResponse\x12%\n\x06output\x18\x01 \x01(\x0b\x32\x15.prunefleet.v1.Tensor\x12\x12\n\nvariant_id\x18\x02 \x01(\t2\\\n\x10InferenceService\x12H\n\x07Predict\x12\x1d.prunefleet.v1.PredictRequest\x1a\x1e.prunefleet.v1.PredictResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\rprunefleet.v1\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"6\n\x0ePredictRequest\x12$\n\x05input\x18\x01 \x01(\x0b\x32\x15.prunefleet.v1.Tensor\"L\n\x0fPredictResponse\x12%\n\x06output\x18\x01 \x01(\x0b\x32\x15.prunefleet.v1.Tensor\x12\x12\n\nvariant_id\x18\x02 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"\x9d\x01\n\x10\x44\x65scribeResponse\x12\x12\n\nvariant_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x0c\n\x04mean\x18\x04 \x03(\x01\x12\x0b\n\x03std\x18\x05 \x03(\x01\x12\x13\n\x0bnum_classes\x18\x06 \x01(\x03\x12\x0f\n\x07\x63lasses\x18\x07 \x03(\t\x12\x11\n\tmax_batch\x18\x08 \x01(\x03\x32\xa9\x01\n\x10InferenceService\x12H\n\x07Predict\x12\x1d.prunefleet.v1.PredictRequest\x1a\x1e.prunefleet.v1.PredictResponse\x12K\n\x08\x44\x65scribe\x12\x1e.prunefleet.v1.DescribeRequest\x1a\x1f.prunefleet.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,6 +37,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTREQUEST']._serialized_end=149
   _globals['_PREDICTRESPONSE']._serialized_start=151
   _globals['_PREDICTRESPONSE']._serialized_end=227
-  _globals['_INFERENCESERVICE']._serialized_start=229
-  _globals['_INFERENCESERVICE']._serialized_end=321
+  _globals['_DESCRIBEREQUEST']._serialized_start=229
+  _globals['_DESCRIBEREQUEST']._serialized_end=246
+  _globals['_DESCRIBERESPONSE']._serialized_start=249
+  _globals['_DESCRIBERESPONSE']._serialized_end=406
+  _globals['_INFERENCESERVICE']._serialized_start=409
+  _globals['_INFERENCESERVICE']._serialized_end=578
 # @@protoc_insertion_point(module_scope)

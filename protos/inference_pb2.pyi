@@ -29,3 +29,27 @@ class PredictResponse(_message.Message):
     output: Tensor
     variant_id: str
     def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., variant_id: _Optional[str] = ...) -> None: ...
+
+class DescribeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DescribeResponse(_message.Message):
+    __slots__ = ("variant_id", "name", "input_shape", "mean", "std", "num_classes", "classes", "max_batch")
+    VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    variant_id: str
+    name: str
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    num_classes: int
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    max_batch: int
+    def __init__(self, variant_id: _Optional[str] = ..., name: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., num_classes: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., max_batch: _Optional[int] = ...) -> None: ...

@@ -39,6 +39,11 @@ class InferenceServiceStub:
                 request_serializer=protos_dot_inference__pb2.PredictRequest.SerializeToString,
                 response_deserializer=protos_dot_inference__pb2.PredictResponse.FromString,
                 _registered_method=True)
+        self.Describe = channel.unary_unary(
+                '/prunefleet.v1.InferenceService/Describe',
+                request_serializer=protos_dot_inference__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=protos_dot_inference__pb2.DescribeResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -50,6 +55,13 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Describe(self, request, context):
+        """The variant serving now. UNAVAILABLE before any variant is active.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -57,6 +69,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.Predict,
                     request_deserializer=protos_dot_inference__pb2.PredictRequest.FromString,
                     response_serializer=protos_dot_inference__pb2.PredictResponse.SerializeToString,
+            ),
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=protos_dot_inference__pb2.DescribeRequest.FromString,
+                    response_serializer=protos_dot_inference__pb2.DescribeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +103,33 @@ class InferenceService:
             '/prunefleet.v1.InferenceService/Predict',
             protos_dot_inference__pb2.PredictRequest.SerializeToString,
             protos_dot_inference__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/prunefleet.v1.InferenceService/Describe',
+            protos_dot_inference__pb2.DescribeRequest.SerializeToString,
+            protos_dot_inference__pb2.DescribeResponse.FromString,
             options,
             channel_credentials,
             insecure,

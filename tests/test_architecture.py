@@ -49,6 +49,7 @@ def test_the_import_contracts_hold():
         ("cloud/service/server.py", "import cloud.localfleet.demo", "Layers point down"),
         ("edge/runtime.py", "import bench", "Nothing in the product imports the benchmarks"),
         ("edge/fetcher.py", "import torch_pruning", "An edge install needs no torch-pruning"),
+        ("common/variant.py", "import torchvision", "Only common.vision_models imports torchvision"),
     ],
 )
 def test_a_forbidden_import_breaks_a_contract(tmp_path, module, line, contract):

@@ -45,7 +45,7 @@ from bench.faults.checks import (
 )
 from bench.faults.cluster import Cluster, base_portfolio, payload_portfolio
 from bench.faults.scenarios import SCENARIOS
-from common import datasets
+from cloud.localfleet.inputs import portfolio_inputs
 from common.files import short_id
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ def run(
     payloads = [
         payload_portfolio(base, run_dir / f"payload-{i}", seed=i + 1, width=plan["payload_width"]) for i in range(2)
     ]
-    images = datasets.load("fashion-mnist", data_dir).test.images[:2].numpy()
+    images = portfolio_inputs(base, 2, data_dir=data_dir)
     reference = references([base, *(store for store, _ in payloads)], images)
     cluster, load = Cluster(run_dir, base, EDGES), None
     try:

@@ -168,11 +168,16 @@ def saturate(cloud_address: str, edge_certs: Path, run_dir: Path, images: np.nda
     }
 
 
-def switch_memory(files: list[Path], switches: int, every: int, data_dir: Path | None, budget_bytes: int = 0) -> dict:
+def switch_memory(
+    files: list[Path], switches: int, every: int, data_dir: Path | None, budget_bytes: int = 0, *, portfolio: Path
+) -> dict:
+    """`bench.probes.switches` over `files` of the portfolio in `portfolio`, answering its own inputs."""
     args = [
         sys.executable,
         "-m",
         "bench.probes.switches",
+        "--portfolio",
+        str(portfolio),
         "--files",
         *map(str, files),
         "--switches",

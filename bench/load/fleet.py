@@ -29,7 +29,7 @@ from bench.suites.policy_parts import build_portfolio
 from cloud.admin import certs, operator_client
 from cloud.build.store import PortfolioStore
 from cloud.localfleet import commands, processes
-from common import datasets
+from cloud.localfleet.inputs import portfolio_inputs
 from common.security import Transport
 from protos import coordinator_pb2
 
@@ -216,7 +216,7 @@ def prepare(work: Path, data_dir) -> tuple[PortfolioStore, dict]:
 def measure(store: PortfolioStore, keys: dict, run_dir: Path, plan: dict, data_dir) -> dict:
     """The three loads with this plan; `plan` as FULL or QUICK."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    images = datasets.load("fashion-mnist", data_dir).test.images[:512].numpy()
+    images = portfolio_inputs(store, 512, data_dir=data_dir)
     cloud = start_cloud(store.root, run_dir, keys)
     try:
         reports = fleet(cloud, keys, run_dir, plan)
@@ -224,10 +224,15 @@ def measure(store: PortfolioStore, keys: dict, run_dir: Path, plan: dict, data_d
     finally:
         cloud.stop()
     files = [store.variant_path(v.variant_id) for v in store.manifest().variants]
-    resident = agent_load.switch_memory(files, plan["switches"], plan["every"], data_dir)
+    resident = agent_load.switch_memory(files, plan["switches"], plan["every"], data_dir, portfolio=store.root)
     largest = max(v.size_bytes for v in store.manifest().variants)  # room for one: every switch loads
     on_demand = agent_load.switch_memory(
-        files, plan["on_demand_switches"], max(1, plan["every"] // 5), data_dir, budget_bytes=largest
+        files,
+        plan["on_demand_switches"],
+        max(1, plan["every"] // 5),
+        data_dir,
+        budget_bytes=largest,
+        portfolio=store.root,
     )
     return {"fleet": reports, "predict": predict, "switches": resident, "switches_on_demand": on_demand}
 

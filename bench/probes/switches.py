@@ -1,10 +1,12 @@
 """`python -m bench.probes.switches`: resident memory of an edge runtime over many switches (a bench helper).
 
-    python -m bench.probes.switches --files A B ... --switches N [--every K] [--budget-bytes B] [--data-dir DIR]
+    python -m bench.probes.switches --portfolio STORE --files A B ... --switches N [--every K] [--budget-bytes B]
+        [--data-dir DIR]
 
 In a fresh process, loads every variant file into an `edge.runtime.Runtime` the way an agent does
-(`cache_loader`), then switches round-robin among them N times, answering one real Fashion-MNIST test
-image on the new variant after each switch (an agent serves between switches). The process's resident
+(`cache_loader`), then switches round-robin among them N times, answering one of the portfolio's own
+inputs (`cloud.localfleet.inputs`: a test image of the data it was built on) on the new variant after
+each switch (an agent serves between switches). The process's resident
 set size is read from /proc/self/status (VmRSS, what the kernel charges; no collection or trim
 forced) every K switches. With a budget, every switch loads its variant on demand and evicts another.
 Prints one JSON object: the RSS curve `[[switches, rss_bytes], ...]`, the warm-up (the first tenth of
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import datasets
+from cloud.localfleet.inputs import portfolio_inputs
 from common.files import sha256_file
 from edge.loading import cache_loader
 from edge.runtime import Runtime, RuntimeConfig
@@ -77,6 +79,7 @@ def probe(files: list[Path], switches: int, every: int, budget_bytes: int, image
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.probes.switches")
+    parser.add_argument("--portfolio", type=Path, required=True, help="the store the files belong to")
     parser.add_argument("--files", type=Path, nargs="+", required=True)
     parser.add_argument("--switches", type=int, required=True)
     parser.add_argument("--every", type=int, default=100, help="switches between RSS samples")
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.switches < 1 or args.every < 1:
         parser.error("--switches and --every must be >= 1")
     torch.set_num_threads(1)
-    images = datasets.load("fashion-mnist", args.data_dir).test.images[:256].numpy()
+    images = portfolio_inputs(args.portfolio, 256, data_dir=args.data_dir)
     started = time.perf_counter()
     result = probe(args.files, args.switches, args.every, args.budget_bytes, images)
     result["seconds"] = time.perf_counter() - started

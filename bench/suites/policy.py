@@ -50,7 +50,7 @@ from bench.load.open_loop import Phase, replay
 from bench.suites import policy_parts
 from bench.suites.policy_parts import PLAIN
 from cloud.admin import operator_client
-from common import datasets
+from cloud.localfleet.inputs import portfolio_inputs
 from common.files import short_id
 from common.wire import GRPC_OPTIONS, to_proto
 from protos import inference_pb2, inference_pb2_grpc
@@ -183,7 +183,7 @@ def _experiment(cloud, edge, store, plan: dict, data_dir) -> dict:
     smallest = min(variants, key=lambda v: (v.params, -v.accuracy))
     slo_ms = plan["slo_factor"] * profiles[largest.variant_id].p95_ms_batch
     operator_client.set_policy(cloud.address, PLAIN, slo_ms=slo_ms, window_s=plan["window_s"], **POLICY)
-    images = datasets.load("fashion-mnist", data_dir).test.images[: plan["batch"]].numpy()
+    images = portfolio_inputs(store, plan["batch"], data_dir=data_dir)
     request = inference_pb2.PredictRequest(input=to_proto(images))
     stub = inference_pb2_grpc.InferenceServiceStub(grpc.insecure_channel(edge.address, options=GRPC_OPTIONS))
     mu = {

@@ -25,7 +25,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cloud.build import data as build_data
 from cloud.build import devices, distributed
+from cloud.build import weights as start_weights
 from cloud.build.compaction import surgery
 from cloud.build.methods import METHODS
 from cloud.build.methods.base import BuildContext, Method, SparseModel
@@ -34,7 +36,6 @@ from cloud.build.settings import SettingsError
 from cloud.build.store import Manifest, PortfolioStore, VariantEntry, portfolio_id
 from cloud.build.train import TrainConfig, evaluate
 from common import datasets, models, variant
-from common.datasets import Dataset
 from common.files import atomic_write_json
 from common.inference import for_inference
 from common.profiling import count_macs, measure_interleaved
@@ -56,9 +57,25 @@ class BuildConfig:
         default="vgg11",
         metadata={"help": "zoo name (vgg11, resnet20, mobilenetv2, ...) or package.module:function"},
     )
-    width: float = field(default=0.25, metadata={"help": "channel width multiplier"})
-    dataset: str = field(default="fashion-mnist", metadata={"help": f"dataset: {', '.join(sorted(datasets.LOADERS))}"})
+    width: float | None = field(
+        default=None,
+        metadata={"help": "channel width multiplier (none: the model's own, 0.25 for the zoo, 1.0 for torchvision)"},
+    )
+    weights: Path | None = field(
+        default=None,
+        metadata={
+            "help": "start from these trained weights of --model at --width (a .safetensors state dict, an "
+            "uncompacted variant file, or a torch state dict; at most "
+            f"{start_weights.MAX_WEIGHTS_BYTES >> 30} GiB): the dense model is this one, "
+            "not trained again; methods that prune at initialization refuse it"
+        },
+    )
+    dataset: str = field(default="fashion-mnist", metadata={"help": build_data.HELP})
     data_dir: Path | None = field(default=None, metadata={"help": "where the dataset's files are"})
+    input_size: tuple[int, ...] = field(
+        default=(), metadata={"help": "H,W the images are resized and cropped to (none: the dataset's own size)"}
+    )
+    workers: int = field(default=2, metadata={"help": "DataLoader worker processes reading a streamed dataset"})
     subset: int = field(default=0, metadata={"help": "training examples to use (0: all)"})
     threads: int = field(default=2, metadata={"help": "CPU threads of this process"})
     device: str = field(
@@ -80,8 +97,9 @@ class BuildConfig:
     def __post_init__(self) -> None:
         method = lookup(METHODS, "method", self.method)
         models.resolve(self.model, allowed=(self.model,))  # the operator typed it: an import path is allowed
-        if self.subset < 0 or self.threads <= 0 or self.check_images <= 0:
-            raise SettingsError("subset must be >= 0; threads and check_images positive")
+        if self.subset < 0 or self.threads <= 0 or self.check_images <= 0 or self.workers < 0:
+            raise SettingsError("subset and workers must be >= 0; threads and check_images positive")
+        build_data.check(self.dataset, self.data_dir, self.input_size)
         devices.check_form(self.device)
         if self.train.amp and self.device == "cpu":
             raise SettingsError("mixed precision (--amp) needs a CUDA device, not --device cpu")
@@ -94,13 +112,18 @@ class BuildConfig:
                 f"method {self.method!r} takes {method.settings.__name__} settings, "
                 f"got {type(self.method_settings).__name__}"
             )
+        if self.weights is not None:
+            method.refuse_weights(self.method_settings)
+            start_weights.check_file(self.weights)
 
     def settings(self) -> dict:
         """Everything that shapes the portfolio, as JSON: a resumed build must match it."""
         raw = asdict(self)
         raw.pop("out")
         raw.pop("device")  # where it trains: a build may resume on another device
+        raw.pop("workers")  # how many processes read the data: the same batches either way
         raw["data_dir"] = str(self.data_dir) if self.data_dir else None
+        raw["weights"] = start_weights.fingerprint(self.weights) if self.weights else None  # moves, never changes
         raw["train"].pop("progress")  # shows progress bars; the portfolio is the same either way
         return json.loads(json.dumps(raw, default=str))
 
@@ -134,7 +157,7 @@ def derive_variant(sparse: SparseModel, context: BuildContext, dense_params: int
     config, data, store = context.config, context.data, context.store
     sparse.model.cpu()  # surgery, its check and the measurements run where the edges run variants
     shape = data.info.input_shape
-    check = datasets.normalize(data.test.images[: config.check_images], data.info.mean, data.info.std)
+    check = datasets.normalize(datasets.head(data.test, config.check_images), data.info.mean, data.info.std)
     compact, report = surgery.compact(sparse.model, check[:1], check_inputs=check)
     sparse_acc = evaluate(sparse.model, data.info, data.test)
     compact_acc = evaluate(compact, data.info, data.test)
@@ -152,6 +175,7 @@ def derive_variant(sparse: SparseModel, context: BuildContext, dense_params: int
         name=sparse.name or f"{config.model}-L{sparse.level}",
         level=sparse.level,
         extra={"sparse_accuracy": sparse_acc},
+        classes=data.info.classes,
     )  # nothing run-dependent: ids repeat
     variant_id = store.put_variant(variant.encode(compact, spec))
     params = models.count_params(compact)
@@ -249,12 +273,14 @@ def build(config: BuildConfig) -> Manifest | None:
     distributed.init_from_env(device)
     torch.set_num_threads(config.threads)
     store = PortfolioStore(config.out)
+    context = BuildContext(config, build_data.for_build(config), store, device)
+    build_data.check_model_input(config.model, context.new_model, context.data.info)
+    with torch.random.fork_rng(devices=[]):
+        context.trained_model()  # weights that do not fit are refused before the build writes anything
     if distributed.is_main():
         _check_settings(config, store)
     distributed.barrier()
-    data = datasets.load(config.dataset, config.data_dir, seed=config.seed)
-    data = Dataset(data.info, data.train.subset(config.subset, config.seed), data.val, data.test)
-    entries = _derive(BuildContext(config, data, store, device), lookup(METHODS, "method", config.method))
+    entries = _derive(context, lookup(METHODS, "method", config.method))
     if not distributed.is_main():
         return None
     manifest = Manifest(

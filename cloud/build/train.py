@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from cloud.build import distributed
 from cloud.build.settings import SettingsError
-from common.datasets import DatasetInfo, Split, batches
+from common.datasets import DatasetInfo, Split, StreamSplit, batches
 from common.errors import PrunefleetError
 from common.files import atomic_write_bytes
 
@@ -167,18 +167,20 @@ def _optimizing(model: nn.Module, config: TrainConfig, device: torch.device) -> 
 def train(
     model: nn.Module,
     info: DatasetInfo,
-    split: Split,
+    split: Split | StreamSplit,
     config: TrainConfig,
     masks: Masks | None = None,
     checkpoint: Path | None = None,
     desc: str = "train",
     after_step: Callable[[nn.Module], None] | None = None,
     device: torch.device | None = None,
+    workers: int | None = None,
 ) -> nn.Module:
     """SGD with momentum and a step schedule on `device` (default: the CPU); masked entries stay zero.
     Resumes from `checkpoint`. Under torchrun, each process trains on its shard of every batch (DDP);
     only rank 0 writes the checkpoint and calls `after_step` (with the model on `device`). The model
-    is returned on the CPU, in eval mode."""
+    is returned on the CPU, in eval mode. A streamed split is read by `workers` DataLoader processes
+    (None: the split's own number)."""
     device = torch.device("cpu") if device is None else torch.device(device)
     _check_amp(config, device)
     if masks:
@@ -196,8 +198,9 @@ def train(
             after_step(model)
 
     for epoch in range(start, config.epochs):
+        seed = config.seed * 1000 + epoch
         steps = tqdm(
-            batches(split, info, config.batch_size, shuffle_seed=config.seed * 1000 + epoch, shard=shard, train=True),
+            batches(split, info, config.batch_size, shuffle_seed=seed, shard=shard, train=True, workers=workers),
             total=-(-len(split) // config.batch_size),
             desc=f"{desc} epoch {epoch + 1}/{config.epochs}",
             disable=not (config.progress and main),
@@ -217,25 +220,47 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def predict_logits(
-    model: nn.Module, info: DatasetInfo, split: Split, batch_size: int = 1000, device: torch.device | None = None
-) -> torch.Tensor:
-    """The model's logits over `split`, computed on `device` (default: where the model is) and
-    returned on the CPU; the model is left on the device it was found on."""
+def _outputs(
+    model: nn.Module, info: DatasetInfo, split, batch_size: int, device: torch.device | None, workers: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits over `split` and the labels of the batches they came from, both on the CPU."""
     found = _device_of(model)
     device = found if device is None else torch.device(device)
     model.to(device).eval()
+    logits, labels = [], []
     try:
-        return torch.cat([model(x.to(device)).float().cpu() for x, _ in batches(split, info, batch_size)])
+        for x, y in batches(split, info, batch_size, workers=workers):
+            logits.append(model(x.to(device)).float().cpu())
+            labels.append(y)
     finally:
         model.to(found)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def predict_logits(
+    model: nn.Module,
+    info: DatasetInfo,
+    split: Split | StreamSplit,
+    batch_size: int = 1000,
+    device: torch.device | None = None,
+    workers: int | None = None,
+) -> torch.Tensor:
+    """The model's logits over `split`, computed on `device` (default: where the model is) and
+    returned on the CPU; the model is left on the device it was found on."""
+    return _outputs(model, info, split, batch_size, device, workers)[0]
 
 
 def evaluate(
-    model: nn.Module, info: DatasetInfo, split: Split, batch_size: int = 1000, device: torch.device | None = None
+    model: nn.Module,
+    info: DatasetInfo,
+    split: Split | StreamSplit,
+    batch_size: int = 1000,
+    device: torch.device | None = None,
+    workers: int | None = None,
 ) -> float:
-    """Top-1 accuracy in [0, 1], computed on `device` (default: where the model is)."""
+    """Top-1 accuracy in [0, 1], computed on `device` (default: where the model is); a streamed split
+    is read by `workers` DataLoader processes (None: the split's own number)."""
     if len(split) == 0:
         raise ValueError("cannot evaluate on an empty split")
-    logits = predict_logits(model, info, split, batch_size, device)
-    return float((logits.argmax(1) == split.labels).float().mean())
+    logits, labels = _outputs(model, info, split, batch_size, device, workers)
+    return float((logits.argmax(1) == labels).float().mean())

@@ -87,6 +87,13 @@ def add_parser(top, environ=None) -> None:
     load.add_argument("--round-s", type=float, default=2.0)
     load.add_argument("--out", type=Path, default=None, help="append per-second measurements here (JSON lines)")
     load.add_argument("--data-dir", type=Path, default=None)
+    load.add_argument(
+        "--portfolio",
+        type=Path,
+        default=None,
+        help="the served portfolio's store: inputs come from the data it was built on "
+        "(default: random inputs of the served portfolio's shape)",
+    )
     security.add_arguments(load, token=True, environ=environ)
 
 
@@ -189,6 +196,7 @@ def main(args) -> int:
                     batch=args.batch,
                     round_s=args.round_s,
                     data_dir=args.data_dir,
+                    portfolio=args.portfolio,
                 ),
                 security.from_arguments(args, token=True),
             )

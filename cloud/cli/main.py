@@ -14,7 +14,7 @@ import grpc
 
 from cloud.admin import operator_client
 from cloud.build.store import PortfolioStore
-from cloud.cli import build_command, cluster_commands
+from cloud.cli import build_command, cluster_commands, predict_command
 from common import security
 from common.errors import PrunefleetError
 from common.files import short_id
@@ -145,6 +145,7 @@ def _parser(environ=None) -> argparse.ArgumentParser:
     _add_fleet(top, environ)
     _add_rollouts(top, environ)
     _add_policy(top, environ)
+    predict_command.add_parser(top, environ)
     _add_bench_and_demo(top)
     cluster_commands.add_parser(top, environ)
     return parser
@@ -177,6 +178,8 @@ def _dispatch(args) -> int:
         return _portfolio(args)
     if args.command == "cluster":
         return cluster_commands.main(args)
+    if args.command == "predict":
+        return predict_command.run(args)
     if args.command == "demo":
         from cloud.localfleet import demo
 

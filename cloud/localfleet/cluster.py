@@ -192,7 +192,7 @@ def _start_all(config: ClusterConfig, store: Path, binary: str | None, state: di
     cloud = procs[0]
     procs.extend(cluster_start.start_edges(config, cloud.address, edge_ports, placed))
     _save(state, procs)
-    procs.append(cluster_start.start_load(config, cloud.address, shared))
+    procs.append(cluster_start.start_load(config, cloud.address, shared, store))
     _save(state, procs)
     if binary:
         edges = [p.metrics_address for p in procs if p.role == "edge"]

@@ -1,9 +1,11 @@
 """`prunefleet cluster load`: closed-loop inference load at every edge the coordinator knows.
 
 Edges are found through the coordinator (the addresses they advertise) and looked up again every round,
-so an edge that joins later gets load too. After each round the client-side p95 latency, request count
-and answering variant of every edge, per finished unix second, are appended to a JSON-lines file; the
-cluster report plots them.
+so an edge that joins later gets load too. Inputs are the portfolio's own (`cloud.localfleet.inputs`):
+the test images of the data the store given with `--portfolio` was built on, or, with no store at hand,
+random pixels of the shape of the portfolio the cloud serves (said in the log). After each round the
+client-side p95 latency, request count and answering variant of every edge, per finished unix second,
+are appended to a JSON-lines file; the cluster report plots them.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from pathlib import Path
 import grpc
 
 from cloud.admin import operator_client
+from cloud.localfleet import inputs
 from cloud.localfleet.demo_report import per_second
 from cloud.localfleet.loadgen import LoadGenerator, Phase, Sample
-from common import datasets
 from common.security import Transport
 from protos import coordinator_pb2
 
@@ -37,7 +39,8 @@ class LoadConfig:
     batch: int = 8
     round_s: float = 2.0
     data_dir: Path | None = None
-    images: int = 2000  # Fashion-MNIST test images to draw batches from
+    images: int = 2000  # inputs to draw batches from
+    portfolio: Path | None = None  # the store the cloud serves, whose data the inputs come from
 
     def __post_init__(self) -> None:
         if self.clients < 1 or self.batch < 1 or self.images < 1:
@@ -70,13 +73,26 @@ def complete_seconds(samples: list[Sample], now: float) -> tuple[list[dict], lis
     )
 
 
+def load_inputs(config: LoadConfig, transport: Transport):
+    """The portfolio's inputs (uint8 [N, C, H, W]); None while the cloud cannot say what it serves."""
+    if config.portfolio:
+        return inputs.portfolio_inputs(config.portfolio, config.images, data_dir=config.data_dir)
+    try:
+        return inputs.served_inputs(config.cloud, transport, config.images)
+    except grpc.RpcError as err:
+        log.warning("cannot read the served portfolio's input shape from %s: %s", config.cloud, err.code().name)
+        return None
+
+
 def run(config: LoadConfig, stop: threading.Event, transport: Transport) -> None:
-    images = datasets.load("fashion-mnist", config.data_dir).test.images.numpy()[: config.images]
+    images = None
     edges: dict[str, str] = {}
     generator, pending = None, []
     while not stop.is_set():
         found = discover(config.cloud, transport) or edges
-        if found != edges:
+        if found and images is None:
+            images = load_inputs(config, transport)
+        if found != edges and images is not None:
             edges, generator = found, LoadGenerator(found, images, config.batch, transport)
             print(
                 f"prunefleet cluster load driving load at {len(edges)} edge(s): {', '.join(sorted(edges))}", flush=True

@@ -94,8 +94,9 @@ def start_edges(
         raise
 
 
-def start_load(config: ClusterConfig, cloud: str, shared: Sequence[int]) -> Proc:
-    """The closed-loop load generator (`prunefleet cluster load`), up once it drives every edge."""
+def start_load(config: ClusterConfig, cloud: str, shared: Sequence[int], store: Path) -> Proc:
+    """The closed-loop load generator (`prunefleet cluster load`) sending inputs from the data the
+    portfolio in `store` was built on, up once it drives every edge."""
     args = _python(
         "cloud.cli",
         "cluster",
@@ -111,6 +112,8 @@ def start_load(config: ClusterConfig, cloud: str, shared: Sequence[int]) -> Proc
         "--out",
         str(config.dir / "load.jsonl"),
         "--insecure",
+        "--portfolio",
+        str(store),
         *(["--data-dir", str(config.data_dir)] if config.data_dir else []),
     )
     spawned = detached.spawn("load", args, config.dir / "logs" / "load.log", affinity=shared)

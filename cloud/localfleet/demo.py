@@ -21,8 +21,7 @@ from cloud.admin import certs, operator_client
 from cloud.build import portfolio
 from cloud.build.methods import shifter
 from cloud.build.train import TrainConfig
-from cloud.localfleet import commands, demo_report, loadgen, processes
-from common import datasets
+from cloud.localfleet import commands, demo_report, inputs, loadgen, processes
 from common.files import short_id
 from common.security import Transport
 from protos import coordinator_pb2
@@ -154,7 +153,7 @@ def _start_cluster(store: Path, run_dir: Path, keys: dict[str, Path]) -> list[pr
 def _drive(config: DemoConfig, children: list[processes.Child], manifest, transport: Transport) -> dict:
     cloud = children[0].address
     fleet = _wait_for_profiles(cloud, transport, len(manifest.variants))
-    images = datasets.load("fashion-mnist", config.data_dir).test.images.numpy()[:2000]
+    images = inputs.portfolio_inputs(config.build_config().out, 2000, data_dir=config.data_dir)
     generator = loadgen.LoadGenerator({c.name: c.address for c in children[1:]}, images, BATCH, transport)
     heavy = loadgen.Phase("calibration", 4 if config.quick else 6, config.heavy_clients)
     slo_ms = calibrate_slo_ms(cloud, transport, generator, heavy, _frontier_ends(manifest, fleet))

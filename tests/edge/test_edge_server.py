@@ -1,7 +1,9 @@
 """InferenceService on a real gRPC server on loopback: answers, status codes, health, reflection, metrics."""
 
+import dataclasses
 import threading
 import time
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -12,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, generate_latest
 
 from common.wire import from_proto, to_proto
+from edge import server
 from edge.metrics import EdgeMetrics
 from edge.runtime import Runtime, RuntimeConfig
 from edge.server import INFERENCE_SERVICE, InferenceServicer, make_server, set_serving
@@ -57,6 +60,12 @@ def test_before_a_variant_is_active_not_serving_and_unavailable(edge):
     assert _health(edge) == _health(edge, INFERENCE_SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
     err = _error(edge, to_proto(np.zeros((1, 1, 28, 28), np.uint8)))
     assert err.code() == grpc.StatusCode.UNAVAILABLE and err.details()
+
+
+def test_describe_before_a_variant_is_active_is_unavailable(edge):
+    with pytest.raises(grpc.RpcError) as err:
+        edge["stub"].Describe(inference_pb2.DescribeRequest(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no variant" in err.value.details()
 
 
 @pytest.fixture
@@ -158,3 +167,25 @@ def test_requests_count_as_come_while_they_wait_for_a_worker_thread(serving):
         for call in calls:
             call.join(30)
     assert window.arrived - before == 6  # counted once each
+
+
+def test_describe_answers_the_active_spec_and_is_no_request(serving):
+    spec = serving["held"].spec
+    before = serving["window"].arrived
+    reply = serving["stub"].Describe(inference_pb2.DescribeRequest(), timeout=10)
+    assert (reply.variant_id, reply.name) == (serving["held"].variant_id, "small")
+    assert tuple(reply.input_shape) == spec.input_shape and reply.num_classes == spec.num_classes
+    assert tuple(reply.mean) == spec.mean and tuple(reply.std) == spec.std
+    assert tuple(reply.classes) == spec.classes and reply.max_batch == 64
+    assert serving["window"].arrived == before  # not counted as a Predict arrival
+
+
+def test_describe_sends_class_names_only_within_its_bound(edge, monkeypatch):
+    held = edge["held"]
+    names = tuple(f"class {i}" for i in range(held.spec.num_classes))
+    named = dataclasses.replace(held, spec=dataclasses.replace(held.spec, classes=names))
+    runtime = SimpleNamespace(active=named, config=RuntimeConfig(max_batch=8))
+    assert tuple(server.describe(runtime).classes) == names
+    monkeypatch.setattr(server, "MAX_CLASS_NAMES_BYTES", 50)
+    reply = server.describe(runtime)
+    assert list(reply.classes) == [] and reply.num_classes == len(names)  # the client falls back to indices

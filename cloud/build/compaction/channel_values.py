@@ -27,6 +27,7 @@ UNARY = {
     "TanhBackward0": lambda fn, v: torch.tanh(v),
     "SiluBackward0": lambda fn, v: F.silu(v),
     "HardswishBackward0": lambda fn, v: F.hardswish(v),
+    "HardsigmoidBackward0": lambda fn, v: F.hardsigmoid(v),
     "GeluBackward0": lambda fn, v: F.gelu(v, approximate=str(fn._saved_approximate)),
     "CloneBackward0": lambda fn, v: v,
     "MaxPool2DWithIndicesBackward0": lambda fn, v: v,  # pads with -inf: a constant map stays constant

@@ -12,12 +12,12 @@ zero padding at the border sees something else): the channel stays unless foldin
 
 A concat along channels is followed through: each branch's group reaches the readers' slice of it.
 Groups whose ops may mix channels or are not understood (slices, other reshapes, reductions over
-channels, grouped convs, model outputs, layers run twice...) are left alone and reported.
+channels, grouped convs, model outputs, layers run twice...) are left alone and reported. The graph
+comes from `cloud.build.compaction.tracing`, which keeps such ops opaque to torch-pruning.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -38,21 +38,9 @@ from cloud.build.compaction.channel_values import (
     nonzero_along,
     unpadded,
 )
-from common.errors import PrunefleetError
+from cloud.build.compaction.tracing import SurgeryError, Trace, trace
 
-
-class SurgeryError(PrunefleetError, RuntimeError):
-    """Surgery refused or failed; the message names the module or the layer groups involved."""
-
-
-@dataclass(frozen=True)
-class Trace:
-    graph: tp.DependencyGraph
-    names: dict  # module -> qualified name
-    outputs: frozenset  # autograd nodes of the model's outputs
-    calls: dict  # conv/linear/BatchNorm -> forward calls during the trace
-    flattens: frozenset  # reshape nodes that flatten (N, C, ...) into linear layers' inputs
-    classifier: nn.Module | None
+__all__ = ["Analysis", "Fold", "GroupPlan", "Members", "SurgeryError", "Trace", "analyse", "members", "trace"]
 
 
 @dataclass(frozen=True)
@@ -84,59 +72,6 @@ class Analysis:
     channels: int = 0
 
 
-def trace(model: nn.Module, example_input: torch.Tensor, classifier: nn.Module | None) -> Trace:
-    """Build the dependency graph once; it stays valid while groups are pruned."""
-    if not any(isinstance(m, LAYERS) for m in model.modules()):
-        raise SurgeryError(f"{type(model).__name__} has no conv or linear layer to prune")
-    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
-        shape = getattr(example_input, "shape", example_input)
-        raise SurgeryError(f"example input must be a batched tensor (N, C, ...), got {shape}")
-    order: list[nn.Module] = []
-    results: list = []
-
-    def forward(module, x):
-        results.append(module(x))
-        return results[-1]
-
-    hooks = [
-        m.register_forward_hook(lambda module, _i, _o: order.append(module))
-        for m in model.modules()
-        if isinstance(m, (*LAYERS, BATCHNORM))
-    ]
-    try:
-        with torch.enable_grad():
-            graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_input.detach(), forward_fn=forward, verbose=False
-            )
-    except Exception as err:  # tracing surfaces any model error; report it with the model's name
-        raise SurgeryError(
-            f"cannot trace {type(model).__name__} with input of shape {tuple(example_input.shape)}: {err}"
-        ) from err
-    finally:
-        for hook in hooks:
-            hook.remove()
-    outputs = frozenset(t.grad_fn for t in tp.utils.flatten_as_list(results[0]) if isinstance(t, torch.Tensor))
-    if classifier is None:  # the layer that writes the logits, else the last conv/linear that ran
-        layers = [m for m in order if isinstance(m, LAYERS)]
-        writers = [m for m in layers if m in graph.module2node and graph.module2node[m].grad_fn in outputs]
-        classifier = (writers or layers or [None])[-1]
-    flattens = frozenset(
-        node for node in graph.module2node.values() if node.type == OPTYPE.RESHAPE and _is_flatten(node)
-    )
-    return Trace(
-        graph, {m: n for n, m in model.named_modules()}, outputs - {None}, Counter(order), flattens, classifier
-    )
-
-
-def _is_flatten(node) -> bool:
-    """A view (N, C, ...) -> (N, C * ...) read only by linear layers (judged at trace time)."""
-    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
-    if sizes is None or len(sizes) < 2 or not node.outputs:
-        return False
-    features = int(torch.Size(sizes[1:]).numel())
-    return all(out.type == OPTYPE.LINEAR and out.module.in_features == features for out in node.outputs)
-
-
 def _elementwise_ok(node) -> bool:
     fn, name = node.grad_fn, fn_name(node)
     if is_weight_transpose(node):
@@ -155,6 +90,7 @@ def _unsupported(item, trace: Trace, channels: int) -> str | None:
     """Why this item makes its group unsafe to analyse or to prune, or None if it is fine."""
     node, handler = item.dep.target, item.dep.handler
     module, label = node.module, trace.names.get(node.module, repr(node.module))
+    kind = trace.opaque.get(node, node.type)  # what an op made opaque was (see `tracing`)
     writes = trace.graph.is_out_channel_pruning_fn(handler)
     if node.grad_fn in trace.outputs and (writes or not isinstance(module, LAYERS)):
         return f"{label} is a model output"
@@ -176,14 +112,14 @@ def _unsupported(item, trace: Trace, channels: int) -> str | None:
             if _maps_onto(item, size, channels, one_each=writes)
             else (f"{label} does not map onto the group's channels one to one (or, reading, one to many)")
         )
-    if node.type == OPTYPE.CONCAT:
+    if kind == OPTYPE.CONCAT:
         dim = getattr(node.grad_fn, "_saved_dim", None)
         return None if dim == 1 else f"concat {label} is not along channels"
-    if node.type == OPTYPE.RESHAPE:
+    if kind == OPTYPE.RESHAPE:
         return None if node in trace.flattens else f"reshape {label} is not a flatten into linear layers"
-    if node.type == OPTYPE.ELEMENTWISE:
+    if kind == OPTYPE.ELEMENTWISE:
         return None if _elementwise_ok(node) else f"op {label} may mix channels or its effect is unknown"
-    return f"{node.type.name} op {label} is not supported"
+    return f"{kind.name} op {label} is not supported"
 
 
 def _maps_onto(item, size: int, channels: int, one_each: bool) -> bool:
@@ -224,8 +160,8 @@ def plan_group(group, graph: tp.DependencyGraph, channels: int, approximate: boo
     readers = 0
     for item in group.items:
         node, module = item.dep.target, item.dep.target.module
-        if not isinstance(module, LAYERS) or is_depthwise(module) or node in values.writes:
-            continue
+        if not isinstance(module, LAYERS) or is_depthwise(module) or graph.is_out_channel_pruning_fn(item.dep.handler):
+            continue  # not a reader (a layer whose input and output are both the group's is read here too)
         readers += 1
         unread = ~_any_per_root(item, nonzero_along(module.weight.detach(), 1), channels)
         sources = [values.of(n) for n in values.inputs(node)]

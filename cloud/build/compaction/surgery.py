@@ -62,17 +62,21 @@ def find_dead_channels(
 
 
 def _prune(analysis: channels.Analysis, only: str | None = None) -> tuple[dict[str, int], list[channels.Fold]]:
-    removed, folds = {}, []
-    for plan in analysis.plans:
-        if plan.dead and only in (None, plan.name):
-            try:
-                for fold in plan.folds:
-                    channels.apply_fold(fold)
-                analysis.trace.graph.get_pruning_group(plan.root, plan.handler, list(plan.dead)).prune()
-            except Exception as err:  # torch-pruning failed mid-way; the caller discards the copy
-                raise SurgeryError(f"pruning group {plan.name!r} failed: {err}") from err
-            removed[plan.name] = len(plan.dead)
-            folds += plan.folds
+    """Fold, then remove, the dead channels of the analysed groups. Every fold comes first: its columns
+    index its reader as analysed, and a reader of a concat loses columns to each group removed."""
+    chosen = [plan for plan in analysis.plans if plan.dead and only in (None, plan.name)]
+    removed, folds = {}, [fold for plan in chosen for fold in plan.folds]
+    try:
+        for fold in folds:
+            channels.apply_fold(fold)
+    except Exception as err:  # the caller discards the copy
+        raise SurgeryError(f"folding constant channels into {fold.reader!r} failed: {err}") from err
+    for plan in chosen:
+        try:
+            analysis.trace.graph.get_pruning_group(plan.root, plan.handler, list(plan.dead)).prune()
+        except Exception as err:  # torch-pruning failed mid-way; the caller discards the copy
+            raise SurgeryError(f"pruning group {plan.name!r} failed: {err}") from err
+        removed[plan.name] = len(plan.dead)
     return removed, folds
 
 

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from cloud.build import weights
+from cloud.build.settings import SettingsError
 from common import models
 from common.datasets import Dataset
 from common.errors import PrunefleetError
@@ -65,11 +67,21 @@ class BuildContext:
     def model_kwargs(self) -> dict:
         """Constructor arguments of the build's architecture for this dataset and width."""
         info = self.data.info
-        return models.zoo_kwargs(info.input_shape, info.num_classes, self.config.width)
+        return models.zoo_kwargs(info.input_shape, info.num_classes, self.config.width, self.config.model)
 
     def new_model(self) -> nn.Module:
         """A freshly initialized dense model of the build's architecture (from torch's current seed)."""
         return models.build(self.config.model, self.model_kwargs(), allowed=(self.config.model,))
+
+    def trained_model(self) -> nn.Module | None:
+        """The dense model holding the user's trained weights (`--weights`), refused with a
+        `WeightsError` unless they fit the build's architecture; None without `--weights`."""
+        if self.config.weights is None:
+            return None
+        trained = weights.read(self.config.weights)
+        model = self.new_model()
+        weights.fit(model, trained, self.config.model, self.model_kwargs())
+        return model
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,18 @@ class Method:
     settings: type  # a frozen dataclass; its fields are the method's flags
     levels: Callable[[BuildContext, Any], Iterator[SparseModel]]
     planned_compressions: Callable[[Any], list[float]]
+    # Starting from trained weights (`--weights`): None when the method can (its dense model is then
+    # the user's, `BuildContext.trained_model`), else why it cannot: the message `--weights` gets.
+    weights_refusal: str | None = "it cannot start from trained weights"
+    # When it can: settings that do not combine with `--weights` raise SettingsError naming them.
+    check_weights: Callable[[Any], None] | None = None
+
+    def refuse_weights(self, settings: Any) -> None:
+        """Raise SettingsError when this method cannot start from trained weights with `settings`."""
+        if self.weights_refusal is not None:
+            raise SettingsError(f"--weights with --method {self.name}: {self.weights_refusal}")
+        if self.check_weights is not None:
+            self.check_weights(settings)
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -91,3 +115,5 @@ class Method:
             raise MethodError(f"method {self.name!r} needs a one-line help")
         if not (isinstance(self.settings, type) and dataclasses.is_dataclass(self.settings)):
             raise MethodError(f"the settings of method {self.name!r} must be a dataclass, got {self.settings!r}")
+        if self.weights_refusal is not None and (not self.weights_refusal or "\n" in self.weights_refusal):
+            raise MethodError(f"method {self.name!r}: weights_refusal is None or a one-line message")

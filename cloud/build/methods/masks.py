@@ -42,19 +42,20 @@ def prune_global_magnitude(model: nn.Module, masks: Masks, rate: float) -> Masks
 
 
 def conv_batchnorm_pairs(model: nn.Module, example_input: torch.Tensor) -> dict[str, str]:
-    """conv name -> name of the BatchNorm that reads the conv's output directly (traced once)."""
-    produced: dict[int, str] = {}
+    """conv name -> name of the BatchNorm that reads the conv's output directly (traced once). Each conv
+    output is held until the pass ends: a freed tensor's id may be reused by another tensor."""
+    produced: dict[int, tuple[str, torch.Tensor]] = {}
     pairs: dict[str, str] = {}
     names = {m: n for n, m in model.named_modules()}
     hooks = []
 
     def after_conv(module, _inputs, output):
-        produced[id(output)] = names[module]
+        produced[id(output)] = (names[module], output)
 
     def before_bn(module, inputs):
         source = produced.get(id(inputs[0]))
         if source is not None:
-            pairs[source] = names[module]
+            pairs[source[0]] = names[module]
 
     for module in model.modules():
         if isinstance(module, nn.Conv2d):

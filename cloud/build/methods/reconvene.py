@@ -163,7 +163,7 @@ def _prepare(context: BuildContext, settings: ReconveneConfig) -> list[Pruned]:
     seed, data = context.config.seed, context.data
     torch.manual_seed(seed)
     dense = context.new_model()
-    example = datasets.normalize(data.train.images[:1], data.info.mean, data.info.std)
+    example = datasets.normalize(datasets.head(data.train, 1), data.info.mean, data.info.std)
     batches = scorers.scoring_batches(settings.scorer, data, settings.score_batches, settings.score_batch_size, seed)
     for compression in settings.compressions:
         scorers.check_request(dense, settings.scorer, compression, batches)
@@ -234,4 +234,6 @@ METHOD = Method(
     settings=ReconveneConfig,
     levels=levels,
     planned_compressions=planned_compressions,
+    weights_refusal="reconvene prunes at initialization by definition: it scores, shrinks and trains a freshly "
+    "initialized model, so trained weights have no place in it (use --method shifter to prune from them)",
 )

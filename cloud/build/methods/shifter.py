@@ -2,7 +2,9 @@
 
 Level 0 trains the dense model. Each further level prunes `rate` of the surviving conv and linear
 weights by global magnitude, rewinds the survivors to their values at iteration `rewind_iteration`
-and retrains them. Every finished level is a checkpoint (`work/level-L.pt`), and an interrupted build
+and retrains them for `finetune_epochs`. Started from trained weights (`--weights`), level 0 is the
+user's model as given, not trained, and the survivors of every level rewind to those weights before
+they are fine-tuned. Every finished level is a checkpoint (`work/level-L.pt`), and an interrupted build
 resumes at the last finished level (and inside a level at the last finished epoch). Under torchrun
 each level trains data-parallel and rank 0 writes the checkpoints.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +42,13 @@ class ShifterConfig:
     ignore: tuple[str, ...] = field(
         default=(), metadata={"help": "comma-separated layer names never pruned, e.g. features.0,classifier"}
     )
+    finetune_epochs: int = field(
+        default=0,
+        metadata={
+            "help": "epochs each pruning level retrains its rewound survivors (0: --epochs); with --weights, "
+            "the fine-tuning budget per level"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.levels < 0:
@@ -48,6 +57,17 @@ class ShifterConfig:
             raise SettingsError(f"rate must be in (0, 1), got {self.rate}")
         if self.rewind_iteration < 0:
             raise SettingsError(f"rewind_iteration must be >= 0, got {self.rewind_iteration}")
+        if self.finetune_epochs < 0:
+            raise SettingsError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
+
+
+def check_weights(settings: ShifterConfig) -> None:
+    """With `--weights` the survivors rewind to the given weights: no dense run to rewind into."""
+    if settings.rewind_iteration:
+        raise SettingsError(
+            f"--rewind-iteration {settings.rewind_iteration} rewinds into the dense model's training; with "
+            "--weights the dense model is not trained and the survivors rewind to the given weights (leave it at 0)"
+        )
 
 
 @dataclass(frozen=True)
@@ -70,11 +90,21 @@ class _RewindCapture:
 
 
 def _train_dense(
-    model: nn.Module, data: Dataset, train_config: TrainConfig, config: ShifterConfig, work: Path, device: torch.device
+    model: nn.Module,
+    data: Dataset,
+    train_config: TrainConfig,
+    config: ShifterConfig,
+    work: Path,
+    device: torch.device,
+    trained: bool = False,
 ) -> None:
+    """Level 0: train the dense model, keeping its rewind point; a `trained` one is its own rewind point."""
     rewind_path = work / "rewind.pt"
     if config.rewind_iteration == 0 and not rewind_path.exists() and distributed.is_main():
         save_state(rewind_path, {"state": model.state_dict()})
+    if trained:
+        distributed.barrier()
+        return
     capture = _RewindCapture(config.rewind_iteration, rewind_path) if config.rewind_iteration else None
     train(
         model,
@@ -98,13 +128,17 @@ def run_imp(
     config: ShifterConfig,
     work: Path,
     device: torch.device | None = None,
+    trained: bool = False,
 ) -> Iterator[Level]:
     """Yield every level (0 = dense), training what is not checkpointed yet on `device` (default: the
-    CPU); every level's state and masks are on the CPU."""
+    CPU); every level's state and masks are on the CPU. A `trained` model is level 0 as it is."""
+    if trained:
+        check_weights(config)
     work.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, *data.info.input_shape)
     pairs = masking.conv_batchnorm_pairs(model, example)
     masks = masking.dense_masks(model, config.ignore)
+    finetune = replace(train_config, epochs=config.finetune_epochs or train_config.epochs)
     for level in range(config.levels + 1):
         done = work / f"level-{level}.pt"
         if done.exists():
@@ -115,7 +149,7 @@ def run_imp(
             yield Level(level, saved["state"], masks)
             continue
         if level == 0:
-            _train_dense(model, data, train_config, config, work, device)
+            _train_dense(model, data, train_config, config, work, device, trained)
         else:
             masks = masking.with_batchnorm_masks(masking.prune_global_magnitude(model, masks, config.rate), pairs)
             model.load_state_dict(load_state(work / "rewind.pt")["state"])
@@ -124,7 +158,7 @@ def run_imp(
                 model,
                 data.info,
                 data.train,
-                train_config,
+                finetune,
                 masks=masks,
                 checkpoint=work / f"level-{level}.train.pt",
                 desc=f"level {level} (sparsity {masking.sparsity(masks):.1%})",
@@ -139,10 +173,13 @@ def run_imp(
 
 
 def levels(context: BuildContext, settings: ShifterConfig) -> Iterator[SparseModel]:
-    """Every level of IMP as a sparse model of the dense shape; its compression follows from its masks."""
+    """Every level of IMP as a sparse model of the dense shape; its compression follows from its masks.
+    With `--weights` the dense model is the user's (refused before any work unless it fits)."""
     torch.manual_seed(context.config.seed)
-    model = context.new_model()
-    for level in run_imp(model, context.data, context.config.train, settings, context.work_dir, context.device):
+    trained = context.trained_model()
+    model = context.new_model() if trained is None else trained
+    config, work, device = context.config, context.work_dir, context.device
+    for level in run_imp(model, context.data, config.train, settings, work, device, trained is not None):
         sparse = context.new_model()
         sparse.load_state_dict(level.state)
         yield SparseModel(level.level, sparse.eval(), level.masks)
@@ -159,4 +196,6 @@ METHOD = Method(
     settings=ShifterConfig,
     levels=levels,
     planned_compressions=planned_compressions,
+    weights_refusal=None,
+    check_weights=check_weights,
 )

@@ -1,7 +1,9 @@
+import pytest
 import torch
 
 from cloud.build.methods import masks as masking
 from cloud.build.methods import shifter
+from cloud.build.settings import SettingsError
 from cloud.build.train import TrainConfig, apply_masks, evaluate, train
 from common import models
 from common.datasets import Dataset
@@ -72,3 +74,43 @@ def test_imp_levels_rewind_and_resume(fashion_mnist, tmp_path):
     model = models.build("vgg11", KWARGS)
     model.load_state_dict(again[2].state)
     assert evaluate(model, data.info, data.test) > 0.25  # chance is 0.1
+
+
+def test_imp_from_trained_weights_keeps_them_as_level_0_and_fine_tunes_each_level(fashion_mnist, tmp_path, monkeypatch):
+    data = _tiny(fashion_mnist, 256)
+    torch.manual_seed(1)
+    given = models.build("vgg11", KWARGS)
+    state = {k: v.clone() for k, v in given.state_dict().items()}
+    epochs = []
+    trained_with = shifter.train
+
+    def recording(model, info, split, config, **kwargs):
+        epochs.append(config.epochs)
+        return trained_with(model, info, split, config, **kwargs)
+
+    monkeypatch.setattr(shifter, "train", recording)
+    config = shifter.ShifterConfig(levels=2, rate=0.5, finetune_epochs=1)
+    train_config = TrainConfig(epochs=3, batch_size=64, progress=False)
+    found = list(shifter.run_imp(given, data, train_config, config, tmp_path, trained=True))
+    assert epochs == [1, 1]  # no dense training; each pruning level fine-tunes for finetune_epochs
+    assert all(torch.equal(found[0].state[k], state[k]) for k in state)  # level 0 is the given model
+    rewind = torch.load(tmp_path / "rewind.pt", weights_only=True)["state"]
+    assert all(torch.equal(rewind[k], state[k]) for k in state)  # and the rewind point
+    assert [round(masking.sparsity(lv.masks), 3) for lv in found] == [0.0, 0.5, 0.75]
+    fresh = models.build("vgg11", KWARGS)
+    fresh.load_state_dict(state)
+    level_1 = masking.prune_global_magnitude(fresh, masking.dense_masks(fresh), 0.5)
+    assert all(torch.equal(level_1[k], found[1].masks[k]) for k in level_1)  # pruned from the given weights
+    epochs.clear()
+    again = list(shifter.run_imp(models.build("vgg11", KWARGS), data, train_config, config, tmp_path, trained=True))
+    assert epochs == [] and all(torch.equal(again[2].state[k], found[2].state[k]) for k in state)  # resumed
+
+
+def test_trained_weights_leave_no_dense_run_to_rewind_into(fashion_mnist, tmp_path):
+    config = shifter.ShifterConfig(levels=1, rewind_iteration=5)
+    with pytest.raises(SettingsError, match="--rewind-iteration 5 .* with --weights"):
+        next(
+            shifter.run_imp(
+                models.build("vgg11", KWARGS), _tiny(fashion_mnist, 64), TrainConfig(), config, tmp_path, trained=True
+            )
+        )
