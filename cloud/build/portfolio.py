@@ -55,7 +55,7 @@ class BuildConfig:
     )
     model: str = field(
         default="vgg11",
-        metadata={"help": "zoo name (vgg11, resnet20, mobilenetv2, ...) or package.module:function"},
+        metadata={"help": "zoo name (vgg11, resnet20, mobilenetv2, ...), torchvision:NAME or package.module:function"},
     )
     width: float | None = field(
         default=None,

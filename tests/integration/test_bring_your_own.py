@@ -120,9 +120,13 @@ def test_user_weights_on_user_images_build_serve_and_predict(tree, tmp_path):
 
 @pytest.mark.parametrize("arch", ["torchvision:resnet18", "torchvision:mobilenet_v2"])
 def test_torchvision_models_build_serve_and_predict(arch, tree, tmp_path):
-    store = _build(tree, tmp_path / "portfolio", arch, "--levels", "1", "--rate", "0.99")
-    manifest = store.manifest()
-    assert [v.level for v in manifest.variants] == [0, 1] and all(v.arch == arch for v in manifest.variants)
-    assert manifest.variants[1].params < manifest.variants[0].params  # surgery removed dead channels
+    """Untrained (--epochs 0: what is checked is the path, not accuracy); only the pruned level is kept,
+    so the edge fetches the small variant."""
+    prune = ("--epochs", "0", "--levels", "1", "--rate", "0.99", "--targets", "100")
+    store = _build(tree, tmp_path / "portfolio", arch, *prune)
+    (entry,) = store.manifest().variants
+    dense = models.build(arch, models.zoo_kwargs((3, *INPUT_SIZE), 10, arch=arch))
+    assert entry.level == 1 and entry.arch == arch
+    assert entry.params < models.count_params(dense)  # surgery removed dead channels
     answer, logits = _serve_and_predict(store, _one_test_image(tree, store), tmp_path / "run")
-    assert _agrees(logits, answer["predictions"][0]["index"])
+    assert answer["variant_id"] == entry.variant_id and _agrees(logits, answer["predictions"][0]["index"])
