@@ -5,7 +5,6 @@ restarted (edges serve on meanwhile, their windows arrive afterwards) and an edg
 import dataclasses
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from helpers import wait_for
 from cloud.admin import certs
 from cloud.build.store import PortfolioStore, portfolio_id
 from cloud.localfleet import commands, processes
+from cloud.localfleet.cluster import free_port
 from common import variant
 from common.security import Transport
 from common.wire import to_proto
@@ -40,12 +40,6 @@ PRUNEFLEET = str(Path(sys.executable).parent / "prunefleet")
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     return certs.init(tmp_path_factory.mktemp("certs"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cloud(store: Path, run: Path, keys, port: int, name: str = "cloud") -> processes.Child:
@@ -70,7 +64,7 @@ def test_a_cloud_killed_mid_transfer_is_resumed_from_where_it_stopped(keys, tmp_
     store = _store(tmp_path / "store", widths=(0.5,))
     big = store.manifest().variants[0]
     assert big.size_bytes > 8 << 20  # many more chunks than the client reads ahead
-    port = _free_port()
+    port = free_port("127.0.0.1")
     cloud = _cloud(store.root, tmp_path, keys, port)
     reader = SlowReader(
         portfolio_pb2_grpc.PortfolioServiceStub(Transport.load(keys["edge"]).channel(f"localhost:{port}")), pause_s=0.4
@@ -198,7 +192,7 @@ def test_canary_rollouts_roll_back_on_their_own_and_by_hand_and_survive_a_coordi
 ):
     first = PortfolioStore(small_portfolio).manifest().portfolio_id
     second = _subset(small_portfolio, tmp_path / "second")
-    port = _free_port()
+    port = free_port("127.0.0.1")
     cloud = _cloud(small_portfolio, tmp_path, keys, port)
     children = [cloud]
     fleet = Fleet(f"localhost:{port}", Transport.load(keys["operator"], token=True))

@@ -3,7 +3,6 @@ first serves nothing (its cloud is not up yet), then a Fashion-MNIST portfolio. 
 against the cloud's own compact model run on the same pixels."""
 
 import json
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -22,6 +21,7 @@ from cloud.admin import certs
 from cloud.build.images import open_image, preprocess
 from cloud.build.store import PortfolioStore
 from cloud.localfleet import commands, processes
+from cloud.localfleet.cluster import free_port
 from common import variant
 from common.datasets import FASHION_MNIST
 from common.security import Transport
@@ -31,12 +31,6 @@ from protos import inference_pb2, inference_pb2_grpc
 pytestmark = pytest.mark.integration
 PRUNEFLEET = str(Path(sys.executable).parent / "prunefleet")
 IMAGES = 24
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _describe(address: str, transport: Transport) -> inference_pb2.DescribeResponse:
@@ -88,7 +82,7 @@ def fleet(small_portfolio, images, tmp_path_factory):
     run = tmp_path_factory.mktemp("predict")
     keys = certs.init(run / "certs")
     operator = Transport.load(keys["operator"])
-    cloud_port, edge_port = _free_port(), _free_port()
+    cloud_port, edge_port = free_port("127.0.0.1"), free_port("127.0.0.1")
     address = f"127.0.0.1:{edge_port}"
     edge_args = commands.edge_args(
         f"127.0.0.1:{cloud_port}", "edge-p", cache=run / "cache", certs=keys["edge"], port=edge_port
@@ -224,6 +218,6 @@ def test_an_unreadable_image_exits_2_naming_it_and_sends_nothing(fleet, images, 
 
 
 def test_an_unreachable_edge_exits_1_saying_so(images):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port('127.0.0.1')}"
     result = _predict("--edge", address, "--insecure", images[0])
     assert result.returncode == 1 and "UNAVAILABLE" in result.stderr and address in result.stderr
