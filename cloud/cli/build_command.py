@@ -18,6 +18,7 @@ from cloud.build.methods import METHODS
 from cloud.build.portfolio import BuildConfig
 from cloud.build.settings import SettingsError
 from cloud.build.train import TrainConfig
+from cloud.cli import BUILD_HELP
 from common.registry import lookup
 
 
@@ -25,7 +26,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     """Add `build` to the `portfolio` subcommands; raises SettingsError when two groups share a flag."""
     parser = sub.add_parser(
         "build",
-        help="train a model and derive a portfolio of pruned variants",
+        help=BUILD_HELP,
         description="Train a model and derive a portfolio of pruned variants with one pruning method.",
     )
     taken = {"-h": "argparse", "--help": "argparse"}

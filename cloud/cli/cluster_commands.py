@@ -12,7 +12,7 @@ import grpc
 from cloud.admin import operator_client
 from cloud.admin.operator_client import table
 from cloud.build.store import StoreError
-from cloud.localfleet import cluster, cluster_load, cluster_report, detached
+from cloud.localfleet import cluster, cluster_report, detached
 from cloud.localfleet.cluster import ClusterConfig, ClusterError, EdgeSpec
 from cloud.localfleet.detached import DetachedError
 from common import security
@@ -187,6 +187,8 @@ def main(args) -> int:
         if args.action == "up":
             return _up(args)
         if args.action == "load":
+            from cloud.localfleet import cluster_load  # reads the portfolio's images with torch: only here
+
             return cluster_load.main(
                 cluster_load.LoadConfig(
                     cloud=args.cloud,

@@ -14,7 +14,7 @@ import grpc
 
 from cloud.admin import operator_client
 from cloud.build.store import PortfolioStore
-from cloud.cli import build_command, cluster_commands, predict_command
+from cloud.cli import BUILD_HELP, cluster_commands, predict_command
 from common import security
 from common.errors import PrunefleetError
 from common.files import short_id
@@ -73,11 +73,22 @@ def _add_rollouts(top, environ) -> None:
     rollback.add_argument("--reason", default="")
 
 
-def _add_portfolio(top) -> None:
+def _asks_for_build(argv: list[str]) -> bool:
+    """Whether the command line is `portfolio build ...`: only then are the build's flags generated,
+    which imports torch and every pruning method (about 2 s); the other commands start without them."""
+    return "portfolio" in argv and "build" in argv[argv.index("portfolio") + 1 :]
+
+
+def _add_portfolio(top, argv: list[str]) -> None:
     portfolio = top.add_parser("portfolio", help="build and inspect portfolios").add_subparsers(
         dest="action", required=True
     )
-    build_command.add_parser(portfolio)
+    if _asks_for_build(argv):
+        from cloud.cli import build_command
+
+        build_command.add_parser(portfolio)
+    else:  # listed in --help; its own flags are generated when it is asked for
+        portfolio.add_parser("build", help=BUILD_HELP)
     portfolio.add_parser("list", help="the variants of a portfolio").add_argument("--store", type=Path, required=True)
     show = portfolio.add_parser("show", help="one variant in full")
     show.add_argument("--store", type=Path, required=True)
@@ -133,13 +144,14 @@ def _add_bench_and_demo(top) -> None:
     demo.add_argument("--quick", action="store_true", help="smaller model, data and phases (for tests)")
 
 
-def _parser(environ=None) -> argparse.ArgumentParser:
-    """Every subcommand, in the order `prunefleet --help` lists them."""
+def _parser(environ=None, argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """Every subcommand, in the order `prunefleet --help` lists them (`portfolio build`'s flags only
+    when `argv` asks for it; None: always)."""
     environ = environ or {}
     parser = argparse.ArgumentParser(prog="prunefleet", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
     top = parser.add_subparsers(dest="command", required=True)
-    _add_portfolio(top)
+    _add_portfolio(top, ["portfolio", "build"] if argv is None else argv)
     _add_serve(top, environ)
     _add_certs(top)
     _add_fleet(top, environ)
@@ -153,6 +165,8 @@ def _parser(environ=None) -> argparse.ArgumentParser:
 
 def _portfolio(args) -> int:
     if args.action == "build":
+        from cloud.cli import build_command
+
         return build_command.run(args)
     store = PortfolioStore(args.store)
     if args.action == "list":
@@ -261,7 +275,8 @@ def _operate(args, transport: security.Transport) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser(os.environ)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser(os.environ, argv)
     args, rest = parser.parse_known_args(argv)  # `bench` passes its options (--help included) through
     if rest and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -21,7 +21,6 @@ from pathlib import Path
 import grpc
 
 from cloud.admin import operator_client
-from cloud.localfleet import inputs
 from cloud.localfleet.demo_report import per_second
 from cloud.localfleet.loadgen import LoadGenerator, Phase, Sample
 from common.security import Transport
@@ -75,6 +74,8 @@ def complete_seconds(samples: list[Sample], now: float) -> tuple[list[dict], lis
 
 def load_inputs(config: LoadConfig, transport: Transport):
     """The portfolio's inputs (uint8 [N, C, H, W]); None while the cloud cannot say what it serves."""
+    from cloud.localfleet import inputs  # torch reads the images: the cluster's other commands start without it
+
     if config.portfolio:
         return inputs.portfolio_inputs(config.portfolio, config.images, data_dir=config.data_dir)
     try:

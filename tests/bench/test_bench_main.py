@@ -1,25 +1,43 @@
 """`prunefleet bench` names what to install when the benchmarks' dependencies are missing."""
 
+import json
 import subprocess
 import sys
-
-import pytest
 
 from bench.__main__ import INSTALL_HINT, REQUIREMENTS, SUITES
 
 
-@pytest.mark.parametrize("module", sorted(REQUIREMENTS))
-def test_a_missing_dependency_is_named_with_what_to_install(tmp_path, module):
-    # `sys.modules[name] = None` makes every import of that module fail, as in an environment without it
+def test_a_missing_dependency_is_named_with_what_to_install(tmp_path):
+    """Each requirement missing in turn, in one process (each would otherwise pay torch's import):
+    `sys.modules[name] = None` makes every import of it fail, as in an environment without it; the
+    module is put back before the next."""
     code = (
-        f"import sys; sys.modules[{module!r}] = None; from bench.__main__ import main; "
-        f"sys.exit(main(['surgery', '--json', {str(tmp_path / 'out.json')!r}]))"
+        "import contextlib, importlib, io, json, sys\n"
+        "from bench.__main__ import main\n"
+        "for module in sys.argv[2:]:\n"  # all present first: none is left half-imported by another's absence
+        "    importlib.import_module(module)\n"
+        "seen = {}\n"
+        "for module in sys.argv[2:]:\n"
+        "    kept, sys.modules[module] = sys.modules.get(module), None\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        "        code = main(['surgery', '--json', sys.argv[1]])\n"
+        "    seen[module] = [code, err.getvalue()]\n"
+        "    sys.modules[module] = kept\n"
+        "print(json.dumps(seen))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert REQUIREMENTS[module] in done.stderr and INSTALL_HINT in done.stderr
-    assert "Traceback" not in done.stderr
-    assert not (tmp_path / "out.json").exists()
+    out = tmp_path / "out.json"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(out), *sorted(REQUIREMENTS)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert sorted(seen) == sorted(REQUIREMENTS)
+    for module, (code, stderr) in seen.items():
+        assert code == 2, (module, stderr)
+        assert REQUIREMENTS[module] in stderr and INSTALL_HINT in stderr, (module, stderr)
+        assert "Traceback" not in stderr
+    assert not out.exists()
 
 
 def test_an_unknown_suite_lists_the_known_ones(tmp_path):

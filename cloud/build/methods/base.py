@@ -46,6 +46,10 @@ class SparseModel:
     masks: dict[str, torch.Tensor]
     compression: float | None = None  # against the dense model; None: from the masks (same shape)
     name: str | None = None
+    # True: `model` is already the variant (channels physically removed and then trained, `masks`
+    # empty), so there is no sparse parent to compact; the build checks instead that the stored file
+    # rebuilds this model exactly.
+    compact: bool = False
 
 
 @dataclass(frozen=True)

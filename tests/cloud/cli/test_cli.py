@@ -55,3 +55,21 @@ def test_bad_build_arguments_fail_before_any_work(tmp_path, args, needle):
 def test_missing_dataset_says_how_to_get_it(tmp_path):
     result = _run("portfolio", "build", "--out", str(tmp_path / "p"), "--data-dir", str(tmp_path), check=False)
     assert result.returncode == 2 and "apt-get install dataset-fashion-mnist" in result.stderr
+
+
+def test_only_portfolio_build_imports_torch():
+    """The operator commands and the cloud server start without torch; `portfolio build` has its flags."""
+    probe = (
+        "import sys; from cloud.cli import main; "
+        "main._parser({}, sys.argv[1:]).parse_known_args(sys.argv[1:]); print('torch' in sys.modules)"
+    )
+    for argv in (
+        ["fleet", "status", "--cloud", "c:1"],
+        ["cloud", "serve", "--store", "s"],
+        ["portfolio", "list", "--store", "s"],
+    ):
+        shown = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60)
+        assert shown.stdout.strip() == "False", (argv, shown.stderr)
+    listed = _run("--help").stdout + _run("portfolio", "--help").stdout
+    assert "train a model and derive a portfolio" in listed
+    assert "--levels" in _run("portfolio", "build", "--help").stdout
