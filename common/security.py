@@ -12,11 +12,15 @@ every peer's) or, only when asked for with `--insecure`, in plaintext. A role di
 Operator RPCs carry `authorization: Bearer TOKEN` metadata (`BearerToken` adds it to a channel); the
 server's check, in constant time, is `common.token_check`.
 A variant's signature is Ed25519 over the 32-byte sha256 digest of its file (its id).
+
+Every certificate names its role and holder (`common.identity`). A channel from an edge or operator
+certificate expects the cloud's certificate (`CLOUD_NAME`, gRPC's target-name override), so no other
+certificate of the CA passes as the cloud; a client certificate's channel checks the edge's host name.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -29,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 
 from common.errors import PrunefleetError
 from common.files import is_sha256_hex, short_id
+from common.identity import CLOUD_NAME, Identity, certificate_identity
 from common.wire import CHANNEL_OPTIONS
 
 CA, CERT, KEY, TOKEN, SIGNING_KEY, SIGNING_PUB = "ca.pem", "cert.pem", "key.pem", "token", "signing.key", "signing.pub"
@@ -69,6 +74,7 @@ class Transport:
     cert: bytes = b""
     key: bytes = b""
     token: str = ""  # client: sent with every call; server: required on operator RPCs ("" = not required)
+    server_name: str = ""  # the name the server's certificate must carry ("" = the address's host)
 
     def __post_init__(self) -> None:
         if bool(self.cert) != bool(self.key) or bool(self.cert) != bool(self.ca):
@@ -82,12 +88,30 @@ class Transport:
     def load(cls, directory: Path, token: bool = False) -> Transport:
         """From a role directory; `token` also reads its token file."""
         directory = Path(directory)
-        return cls(
+        return cls.holding(
             read_secret(directory / CA),
             read_secret(directory / CERT),
             read_secret(directory / KEY),
             read_token(directory / TOKEN) if token else "",
         )
+
+    @classmethod
+    def holding(cls, ca: bytes, cert: bytes, key: bytes, token: str = "") -> Transport:
+        """TLS with this certificate. An edge's or the operator's channels talk to the cloud, so they
+        accept only the cloud's certificate (`CLOUD_NAME`); a client's check the host they call."""
+        identity = certificate_identity(cert)
+        talks_to_cloud = identity is not None and identity.role in ("edge", "operator")
+        return cls(ca, cert, key, token, CLOUD_NAME if talks_to_cloud else "")
+
+    @property
+    def identity(self) -> Identity | None:
+        """Whom this transport's certificate names (None in plaintext)."""
+        return None if self.insecure else certificate_identity(self.cert)
+
+    def for_edges(self) -> Transport:
+        """This transport as a caller of edges' InferenceService: never the operator token (an edge must
+        not get it), and the edge's certificate is checked against the host called, not `CLOUD_NAME`."""
+        return replace(self, token="", server_name="")
 
     @property
     def insecure(self) -> bool:
@@ -106,6 +130,10 @@ class Transport:
         except RuntimeError:  # grpc raises when the address is taken
             return 0
 
+    def name_options(self) -> tuple:
+        """The channel option that makes the server's certificate be checked against `server_name`."""
+        return (("grpc.ssl_target_name_override", self.server_name),) if self.server_name else ()
+
     def channel(self, address: str, options: tuple = CHANNEL_OPTIONS) -> grpc.Channel:
         if self.insecure:
             channel = grpc.insecure_channel(address, options=options)
@@ -113,7 +141,7 @@ class Transport:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
             )
-            channel = grpc.secure_channel(address, credentials, options=options)
+            channel = grpc.secure_channel(address, credentials, options=(*options, *self.name_options()))
         if self.token:
             channel = grpc.intercept_channel(channel, BearerToken(self.token))
         return channel
@@ -249,5 +277,5 @@ def from_arguments(args, token: bool) -> Transport:
     transport = Transport.load(args.certs)
     if token:
         path = token_file or Path(args.certs) / TOKEN
-        transport = Transport(transport.ca, transport.cert, transport.key, read_token(path))
+        transport = replace(transport, token=read_token(path))
     return transport

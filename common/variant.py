@@ -1,6 +1,7 @@
 """The variant file: one `.safetensors` file, pickle-free, whose sha256 is its identity.
 
-Header metadata holds `format` = `prunefleet.variant/1` and a JSON `spec`. Shapes come from the
+Header metadata holds `format` = `prunefleet.variant/1` and a JSON `spec` (`common.variant_spec`, which
+reads and checks specs and headers without torch; re-exported here). Shapes come from the
 tensors: a reader builds the base architecture and shrinks every layer to the stored shapes, so
 rebuilding a compact model needs neither torch-pruning nor the pruning history. A depthwise conv
 (groups == in == out channels in the base) stays depthwise at its stored channel count.
@@ -13,10 +14,9 @@ always may; by default none), and `decode` refuses any other path before anythin
 from __future__ import annotations
 
 import json
-import math
 import struct
 from collections.abc import Collection
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,85 +26,22 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from common import layer_shapes, models, tensorfile
-from common.errors import PrunefleetError
 from common.files import atomic_write_bytes, sha256_bytes
 from common.registry import UnknownNameError
+from common.variant_spec import (  # noqa: F401  (re-exported: what callers import from here)
+    FORMAT,
+    MAX_CLASS_NAME_CHARS,
+    MAX_CLASSES,
+    MAX_HEADER_BYTES,
+    MAX_INPUT_VALUES,
+    MAX_VARIANT_BYTES,
+    VariantError,
+    VariantSpec,
+    header_metadata,
+    header_spec,
+    metadata_spec,
+)
 from common.vision_models import VisionUnavailableError
-
-FORMAT = "prunefleet.variant/1"
-MAX_VARIANT_BYTES = 1 << 30
-MAX_HEADER_BYTES = 16 << 20
-MAX_INPUT_VALUES = 1 << 21  # one sample as float32 fits in a Predict message (8 MiB)
-MAX_CLASSES = 100_000
-MAX_CLASS_NAME_CHARS = 200
-
-
-class VariantError(PrunefleetError, ValueError):
-    """A variant file that must not be used; the message says why."""
-
-
-@dataclass(frozen=True)
-class VariantSpec:
-    arch: str
-    kwargs: dict
-    input_shape: tuple[int, int, int]
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    method: str
-    sparsity: float
-    accuracy: float
-    name: str = ""
-    level: int = 0
-    extra: dict = field(default_factory=dict)
-    classes: tuple[str, ...] = ()  # the name of each class, in output order (empty: unnamed)
-
-    def __post_init__(self) -> None:
-        if len(self.input_shape) != 3 or any(int(d) <= 0 for d in self.input_shape):
-            raise VariantError(f"input_shape must be [C, H, W] of positive ints, got {self.input_shape}")
-        if math.prod(self.input_shape) > MAX_INPUT_VALUES:
-            raise VariantError(f"input_shape {list(self.input_shape)} holds over {MAX_INPUT_VALUES} values per sample")
-        if self.num_classes <= 0:
-            raise VariantError(f"num_classes must be positive, got {self.num_classes}")
-        if len(self.mean) != self.input_shape[0] or len(self.std) != self.input_shape[0]:
-            raise VariantError(f"mean and std need one value per input channel ({self.input_shape[0]})")
-        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
-            raise VariantError(f"mean and std must be finite, got {self.mean} and {self.std}")
-        if any(s <= 0 for s in self.std):
-            raise VariantError(f"std must be positive, got {self.std}")
-        if not 0.0 <= self.sparsity <= 1.0:
-            raise VariantError(f"sparsity must be in [0, 1], got {self.sparsity}")
-        self._check_classes()
-
-    def _check_classes(self) -> None:
-        if self.num_classes > MAX_CLASSES:
-            raise VariantError(f"num_classes {self.num_classes} is over the limit of {MAX_CLASSES}")
-        if not self.classes:
-            return
-        if len(self.classes) != self.num_classes:
-            raise VariantError(f"classes names {len(self.classes)} classes, the model has {self.num_classes}")
-        for name in self.classes:
-            if not isinstance(name, str) or not name or len(name) > MAX_CLASS_NAME_CHARS or not name.isprintable():
-                raise VariantError(
-                    f"class name {str(name)[:40]!r} must be printable text of 1 to {MAX_CLASS_NAME_CHARS} characters"
-                )
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> VariantSpec:
-        try:
-            raw = json.loads(text)
-            raw["input_shape"] = tuple(int(d) for d in raw["input_shape"])
-            raw["mean"] = tuple(float(v) for v in raw["mean"])
-            raw["std"] = tuple(float(v) for v in raw["std"])
-            raw["classes"] = tuple(raw.get("classes", ()))
-            return cls(**raw)
-        except (KeyError, TypeError, ValueError, ArithmeticError, RecursionError) as err:
-            if isinstance(err, VariantError):
-                raise
-            raise VariantError(f"variant spec is malformed: {err}") from err
 
 
 @dataclass(frozen=True)
@@ -135,26 +72,19 @@ def save(model: nn.Module, spec: VariantSpec, path: Path) -> str:
 
 
 def _header_metadata(data: bytes) -> dict[str, str]:
+    """The header metadata of a whole variant file (`header_metadata`, which also reads prefixes)."""
     if len(data) < 8:
         raise VariantError("variant file is shorter than its 8-byte header length")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
-        raise VariantError(f"variant header declares {header_len} bytes, beyond the file or the limit")
-    try:
-        header = json.loads(data[8 : 8 + header_len])
-    except (ValueError, RecursionError) as err:  # not UTF-8 or JSON, a number too long, nesting too deep
-        raise VariantError(f"variant header is not JSON: {err}") from err
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(metadata, dict):
-        raise VariantError("variant header has no metadata")
+    metadata = header_metadata(data)
+    if metadata is None:
+        (header_len,) = struct.unpack("<Q", data[:8])
+        raise VariantError(f"variant header declares {header_len} bytes, beyond the file")
     return metadata
 
 
 def _spec(metadata: dict[str, str], allowed_models: Collection[str]) -> VariantSpec:
     """The spec a header holds, once its format and architecture are accepted."""
-    if metadata.get("format") != FORMAT:
-        raise VariantError(f"variant format is {metadata.get('format')!r}, expected {FORMAT!r}")
-    spec = VariantSpec.from_json(metadata.get("spec", ""))
+    spec = metadata_spec(metadata)
     try:
         models.check_allowed(spec.arch, allowed_models)
     except (UnknownNameError, ValueError) as err:

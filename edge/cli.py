@@ -1,7 +1,7 @@
 """`prunefleet-edge`: the edge agent.
 
     prunefleet-edge run --cloud HOST:PORT --name NAME --port PORT --metrics-port PORT --cache DIR
-                        (--certs DIR | --insecure) [--verify-key PEM]
+                        (--certs DIR | --insecure) [--verify-key PEM] [--cache-margin-mib MIB] [--stale-part-s S]
                         [--memory-budget-mib MIB] [--batch-delay-ms MS] [--max-pending N]
                         [--window-s S] [--slo-ms MS] [--allow-model package.module:function ...]
 
@@ -9,19 +9,23 @@
 policy sets them; their defaults and ranges are the policy contract's (`common.policy_contract`), and a
 value out of range is refused at start-up, naming the flag.
 
-With `--certs DIR` (the `edge` directory of `prunefleet certs init`) the agent speaks mutual TLS to the
-cloud and serves its InferenceService over mutual TLS, and refuses variants not signed by the key in
-DIR/signing.pub (or `--verify-key`). `--insecure` is plaintext; variants are then checked only when
-`--verify-key` is given.
+With `--certs DIR` (this edge's own directory, `prunefleet certs issue edge NAME`, whose certificate
+must name `--name`) the agent speaks mutual TLS to the cloud (and accepts only the cloud's certificate
+as the cloud), serves its InferenceService over mutual TLS to client and operator certificates only,
+and refuses variants not signed by the key in DIR/signing.pub (or `--verify-key`). `--insecure` is
+plaintext, without identities; variants are then checked only when `--verify-key` is given.
 
 Zoo architectures are always built. A variant whose architecture is an import path is refused, before
 anything is imported, unless the path is allowed: `--allow-model PATH` (repeatable) plus the
 comma-separated paths in the environment variable PRUNEFLEET_ALLOW_MODELS (read when `main` runs).
 
+One agent uses a cache directory at a time: a second one given the same `--cache` exits at once with
+an error naming the directory and the pid of the agent holding it (`edge.cache`).
+
 The agent's parts are wired in `edge.node`; this module parses the flags and runs the loops.
 Once the agent serves, it prints one line to stdout:
 `prunefleet-edge NAME serving on HOST:PORT metrics on HOST:MPORT` (the bound ports; 0 picks free ones).
-Logs go to stderr.
+Logs go to stderr, every line escaped (`common.escaping`): what the cloud sends cannot forge one.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ import torch
 
 from common import models, security
 from common import policy_contract as contract
+from common.errors import PrunefleetError
+from common.escaping import escape_logs
 from edge.agent import Agent, initial_portfolio
 from edge.config import AgentConfig
 from edge.link import Link
@@ -56,6 +62,18 @@ def _add_identity_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument("--port", type=int, default=50061, help="InferenceService port; 0 picks a free one")
     run.add_argument("--metrics-port", type=int, default=9101, help="Prometheus port; 0 picks a free one")
     run.add_argument("--cache", type=Path, required=True, help="content-addressed variant cache directory")
+    run.add_argument(
+        "--cache-margin-mib",
+        type=float,
+        default=AgentConfig.cache_margin_mib,
+        help="keep up to this many MiB of variant files no portfolio needs (the newest), for a quick way back",
+    )
+    run.add_argument(
+        "--stale-part-s",
+        type=float,
+        default=AgentConfig.stale_part_s,
+        help="delete a partial download not written for this long (a needed one is then fetched from zero)",
+    )
 
 
 def _add_serving_flags(run: argparse.ArgumentParser) -> None:
@@ -189,6 +207,8 @@ def _config(args, allowed: tuple[str, ...] = ()) -> AgentConfig:
         batch_delay_ms=args.batch_delay_ms,
         max_pending=args.max_pending,
         optimize_models=args.optimize_models,
+        cache_margin_mib=args.cache_margin_mib,
+        stale_part_s=args.stale_part_s,
     )
 
 
@@ -205,6 +225,17 @@ def _serve(agent: Agent, link: Link, banner: str) -> None:
     log.info("shutting down")
     for thread in threads:
         thread.join(timeout=STOP_GRACE_S)
+
+
+def check_identity(transport: security.Transport, name: str) -> None:
+    """With TLS the certificate must be this edge's own: the cloud refuses any other name."""
+    identity = transport.identity
+    if not transport.insecure and (identity is None or identity.role != "edge" or identity.name != name):
+        held = identity.uri if identity else "no prunefleet identity"
+        raise security.SecurityError(
+            f"--certs holds a certificate of {held}, not of edge '{name}'; "
+            f"make one with 'prunefleet certs issue edge {name} --certs-dir DIR'"
+        )
 
 
 def run(config: AgentConfig, stopping: threading.Event, transport: security.Transport) -> int:
@@ -224,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    escape_logs()
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
@@ -232,9 +264,10 @@ def main(argv: list[str] | None = None) -> int:
         if allowed:
             log.info("import-path architectures allowed: %s", ", ".join(allowed))
         transport = security.from_arguments(args, token=False)
+        check_identity(transport, args.name)
         log.info("speaking %s to %s", "plaintext (--insecure)" if transport.insecure else "mutual TLS", args.cloud)
         return run(_config(args, allowed), stopping, transport)
-    except (ValueError, OSError) as err:
+    except (PrunefleetError, ValueError, OSError) as err:
         print(f"prunefleet-edge: error: {err}", file=sys.stderr)
         return 2
 

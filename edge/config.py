@@ -5,7 +5,13 @@
 Two settings are the agent's own values of policy settings, held until the coordinator's policy
 arrives: the telemetry window (`window_s`) and the SLO the latency histogram first gets a bucket at
 (`slo_ms`). Their defaults and ranges are the policy contract's (`common.policy_contract`), so an edge
-never starts on a value the coordinator would refuse.
+never starts on a value the coordinator would refuse. So is its name and the address it registers
+(`common.edge_input`): the coordinator would refuse them too.
+
+The cache directory holds the variant files the held and desired portfolios need, plus the files of
+variants no longer needed, the most recently fetched first, up to `cache_margin_mib` (a rollback to
+them then needs no download); a partial download untouched for `stale_part_s` is deleted
+(`edge.cache`).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.edge_input import MAX_ADDRESS, edge_name_problem
 from common.policy_contract import PolicyContractError, setting
 
 POLICY_SETTINGS = ("window_s", "slo_ms")  # the agent's own values of these, checked by the policy contract
@@ -44,10 +51,18 @@ class AgentConfig:
     batch_delay_ms: float = 0.0  # micro-batching: longest a request waits for others (0 = off)
     max_pending: int = 256  # Predicts in progress or queued; beyond, RESOURCE_EXHAUSTED
     optimize_models: bool = True  # serve variants folded and channels-last (common.inference); False: as loaded
+    cache_margin_mib: float = 64.0  # variant files no portfolio needs kept in the cache, newest first
+    stale_part_s: float = 3600.0  # a partial download not written for this long is deleted
 
     def __post_init__(self) -> None:
         if not self.cloud or not self.name:
             raise ValueError("cloud and name must be set")
+        if found := edge_name_problem(self.name):
+            raise ValueError(found)
+        if len(self.public_host) > MAX_ADDRESS - 6 or not self.public_host.isprintable():
+            raise ValueError(f"host and advertise_host must be at most {MAX_ADDRESS - 6} printable characters")
+        if self.cache_margin_mib < 0 or self.stale_part_s <= 0:
+            raise ValueError("cache_margin_mib must be >= 0 and stale_part_s positive")
         if self.threads < 1 or self.workers < 2 or self.profile_iters < 1 or self.fetch_attempts < 1:
             raise ValueError("threads and fetch_attempts must be >= 1, workers >= 2 and profile_iters >= 1")
         if not 1 <= self.batch <= self.max_batch:
@@ -72,3 +87,7 @@ class AgentConfig:
     @property
     def public_host(self) -> str:
         return self.advertise_host or self.host
+
+    @property
+    def cache_margin_bytes(self) -> int:
+        return int(self.cache_margin_mib * (1 << 20))

@@ -8,6 +8,11 @@ link is down they are dropped, and every new stream starts with the profile of e
 The Connect stream has a deadline too (`stream_deadline_s`); the link then simply opens a new one.
 The coordinator heartbeats on an idle stream; one silent for `silence_s` is given up, and what it
 took since shortly before the coordinator was last heard is sent again on the next.
+
+Every report is made to fit the bounds the coordinator checks (`common.edge_input`: texts escaped and
+cut, numbers clamped) before it is queued, and one that still would not pass is logged, counted in
+`Outbox.refused` and never sent: the coordinator ends a stream that carries a report it refuses, and
+a buffered one would be sent again on every new stream.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Protocol
 
 import grpc
 
+from common.edge_input import fitted, report_problem
 from edge.backoff import full_jitter
 from protos import coordinator_pb2
 
@@ -73,18 +79,33 @@ class Outbox:
         self._sent: deque = deque(maxlen=max_buffered + max_telemetry)  # (monotonic time, queue, report)
         self._live: deque = deque(maxlen=max_live)
         self._streams = 0  # open streams; a new one may start before the old one's generator has ended
+        self.refused = 0  # reports that could not be made to fit the coordinator's bounds, never sent
+
+    def _fit(self, report: coordinator_pb2.EdgeReport) -> coordinator_pb2.EdgeReport | None:
+        """The report as the coordinator accepts it, or None (logged and counted) when it cannot be."""
+        report = fitted(report)
+        problem = report_problem(report)
+        if problem is None:
+            return report
+        self.refused += 1
+        log.error("report not sent: the coordinator would refuse it: %s", problem)
+        return None
 
     def event(self, report: coordinator_pb2.EdgeReport) -> None:
-        with self._ready:
-            self._events.append(report)
-            self._ready.notify_all()
+        if (report := self._fit(report)) is not None:
+            with self._ready:
+                self._events.append(report)
+                self._ready.notify_all()
 
     def telemetry(self, report: coordinator_pb2.EdgeReport) -> None:
-        with self._ready:
-            self._telemetry.append(report)
-            self._ready.notify_all()
+        if (report := self._fit(report)) is not None:
+            with self._ready:
+                self._telemetry.append(report)
+                self._ready.notify_all()
 
     def report(self, report: coordinator_pb2.EdgeReport) -> None:
+        if (report := self._fit(report)) is None:
+            return
         with self._ready:
             if self._streams:
                 self._live.append(report)
@@ -117,7 +138,7 @@ class Outbox:
         with self._ready:
             self._streams += 1
         try:
-            yield from hello
+            yield from (fit for report in hello if (fit := self._fit(report)) is not None)
             while (report := self._next(alive)) is not None:
                 yield report
         finally:

@@ -3,7 +3,8 @@
 `assemble` builds every part from the agent's settings (`edge.config.AgentConfig`) and a transport,
 starting the servers (the InferenceService NOT_SERVING until the agent starts serving) but no loop:
 the command line (`edge.cli`) runs the loops, and the same wiring can run inside another process.
-`Node.close` stops what `assemble` started.
+The cache directory is locked first (`edge.cache.CacheLock`): a second agent on it refuses to start
+before it binds a port. `Node.close` stops what `assemble` started and releases the lock.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from common.security import Transport, Verifier
 from edge.agent import Agent
 from edge.batching import BatchConfig, MicroBatcher
+from edge.cache import CacheLock
 from edge.config import AgentConfig
 from edge.fetcher import portfolio_stub
 from edge.link import Link, LinkConfig, Outbox
@@ -43,6 +45,7 @@ class Node:
     address: str
     metrics_address: str
     batcher: MicroBatcher | None = None
+    cache_lock: CacheLock | None = None
 
     def banner(self) -> str:
         return f"prunefleet-edge {self.agent.config.name} serving on {self.address} metrics on {self.metrics_address}"
@@ -54,10 +57,22 @@ class Node:
             self.batcher.close()
         self.channel.close()
         self.http.shutdown()
+        if self.cache_lock is not None:
+            self.cache_lock.release()
 
 
 def assemble(config: AgentConfig, stopping: threading.Event, transport: Transport) -> Node:
-    """Start the InferenceService (NOT_SERVING) and the metrics endpoint, and wire the agent to them."""
+    """Lock the cache, start the InferenceService (NOT_SERVING) and the metrics endpoint, and wire the
+    agent to them."""
+    cache_lock = CacheLock.acquire(config.cache_dir)
+    try:
+        return _wire(config, stopping, transport, cache_lock)
+    except BaseException:
+        cache_lock.release()
+        raise
+
+
+def _wire(config: AgentConfig, stopping: threading.Event, transport: Transport, cache_lock: CacheLock) -> Node:
     verifier = Verifier.load(config.verify_key) if config.verify_key else None
     registry = CollectorRegistry()
     metrics = EdgeMetrics(registry, config.name, slo_s=config.slo_ms / 1e3)
@@ -104,4 +119,4 @@ def assemble(config: AgentConfig, stopping: threading.Event, transport: Transpor
         verifier=verifier,
     )
     link = Link(link_config, coordinator_pb2_grpc.CoordinatorServiceStub(channel), outbox, stopping)
-    return Node(agent, link, server, health, http, channel, address, metrics_address, batcher)
+    return Node(agent, link, server, health, http, channel, address, metrics_address, batcher, cache_lock)

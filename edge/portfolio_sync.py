@@ -7,7 +7,9 @@ arrived with it) and hands it to the runtime, as many at a time as the memory bu
 that fails to fetch, verify or build is logged by id and never loaded; the others carry on. It keeps
 the on-device profile of every variant held (the policy's options are built from them) and reports
 each new one up. `drop` removes variants that left the portfolio; `memory_changed` logs evictions and
-updates the memory metrics. One sync runs at a time.
+updates the memory metrics. One sync runs at a time. After a sync and after a drop the cache on disk
+is tidied (`edge.cache.tidy`): it keeps the files of the variants held and of the portfolio the
+coordinator last named, plus the configured margin, and no partial download of another variant.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from common.errors import PrunefleetError
 from common.files import short_id
 from common.security import Verifier
+from edge.cache import tidy
 from edge.config import AgentConfig
 from edge.fetcher import RetryConfig, fetch
 from edge.link import Outbox
@@ -52,6 +55,9 @@ class PortfolioSync:
         self._verifier = verifier
         self._profiles: dict[str, Profile] = {}  # replaced, never changed in place: readers need no lock
         self._lock = threading.Lock()  # one portfolio change at a time
+        self._desired: frozenset[str] = frozenset()  # the variants of the portfolio the coordinator last named
+        self._fetching: frozenset[str] = frozenset()  # the variant being downloaded now, if any
+        self._tidying = threading.Lock()  # one pass over the cache at a time
 
     @property
     def profiles(self) -> dict[str, Profile]:
@@ -68,7 +74,15 @@ class PortfolioSync:
         start = time.perf_counter()
         if self._verifier is not None:
             self._verifier.check(info.variant_id, info.signature)  # before a byte is downloaded
-        path = fetch(
+        self._fetching = frozenset({info.variant_id})
+        try:
+            path = self._download(info)
+        finally:
+            self._fetching = frozenset()
+        return path, time.perf_counter() - start
+
+    def _download(self, info) -> Path:
+        return fetch(
             self._portfolio,
             info.variant_id,
             self.config.cache_dir,
@@ -79,7 +93,6 @@ class PortfolioSync:
                 max_backoff_s=self.config.max_backoff_s,
             ),
         )
-        return path, time.perf_counter() - start
 
     def _loader(self, info, path: Path) -> Callable[[], LoadedVariant]:
         return cache_loader(variant_info(info), path, self.config.allowed_models, self.config.optimize_models)
@@ -133,21 +146,28 @@ class PortfolioSync:
     def sync(self, variants: Iterable) -> None:
         """Fetch and load every variant not held yet, then profile them (as many at a time as the memory
         budget holds). A variant that fails to fetch, verify or build is never loaded."""
+        variants = list(variants)
         with self._lock:
-            fetched, seen = [], set(self.runtime.variants())
-            for info in variants:
-                if self._stopping.is_set():
-                    return
-                if info.variant_id in seen:
-                    continue
-                seen.add(info.variant_id)
-                try:
-                    fetched.append((info, *self._fetch(info)))
-                except (PrunefleetError, OSError, RuntimeError, ValueError) as err:
-                    log.error("variant %s refused: %s", short_id(info.variant_id), err)
-            for group in budget_groups(fetched, self.config.memory_budget_bytes):
-                if not self._stopping.is_set():
-                    self._load_group(group)
+            self._desired = frozenset(info.variant_id for info in variants)
+            self._sync(variants)
+        self.tidy_cache()
+
+    def _sync(self, variants: list) -> None:
+        """Fetch every variant not held yet (the sync lock held), then load and profile them."""
+        fetched, seen = [], set(self.runtime.variants())
+        for info in variants:
+            if self._stopping.is_set():
+                return
+            if info.variant_id in seen:
+                continue
+            seen.add(info.variant_id)
+            try:
+                fetched.append((info, *self._fetch(info)))
+            except (PrunefleetError, OSError, RuntimeError, ValueError) as err:
+                log.error("variant %s refused: %s", short_id(info.variant_id), err)
+        for group in budget_groups(fetched, self.config.memory_budget_bytes):
+            if not self._stopping.is_set():
+                self._load_group(group)
 
     def forget_profiles(self, leaving: set[str]) -> None:
         """Stop offering these variants to the policy (before the agent moves off one of them)."""
@@ -160,3 +180,22 @@ class PortfolioSync:
             self.metrics.evicted(variant_id, self.runtime.resident_bytes())
             log.info("dropped %s: no longer in the portfolio", short_id(variant_id))
         self.memory_changed(())
+        self.tidy_cache()
+
+    def tidy_cache(self) -> list[Path]:
+        """Delete from the cache what neither the held variants nor the portfolio last named need
+        (beyond the margin), and stale partial downloads; the paths deleted. A failure is logged."""
+        with self._tidying:
+            needed = set(self.runtime.variants()) | self._desired
+            try:
+                return tidy(
+                    self.config.cache_dir,
+                    needed,
+                    self.config.cache_margin_bytes,
+                    self.config.stale_part_s,
+                    time.time(),
+                    writing=self._fetching,
+                )
+            except OSError as err:
+                log.error("tidying the cache %s failed: %s", self.config.cache_dir, err)
+                return []

@@ -10,6 +10,10 @@ Describe answers with the active variant's spec as a client needs it (input shap
 names, the batch bound), UNAVAILABLE before any variant is active. It is served by the same server as
 Predict, so the same transport (mutual TLS unless the agent runs with --insecure) guards both; it is
 neither a request in the telemetry nor an arrival.
+
+With TLS, Predict and Describe are served only to client and operator certificates (`PredictCallers`):
+another edge, or the cloud's certificate, is PERMISSION_DENIED. No call to an edge carries the operator
+token, and none needs it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from common.errors import PrunefleetError
+from common.identity import peer_identity
 from common.wire import (
     DTYPES,
     MAX_MESSAGE_BYTES,
@@ -147,6 +152,27 @@ class ArrivalCounter(grpc.ServerInterceptor):
         return continuation(handler_call_details)
 
 
+class PredictCallers(grpc.ServerInterceptor):
+    """InferenceService calls only from client or operator certificates (TLS); others pass through."""
+
+    ROLES = ("client", "operator")
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(f"/{INFERENCE_SERVICE}/"):
+            return handler
+        behavior = handler.unary_unary
+
+        def checked(request, context):
+            caller = peer_identity(context)
+            if caller is None or caller.role not in self.ROLES:
+                who = caller.uri if caller else "no prunefleet identity"
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this edge serves client certificates, not {who}")
+            return behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(checked, handler.request_deserializer, handler.response_serializer)
+
+
 def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in HEALTH_NAMES:
@@ -162,12 +188,13 @@ def make_server(
     max_pending: int | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A started server, NOT_SERVING until the caller says otherwise, and its bound port (port 0 picks one).
-    With `credentials` it speaks TLS; without, plaintext. `workers` threads take RPCs; beyond
+    With `credentials` it speaks TLS and serves only client and operator certificates; without, plaintext.
+    `workers` threads take RPCs; beyond
     `max_pending` RPCs in progress (queued ones included), gRPC answers RESOURCE_EXHAUSTED at once
     instead of letting a queue grow without bound."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="predict"),
-        interceptors=(ArrivalCounter(servicer.window),),
+        interceptors=(ArrivalCounter(servicer.window), *([PredictCallers()] if credentials else [])),
         options=SERVER_OPTIONS,
         maximum_concurrent_rpcs=max_pending,
     )

@@ -184,18 +184,24 @@ class EdgeStatus(_message.Message):
     def __init__(self, edge: _Optional[str] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., registered_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., connected: _Optional[bool] = ..., telemetry: _Optional[_Union[Telemetry, _Mapping]] = ..., policy_version: _Optional[int] = ..., profiles: _Optional[_Iterable[_Union[VariantProfile, _Mapping]]] = ..., desired_portfolio_id: _Optional[str] = ..., reported_portfolio_id: _Optional[str] = ..., desired_policy_version: _Optional[int] = ..., pinned_variant: _Optional[str] = ...) -> None: ...
 
 class GetFleetRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class GetFleetResponse(_message.Message):
-    __slots__ = ("edges", "policy", "portfolio_id")
+    __slots__ = ("edges", "policy", "portfolio_id", "next_page_token")
     EDGES_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     PORTFOLIO_ID_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     edges: _containers.RepeatedCompositeFieldContainer[EdgeStatus]
     policy: Policy
     portfolio_id: str
-    def __init__(self, edges: _Optional[_Iterable[_Union[EdgeStatus, _Mapping]]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., portfolio_id: _Optional[str] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, edges: _Optional[_Iterable[_Union[EdgeStatus, _Mapping]]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., portfolio_id: _Optional[str] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class SetPolicyRequest(_message.Message):
     __slots__ = ("policy",)
@@ -234,20 +240,26 @@ class EdgeEvent(_message.Message):
     def __init__(self, edge: _Optional[str] = ..., event: _Optional[_Union[SwitchEvent, _Mapping]] = ...) -> None: ...
 
 class ListEventsRequest(_message.Message):
-    __slots__ = ("edge", "since", "limit")
+    __slots__ = ("edge", "since", "limit", "page_size", "page_token")
     EDGE_FIELD_NUMBER: _ClassVar[int]
     SINCE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     edge: str
     since: float
     limit: int
-    def __init__(self, edge: _Optional[str] = ..., since: _Optional[float] = ..., limit: _Optional[int] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, edge: _Optional[str] = ..., since: _Optional[float] = ..., limit: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListEventsResponse(_message.Message):
-    __slots__ = ("events",)
+    __slots__ = ("events", "next_page_token")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[EdgeEvent]
-    def __init__(self, events: _Optional[_Iterable[_Union[EdgeEvent, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, events: _Optional[_Iterable[_Union[EdgeEvent, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class RolloutThresholds(_message.Message):
     __slots__ = ("min_slo_attainment", "max_error_rate", "min_windows", "adopt_timeout_s")

@@ -25,6 +25,7 @@ from cloud.admin import certs, operator_client
 from cloud.build.store import PortfolioStore, VariantEntry, portfolio_id
 from cloud.localfleet import commands, processes
 from common import models, variant
+from common.files import atomic_write_bytes
 from common.security import Transport
 from protos import coordinator_pb2
 
@@ -57,8 +58,9 @@ def payload_portfolio(base: Path, root: Path, seed: int, width: float) -> tuple[
         reference, kwargs=kwargs, method="dense", sparsity=0.0, accuracy=0.1, name=f"payload-{seed}", level=0
     )
     extra = store.put_variant(variant.encode(model, spec))
-    for entry in manifest.variants:
-        store.put_variant(source.variant_path(entry.variant_id).read_bytes())
+    for held in sorted((source.root / "variants").glob("*.*")):  # every member's files, whatever their format
+        if not (store.root / "variants" / held.name).exists():
+            atomic_write_bytes(store.root / "variants" / held.name, held.read_bytes())
     size = store.variant_path(extra).stat().st_size
     added = VariantEntry(
         extra,
@@ -120,7 +122,7 @@ class Cluster:
         self.work, self.store, self.logs = work, store, work / "logs"
         self.keys = certs.init(work / "certs", force=True)
         self.operator = Transport.load(self.keys["operator"], token=True)
-        self.client = Transport.load(self.keys["operator"])
+        self.client = Transport.load(self.keys["client"])  # Predicts: a client certificate, never the token
         self.db = work / "fleet.sqlite"
         self.port = free_port()
         self.cloud: processes.Child | None = None
@@ -164,7 +166,7 @@ class Cluster:
             f"localhost:{edge.proxy.port}",
             name,
             cache=edge.cache,
-            certs=self.keys["edge"],
+            certs=certs.issue_holder(self.keys["cloud"].parent, "edge", name),  # each edge its own
             port=edge.port,
             metrics_port=edge.metrics_port,
             batch=2,
@@ -186,16 +188,13 @@ class Cluster:
 
     # --- the coordinator ---------------------------------------------------------------------------------
     def fleet(self) -> coordinator_pb2.GetFleetResponse:
-        return self.stub().GetFleet(coordinator_pb2.GetFleetRequest(), timeout=RPC_S)
+        return operator_client.fleet(self.stub())
 
     def rollouts(self) -> list:
         return list(self.stub().ListRollouts(coordinator_pb2.ListRolloutsRequest(limit=100), timeout=RPC_S).rollouts)
 
     def events(self, edge: str = "", since: float = 0.0) -> list:
-        reply = self.stub().ListEvents(
-            coordinator_pb2.ListEventsRequest(edge=edge, since=since, limit=10_000), timeout=RPC_S
-        )
-        return list(reply.events)
+        return operator_client.events(self.stub(), edge, since)
 
     def deploy(self, store: Path, edges: str, min_windows: int, adopt_timeout_s: float = 240.0):
         request = coordinator_pb2.DeployRequest(

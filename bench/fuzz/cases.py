@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from bench.fuzz.values import SPECIAL_FLOATS, doubles, either, int32s, int64s, one_wild, texts
+from bench.fuzz.values import SPECIAL_FLOATS, doubles, either, int32s, int64s, one_wild, page_tokens, texts
+from cloud.service import paging
 from protos import coordinator_pb2, inference_pb2, portfolio_pb2
 
 FUZZ_EDGE = "fuzz-edge"  # registered by the fuzz before it starts
@@ -180,7 +181,9 @@ def connect(known: Known) -> st.SearchStrategy:
 
 
 def get_fleet(known: Known) -> st.SearchStrategy:
-    return st.just(coordinator_pb2.GetFleetRequest())
+    good = {"page_size": (0, 1, 2, 1000), "page_token": ("", paging.encode("GetFleet", [], ["edge-b"]))}
+    wild = {"page_size": int32s(), "page_token": page_tokens("GetFleet", [], (["edge-b"], ["edge-f"], ["~"]))}
+    return one_wild(coordinator_pb2.GetFleetRequest, good, wild)
 
 
 def _policy(known: Known) -> st.SearchStrategy:
@@ -207,11 +210,21 @@ def set_policy(known: Known) -> st.SearchStrategy:
 
 
 def list_events(known: Known) -> st.SearchStrategy:
-    return one_wild(
-        coordinator_pb2.ListEventsRequest,
-        {"edge": ("", *known.edges), "since": (0.0, 1e9), "limit": (0, 10)},
-        {"edge": texts(), "since": doubles(), "limit": int32s()},
-    )
+    good = {
+        "edge": ("", *known.edges),
+        "since": (0.0, 1e9),
+        "limit": (0, 10),
+        "page_size": (0, 1, 3),
+        "page_token": ("",),
+    }
+    wild = {
+        "edge": texts(),
+        "since": doubles(),
+        "limit": int32s(),
+        "page_size": int32s(),
+        "page_token": page_tokens("ListEvents", ["", 0.0], ([2e9, 1 << 40], [1.7e9, 5])),
+    }
+    return one_wild(coordinator_pb2.ListEventsRequest, good, wild)
 
 
 def _thresholds() -> st.SearchStrategy:

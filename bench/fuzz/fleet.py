@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.fuzz.cases import Known
+from bench.fuzz.cases import FUZZ_EDGE, Known
 from bench.fuzz.rules import Rpc
 from cloud.admin import certs
 from cloud.build.store import Manifest, PortfolioStore, VariantEntry, portfolio_id
@@ -20,6 +20,7 @@ from common import models, variant
 from common.files import sha256_file
 from common.security import Transport
 from common.variant import VariantSpec
+from edge.cache import LOCK_NAME
 from protos import coordinator_pb2, coordinator_pb2_grpc
 
 INPUT_SHAPE = (1, 28, 28)
@@ -88,7 +89,13 @@ def edge_args(cloud: str, work: Path, keys: dict, name: str, *extra: str) -> lis
     """An edge answering batches of 2 (up to MAX_BATCH) on one thread, its cache in WORK/NAME-cache."""
     flags = ("--max-batch", str(MAX_BATCH), *extra)
     return commands.edge_args(
-        cloud, name, cache=work / f"{name}-cache", certs=keys["edge"], threads=1, batch=2, extra=flags
+        cloud,
+        name,
+        cache=work / f"{name}-cache",
+        certs=certs.issue_holder(keys["cloud"].parent, "edge", name),  # each edge its own certificate
+        threads=1,
+        batch=2,
+        extra=flags,
     )
 
 
@@ -141,9 +148,12 @@ def snapshot(trees: list[Path], tops: list[Path], allowed: list[Path]) -> set[Pa
 
 
 def cache_problems(cache: Path) -> list[str]:
-    """A verified cache holds only <sha256>.safetensors files that hash to their names."""
+    """A verified cache holds only <sha256>.safetensors files that hash to their names (and the lock
+    file of the agent using it)."""
     problems = []
     for path in sorted(cache.iterdir()) if cache.is_dir() else ():
+        if path.name == LOCK_NAME:
+            continue
         if path.suffix != ".safetensors" or sha256_file(path) != path.stem:
             problems.append(f"{path.name} in the edge cache is not a verified variant file")
     return problems
@@ -219,7 +229,7 @@ class Fleet:
 def _channels(keys: dict, address: str) -> dict:
     operator = Transport.load(keys["operator"], token=True)
     return {
-        "edge": Transport.load(keys["edge"]).channel(address),
+        "edge": Transport.load(certs.issue_holder(keys["cloud"].parent, "edge", FUZZ_EDGE)).channel(address),
         "right": operator.channel(address),
         "none": Transport(operator.ca, operator.cert, operator.key).channel(address),
         "wrong": Transport(operator.ca, operator.cert, operator.key, WRONG_TOKEN).channel(address),
@@ -237,7 +247,7 @@ def start_fleet(work: Path) -> Fleet:
         work / "logs",
     )
     edges = dict(zip(flags, started))
-    edge_role = Transport.load(keys["edge"])
+    edge_role = Transport.load(keys["client"])  # what applications call Predict with
     manifest = store.manifest()
     known = Known(
         tuple(v.variant_id for v in manifest.variants),

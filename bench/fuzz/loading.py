@@ -8,6 +8,7 @@ import logging
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from bench.fuzz import fleet as fuzz_fleet
@@ -29,12 +30,12 @@ from bench.fuzz.fleet import (
 )
 from bench.fuzz.rules import BY_NAME
 from bench.fuzz.streams import check_stream, scripts
-from cloud.admin import certs
+from cloud.admin import certs, operator_client
 from cloud.localfleet import processes
 from common.files import short_id
 from common.security import Transport
 from common.wire import to_proto
-from protos import coordinator_pb2, inference_pb2
+from protos import coordinator_pb2_grpc, inference_pb2
 
 log = logging.getLogger(__name__)
 AT_THE_EDGE = (
@@ -91,14 +92,17 @@ def edge_fetches_crafted(good: bytes, bad: dict[str, bytes], work: Path, tally: 
         except processes.ProcessError as err:
             tally.add("edge", "start-up", f"the edge did not come up: {str(err)[-300:]}")
             return
-        channel = Transport.load(keys["edge"]).channel(edge.address)
+        channel = Transport.load(keys["client"]).channel(edge.address)
         up = wait_serving(channel, 120)
         refused = _refusals(edge.log_path, ids[1:], 60)
         pixels = np.zeros((2, *fuzz_fleet.INPUT_SHAPE), np.uint8)
         code, details, replies = call(channel, BY_NAME["Predict"], inference_pb2.PredictRequest(input=to_proto(pixels)))
         operator = Transport.load(keys["operator"], token=True).channel(cloud.address)
-        fleet = call(operator, BY_NAME["GetFleet"], coordinator_pb2.GetFleetRequest())[2]
-        profiled = {p.variant_id for e in fleet[0].edges for p in e.profiles} if fleet else set()
+        try:
+            whole = operator_client.fleet(coordinator_pb2_grpc.CoordinatorServiceStub(operator))
+            profiled = {p.variant_id for e in whole.edges for p in e.profiles}
+        except grpc.RpcError:
+            profiled = set()
         for (what, _), vid in zip(bad.items(), ids[1:]):
             problem = None if vid in refused and vid not in profiled else "the edge did not refuse it by id"
             tally.add("edge", what, problem)

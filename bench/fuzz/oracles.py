@@ -4,8 +4,11 @@ reply to it holds what it must.
 A `*_bad` oracle takes (request, known) and says why the request is bad, "" when it is good, or None
 when the contract alone cannot tell (it depends on the state of the fleet). An `*_empty` check takes
 (request, replies, known) and says what is wrong with an OK reply, None when it is fine. The policy is
-judged by the contract the coordinator and the edges apply (`common.policy_contract`), so the fuzz
-cannot drift from it. `bench.fuzz.rules` pairs each RPC with its two.
+judged by the contract the coordinator and the edges apply (`common.policy_contract`), and what an
+edge sends by the bounds both sides apply (`common.edge_input`), so the fuzz cannot drift from them.
+Page tokens are judged by the cloud's own token format (`cloud.service.paging`): a token decodes to
+where a page ended, for the same RPC and query, or it is bad. `bench.fuzz.rules` pairs each RPC with
+its two.
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ import math
 
 import numpy as np
 
-from bench.fuzz.cases import Known
-from common import policy_contract
+from bench.fuzz.cases import FUZZ_EDGE, Known
+from cloud.service import paging
+from common import edge_input, policy_contract
 from common.files import short_id
 
 
 def _edge_name(name: str) -> bool:
     """The contract's edge name: 1-128 letters, digits, '-', '_' or '.'."""
-    return 0 < len(name) <= 128 and all(c.isalnum() or c in "-_." for c in name)
+    return edge_input.edge_name_problem(name) is None
 
 
 def _finite(*values: float) -> bool:
@@ -77,11 +81,8 @@ def predict_empty(r, replies, k: Known):
 
 # --- CoordinatorService: the edges' side ------------------------------------------------------------
 def register_bad(r, k: Known):
-    if not _edge_name(r.edge):
-        return "edge name"
-    if r.threads < 0 or any(len(a) > 256 or not a.isprintable() for a in (r.address, r.metrics_address)):
-        return "threads or address"
-    return ""
+    """Bad when its fields are, or when it names another edge than the fuzz's certificate does."""
+    return edge_input.register_problem(r) or ("another edge's name" if r.edge != FUZZ_EDGE else "")
 
 
 def register_empty(r, replies, k: Known):
@@ -95,16 +96,16 @@ def connect_bad(reports, k: Known):
     first = reports[0].edge
     if not _edge_name(first):
         return "not an edge name"
+    if first != FUZZ_EDGE:
+        return "another edge's name than the certificate's"
     if first not in k.edges:
         return None  # the fuzzed Register calls may have registered it
-    if any(rep.edge != first for rep in reports):
-        return "a second edge on one stream"
-    for rep in reports:
-        if rep.WhichOneof("body") == "telemetry":
-            t = rep.telemetry
-            if not _finite(t.timestamp, t.request_rate, t.p50_ms, t.p95_ms, t.p99_ms) or t.requests < 0 or t.errors < 0:
-                return "telemetry values"
-    return None  # switch events and profiles are the edge's own record
+    for rep in reports:  # the stream ends at the first report refused
+        if rep.edge != first:
+            return "a second edge on one stream"
+        if found := edge_input.report_problem(rep):
+            return found
+    return ""
 
 
 def connect_empty(reports, replies, k: Known):
@@ -125,12 +126,33 @@ def policy_empty(r, replies, k: Known):
     return None if replies[0].policy.version >= 2 and replies[0].policy.slo_ms > 0 else "no policy version"
 
 
+def _page_bad(size: int, token: str, rpc: str, query: list, key_types: tuple) -> str:
+    """Why a page request is bad (a negative size, a token not of this query or not naming a page's
+    end by keys of these types), or ""."""
+    if size < 0:
+        return "page_size"
+    try:
+        after = paging.decode(token, rpc, query)
+    except paging.PageTokenError:
+        return "page_token"
+    if after is not None and (len(after) != len(key_types) or not all(map(isinstance, after, key_types))):
+        return "page_token keys"
+    return ""
+
+
+def fleet_bad(r, k: Known):
+    return _page_bad(r.page_size, r.page_token, "GetFleet", [], (str,))
+
+
 def fleet_empty(r, replies, k: Known):
     return None if replies[0].policy.version >= 1 and replies[0].portfolio_id else "no policy or portfolio"
 
 
 def events_bad(r, k: Known):
-    return "" if 0 <= r.limit <= 10_000 and not math.isnan(r.since) else "limit or since"
+    if not (0 <= r.limit <= 10_000 and not math.isnan(r.since)):
+        return "limit or since"
+    size = r.page_size or r.limit
+    return _page_bad(size, r.page_token, "ListEvents", [r.edge, r.since], (int | float, int))
 
 
 def deploy_bad(r, k: Known):

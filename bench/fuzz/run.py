@@ -141,9 +141,21 @@ def good_requests(fleet: Fleet) -> list[str]:
         answer = ok("Predict", inference_pb2.PredictRequest(input=to_proto(pixels)), edge)
         if answer and list(answer[0].output.shape) != [3, 10]:
             problems.append(f"Predict on {edge} answers shape {list(answer[0].output.shape)}")
-    ok("Register", coordinator_pb2.RegisterRequest(edge="after-fuzz", address="127.0.0.1:1", threads=1))
-    problems += _edges_follow(fleet, lambda: ok("GetFleet", coordinator_pb2.GetFleetRequest()))
+    ok("Register", coordinator_pb2.RegisterRequest(edge=fuzz_cases.FUZZ_EDGE, address="127.0.0.1:2", threads=1))
+    problems += _edges_follow(fleet, lambda: _whole_fleet(ok))
     return problems
+
+
+def _whole_fleet(ok) -> list:
+    """Every page of GetFleet through `ok` (which records a refusal) as one reply, in a list; [] when
+    a page is refused."""
+    whole, token = coordinator_pb2.GetFleetResponse(), ""
+    while replies := ok("GetFleet", coordinator_pb2.GetFleetRequest(page_token=token)):
+        whole.edges.extend(replies[0].edges)
+        token = replies[0].next_page_token
+        if not token:
+            return [whole]
+    return []
 
 
 def _edges_follow(fleet: Fleet, get_fleet) -> list[str]:

@@ -3,7 +3,8 @@
 Numbers at and past their type's limits, NaN and infinities, empty, very long and path-like strings
 (`../x`), mixed with plain random values; and the two ways a message is put together from them: a
 field often valid and otherwise wild (`either`), and a message valid but for one or two wild fields
-(`one_wild`), so that a bad value gets past the first check and reaches the one meant for it.
+(`one_wild`), so that a bad value gets past the first check and reaches the one meant for it. Page
+tokens (`page_tokens`) are the cloud's own, for the right query and the wrong one, and random text.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import math
 
 from hypothesis import strategies as st
+
+from cloud.service import paging
 
 INT64 = (-(1 << 63), (1 << 63) - 1)
 INT32 = (-(1 << 31), (1 << 31) - 1)
@@ -84,3 +87,15 @@ def texts(*known: str) -> st.SearchStrategy[str]:
     if known:
         options.append(st.sampled_from(known))
     return st.one_of(*options)
+
+
+def page_tokens(rpc: str, query: list, keys: tuple) -> st.SearchStrategy[str]:
+    """Page tokens: the cloud's own for this query (after each of `keys`), for another RPC or query,
+    with keys of the wrong kind, and random text."""
+    own = tuple(paging.encode(rpc, query, key) for key in keys)
+    wrong = (
+        paging.encode("Other", query, keys[0]),
+        paging.encode(rpc, ["other"], keys[0]),
+        paging.encode(rpc, query, [{}]),
+    )
+    return st.one_of(st.sampled_from(own + wrong), texts())

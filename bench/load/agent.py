@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 import psutil
 
+from cloud.admin import certs
 from cloud.localfleet import commands, processes
 from common.files import short_id
 from common.security import Transport
@@ -127,10 +128,13 @@ def _closed_loop(predict, requests: list, seconds: float, clients: int) -> list[
     return outcomes
 
 
-def saturate(cloud_address: str, edge_certs: Path, run_dir: Path, images: np.ndarray, plan: dict) -> dict:
+def saturate(cloud_address: str, keys: dict, run_dir: Path, images: np.ndarray, plan: dict) -> dict:
+    """`keys` as `certs.init` returns them: the agent gets an edge certificate of its own, the load the
+    client's (an edge serves Predict to client certificates only)."""
+    edge_certs = certs.issue_holder(keys["cloud"].parent, "edge", "edge-load")
     agent = start_agent(cloud_address, edge_certs, run_dir, plan["agent_threads"])
     try:
-        stub = inference_pb2_grpc.InferenceServiceStub(Transport.load(edge_certs).channel(agent.address))
+        stub = inference_pb2_grpc.InferenceServiceStub(Transport.load(keys["client"]).channel(agent.address))
         requests = [inference_pb2.PredictRequest(input=to_proto(images[i : i + 1])) for i in range(len(images))]
         _wait_ready(stub.Predict, requests[0])
         _closed_loop(stub.Predict, requests, plan["warmup_s"], plan["clients"])  # torch's first passes, caches

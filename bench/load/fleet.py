@@ -31,7 +31,6 @@ from cloud.build.store import PortfolioStore
 from cloud.localfleet import commands, processes
 from cloud.localfleet.inputs import portfolio_inputs
 from common.security import Transport
-from protos import coordinator_pb2
 
 log = logging.getLogger(__name__)
 FULL = {
@@ -71,7 +70,7 @@ def start_cloud(store: Path, run_dir: Path, keys: dict) -> processes.Child:
 
 
 def _connected(stub, prefix: str) -> int:
-    fleet = stub.GetFleet(coordinator_pb2.GetFleetRequest(), timeout=60)
+    fleet = operator_client.fleet(stub)
     return sum(e.connected for e in fleet.edges if e.edge.startswith(prefix + "-"))
 
 
@@ -130,8 +129,8 @@ def _simulators(cloud: processes.Child, keys: dict, run_dir: Path, plan: dict, s
                             "bench.load.fleet_sim",
                             "--cloud",
                             cloud.address,
-                            "--certs",
-                            str(keys["edge"]),
+                            "--certs-dir",
+                            str(keys["cloud"].parent),
                             "--prefix",
                             PREFIX,
                             "--edges",
@@ -220,7 +219,7 @@ def measure(store: PortfolioStore, keys: dict, run_dir: Path, plan: dict, data_d
     cloud = start_cloud(store.root, run_dir, keys)
     try:
         reports = fleet(cloud, keys, run_dir, plan)
-        predict = agent_load.saturate(cloud.address, keys["edge"], run_dir, images, plan)
+        predict = agent_load.saturate(cloud.address, keys, run_dir, images, plan)
     finally:
         cloud.stop()
     files = [store.variant_path(v.variant_id) for v in store.manifest().variants]

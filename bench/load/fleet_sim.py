@@ -1,6 +1,6 @@
 """`python -m bench.load.fleet_sim`: many simulated edges in one process, speaking the real protocol.
 
-    python -m bench.load.fleet_sim --cloud HOST:PORT --certs DIR --prefix NAME --edges N --first I
+    python -m bench.load.fleet_sim --cloud HOST:PORT --certs-dir DIR --prefix NAME --edges N --first I
                               --start-at UNIX --seconds S --out JSON [--ramp-s R]
 
 Each simulated edge opens its own channel (its own TCP connection and mutual-TLS handshake, as a real
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import grpc
 
+from cloud.admin import certs
 from common.security import Transport
 from common.wire import CHANNEL_OPTIONS
 from protos import coordinator_pb2, coordinator_pb2_grpc
@@ -35,11 +36,14 @@ from protos import coordinator_pb2, coordinator_pb2_grpc
 OPTIONS = CHANNEL_OPTIONS + (("grpc.use_local_subchannel_pool", 1),)
 
 
-def _channel(transport: Transport, address: str) -> grpc.aio.Channel:
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=transport.ca, private_key=transport.key, certificate_chain=transport.cert
+def _channel(certs_dir: Path, name: str, address: str) -> grpc.aio.Channel:
+    """A connection of its own for the simulated edge `name`, with a certificate of its own (issued here,
+    in memory, by the CA of `certs_dir`): the cloud accepts each edge's reports only under its name."""
+    ca, key, cert = certs.issue_pems(certs_dir, "edge", name, days=1)
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    return grpc.aio.secure_channel(
+        address, credentials, options=(*OPTIONS, *Transport.holding(ca, cert, key).name_options())
     )
-    return grpc.aio.secure_channel(address, credentials, options=OPTIONS)
 
 
 class SimEdge:
@@ -122,9 +126,8 @@ class SimEdge:
 
 
 async def simulate(args) -> dict:
-    transport = Transport.load(args.certs)
     names = [f"{args.prefix}-{args.first + i:05d}" for i in range(args.edges)]
-    channels = [_channel(transport, args.cloud) for _ in names]
+    channels = [_channel(args.certs_dir, name, args.cloud) for name in names]
     edges = [
         SimEdge(name, coordinator_pb2_grpc.CoordinatorServiceStub(channel)) for name, channel in zip(names, channels)
     ]
@@ -144,7 +147,7 @@ async def simulate(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.load.fleet_sim")
     parser.add_argument("--cloud", required=True)
-    parser.add_argument("--certs", type=Path, required=True, help="the edge role directory")
+    parser.add_argument("--certs-dir", type=Path, required=True, help="the directory of 'prunefleet certs init'")
     parser.add_argument("--prefix", default="sim")
     parser.add_argument("--edges", type=int, required=True)
     parser.add_argument("--first", type=int, default=0, help="index of this process's first edge in the fleet")

@@ -25,7 +25,6 @@ from cloud.build.train import TrainConfig
 from cloud.localfleet import commands, processes
 from common.files import sha256_bytes, short_id
 from common.security import Transport
-from protos import coordinator_pb2
 
 PLAIN = Transport.plaintext()  # these processes run plaintext (--insecure)
 EDGE = "edge-bench"
@@ -96,9 +95,7 @@ def cloud_and_edge(
 
 
 def _fleet(cloud):
-    return operator_client.coordinator_stub(cloud.address, PLAIN).GetFleet(
-        coordinator_pb2.GetFleetRequest(), timeout=10
-    )
+    return operator_client.fleet(operator_client.coordinator_stub(cloud.address, PLAIN))
 
 
 def profiles(cloud, count: int) -> dict:
@@ -114,10 +111,8 @@ def profiles(cloud, count: int) -> dict:
 
 def switches(cloud, since: float) -> list:
     """The switch events the edge reported since `since` (unix time)."""
-    reply = operator_client.coordinator_stub(cloud.address, PLAIN).ListEvents(
-        coordinator_pb2.ListEventsRequest(edge=EDGE, since=since, limit=1000), timeout=10
-    )
-    return [e.event for e in reply.events if e.event.switched]
+    events = operator_client.events(operator_client.coordinator_stub(cloud.address, PLAIN), EDGE, since)
+    return [e.event for e in events if e.event.switched]
 
 
 def pin(cloud, stub, request, variant_id: str) -> None:

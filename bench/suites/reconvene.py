@@ -8,6 +8,12 @@ interleaved (as an edge serves it by default, BatchNorm folded and channels-last
 as loaded, eager: `speedup_b32_as_loaded`),
 and the time from random init to a model ready to train (SynFlow's rounds included).
 
+Against the dense model (the dense architecture from each seed, trained once with the same recipe, as
+the portfolio build does for reconvene): each point's `acc_dense` and `acc_vs_dense_pp` (reconvene
+minus dense, mean over seeds), and the speedups over it timed in the same rounds; the summary's
+`speedup_within_0_5pp_vs_dense` and `speedup_within_1pp_vs_dense` are the best batch-32 speedup over the
+dense model of a point at most that far below its accuracy.
+
 Then the cost of pruning against training on the larger models the targets name: VGG-16 and ResNet-56
 on 3x32x32 inputs, SynFlow at the plan's rounds, against one training epoch of a CIFAR-10-sized training
 set. How a point and the cost of pruning are measured is `bench.suites.reconvene_parts`; this module
@@ -23,10 +29,12 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from bench import plots, workdir
-from bench.suites.reconvene_parts import measure_point, pruning_cost
+from bench.suites.reconvene_parts import measure_point, pruning_cost, trained_dense
 from cloud.build.methods import reconvene
 from common import datasets
 
@@ -69,14 +77,16 @@ QUICK = {
 
 
 SEED_KEYS = ("seed", "acc_unstructured", "acc_reconvene", "acc_gap_pp", "params_reconvene", "groups_structured")
+DENSE_KEYS = ("acc_dense", "acc_vs_dense_pp")  # per seed too, when the point was measured against the dense model
 
 
 def over_seeds(runs: list[dict]) -> dict:
     """A point over several seeds: the first seed's models (structure, bytes, latency) and the mean
-    accuracies and gap of all, each seed's listed under `seeds`. Paired by seed, the gap leaves out how
-    far the recipe itself moves between seeds (`acc_unstructured_range_pp`); `acc_gap_pp_sem` is the
-    mean gap's standard error (the seeds' standard deviation over the square root of their count).
-    Seeds whose request was refused are left out of the means and counted in `seeds_refused`."""
+    accuracies and gaps of all (against the dense model too), each seed's listed under `seeds`. Paired
+    by seed, the gap leaves out how far the recipe itself moves between seeds
+    (`acc_unstructured_range_pp`); `acc_gap_pp_sem` is the mean gap's standard error (the seeds'
+    standard deviation over the square root of their count). Seeds whose request was refused are left
+    out of the means and counted in `seeds_refused`."""
     first = runs[0]
     refused = sum("refused" in r for r in runs)
     runs = [r for r in runs if "refused" not in r]  # a later seed refused: the mean is over those that ran
@@ -88,15 +98,14 @@ def over_seeds(runs: list[dict]) -> dict:
 
     unstructured = [100 * r["acc_unstructured"] for r in runs]
     gaps = [r["acc_gap_pp"] for r in runs]
+    against_dense = tuple(k for k in DENSE_KEYS if all(k in r for r in runs))
     return {
         **first,
-        "acc_unstructured": mean("acc_unstructured"),
-        "acc_reconvene": mean("acc_reconvene"),
-        "acc_gap_pp": mean("acc_gap_pp"),
+        **{key: mean(key) for key in ("acc_unstructured", "acc_reconvene", "acc_gap_pp", *against_dense)},
         "acc_gap_pp_worst_seed": max(gaps),
         "acc_gap_pp_sem": statistics.stdev(gaps) / math.sqrt(len(gaps)),
         "acc_unstructured_range_pp": max(unstructured) - min(unstructured),
-        "seeds": [{k: r[k] for k in SEED_KEYS} for r in runs],
+        "seeds": [{k: r[k] for k in (*SEED_KEYS, *against_dense)} for r in runs],
         **({"seeds_refused": refused} if refused else {}),
     }
 
@@ -108,7 +117,8 @@ def first_seed(point: dict) -> dict:
     first = point["seeds"][0]
     aggregates = ("seeds", "acc_gap_pp_worst_seed", "acc_gap_pp_sem", "acc_unstructured_range_pp")
     rest = {k: v for k, v in point.items() if k not in aggregates}
-    return {**rest, **{k: first[k] for k in ("acc_unstructured", "acc_reconvene", "acc_gap_pp")}}
+    keys = ("acc_unstructured", "acc_reconvene", "acc_gap_pp", *DENSE_KEYS)
+    return {**rest, **{k: first[k] for k in keys if k in first}}
 
 
 def _sweep(points: list[dict], scorer: str, compression: float, values, default, reconvene_at) -> list[dict]:
@@ -129,6 +139,12 @@ def _sweep(points: list[dict], scorer: str, compression: float, values, default,
     return out
 
 
+def _dense(plan: dict, data: datasets.Dataset, work: Path, seed: int | None = None) -> Callable:
+    """The seed's dense model trained once (the plan's first seed by default) and its accuracy, asked
+    for only when a point is measured."""
+    return partial(trained_dense, plan, data, plan["seeds"][0] if seed is None else seed, work)
+
+
 def _seeded_point(plan: dict, data: datasets.Dataset, work: Path, scorer: str, c: float, threshold: float) -> dict:
     """One point over the plan's seeds, each seed kept in the work directory on its own; the seeds stop at
     the first one refused."""
@@ -138,7 +154,9 @@ def _seeded_point(plan: dict, data: datasets.Dataset, work: Path, scorer: str, c
             workdir.cached(
                 work,
                 f"point-{scorer}-{c:g}-seed{seed}",
-                lambda seed=seed: measure_point(plan, data, scorer, float(c), threshold, seed=seed),
+                lambda seed=seed: measure_point(
+                    plan, data, scorer, float(c), threshold, seed=seed, dense=_dense(plan, data, work, seed)
+                ),
             )
         )
         if "refused" in runs[-1]:
@@ -160,7 +178,15 @@ def _threshold_sweep(plan: dict, data: datasets.Dataset, work: Path, single: lis
         lambda v: workdir.cached(
             work,
             f"sweep-{v:g}",
-            lambda: measure_point(plan, data, spec["scorer"], float(spec["compression"]), v, with_baseline=False),
+            lambda: measure_point(
+                plan,
+                data,
+                spec["scorer"],
+                float(spec["compression"]),
+                v,
+                with_baseline=False,
+                dense=_dense(plan, data, work),
+            ),
         ),
     )
 
@@ -179,7 +205,16 @@ def _coverage_sweep(plan: dict, data: datasets.Dataset, work: Path, single: list
             lambda v, c=compression: workdir.cached(
                 work,
                 f"coverage-{c:g}-{v:g}",
-                lambda: measure_point(plan, data, spec["scorer"], float(c), threshold, with_baseline=False, coverage=v),
+                lambda: measure_point(
+                    plan,
+                    data,
+                    spec["scorer"],
+                    float(c),
+                    threshold,
+                    with_baseline=False,
+                    coverage=v,
+                    dense=_dense(plan, data, work),
+                ),
             ),
         )
     return out
@@ -229,6 +264,23 @@ def summarize(points: list[dict], timing: list[dict], tolerance_pp: float = 0.5)
         "seed_spread_pp": max((p["acc_unstructured_range_pp"] for p in points if "seeds" in p), default=None),
         "best_params_ratio_within_0_5pp": max((p["params_ratio"] for p in within), default=None),
         "best_speedup_b32_within_0_5pp": max((p["speedup_b32"] for p in within), default=None),
+        **_against_dense(points),
+    }
+
+
+def _against_dense(points: list[dict]) -> dict:
+    """The dense model's accuracy (mean over seeds) and reconvene's best batch-32 speedup over it: at
+    any accuracy, and at most 0.5 and 1 accuracy points below it (None where no point qualifies)."""
+    measured = [p for p in points if "speedup_b32_vs_dense" in p]
+
+    def best(tolerance_pp: float) -> float | None:
+        return max((p["speedup_b32_vs_dense"] for p in measured if p["acc_vs_dense_pp"] >= -tolerance_pp), default=None)
+
+    return {
+        "acc_dense": measured[0]["acc_dense"] if measured else None,
+        "best_speedup_b32_vs_dense": best(math.inf),
+        "speedup_within_0_5pp_vs_dense": best(0.5),
+        "speedup_within_1pp_vs_dense": best(1.0),
     }
 
 

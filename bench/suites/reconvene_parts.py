@@ -3,7 +3,12 @@
 A point is one scorer and compression from one seed: the dense model initialized from the seed,
 reconvene's composite model pruned from it (its structure recorded group by group), trained; and, as
 its baseline, the unstructured PaI model (the scorer's masks over the same dense model) trained with
-the same recipe, both timed interleaved as an edge serves them and as loaded.
+the same recipe, both timed interleaved as an edge serves them and as loaded. Against the dense model
+(what the user owns: the dense architecture from the same seed, trained with the same recipe, as the
+portfolio build trains it for reconvene), each point has the dense accuracy and `acc_vs_dense_pp`
+(reconvene minus dense, in accuracy points), `macs_ratio_vs_dense`, and, where latencies are measured,
+the dense model timed in the same rounds (`speedup_b1_vs_dense`, `speedup_b32_vs_dense`,
+`speedup_b32_as_loaded_vs_dense`). The dense model trains once per seed, kept in the work directory.
 
 The cost of pruning is measured on the larger models the targets name (3x32x32 inputs, SynFlow): the
 time to prune against one training epoch of a CIFAR-10-sized training set (`EPOCH_IMAGES`). The time
@@ -17,19 +22,50 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from bench import latency
+from bench import latency, workdir
 from cloud.build.methods import reconvene, scorers
 from cloud.build.train import TrainConfig, evaluate, train
 from common import datasets, models
+from common.profiling import count_macs
 
 log = logging.getLogger(__name__)
 EPOCH_IMAGES = 50_000  # CIFAR-10's training set
 STEP_SAMPLES = 6  # timed training steps (after one warm-up) that estimate an epoch
 SCORE_BATCHES, SCORE_BATCH_SIZE = 4, 64
+
+
+Dense = Callable[[], tuple[nn.Module, float]]  # the trained dense model of a seed and its test accuracy
+
+
+def _recipe(plan: dict, seed: int) -> TrainConfig:
+    return TrainConfig(epochs=plan["epochs"], batch_size=128, progress=False, seed=seed)
+
+
+def _dense_model(plan: dict, data: datasets.Dataset, seed: int) -> nn.Module:
+    """The dense architecture initialized from `seed` (what reconvene prunes from)."""
+    torch.manual_seed(seed)
+    return models.build(plan["model"], models.zoo_kwargs(data.info.input_shape, data.info.num_classes, plan["width"]))
+
+
+def trained_dense(plan: dict, data: datasets.Dataset, seed: int, work: Path) -> tuple[nn.Module, float]:
+    """The dense model of `seed` trained with the points' recipe, and its test accuracy; resumable from
+    its checkpoint in `work`, the accuracy kept beside it."""
+    model = train(
+        _dense_model(plan, data, seed),
+        data.info,
+        data.train,
+        _recipe(plan, seed),
+        checkpoint=work / f"dense-seed{seed}.pt",
+        desc=f"dense seed {seed}",
+    )
+    measured = workdir.cached(work, f"dense-seed{seed}", lambda: {"accuracy": evaluate(model, data.info, data.test)})
+    return model, measured["accuracy"]
 
 
 def _state_bytes(model: nn.Module) -> int:
@@ -40,8 +76,7 @@ def _prune(
     plan: dict, data: datasets.Dataset, scorer: str, compression: float, threshold: float, coverage: float, seed: int
 ) -> tuple[nn.Module, reconvene.Pruned]:
     """The dense model initialized from `seed`, and reconvene's composite model from it."""
-    torch.manual_seed(seed)
-    dense = models.build(plan["model"], models.zoo_kwargs(data.info.input_shape, data.info.num_classes, plan["width"]))
+    dense = _dense_model(plan, data, seed)
     example = datasets.normalize(data.train.images[:1], data.info.mean, data.info.std)
     batches = scorers.scoring_batches(scorer, data, SCORE_BATCHES, SCORE_BATCH_SIZE, seed)
     return dense, reconvene.prune(
@@ -88,12 +123,32 @@ def _baseline(
     return unstructured, measured
 
 
-def _latencies(unstructured: nn.Module, trained: nn.Module, shape: tuple, iters: int) -> dict:
-    """Both models timed interleaved, served and as loaded, and reconvene's speedups over the baseline."""
-    out = latency.paired({"unstructured": unstructured, "reconvene": trained}, shape, iters)
-    out["speedup_b1"] = out["unstructured_b1_ms"] / out["reconvene_b1_ms"]
-    out["speedup_b32"] = out["unstructured_b32_ms"] / out["reconvene_b32_ms"]
-    out["speedup_b32_as_loaded"] = out["unstructured_as_loaded_b32_ms"] / out["reconvene_as_loaded_b32_ms"]
+def _against_dense(point: dict, dense: Dense | None, trained: nn.Module, shape: tuple) -> nn.Module | None:
+    """Adds reconvene's accuracy against the dense model's (in points) and its MACs ratio to `point`;
+    returns the dense model to time beside it (None without one)."""
+    if dense is None:
+        return None
+    model, accuracy = dense()
+    point["acc_dense"] = accuracy
+    point["acc_vs_dense_pp"] = 100 * (point["acc_reconvene"] - accuracy)
+    point["macs_ratio_vs_dense"] = count_macs(model, shape) / count_macs(trained, shape)
+    return model
+
+
+def _latencies(
+    unstructured: nn.Module, trained: nn.Module, shape: tuple, iters: int, dense: nn.Module | None = None
+) -> dict:
+    """Both models (and the dense one, when given) timed interleaved, served and as loaded, and
+    reconvene's speedups over the baseline (and over the dense model)."""
+    timed = {"unstructured": unstructured, "reconvene": trained}
+    baselines = {"": "unstructured"}  # key suffix: the model reconvene's speedup is over
+    if dense is not None:
+        timed["dense"], baselines["_vs_dense"] = dense, "dense"
+    out = latency.paired(timed, shape, iters)
+    for suffix, baseline in baselines.items():
+        out[f"speedup_b1{suffix}"] = out[f"{baseline}_b1_ms"] / out["reconvene_b1_ms"]
+        out[f"speedup_b32{suffix}"] = out[f"{baseline}_b32_ms"] / out["reconvene_b32_ms"]
+        out[f"speedup_b32_as_loaded{suffix}"] = out[f"{baseline}_as_loaded_b32_ms"] / out["reconvene_as_loaded_b32_ms"]
     return out
 
 
@@ -106,32 +161,35 @@ def measure_point(
     with_baseline: bool = True,
     coverage: float = reconvene.MIN_COVERAGE,
     seed: int | None = None,
+    dense: Dense | None = None,
 ) -> dict:
     """One scorer and compression from one seed (initialization, scoring batches and data order; the
     plan's first by default): both models trained, and with the baseline their latencies (measured on
-    the first seed's models only)."""
+    the first seed's models only). With `dense` (the seed's trained dense model, asked for only when
+    the point is measured), reconvene against it too, timed in the same rounds."""
     seed = plan["seeds"][0] if seed is None else seed
-    recipe = TrainConfig(epochs=plan["epochs"], batch_size=128, progress=False, seed=seed)
+    recipe = _recipe(plan, seed)
     try:
-        dense, pruned = _prune(plan, data, scorer, compression, threshold, coverage, seed)
+        initial, pruned = _prune(plan, data, scorer, compression, threshold, coverage, seed)
     except reconvene.ReconveneError as err:  # e.g. layer collapse: the unstructured model is as broken
         log.warning("%s %gx refused: %s", scorer, compression, err)
         return {"scorer": scorer, "compression": compression, "threshold": threshold, "refused": str(err)}
     point = {"scorer": scorer, "compression": compression, "threshold": threshold, "coverage": coverage, "seed": seed}
-    point.update(_structure(dense, pruned))
+    point.update(_structure(initial, pruned))
     started = time.perf_counter()
     trained = train(pruned.model, data.info, data.train, recipe, masks=pruned.masks, desc=f"reconvene {scorer}")
     point["train_reconvene_s"] = time.perf_counter() - started
     point["acc_reconvene"] = evaluate(trained, data.info, data.test)
     point["params_ratio"] = point["params_dense"] / point["params_reconvene"]
+    dense_model = _against_dense(point, dense, trained, data.info.input_shape)
     if not with_baseline:
         return point
-    unstructured, measured = _baseline(dense, pruned, data, recipe, scorer)
+    unstructured, measured = _baseline(initial, pruned, data, recipe, scorer)
     point.update(measured)
     point["acc_gap_pp"] = 100 * (point["acc_unstructured"] - point["acc_reconvene"])
     if seed != plan["seeds"][0]:
         return point
-    point.update(_latencies(unstructured, trained, data.info.input_shape, plan["iters"]))
+    point.update(_latencies(unstructured, trained, data.info.input_shape, plan["iters"], dense_model))
     log.info(
         "%s %gx: %s",
         scorer,

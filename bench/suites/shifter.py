@@ -5,10 +5,15 @@ compression (conv and linear weights / remaining), sparse and compact test accur
 dense vs compact, MACs, CPU latency of the masked sparse model and of the compact one at batch 1 and
 32, measured interleaved in the same run, each as an edge serves it by default (`speedup_b32`:
 BatchNorm folded, channels-last) and as loaded (`speedup_b32_as_loaded`: eager PyTorch, how an edge
-serves with `--no-optimize-models`). Then the cost of the portfolio: `derive_s` is the wall time
-to turn the IMP checkpoints into compact, checked variants (load, surgery, check); `train_from_scratch_s`
-is the wall time to train each compact architecture from a fresh initialization with the same recipe
-(what a portfolio of separately designed small models would cost), with the accuracy each one reaches.
+serves with `--no-optimize-models`). Against the dense model (level 0, what the user owns), timed in
+the same rounds as each level's pair: `acc_vs_dense_pp` (compact minus dense, in accuracy points),
+`speedup_b1_vs_dense`, `speedup_b32_vs_dense` (served), `speedup_b32_as_loaded_vs_dense` and
+`macs_ratio_vs_dense`; the summary's `speedup_within_0_5pp_vs_dense` and `speedup_within_1pp_vs_dense`
+are the best batch-32 speedup of a level at most that far below the dense accuracy. Then the cost of
+the portfolio: `derive_s` is the wall time to turn the IMP checkpoints into compact, checked variants
+(load, surgery, check); `train_from_scratch_s` is the wall time to train each compact architecture
+from a fresh initialization with the same recipe (what a portfolio of separately designed small
+models would cost), with the accuracy each one reaches.
 """
 
 from __future__ import annotations
@@ -75,12 +80,15 @@ def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
     checkpoints = _imp(plan, kwargs, data, recipe, work)
     imp_s = time.perf_counter() - started
     check = datasets.normalize(data.test.images[:16], data.info.mean, data.info.std)
+    dense = models.build(plan["model"], kwargs)
+    dense.load_state_dict(checkpoints[0].state)  # level 0: the trained dense model
     points, compacts, derive_s = [], [], 0.0
     for level in checkpoints:
-        point, compact, seconds = _level(plan, kwargs, level, data, check)
+        point, compact, seconds = _level(plan, kwargs, level, data, check, dense.eval())
         points.append(point)
         compacts.append(compact)
         derive_s += seconds
+    points = [_against_dense(p, points[0]["sparse_accuracy"]) for p in points]  # level 0's sparse model is dense
     _add_from_scratch(points, compacts, work, data, recipe)
     scratch_s = sum(p["scratch_s"] for p in points)
     return {"points": points, "plan": dict(plan), "imp_s": imp_s, "summary": summarize(points, derive_s, scratch_s)}
@@ -94,10 +102,11 @@ def _imp(plan: dict, kwargs: dict, data: datasets.Dataset, recipe: TrainConfig, 
 
 
 def _level(
-    plan: dict, kwargs: dict, level, data: datasets.Dataset, check: torch.Tensor
+    plan: dict, kwargs: dict, level, data: datasets.Dataset, check: torch.Tensor, dense: nn.Module
 ) -> tuple[dict, nn.Module, float]:
     """One level: its sparse model made compact by surgery (timed, the cost of deriving the variant), then
-    both side by side: accuracy, size, MACs and latency. Returns the point, the compact model and that time."""
+    both side by side: accuracy, size, MACs and latency, the dense model timed in the same rounds.
+    Returns the point, the compact model and that time."""
     shape = data.info.input_shape
     start = time.perf_counter()
     sparse = models.build(plan["model"], kwargs)
@@ -118,8 +127,9 @@ def _level(
         "params_compact": report.params_after,
         "macs_sparse": count_macs(sparse, shape),
         "macs_compact": count_macs(compact, shape),
+        "macs_dense": count_macs(dense, shape),
         "surgery_ms": 1e3 * report.seconds,
-        **latency.paired({"sparse": sparse, "compact": compact}, shape, plan["iters"]),
+        **latency.paired({"dense": dense, "sparse": sparse, "compact": compact}, shape, plan["iters"]),
     }
     point["params_ratio"] = point["params_sparse"] / point["params_compact"]
     point["speedup_b1"] = point["sparse_b1_ms"] / point["compact_b1_ms"]
@@ -127,6 +137,20 @@ def _level(
     point["speedup_b32_as_loaded"] = point["sparse_as_loaded_b32_ms"] / point["compact_as_loaded_b32_ms"]
     log.info("level %d: %s", level.level, {k: round(v, 4) if isinstance(v, float) else v for k, v in point.items()})
     return point, compact, derive_s
+
+
+def _against_dense(point: dict, dense_accuracy: float) -> dict:
+    """The level's compact variant against the dense model: accuracy points gained (negative: lost),
+    speedups from the same rounds, and MACs ratio."""
+    return {
+        **point,
+        "dense_accuracy": dense_accuracy,
+        "acc_vs_dense_pp": 100 * (point["compact_accuracy"] - dense_accuracy),
+        "speedup_b1_vs_dense": point["dense_b1_ms"] / point["compact_b1_ms"],
+        "speedup_b32_vs_dense": point["dense_b32_ms"] / point["compact_b32_ms"],
+        "speedup_b32_as_loaded_vs_dense": point["dense_as_loaded_b32_ms"] / point["compact_as_loaded_b32_ms"],
+        "macs_ratio_vs_dense": point["macs_dense"] / point["macs_compact"],
+    }
 
 
 def _add_from_scratch(
@@ -151,7 +175,16 @@ def _from_scratch(compact: nn.Module, level: int, data: datasets.Dataset, recipe
     return {"seconds": time.perf_counter() - start, "accuracy": evaluate(fresh, data.info, data.test)}
 
 
+def within_vs_dense(points: list[dict], tolerance_pp: float) -> float | None:
+    """The best batch-32 speedup over the dense model among points at most `tolerance_pp` accuracy
+    points below it (None when none is)."""
+    return max((p["speedup_b32_vs_dense"] for p in points if p["acc_vs_dense_pp"] >= -tolerance_pp), default=None)
+
+
 def summarize(points: list[dict], derive_s: float, scratch_s: float) -> dict:
+    """The worst compact-vs-sparse delta, the best ratios, the cost of the portfolio, and (for points
+    measured against the dense model) the best speedups over it within 0.5 and 1 accuracy points."""
+    dense = [p for p in points if "acc_vs_dense_pp" in p]
     return {
         "max_acc_delta_pp": max(abs(p["acc_delta_pp"]) for p in points),
         "best_params_ratio": max(p["params_ratio"] for p in points),
@@ -161,6 +194,10 @@ def summarize(points: list[dict], derive_s: float, scratch_s: float) -> dict:
         "train_from_scratch_s": scratch_s,
         "generation_speedup": scratch_s / max(derive_s, 1e-9),
         "levels": len(points),
+        "dense_accuracy": dense[0]["dense_accuracy"] if dense else None,
+        "best_speedup_b32_vs_dense": max((p["speedup_b32_vs_dense"] for p in dense), default=None),
+        "speedup_within_0_5pp_vs_dense": within_vs_dense(dense, 0.5),
+        "speedup_within_1pp_vs_dense": within_vs_dense(dense, 1.0),
     }
 
 

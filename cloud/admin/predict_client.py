@@ -167,7 +167,7 @@ def classify(address: str, transport: Transport, paths: Sequence[str], top: int 
     """The `top` most probable classes of every image, as the variant the edge at `address` serves sees it."""
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
-    channel = transport.channel(address)
+    channel = transport.for_edges().channel(address)  # never the operator token
     try:
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         for _ in range(MAX_ATTEMPTS):

@@ -1,47 +1,51 @@
 """Build a portfolio: train, prune with a method, compact every sparse model, store the variants.
 
 The build owns what every method shares: the data, the store and its resumable work directory, the
-surgery that turns each sparse model into a compact variant (with its equivalence check), and
-measuring and publishing the variants. What is pruned, and how, is the method's
-(`cloud.build.methods`): the build hands it a `BuildContext` and the method's own settings, and takes
-the sparse models it yields.
+surgery that turns each sparse model into a compact variant (with its equivalence check), or the check
+that a model the method made compact itself is what its file rebuilds (`cloud.build.derive`), the
+portfolio's dense model every variant is compared with (`cloud.build.reference`), and measuring and
+publishing the variants. What is pruned, and how, is the method's (`cloud.build.methods`): the build
+hands it a `BuildContext` and the method's own settings, and takes the sparse models it yields.
 
 Training and scoring run on the build's `--device` (`cloud.build.devices`), resolved and checked first,
 before any data is loaded; everything after training (surgery, the equivalence check, accuracy of the
 variants, timing, the files) runs on the CPU, as the edges do.
+
+Every variant also gets its ONNX file by default (`--no-onnx` skips them; without the `onnx` extra a
+build that would make them stops before any work, saying how to install it), and with `--int8` an
+int8 member of its own (`cloud.build.artifacts`).
 """
 
 from __future__ import annotations
 
-import copy
+import importlib
 import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from cloud.build import data as build_data
-from cloud.build import devices, distributed
+from cloud.build import derive, devices, distributed, reference, timing
 from cloud.build import weights as start_weights
-from cloud.build.compaction import surgery
 from cloud.build.methods import METHODS
-from cloud.build.methods.base import BuildContext, Method, SparseModel
-from cloud.build.methods.masks import sparsity as mask_sparsity
+from cloud.build.methods.base import BuildContext, Method
+from cloud.build.reference import Reference
 from cloud.build.settings import SettingsError
-from cloud.build.store import Manifest, PortfolioStore, VariantEntry, portfolio_id
-from cloud.build.train import TrainConfig, evaluate
-from common import datasets, models, variant
+from cloud.build.store import DenseEntry, Manifest, PortfolioStore, VariantEntry, served_portfolio_id
+from cloud.build.timing import Member
+from cloud.build.train import TrainConfig
+from common import models
 from common.files import atomic_write_json
-from common.inference import for_inference
-from common.profiling import count_macs, measure_interleaved
 from common.registry import lookup
 
 log = logging.getLogger(__name__)
+ONNX_PACKAGES = ("onnx", "onnxruntime")  # what making ONNX files needs: the `onnx` extra
+MAX_CALIBRATION_IMAGES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,20 @@ class BuildConfig:
         default=(),
         metadata={"help": "keep only the levels nearest these compressions, e.g. 1,2,4,8 (none: every level)"},
     )
+    onnx: bool = field(
+        default=True,
+        metadata={
+            "help": "store each variant's ONNX file too, checked against it with ONNX Runtime and timed under it "
+            "(needs pip install 'prunefleet[onnx]'); --no-onnx makes none"
+        },
+    )
+    int8: bool = field(
+        default=False,
+        metadata={"help": "add each variant's statically quantized int8 ONNX form as a member of its own"},
+    )
+    calibration_images: int = field(
+        default=1024, metadata={"help": "training images the int8 members' activation ranges are calibrated on"}
+    )
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"cli": False})
     method_settings: object = field(default=None, metadata={"cli": False})  # None: the method's defaults
 
@@ -115,6 +133,25 @@ class BuildConfig:
         if self.weights is not None:
             method.refuse_weights(self.method_settings)
             start_weights.check_file(self.weights)
+        self._check_artifacts()
+
+    def _check_artifacts(self) -> None:
+        """The ONNX files and int8 members asked for can be made here: refused before any work when
+        `onnx` or `onnxruntime` is missing, naming how to install them or to skip them."""
+        if not 1 <= self.calibration_images <= MAX_CALIBRATION_IMAGES:
+            raise SettingsError(
+                f"calibration_images must be in [1, {MAX_CALIBRATION_IMAGES}], got {self.calibration_images}"
+            )
+        if self.int8 and not self.onnx:
+            raise SettingsError("--int8 quantizes each variant's ONNX file: it cannot go with --no-onnx")
+        for package in ONNX_PACKAGES if self.onnx else ():
+            try:
+                importlib.import_module(package)
+            except ImportError:
+                raise SettingsError(
+                    f"{package} is not installed: a build stores each variant's ONNX file unless told --no-onnx; "
+                    "pip install 'prunefleet[onnx]' (or build with --no-onnx)"
+                ) from None
 
     def settings(self) -> dict:
         """Everything that shapes the portfolio, as JSON: a resumed build must match it."""
@@ -122,6 +159,8 @@ class BuildConfig:
         raw.pop("out")
         raw.pop("device")  # where it trains: a build may resume on another device
         raw.pop("workers")  # how many processes read the data: the same batches either way
+        raw.pop("onnx")  # which files are made of the variants, not the variants: a build may resume with them
+        raw.pop("int8")
         raw["data_dir"] = str(self.data_dir) if self.data_dir else None
         raw["weights"] = start_weights.fingerprint(self.weights) if self.weights else None  # moves, never changes
         raw["train"].pop("progress")  # shows progress bars; the portfolio is the same either way
@@ -151,108 +190,60 @@ def _check_settings(config: BuildConfig, store: PortfolioStore) -> None:
         atomic_write_json(path, settings)
 
 
-def derive_variant(sparse: SparseModel, context: BuildContext, dense_params: int) -> tuple[VariantEntry, nn.Module]:
-    """Compact one sparse model, prove it equivalent, measure it and store it as a variant file. The
-    entry's latencies are left at 0 for `time_variants`, with the model as an edge serves it."""
-    config, data, store = context.config, context.data, context.store
-    sparse.model.cpu()  # surgery, its check and the measurements run where the edges run variants
-    shape = data.info.input_shape
-    check = datasets.normalize(datasets.head(data.test, config.check_images), data.info.mean, data.info.std)
-    compact, report = surgery.compact(sparse.model, check[:1], check_inputs=check)
-    sparse_acc = evaluate(sparse.model, data.info, data.test)
-    compact_acc = evaluate(compact, data.info, data.test)
-    level_sparsity = mask_sparsity(sparse.masks) if sparse.compression is None else 1.0 - 1.0 / sparse.compression
-    spec = variant.VariantSpec(
-        arch=config.model,
-        kwargs=context.model_kwargs(),
-        input_shape=shape,
-        num_classes=data.info.num_classes,
-        mean=data.info.mean,
-        std=data.info.std,
-        method=config.method,
-        sparsity=level_sparsity,
-        accuracy=compact_acc,
-        name=sparse.name or f"{config.model}-L{sparse.level}",
-        level=sparse.level,
-        extra={"sparse_accuracy": sparse_acc},
-        classes=data.info.classes,
-    )  # nothing run-dependent: ids repeat
-    variant_id = store.put_variant(variant.encode(compact, spec))
-    params = models.count_params(compact)
-    served = for_inference(copy.deepcopy(compact), tuple(shape))  # timed as an edge serves it by default
-    entry = VariantEntry(
-        variant_id=variant_id,
-        name=spec.name,
-        level=sparse.level,
-        method=config.method,
-        arch=config.model,
-        params=params,
-        size_bytes=store.variant_path(variant_id).stat().st_size,
-        accuracy=compact_acc,
-        sparse_accuracy=sparse_acc,
-        sparsity=level_sparsity,
-        compression=1.0 / max(1e-12, 1.0 - level_sparsity),
-        params_ratio=dense_params / params,
-        latency_ms_b1=0.0,
-        latency_ms_b32=0.0,
-        max_abs_diff=report.max_abs_diff,
-        macs=count_macs(compact, shape),
-        sparse_params=models.count_params(sparse.model),
+def _log(entry: VariantEntry) -> None:
+    log.info(
+        "%s (%s): sparsity %.1f%%, %d params, accuracy %.2f%% (sparse %.2f%%)",
+        entry.name,
+        entry.precision,
+        100 * entry.sparsity,
+        entry.params,
+        100 * entry.accuracy,
+        100 * entry.sparse_accuracy,
     )
-    return entry, served
 
 
-def time_variants(entries: list[VariantEntry], served: list[nn.Module], shape: tuple) -> list[VariantEntry]:
-    """Every variant's latency at batch 1 and 32, timed together in interleaved rounds once all are
-    built: timed one by one as each is derived, minutes apart, the machine's load of the moment would
-    rank variants of the same architecture against each other. The quartiles say where two variants
-    cannot be told apart."""
-    spreads = {
-        batch: measure_interleaved({e.variant_id: m for e, m in zip(entries, served)}, tuple(shape), batch, iters=iters)
-        for batch, iters in ((1, 4), (32, 2))
-    }
-    timed = []
-    for entry in entries:
-        b1, b32 = spreads[1][entry.variant_id], spreads[32][entry.variant_id]
-        timed.append(
-            replace(
-                entry,
-                latency_ms_b1=b1.p50_ms,
-                latency_ms_b1_q1=b1.q1_ms,
-                latency_ms_b1_q3=b1.q3_ms,
-                latency_ms_b32=b32.p50_ms,
-                latency_ms_b32_q1=b32.q1_ms,
-                latency_ms_b32_q3=b32.q3_ms,
-            )
-        )
-    return timed
-
-
-def _derive(context: BuildContext, method: Method) -> list[VariantEntry]:
-    """The variants of the levels the method yields (those nearest the targets); on rank 0 only, the
-    others train their shards and derive nothing."""
+def _levels(context: BuildContext, method: Method, dense_params: int) -> tuple[list[Member], Reference | None]:
+    """The members made of the levels the method yields (those nearest the targets), and, for a
+    method whose level 0 is the dense model, that level as the reference (kept or not). On rank 0
+    only: the others train their shards and derive nothing."""
     config = context.config
     planned = method.planned_compressions(config.method_settings)
     keep = select_levels(planned, config.targets)
-    dense_params = models.count_params(context.new_model())
     main = distributed.is_main()
-    entries, served = [], []
+    members, dense = [], None
     levels = method.levels(context, config.method_settings)
     for sparse in tqdm(levels, desc=f"{method.name} portfolio", total=len(planned), unit="level", disable=not main):
-        if not main or sparse.level not in keep:
+        if not main:
             continue
-        entry, model = derive_variant(sparse, context, dense_params)
-        log.info(
-            "%s: sparsity %.1f%%, %d params, accuracy %.2f%% (sparse %.2f%%)",
-            entry.name,
-            100 * entry.sparsity,
-            entry.params,
-            100 * entry.accuracy,
-            100 * entry.sparse_accuracy,
+        derived = derive.derive_variant(sparse, context, dense_params) if sparse.level in keep else []
+        for member in derived:
+            _log(member.entry)
+        members.extend(derived)
+        if method.dense_level and sparse.level == 0:
+            known = derived[0].entry.sparse_accuracy if derived else None  # the dense model's accuracy, measured
+            dense = reference.from_level(sparse, context, method.name, dense_params, known)
+    return members, dense
+
+
+def _derive(context: BuildContext, method: Method) -> tuple[list[VariantEntry], DenseEntry | None]:
+    """The timed variants and the dense model they are compared with (nothing on ranks other than 0)."""
+    dense_params = models.count_params(context.new_model())
+    members, dense = _levels(context, method, dense_params)
+    if not method.dense_level:
+        dense = reference.trained(context)  # every torchrun process trains its shard
+    if not distributed.is_main():
+        return [], None
+    if dense is None:
+        raise reference.DenseReferenceError(
+            f"method {method.name} says its level 0 is the dense model, but it yielded no level 0"
         )
-        entries.append(entry)
-        served.append(model)
-    return time_variants(entries, served, context.data.info.input_shape) if entries else entries
+    log.info(
+        "dense model (%s): %d params, accuracy %.2f%%",
+        dense.entry.source,
+        dense.entry.params,
+        100 * dense.entry.accuracy,
+    )
+    return timing.time_members(members, context.data.info.input_shape, (dense.entry, dense.served))
 
 
 def _device(config: BuildConfig) -> torch.device:
@@ -280,17 +271,18 @@ def build(config: BuildConfig) -> Manifest | None:
     if distributed.is_main():
         _check_settings(config, store)
     distributed.barrier()
-    entries = _derive(context, lookup(METHODS, "method", config.method))
+    entries, dense = _derive(context, lookup(METHODS, "method", config.method))
     if not distributed.is_main():
         return None
     manifest = Manifest(
-        portfolio_id=portfolio_id([e.variant_id for e in entries]),
+        portfolio_id=served_portfolio_id(entries),
         model=config.model,
         dataset=config.dataset,
         method=config.method,
         created=time.time(),
         settings=config.settings(),
         variants=tuple(entries),
+        dense=dense,
     )
     store.write_manifest(manifest)
     return manifest

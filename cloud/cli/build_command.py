@@ -1,4 +1,5 @@
-"""`prunefleet portfolio build`: flags generated from the settings dataclasses, and the build they ask for.
+"""`prunefleet portfolio build`: flags generated from the settings dataclasses, and the build they ask for;
+and `prunefleet portfolio quantize`, which adds int8 members to a portfolio built without them.
 
 The flags come in groups: the build's own (`BuildConfig`), the training recipe (`TrainConfig`) and one
 group per registered pruning method (its settings dataclass), so a method registered in
@@ -19,7 +20,12 @@ from cloud.build.portfolio import BuildConfig
 from cloud.build.settings import SettingsError
 from cloud.build.train import TrainConfig
 from cloud.cli import BUILD_HELP
+from common.errors import PrunefleetError
 from common.registry import lookup
+
+
+class MissingExtraError(PrunefleetError, RuntimeError):
+    """A command that needs an extra that is not installed; the message says how to install it."""
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -65,4 +71,23 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(operator_client.portfolio_table(manifest))
     print(f"portfolio {manifest.portfolio_id} written to {config.out}")
+    return 0
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    """Add the missing int8 members to the portfolio in `--store` (`cloud.build.int8_members`) and
+    print its table; says so when there was nothing to add."""
+    try:
+        from cloud.build import int8_members
+    except ImportError as err:
+        if err.name not in portfolio.ONNX_PACKAGES:
+            raise
+        raise MissingExtraError(f"{err.name} is not installed: pip install 'prunefleet[onnx]'") from None
+    settings = int8_members.QuantizeSettings(args.store, args.data_dir, args.threads)
+    manifest, added = int8_members.add_int8(settings)
+    print(operator_client.portfolio_table(manifest))
+    if added:
+        print(f"{added} int8 members added: portfolio {manifest.portfolio_id} written to {args.store}")
+    else:
+        print(f"every variant of portfolio {manifest.portfolio_id} has its int8 member: nothing changed")
     return 0

@@ -95,6 +95,21 @@ def add_parser(top, environ=None) -> None:
         "(default: random inputs of the served portfolio's shape)",
     )
     security.add_arguments(load, token=True, environ=environ)
+    load.add_argument(
+        "--client-certs",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="the client certificate Predicts go with (default: DIR/../clients/default of --certs); "
+        "the operator token never goes to an edge",
+    )
+
+
+def _load_client(args) -> security.Transport | None:
+    """The transport of `cluster load`'s Predicts: a client certificate (None in plaintext)."""
+    if args.insecure:
+        return None
+    return security.Transport.load(args.client_certs or Path(args.certs).parent / "clients" / "default")
 
 
 def _up(args) -> int:
@@ -201,6 +216,7 @@ def main(args) -> int:
                     portfolio=args.portfolio,
                 ),
                 security.from_arguments(args, token=True),
+                _load_client(args),
             )
         if args.action == "down":
             print(down(args.dir, args.grace_s, args.report))

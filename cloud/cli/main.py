@@ -17,6 +17,7 @@ from cloud.build.store import PortfolioStore
 from cloud.cli import BUILD_HELP, cluster_commands, predict_command
 from common import security
 from common.errors import PrunefleetError
+from common.escaping import escaped
 from common.files import short_id
 from common.policy_contract import SETTINGS as POLICY_SETTINGS
 from protos import coordinator_pb2
@@ -31,32 +32,15 @@ def _operator(parser, environ, name: str, help_text: str):
 
 
 def _add_serve(top, environ) -> None:
+    """`cloud serve`: its flags are the server's own (`cloud.service.serve_command`)."""
+    from cloud.service import serve_command
+
     serve = (
         top.add_parser("cloud", help="the cloud server")
         .add_subparsers(dest="action", required=True)
         .add_parser("serve", help="serve a portfolio and coordinate the fleet")
     )
-    serve.add_argument("--store", type=Path, required=True)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
-    serve.add_argument("--metrics-port", type=int, default=None)
-    serve.add_argument("--db", type=Path, default=None, help="SQLite file (default STORE/fleet.sqlite)")
-    serve.add_argument(
-        "--workers", type=int, default=64, help="threads for unary RPCs and blocking reads (edge streams need none)"
-    )
-    serve.add_argument(
-        "--max-rpcs",
-        type=int,
-        default=10_000,
-        help="RPCs at once, one per connected edge included; beyond, RESOURCE_EXHAUSTED (the edge retries)",
-    )
-    serve.add_argument(
-        "--signing-key",
-        type=Path,
-        default=None,
-        help="Ed25519 key that signs variants (default: DIR/signing.key of --certs)",
-    )
-    security.add_arguments(serve, token=True, environ=environ)
+    serve_command.add_arguments(serve, environ)
 
 
 def _add_rollouts(top, environ) -> None:
@@ -89,17 +73,23 @@ def _add_portfolio(top, argv: list[str]) -> None:
         build_command.add_parser(portfolio)
     else:  # listed in --help; its own flags are generated when it is asked for
         portfolio.add_parser("build", help=BUILD_HELP)
-    portfolio.add_parser("list", help="the variants of a portfolio").add_argument("--store", type=Path, required=True)
-    show = portfolio.add_parser("show", help="one variant in full")
+    quantize = portfolio.add_parser("quantize", help="add to a portfolio the int8 members that build --int8 makes")
+    quantize.add_argument("--store", type=Path, required=True)
+    quantize.add_argument("--data-dir", type=Path, default=None, help="where the build's dataset is now, if moved")
+    quantize.add_argument("--threads", type=int, default=0, help="CPU threads of the timing (0: the build's)")
+    portfolio.add_parser("list", help="the members of a portfolio").add_argument("--store", type=Path, required=True)
+    show = portfolio.add_parser("show", help="one member in full")
     show.add_argument("--store", type=Path, required=True)
-    show.add_argument("id", help="variant id, unique id prefix, or name")
+    show.add_argument("id", help="member id, unique id prefix, or name")
 
 
 def _add_certs(top) -> None:
     certs = top.add_parser("certs", help="certificates, token and signing key").add_subparsers(
         dest="action", required=True
     )
-    init = certs.add_parser("init", help="create a CA, cloud/edge/operator certificates, a token and a signing key")
+    init = certs.add_parser(
+        "init", help="create a CA, the cloud's, operator's, a client's and one edge's certificates, a token, a key"
+    )
     init.add_argument("dir", type=Path)
     init.add_argument(
         "--host",
@@ -109,6 +99,22 @@ def _add_certs(top) -> None:
         help="a name or IP the cloud or an edge is reached by (repeatable; localhost and 127.0.0.1 always)",
     )
     init.add_argument("--force", action="store_true", help="replace an existing CA and every key")
+    issue = certs.add_parser("issue", help="a key and short-lived certificate for one edge or client application")
+    issue.add_argument("role", choices=("edge", "client"))
+    issue.add_argument("name", help="the edge's --name, or the client application's name")
+    issue.add_argument("--certs-dir", type=Path, required=True, help="the directory of 'prunefleet certs init'")
+    issue.add_argument(
+        "--host",
+        dest="hosts",
+        action="append",
+        default=[],
+        help="a name or IP the edge is reached by (repeatable; localhost and 127.0.0.1 always)",
+    )
+    issue.add_argument("--days", type=float, default=7.0, help="validity in days (default 7); reissue before")
+    revoke = certs.add_parser("revoke", help="refuse every certificate issued so far to an edge or client")
+    revoke.add_argument("role", choices=("edge", "client"))
+    revoke.add_argument("name")
+    revoke.add_argument("--certs-dir", type=Path, required=True, help="the directory of 'prunefleet certs init'")
 
 
 def _add_fleet(top, environ) -> None:
@@ -164,18 +170,17 @@ def _parser(environ=None, argv: list[str] | None = None) -> argparse.ArgumentPar
 
 
 def _portfolio(args) -> int:
-    if args.action == "build":
+    if args.action in ("build", "quantize"):
         from cloud.cli import build_command
 
-        return build_command.run(args)
+        return build_command.run(args) if args.action == "build" else build_command.run_quantize(args)
     store = PortfolioStore(args.store)
     if args.action == "list":
         manifest = store.manifest()
         print(f"portfolio {manifest.portfolio_id}: {manifest.method} on {manifest.model} / {manifest.dataset}")
         print(operator_client.portfolio_table(manifest))
     else:
-        entry = store.find(args.id)
-        print(json.dumps({**entry.__dict__, "path": str(store.variant_path(entry.variant_id))}, indent=2))
+        print(json.dumps(store.describe(args.id), indent=2))  # the member, its files and the dense model
     return 0
 
 
@@ -201,35 +206,17 @@ def _dispatch(args) -> int:
     if args.command == "certs":
         from cloud.admin import certs
 
-        for role, path in certs.init(args.dir, args.hosts, args.force).items():
-            print(f"{role:9s} {path}")
-        print(f"keep {args.dir / 'ca' / 'ca.key'} offline; give each process its role's directory with --certs")
-        return 0
+        return certs.command(args)
     if args.command == "cloud":
         return _serve(args)
     return _operate(args, security.from_arguments(args, token=True))
 
 
 def _serve(args) -> int:
-    from cloud.service.server import CloudConfig, serve
+    from cloud.service import serve_command
+    from cloud.service.server import serve
 
-    transport = security.from_arguments(args, token=True)
-    signing_key = args.signing_key
-    if signing_key is None and args.certs is not None and not args.insecure:
-        signing_key = args.certs / security.SIGNING_KEY
-    serve(
-        CloudConfig(
-            store=args.store,
-            transport=transport,
-            signing_key=signing_key,
-            host=args.host,
-            port=args.port,
-            metrics_port=args.metrics_port,
-            db=args.db,
-            workers=args.workers,
-            max_rpcs=args.max_rpcs,
-        )
-    )
+    serve(serve_command.config(args))
     return 0
 
 
@@ -261,15 +248,14 @@ def _operate(args, transport: security.Transport) -> int:
         return 0
     if args.command == "policy" and args.action == "pin":
         reply = operator_client.pin(args.cloud, transport, args.edges, args.variant)
-        print(
-            f"policy v{reply.policy.version}: {'pinned to ' + short_id(args.variant) if args.variant else 'unpinned'}: "
-            f"{', '.join(reply.edges)}"
-        )
+        what = f"pinned to {short_id(args.variant)}" if args.variant else "unpinned"
+        print(escaped(f"policy v{reply.policy.version}: {what}: {', '.join(reply.edges)}"))
         return 0
     if args.command == "policy":
         changes = {name: getattr(args, name) for name in POLICY_SETTINGS}  # every setting the contract states
         policy = operator_client.set_policy(args.cloud, transport, **changes)
-        print(f"policy v{policy.version}: SLO p95 <= {policy.slo_ms:.1f} ms, pinned {policy.pinned_variant or 'none'}")
+        pinned = escaped(policy.pinned_variant or "none")
+        print(f"policy v{policy.version}: SLO p95 <= {policy.slo_ms:.1f} ms, pinned {pinned}")
         return 0
     raise AssertionError(f"unhandled command {args.command}")
 
@@ -291,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunefleet: error: {err}", file=sys.stderr)
         return 2
     except grpc.RpcError as err:
-        print(f"prunefleet: {err.code().name}: {err.details()}", file=sys.stderr)
+        print(f"prunefleet: {err.code().name}: {escaped(err.details() or '')}", file=sys.stderr)
         return 1
 
 

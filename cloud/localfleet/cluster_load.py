@@ -24,7 +24,6 @@ from cloud.admin import operator_client
 from cloud.localfleet.demo_report import per_second
 from cloud.localfleet.loadgen import LoadGenerator, Phase, Sample
 from common.security import Transport
-from protos import coordinator_pb2
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +50,7 @@ class LoadConfig:
 def discover(cloud: str, transport: Transport) -> dict[str, str]:
     """Edge name -> InferenceService address, as registered with the coordinator ({} when unreachable)."""
     try:
-        fleet = operator_client.coordinator_stub(cloud, transport).GetFleet(
-            coordinator_pb2.GetFleetRequest(), timeout=operator_client.RPC_TIMEOUT_S
-        )
+        fleet = operator_client.fleet(operator_client.coordinator_stub(cloud, transport))
     except grpc.RpcError as err:
         log.warning("cannot reach the coordinator at %s: %s", cloud, err.code().name)
         return {}
@@ -85,7 +82,9 @@ def load_inputs(config: LoadConfig, transport: Transport):
         return None
 
 
-def run(config: LoadConfig, stop: threading.Event, transport: Transport) -> None:
+def run(config: LoadConfig, stop: threading.Event, transport: Transport, client: Transport | None = None) -> None:
+    """Rounds of load until `stop`: the fleet is read with `transport` (the operator's), Predicts go with
+    `client` (default `transport`), never with the operator token (`Transport.for_edges`)."""
     images = None
     edges: dict[str, str] = {}
     generator, pending = None, []
@@ -94,7 +93,7 @@ def run(config: LoadConfig, stop: threading.Event, transport: Transport) -> None
         if found and images is None:
             images = load_inputs(config, transport)
         if found != edges and images is not None:
-            edges, generator = found, LoadGenerator(found, images, config.batch, transport)
+            edges, generator = found, LoadGenerator(found, images, config.batch, client or transport)
             print(
                 f"prunefleet cluster load driving load at {len(edges)} edge(s): {', '.join(sorted(edges))}", flush=True
             )
@@ -110,11 +109,11 @@ def run(config: LoadConfig, stop: threading.Event, transport: Transport) -> None
                 out.write("".join(json.dumps(row) + "\n" for row in finished))
 
 
-def main(config: LoadConfig, transport: Transport) -> int:
+def main(config: LoadConfig, transport: Transport, client: Transport | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    run(config, stop, transport)
+    run(config, stop, transport, client)
     return 0
 
 

@@ -12,7 +12,6 @@ from cloud.localfleet import cluster_load, demo_report, plots
 from cloud.localfleet.detached import Proc
 from common.files import atomic_write_json, short_id
 from common.security import Transport
-from protos import coordinator_pb2
 
 SETTLED_WINDOW_S = 30.0  # the variant an edge settled on: the one that answered most in this last stretch
 
@@ -45,9 +44,7 @@ def _series(directory: Path, edges: list[str], names: dict[str, str], started: f
 
 def _switches(stub, started: float, names: dict[str, str], accuracy: dict[str, float]) -> list[dict]:
     """The coordinator's switch events since the cluster started, as the report lists them."""
-    events = stub.ListEvents(
-        coordinator_pb2.ListEventsRequest(since=started, limit=10_000), timeout=operator_client.RPC_TIMEOUT_S
-    ).events
+    events = operator_client.events(stub, since=started)
     return demo_report.switch_timeline(events, names, accuracy, started)
 
 
@@ -62,7 +59,7 @@ def write(state: dict, procs: list[Proc]) -> tuple[Path, str]:
     names = {v.variant_id: v.name for v in manifest.variants}
     accuracy = {v.variant_id: v.accuracy for v in manifest.variants}
     stub = operator_client.coordinator_stub(cloud.address, Transport.plaintext())
-    fleet = stub.GetFleet(coordinator_pb2.GetFleetRequest(), timeout=operator_client.RPC_TIMEOUT_S)
+    fleet = operator_client.fleet(stub)
     switches = _switches(stub, started, names, accuracy)
     series = _series(directory, edges, names, started)
     settled = {edge: _settled(rows) for edge, rows in series.items()}

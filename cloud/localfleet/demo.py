@@ -77,7 +77,7 @@ def _wait_for_profiles(
     stub = operator_client.coordinator_stub(cloud, transport)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        fleet = stub.GetFleet(coordinator_pb2.GetFleetRequest(), timeout=operator_client.RPC_TIMEOUT_S)
+        fleet = operator_client.fleet(stub)
         ready = [e for e in fleet.edges if e.connected and len(e.profiles) >= n_variants and e.telemetry.active_variant]
         if len(ready) == len(EDGES):
             return fleet
@@ -95,9 +95,7 @@ def _frontier_ends(manifest, fleet) -> tuple[str, str]:
 
 def _edge_p95s(cloud: str, transport: Transport, variant_id: str, seen: dict) -> None:
     """Add each edge's newest telemetry window spent on `variant_id` (keyed by edge and window end)."""
-    fleet = operator_client.coordinator_stub(cloud, transport).GetFleet(
-        coordinator_pb2.GetFleetRequest(), timeout=operator_client.RPC_TIMEOUT_S
-    )
+    fleet = operator_client.fleet(operator_client.coordinator_stub(cloud, transport))
     for edge in fleet.edges:
         t = edge.telemetry
         if t.active_variant == variant_id and t.requests > 0:
@@ -140,7 +138,12 @@ def _start_cluster(store: Path, run_dir: Path, keys: dict[str, Path]) -> list[pr
             processes.Launch(
                 name,
                 commands.edge_args(
-                    cloud, name, cache=run_dir / "cache" / name, certs=keys["edge"], threads=1, batch=BATCH
+                    cloud,
+                    name,
+                    cache=run_dir / "cache" / name,
+                    certs=certs.issue_holder(keys["cloud"].parent, "edge", name),  # each edge its own identity
+                    threads=1,
+                    batch=BATCH,
                 ),
             )
             for name in EDGES
@@ -150,11 +153,13 @@ def _start_cluster(store: Path, run_dir: Path, keys: dict[str, Path]) -> list[pr
     return processes.start_cluster(processes.Launch("cloud", cloud), edges, run_dir / "logs")
 
 
-def _drive(config: DemoConfig, children: list[processes.Child], manifest, transport: Transport) -> dict:
+def _drive(
+    config: DemoConfig, children: list[processes.Child], manifest, transport: Transport, client: Transport
+) -> dict:
     cloud = children[0].address
     fleet = _wait_for_profiles(cloud, transport, len(manifest.variants))
     images = inputs.portfolio_inputs(config.build_config().out, 2000, data_dir=config.data_dir)
-    generator = loadgen.LoadGenerator({c.name: c.address for c in children[1:]}, images, BATCH, transport)
+    generator = loadgen.LoadGenerator({c.name: c.address for c in children[1:]}, images, BATCH, client)
     heavy = loadgen.Phase("calibration", 4 if config.quick else 6, config.heavy_clients)
     slo_ms = calibrate_slo_ms(cloud, transport, generator, heavy, _frontier_ends(manifest, fleet))
     policy = operator_client.set_policy(
@@ -166,7 +171,7 @@ def _drive(config: DemoConfig, children: list[processes.Child], manifest, transp
         flush=True,
     )
     time.sleep(2 * policy.window_s)
-    generator = loadgen.LoadGenerator({c.name: c.address for c in children[1:]}, images, BATCH, transport)
+    generator = loadgen.LoadGenerator({c.name: c.address for c in children[1:]}, images, BATCH, client)
     started = time.time()
     generator.run(
         config.phases(),
@@ -205,7 +210,7 @@ def run(config: DemoConfig) -> int:
             + " (mutual TLS)",
             flush=True,
         )
-        outcome = _drive(config, children, manifest, transport)
+        outcome = _drive(config, children, manifest, transport, Transport.load(keys["client"]))
     finally:
         processes.stop_all(children)
     verdict = demo_report.write(run_dir, manifest, outcome, config.phases(), EDGES)

@@ -11,7 +11,6 @@ it); a load generator with no store at hand reads it from the header of a varian
 
 from __future__ import annotations
 
-import json
 import logging
 import struct
 from pathlib import Path
@@ -19,13 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from cloud.build import data
-from cloud.build.store import PortfolioStore, StoreError
+from cloud.build.store import FLOAT32, PortfolioStore, StoreError
 from common import datasets
 from common.datasets import DatasetError
 from common.errors import PrunefleetError
 from common.files import short_id
 from common.security import Transport
-from common.variant import FORMAT, MAX_HEADER_BYTES, VariantError, VariantSpec
+from common.variant_spec import MAX_HEADER_BYTES, VariantError, VariantSpec, header_spec
 from protos import portfolio_pb2, portfolio_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,26 +38,13 @@ class InputsError(PrunefleetError, ValueError):
 
 def spec_from_prefix(prefix: bytes) -> VariantSpec | None:
     """The spec in a variant file's header, read from the file's first bytes; None until they hold
-    the whole header."""
-    if len(prefix) < 8:
-        return None
-    (header_len,) = struct.unpack("<Q", prefix[:8])
-    if header_len > MAX_HEADER_BYTES:
-        raise VariantError(f"variant header declares {header_len} bytes, over the limit")
-    if len(prefix) < 8 + header_len:
-        return None
-    try:
-        metadata = json.loads(prefix[8 : 8 + header_len])["__metadata__"]
-    except (ValueError, RecursionError, KeyError, TypeError) as err:
-        raise VariantError(f"variant header has no readable metadata: {err}") from None
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise VariantError(f"variant header is not of format {FORMAT!r}")
-    return VariantSpec.from_json(metadata.get("spec", ""))
+    the whole header (`common.variant_spec.header_spec`: no allow-list applies, nothing is built)."""
+    return header_spec(prefix)
 
 
 def input_shape(store: PortfolioStore) -> tuple[int, int, int]:
-    """The input shape `[C, H, W]` of the portfolio's variants, from its first variant's header."""
-    variants = store.manifest().variants
+    """The input shape `[C, H, W]` of the portfolio's members, from its first variant file's header."""
+    variants = [v for v in store.manifest().variants if v.precision == FLOAT32]
     if not variants:
         raise StoreError(f"the portfolio in {store.root} has no variants")
     with open(store.variant_path(variants[0].variant_id), "rb") as f:

@@ -48,7 +48,8 @@ class LoadGenerator:
         timeout_s: float = 10.0,
     ):
         self._stubs = {
-            name: inference_pb2_grpc.InferenceServiceStub(transport.channel(addr)) for name, addr in edges.items()
+            name: inference_pb2_grpc.InferenceServiceStub(transport.for_edges().channel(addr))  # never the token
+            for name, addr in edges.items()
         }
         self._images, self._batch, self._clock, self._timeout = images, batch, clock, timeout_s
         self._lock = threading.Lock()

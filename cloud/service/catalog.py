@@ -40,16 +40,22 @@ def variant_info(entry: VariantEntry, signer: Signer | None) -> portfolio_pb2.Va
     )
 
 
+def _check_file(path: Path, size: int, file_id: str) -> None:
+    if not path.is_file() or path.stat().st_size != size:
+        raise StoreError(f"{path} is missing or not {size} bytes")
+    if sha256_file(path) != file_id:
+        raise StoreError(f"{path} does not hash to its id")
+
+
 def check_store(store: PortfolioStore) -> Manifest:
-    """The store's manifest, once every variant file is there with the recorded size and hash."""
+    """The portfolio as edges are served it (`Manifest.served`: its variant files), once every file of
+    every member (variant files, ONNX files, int8 members) is there with the recorded size and hash."""
     manifest = store.manifest()
     for entry in manifest.variants:
-        path = store.variant_path(entry.variant_id)
-        if not path.is_file() or path.stat().st_size != entry.size_bytes:
-            raise StoreError(f"{path} is missing or not {entry.size_bytes} bytes")
-        if sha256_file(path) != entry.variant_id:
-            raise StoreError(f"{path} does not hash to its id")
-    return manifest
+        _check_file(store.member_path(entry), entry.size_bytes, entry.variant_id)
+        if entry.onnx_id and entry.onnx_id != entry.variant_id:
+            _check_file(store.onnx_path(entry.onnx_id), entry.onnx_bytes, entry.onnx_id)
+    return manifest.served()
 
 
 class Catalog:
@@ -61,7 +67,7 @@ class Catalog:
         self._listings: dict[str, portfolio_pb2.ListVariantsResponse] = {}
         for portfolio_id, root in db.portfolios():
             try:
-                self._index(PortfolioStore(Path(root)), PortfolioStore(Path(root)).manifest())
+                self._index(PortfolioStore(Path(root)), PortfolioStore(Path(root)).manifest().served())
             except StoreError as err:
                 log.error("portfolio %s in %s can no longer be served: %s", portfolio_id, root, err)
 

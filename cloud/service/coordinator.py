@@ -1,19 +1,20 @@
 """CoordinatorService: registration, the edge stream (reports up, policy and portfolio down, and
 an empty heartbeat directive whenever the stream has been idle for `heartbeat_s`), fleet view, rollouts.
 
-Edge streams are held by coroutines on the cloud's `grpc.aio` event loop, so one coordinator holds
-thousands of them without a thread each; their reports are stored in batches by `ReportWriter`.
+Edge streams are coroutines on the cloud's `grpc.aio` event loop (thousands, no thread each); their
+reports are stored in batches by `ReportWriter`. The coordinator never decides for an edge's variant;
+it stores what edges report, hands them the policy and the portfolio it wants each to hold (desired
+state), and compares that with what each edge says it holds (reported state).
 
-The coordinator never decides for an edge's variant; it stores what edges report, hands them the
-policy and the portfolio it wants each to hold (desired state), and compares that with what each
-edge says it holds (reported state).
+With mutual TLS an edge registers and reports only under its certificate's name (`common.identity`),
+else PERMISSION_DENIED; in plaintext names are taken as given. A stream without a report within
+`bind_timeout_s` ends DEADLINE_EXCEEDED: it would hold a slot (`cloud.service.callers`) for nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -21,41 +22,37 @@ from concurrent.futures import Executor
 import grpc
 
 from cloud.build.store import StoreError
+from cloud.service.callers import impersonation
 from cloud.service.catalog import Catalog
 from cloud.service.edge_streams import CLOSE, EdgeStreams, Outbox
 from cloud.service.fleet_db import FleetDB
+from cloud.service.fleet_view import EventsQueryError, events_page, fleet_page
 from cloud.service.interceptors import BadRequest
+from cloud.service.paging import PageTokenError
 from cloud.service.report_writer import ReportWriter
 from cloud.service.rollout import RolloutConflict, RolloutError, Rollouts, select
-from cloud.service.validation import (
-    DEFAULT_POLICY,
-    PolicyError,
-    telemetry_problem,
-    validate_policy,
-)
+from cloud.service.validation import DEFAULT_POLICY, PolicyError, register_problem, report_problem, validate_policy
+from common.edge_input import edge_name_problem
+from common.escaping import escaped, fitted
 from common.files import short_id
+from common.identity import peer_identity
 from protos import coordinator_pb2, coordinator_pb2_grpc, portfolio_pb2
 
 log = logging.getLogger(__name__)
-MAX_EDGE_NAME = 128
-MAX_ADDRESS = 256
-MAX_EVENTS = 10_000
 MAX_ROLLOUTS = 1000
 OPERATOR_METHODS = tuple(
     f"/prunefleet.v1.CoordinatorService/{m}"
     for m in ("GetFleet", "SetPolicy", "ListEvents", "Deploy", "Rollback", "ListRollouts", "Pin")
 )
 HEARTBEAT_S = 5.0  # an idle Connect stream carries an empty Directive this often: the edge hears the link is alive
-
-
-def _valid_edge_name(name: str) -> bool:
-    return 0 < len(name) <= MAX_EDGE_NAME and all(c.isalnum() or c in "-_." for c in name)
+BIND_TIMEOUT_S = 10.0  # a Connect stream without a first report is closed after this long
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     """`Connect` is a coroutine on the cloud's event loop (one task per edge stream, no thread); the
     other RPCs are plain functions that the server runs in its thread pool. Reports go to the
-    `ReportWriter`; the loop runs database reads in `blocking` (an executor), never itself."""
+    `ReportWriter`; the loop runs database reads in `blocking` (an executor), never itself. Edge input
+    that `cloud.service.validation` refuses is counted by kind through `refused`."""
 
     def __init__(
         self,
@@ -65,8 +62,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         reports: ReportWriter,
         blocking: Executor | None = None,
         heartbeat_s: float = HEARTBEAT_S,
+        refused: Callable[[str], None] | None = None,
+        bind_timeout_s: float = BIND_TIMEOUT_S,
     ):
-        self._heartbeat_s = heartbeat_s
+        self._heartbeat_s, self._refused = heartbeat_s, refused or (lambda kind: None)
+        self._bind_timeout_s = bind_timeout_s
         self._db = db
         self._catalog = catalog
         self._clock = clock
@@ -104,20 +104,26 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         """Connect streams open now (bound to an edge or not yet)."""
         return len(self._streams)
 
+    def connected(self) -> set[str]:
+        """The edges whose stream is open now (retention never deletes them)."""
+        return self._streams.connected()
+
+    def revoked(self, edges: set[str]) -> None:
+        """End the streams opened by these edges' certificates (revoked: `cloud.service.revocations`)."""
+        self._streams.end_owned_by(edges, (grpc.StatusCode.PERMISSION_DENIED, "this edge's certificate is revoked"))
+
+    def _refuse(self, kind: str, edge: str, problem: str) -> str:
+        self._refused(kind)
+        log.warning("refused %s from edge %s: %s", kind, fitted(edge, 128), escaped(problem))
+        return problem
+
     def Register(self, request, context):
-        if not _valid_edge_name(request.edge):
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"edge name must be 1-{MAX_EDGE_NAME} characters of letters, digits, '-', '_' or '.'",
-            )
-        addresses = (request.address, request.metrics_address)
-        if request.threads < 0 or any(len(a) > MAX_ADDRESS or not a.isprintable() for a in addresses):
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"threads must be >= 0 and address and metrics_address at most {MAX_ADDRESS} printable characters",
-            )
+        if problem := impersonation(context, request.edge):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, self._refuse("register", request.edge, problem))
+        if problem := register_problem(request):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, self._refuse("register", request.edge, problem))
         self._db.register(request)
-        log.info("edge %s registered at %s", request.edge, request.address)
+        log.info("edge %s registered at %s", request.edge, escaped(request.address))
         portfolio = self._desired(request.edge)
         return coordinator_pb2.RegisterResponse(
             policy=self._policy_for(request.edge), variants=portfolio.variants, portfolio_id=portfolio.portfolio_id
@@ -126,9 +132,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     async def _run_blocking(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self._blocking, function, *args)
 
-    async def _consume(self, reports, stream_id: int, outbox: Outbox) -> None:
+    async def _consume(self, reports, stream_id: int, outbox: Outbox, context) -> None:
         try:
             async for report in reports:
+                if problem := impersonation(context, report.edge):
+                    outbox.put((grpc.StatusCode.PERMISSION_DENIED, self._refuse("report", report.edge, problem)))
+                    return
                 refusal = await self._accept(report, stream_id)
                 if refusal:
                     outbox.put(refusal)
@@ -156,11 +165,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         """Queue one report for storing; the refusal (code, message) that ends the stream, if any."""
         edge = report.edge
         bound = self._streams.bound_edge(stream_id)
-        if not edge or (bound != edge and (bound or not await self._bind(edge, stream_id))):
-            return grpc.StatusCode.PERMISSION_DENIED, f"unknown or unregistered edge {edge[:MAX_EDGE_NAME]!r}"
+        if (bound != edge or not edge) and (bound or edge_name_problem(edge) or not await self._bind(edge, stream_id)):
+            return grpc.StatusCode.PERMISSION_DENIED, f"unknown or unregistered edge '{fitted(edge, 128)}'"
         kind = report.WhichOneof("body")
-        if kind == "telemetry" and (problem := telemetry_problem(report.telemetry)):
-            return grpc.StatusCode.INVALID_ARGUMENT, problem
+        if problem := report_problem(report):
+            return grpc.StatusCode.INVALID_ARGUMENT, self._refuse(kind or "report", edge, problem)
         self._reports.put(report)
         if kind == "switch":
             log.info(
@@ -168,21 +177,28 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 edge,
                 short_id(report.switch.from_variant),
                 short_id(report.switch.to_variant),
-                report.switch.reason,
+                escaped(report.switch.reason),
             )
         return None
 
     async def Connect(self, request_iterator, context):
-        outbox = Outbox(asyncio.get_running_loop())
-        stream_id = self._streams.open(outbox)
-        reader = asyncio.create_task(self._consume(request_iterator, stream_id, outbox))
+        loop = asyncio.get_running_loop()
+        outbox, caller = Outbox(loop), peer_identity(context)
+        stream_id = self._streams.open(outbox, caller.name if caller else "")
+        reader = asyncio.create_task(self._consume(request_iterator, stream_id, outbox, context))
+        deadline = loop.time() + self._bind_timeout_s
         try:
             yield coordinator_pb2.Directive(policy=await self._run_blocking(self._db.policy))
             while True:
+                unbound = not self._streams.bound_edge(stream_id)
+                wait = min(self._heartbeat_s, max(deadline - loop.time(), 0.01)) if unbound else self._heartbeat_s
                 try:
-                    item = await asyncio.wait_for(outbox.get(), self._heartbeat_s)
+                    item = await asyncio.wait_for(outbox.get(), wait)
                 except TimeoutError:
-                    item = coordinator_pb2.Directive()  # the heartbeat: no body, nothing to apply
+                    if loop.time() >= deadline and not self._streams.bound_edge(stream_id):
+                        item = (grpc.StatusCode.DEADLINE_EXCEEDED, f"no report within {self._bind_timeout_s:g} s")
+                    else:
+                        item = coordinator_pb2.Directive()  # the heartbeat: no body, nothing to apply
                 if item is CLOSE:
                     return
                 if isinstance(item, tuple):
@@ -208,15 +224,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
 
     def GetFleet(self, request, context):
         self._reports.flush()  # every report an edge sent before this call is in the answer
-        connected = self._streams.connected()
-        edges = self._db.edges()
-        for edge in edges:
-            edge.connected = edge.edge in connected
-        policy, pins = self._db.policy(), self._db.pins()
-        for edge in edges:
-            edge.desired_policy_version = policy.version
-            edge.pinned_variant = pins.get(edge.edge, "")
-        return coordinator_pb2.GetFleetResponse(edges=edges, policy=policy, portfolio_id=self._catalog.current())
+        try:
+            return fleet_page(self._db, request, self._streams.connected(), self._catalog.current())
+        except PageTokenError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
     def SetPolicy(self, request, context):
         try:
@@ -235,11 +246,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         return coordinator_pb2.SetPolicyResponse(policy=policy)
 
     def ListEvents(self, request, context):
-        if request.limit < 0 or request.limit > MAX_EVENTS or math.isnan(request.since):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit must be in [0, {MAX_EVENTS}] and since a number")
         self._reports.flush()
-        events = self._db.events(request.edge, request.since, request.limit or 1000)
-        return coordinator_pb2.ListEventsResponse(events=events)
+        try:
+            return events_page(self._db, request)
+        except (PageTokenError, EventsQueryError) as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
     def Deploy(self, request, context):
         if len(request.portfolio) > 4096 or len(request.edges) > 4096:

@@ -3,6 +3,11 @@
 A stream's coroutine reads its `Outbox` on the cloud's event loop; anything else (operator RPCs in
 the thread pool, the rollout judge) puts directives into it from its own thread. A stream is bound
 to an edge by the edge's first report; until then it has no edge and gets no pushes.
+
+One stream per edge: a stream opened by an edge's certificate (its `owner`) replaces every older
+stream of the same certificate, and a stream bound to an edge replaces every older one bound to it.
+The newer wins because an edge that reconnects after a broken link must not wait for the cloud to
+notice the old stream is dead; the replaced stream ends with `REPLACED` (ABORTED).
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ import asyncio
 import threading
 from collections.abc import Iterator
 
+import grpc
+
 CLOSE = object()  # put into an outbox: the stream ends
+REPLACED = (grpc.StatusCode.ABORTED, "replaced by a newer Connect stream of the same edge")
 
 
 class Outbox:
@@ -31,21 +39,40 @@ class Outbox:
 
 
 class EdgeStreams:
-    """Every open stream by id, with the edge it is bound to ('' until its first report); thread-safe."""
+    """Every open stream by id, with the edge it is bound to ('' until its first report) and the
+    certificate name that opened it ('' in plaintext); thread-safe."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._streams: dict[int, tuple[str, Outbox]] = {}
+        self._owners: dict[int, str] = {}
 
-    def open(self, outbox: Outbox) -> int:
+    def _replace(self, stream_id: int, same) -> None:
+        """End every other stream for which `same(id)` holds (called with the lock held)."""
+        for other in [i for i in self._streams if i != stream_id and same(i)]:
+            self._streams.pop(other)[1].put(REPLACED)
+            self._owners.pop(other, None)
+
+    def open(self, outbox: Outbox, owner: str = "") -> int:
         stream_id = id(outbox)
         with self._lock:
             self._streams[stream_id] = ("", outbox)
+            if owner:
+                self._owners[stream_id] = owner
+                self._replace(stream_id, lambda other: self._owners.get(other) == owner)
         return stream_id
 
     def close(self, stream_id: int) -> None:
         with self._lock:
             self._streams.pop(stream_id, None)
+            self._owners.pop(stream_id, None)
+
+    def end_owned_by(self, owners: set[str], item) -> None:
+        """End every stream opened by one of these certificate names with `item` (code, message)."""
+        with self._lock:
+            for stream_id in [i for i, owner in self._owners.items() if owner in owners]:
+                self._streams.pop(stream_id)[1].put(item)
+                self._owners.pop(stream_id)
 
     def bound_edge(self, stream_id: int) -> str:
         """The edge the stream is bound to, or '' (not bound yet, or closed)."""
@@ -59,6 +86,7 @@ class EdgeStreams:
                 return None
             outbox = self._streams[stream_id][1]
             self._streams[stream_id] = (edge, outbox)
+            self._replace(stream_id, lambda other: self._streams[other][0] == edge)
             return outbox
 
     def to(self, edge: str) -> Iterator[Outbox]:

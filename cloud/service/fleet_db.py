@@ -19,10 +19,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cloud.service import fleet_pages
 from cloud.service.fleet_schema import (
     COLUMNS,
+    KEEP_PROFILES,
+    LATE_INDEXES,
     SCHEMA,
     event_statement,
+    keep_profiles_statement,
     pin_statements,
     profile_statement,
     telemetry_statements,
@@ -36,16 +40,28 @@ class NoPolicy(PrunefleetError, LookupError):
 
 
 class FleetDB:
-    def __init__(self, path: Path | str, clock: Callable[[], float]):
-        self._clock = clock
+    """The fleet's state; `keep_profiles` bounds the profiles kept per edge (the newest stored), on write."""
+
+    def __init__(self, path: Path | str, clock: Callable[[], float], keep_profiles: int = KEEP_PROFILES):
+        if keep_profiles < 1:
+            raise ValueError("keep_profiles must be >= 1")
+        self._clock, self._keep_profiles = clock, keep_profiles
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
-        for table, column, declaration in COLUMNS:
+        for table, column, declaration, fill in COLUMNS:
             if column not in {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+                self._db.executescript(  # the column and what fills it land together
+                    f"BEGIN; ALTER TABLE {table} ADD COLUMN {column} {declaration}; {fill or ''}; COMMIT;"
+                )
+        self._db.executescript(LATE_INDEXES)
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The coordinator's clock, which dates what is stored (and what retention prunes by)."""
+        return self._clock
 
     def close(self) -> None:
         with self._lock:
@@ -103,17 +119,19 @@ class FleetDB:
     def record_reports(self, reports: list[coordinator_pb2.EdgeReport]) -> None:
         """Many edges' reports in one transaction (the coordinator's writer batches a tick's worth):
         each as `record_telemetry`, `record_event`, `record_profile` or `touch` would store it alone."""
-        now, statements = self._clock(), []
+        now, statements, profiled = self._clock(), [], set()
         for report in reports:
             kind, edge = report.WhichOneof("body"), report.edge
             if kind == "telemetry":
                 statements += telemetry_statements(edge, report.telemetry, now)
             elif kind == "switch":
-                statements.append(event_statement(edge, report.switch))
+                statements.append(event_statement(edge, report.switch, now))
             elif kind == "profile":
                 statements.append(profile_statement(edge, report.profile))
+                profiled.add(edge)
             else:
                 statements.append(("UPDATE edges SET last_seen = ? WHERE name = ?", (now, edge)))
+        statements += [keep_profiles_statement(edge, self._keep_profiles) for edge in sorted(profiled)]
         self.transaction(statements)
 
     def windows(self, edges: list[str], portfolio_id: str, since: float) -> list[tuple[str, float, int, int]]:
@@ -156,11 +174,11 @@ class FleetDB:
         return self._read("SELECT id, store FROM portfolios ORDER BY added_at")
 
     def record_profile(self, edge: str, profile: coordinator_pb2.VariantProfile) -> None:
-        self._write(*profile_statement(edge, profile))
+        self.transaction([profile_statement(edge, profile), keep_profiles_statement(edge, self._keep_profiles)])
 
     def record_event(self, edge: str, event: coordinator_pb2.SwitchEvent) -> None:
         """Idempotent: an edge resends the events of a stream that broke, so a copy is stored once."""
-        self._write(*event_statement(edge, event))
+        self._write(*event_statement(edge, event, self._clock()))
 
     def policy(self) -> coordinator_pb2.Policy | None:
         rows = self._read("SELECT policy FROM policy WHERE id = 1")
@@ -219,28 +237,13 @@ class FleetDB:
         return self._read("SELECT COUNT(*) FROM edges")[0][0]
 
     def edges(self) -> list[coordinator_pb2.EdgeStatus]:
-        rows = self._read(
-            "SELECT name, address, metrics_address, registered_at, last_seen, telemetry, "
-            "policy_version, desired_portfolio, reported_portfolio FROM edges ORDER BY name"
-        )
-        profiles: dict[str, list] = {}
-        for edge, blob in self._read("SELECT edge, profile FROM profiles ORDER BY edge, variant_id"):
-            profiles.setdefault(edge, []).append(coordinator_pb2.VariantProfile.FromString(blob))
-        return [
-            coordinator_pb2.EdgeStatus(
-                edge=name,
-                address=address or "",
-                metrics_address=metrics or "",
-                registered_at=registered or 0.0,
-                last_seen=seen or 0.0,
-                policy_version=version or 0,
-                profiles=profiles.get(name, []),
-                telemetry=coordinator_pb2.Telemetry.FromString(blob) if blob else None,
-                desired_portfolio_id=desired or "",
-                reported_portfolio_id=reported or "",
-            )
-            for name, address, metrics, registered, seen, blob, version, desired, reported in rows
-        ]
+        """Every edge with its profiles, by name (all pages of `fleet_pages.edges_page`)."""
+        return fleet_pages.all_edges(self)
+
+    def reported(self, edges: list[str]) -> dict[str, str]:
+        """The portfolio each of `edges` last said it holds, by name (known edges only)."""
+        marks = ",".join("?" * len(edges))
+        return dict(self._read(f"SELECT name, reported_portfolio FROM edges WHERE name IN ({marks})", tuple(edges)))
 
     def events(self, edge: str = "", since: float = 0.0, limit: int = 1000) -> list[coordinator_pb2.EdgeEvent]:
         sql = "SELECT edge, event FROM events WHERE timestamp >= ?"

@@ -19,6 +19,7 @@ CREATE TABLE IF NOT EXISTS policies (version INTEGER PRIMARY KEY, saved_at REAL,
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, edge TEXT, timestamp REAL, event BLOB);
 CREATE INDEX IF NOT EXISTS events_by_time ON events (timestamp);
+CREATE INDEX IF NOT EXISTS events_by_edge ON events (edge, timestamp);
 CREATE TABLE IF NOT EXISTS windows (
     edge TEXT, timestamp REAL, portfolio_id TEXT, p95_ms REAL, requests INTEGER, errors INTEGER,
     PRIMARY KEY (edge, timestamp));
@@ -29,13 +30,19 @@ CREATE TABLE IF NOT EXISTS rollouts (id INTEGER PRIMARY KEY AUTOINCREMENT, state
 CREATE TABLE IF NOT EXISTS rollout_edges (
     rollout_id INTEGER, edge TEXT, previous TEXT, canary INTEGER, PRIMARY KEY (rollout_id, edge));
 """
-# columns added after the first release: (table, column, declaration)
+# columns added after the first release: (table, column, declaration, what fills the rows already there)
 COLUMNS = (
-    ("edges", "desired_portfolio", "TEXT DEFAULT ''"),
-    ("edges", "reported_portfolio", "TEXT DEFAULT ''"),
-    ("edges", "telemetry_at", "REAL DEFAULT 0"),
+    ("edges", "desired_portfolio", "TEXT DEFAULT ''", None),
+    ("edges", "reported_portfolio", "TEXT DEFAULT ''", None),
+    ("edges", "telemetry_at", "REAL DEFAULT 0", None),
+    ("events", "received_at", "REAL DEFAULT 0", "UPDATE events SET received_at = timestamp"),
 )
+# indexes on columns added after the first release, created once those columns exist
+LATE_INDEXES = "CREATE INDEX IF NOT EXISTS events_by_arrival ON events (received_at);"
 KEEP_WINDOWS_S = 6 * 3600.0  # telemetry history per edge (rollouts judge canaries on it)
+KEEP_PROFILES = 16  # profiles kept per edge, the newest stored (`prunefleet cloud serve --keep-profiles`)
+# a stored report larger than any valid one (an older coordinator stored it unchecked) is never read
+MAX_ROW_BYTES = 16 << 10
 
 
 def telemetry_statements(edge: str, t: coordinator_pb2.Telemetry, now: float) -> list[tuple[str, tuple]]:
@@ -55,12 +62,13 @@ def telemetry_statements(edge: str, t: coordinator_pb2.Telemetry, now: float) ->
     ]
 
 
-def event_statement(edge: str, event: coordinator_pb2.SwitchEvent) -> tuple[str, tuple]:
+def event_statement(edge: str, event: coordinator_pb2.SwitchEvent, now: float) -> tuple[str, tuple]:
+    """Store an event once however often it is resent; `now` (the coordinator's clock) dates it for retention."""
     blob = event.SerializeToString()
     return (
-        "INSERT INTO events (edge, timestamp, event) SELECT ?, ?, ? WHERE NOT EXISTS "
+        "INSERT INTO events (edge, timestamp, event, received_at) SELECT ?, ?, ?, ? WHERE NOT EXISTS "
         "(SELECT 1 FROM events WHERE timestamp = ? AND edge = ? AND event = ?)",
-        (edge, event.timestamp, blob, event.timestamp, edge, blob),
+        (edge, event.timestamp, blob, now, event.timestamp, edge, blob),
     )
 
 
@@ -73,7 +81,17 @@ def pin_statements(edges: list[str], variant_id: str, now: float) -> list[tuple[
 
 
 def profile_statement(edge: str, profile: coordinator_pb2.VariantProfile) -> tuple[str, tuple]:
+    """One profile per edge and variant: a newer one replaces it (and is stored last: the highest rowid)."""
     return (
         "INSERT OR REPLACE INTO profiles (edge, variant_id, profile) VALUES (?, ?, ?)",
         (edge, profile.variant_id, profile.SerializeToString()),
+    )
+
+
+def keep_profiles_statement(edge: str, keep: int) -> tuple[str, tuple]:
+    """Delete all but the `keep` profiles of `edge` stored last."""
+    return (
+        "DELETE FROM profiles WHERE edge = ? AND rowid NOT IN "
+        "(SELECT rowid FROM profiles WHERE edge = ? ORDER BY rowid DESC LIMIT ?)",
+        (edge, edge, keep),
     )

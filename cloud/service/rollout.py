@@ -273,7 +273,7 @@ class Rollouts:
         if rollout is None:
             return None
         canaries = list(rollout.canary_edges)
-        reported = {e.edge: e.reported_portfolio_id for e in self._db.edges() if e.edge in canaries}
+        reported = self._db.reported(canaries)
         waiting = [e for e in canaries if reported.get(e) != rollout.portfolio_id]
         if waiting:
             if self._clock() - rollout.created_at > rollout.thresholds.adopt_timeout_s:

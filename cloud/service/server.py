@@ -1,7 +1,8 @@
 """The cloud process: PortfolioService and CoordinatorService on one gRPC server, plus metrics.
 
-Mutual TLS unless the transport is plaintext (`--insecure`); operator RPCs need the bearer token when
-one is configured (always with TLS); variants are signed when the cloud has a signing key.
+Mutual TLS unless the transport is plaintext (`--insecure`); operator RPCs need the operator's
+certificate and the bearer token (always with TLS), edge RPCs an edge's certificate, and operator calls
+have capacity of their own (`cloud.service.callers`); variants are signed when the cloud has a signing key.
 """
 
 from __future__ import annotations
@@ -27,12 +28,16 @@ from prometheus_client import (
     start_http_server,
 )
 
+from cloud.service.callers import CallerLimits, CheckCallers
 from cloud.service.catalog import Catalog
-from cloud.service.coordinator import HEARTBEAT_S, OPERATOR_METHODS, CoordinatorServicer
+from cloud.service.coordinator import BIND_TIMEOUT_S, HEARTBEAT_S, OPERATOR_METHODS, CoordinatorServicer
 from cloud.service.fleet_db import FleetDB
 from cloud.service.interceptors import ParseRequests
 from cloud.service.portfolio_service import PortfolioServicer, add_to_server
 from cloud.service.report_writer import ReportWriter, WriterConfig
+from cloud.service.retention import Retention, RetentionConfig
+from cloud.service.revocations import Revocations
+from common.escaping import escape_logs
 from common.security import SecurityError, Signer, Transport
 from common.token_check import RequireTokenAsync
 from common.wire import SERVER_OPTIONS
@@ -40,7 +45,7 @@ from protos import coordinator_pb2, coordinator_pb2_grpc, portfolio_pb2
 
 log = logging.getLogger(__name__)
 ROLLOUT_TICK_S = 1.0
-MAX_RPCS = 10_000  # the bound on edges per coordinator (each holds one stream), operator calls included
+MAX_RPCS = 10_000  # the bound on edges per coordinator (each holds one stream); operator calls have their own
 
 
 @dataclass(frozen=True)
@@ -53,10 +58,15 @@ class CloudConfig:
     metrics_port: int | None = None
     db: Path | None = None  # default: STORE/fleet.sqlite
     workers: int = 64  # threads for unary RPCs and variant downloads (edge streams need none)
-    max_rpcs: int = MAX_RPCS  # RPCs in progress at once, edge streams included; beyond: RESOURCE_EXHAUSTED
+    max_rpcs: int = MAX_RPCS  # RPCs at once, edge streams included, operator calls not; beyond: RESOURCE_EXHAUSTED
+    operator_rpcs: int = 64  # operator calls in progress at once, apart from the above: edges cannot take them
+    fetches_per_caller: int = 8  # variant downloads one certificate may hold at once
+    bind_timeout_s: float = BIND_TIMEOUT_S  # a Connect stream without a first report is closed after this
     rollout_tick_s: float = ROLLOUT_TICK_S
     report_tick_s: float = 0.1  # edge reports are stored in one transaction per tick
     heartbeat_s: float = HEARTBEAT_S  # an idle edge stream carries an empty directive this often
+    retention: RetentionConfig = RetentionConfig()  # what the fleet database keeps (cloud.service.retention)
+    revoked: Path | None = None  # the revocation list (cloud.service.revocations), reread when it changes
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -70,6 +80,12 @@ class CloudConfig:
         if not 0.05 <= self.rollout_tick_s <= 60 or not 0.05 <= self.heartbeat_s <= 60:
             raise ValueError("rollout_tick_s and heartbeat_s must be in [0.05, 60]")
         WriterConfig(tick_s=self.report_tick_s)  # validates it
+        self.limits()  # validates them
+        if not 0.05 <= self.bind_timeout_s <= 600:
+            raise ValueError(f"bind_timeout_s must be in [0.05, 600], got {self.bind_timeout_s}")
+
+    def limits(self) -> CallerLimits:
+        return CallerLimits(self.max_rpcs, self.operator_rpcs, self.fetches_per_caller)
 
 
 @dataclass
@@ -83,10 +99,13 @@ class CloudServer:
     server: grpc.aio.Server
     thread: threading.Thread
     pool: futures.ThreadPoolExecutor
+    retention: Retention | None = None
 
     def stop(self, grace: float = 2.0) -> None:
         """Stop serving (streams get `grace` seconds), store the reports still queued, close the database."""
         self.stopping.set()
+        if self.retention is not None:
+            self.retention.stop()
         try:
             asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop).result(grace + 10)
         finally:
@@ -120,10 +139,20 @@ def _portfolio_gauges(catalog: Catalog, registry: CollectorRegistry) -> None:
     ).set_function(lambda: sum(v.size_bytes for v in catalog.manifest().variants))
 
 
-def _fleet_metrics(db: FleetDB, registry: CollectorRegistry) -> tuple[Counter, Counter]:
-    """Edges known, and the counters the report writer increments (stored, given up)."""
+def _fleet_metrics(db: FleetDB, registry: CollectorRegistry) -> tuple[Counter, Counter, Counter]:
+    """Edges known, and the counters of edge input: reports stored and given up (the report writer's),
+    and Register calls and reports refused by `cloud.service.validation`, by kind."""
     Gauge("prunefleet_cloud_edges", "Edges known to the coordinator", registry=registry).set_function(db.edge_count)
+    refused = Counter(
+        "prunefleet_cloud_reports_refused_total",
+        "Edge input refused by the coordinator's checks, by kind (register, telemetry, switch, profile)",
+        ["kind"],
+        registry=registry,
+    )
+    for kind in ("register", "telemetry", "switch", "profile"):
+        refused.labels(kind)  # present at 0 before the first refusal, so a query never comes back empty
     return (
+        refused,
         Counter(
             "prunefleet_cloud_reports_stored_total", "Edge reports stored in the fleet database", registry=registry
         ),
@@ -141,20 +170,32 @@ def _judge_rollouts(coordinator: CoordinatorServicer, stopping: threading.Event,
             log.exception("judging the rollout failed")
 
 
+def _watch_revocations(revocations: Revocations, coordinator: CoordinatorServicer, stopping: threading.Event) -> None:
+    """Reread the revocation list every second; end the streams of edges revoked since."""
+    while not stopping.wait(1.0):
+        try:
+            fresh = revocations.reload()
+        except OSError:
+            log.exception("reading the revocation list failed")
+            continue
+        coordinator.revoked({uri.rsplit("/", 1)[-1] for uri in fresh if "/edge/" in uri})
+
+
 async def _serve(
     config: CloudConfig,
     catalog: Catalog,
     coordinator: CoordinatorServicer,
     sent: Counter,
     pool: futures.ThreadPoolExecutor,
+    revocations: Revocations,
 ) -> tuple[grpc.aio.Server, int]:
     """Build and start the gRPC server on the running loop; (server, 0) when the port cannot be bound."""
-    token = config.transport.token
+    tls = not config.transport.insecure
+    token, callers = config.transport.token, CheckCallers(OPERATOR_METHODS, config.limits(), tls, revocations)
     server = grpc.aio.server(
         migration_thread_pool=pool,
         options=SERVER_OPTIONS,
-        maximum_concurrent_rpcs=config.max_rpcs,
-        interceptors=[*([RequireTokenAsync(token, OPERATOR_METHODS)] if token else []), ParseRequests()],
+        interceptors=[callers, *([RequireTokenAsync(token, OPERATOR_METHODS)] if token else []), ParseRequests()],
     )
     portfolios = PortfolioServicer(catalog, on_bytes_sent=sent.inc, blocking=pool)
     add_to_server(portfolios, server)
@@ -173,15 +214,26 @@ async def _serve(
 
 def start(config: CloudConfig, registry: CollectorRegistry) -> CloudServer:
     """Serve on an event loop in its own thread; returns once the port is bound and serving."""
-    db = FleetDB(config.db or config.store / "fleet.sqlite", clock=time.time)
+    db = FleetDB(
+        config.db or config.store / "fleet.sqlite", clock=time.time, keep_profiles=config.retention.keep_profiles
+    )
     signer = Signer.load(config.signing_key) if config.signing_key else None
     catalog = Catalog(db, signer)
     catalog.start_with(config.store)  # fail now, with the store's message, when there is no portfolio
     sent = Counter("prunefleet_cloud_variant_bytes_sent_total", "Variant bytes streamed to edges", registry=registry)
     pool = futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc")
-    stored, dropped = _fleet_metrics(db, registry)
+    refused, stored, dropped = _fleet_metrics(db, registry)
     reports = ReportWriter(db, WriterConfig(tick_s=config.report_tick_s), on_stored=stored.inc, on_dropped=dropped.inc)
-    coordinator = CoordinatorServicer(db, catalog, time.time, reports, blocking=pool, heartbeat_s=config.heartbeat_s)
+    coordinator = CoordinatorServicer(
+        db,
+        catalog,
+        time.time,
+        reports,
+        blocking=pool,
+        heartbeat_s=config.heartbeat_s,
+        refused=lambda kind: refused.labels(kind).inc(),
+        bind_timeout_s=config.bind_timeout_s,
+    )
     Gauge("prunefleet_cloud_streams", "Edge streams open now", registry=registry).set_function(
         lambda: coordinator.streams
     )
@@ -190,7 +242,10 @@ def start(config: CloudConfig, registry: CollectorRegistry) -> CloudServer:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True, name="grpc-loop")
     thread.start()
-    server, port = asyncio.run_coroutine_threadsafe(_serve(config, catalog, coordinator, sent, pool), loop).result(60)
+    revocations = Revocations(config.revoked)
+    revocations.reload()
+    serving = _serve(config, catalog, coordinator, sent, pool, revocations)
+    server, port = asyncio.run_coroutine_threadsafe(serving, loop).result(60)
     stopping = threading.Event()
     cloud = CloudServer(port, db, coordinator, reports, stopping, loop, server, thread, pool)
     if port == 0:
@@ -199,11 +254,17 @@ def start(config: CloudConfig, registry: CollectorRegistry) -> CloudServer:
     threading.Thread(
         target=_judge_rollouts, args=(coordinator, stopping, config.rollout_tick_s), daemon=True, name="rollouts"
     ).start()
+    threading.Thread(
+        target=_watch_revocations, args=(revocations, coordinator, stopping), daemon=True, name="revocations"
+    ).start()
+    cloud.retention = Retention(db, config.retention, coordinator.connected).start()
     return cloud
 
 
 def serve(config: CloudConfig) -> None:
-    """Run until SIGINT or SIGTERM; prints one line with the bound address once serving."""
+    """Run until SIGINT or SIGTERM; prints one line with the bound address once serving. Every log line
+    is escaped from here on (`common.escaping`): what edges send can never forge one."""
+    escape_logs()
     registry = CollectorRegistry()
     cloud = start(config, registry)
     metrics = ""

@@ -1,11 +1,19 @@
 """What the coordinator accepts from operators and edges: policies (unset fields filled and every range
-checked, by the policy contract the edges apply too) and telemetry windows (a rollout is judged on them)."""
+checked, by the policy contract the edges apply too), and everything an edge sends (`Register` and every
+report on `Connect`), by the bounds of `common.edge_input`, which edges check their reports by too.
+
+The servicer refuses a bad `Register` with INVALID_ARGUMENT naming the field. A bad report on a
+`Connect` stream ends that stream with INVALID_ARGUMENT naming the field (`body.field`), after the
+reports before it on the stream were queued for storing; it is counted by kind in
+`prunefleet_cloud_reports_refused_total` and logged, escaped. Nothing of it reaches the database, and
+the other streams and RPCs carry on. An honest edge never sends such a report (its link fits and
+checks every report by the same bounds), so a refusal means a peer that is broken or hostile.
+"""
 
 from __future__ import annotations
 
-import math
-
 from common import policy_contract as contract
+from common.edge_input import register_problem, report_problem  # noqa: F401  (the servicer's checks)
 from common.policy_contract import PolicyContractError
 from protos import coordinator_pb2
 
@@ -28,13 +36,3 @@ def validate_policy(policy: coordinator_pb2.Policy) -> coordinator_pb2.Policy:
     for name, value in values.items():
         setattr(merged, name, value)
     return merged
-
-
-def telemetry_problem(telemetry: coordinator_pb2.Telemetry) -> str | None:
-    """What makes a telemetry window unusable (a rollout is judged on these), or None."""
-    t = telemetry
-    if not all(math.isfinite(v) for v in (t.timestamp, t.request_rate, t.p50_ms, t.p95_ms, t.p99_ms, t.cpu_percent)):
-        return "telemetry timestamp, request_rate, latencies and cpu_percent must be finite"
-    if min(t.requests, t.errors, t.rss_bytes, t.resident_variants) < 0:
-        return "telemetry requests, errors, rss_bytes and resident_variants must be >= 0"
-    return None

@@ -94,7 +94,8 @@ def _header(data: bytes) -> dict:
     "bad, message",
     [
         (b"", "shorter than"),
-        (struct.pack("<Q", 1 << 40) + b"{}", "beyond the file"),
+        (struct.pack("<Q", 1 << 40) + b"{}", "beyond the 16777216-byte limit"),
+        (struct.pack("<Q", 64) + b"{}", "beyond the file"),
         (struct.pack("<Q", 2) + b"{}", "no metadata"),
     ],
 )

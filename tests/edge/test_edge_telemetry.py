@@ -129,7 +129,7 @@ def test_outbox_keeps_switch_events_while_disconnected_and_drops_stale_telemetry
     assert outbox.pending_events() == 3
     alive = threading.Event()
     alive.set()
-    hello = [coordinator_pb2.EdgeReport(edge="e1", profile=coordinator_pb2.VariantProfile(variant_id="v"))]
+    hello = [coordinator_pb2.EdgeReport(edge="e1", profile=coordinator_pb2.VariantProfile(variant_id="a" * 64))]
     stream = outbox.stream(hello, alive)
     assert next(stream).WhichOneof("body") == "profile"
     assert [next(stream).switch.timestamp for _ in range(3)] == [2, 3, 4]

@@ -14,7 +14,7 @@ from cloud.localfleet import commands, processes
 from common import datasets, variant
 from common.security import Transport
 from common.wire import from_proto, to_proto
-from protos import coordinator_pb2, inference_pb2, inference_pb2_grpc
+from protos import inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.integration
 PLAIN = Transport.plaintext()
@@ -44,9 +44,7 @@ def _wait_for(predicate, timeout_s=60.0, what="condition"):
 
 
 def _edge_status(cloud):
-    fleet = operator_client.coordinator_stub(cloud.address, PLAIN).GetFleet(
-        coordinator_pb2.GetFleetRequest(), timeout=5
-    )
+    fleet = operator_client.fleet(operator_client.coordinator_stub(cloud.address, PLAIN))
     return next((e for e in fleet.edges if e.edge == "edge-1"), None)
 
 
@@ -104,10 +102,8 @@ def test_bad_dtype_and_byte_count_get_invalid_argument(cluster):
 
 
 def _events(cloud, code):
-    reply = operator_client.coordinator_stub(cloud.address, PLAIN).ListEvents(
-        coordinator_pb2.ListEventsRequest(edge="edge-1"), timeout=5
-    )
-    return [e.event for e in reply.events if e.event.reason_code == code]
+    events = operator_client.events(operator_client.coordinator_stub(cloud.address, PLAIN), "edge-1")
+    return [e.event for e in events if e.event.reason_code == code]
 
 
 def test_policy_drives_a_switch_down_and_back_up(cluster, fashion_mnist):

@@ -18,7 +18,7 @@ import pytest
 from helpers import variant_store as _store
 from helpers import wait_for
 
-from cloud.admin import certs
+from cloud.admin import certs, operator_client
 from cloud.build.store import PortfolioStore, portfolio_id
 from cloud.localfleet import commands, processes
 from cloud.localfleet.cluster import free_port
@@ -120,16 +120,14 @@ def _subset(source: Path, target: Path) -> str:
 
 
 class Fleet:
-    def __init__(self, address: str, transport: Transport):
-        self.address, self.transport = address, transport
+    def __init__(self, address: str, transport: Transport, client: Transport):
+        self.address, self.transport, self.client = address, transport, client  # client: Predicts at edges
 
     def stub(self):
-        from cloud.admin import operator_client
-
         return operator_client.coordinator_stub(self.address, self.transport)
 
     def edges(self) -> dict:
-        fleet = self.stub().GetFleet(coordinator_pb2.GetFleetRequest(), timeout=10)
+        fleet = operator_client.fleet(self.stub())
         return {e.edge: e for e in fleet.edges}
 
     def holding(self, edges, portfolio: str) -> bool:
@@ -155,7 +153,7 @@ def _load(address: str, transport: Transport, good: bool, stop: threading.Event)
 
 def _judged_under_load(fleet: Fleet, rollout_id: int, edge_address: str, good: bool):
     stop = threading.Event()
-    load = threading.Thread(target=_load, args=(edge_address, fleet.transport, good, stop), daemon=True)
+    load = threading.Thread(target=_load, args=(edge_address, fleet.client, good, stop), daemon=True)
     load.start()
     try:
         return wait_for(
@@ -195,11 +193,17 @@ def test_canary_rollouts_roll_back_on_their_own_and_by_hand_and_survive_a_coordi
     port = free_port("127.0.0.1")
     cloud = _cloud(small_portfolio, tmp_path, keys, port)
     children = [cloud]
-    fleet = Fleet(f"localhost:{port}", Transport.load(keys["operator"], token=True))
+    fleet = Fleet(f"localhost:{port}", Transport.load(keys["operator"], token=True), Transport.load(keys["client"]))
     operator_flags = ["--cloud", fleet.address, "--certs", str(keys["operator"])]
     try:
         for name in ("edge-1", "edge-2"):
-            args = commands.edge_args(fleet.address, name, cache=tmp_path / "cache" / name, certs=keys["edge"], batch=2)
+            args = commands.edge_args(
+                fleet.address,
+                name,
+                cache=tmp_path / "cache" / name,
+                certs=certs.issue_holder(keys["cloud"].parent, "edge", name),
+                batch=2,
+            )
             children.append(processes.start(name, args, tmp_path / "logs"))
         edge_1 = children[1].address
         _cli("policy", "set", "--slo-ms", "10000", "--up-windows", "1", *operator_flags)
@@ -255,7 +259,7 @@ def test_canary_rollouts_roll_back_on_their_own_and_by_hand_and_survive_a_coordi
         cloud.process.send_signal(signal.SIGKILL)
         cloud.process.wait(10)
         down_at = time.time()
-        predict = inference_pb2_grpc.InferenceServiceStub(fleet.transport.channel(edge_1)).Predict
+        predict = inference_pb2_grpc.InferenceServiceStub(fleet.client.channel(edge_1)).Predict
         for _ in range(10):
             reply = predict(
                 inference_pb2.PredictRequest(input=to_proto(np.zeros((2, 1, 28, 28), np.uint8))), timeout=10

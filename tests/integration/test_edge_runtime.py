@@ -16,7 +16,7 @@ from cloud.build.store import PortfolioStore
 from cloud.localfleet import commands, processes
 from common.security import Transport
 from common.wire import MAX_MESSAGE_BYTES, to_proto
-from protos import coordinator_pb2, inference_pb2, inference_pb2_grpc
+from protos import inference_pb2, inference_pb2_grpc
 
 PLAIN = Transport.plaintext()  # these processes run plaintext (--insecure)
 
@@ -46,18 +46,13 @@ def cluster(small_portfolio, tmp_path_factory):
 
 
 def _active(cloud):
-    fleet = operator_client.coordinator_stub(cloud.address, PLAIN).GetFleet(
-        coordinator_pb2.GetFleetRequest(), timeout=5
-    )
+    fleet = operator_client.fleet(operator_client.coordinator_stub(cloud.address, PLAIN))
     edge = next((e for e in fleet.edges if e.edge == "edge-m"), None)
     return edge.telemetry.active_variant if edge else ""
 
 
 def _events(cloud):
-    reply = operator_client.coordinator_stub(cloud.address, PLAIN).ListEvents(
-        coordinator_pb2.ListEventsRequest(edge="edge-m"), timeout=5
-    )
-    return [e.event for e in reply.events]
+    return [e.event for e in operator_client.events(operator_client.coordinator_stub(cloud.address, PLAIN), "edge-m")]
 
 
 BAD = [

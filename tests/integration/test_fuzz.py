@@ -20,6 +20,8 @@ from bench.fuzz.fleet import cache_problems, call, snapshot, start_fleet, varian
 from bench.fuzz.loading import AT_THE_EDGE, Tally, edge_fetches_crafted
 from bench.fuzz.rules import BY_NAME, RPCS
 from bench.fuzz.verdicts import judge, judge_garbage
+from cloud.admin import certs
+from common.security import Transport
 from protos import coordinator_pb2
 
 pytestmark = pytest.mark.integration
@@ -125,6 +127,25 @@ REGRESSIONS = [
         S.INVALID_ARGUMENT,
         "requests",
     ),
+    # 5 MB profiles were stored and GetFleet failed for good past the message limit; strings from edges
+    # went to the cloud's log and to operators' terminals as they came
+    (
+        "Connect",
+        [
+            coordinator_pb2.EdgeReport(
+                edge="fuzz-edge", profile=coordinator_pb2.VariantProfile(variant_id="v" * (5 << 20))
+            )
+        ],
+        S.INVALID_ARGUMENT,
+        "profile.variant_id",
+    ),
+    (
+        "Connect",
+        [coordinator_pb2.EdgeReport(edge="fuzz-edge", switch=coordinator_pb2.SwitchEvent(reason="ok\nFORGED\x1b[2J"))],
+        S.INVALID_ARGUMENT,
+        "printable",
+    ),
+    ("GetFleet", coordinator_pb2.GetFleetRequest(page_token="not-a-token"), S.INVALID_ARGUMENT, "page_token"),
 ]
 
 
@@ -139,14 +160,13 @@ def test_requests_that_once_crashed_or_were_accepted_are_refused_naming_the_fiel
 def test_a_bad_window_leaves_the_edges_reported_state_alone(fleet):
     """A window with a non-finite timestamp is refused, so it cannot freeze what the edge reports."""
     rpc, edge = BY_NAME["Connect"], "window-edge"
-    assert call(fleet.channels["edge"], BY_NAME["Register"], coordinator_pb2.RegisterRequest(edge=edge))[0] == S.OK
+    own = Transport.load(certs.issue_holder(fleet.work / "certs", "edge", edge)).channel(fleet.cloud.address)
+    assert call(own, BY_NAME["Register"], coordinator_pb2.RegisterRequest(edge=edge))[0] == S.OK
     bad = coordinator_pb2.Telemetry(timestamp=math.inf, portfolio_id="bogus")
-    assert (
-        call(fleet.channels["edge"], rpc, [coordinator_pb2.EdgeReport(edge=edge, telemetry=bad)])[0]
-        == S.INVALID_ARGUMENT
-    )
+    assert call(own, rpc, [coordinator_pb2.EdgeReport(edge=edge, telemetry=bad)])[0] == S.INVALID_ARGUMENT
     good = coordinator_pb2.Telemetry(timestamp=2e9, portfolio_id=fleet.known.portfolio_id, requests=1)
-    assert call(fleet.channels["edge"], rpc, [coordinator_pb2.EdgeReport(edge=edge, telemetry=good)])[0] == S.OK
+    assert call(own, rpc, [coordinator_pb2.EdgeReport(edge=edge, telemetry=good)])[0] == S.OK
+    own.close()
     edges = call(fleet.channels["right"], BY_NAME["GetFleet"], coordinator_pb2.GetFleetRequest())[2][0].edges
     assert {e.edge: e.reported_portfolio_id for e in edges}[edge] == fleet.known.portfolio_id
 

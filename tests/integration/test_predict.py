@@ -81,11 +81,15 @@ def fleet(small_portfolio, images, tmp_path_factory):
     once it does), and what it answers then is kept; then the cloud comes up and the edge serves."""
     run = tmp_path_factory.mktemp("predict")
     keys = certs.init(run / "certs")
-    operator = Transport.load(keys["operator"])
+    operator = Transport.load(keys["client"])  # Predict and Describe take a client certificate
     cloud_port, edge_port = free_port("127.0.0.1"), free_port("127.0.0.1")
     address = f"127.0.0.1:{edge_port}"
     edge_args = commands.edge_args(
-        f"127.0.0.1:{cloud_port}", "edge-p", cache=run / "cache", certs=keys["edge"], port=edge_port
+        f"127.0.0.1:{cloud_port}",
+        "edge-p",
+        cache=run / "cache",
+        certs=certs.issue_holder(run / "certs", "edge", "edge-p"),
+        port=edge_port,
     )
     cloud_args = commands.cloud_args(small_portfolio, db=run / "fleet.sqlite", certs=keys["cloud"], port=cloud_port)
     children = []
@@ -93,7 +97,7 @@ def fleet(small_portfolio, images, tmp_path_factory):
         starting = pool.submit(processes.start, "edge", edge_args, run / "logs")
         try:
             before = wait_for(lambda: _refusal(address, operator), timeout_s=90, what="the edge listening")
-            before_cli = _predict("--edge", address, "--certs", str(keys["operator"]), images[0])
+            before_cli = _predict("--edge", address, "--certs", str(keys["client"]), images[0])
             children.append(processes.start("cloud", cloud_args, run / "logs"))
         finally:
             try:
@@ -128,7 +132,7 @@ def expected(fleet, images):
 
 
 def _certs(fleet) -> list[str]:
-    return ["--edge", fleet.edge.address, "--certs", str(fleet.keys["operator"])]
+    return ["--edge", fleet.edge.address, "--certs", str(fleet.keys["client"])]
 
 
 def _requests_served(fleet) -> float:
@@ -176,6 +180,16 @@ def test_describe_needs_a_client_certificate_like_predict(fleet):
                 call(request, timeout=10)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         channel.close()
+
+
+def test_an_edge_serves_client_and_operator_certificates_only(fleet):
+    """Another edge's certificate (or the cloud's, were it a client) is refused; the operator's, sent
+    as to an edge (without its token), is served."""
+    other = Transport.load(certs.issue_holder(fleet.keys["cloud"].parent, "edge", "edge-q")).for_edges()
+    with pytest.raises(grpc.RpcError) as err:
+        _describe(fleet.edge.address, other)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "client" in err.value.details()
+    assert _describe(fleet.edge.address, Transport.load(fleet.keys["operator"]).for_edges()).variant_id
 
 
 def test_predict_prints_the_class_the_cloud_model_finds(fleet, images, expected):

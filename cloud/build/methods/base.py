@@ -47,9 +47,14 @@ class SparseModel:
     compression: float | None = None  # against the dense model; None: from the masks (same shape)
     name: str | None = None
     # True: `model` is already the variant (channels physically removed and then trained, `masks`
-    # empty), so there is no sparse parent to compact; the build checks instead that the stored file
-    # rebuilds this model exactly.
+    # empty, `compression` given), so there is no sparse parent to compact; the build checks instead
+    # that the stored file rebuilds this model exactly.
     compact: bool = False
+
+    def __post_init__(self) -> None:
+        if self.compact and (self.masks or self.compression is None):
+            what = self.name or f"level {self.level}"
+            raise MethodError(f"compact model {what} must come with its compression and without masks")
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,10 @@ class Method:
     weights_refusal: str | None = "it cannot start from trained weights"
     # When it can: settings that do not combine with `--weights` raise SettingsError naming them.
     check_weights: Callable[[Any], None] | None = None
+    # True when level 0 is the dense model (trained, or the user's `--weights`): the build compares
+    # every variant with it, even when `--targets` leaves it out of the portfolio. False: the build
+    # trains the dense architecture itself, with its own recipe and seed, to compare with.
+    dense_level: bool = False
 
     def refuse_weights(self, settings: Any) -> None:
         """Raise SettingsError when this method cannot start from trained weights with `settings`."""

@@ -198,4 +198,5 @@ METHOD = Method(
     planned_compressions=planned_compressions,
     weights_refusal=None,
     check_weights=check_weights,
+    dense_level=True,
 )

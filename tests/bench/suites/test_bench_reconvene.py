@@ -47,12 +47,21 @@ def test_a_tiny_reconvene_benchmark_runs_end_to_end_and_resumes(tmp_path, monkey
         assert p["params_reconvene"] <= p["params_dense"] and p["bytes_reconvene"] <= p["bytes_unstructured"]
         assert p["groups_structured"] == sum(d["insensitive"] for d in p["decisions"])
         assert p["prune_s"] == p["score_s"] + p["structure_s"]
+        # against the dense model of each seed, the same for every point
+        assert [r["acc_dense"] for r in p["seeds"]] == [r["acc_dense"] for r in points[0]["seeds"]]
+        for r in p["seeds"]:
+            assert r["acc_vs_dense_pp"] == pytest.approx(100 * (r["acc_reconvene"] - r["acc_dense"]))
+        assert p["acc_vs_dense_pp"] == pytest.approx(sum(r["acc_vs_dense_pp"] for r in p["seeds"]) / 2)
+        assert p["speedup_b32_vs_dense"] == p["dense_b32_ms"] / p["reconvene_b32_ms"]
+        assert p["speedup_b32_as_loaded_vs_dense"] == p["dense_as_loaded_b32_ms"] / p["reconvene_as_loaded_b32_ms"]
+        assert p["macs_ratio_vs_dense"] >= 1
     # at coverage 0 the density alone decides: the sparsest groups are pruned structurally
     free, default = result["coverage_sweep"]
     assert (free["coverage"], default["coverage"]) == (0.0, 0.8)
     assert free["params_reconvene"] < free["params_dense"] / 2 and free["groups_structured"] > 0
     assert default == reconvene.first_seed(points[1])  # the default is the point itself, as its first seed trained it
     assert default["acc_reconvene"] == points[1]["seeds"][0]["acc_reconvene"]
+    assert free["acc_dense"] == default["acc_dense"] == points[1]["seeds"][0]["acc_dense"]  # one dense model a seed
     summary = result["summary"]
     assert summary["max_acc_gap_pp"] == max(p["acc_gap_pp"] for p in points)
     assert summary["best_params_ratio"] == max(p["params_ratio"] for p in points)
@@ -62,12 +71,21 @@ def test_a_tiny_reconvene_benchmark_runs_end_to_end_and_resumes(tmp_path, monkey
     assert summary["seeds"] == 2
     assert summary["max_acc_gap_pp_worst_seed"] == max(p["acc_gap_pp_worst_seed"] for p in points)
     assert summary["seed_spread_pp"] == max(p["acc_unstructured_range_pp"] for p in points)
+    assert summary["acc_dense"] == points[0]["acc_dense"]
+    assert summary["best_speedup_b32_vs_dense"] == max(p["speedup_b32_vs_dense"] for p in points)
+    assert summary["speedup_within_1pp_vs_dense"] == max(
+        (p["speedup_b32_vs_dense"] for p in points if p["acc_vs_dense_pp"] >= -1.0), default=None
+    )
+    work = tmp_path / "reconvene.work"
+    assert sorted(p.name for p in work.glob("dense-seed*.pt")) == ["dense-seed0.pt", "dense-seed1.pt"]
+    trained = {p.name: p.stat().st_mtime_ns for p in work.glob("dense-seed*")}
     assert (tmp_path / "reconvene-accuracy-params.png").stat().st_size > 0
     mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "reconvene.work").glob("point-*.json")}
     assert len(mtimes) == 8  # each point and seed is kept on its own
     assert main(["reconvene", "--json", str(out), "--quick", "--threads", "1"]) == 0  # resumes: nothing recomputed
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "reconvene.work").glob("point-*.json")} == mtimes
     assert json.loads(out.read_text())["points"] == points
+    assert {p.name: p.stat().st_mtime_ns for p in work.glob("dense-seed*")} == trained
 
 
 def test_summary_counts_points_within_half_a_point():
@@ -80,6 +98,14 @@ def test_summary_counts_points_within_half_a_point():
     assert summary["best_speedup_b32_as_loaded"] == 2.5
     assert summary["best_params_ratio_within_0_5pp"] == 10.0 and summary["best_speedup_b32_within_0_5pp"] == 1.5
     assert summary["points_within_0_5pp"] == 1 and summary["prune_epoch_ratio"] == 0.03
+    assert summary["speedup_within_1pp_vs_dense"] is None  # measured without the dense model
+    against = [
+        p | {"acc_dense": 0.9, "acc_vs_dense_pp": pp, "speedup_b32_vs_dense": x}
+        for p, pp, x in zip(points, (-0.4, -0.8), (2.0, 4.0))
+    ]
+    summary = reconvene.summarize(against, [])
+    assert summary["speedup_within_0_5pp_vs_dense"] == 2.0 and summary["speedup_within_1pp_vs_dense"] == 4.0
+    assert summary["acc_dense"] == 0.9 and summary["best_speedup_b32_vs_dense"] == 4.0
     refused = reconvene.summarize(
         [*points, {"scorer": "magnitude", "compression": 32, "refused": "layer collapse"}], []
     )

@@ -50,6 +50,8 @@ def test_torchrun_with_two_processes_builds_the_same_kind_of_portfolio(tmp_path,
     assert [v.level for v in manifest.variants] == [0, 2]  # nearest to 1x and 4x
     assert all(abs(v.accuracy - v.sparse_accuracy) < 1e-9 for v in manifest.variants)
     assert manifest.variants[0].accuracy > 0.3 and 0 < manifest.variants[1].macs <= manifest.variants[0].macs
+    assert manifest.dense.level == 0 and manifest.dense.accuracy == manifest.variants[0].sparse_accuracy
+    assert manifest.variants[1].macs_ratio == manifest.dense.macs / manifest.variants[1].macs
     settings = json.loads((out / "work" / "settings.json").read_text())
     assert settings["train"]["batch_size"] == 64 and settings["targets"] == [1.0, 4.0]
 

@@ -111,6 +111,9 @@ def test_level_0_is_the_given_model_with_its_accuracy(trained, small_data, tmp_p
         assert torch.allclose(served(images), trained.eval()(images), atol=1e-4)
     assert [v.level for v in manifest.variants] == [0, 1] and manifest.variants[1].sparsity > 0.15
     assert manifest.settings["weights"] == weights.fingerprint(path)
+    # the given model is the dense model every variant is compared with
+    assert manifest.dense.source == "level 0 of shifter (the given --weights)" and not manifest.dense.trained_by_build
+    assert manifest.dense.accuracy == level_0.accuracy and manifest.dense.params == models.count_params(trained)
 
 
 def test_weights_of_another_architecture_or_width_name_the_keys(tmp_path, small_data, capsys):

@@ -23,12 +23,56 @@ def test_portfolio_list_and_show(small_portfolio):
     manifest = PortfolioStore(small_portfolio).manifest()
     listed = _run("portfolio", "list", "--store", str(small_portfolio)).stdout
     assert manifest.portfolio_id in listed
-    for entry in manifest.variants:
-        assert entry.name in listed and entry.variant_id[:12] in listed
+    lines = listed.splitlines()
+    assert max(len(line) for line in lines) <= 120
+    assert lines[3].startswith("* vgg11-dense ")  # after the title, the header and its rule: the dense model first
+    assert lines[3].split()[2:4] == ["fp32", "torch"]
+    assert lines[-2].startswith("runs: ") and lines[-1].startswith("* the dense model (level 0 of shifter)")
+    rows = iter(lines[4:-2])
+    for entry in manifest.variants:  # each variant as torch serves it, then its ONNX file under ONNX Runtime
+        torch_row, ort_row = next(rows), next(rows)
+        assert torch_row.split()[:4] == [entry.name, "fp32", "torch", entry.variant_id[:12]]
+        assert f"{entry.acc_delta_pp:+.2f}pp" in torch_row and torch_row.endswith(f"{entry.speedup_b32:.2f}x")
+        assert ort_row.split()[:4] == [entry.name, "fp32", "ort", entry.onnx_id[:12]]
+        assert ort_row.split()[-2:] == [f"{entry.ort_latency_ms_b32:.2f}", f"{entry.ort_speedup_b32:.2f}x"]
+    assert next(rows, None) is None
     entry = manifest.variants[-1]
     for key in (entry.name, entry.variant_id, entry.variant_id[:10]):
         shown = json.loads(_run("portfolio", "show", "--store", str(small_portfolio), key).stdout)
         assert shown["variant_id"] == entry.variant_id and Path(shown["path"]).is_file()
+    assert Path(shown["onnx_path"]).name == f"{entry.onnx_id}.onnx" and Path(shown["onnx_path"]).is_file()
+    assert (shown["acc_delta_pp"], shown["speedup_b32"], shown["macs_ratio"]) == (
+        entry.acc_delta_pp,
+        entry.speedup_b32,
+        entry.macs_ratio,
+    )
+    assert shown["dense"]["accuracy"] == manifest.dense.accuracy == manifest.variants[0].sparse_accuracy
+
+
+def test_a_manifest_written_before_the_dense_model_and_onnx_files_still_lists_and_shows(small_portfolio, tmp_path):
+    raw = json.loads((small_portfolio / "manifest.json").read_text())
+    del raw["dense"]
+    for entry in raw["variants"]:
+        for key in ("acc_delta_pp", "speedup_b1", "speedup_b32", "macs_ratio", "precision", "backend", "parent"):
+            del entry[key]
+        for key in [k for k in entry if k.startswith(("onnx", "ort_"))]:
+            del entry[key]
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    listed = _run("portfolio", "list", "--store", str(tmp_path)).stdout.splitlines()
+    assert listed[-1].startswith("no dense model in this manifest")
+    rows = listed[3:-2]
+    assert [row.split()[:3] for row in rows] == [[v["name"], "fp32", "torch"] for v in raw["variants"]]
+    assert all(row.endswith(" -") for row in rows)  # no speedup to show
+    shown = json.loads(_run("portfolio", "show", "--store", str(tmp_path), raw["variants"][0]["name"]).stdout)
+    assert (
+        shown["dense"] is None and shown["acc_delta_pp"] is None and shown["accuracy"] == raw["variants"][0]["accuracy"]
+    )
+    assert (shown["precision"], shown["backend"], shown["onnx_id"], shown["onnx_path"]) == (
+        "float32",
+        "torch",
+        None,
+        None,
+    )
 
 
 def test_unknown_variant_and_missing_store_are_clear_errors(small_portfolio, tmp_path):

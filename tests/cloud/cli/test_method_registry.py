@@ -17,7 +17,7 @@ from cloud.build.methods.base import Method
 from cloud.build.portfolio import BuildConfig
 from cloud.build.settings import SettingsError
 from cloud.build.store import PortfolioStore
-from cloud.build.train import TrainConfig
+from cloud.build.train import TrainConfig, evaluate
 from cloud.cli import build_command
 from cloud.cli.main import main
 from common import datasets, models, variant
@@ -49,6 +49,10 @@ def test_a_registered_method_builds_a_portfolio_through_the_cli(tmp_path, monkey
     dense.load_state_dict(torch.load(out / "work" / toy_method.DENSE_CHECKPOINT, weights_only=True)["model"])
     info = fashion_mnist.info
     images = datasets.normalize(fashion_mnist.test.images[:64], info.mean, info.std)
+    # the toy's levels are all pruned: the build trained the dense model from the same seed with the same
+    # recipe to compare with, the very model the toy trained and pruned
+    assert manifest.dense.trained_by_build and manifest.dense.epochs == 1
+    assert manifest.dense.accuracy == evaluate(dense, fashion_mnist.info, fashion_mnist.test)
     for entry in manifest.variants:
         loaded = variant.load(PortfolioStore(out).variant_path(entry.variant_id), entry.variant_id)
         assert loaded.spec.method == "toy" and models.count_params(loaded.model) == entry.params

@@ -62,6 +62,10 @@ def test_the_spec_is_read_from_a_header_prefix_only_once_it_is_whole(tmp_path):
     assert inputs.spec_from_prefix(data[:5]) is None
     assert inputs.spec_from_prefix(data[: header_end - 1]) is None
     assert inputs.spec_from_prefix(data[:header_end]).input_shape == (3, 32, 32)
+    prefix, chunks = b"", 0  # as FetchVariant's chunks arrive
+    while inputs.spec_from_prefix(prefix) is None:
+        prefix, chunks = prefix + data[chunks * 1000 : (chunks + 1) * 1000], chunks + 1
+    assert chunks == -(-header_end // 1000) and inputs.spec_from_prefix(prefix) == spec
 
 
 def test_a_load_generator_without_a_store_takes_the_served_shape(tmp_path, caplog):

@@ -9,16 +9,19 @@ import pytest
 from helpers import variant_store, wait_for
 from prometheus_client import CollectorRegistry
 
+from cloud.admin import operator_client
 from cloud.service import server
 from cloud.service.fleet_db import FleetDB
 from cloud.service.report_writer import ReportWriter, WriterConfig
 from common.security import Transport
 from protos import coordinator_pb2, coordinator_pb2_grpc
 
+PORTFOLIO = "0123456789abcdef"  # a portfolio id of the form edges report
+
 
 def _window(edge: str, t: float) -> coordinator_pb2.EdgeReport:
     return coordinator_pb2.EdgeReport(
-        edge=edge, telemetry=coordinator_pb2.Telemetry(timestamp=t, portfolio_id="p", requests=3, p95_ms=4.0)
+        edge=edge, telemetry=coordinator_pb2.Telemetry(timestamp=t, portfolio_id=PORTFOLIO, requests=3, p95_ms=4.0)
     )
 
 
@@ -124,11 +127,7 @@ def test_streams_are_not_bounded_by_the_thread_pool_and_past_max_rpcs_are_refuse
     try:
         assert all(next(call).HasField("policy") for call in calls)
         fleet = wait_for(
-            lambda: (
-                (f := stub.GetFleet(coordinator_pb2.GetFleetRequest(), timeout=10))
-                and sum(e.connected for e in f.edges) == 30
-                and f
-            ),
+            lambda: (f := operator_client.fleet(stub)) and sum(e.connected for e in f.edges) == 30 and f,
             20,
             "every stream bound",
         )

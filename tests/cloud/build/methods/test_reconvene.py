@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from cloud.build import portfolio
+from cloud.build import portfolio, reference
 from cloud.build.compaction import channels
 from cloud.build.methods import reconvene, sensitivity
 from cloud.build.store import PortfolioStore
@@ -250,3 +250,13 @@ def test_a_reconvene_portfolio_builds_and_its_variants_load_as_any_other(tmp_pat
     )
     settings = json.loads((tmp_path / "p" / "work" / "settings.json").read_text())
     assert settings["method"] == "reconvene" and settings["method_settings"]["scorer"] == "snip"
+    # no level of reconvene is dense: the build trained the dense architecture to compare with
+    dense = manifest.dense
+    assert (dense.trained_by_build, dense.epochs, dense.level) == (True, 1, None)
+    assert dense.params == models.count_params(models.build("vgg11", models.zoo_kwargs((1, 28, 28), 10, 0.125)))
+    assert (tmp_path / "p" / "work" / reference.CHECKPOINT).is_file()
+    for entry in manifest.variants:
+        assert entry.acc_delta_pp == pytest.approx(100 * (entry.accuracy - dense.accuracy))
+        assert entry.speedup_b32 == dense.latency_ms_b32 / entry.latency_ms_b32
+        assert entry.macs_ratio == dense.macs / entry.macs
+    assert manifest.variants[1].macs_ratio > 1
