@@ -113,6 +113,8 @@ def _subset(source: Path, target: Path) -> str:
     kept = original.variants[:-1]
     for entry in kept:
         store.put_variant(PortfolioStore(source).variant_path(entry.variant_id).read_bytes())
+        if entry.onnx_id:  # the cloud checks every file of a member before it deploys it
+            store.put_onnx(PortfolioStore(source).onnx_path(entry.onnx_id).read_bytes())
     store.write_manifest(
         dataclasses.replace(original, variants=kept, portfolio_id=portfolio_id([v.variant_id for v in kept]))
     )
