@@ -30,6 +30,7 @@ SUITES = {
         "reliability",
         "data",
         "torchvision",
+        "frontier",
     )
 }
 # What the suites import beyond an edge's install: module -> the distribution that provides it.

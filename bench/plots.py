@@ -168,3 +168,58 @@ def shifter_figures(result: dict, stem: Path) -> list[Path]:
 
 def reconvene_figures(result: dict, stem: Path) -> list[Path]:
     return write(reconvene_panels(result), stem)
+
+
+FRONTIER_STYLES = {  # method -> (marker, line style), in drawing order; the subject method labelled
+    "structured": ("s", "-"),
+    "shifter": ("o", "-"),
+    "reconvene": ("^", "-"),
+    "torch-pruning": ("v", "--"),
+    "narrow": ("D", "--"),
+}
+
+
+def frontier_panels(result: dict) -> dict[str, Panel]:
+    """Per model, accuracy against served batch-32 latency: each method's variants joined in latency
+    order (quartile whiskers; error bars where a variant trained from several seeds), the dense model
+    a star (its bar: the standard error over its seeds), guides 0.5 and 1 point below it."""
+    panels = {}
+    for model, measured in result["models"].items():
+        dense = measured["dense"]
+        series = tuple(
+            Series(
+                name,
+                in_x_order(
+                    latency_point(p, "b32", 100 * p["accuracy"], p["label"], _standard_error(p, "accuracy"))
+                    for p in method["variants"]
+                ),
+                marker=FRONTIER_STYLES.get(name, ("o", "-"))[0],
+                linestyle=FRONTIER_STYLES.get(name, ("o", "-"))[1],
+                color=f"C{index}",  # one colour per method in every figure
+                annotate=name == "structured",
+            )
+            for index, name in enumerate(_frontier_order(measured["methods"]))
+            if (method := measured["methods"][name])["variants"]  # a refused build has none: named in the title
+        )
+        star = latency_point(dense, "b32", 100 * dense["accuracy"], y_err=dense.get("accuracy_sem_pp"))
+        series += (dense_series(star),)
+        seeds = len(dense["seeds"])
+        note = f"; baselines and dense bars: standard error over {seeds} seeds" if seeds > 1 else ""
+        refused = [name for name, method in measured["methods"].items() if not method["variants"]]
+        note += f"; no variants: {', '.join(refused)}" if refused else ""
+        title = f"frontier: accuracy against served latency{note}\n{caption({**result, 'plan': measured})}"
+        guides = tuple(
+            (100 * dense["accuracy"] - pp, f"{pp:g} point{'s' if pp != 1 else ''} below dense") for pp in (0.5, 1.0)
+        )
+        panels[model] = Panel(title, latency_label(32, series), "test accuracy, %", series, guides=guides)
+    return panels
+
+
+def _frontier_order(methods: dict) -> list[str]:
+    """The methods of a result in `FRONTIER_STYLES` order, any other after them by name."""
+    known = [name for name in FRONTIER_STYLES if name in methods]
+    return known + sorted(name for name in methods if name not in FRONTIER_STYLES)
+
+
+def frontier_figures(result: dict, stem: Path) -> list[Path]:
+    return write(frontier_panels(result), stem)

@@ -6,7 +6,8 @@ variant files work. Mixed precision (`amp`: autocast and a gradient scaler) is f
 
 Checkpoints are local files this process wrote itself, saved from CPU copies so a build resumes on
 another device; they are read back with `torch.load(weights_only=True, map_location="cpu")` and
-nothing else.
+nothing else. With a `Teacher`, the loss is knowledge distillation (`distillation_loss`): the teacher
+runs on the same device, in eval mode and without gradients, on the same batches as the student.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -60,6 +62,38 @@ class TrainConfig:
             raise SettingsError("momentum must be in [0, 1) and weight_decay >= 0")
         if any(not 0 < m < 1 for m in self.milestones):
             raise SettingsError(f"milestones are fractions in (0, 1), got {self.milestones}")
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """Knowledge distillation from a trained `model` (Hinton et al.): `alpha` weighs its outputs,
+    softened by `temperature`, against the labels (`distillation_loss`)."""
+
+    model: nn.Module
+    alpha: float = 0.5
+    temperature: float = 4.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0 or not self.temperature > 0:
+            raise SettingsError(f"alpha must be in [0, 1] and temperature > 0, got {self.alpha}, {self.temperature}")
+
+    def loss(self, logits: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.model(inputs)
+        return distillation_loss(logits, target, labels, self.alpha, self.temperature)
+
+
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float, temperature: float
+) -> torch.Tensor:
+    """alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy, both softmaxes at temperature
+    T, KL averaged over the batch (T^2 keeps the soft gradients at the scale of the hard ones)."""
+    hard, t = F.cross_entropy(student, labels), temperature
+    if alpha == 0:
+        return hard
+    student_log, teacher_log = F.log_softmax(student.float() / t, 1), F.log_softmax(teacher.float() / t, 1)
+    soft = F.kl_div(student_log, teacher_log, reduction="batchmean", log_target=True)
+    return alpha * t * t * soft + (1 - alpha) * hard
 
 
 def check_masks(model: nn.Module, masks: Masks) -> None:
@@ -137,14 +171,15 @@ def _check_amp(config: TrainConfig, device: torch.device) -> None:
         raise SettingsError(f"mixed precision (--amp) needs a CUDA device; this build trains on {device}")
 
 
-def _epoch(net: nn.Module, steps, optimizer, scaler, step_done: Callable[[], None], device: torch.device) -> None:
-    """One pass over `steps`; under autocast and the scaler when they are enabled (a no-op otherwise)."""
-    loss_fn = nn.CrossEntropyLoss()
+def _epoch(net: nn.Module, steps, parts: tuple, step_done: Callable[[], None], device: torch.device) -> None:
+    """One pass over `steps` with `parts`: optimizer, scaler (a no-op unless enabled) and teacher (or None)."""
+    optimizer, scaler, teacher = parts
     net.train()
     for inputs, labels in steps:
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, enabled=scaler.is_enabled()):
-            loss = loss_fn(net(inputs), labels)
+            logits = net(inputs)
+            loss = teacher.loss(logits, inputs, labels) if teacher is not None else F.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -175,14 +210,16 @@ def train(
     after_step: Callable[[nn.Module], None] | None = None,
     device: torch.device | None = None,
     workers: int | None = None,
+    teacher: Teacher | None = None,
 ) -> nn.Module:
-    """SGD with momentum and a step schedule on `device` (default: the CPU); masked entries stay zero.
-    Resumes from `checkpoint`. Under torchrun, each process trains on its shard of every batch (DDP);
-    only rank 0 writes the checkpoint and calls `after_step` (with the model on `device`). The model
-    is returned on the CPU, in eval mode. A streamed split is read by `workers` DataLoader processes
-    (None: the split's own number)."""
+    """SGD with momentum and a step schedule on `device` (default: the CPU), masked entries kept zero, resumed
+    from `checkpoint`, distilled from `teacher` if given (left on `device`); returned on the CPU in eval mode.
+    Under torchrun each process trains on its shard of every batch (DDP); only rank 0 writes the checkpoint
+    and calls `after_step` (model on `device`). A streamed split is read by `workers` DataLoader processes."""
     device = torch.device("cpu") if device is None else torch.device(device)
     _check_amp(config, device)
+    if teacher is not None:
+        teacher.model.to(device).eval()
     if masks:
         check_masks(model, masks)  # once; they are reapplied unchecked after every step
         masks = {name: mask.to(device) for name, mask in masks.items()}
@@ -206,7 +243,7 @@ def train(
             disable=not (config.progress and main),
             leave=False,
         )
-        _epoch(net, steps, optimizer, scaler, step_done, device)
+        _epoch(net, steps, (optimizer, scaler, teacher), step_done, device)
         scheduler.step()
         if checkpoint is not None and main:
             _save_checkpoint(checkpoint, model, parts, epoch + 1)
@@ -214,17 +251,12 @@ def train(
     return model.to("cpu").eval()
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    first = next(iter(model.parameters()), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
 @torch.inference_mode()
 def _outputs(
     model: nn.Module, info: DatasetInfo, split, batch_size: int, device: torch.device | None, workers: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's logits over `split` and the labels of the batches they came from, both on the CPU."""
-    found = _device_of(model)
+    found = next(iter(model.parameters()), torch.empty(0)).device  # a model without parameters: the CPU
     device = found if device is None else torch.device(device)
     model.to(device).eval()
     logits, labels = [], []

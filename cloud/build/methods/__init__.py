@@ -4,11 +4,11 @@ A method is one module that defines its settings dataclass and a `Method` (`clou
 registering it is one line here, and its settings become `portfolio build` flags of their own.
 """
 
-from cloud.build.methods import reconvene, shifter
+from cloud.build.methods import reconvene, shifter, structured
 from cloud.build.methods.base import Method
 from common.registry import lookup
 
-METHODS: dict[str, Method] = {"shifter": shifter.METHOD, "reconvene": reconvene.METHOD}
+METHODS: dict[str, Method] = {"shifter": shifter.METHOD, "reconvene": reconvene.METHOD, "structured": structured.METHOD}
 
 
 def get(name: str) -> Method:

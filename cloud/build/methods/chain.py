@@ -1,0 +1,283 @@
+"""The `structured` chain's steps: prune the latest model toward a served speedup, then fine-tune it.
+
+A step scores the parent's channels (`importance`), lets the latency table allocate removals toward a
+goal of its own prediction (`allocation`), prunes a copy and measures it served as an edge serves it
+(`common.inference.for_inference`, batch `latency_batch`) against the dense model served the same way,
+in interleaved rounds. Short of the goal, the prediction's goal is corrected from what was measured
+(the secant of `allocation.goal_for`) and more is removed, up to `MAX_ATTEMPTS` times. The measured
+speedup decides; the table only proposes.
+
+Every step is checkpointed in `work/structured/`: `step-K.json` (the decision and its measurements),
+`step-K.pruned.safetensors` (the pruned model, before fine-tuning), then `step-K.safetensors` (after);
+the fine-tuning itself checkpoints every epoch (`step-K.train.pt`). Models are stored as variant files
+(`common.variant`), which rebuild any channel-pruned model from its tensors. Under torchrun rank 0
+decides and writes; every rank fine-tunes its shard of the same pruned model.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cloud.build import distributed
+from cloud.build.compaction import channels
+from cloud.build.methods import allocation, importance, topology
+from cloud.build.methods.base import BuildContext
+from cloud.build.methods.latency_table import LatencyTable
+from cloud.build.train import Teacher, train
+from common import variant
+from common.batching import batches
+from common.files import atomic_write_bytes, atomic_write_json
+from common.inference import for_inference
+from common.profiling import measure_interleaved
+
+log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 8  # prune-and-measure rounds of one step before it settles for what it reached
+MEASUREMENTS = 3  # interleaved measurements behind one speedup (their median)
+ITERS, ROUNDS = 1, 24  # one run per round, so the lower quartile is over single runs
+TABLE_SLACK = 1.15  # a served speedup is at most this many times the latency table's
+IMPORTANCE_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Step:
+    """One finished decision: which target it serves, what it aimed at and what it measured."""
+
+    step: int
+    level: int  # the level (target) it works toward
+    goal: float  # the served speedup this step aimed at
+    counts: dict[str, int]  # channels per group after pruning
+    predicted_ms: float  # the latency table's prediction for the pruned model
+    speedup: float  # its measured served speedup (the last attempt's)
+    attempts: tuple[tuple[float, float], ...]  # (predicted ms, measured speedup) of every attempt
+    epochs: int  # fine-tuning epochs after pruning
+    variant: bool  # its model is the variant of `level` (it reached the target, or the last step may)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the next step is for: its number, the level and target speedup it works toward, the goal
+    of this step, the steps planned for the level that are left (this one included) and the level's
+    fine-tuning epochs that are left."""
+
+    step: int
+    level: int
+    target: float
+    goal: float
+    remaining: int
+    epochs: int
+
+
+class Chain:
+    """The chain's shared parts: context, settings, the dense model (served, and as teacher), the table."""
+
+    def __init__(self, context: BuildContext, settings, dense: nn.Module, table: LatencyTable, ladder) -> None:
+        self.context, self.settings, self.table, self.ladder = context, settings, table, ladder
+        self.work = context.work_dir / "structured"
+        self.shape = tuple(context.data.info.input_shape)
+        self.example = torch.randn(1, *self.shape, generator=torch.Generator().manual_seed(0))
+        self.dense_served = for_inference(copy_of(dense), self.shape)
+        self.dense_ms = self.predicted(dense)
+        self.teacher = Teacher(copy_of(dense), settings.distill_alpha, settings.distill_temperature)
+
+    def path(self, step: int, part: str) -> Path:
+        return self.work / f"step-{step}{part}"
+
+    def measure(self, model: nn.Module, predicted_ms: float, parent: float) -> float:
+        """Served speedup of `model` (predicted at `predicted_ms`) over the dense model (`speedup`). A
+        model pruned from one measured at `parent` is at least that fast: a measurement below it is
+        taken again, and the faster of the two kept, never below `parent`."""
+        served, bound = for_inference(copy_of(model), self.shape), self.dense_ms / predicted_ms
+        found = speedup(self.dense_served, served, self.shape, self.settings.latency_batch, bound)
+        if found < parent:
+            again = speedup(self.dense_served, served, self.shape, self.settings.latency_batch, bound)
+            log.info(
+                "measured %.2fx, below the %.2fx of the model it was pruned from; again: %.2fx", found, parent, again
+            )
+            found = max(found, again, parent)
+        return found
+
+    def predicted(self, model: nn.Module) -> float:
+        """The latency table's prediction for `model` as it is."""
+        found = topology.build(analysis(model, self.example))
+        return self.table.predict(found, found.groups)
+
+    def summarize(self, records: list[Step], dense_epochs: int) -> None:
+        """Log and keep (`work/structured/chain.json`) the epochs spent and what each variant reached."""
+        tuned = sum(r.epochs for r in records)
+        log.info(
+            "structured: %d epochs (dense %d, fine-tuning %d over %d steps)",
+            dense_epochs + tuned,
+            dense_epochs,
+            tuned,
+            len(records),
+        )
+        if distributed.is_main():
+            variants = [
+                {
+                    "level": r.level,
+                    "step": r.step,
+                    "speedup": r.speedup,
+                    "table_speedup": self.dense_ms / r.predicted_ms,
+                }
+                for r in records
+                if r.variant or r.speedup >= self.settings.speedups[r.level - 1]
+            ]
+            summary = {
+                "dense_epochs": dense_epochs,
+                "finetune_epochs": tuned,
+                "steps": len(records),
+                "variants": variants,
+            }
+            atomic_write_json(self.work / "chain.json", summary)
+
+    def scores(self, model: nn.Module, step: int) -> tuple[topology.Topology, importance.Scores]:
+        """The parent's topology and its channels' importance (a copy is scored: nothing changes it)."""
+        work = copy.deepcopy(model)
+        traced = analysis(work, self.example)
+        data, context = self.context.data, self.context
+        seed = context.config.seed * 1000 + step
+        found = itertools.islice(
+            batches(data.train, data.info, IMPORTANCE_BATCH, shuffle_seed=seed), self.settings.importance_batches
+        )
+        scores = importance.IMPORTANCES[self.settings.importance](
+            traced, model=work, batches=found, device=context.device
+        )
+        balance = self.settings.balance
+        return topology.build(traced), scores if balance == "log" else importance.normalized(scores, balance)
+
+    def decide(self, parent: nn.Module, step: int, goal: float, history: list) -> tuple[nn.Module, dict, list]:
+        """Prune a copy of `parent` until its measured speedup reaches `goal` (or nothing is left to
+        remove, or the attempts run out). The first goal of the table is proportional from the parent
+        (`history[-1]`, measured when it was made), the next ones follow the step's own measurements.
+        Returns the pruned model, its counts and its attempts."""
+        found, scores = self.scores(parent, step)
+        counts, points, attempts, model = dict(found.groups), history[-1:], [], None
+        for _ in range(MAX_ATTEMPTS):
+            goal_ms = allocation.goal_for(points, goal)
+            by_log = self.settings.balance == "log"
+            chosen = allocation.allocate(found, self.table, scores, goal_ms, counts, self.ladder, by_log)
+            if chosen == counts and model is not None:
+                break  # nothing more saves time
+            counts = chosen
+            model = allocation.prune(copy_of(parent), self.example, scores, counts)
+            predicted = self.table.predict(found, counts)
+            speedup = self.measure(model, predicted, 1.0 / history[-1][1])
+            attempts.append((predicted, speedup))
+            points.append((predicted, 1.0 / speedup))
+            table = self.dense_ms / predicted
+            log.info(
+                "step %d: table %.2fx (%.3f ms), measured %.2fx, goal %.2fx", step, table, predicted, speedup, goal
+            )
+            if speedup >= goal:
+                break
+        return model, counts, attempts
+
+    def finetune(self, model: nn.Module, step: int, epochs: int) -> nn.Module:
+        """Fine-tune a pruned model with distillation from the dense one, resumable by epoch."""
+        config = self.context.config.train
+        recipe = replace(config, epochs=epochs, lr=self.settings.finetune_lr or config.lr)
+        data = self.context.data
+        return train(
+            model,
+            data.info,
+            data.train,
+            recipe,
+            checkpoint=self.path(step, ".train.pt"),
+            desc=f"structured step {step}",
+            device=self.context.device,
+            teacher=self.teacher,
+        )
+
+    def step(self, parent: nn.Module, plan: Plan, history: list) -> tuple[nn.Module, Step]:
+        """Run (or resume) one step from `parent`: rank 0 decides and stores the pruned model, every
+        rank fine-tunes it, rank 0 stores the result."""
+        done, pruned_path, record_path = (
+            self.path(plan.step, p) for p in (".safetensors", ".pruned.safetensors", ".json")
+        )
+        if done.exists():
+            return load_model(self.context, done), load_step(record_path)
+        if distributed.is_main() and not pruned_path.exists():
+            model, counts, attempts = self.decide(parent, plan.step, plan.goal, history)
+            predicted, speedup = attempts[-1]
+            final = speedup >= plan.target or plan.remaining == 1
+            epochs = plan.epochs if final else plan.epochs // plan.remaining
+            record = Step(plan.step, plan.level, plan.goal, counts, predicted, speedup, tuple(attempts), epochs, final)
+            save_model(self.context, pruned_path, model)
+            save_step(record_path, record)
+        distributed.barrier()
+        record = load_step(record_path)
+        model = self.finetune(load_model(self.context, pruned_path), plan.step, record.epochs)
+        if distributed.is_main():
+            save_model(self.context, done, model)
+            pruned_path.unlink(missing_ok=True)
+            self.path(plan.step, ".train.pt").unlink(missing_ok=True)
+        distributed.barrier()
+        return model, record
+
+
+def analysis(model: nn.Module, example: torch.Tensor) -> channels.Analysis:
+    """The channel groups of `model` that pruning may shrink (the classifier's outputs never)."""
+    return channels.analyse(channels.trace(model, example, None))
+
+
+def copy_of(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).cpu().eval()
+
+
+def speedup(dense: nn.Module, model: nn.Module, shape: tuple, batch: int, table_speedup: float) -> float:
+    """How many times faster `model` runs than `dense`, both as served: the median of `MEASUREMENTS`
+    interleaved measurements, each comparing the two at their lower quartiles over rounds, and never
+    more than `TABLE_SLACK` times what the latency table predicts (`table_speedup`).
+
+    Other work on a shared machine only adds time, and it adds more to long runs than to short ones (a
+    preempted thread stalls a whole pass), so under load a plain ratio overstates the speedup of a
+    small model, sometimes many times over. The lower quartile is the steadier figure (on a quiet
+    machine the median's neighbour), the median of three measurements drops a burst that landed on
+    one of them, and the table, timed layer by layer on the least of several runs, bounds the rest:
+    the served model has the table's layers plus work pruning shrinks less (pools, activations, the
+    calls themselves), so it never gains more than the table says."""
+    found = []
+    for _ in range(MEASUREMENTS):
+        spread = measure_interleaved({"dense": dense, "model": model}, shape, batch, iters=ITERS, rounds=ROUNDS)
+        found.append(spread["dense"].q1_ms / spread["model"].q1_ms)
+    return min(sorted(found)[len(found) // 2], TABLE_SLACK * table_speedup)
+
+
+def measure(dense: nn.Module, model: nn.Module, shape: tuple, batch: int, table_speedup: float) -> float:
+    """`speedup` of two models as loaded, each made ready to serve as an edge serves it first."""
+    served = (for_inference(copy_of(m), shape) for m in (dense, model))
+    return speedup(*served, shape, batch, table_speedup)
+
+
+def _spec(context: BuildContext) -> variant.VariantSpec:
+    config, info = context.config, context.data.info
+    return variant.VariantSpec(
+        config.model, context.model_kwargs(), info.input_shape, info.num_classes, info.mean, info.std,
+        "structured", 0.0, 0.0, classes=info.classes,
+    )  # fmt: skip
+
+
+def save_model(context: BuildContext, path: Path, model: nn.Module) -> None:
+    """A chain model as a variant file (its tensors give its pruned shapes), written atomically."""
+    atomic_write_bytes(path, variant.encode(model, _spec(context)))
+
+
+def load_model(context: BuildContext, path: Path) -> nn.Module:
+    return variant.load_bytes(path.read_bytes(), allowed_models=(context.config.model,)).model
+
+
+def save_step(path: Path, record: Step) -> None:
+    atomic_write_json(path, {**record.__dict__, "attempts": [list(a) for a in record.attempts]})
+
+
+def load_step(path: Path) -> Step:
+    raw = json.loads(path.read_text())
+    return Step(**{**raw, "attempts": tuple(tuple(a) for a in raw["attempts"])})
