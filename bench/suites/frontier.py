@@ -2,10 +2,11 @@
 
 Per model (VGG-11 at width 0.5 and ResNet-56 at its default width, on Fashion-MNIST), from one trained
 dense model: the methods registered in `cloud.build.methods` (`structured`, `shifter`, `reconvene`),
-each built through the real build (`cloud.build.portfolio.build`) exactly as `prunefleet portfolio
-build` runs it, and two baselines written here: Torch-Pruning alone (its group-norm pruner at uniform
-channel ratios from the same dense model, fine-tuned with the same recipe, no distillation, no latency
-model) and a narrower model (the dense architecture at smaller widths, trained from scratch).
+each built through the real build (`cloud.build.portfolio.build` with the method's own settings, as
+`prunefleet portfolio build --no-onnx` runs it), and two baselines written here: Torch-Pruning alone
+(its group-norm pruner at uniform channel ratios from the same dense model, fine-tuned with the same
+recipe, no distillation, no latency model) and a narrower model (the dense architecture at smaller
+widths, trained from scratch).
 
 Equal budgets: every portfolio of K variants gets B = D + K*F training epochs over the same training
 subset. The methods that start from the dense model (structured, shifter, torch-pruning) are charged
@@ -21,12 +22,15 @@ an edge serves it) timed interleaved with every other variant of the model and t
 run, parameters, MACs, and the speedup over the dense model. How the summary reads them is
 `bench.suites.frontier_summary`. Every trained model and finished point is kept in the work
 directory, so a rerun of the same plan trains nothing again.
+
+A method the plan names that is not registered is an error before any work. A build the method
+refuses (a target it cannot reach on this model or CPU) is recorded with the method's message, no
+variants, and the targets that needed them marked missed; the other methods carry on.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,7 +40,6 @@ from common import datasets, models
 from common.errors import PrunefleetError
 from common.profiling import MIN_ROUNDS
 
-log = logging.getLogger(__name__)
 BASELINES = (frontier_train.TORCH_PRUNING, frontier_train.NARROW)
 
 

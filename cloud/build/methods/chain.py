@@ -2,8 +2,8 @@
 
 A step scores the parent's channels (`importance`), lets the latency table allocate removals toward a
 goal of its own prediction (`allocation`), prunes a copy and measures it served as an edge serves it
-(`common.inference.for_inference`, batch `latency_batch`) against the dense model served the same way,
-in interleaved rounds. Short of the goal, the prediction's goal is corrected from what was measured
+(`served`: BatchNorm folded, channels-last, batch `latency_batch`) against the dense model served the
+same way, in interleaved rounds. Short of the goal, the prediction's goal is corrected from what was measured
 (the secant of `allocation.goal_for`) and more is removed, up to `MAX_ATTEMPTS` times. The measured
 speedup decides; the table only proposes.
 
@@ -28,7 +28,7 @@ from torch import nn
 
 from cloud.build import distributed
 from cloud.build.compaction import channels
-from cloud.build.methods import allocation, importance, topology
+from cloud.build.methods import allocation, importance, served, topology
 from cloud.build.methods.base import BuildContext
 from cloud.build.methods.latency_table import LatencyTable
 from cloud.build.train import Teacher, train
@@ -36,13 +36,9 @@ from common import variant
 from common.batching import batches
 from common.files import atomic_write_bytes, atomic_write_json
 from common.inference import for_inference
-from common.profiling import measure_interleaved
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 8  # prune-and-measure rounds of one step before it settles for what it reached
-MEASUREMENTS = 3  # interleaved measurements behind one speedup (their median)
-ITERS, ROUNDS = 1, 24  # one run per round, so the lower quartile is over single runs
-TABLE_SLACK = 1.15  # a served speedup is at most this many times the latency table's
 IMPORTANCE_BATCH = 64
 
 
@@ -83,9 +79,9 @@ class Chain:
         self.work = context.work_dir / "structured"
         self.shape = tuple(context.data.info.input_shape)
         self.example = torch.randn(1, *self.shape, generator=torch.Generator().manual_seed(0))
-        self.dense_served = for_inference(copy_of(dense), self.shape)
+        self.dense_served = for_inference(served.copy_of(dense), self.shape)
         self.dense_ms = self.predicted(dense)
-        self.teacher = Teacher(copy_of(dense), settings.distill_alpha, settings.distill_temperature)
+        self.teacher = Teacher(served.copy_of(dense), settings.distill_alpha, settings.distill_temperature)
 
     def path(self, step: int, part: str) -> Path:
         return self.work / f"step-{step}{part}"
@@ -94,10 +90,10 @@ class Chain:
         """Served speedup of `model` (predicted at `predicted_ms`) over the dense model (`speedup`). A
         model pruned from one measured at `parent` is at least that fast: a measurement below it is
         taken again, and the faster of the two kept, never below `parent`."""
-        served, bound = for_inference(copy_of(model), self.shape), self.dense_ms / predicted_ms
-        found = speedup(self.dense_served, served, self.shape, self.settings.latency_batch, bound)
+        model_served, table = for_inference(served.copy_of(model), self.shape), (self.dense_ms, predicted_ms)
+        found = served.speedup(self.dense_served, model_served, self.shape, self.settings.latency_batch, table)
         if found < parent:
-            again = speedup(self.dense_served, served, self.shape, self.settings.latency_batch, bound)
+            again = served.speedup(self.dense_served, model_served, self.shape, self.settings.latency_batch, table)
             log.info(
                 "measured %.2fx, below the %.2fx of the model it was pruned from; again: %.2fx", found, parent, again
             )
@@ -128,7 +124,7 @@ class Chain:
                     "table_speedup": self.dense_ms / r.predicted_ms,
                 }
                 for r in records
-                if r.variant or r.speedup >= self.settings.speedups[r.level - 1]
+                if r.variant or served.reaches(r.speedup, self.settings.speedups[r.level - 1])
             ]
             summary = {
                 "dense_epochs": dense_epochs,
@@ -167,7 +163,7 @@ class Chain:
             if chosen == counts and model is not None:
                 break  # nothing more saves time
             counts = chosen
-            model = allocation.prune(copy_of(parent), self.example, scores, counts)
+            model = allocation.prune(served.copy_of(parent), self.example, scores, counts)
             predicted = self.table.predict(found, counts)
             speedup = self.measure(model, predicted, 1.0 / history[-1][1])
             attempts.append((predicted, speedup))
@@ -176,7 +172,7 @@ class Chain:
             log.info(
                 "step %d: table %.2fx (%.3f ms), measured %.2fx, goal %.2fx", step, table, predicted, speedup, goal
             )
-            if speedup >= goal:
+            if served.reaches(speedup, goal):
                 break
         return model, counts, attempts
 
@@ -207,7 +203,7 @@ class Chain:
         if distributed.is_main() and not pruned_path.exists():
             model, counts, attempts = self.decide(parent, plan.step, plan.goal, history)
             predicted, speedup = attempts[-1]
-            final = speedup >= plan.target or plan.remaining == 1
+            final = served.reaches(speedup, plan.target) or plan.remaining == 1
             epochs = plan.epochs if final else plan.epochs // plan.remaining
             record = Step(plan.step, plan.level, plan.goal, counts, predicted, speedup, tuple(attempts), epochs, final)
             save_model(self.context, pruned_path, model)
@@ -226,35 +222,6 @@ class Chain:
 def analysis(model: nn.Module, example: torch.Tensor) -> channels.Analysis:
     """The channel groups of `model` that pruning may shrink (the classifier's outputs never)."""
     return channels.analyse(channels.trace(model, example, None))
-
-
-def copy_of(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model).cpu().eval()
-
-
-def speedup(dense: nn.Module, model: nn.Module, shape: tuple, batch: int, table_speedup: float) -> float:
-    """How many times faster `model` runs than `dense`, both as served: the median of `MEASUREMENTS`
-    interleaved measurements, each comparing the two at their lower quartiles over rounds, and never
-    more than `TABLE_SLACK` times what the latency table predicts (`table_speedup`).
-
-    Other work on a shared machine only adds time, and it adds more to long runs than to short ones (a
-    preempted thread stalls a whole pass), so under load a plain ratio overstates the speedup of a
-    small model, sometimes many times over. The lower quartile is the steadier figure (on a quiet
-    machine the median's neighbour), the median of three measurements drops a burst that landed on
-    one of them, and the table, timed layer by layer on the least of several runs, bounds the rest:
-    the served model has the table's layers plus work pruning shrinks less (pools, activations, the
-    calls themselves), so it never gains more than the table says."""
-    found = []
-    for _ in range(MEASUREMENTS):
-        spread = measure_interleaved({"dense": dense, "model": model}, shape, batch, iters=ITERS, rounds=ROUNDS)
-        found.append(spread["dense"].q1_ms / spread["model"].q1_ms)
-    return min(sorted(found)[len(found) // 2], TABLE_SLACK * table_speedup)
-
-
-def measure(dense: nn.Module, model: nn.Module, shape: tuple, batch: int, table_speedup: float) -> float:
-    """`speedup` of two models as loaded, each made ready to serve as an edge serves it first."""
-    served = (for_inference(copy_of(m), shape) for m in (dense, model))
-    return speedup(*served, shape, batch, table_speedup)
 
 
 def _spec(context: BuildContext) -> variant.VariantSpec:

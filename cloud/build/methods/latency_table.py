@@ -6,8 +6,10 @@ input size and the serving batch, as an edge serves it (`common.inference.for_in
 folded into the conv (a conv with a bias) and channels-last layout, on this process's CPU threads. The
 axes of a layer's table are the channel counts its input and output groups can take
 (`channel_ladder`); an axis with more than `max_points` counts is sampled evenly and read between its
-points by linear interpolation. Times are made non-decreasing along both axes (a running maximum), so
-timing noise never makes a smaller layer look slower. Layers of the same shape share one table.
+points by linear interpolation. Every entry is the least time of several runs in each of several passes
+over the whole table (other work on the machine only adds time), and then no more than any larger
+entry's: noise that slowed a smaller layer is pulled down to what a larger one took, never spread onto
+the larger ones. Layers of the same shape share one table.
 
 The table is a JSON file in the build's work directory: a resumed build reads it instead of timing
 again, so the noise of a second timing cannot change a chain that is already under way.

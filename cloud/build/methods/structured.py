@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from cloud.build import distributed
-from cloud.build.methods import allocation, chain, latency_table, topology
+from cloud.build.methods import allocation, chain, latency_table, served, topology
 from cloud.build.methods.base import BuildContext, Method, SparseModel
 from cloud.build.methods.importance import IMPORTANCES, NORMALIZATIONS
 from cloud.build.settings import SettingsError
@@ -60,7 +60,7 @@ class StructuredConfig:
     """The settings of `structured`; each field is a `portfolio build` flag."""
 
     speedups: tuple[float, ...] = field(
-        default=(1.5, 2.0, 3.0, 5.0, 8.0),
+        default=(1.5, 2.0, 3.0, 4.0, 5.0, 8.0),
         metadata={"help": "served speedups over the dense model, one variant each, increasing"},
     )
     importance: str = field(
@@ -143,10 +143,10 @@ def _table(context: BuildContext, settings: StructuredConfig, dense: nn.Module, 
             table = latency_table.build(found, shapes, ladder, settings.latency_batch)
             table.save(path)
             floor = dict(allocation.floor_counts(found, ladder))
-            fastest = allocation.prune(chain.copy_of(dense), example, IMPORTANCES["l2"](analysis), floor)
+            fastest = allocation.prune(served.copy_of(dense), example, IMPORTANCES["l2"](analysis), floor)
             predicted = table.predict(found, floor)
-            bound = table.predict(found, found.groups) / predicted
-            speedup = chain.measure(dense, fastest, shape, settings.latency_batch, bound)
+            times = (table.predict(found, found.groups), predicted)
+            speedup = served.measure(dense, fastest, shape, settings.latency_batch, times)
             atomic_write_json(floor_path, {"speedup": speedup, "predicted_ms": predicted})
     distributed.barrier()
     reachable = json.loads(floor_path.read_text())["speedup"]
@@ -191,7 +191,7 @@ def _reach(steps: chain.Chain, parent: nn.Module, level: int, records: list, his
     planned = planned_steps(steps.settings, level, budget)
     while True:
         last = records[-1] if records else None
-        if last is not None and (last.speedup >= target or (last.level == level and last.variant)):
+        if last is not None and (served.reaches(last.speedup, target) or (last.level == level and last.variant)):
             return parent
         mine = [r for r in records if r.level == level]
         remaining = max(1, planned - len(mine))
@@ -217,7 +217,7 @@ def levels(context: BuildContext, settings: StructuredConfig) -> Iterator[Sparse
     steps = chain.Chain(context, settings, dense, table, ladder)
     model, name = dense, context.config.model
     # the build gets copies: whatever it does to them, the chain goes on from its own models
-    yield SparseModel(0, chain.copy_of(dense), {}, compression=1.0, name=f"{name}-dense", compact=True)
+    yield SparseModel(0, served.copy_of(dense), {}, compression=1.0, name=f"{name}-dense", compact=True)
     budget = settings.finetune_epochs or context.config.train.epochs
     records, history, dense_weights = [], [(steps.predicted(dense), 1.0)], _weights(dense)
     for level, target in enumerate(settings.speedups, 1):
@@ -225,7 +225,7 @@ def levels(context: BuildContext, settings: StructuredConfig) -> Iterator[Sparse
         log.info("structured %gx: step %d measured %.2fx", target, len(records), records[-1].speedup)
         compression = dense_weights / _weights(model)
         yield SparseModel(
-            level, chain.copy_of(model), {}, compression=compression, name=f"{name}-{target:g}x", compact=True
+            level, served.copy_of(model), {}, compression=compression, name=f"{name}-{target:g}x", compact=True
         )
     steps.summarize(records, 0 if trained is not None else context.config.train.epochs)
 
