@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from common.errors import PrunefleetError
 from common.files import atomic_write_json
 from common.profiling import cpu_model
 from common.registry import UnknownNameError, lookup
@@ -82,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.time()
     stem = args.json.with_suffix("")
-    result = suite.run(quick=args.quick, data_dir=args.data_dir, work=stem.with_name(f"{stem.name}.work"))
+    try:
+        result = suite.run(quick=args.quick, data_dir=args.data_dir, work=stem.with_name(f"{stem.name}.work"))
+    except PrunefleetError as err:  # a refused plan, missing data, a work directory of another plan: no trace
+        print(f"prunefleet bench {args.suite}: error: {err}", file=sys.stderr)
+        return 2
     result["meta"] = {
         "suite": args.suite,
         "quick": args.quick,

@@ -56,3 +56,18 @@ def test_every_suite_module_has_a_run_function():
 
     for module in SUITES.values():
         assert callable(importlib.import_module(module).run)
+
+
+def test_a_suite_that_refuses_its_input_exits_2_naming_it_without_a_trace(tmp_path):
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    out = tmp_path / "out.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "frontier", "--quick", "--json", str(out), "--data-dir", str(empty)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "prunefleet bench frontier: error: Fashion-MNIST file" in done.stderr and str(empty) in done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()

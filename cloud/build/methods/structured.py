@@ -31,6 +31,7 @@ sums 86.81% against 81.57%. Channel counts are multiples of 16 (then halvings, d
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -129,9 +130,9 @@ def _weights(model: nn.Module) -> int:
     return sum(layer.weight.numel() for layer in prunable_layers(model).values())
 
 
-def _table(context: BuildContext, settings: StructuredConfig, dense: nn.Module, ladder) -> latency_table.LatencyTable:
-    """The latency table and the fastest model's speedup, timed once on the dense shapes (kept in the
-    work directory); a largest speedup beyond that model's is refused before any training."""
+def _table(context: BuildContext, settings: StructuredConfig, dense: nn.Module, ladder) -> tuple:
+    """The latency table and the measured speedup of the fastest model the chain can make (every group
+    at its smallest), both timed once on the dense shapes and kept in the work directory."""
     work, shape = context.work_dir / "structured", tuple(context.data.info.input_shape)
     path, floor_path = work / "latency.json", work / "floor.json"
     if distributed.is_main() and not floor_path.exists():
@@ -149,14 +150,31 @@ def _table(context: BuildContext, settings: StructuredConfig, dense: nn.Module, 
             speedup = served.measure(dense, fastest, shape, settings.latency_batch, times)
             atomic_write_json(floor_path, {"speedup": speedup, "predicted_ms": predicted})
     distributed.barrier()
-    reachable = json.loads(floor_path.read_text())["speedup"]
-    if max(settings.speedups) > reachable:
+    return latency_table.LatencyTable.load(path), json.loads(floor_path.read_text())["speedup"]
+
+
+def reachable_targets(settings: StructuredConfig, floor: float, model: str) -> StructuredConfig:
+    """The settings with only the targets the fastest model of the chain reaches (`floor`, measured): a
+    target beyond it is left out with a warning, since no pruning of this model serves that fast on
+    this CPU; none left is an error before any training."""
+    kept = tuple(t for t in settings.speedups if served.reaches(floor, t))
+    if not kept:
         raise SettingsError(
-            f"speedups: {max(settings.speedups):g}x is beyond {context.config.model} on this CPU: with every channel "
-            f"group at its smallest (--min-channels {settings.min_channels}) it serves {reachable:.2f}x faster than "
-            f"the dense model at batch {settings.latency_batch}"
+            f"speedups: {min(settings.speedups):g}x is beyond {model} on this CPU: with every channel group at its "
+            f"smallest (--min-channels {settings.min_channels}) it serves {floor:.2f}x faster than the dense model "
+            f"at batch {settings.latency_batch}"
         )
-    return latency_table.LatencyTable.load(path)
+    if len(kept) < len(settings.speedups):
+        log.warning(
+            "structured: leaving out %s: beyond %s on this CPU, whose fastest pruning serves %.2fx faster than the "
+            "dense model at batch %d (--min-channels %d)",
+            ", ".join(f"{t:g}x" for t in settings.speedups[len(kept) :]),
+            model,
+            floor,
+            settings.latency_batch,
+            settings.min_channels,
+        )
+    return dataclasses.replace(settings, speedups=kept)
 
 
 def _dense(context: BuildContext, model: nn.Module, trained: bool) -> nn.Module:
@@ -212,7 +230,8 @@ def levels(context: BuildContext, settings: StructuredConfig) -> Iterator[Sparse
     torch.manual_seed(context.config.seed)
     trained = context.trained_model()
     dense = context.new_model() if trained is None else trained
-    table = _table(context, settings, dense, ladder)
+    table, floor = _table(context, settings, dense, ladder)
+    settings = reachable_targets(settings, floor, context.config.model)
     dense = _dense(context, dense, trained is not None)
     steps = chain.Chain(context, settings, dense, table, ladder)
     model, name = dense, context.config.model

@@ -3,6 +3,7 @@ of every zoo family, importance and allocation on known numbers, and a tiny real
 every level and resumes where it was interrupted."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -240,3 +241,14 @@ def test_a_portfolio_built_with_structured_stores_variants_that_load_as_they_wer
         loaded = variant.load(store.variant_path(entry.variant_id), entry.variant_id)
         assert models.count_params(loaded.model) == entry.params
         assert evaluate(loaded.model, data.info, data.test) == pytest.approx(entry.accuracy, abs=1e-6)
+
+
+def test_targets_beyond_the_fastest_pruning_are_left_out_and_none_left_is_refused(caplog):
+    settings = structured.StructuredConfig(speedups=(1.5, 2.0, 5.0, 8.0))
+    with caplog.at_level(logging.WARNING):
+        kept = structured.reachable_targets(settings, 5.2, "vgg11")
+    assert kept.speedups == (1.5, 2.0, 5.0) and kept.importance == settings.importance
+    assert "leaving out 8x" in caplog.text and "5.20x" in caplog.text
+    assert structured.reachable_targets(settings, 8.3, "vgg11") == settings
+    with pytest.raises(SettingsError, match="speedups: 1.5x is beyond vgg11 on this CPU"):
+        structured.reachable_targets(settings, 1.5, "vgg11")  # a target counts as reached only past it
