@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ SUITES = {
         "data",
         "torchvision",
         "frontier",
+        "backends",
     )
 }
 # What the suites import beyond an edge's install: module -> the distribution that provides it.
@@ -40,6 +42,7 @@ REQUIREMENTS = {
     "matplotlib": "matplotlib",
     "hypothesis": "hypothesis",
     "hyperframe": "hyperframe",
+    "packaging": "packaging",
     "PIL": "Pillow",
     "torchvision": "torchvision",
 }
@@ -57,6 +60,24 @@ def missing_requirements() -> list[str]:
     return missing
 
 
+def _meta(args: argparse.Namespace, seconds: float) -> dict:
+    """How and where a run ran: every result names its machine, since figures differ between CPUs."""
+    return {
+        "suite": args.suite,
+        "quick": args.quick,
+        "threads": args.threads,
+        "seconds": seconds,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpu_model": cpu_model(),
+            "torch": torch.__version__,
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="prunefleet bench", description=__doc__)
     parser.add_argument("suite", help=f"one of: {', '.join(SUITES)}")
@@ -64,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer models and points (minutes, for CI)")
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated parts of a suite with parts (reliability: "
+        "faults, fuzz, load, attacks); the others' finished results are kept",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     try:
@@ -80,28 +107,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     suite = importlib.import_module(module)
+    if args.only and "only" not in inspect.signature(suite.run).parameters:
+        print(f"prunefleet bench: error: {args.suite} has no parts to choose with --only", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     started = time.time()
     stem = args.json.with_suffix("")
     try:
-        result = suite.run(quick=args.quick, data_dir=args.data_dir, work=stem.with_name(f"{stem.name}.work"))
+        parts = {"only": tuple(p for p in args.only.split(",") if p)} if args.only else {}
+        result = suite.run(quick=args.quick, data_dir=args.data_dir, work=stem.with_name(f"{stem.name}.work"), **parts)
     except PrunefleetError as err:  # a refused plan, missing data, a work directory of another plan: no trace
         print(f"prunefleet bench {args.suite}: error: {err}", file=sys.stderr)
         return 2
-    result["meta"] = {
-        "suite": args.suite,
-        "quick": args.quick,
-        "threads": args.threads,
-        "seconds": time.time() - started,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "cpu_model": cpu_model(),
-            "torch": torch.__version__,
-        },
-    }
+    result["meta"] = _meta(args, time.time() - started)
     atomic_write_json(args.json, result)
     if hasattr(suite, "figures"):
         for path in suite.figures(result, stem):

@@ -27,6 +27,7 @@ from common import vision_models
 from common.architectures import VGG, VGG_CONFIGS, MobileNetV2, ResNet
 from common.errors import PrunefleetError
 from common.registry import (
+    ALLOW_ENV,  # noqa: F401  (kept here too: the edge allow-list's variable, read by the edge CLI's main())
     UnknownNameError,
     import_object,
     is_import_path,
@@ -34,7 +35,6 @@ from common.registry import (
     parse_import_path,
 )
 
-ALLOW_ENV = "PRUNEFLEET_ALLOW_MODELS"  # read by the edge CLI's main(), never at import time
 ZOO_WIDTH = 0.25  # the width a build takes unless told: small networks for small images
 Size = int | Sequence[int]
 

@@ -18,6 +18,9 @@ T = TypeVar("T")
 _IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
 _IMPORT_PATH = re.compile(rf"({_IDENTIFIER}(?:\.{_IDENTIFIER})*):({_IDENTIFIER})")
 MAX_IMPORT_PATH_CHARS = 256
+# the edge's allow-list of import-path architectures (`common.models.parse_allow_list`), read by the edge
+# CLI's main(), never at import time; here rather than in `common.models` so the CLI reads it without torch
+ALLOW_ENV = "PRUNEFLEET_ALLOW_MODELS"
 
 
 class UnknownNameError(PrunefleetError, KeyError):

@@ -1,4 +1,5 @@
-# The edge image: the agent only. prunefleet without extras: no torch-pruning, no matplotlib, no dataset.
+# The edge image: the agent serving with torch. prunefleet with the `edge` extra (torch, safetensors): no
+# torch-pruning, no matplotlib, no dataset. The slim edge without torch is deploy/Dockerfile.edge-onnx.
 #   docker build -f deploy/edge.Dockerfile -t prunefleet-edge:0.1.0 .
 FROM python:3.12-slim-bookworm
 
@@ -15,7 +16,7 @@ COPY common common
 COPY cloud cloud
 COPY edge edge
 COPY bench bench
-RUN pip install .
+RUN pip install ".[edge]"
 
 RUN useradd --system --uid 10001 --create-home prunefleet \
  && mkdir -p /var/lib/prunefleet/cache \

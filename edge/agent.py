@@ -22,6 +22,7 @@ from common.files import short_id
 from common.policy_contract import ReasonCode
 from common.security import Verifier
 from edge import policy as policies
+from edge.backends.base import Backend
 from edge.config import AgentConfig
 from edge.link import Link, Outbox
 from edge.metrics import EdgeMetrics
@@ -52,12 +53,13 @@ class Agent:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         verifier: Verifier | None = None,
+        backend: Backend | None = None,
     ):
         self.config, self.runtime, self.metrics = config, runtime, metrics
         self._health = health
         self._outbox, self.stopping = outbox, stopping
         self._clock, self._wall_clock = clock, wall_clock
-        self._sync = PortfolioSync(config, runtime, metrics, portfolio_stub, outbox, stopping, verifier)
+        self._sync = PortfolioSync(config, runtime, metrics, portfolio_stub, outbox, stopping, verifier, backend)
         self.policy = policies.PolicyConfig(
             slo_ms=config.slo_ms, window_s=config.window_s, memory_budget_bytes=config.memory_budget_bytes
         )
@@ -70,6 +72,7 @@ class Agent:
             lambda telemetry: outbox.telemetry(self._report(telemetry=telemetry)),
             lambda: self.policy.version,
             wall_clock,
+            self._sync.held_portfolio,
         )
         self._decide_lock = threading.Lock()  # the policy state and the switches that follow it
 
@@ -127,7 +130,7 @@ class Agent:
     # --- the coordinator's side of the link (edge.link.LinkHandler) ------------------------------
     def registered(self, reply: coordinator_pb2.RegisterResponse) -> None:
         self.set_policy(reply.policy)
-        changed = {v.variant_id for v in reply.variants} != set(self.runtime.variants())
+        changed = self._sync.servable(reply.variants) != set(self.runtime.variants())
         if changed and not self._sync.busy():  # a load in progress gets its turn first
             self._in_background(self.adopt_portfolio, list(reply.variants))
 

@@ -17,7 +17,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from common.wire import TensorError
 from edge.runtime import Runtime
@@ -36,7 +35,7 @@ class BatchConfig:
 
 @dataclass(frozen=True)
 class _Pending:
-    x: torch.Tensor
+    x: np.ndarray  # validated: float32 in [0, 1]
     arrived: float
     answer: Future
 
@@ -104,7 +103,8 @@ class MicroBatcher:
         if not fitting:
             return
         try:
-            logits = self._runtime.run(variant, torch.cat([p.x for p in fitting]))
+            xs = [p.x for p in fitting]
+            logits = self._runtime.run(variant, xs[0] if len(xs) == 1 else np.concatenate(xs))
         except Exception as err:
             for p in fitting:
                 p.answer.set_exception(err)

@@ -2,6 +2,7 @@
 
     CACHE/.lock                  held (flock) by the one agent using this directory; holds its pid
     CACHE/<sha256>.safetensors   verified variant files (`edge.fetcher`)
+    CACHE/<sha256>.onnx          verified ONNX files (the ONNX Runtime backend's)
     CACHE/<sha256>.part          downloads in progress
 
 `CacheLock.acquire` takes an exclusive `flock` on the lock file, without waiting: a second agent
@@ -73,7 +74,7 @@ def _entries(directory: Path) -> list[tuple[Path, str, str, os.stat_result]]:
     found = []
     for path in directory.iterdir() if directory.is_dir() else ():
         stem, _, suffix = path.name.partition(".")
-        if suffix in ("safetensors", "part") and is_sha256_hex(stem):
+        if suffix in ("safetensors", "onnx", "part") and is_sha256_hex(stem):
             try:
                 found.append((path, stem, suffix, path.stat()))
             except FileNotFoundError:  # renamed or deleted meanwhile
@@ -89,7 +90,7 @@ def tidy(
     now: float,
     writing: Iterable[str] = (),
 ) -> list[Path]:
-    """Delete from `directory` what `needed` (variant ids of the held and desired portfolios) does
+    """Delete from `directory` what `needed` (file ids of the held and desired portfolios) does
     not keep, as the module says, as of `now` (the clock of the files' mtimes); the paths deleted.
     `writing` are the ids being downloaded now: their partial files stay whatever their age."""
     needed, writing = set(needed), set(writing)

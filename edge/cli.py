@@ -4,6 +4,8 @@
                         (--certs DIR | --insecure) [--verify-key PEM] [--cache-margin-mib MIB] [--stale-part-s S]
                         [--memory-budget-mib MIB] [--batch-delay-ms MS] [--max-pending N]
                         [--window-s S] [--slo-ms MS] [--allow-model package.module:function ...]
+                        [--bootstrap-token FILE --enrol-cloud HOST:PORT] [--no-renew]
+                        [--backend torch|onnxruntime]
 
 `--window-s` and `--slo-ms` are the agent's own values of two policy settings until the coordinator's
 policy sets them; their defaults and ranges are the policy contract's (`common.policy_contract`), and a
@@ -12,12 +14,18 @@ value out of range is refused at start-up, naming the flag.
 With `--certs DIR` (this edge's own directory, `prunefleet certs issue edge NAME`, whose certificate
 must name `--name`) the agent speaks mutual TLS to the cloud (and accepts only the cloud's certificate
 as the cloud), serves its InferenceService over mutual TLS to client and operator certificates only,
-and refuses variants not signed by the key in DIR/signing.pub (or `--verify-key`). `--insecure` is
+and refuses variants not signed by the key in DIR/signing.pub (or `--verify-key`); `--bootstrap-token` enrols
+it first, and it renews its certificate over the link (`edge.enrolment`). `--insecure` is
 plaintext, without identities; variants are then checked only when `--verify-key` is given.
 
 Zoo architectures are always built. A variant whose architecture is an import path is refused, before
 anything is imported, unless the path is allowed: `--allow-model PATH` (repeatable) plus the
 comma-separated paths in the environment variable PRUNEFLEET_ALLOW_MODELS (read when `main` runs).
+
+`--backend` picks what serves the members (`edge.backends`): `torch` serves the float32 variant files,
+`onnxruntime` every member's ONNX file, int8 members included, and never imports torch (nor builds an
+architecture: an ONNX file is a graph, so the allow-list does not apply). Without the flag the agent
+serves with torch where torch imports, else with ONNX Runtime.
 
 One agent uses a cache directory at a time: a second one given the same `--cache` exits at once with
 an error naming the directory and the pid of the agent holding it (`edge.cache`).
@@ -38,12 +46,12 @@ import sys
 import threading
 from pathlib import Path
 
-import torch
-
-from common import models, security
 from common import policy_contract as contract
+from common import security
 from common.errors import PrunefleetError
 from common.escaping import escape_logs
+from common.registry import ALLOW_ENV
+from edge import backends, enrolment
 from edge.agent import Agent, initial_portfolio
 from edge.config import AgentConfig
 from edge.link import Link
@@ -95,6 +103,13 @@ def _add_serving_flags(run: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--max-pending", type=int, default=256, help="Predicts in progress or queued; beyond, RESOURCE_EXHAUSTED"
+    )
+    run.add_argument(
+        "--backend",
+        choices=sorted(backends.BACKENDS),
+        default=None,
+        help="what serves the members: torch (variant files) or onnxruntime (every member's ONNX file, int8 "
+        "included; imports no torch); default: torch where torch is installed, else onnxruntime",
     )
     run.add_argument(
         "--optimize-models",
@@ -152,9 +167,10 @@ def _add_trust_flags(run: argparse.ArgumentParser, environ) -> None:
         dest="allow_models",
         metavar="PACKAGE.MODULE:FUNCTION",
         help="also build variants of this import-path architecture (repeatable; adds to the "
-        f"comma-separated {models.ALLOW_ENV}); zoo architectures are always allowed",
+        f"comma-separated {ALLOW_ENV}); zoo architectures are always allowed; the onnxruntime backend builds none",
     )
     security.add_arguments(run, token=False, environ=environ)
+    enrolment.add_arguments(run)
     run.add_argument(
         "--verify-key",
         type=Path,
@@ -178,7 +194,8 @@ def _parser(environ=None) -> argparse.ArgumentParser:
 
 def allowed_models(args, environ) -> tuple[str, ...]:
     """The import paths this edge may build: `--allow-model` flags and `PRUNEFLEET_ALLOW_MODELS`."""
-    return models.parse_allow_list([environ.get(models.ALLOW_ENV, ""), *(args.allow_models or ())])
+    entries = [environ.get(ALLOW_ENV, ""), *(args.allow_models or ())]
+    return backends.allowed_models(args.backend or backends.default(), entries)
 
 
 def verify_key(args) -> Path | None:
@@ -207,6 +224,7 @@ def _config(args, allowed: tuple[str, ...] = ()) -> AgentConfig:
         batch_delay_ms=args.batch_delay_ms,
         max_pending=args.max_pending,
         optimize_models=args.optimize_models,
+        backend=args.backend or backends.default(),
         cache_margin_mib=args.cache_margin_mib,
         stale_part_s=args.stale_part_s,
     )
@@ -239,14 +257,17 @@ def check_identity(transport: security.Transport, name: str) -> None:
 
 
 def run(config: AgentConfig, stopping: threading.Event, transport: security.Transport) -> int:
-    torch.set_num_threads(config.threads)
+    backends.start(config.backend, config.threads)
+    log.info("serving with the %s backend", config.backend)
     node = assemble(config, stopping, transport)
+    renewal = enrolment.start_renewal(transport, config.cloud, config.name, stopping)
     try:
         if initial_portfolio(node.agent, node.link):
             node.agent.start_serving()
             _serve(node.agent, node.link, node.banner())
     finally:
         node.close()
+        renewal.close()
     return 0
 
 
@@ -263,8 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         allowed = allowed_models(args, os.environ)
         if allowed:
             log.info("import-path architectures allowed: %s", ", ".join(allowed))
+        enrolment.enrol_from_arguments(args, stopping)
         transport = security.from_arguments(args, token=False)
         check_identity(transport, args.name)
+        transport = enrolment.renewing(transport, args)
         log.info("speaking %s to %s", "plaintext (--insecure)" if transport.insecure else "mutual TLS", args.cloud)
         return run(_config(args, allowed), stopping, transport)
     except (PrunefleetError, ValueError, OSError) as err:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from common.edge_input import MAX_ADDRESS, edge_name_problem
 from common.policy_contract import PolicyContractError, setting
+from edge.backends import BACKENDS, TORCH
 
 POLICY_SETTINGS = ("window_s", "slo_ms")  # the agent's own values of these, checked by the policy contract
 
@@ -53,6 +54,7 @@ class AgentConfig:
     optimize_models: bool = True  # serve variants folded and channels-last (common.inference); False: as loaded
     cache_margin_mib: float = 64.0  # variant files no portfolio needs kept in the cache, newest first
     stale_part_s: float = 3600.0  # a partial download not written for this long is deleted
+    backend: str = TORCH  # what serves the members (edge.backends): torch, or onnxruntime (no torch imported)
 
     def __post_init__(self) -> None:
         if not self.cloud or not self.name:
@@ -79,6 +81,8 @@ class AgentConfig:
             raise ValueError("backoff_s must be in [0, max_backoff_s]")
         if self.memory_budget_mib < 0 or not 0 <= self.batch_delay_ms <= 1000 or self.max_pending < 1:
             raise ValueError("memory_budget_mib must be >= 0, batch_delay_ms in [0, 1000], max_pending >= 1")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
     @property
     def memory_budget_bytes(self) -> int:

@@ -1,12 +1,13 @@
 """Fetch variant files into a content-addressed cache: resumable, verified, atomic.
 
-    CACHE/<sha256>.safetensors   complete and verified
+    CACHE/<sha256>.safetensors   complete and verified (a variant file, what the torch backend serves)
+    CACHE/<sha256>.onnx          complete and verified (an ONNX file, what the ONNX Runtime backend serves)
     CACHE/<sha256>.part          a download in progress; the next fetch resumes from its size
 
-A variant id is the sha256 of its file; anything else is refused before the filesystem is touched.
-A .part whose hash does not match once complete is deleted, so the retry starts from zero. Chunks
-are read as `common.chunks.ChunkView`s (`portfolio_stub`): their data goes to the file straight from
-the received message, not through a copy in a protobuf object.
+A file's id is its sha256 (a variant id, or a member's ONNX file id); anything else is refused before
+the filesystem is touched. A .part whose hash does not match once complete is deleted, so the retry
+starts from zero. Chunks are read as `common.chunks.ChunkView`s (`portfolio_stub`): their data goes to
+the file straight from the received message, not through a copy in a protobuf object.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import grpc
 from common.chunks import ChunkView, decode_chunk
 from common.errors import PrunefleetError
 from common.files import fsync_dir, is_sha256_hex, sha256_file, short_id
-from common.variant import MAX_VARIANT_BYTES
+from common.variant_spec import MAX_VARIANT_BYTES
 from edge.backoff import full_jitter
 from protos import portfolio_pb2, portfolio_pb2_grpc
 
@@ -68,10 +69,15 @@ def portfolio_stub(channel: grpc.Channel) -> portfolio_pb2_grpc.PortfolioService
     return stub
 
 
-def cached_path(cache_dir: Path, variant_id: str) -> Path:
+SUFFIXES = (".safetensors", ".onnx")
+
+
+def cached_path(cache_dir: Path, variant_id: str, suffix: str = ".safetensors") -> Path:
     if not is_sha256_hex(variant_id):
         raise FetchError(f"variant id {variant_id[:80]!r} is not a sha256 hex string (64 lowercase hex digits)")
-    return Path(cache_dir) / f"{variant_id}.safetensors"
+    if suffix not in SUFFIXES:
+        raise FetchError(f"suffix {suffix[:20]!r} is not one of {', '.join(SUFFIXES)}")
+    return Path(cache_dir) / f"{variant_id}{suffix}"
 
 
 def _check_chunk(chunk: ChunkView | portfolio_pb2.VariantChunk, variant_id: str, offset: int, total: int | None) -> int:
@@ -116,9 +122,9 @@ def _finish(part: Path, final: Path, variant_id: str) -> None:
     fsync_dir(final.parent)
 
 
-def fetch_once(stub, variant_id: str, cache_dir: Path, deadline_s: float) -> Path:
+def fetch_once(stub, variant_id: str, cache_dir: Path, deadline_s: float, suffix: str = ".safetensors") -> Path:
     """One attempt: the cached file if it verifies, else stream (resuming), verify and rename."""
-    final = cached_path(cache_dir, variant_id)
+    final = cached_path(cache_dir, variant_id, suffix)
     if final.exists():
         if sha256_file(final) == variant_id:
             return final
@@ -147,17 +153,18 @@ def fetch(
     retry: RetryConfig = RetryConfig(),
     sleep: Callable[[float], None] = time.sleep,
     rng: random.Random | None = None,
+    suffix: str = ".safetensors",
 ) -> Path:
-    """The verified path of a variant file, fetched through `stub` (`portfolio_stub`, or any stub whose
-    FetchVariant yields VariantChunk-like messages) if needed.
+    """The verified path of a file (`CACHE/<id><suffix>`), fetched through `stub` (`portfolio_stub`, or
+    any stub whose FetchVariant yields VariantChunk-like messages) if needed.
 
     Every attempt's stream has `deadline_s`; failed attempts are retried with exponential backoff and
     full jitter, except for errors no retry can fix (bad id, unknown variant)."""
-    cached_path(cache_dir, variant_id)  # refuse a bad id before any I/O
+    cached_path(cache_dir, variant_id, suffix)  # refuse a bad id before any I/O
     rng = rng or random.Random()
     for attempt in range(1, retry.attempts + 1):
         try:
-            return fetch_once(stub, variant_id, cache_dir, deadline_s)
+            return fetch_once(stub, variant_id, cache_dir, deadline_s, suffix)
         except (grpc.RpcError, FetchError, OSError) as err:
             permanent = isinstance(err, grpc.RpcError) and err.code() in PERMANENT
             detail = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.RpcError) else str(err)

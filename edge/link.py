@@ -240,7 +240,9 @@ class Link:
             except grpc.RpcError as err:
                 if self._stopping.is_set():
                     return
-                log.warning("link to the coordinator lost: %s %s", err.code().name, err.details())
+                # CANCELLED is this edge's own doing (silence, or a channel closed for a renewed certificate)
+                level = logging.INFO if err.code() == grpc.StatusCode.CANCELLED else logging.WARNING
+                log.log(level, "link to the coordinator lost: %s %s", err.code().name, err.details())
             except Exception:  # never let the link die: the edge must keep reconnecting
                 log.exception("link failed")
             attempt = 1 if self._heard.is_set() else attempt + 1

@@ -1,15 +1,17 @@
-"""Loading on the edge: variants from the verified cache, their on-device profile, budget-sized groups."""
+"""Loading on the edge, whatever the backend: a listed member as the edge records it, its on-device
+profile, and budget-sized groups of arrivals. How a member is built from its file is its backend's
+(`edge.backends`); `cache_loader`, the torch backend's, is reachable here by name for its callers.
+This module imports no torch."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from dataclasses import dataclass
-from pathlib import Path
 
-from common import variant
 from common.files import short_id
+from common.onnx_format import FLOAT32
 from common.profiling import LatencyProfile
-from edge.variants import LoadedVariant, VariantInfo, loaded, warm_up
+from edge.variants import VariantInfo
 from protos import coordinator_pb2
 
 
@@ -32,40 +34,24 @@ class Profile:
         )
 
 
-def variant_info(info) -> VariantInfo:
-    """From a portfolio_pb2.VariantInfo."""
+def variant_info(info, size_bytes: int | None = None) -> VariantInfo:
+    """From a portfolio_pb2.VariantInfo; `size_bytes`: what holding it costs as this edge's backend
+    serves it (`Backend.held_bytes`; default: the size of the member's own file)."""
     return VariantInfo(
-        info.variant_id, info.name or short_id(info.variant_id), info.accuracy, info.size_bytes, info.params
+        info.variant_id,
+        info.name or short_id(info.variant_id),
+        info.accuracy,
+        info.size_bytes if size_bytes is None else size_bytes,
+        info.params,
+        info.precision or FLOAT32,
     )
 
 
-def cache_loader(
-    info: VariantInfo, path: Path, allowed_models: tuple[str, ...] = (), optimize: bool = True
-) -> Callable[[], LoadedVariant]:
-    """How to build a variant from its verified file in the cache (on arrival, and again on demand):
-    read, check the sha256 against its id, rebuild, optimize unless told not to (see `edge.variants.loaded`).
-
-    The first load checks the model with forward passes (its shapes; the optimized model against the
-    model as loaded) and warms it up. A later load of the same bytes skips the passes: it is made
-    ready as the first load's check decided. So an on-demand load during a switch holds little beyond
-    the variant's own bytes (the passes' scratch for activations can exceed what the smallest variants
-    hold) and takes less time than the first. Its first request costs little more than the next:
-    oneDNN keeps the kernels the first load made for those shapes. The figures are in docs/results.md."""
-    plan = None
-
-    def read(check: bool = True):
-        return variant.load(path, expected_sha256=info.variant_id, allowed_models=allowed_models, check=check)
-
-    def load() -> LoadedVariant:
-        nonlocal plan
-        held = read(check=plan is None)
-        ready = loaded(info, held.spec, held.model, optimize, rebuild=lambda: read().model, plan=plan)
-        if plan is None:
-            warm_up(ready)
-            plan = ready.plan
-        return ready
-
-    return load
+def __getattr__(name: str):
+    """`cache_loader` of the torch backend (`edge.backends.torch_backend`), imported only when asked for."""
+    if name == "cache_loader":
+        return importlib.import_module("edge.backends.torch_backend").cache_loader
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def budget_groups(fetched: list[tuple], budget_bytes: int) -> list[list[tuple]]:

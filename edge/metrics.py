@@ -174,6 +174,12 @@ class EdgeMetrics:
             ["edge"],
             registry=registry,
         )
+        self._left_out = Gauge(
+            "prunefleet_edge_members_left_out",
+            "Members of the portfolio last named that this edge's backend cannot serve (never offered to the policy)",
+            ["edge", "backend"],
+            registry=registry,
+        )
 
     def request(self, variant_id: str, code: str, seconds: float | None) -> None:
         """One Predict outcome; latencies are observed for answered requests only."""
@@ -206,6 +212,10 @@ class EdgeMetrics:
         self._resident_variants.labels(self._edge).set(len(resident))
         if evictions:
             self._evictions.labels(self._edge).inc(evictions)
+
+    def left_out(self, backend: str, members: int) -> None:
+        """How many members of the portfolio last named the backend leaves out."""
+        self._left_out.labels(self._edge, backend).set(members)
 
     def budget(self, budget_bytes: int) -> None:
         self._budget_bytes.labels(self._edge).set(budget_bytes)

@@ -210,7 +210,19 @@ class OrtModel:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits (float32 [N, classes]) for uint8 pixels or float32 in [0, 1], [N, C, H, W]."""
-        return self.session.run([self.output_name], {self.input_name: self.prepare(batch)})[0]
+        return self._logits(self.prepare(batch))
+
+    def forward(self, unit: np.ndarray) -> np.ndarray:
+        """Logits for a batch the runtime already checked (float32 in [0, 1], [N, C, H, W] of the spec's
+        shape): normalized as `prepare` does, then run. ONNX Runtime's own failures are RuntimeErrors,
+        as torch's are, so the edge answers them the same way."""
+        return self._logits(np.ascontiguousarray((unit - self.mean) / self.std, dtype=np.float32))
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        try:
+            return self.session.run([self.output_name], {self.input_name: x})[0]
+        except Exception as err:  # onnxruntime's errors share no base class but Exception
+            raise RuntimeError(f"ONNX Runtime failed: {err}") from err
 
 
 def open_bytes(data: bytes, config: OrtConfig = OrtConfig(), expected_sha256: str | None = None) -> OrtModel:

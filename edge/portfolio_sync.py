@@ -10,6 +10,14 @@ each new one up. `drop` removes variants that left the portfolio; `memory_change
 updates the memory metrics. One sync runs at a time. After a sync and after a drop the cache on disk
 is tidied (`edge.cache.tidy`): it keeps the files of the variants held and of the portfolio the
 coordinator last named, plus the configured margin, and no partial download of another variant.
+
+What is fetched and how it is built is the backend's (`edge.backends`, `AgentConfig.backend`): the
+torch backend fetches variant files, the ONNX Runtime backend every member's ONNX file (int8 members
+included). The members a backend cannot serve are left out of what the edge holds, so the policy is
+never offered them; each is logged with the reason whenever a listing is synced and counted in
+`prunefleet_edge_members_left_out`. Whatever the backend, the edge reports the portfolio it holds as
+the listing's id (the hash of every member's id, as the cloud computes it) once it holds every member
+its backend serves (`held_portfolio`), and as the hash of what it holds until then.
 """
 
 from __future__ import annotations
@@ -17,21 +25,23 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 from common.errors import PrunefleetError
-from common.files import short_id
+from common.files import portfolio_id, short_id
 from common.security import Verifier
+from edge import backends
+from edge.backends.base import Artifact, Backend, BackendSettings, offer
 from edge.cache import tidy
 from edge.config import AgentConfig
 from edge.fetcher import RetryConfig, fetch
 from edge.link import Outbox
-from edge.loading import Profile, budget_groups, cache_loader, variant_info
+from edge.loading import Profile, budget_groups, variant_info
 from edge.metrics import EdgeMetrics
 from edge.profiler import profile_interleaved
 from edge.runtime import Runtime
-from edge.variants import LoadedVariant
+from edge.variants import VariantInfo
 from protos import coordinator_pb2
 
 log = logging.getLogger(__name__)
@@ -49,14 +59,21 @@ class PortfolioSync:
         outbox: Outbox,
         stopping: threading.Event,
         verifier: Verifier | None = None,
+        backend: Backend | None = None,
     ):
         self.config, self.runtime, self.metrics = config, runtime, metrics
         self._portfolio, self._outbox, self._stopping = portfolio_stub, outbox, stopping
         self._verifier = verifier
+        self.backend = backend or backends.create(
+            config.backend,
+            BackendSettings(config.threads, config.max_batch, config.optimize_models, config.allowed_models),
+        )
         self._profiles: dict[str, Profile] = {}  # replaced, never changed in place: readers need no lock
         self._lock = threading.Lock()  # one portfolio change at a time
-        self._desired: frozenset[str] = frozenset()  # the variants of the portfolio the coordinator last named
-        self._fetching: frozenset[str] = frozenset()  # the variant being downloaded now, if any
+        self._desired: frozenset[str] = frozenset()  # the files of the portfolio the coordinator last named
+        self._fetching: frozenset[str] = frozenset()  # the file being downloaded now, if any
+        self._files: dict[str, str] = {}  # member id -> id of the file it is served from
+        self._listed: tuple[str, frozenset[str]] = ("", frozenset())  # last listing: its id, what is servable
         self._tidying = threading.Lock()  # one pass over the cache at a time
 
     @property
@@ -68,23 +85,34 @@ class PortfolioSync:
         """Is a sync in progress?"""
         return self._lock.locked()
 
-    def _fetch(self, info) -> tuple[Path, float]:
-        """Check the cloud's signature (when this edge has its key), then fetch and verify (sha256 =
-        variant id) one variant into the cache; the seconds it took."""
+    def servable(self, listing: Iterable) -> set[str]:
+        """The ids of the members of `listing` this edge's backend serves."""
+        return {info.variant_id for info, _ in offer(self.backend, listing).served}
+
+    def held_portfolio(self) -> str:
+        """The portfolio this edge holds, as it reports it: the last listing's id once every member of
+        it the backend serves is held (and nothing else), else the hash of the members held."""
+        held = set(self.runtime.variants())
+        listing_id, servable = self._listed
+        return listing_id if held and held == servable else portfolio_id(held)
+
+    def _fetch(self, info: VariantInfo, artifact: Artifact) -> tuple[Path, float]:
+        """Check the cloud's signature over the file (when this edge has its key), then fetch and verify
+        it (sha256 = its id) into the cache; the seconds it took."""
         start = time.perf_counter()
         if self._verifier is not None:
-            self._verifier.check(info.variant_id, info.signature)  # before a byte is downloaded
-        self._fetching = frozenset({info.variant_id})
+            self._verifier.check(artifact.file_id, artifact.signature)  # before a byte is downloaded
+        self._fetching = frozenset({artifact.file_id})
         try:
-            path = self._download(info)
+            path = self._download(artifact)
         finally:
             self._fetching = frozenset()
         return path, time.perf_counter() - start
 
-    def _download(self, info) -> Path:
+    def _download(self, artifact: Artifact) -> Path:
         return fetch(
             self._portfolio,
-            info.variant_id,
+            artifact.file_id,
             self.config.cache_dir,
             self.config.fetch_deadline_s,
             retry=RetryConfig(
@@ -92,14 +120,12 @@ class PortfolioSync:
                 backoff_s=self.config.backoff_s,
                 max_backoff_s=self.config.max_backoff_s,
             ),
+            suffix=artifact.suffix,
         )
-
-    def _loader(self, info, path: Path) -> Callable[[], LoadedVariant]:
-        return cache_loader(variant_info(info), path, self.config.allowed_models, self.config.optimize_models)
 
     def _profile_and_hold(self, fresh: list[tuple]) -> None:
         """Warm up and profile the new variants here (interleaved), then hold and announce them."""
-        models = {ready.variant_id: (ready.model, ready.spec.input_shape) for _, ready, _, _ in fresh}
+        models = {ready.variant_id: (ready.forward, ready.spec.input_shape) for _, ready, _, _ in fresh}
         iters = self.config.profile_iters
         b1 = profile_interleaved(models, 1, iters)
         typical = profile_interleaved(models, self.config.batch, iters)
@@ -131,38 +157,52 @@ class PortfolioSync:
 
     def _load_group(self, group: list[tuple]) -> None:
         fresh = []
-        for info, path, fetch_s in group:
-            loader = self._loader(info, path)
+        for info, artifact, path, fetch_s in group:
+            loader = self.backend.loader(info, artifact, path)
             start = time.perf_counter()
             try:
                 ready = loader()
             except (PrunefleetError, OSError, RuntimeError, ValueError) as err:
                 log.error("variant %s refused: %s", short_id(info.variant_id), err)
                 continue
+            self._files = {**self._files, info.variant_id: artifact.file_id}
             fresh.append((info, ready, fetch_s + time.perf_counter() - start, loader))
         if fresh:
             self._profile_and_hold(fresh)
 
     def sync(self, variants: Iterable) -> None:
-        """Fetch and load every variant not held yet, then profile them (as many at a time as the memory
-        budget holds). A variant that fails to fetch, verify or build is never loaded."""
+        """Fetch and load every member of the listing `variants` this edge's backend serves and does not
+        hold yet, then profile them (as many at a time as the memory budget holds). A member that fails
+        to fetch, verify or build is never loaded; one the backend cannot serve is left out."""
         variants = list(variants)
+        offered = offer(self.backend, variants)
         with self._lock:
-            self._desired = frozenset(info.variant_id for info in variants)
-            self._sync(variants)
+            self._desired = frozenset(artifact.file_id for _, artifact in offered.served)
+            self._listed = (
+                portfolio_id(info.variant_id for info in variants),
+                frozenset(info.variant_id for info, _ in offered.served),
+            )
+            self._left_out(offered.left_out)
+            self._sync(offered.served)
         self.tidy_cache()
 
-    def _sync(self, variants: list) -> None:
-        """Fetch every variant not held yet (the sync lock held), then load and profile them."""
+    def _left_out(self, left_out: tuple) -> None:
+        for info, reason in left_out:
+            log.info("%s (%s) left out: %s", info.name or "member", short_id(info.variant_id), reason)
+        self.metrics.left_out(self.backend.name, len(left_out))
+
+    def _sync(self, served: tuple) -> None:
+        """Fetch every member not held yet (the sync lock held), then load and profile them."""
         fetched, seen = [], set(self.runtime.variants())
-        for info in variants:
+        for listed, artifact in served:
             if self._stopping.is_set():
                 return
-            if info.variant_id in seen:
+            if listed.variant_id in seen:
                 continue
-            seen.add(info.variant_id)
+            seen.add(listed.variant_id)
+            info = variant_info(listed, self.backend.held_bytes(artifact))
             try:
-                fetched.append((info, *self._fetch(info)))
+                fetched.append((info, artifact, *self._fetch(info, artifact)))
             except (PrunefleetError, OSError, RuntimeError, ValueError) as err:
                 log.error("variant %s refused: %s", short_id(info.variant_id), err)
         for group in budget_groups(fetched, self.config.memory_budget_bytes):
@@ -177,6 +217,7 @@ class PortfolioSync:
         """Remove variants that left the portfolio from memory (the active one must have moved off)."""
         for variant_id in leaving:
             self.runtime.remove(variant_id)
+            self._files = {k: v for k, v in self._files.items() if k != variant_id}
             self.metrics.evicted(variant_id, self.runtime.resident_bytes())
             log.info("dropped %s: no longer in the portfolio", short_id(variant_id))
         self.memory_changed(())
@@ -186,7 +227,7 @@ class PortfolioSync:
         """Delete from the cache what neither the held variants nor the portfolio last named need
         (beyond the margin), and stale partial downloads; the paths deleted. A failure is logged."""
         with self._tidying:
-            needed = set(self.runtime.variants()) | self._desired
+            needed = {self._files.get(k, k) for k in self.runtime.variants()} | self._desired
             try:
                 return tidy(
                     self.config.cache_dir,

@@ -13,7 +13,8 @@ evicted if the budget needs it (requests in flight keep their own reference). So
 more than the two variants involved beyond the steady state. The active variant is never evicted.
 
 What it holds are `edge.variants` records: `VariantInfo` for every variant known, `LoadedVariant` for
-those in memory.
+those in memory, made by any backend (`edge.backends`): a request runs the variant's `forward` on pixels
+checked and scaled to [0, 1] here. This module imports no torch.
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 import numpy as np
-import torch
 
 from common.errors import PrunefleetError
 from common.files import short_id
-from common.variant import VariantSpec
+from common.variant_spec import VariantSpec
 from common.wire import TensorError, pixels_to_unit
 from edge.variants import LoadedVariant, Loader, VariantInfo
 
@@ -205,7 +205,7 @@ class Runtime:
             return "no variant is loaded yet"
         return f"{self._expected(active.spec)}, of uint8 pixels or float32 in [0, 1]"
 
-    def _validate(self, array: np.ndarray, variant: LoadedVariant) -> torch.Tensor:
+    def _validate(self, array: np.ndarray, variant: LoadedVariant) -> np.ndarray:
         if array.dtype not in INPUT_DTYPES:
             raise TensorError(
                 f"dtype {array.dtype} is not supported: send uint8 pixels or float32 in [0, 1]; "
@@ -217,35 +217,35 @@ class Runtime:
         unit = pixels_to_unit(array)
         if not unit.flags.writeable or not unit.flags.c_contiguous:
             unit = np.array(unit, dtype=np.float32, order="C")
-        return torch.from_numpy(unit)
+        return unit
 
     def predict(self, array: np.ndarray) -> tuple[np.ndarray, str]:
         """Logits (float32 [N, classes]) for a batch of pixels, and the id of the variant that answered."""
         x, variant = self.validate(array)
         return self.run(variant, x), variant.variant_id
 
-    def validate(self, array: np.ndarray) -> tuple[torch.Tensor, LoadedVariant]:
-        """Pixels as a float tensor in [0, 1], checked against the active variant, and that variant."""
+    def validate(self, array: np.ndarray) -> tuple[np.ndarray, LoadedVariant]:
+        """Pixels as float32 in [0, 1] (C-contiguous), checked against the active variant, and that variant."""
         variant = self._active
         if variant is None:
             raise NotReadyError("no variant is loaded yet")
         return self._validate(array, variant), variant
 
-    def run(self, variant: LoadedVariant, x: torch.Tensor) -> np.ndarray:
+    def run(self, variant: LoadedVariant, x: np.ndarray) -> np.ndarray:
         """Logits of `variant` on a validated batch in [0, 1], in one of the device's slots."""
         with self._count_lock:
             self._in_flight += 1
         started = None
         try:
-            with self._slots, torch.inference_mode():
+            with self._slots:
                 started = time.perf_counter()
-                logits = variant.model((x - variant.mean) / variant.std)
+                logits = variant.forward(x)
         finally:
             with self._count_lock:
                 self._in_flight -= 1
                 if started is not None:
                     self._slot_s += time.perf_counter() - started
-        return logits.numpy().astype(np.float32, copy=False)
+        return np.asarray(logits, dtype=np.float32)
 
     @property
     def slot_seconds(self) -> float:

@@ -125,7 +125,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             self._fail(start, context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except NotReadyError as err:
             self._fail(start, context, grpc.StatusCode.UNAVAILABLE, str(err))
-        except RuntimeError as err:  # torch failing on a valid input is our fault, not the caller's
+        except RuntimeError as err:  # the backend failing on a valid input is our fault, not the caller's
             log.exception("inference failed")
             self._fail(start, context, grpc.StatusCode.INTERNAL, f"inference failed: {err}")
         reply = inference_pb2.PredictResponse(output=to_proto(logits), variant_id=variant_id)

@@ -1,101 +1,74 @@
 """Variants as the edge holds them: what the portfolio says about one, and one made ready to serve.
 
-`VariantInfo` is the portfolio's record of a variant (known whether or not it is in memory);
-`LoadedVariant` is a variant in memory, its model as served with its spec and input normalization.
-`loaded` makes one from a model rebuilt from its verified file. The runtime (`edge.runtime`) holds
-and switches between them; the loading paths (`edge.loading`) build them. They live apart from the
-runtime because both sides, and the benchmarks that load variants as an agent does, need them.
+`VariantInfo` is the portfolio's record of a member (known whether or not it is in memory);
+`LoadedVariant` is a member in memory as a backend made it ready (`edge.backends`): what serves it
+(a torch module, an ONNX Runtime session), its spec, its `forward` from pixels in [0, 1] to logits
+(normalization included) and what holding it costs. The runtime (`edge.runtime`) holds and switches
+between them without knowing which backend made them. They live apart from the runtime because both
+sides, and the benchmarks that load variants as an agent does, need them.
+
+This module imports no torch: the ONNX Runtime edge holds its variants in the same records. `loaded`
+and `warm_up`, which make torch variants, are `edge.backends.torch_backend`'s, reachable here by name
+for the callers that build torch variants directly.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-import torch
-from torch import nn
+import numpy as np
 
-from common.inference import AS_LOADED, ServingPlan, as_planned, checked_for_inference
-from common.variant import VariantSpec
+from common.onnx_format import FLOAT32
+from common.variant_spec import VariantSpec
+
+TORCH_NAMES = ("loaded", "warm_up", "model_bytes")  # what `__getattr__` finds in the torch backend
 
 
 @dataclass(frozen=True)
 class VariantInfo:
-    """What the portfolio says about a variant."""
+    """What the portfolio says about a member; `size_bytes`: what holding it costs in memory as this
+    edge's backend serves it (torch: its variant file's size; `Backend.held_bytes`), which the memory
+    budget and the policy count before it is loaded."""
 
     variant_id: str
     name: str
     accuracy: float
     size_bytes: int
     params: int
+    precision: str = FLOAT32
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LoadedVariant:
-    """A variant in memory, ready to serve: its model as served, its spec and input normalization."""
+    """A member in memory, ready to serve. `forward` maps a float32 batch of pixels in [0, 1], [N, C, H, W],
+    to float32 logits [N, classes]; `model` is what serves it (backend-specific: a torch module as
+    served, an `edge.ort_model.OrtModel`), `mean` and `std` the backend's own form of the spec's
+    normalization, `plan` how a torch variant was made ready (a later load may skip its check), and
+    `memory_bytes` what holding it costs (the memory budget counts it)."""
 
     info: VariantInfo
-    model: nn.Module  # as served: as loaded, or optimized (see `loaded`)
+    model: Any
     spec: VariantSpec
-    mean: torch.Tensor  # [1, C, 1, 1]
-    std: torch.Tensor
-    plan: ServingPlan = AS_LOADED  # how it was made ready (`loaded`): a later load of it may skip the check
+    forward: Callable[[np.ndarray], np.ndarray]
+    memory_bytes: int
+    mean: Any = None
+    std: Any = None
+    plan: Any = None
+    backend: str = ""
 
     @property
     def variant_id(self) -> str:
         return self.info.variant_id
 
-    @property
-    def memory_bytes(self) -> int:
-        return model_bytes(self.model)
-
 
 Loader = Callable[[], LoadedVariant]
 
 
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of a model's parameters and buffers: what holding it costs."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def loaded(
-    info: VariantInfo,
-    spec: VariantSpec,
-    model: nn.Module,
-    optimize: bool = True,
-    rebuild: Callable[[], nn.Module] | None = None,
-    plan: ServingPlan | None = None,
-) -> LoadedVariant:
-    """A variant ready to serve, with its normalization as broadcastable tensors: by default optimized
-    (BatchNorm folded, channels-last: common.inference, which also says what `rebuild` is for), with
-    `optimize=False` the model as loaded, in eval mode (`--no-optimize-models`). With the `plan` of an
-    earlier load of the same verified bytes, it is made ready as that load's check decided, with no
-    forward pass.
-
-    Optimizing is the default because every variant serves faster that way, and a compact variant,
-    whose small layers spend their time on memory passes more than on arithmetic, gains more than its
-    sparse parent. The price is paid while a variant first loads (a checking forward pass in each
-    form) and in a little resident memory for oneDNN's kernels per convolution shape; the figures are
-    in docs/results.md."""
-    channels = spec.input_shape[0]
-    if not optimize:
-        served, plan = model.eval(), AS_LOADED
-    elif plan is not None:
-        served = as_planned(model, plan)
-    else:
-        served, plan = checked_for_inference(model, tuple(spec.input_shape), rebuild)
-    return LoadedVariant(
-        info,
-        served,
-        spec,
-        torch.tensor(spec.mean, dtype=torch.float32).view(1, channels, 1, 1),
-        torch.tensor(spec.std, dtype=torch.float32).view(1, channels, 1, 1),
-        plan,
-    )
-
-
-def warm_up(variant: LoadedVariant, batch: int = 1) -> None:
-    """One forward pass, so the first request does not pay for lazy initialization."""
-    with torch.inference_mode():
-        variant.model(torch.zeros(batch, *variant.spec.input_shape))
+def __getattr__(name: str):
+    """`loaded`, `warm_up` and `model_bytes` of the torch backend, imported only when asked for."""
+    if name in TORCH_NAMES:
+        return getattr(importlib.import_module("edge.backends.torch_backend"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

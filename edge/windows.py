@@ -39,9 +39,13 @@ class PolicyWindows:
         send: Callable[[coordinator_pb2.Telemetry], None],
         policy_version: Callable[[], int],
         wall_clock: Callable[[], float],
+        held_portfolio: Callable[[], str] | None = None,
     ):
+        """`held_portfolio`: the id of the portfolio held, as reported (default: the hash of the ids
+        of the variants the runtime holds; the agent's is `PortfolioSync.held_portfolio`)."""
         self._window, self._process, self._runtime = window, process, runtime
         self._send, self._policy_version, self._wall_clock = send, policy_version, wall_clock
+        self._held_portfolio = held_portfolio or (lambda: portfolio_id(runtime.variants()))
         self._arrived_at_open = window.arrived  # requests that had come when the policy window opened
         self._slot_s_at_open = 0.0  # the runtime's slot seconds then
         self._arrivals: deque[tuple[float, int]] = deque(maxlen=256)  # (time, requests come so far)
@@ -70,7 +74,7 @@ class PolicyWindows:
             cpu_percent=cpu,
             rss_bytes=rss,
             resident_variants=len(self._runtime.resident()),
-            portfolio_id=portfolio_id(self._runtime.variants()),
+            portfolio_id=self._held_portfolio(),
             policy_version=self._policy_version(),
         )
 

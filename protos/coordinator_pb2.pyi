@@ -192,16 +192,18 @@ class GetFleetRequest(_message.Message):
     def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class GetFleetResponse(_message.Message):
-    __slots__ = ("edges", "policy", "portfolio_id", "next_page_token")
+    __slots__ = ("edges", "policy", "portfolio_id", "next_page_token", "withdrawn_portfolios")
     EDGES_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     PORTFOLIO_ID_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAWN_PORTFOLIOS_FIELD_NUMBER: _ClassVar[int]
     edges: _containers.RepeatedCompositeFieldContainer[EdgeStatus]
     policy: Policy
     portfolio_id: str
     next_page_token: str
-    def __init__(self, edges: _Optional[_Iterable[_Union[EdgeStatus, _Mapping]]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., portfolio_id: _Optional[str] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    withdrawn_portfolios: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, edges: _Optional[_Iterable[_Union[EdgeStatus, _Mapping]]] = ..., policy: _Optional[_Union[Policy, _Mapping]] = ..., portfolio_id: _Optional[str] = ..., next_page_token: _Optional[str] = ..., withdrawn_portfolios: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SetPolicyRequest(_message.Message):
     __slots__ = ("policy",)
@@ -300,16 +302,38 @@ class Rollout(_message.Message):
     def __init__(self, id: _Optional[int] = ..., portfolio_id: _Optional[str] = ..., selector: _Optional[str] = ..., canary_edges: _Optional[_Iterable[str]] = ..., edges: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., thresholds: _Optional[_Union[RolloutThresholds, _Mapping]] = ..., previous_portfolio_id: _Optional[str] = ...) -> None: ...
 
 class DeployRequest(_message.Message):
-    __slots__ = ("portfolio", "edges", "canary", "thresholds")
+    __slots__ = ("portfolio", "edges", "canary", "thresholds", "canaries")
     PORTFOLIO_FIELD_NUMBER: _ClassVar[int]
     EDGES_FIELD_NUMBER: _ClassVar[int]
     CANARY_FIELD_NUMBER: _ClassVar[int]
     THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    CANARIES_FIELD_NUMBER: _ClassVar[int]
     portfolio: str
     edges: str
     canary: int
     thresholds: RolloutThresholds
-    def __init__(self, portfolio: _Optional[str] = ..., edges: _Optional[str] = ..., canary: _Optional[int] = ..., thresholds: _Optional[_Union[RolloutThresholds, _Mapping]] = ...) -> None: ...
+    canaries: str
+    def __init__(self, portfolio: _Optional[str] = ..., edges: _Optional[str] = ..., canary: _Optional[int] = ..., thresholds: _Optional[_Union[RolloutThresholds, _Mapping]] = ..., canaries: _Optional[str] = ...) -> None: ...
+
+class UploadPiece(_message.Message):
+    __slots__ = ("path", "size", "sha256", "data")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size: int
+    sha256: str
+    data: bytes
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadPortfolioResponse(_message.Message):
+    __slots__ = ("portfolio_id", "bytes")
+    PORTFOLIO_ID_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    portfolio_id: str
+    bytes: int
+    def __init__(self, portfolio_id: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class DeployResponse(_message.Message):
     __slots__ = ("rollout",)

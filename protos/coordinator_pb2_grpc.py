@@ -79,6 +79,11 @@ class CoordinatorServiceStub:
                 request_serializer=protos_dot_coordinator__pb2.PinRequest.SerializeToString,
                 response_deserializer=protos_dot_coordinator__pb2.PinResponse.FromString,
                 _registered_method=True)
+        self.UploadPortfolio = channel.stream_unary(
+                '/prunefleet.v1.CoordinatorService/UploadPortfolio',
+                request_serializer=protos_dot_coordinator__pb2.UploadPiece.SerializeToString,
+                response_deserializer=protos_dot_coordinator__pb2.UploadPortfolioResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -138,6 +143,12 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadPortfolio(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +196,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.Pin,
                     request_deserializer=protos_dot_coordinator__pb2.PinRequest.FromString,
                     response_serializer=protos_dot_coordinator__pb2.PinResponse.SerializeToString,
+            ),
+            'UploadPortfolio': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadPortfolio,
+                    request_deserializer=protos_dot_coordinator__pb2.UploadPiece.FromString,
+                    response_serializer=protos_dot_coordinator__pb2.UploadPortfolioResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -430,6 +446,33 @@ class CoordinatorService:
             '/prunefleet.v1.CoordinatorService/Pin',
             protos_dot_coordinator__pb2.PinRequest.SerializeToString,
             protos_dot_coordinator__pb2.PinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadPortfolio(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/prunefleet.v1.CoordinatorService/UploadPortfolio',
+            protos_dot_coordinator__pb2.UploadPiece.SerializeToString,
+            protos_dot_coordinator__pb2.UploadPortfolioResponse.FromString,
             options,
             channel_credentials,
             insecure,

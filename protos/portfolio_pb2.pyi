@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class VariantInfo(_message.Message):
-    __slots__ = ("variant_id", "sha256", "size_bytes", "params", "accuracy", "method", "name", "arch", "sparsity", "compression", "latency_ms_b1", "level", "params_ratio", "signature")
+    __slots__ = ("variant_id", "sha256", "size_bytes", "params", "accuracy", "method", "name", "arch", "sparsity", "compression", "latency_ms_b1", "level", "params_ratio", "signature", "onnx_id", "onnx_size_bytes", "onnx_signature", "precision", "parent_id")
     VARIANT_ID_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,11 @@ class VariantInfo(_message.Message):
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     PARAMS_RATIO_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    ONNX_ID_FIELD_NUMBER: _ClassVar[int]
+    ONNX_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ONNX_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    PARENT_ID_FIELD_NUMBER: _ClassVar[int]
     variant_id: str
     sha256: str
     size_bytes: int
@@ -36,7 +41,12 @@ class VariantInfo(_message.Message):
     level: int
     params_ratio: float
     signature: bytes
-    def __init__(self, variant_id: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., params: _Optional[int] = ..., accuracy: _Optional[float] = ..., method: _Optional[str] = ..., name: _Optional[str] = ..., arch: _Optional[str] = ..., sparsity: _Optional[float] = ..., compression: _Optional[float] = ..., latency_ms_b1: _Optional[float] = ..., level: _Optional[int] = ..., params_ratio: _Optional[float] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    onnx_id: str
+    onnx_size_bytes: int
+    onnx_signature: bytes
+    precision: str
+    parent_id: str
+    def __init__(self, variant_id: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., params: _Optional[int] = ..., accuracy: _Optional[float] = ..., method: _Optional[str] = ..., name: _Optional[str] = ..., arch: _Optional[str] = ..., sparsity: _Optional[float] = ..., compression: _Optional[float] = ..., latency_ms_b1: _Optional[float] = ..., level: _Optional[int] = ..., params_ratio: _Optional[float] = ..., signature: _Optional[bytes] = ..., onnx_id: _Optional[str] = ..., onnx_size_bytes: _Optional[int] = ..., onnx_signature: _Optional[bytes] = ..., precision: _Optional[str] = ..., parent_id: _Optional[str] = ...) -> None: ...
 
 class ListVariantsRequest(_message.Message):
     __slots__ = ()

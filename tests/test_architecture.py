@@ -50,6 +50,8 @@ def test_the_import_contracts_hold():
         ("edge/runtime.py", "import bench", "Nothing in the product imports the benchmarks"),
         ("edge/fetcher.py", "import torch_pruning", "An edge install needs no torch-pruning"),
         ("common/variant.py", "import torchvision", "Only common.vision_models imports torchvision"),
+        ("edge/backends/ort.py", "import torch", "The ONNX Runtime edge imports no torch"),
+        ("edge/runtime.py", "import common.variant", "The ONNX Runtime edge imports no torch"),
     ],
 )
 def test_a_forbidden_import_breaks_a_contract(tmp_path, module, line, contract):

@@ -21,7 +21,7 @@ import torch
 
 from bench.net.tcp_proxy import TcpProxy
 from bench.suites.policy_parts import build_portfolio
-from cloud.admin import certs, operator_client
+from cloud.admin import certs, operator_client, upload_client
 from cloud.build.store import PortfolioStore, VariantEntry, portfolio_id
 from cloud.localfleet import commands, processes
 from common import models, variant
@@ -196,11 +196,13 @@ class Cluster:
     def events(self, edge: str = "", since: float = 0.0) -> list:
         return operator_client.events(self.stub(), edge, since)
 
-    def deploy(self, store: Path, edges: str, min_windows: int, adopt_timeout_s: float = 240.0):
+    def deploy(self, store: Path, edges: str, min_windows: int, canaries: str, adopt_timeout_s: float = 240.0):
+        """Upload `store` and roll it out to `edges`, `canaries` (names) first."""
+        uploaded = upload_client.upload(self.address, self.operator, store)  # the cloud deploys no path of its host
         request = coordinator_pb2.DeployRequest(
-            portfolio=str(store),
+            portfolio=uploaded.portfolio_id,
             edges=edges,
-            canary=1,
+            canaries=canaries,
             thresholds=coordinator_pb2.RolloutThresholds(min_windows=min_windows, adopt_timeout_s=adopt_timeout_s),
         )
         return self.stub().Deploy(request, timeout=60).rollout

@@ -91,7 +91,7 @@ def _slow_download(ctx, name: str, payload: tuple):
     the new variant's download is under way."""
     edge, (store, extra) = ctx.cluster.edges[name], payload
     edge.proxy.throttle(ctx.plan["throttle_bytes_s"])
-    rollout = ctx.cluster.deploy(store, name, ctx.plan["min_windows"])
+    rollout = ctx.cluster.deploy(store, name, ctx.plan["min_windows"], canaries=name)
     caught, size = _mid_download(ctx, name, store, extra)
     return edge, store, extra, rollout, caught, size
 
@@ -126,7 +126,7 @@ def cloud_kill_during_transfer(ctx) -> dict:
 
 def cloud_kill_during_rollout(ctx) -> dict:
     """A rollout back to the base portfolio; the cloud dies while its canary is being judged."""
-    rollout = ctx.cluster.deploy(ctx.base, "*", ctx.plan["judge_windows"])
+    rollout = ctx.cluster.deploy(ctx.base, "*", ctx.plan["judge_windows"], canaries="edge-1")
     adopted = wait_until(lambda: _holds(ctx, "edge-1", ctx.base), ctx.plan["converge_s"])
     judging = _state(ctx, rollout.id) == "canary"
     fault_at, lost, _ = _kill_cloud(ctx)

@@ -1,11 +1,14 @@
-"""`prunefleet bench reliability`: faults, bad input and load against real processes, in one run.
+"""`prunefleet bench reliability`: faults, bad input, load and attacks against real processes, in one run.
 
-Three parts, each its own module and each resumable on its own (a finished part is kept in the work
+Four parts, each its own module and each resumable on its own (a finished part is kept in the work
 directory): `bench.faults.run` (kill -9 the cloud and an edge at the worst moments, restart the
 coordinator under load, cut an edge off the network), `bench.fuzz.run` (hypothesis-generated messages to
-every RPC, malformed variant files) and `bench.load.fleet` (a thousand simulated edges reporting to one
-coordinator, Predict at saturation, ten thousand switches with resident memory sampled). The summary
-joins the parts' summaries; docs/reliability.md states what each promise is and how it is tested.
+every RPC, malformed variant files), `bench.load.fleet` (a thousand simulated edges reporting to one
+coordinator, Predict at saturation, ten thousand switches with resident memory sampled) and
+`bench.attacks.run` (the fleet's own members and certificate holders trying to do harm; run last, in
+processes of its own, so the other parts' figures are what they were without it). The summary joins
+the parts' summaries (of the parts run: `run(..., only=("attacks",))` runs one part alone, keeping the
+others' finished results); docs/reliability.md states what each promise is and how it is tested.
 """
 
 from __future__ import annotations
@@ -13,18 +16,30 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench import workdir
+from bench.attacks import run as attacks
 from bench.faults import run as faults
 from bench.fuzz import run as fuzz
 from bench.load import fleet as fleet_load
+from common.errors import PrunefleetError
 
-PARTS = {"faults": faults, "fuzz": fuzz, "load": fleet_load}
+PARTS = {"faults": faults, "fuzz": fuzz, "load": fleet_load, "attacks": attacks}
 
 
-def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
+class UnknownPartError(PrunefleetError, ValueError):
+    """`only` named a part the suite does not have."""
+
+
+def run(quick: bool, data_dir=None, work: Path | None = None, only: tuple[str, ...] = ()) -> dict:
+    """Every part in turn, or only those named in `only` (the others' finished results stay kept)."""
+    unknown = sorted(set(only) - set(PARTS))
+    if unknown:
+        raise UnknownPartError(f"no part {', '.join(unknown)} in the reliability suite; parts: {', '.join(PARTS)}")
     work = Path(work or "runs/bench-reliability.work")
     workdir.fresh_if_changed(work, {"quick": quick, "parts": sorted(PARTS)})
     result = {}
     for name, part in PARTS.items():
+        if only and name not in only:
+            continue
         result[name] = workdir.cached(work, name, lambda part=part, name=name: part.run(quick, data_dir, work / name))
     result["summary"] = summarize(result)
     return result
@@ -33,5 +48,6 @@ def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
 def summarize(result: dict) -> dict:
     summary = {}
     for name in PARTS:
-        summary.update(result[name]["summary"])
+        if name in result:
+            summary.update(result[name]["summary"])
     return summary

@@ -1,25 +1,27 @@
 """`prunefleet certs`: a private CA, a certificate per role and per edge, the operator token, the signing key.
 
-    DIR/ca/ ca.pem ca.key signing.pub          the CA (keep ca.key offline; only `certs issue` needs it)
-    DIR/cloud/ ca.pem cert.pem key.pem token signing.key
+    DIR/ca/ ca.pem ca.key signing.pub          the CA (keep ca.key offline; `certs issue` needs it, and a
+                                               cloud that enrols or renews edges, `cloud serve --ca`)
+    DIR/bootstrap/NAME/ token ca.pem signing.pub   a bootstrap token for one edge (`certs token`)
+    DIR/cloud/ ca.pem cert.pem key.pem token signing.key    (later: revoked, enrolment.sqlite)
     DIR/operator/ ca.pem cert.pem key.pem token
     DIR/edges/NAME/ ca.pem cert.pem key.pem signing.pub      one per edge (`certs issue edge NAME`)
     DIR/clients/NAME/ ca.pem cert.pem key.pem                one per application calling Predict
 
 `init` writes the CA, the cloud, the operator, the client `default` and the edge `edge` (a one-edge
 setup needs nothing more); `issue` adds an edge or a client; `revoke` lists one in DIR/cloud/revoked
-(`cloud.service.revocations`). Each directory is what `--certs` takes.
+(`cloud.service.revocations`); `token`, `pending` and `approve` let edges enrol instead
+(`cloud.service.enrolment`, `cloud.admin.certs_enrol`). Each directory is what `--certs` takes.
 Roles cannot be confused (`common.identity`): each certificate carries its role and name as a URI SAN
 and only the extended key usages its role needs: the cloud serverAuth only (its hosts, and `CLOUD_NAME`,
 as DNS/IP names), an edge serverAuth and clientAuth (its hosts), the operator and clients clientAuth
-only. Edge and client certificates are short-lived (`EDGE_DAYS`); reissue them before they expire.
+only (`cloud.service.issuer` builds them). Edge and client certificates are short-lived (`EDGE_DAYS`);
+reissue them before they expire, or let the cloud renew an edge's (`prunefleet cloud serve --ca`).
 Keys are written 0600.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import secrets
 import time
@@ -30,17 +32,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from cloud.admin import certs_enrol
+from cloud.service import issuer
 from common import security
 from common.edge_input import edge_name_problem
 from common.files import atomic_write_bytes
-from common.identity import CLOUD_NAME, Identity
+from common.identity import Identity
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 CLOUD_DAYS, OPERATOR_DAYS, EDGE_DAYS = 825, 365, 7
-SERVER, CLIENT = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
-USAGES = {"cloud": (SERVER,), "edge": (SERVER, CLIENT), "operator": (CLIENT,), "client": (CLIENT,)}
+USAGES = issuer.USAGES
 SUBDIRS = {"edge": "edges", "client": "clients"}  # the roles with many holders: DIR/edges/NAME, DIR/clients/NAME
 
 
@@ -54,58 +56,12 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "prunefleet"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
-
-
-def _alt_names(identity: Identity, hosts: Sequence[str]) -> x509.SubjectAlternativeName:
-    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
-    for host in dict.fromkeys(hosts):
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    return x509.SubjectAlternativeName(names)
-
-
-def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: float) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-    )
-
-
-def _key_usage(ca: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        key_cert_sign=ca,
-        crl_sign=ca,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
 def make_ca(name: str = "prunefleet CA", days: int = 3650) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
-        _builder(_name(name), _name(name), key.public_key(), days)
+        issuer.builder(issuer.subject(name), issuer.subject(name), key.public_key(), days * 86400.0)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(ca=True), critical=True)
+        .add_extension(issuer.key_usage(ca=True), critical=True)
         .sign(key, hashes.SHA256())
     )
     return key, cert
@@ -114,19 +70,10 @@ def make_ca(name: str = "prunefleet CA", days: int = 3650) -> tuple[ec.EllipticC
 def issue(
     ca_key, ca_cert: x509.Certificate, identity: Identity, hosts: Sequence[str] = (), days: float = EDGE_DAYS
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A certificate naming `identity` with its role's key usages; `hosts` as DNS/IP names (servers)."""
-    if identity.role == "cloud":
-        hosts = (*hosts, CLOUD_NAME)
+    """A new key and a certificate naming `identity` with its role's key usages (`cloud.service.issuer`);
+    `hosts` as DNS/IP names (servers)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        _builder(_name(identity.uri), ca_cert.subject, key.public_key(), days)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(ca=False), critical=True)
-        .add_extension(_alt_names(identity, hosts if SERVER in USAGES[identity.role] else ()), critical=False)
-        .add_extension(x509.ExtendedKeyUsage(list(USAGES[identity.role])), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    return key, cert
+    return key, issuer.certificate(ca_key, ca_cert, identity, key.public_key(), hosts, days * 86400.0)
 
 
 def _write(path: Path, data: bytes, secret: bool) -> None:
@@ -223,7 +170,9 @@ def revoke(directory: Path, role: str, name: str, now: float | None = None) -> P
 
 
 def command(args) -> int:
-    """`prunefleet certs init|issue`: write, then print each directory written."""
+    """`prunefleet certs init|issue|revoke` (and `token|pending|approve`, `cloud.admin.certs_enrol`)."""
+    if args.action in certs_enrol.ACTIONS:
+        return certs_enrol.command(args)
     if args.action == "init":
         for role, path in init(args.dir, args.hosts, args.force).items():
             print(f"{role:9s} {path}")

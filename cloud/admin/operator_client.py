@@ -1,4 +1,4 @@
-"""Operator commands: talk to a running cloud over gRPC and print tables.
+"""Operator commands: talk to a running cloud over gRPC and print tables (`prunefleet deploy`: `upload_client`).
 
 The fleet and its events are read page by page (`fleet`, `events`) until the cloud says there is no
 more, so a fleet of any size reads through messages under the limit. Every cell of every table, and
@@ -123,6 +123,7 @@ def fleet_table(fleet: coordinator_pb2.GetFleetResponse, names: dict[str, str], 
         )
     portfolio = escaped(fleet.portfolio_id)
     header = f"portfolio {portfolio}  policy v{fleet.policy.version}: SLO p95 <= {fleet.policy.slo_ms:.1f} ms\n"
+    header += "".join(f"withdrawn (no longer served): {escaped(w)}\n" for w in fleet.withdrawn_portfolios)
     return header + table(
         ("edge", "state", "active", "portfolio", "policy", "pin", "p95 ms", "req/s", "cpu", "rss", "last seen"), rows
     )
@@ -145,6 +146,7 @@ def fleet(stub, page_size: int = 0) -> coordinator_pb2.GetFleetResponse:
         if not token:
             whole.policy.CopyFrom(page.policy)
             whole.portfolio_id = page.portfolio_id
+            whole.withdrawn_portfolios.extend(page.withdrawn_portfolios)
         whole.edges.extend(page.edges)
         if not page.next_page_token:
             return whole
@@ -233,18 +235,6 @@ def rollout_line(rollout: coordinator_pb2.Rollout) -> str:
         f"rollout {rollout.id} of portfolio {rollout.portfolio_id} to {len(rollout.edges)} edge(s) "
         f"(canary {', '.join(rollout.canary_edges)}): {rollout.state}: {rollout.reason}"
     )
-
-
-def deploy(
-    address: str,
-    transport: Transport,
-    portfolio: str,
-    edges: str = "",
-    canary: int = 1,
-    thresholds: coordinator_pb2.RolloutThresholds | None = None,
-) -> coordinator_pb2.Rollout:
-    request = coordinator_pb2.DeployRequest(portfolio=portfolio, edges=edges, canary=canary, thresholds=thresholds)
-    return coordinator_stub(address, transport).Deploy(request, timeout=RPC_TIMEOUT_S * 6).rollout
 
 
 def pin(address: str, transport: Transport, edges: str, variant_id: str) -> coordinator_pb2.PinResponse:

@@ -8,7 +8,13 @@ STORE/work/                       checkpoints of an unfinished build (resumable)
 A portfolio's members are its float32 variants, each a safetensors file served by torch (and, unless
 built with `--no-onnx`, its ONNX artifact, `onnx_id`), and its int8 members, each an ONNX file only,
 quantized from one float32 variant (`parent`) and served by ONNX Runtime. Every member's id is the
-sha256 of its own file, and the portfolio's id is computed from all of them.
+sha256 of its own file, and the portfolio's id is computed from all of them (`served_portfolio_id`).
+
+The cloud serves every member (`Manifest.served`) and each edge takes those its backend serves: an edge
+serving with torch the variant files, one serving with ONNX Runtime every member's ONNX file. The
+portfolio id covers every member, so one id names one listing whatever backends the fleet runs: adding
+int8 members (`portfolio quantize`) makes a new portfolio, deployed like any other, and every edge,
+whichever members it holds, reports the id of the listing it holds all its servable members of.
 """
 
 from __future__ import annotations
@@ -124,12 +130,14 @@ class DenseEntry:
 
 
 def served_members(entries) -> tuple[VariantEntry, ...]:
-    """The members an edge fetches and serves (see `Manifest.served`)."""
-    return tuple(e for e in entries if e.precision == FLOAT32)
+    """The members the cloud lists and serves: every one, float32 and int8 (see `Manifest.served`);
+    each edge takes those its backend serves."""
+    return tuple(entries)
 
 
 def served_portfolio_id(entries) -> str:
-    """The portfolio id of these members: the hash of the ids of those an edge serves."""
+    """The portfolio id of these members: the hash of the ids of every member served, float32 and
+    int8 (`common.files.portfolio_id`), the id the listing carries and edges report."""
     return portfolio_id([e.variant_id for e in served_members(entries)])
 
 
@@ -148,11 +156,12 @@ class Manifest:
         return asdict(self)
 
     def served(self) -> Manifest:
-        """The portfolio as edges fetch and serve it: its variant files (float32). int8 members are ONNX
-        files only, which no edge backend serves yet: they stay in the manifest (measured, listed by
-        `portfolio list`), out of the listing the cloud serves and out of the portfolio id, which edges
-        compute from the variants they hold."""
-        return replace(self, variants=served_members(self.variants))
+        """The portfolio as the cloud lists it: every member (float32 variants and int8 members), under
+        the id computed from all of them. A manifest written when int8 members were left out of the id
+        (they were served to no edge then) is served under the id of all its members, which the cloud
+        records when it adds the store."""
+        members = served_members(self.variants)
+        return replace(self, variants=members, portfolio_id=served_portfolio_id(members))
 
     @classmethod
     def from_json(cls, raw: dict) -> Manifest:

@@ -27,6 +27,13 @@ def _edge(text: str) -> EdgeSpec:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _fixed_edge(text: str) -> tuple[str, str]:
+    name, sep, address = text.partition("=")
+    if not (name and sep and ":" in address):
+        raise argparse.ArgumentTypeError(f"--edge {text!r}: expected NAME=HOST:PORT")
+    return name, address
+
+
 def _add_up(actions) -> None:
     up = actions.add_parser("up", help="start the cluster detached; return once every process is healthy")
     up.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="state, logs, reports (default runs/cluster)")
@@ -58,8 +65,8 @@ def _add_up(actions) -> None:
     up.add_argument(
         "--insecure",
         action="store_true",
-        required=True,
-        help="required: the process cluster speaks plaintext gRPC on loopback",
+        help="plaintext gRPC, no certificates (the monitoring tests' cluster uses it); by default every process "
+        "speaks mutual TLS with certificates in DIR/certs, each edge its own",
     )
 
 
@@ -94,6 +101,16 @@ def add_parser(top, environ=None) -> None:
         help="the served portfolio's store: inputs come from the data it was built on "
         "(default: random inputs of the served portfolio's shape)",
     )
+    load.add_argument(
+        "--edge",
+        dest="edges",
+        action="append",
+        default=[],
+        type=_fixed_edge,
+        metavar="NAME=HOST:PORT",
+        help="load this edge (repeat) instead of the ones the coordinator lists; then --certs may be a "
+        "client's directory and no operator token is read",
+    )
     security.add_arguments(load, token=True, environ=environ)
     load.add_argument(
         "--client-certs",
@@ -109,6 +126,8 @@ def _load_client(args) -> security.Transport | None:
     """The transport of `cluster load`'s Predicts: a client certificate (None in plaintext)."""
     if args.insecure:
         return None
+    if args.edges and not args.client_certs:
+        return None  # --certs is the client's: the coordinator is not asked
     return security.Transport.load(args.client_certs or Path(args.certs).parent / "clients" / "default")
 
 
@@ -128,6 +147,7 @@ def _up(args) -> int:
         prometheus=args.prometheus,
         scrape_interval_s=args.scrape_interval_s,
         timeout_s=args.timeout_s,
+        insecure=args.insecure,
     )
     state = cluster.up(config)
     print(status_text(state)[0])
@@ -158,16 +178,21 @@ def status_text(state: dict) -> tuple[str, bool]:
     ]
     up_for = time.time() - state["started"]
     lines = [
-        f"cluster in {state['dir']}, up {up_for:.0f} s, portfolio {state['portfolio']}",
+        f"cluster in {state['dir']}, up {up_for:.0f} s, portfolio {state['portfolio']}, "
+        + (f"mutual TLS with certificates in {state['certs']}" if state.get("certs") else "plaintext (--insecure)"),
         table(("process", "role", "pid", "state", "address", "metrics", "cpus", "affinity", "threads", "log"), rows),
     ]
     cloud = next((p for p in procs if p.role == "cloud"), None)
     if cloud and alive[cloud.name]:
         try:
-            lines += ["", operator_client.fleet_status(cloud.address, security.Transport.plaintext())]
+            lines += ["", operator_client.fleet_status(cloud.address, cluster.operator_transport(state))]
         except grpc.RpcError as err:
             lines.append(f"coordinator at {cloud.address} did not answer: {err.code().name}")
-        lines.append(f"operate it with: prunefleet fleet status --cloud {cloud.address} --insecure")
+        except security.SecurityError as err:
+            lines.append(f"cannot call the coordinator at {cloud.address}: {err}")
+        lines.append(
+            f"operate it with: prunefleet fleet status --cloud {cloud.address} {cluster.operator_flags(state)}"
+        )
     if state["prometheus_url"]:
         lines.append(
             f"Prometheus: {state['prometheus_url']} (targets: {state['prometheus_url']}/targets); "
@@ -214,8 +239,9 @@ def main(args) -> int:
                     round_s=args.round_s,
                     data_dir=args.data_dir,
                     portfolio=args.portfolio,
+                    edges=tuple(args.edges),
                 ),
-                security.from_arguments(args, token=True),
+                security.from_arguments(args, token=not args.edges),
                 _load_client(args),
             )
         if args.action == "down":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from cloud.admin import operator_client
+from cloud.admin import certs_enrol, operator_client
 from cloud.build.store import PortfolioStore
 from cloud.cli import BUILD_HELP, cluster_commands, predict_command
 from common import security
@@ -20,7 +20,6 @@ from common.errors import PrunefleetError
 from common.escaping import escaped
 from common.files import short_id
 from common.policy_contract import SETTINGS as POLICY_SETTINGS
-from protos import coordinator_pb2
 
 
 def _operator(parser, environ, name: str, help_text: str):
@@ -45,9 +44,14 @@ def _add_serve(top, environ) -> None:
 
 def _add_rollouts(top, environ) -> None:
     deploy = _operator(top, environ, "deploy", "send a portfolio to canary edges first, then to the rest")
-    deploy.add_argument("portfolio", help="a portfolio store directory on the cloud host, or a portfolio id")
+    deploy.add_argument(
+        "portfolio",
+        help="a portfolio id, a store under the cloud's --portfolio-root (relative to it), or a store here to upload",
+    )
+    deploy.add_argument("--upload", action="store_true", help="upload the store here (default: the cloud has no root)")
     deploy.add_argument("--edges", default="", help="comma-separated edge names or patterns (default: every edge)")
-    deploy.add_argument("--canary", type=int, default=1, help="edges that get it first")
+    deploy.add_argument("--canary", type=int, default=1, help="edges that get it first, the earliest registered")
+    deploy.add_argument("--canaries", default="", metavar="NAME[,NAME]", help="these edges get it first")
     deploy.add_argument("--min-slo-attainment", type=float, default=0.0, help="default 0.9")
     deploy.add_argument("--max-error-rate", type=float, default=0.0, help="default 0.05")
     deploy.add_argument("--min-windows", type=int, default=0, help="per canary edge before promoting (default 5)")
@@ -115,6 +119,7 @@ def _add_certs(top) -> None:
     revoke.add_argument("role", choices=("edge", "client"))
     revoke.add_argument("name")
     revoke.add_argument("--certs-dir", type=Path, required=True, help="the directory of 'prunefleet certs init'")
+    certs_enrol.add_parsers(certs)
 
 
 def _add_fleet(top, environ) -> None:
@@ -230,19 +235,9 @@ def _operate(args, transport: security.Transport) -> int:
             print(operator_client.events_table(args.cloud, transport, args.edge, args.limit))
         return 0
     if args.command == "deploy":
-        portfolio = str(Path(args.portfolio).resolve()) if Path(args.portfolio).is_dir() else args.portfolio
-        thresholds = coordinator_pb2.RolloutThresholds(
-            min_slo_attainment=args.min_slo_attainment,
-            max_error_rate=args.max_error_rate,
-            min_windows=args.min_windows,
-            adopt_timeout_s=args.adopt_timeout_s,
-        )
-        print(
-            operator_client.rollout_line(
-                operator_client.deploy(args.cloud, transport, portfolio, args.edges, args.canary, thresholds)
-            )
-        )
-        return 0
+        from cloud.admin import upload_client
+
+        return upload_client.command(args, transport)
     if args.command == "rollback":
         print(operator_client.rollout_line(operator_client.rollback(args.cloud, transport, args.rollout, args.reason)))
         return 0

@@ -1,10 +1,14 @@
 """`prunefleet cluster up|status|down`: the docker-compose topology as local processes.
 
-The cluster is a local, plaintext topology: `up` needs `--insecure` to say so, and starts every process
-with it. `up` starts the cloud, one edge agent per `--edge NAME=CPUS`, a load generator and, when its binary
+`up` starts the cloud, one edge agent per `--edge NAME=CPUS`, a load generator and, when its binary
 is installed, Prometheus, each detached in its own session; it returns once every one is healthy.
+They speak mutual TLS with certificates in DIR/certs (`cloud.localfleet.cluster_certs`): the cloud its
+own, every edge its own naming it, the load generator a client's (Predicts carry no operator token), and
+the operator commands the cluster runs or prints the operator's certificate and token. With `insecure`
+every process speaks plaintext instead, and no certificates are made.
 A CPU limit is mimicked by the edge's thread count and CPU affinity (`placement`). DIR/cluster.json
-holds what `status` and `down` need: each process's pid, start time, ports and log file.
+holds what `status` and `down` need: each process's pid, start time, ports and log file, and the
+certificates' directory.
 
 This module holds what the cluster is (its settings, CPU placement, ports and state) and the order it
 comes up in; how each process is launched and awaited is `cloud.localfleet.cluster_start`.
@@ -21,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cloud.build.store import PortfolioStore
-from cloud.localfleet import cluster_start, detached
+from cloud.localfleet import cluster_certs, cluster_start, detached
+from cloud.localfleet.cluster_certs import ClusterCerts
 from cloud.localfleet.detached import Proc
 from common.errors import PrunefleetError
 from common.files import atomic_write_json
@@ -76,6 +81,7 @@ class ClusterConfig:
     prometheus: str = "auto"  # "auto" (the binary on PATH, if any), "off", or the binary's path
     scrape_interval_s: float = 5.0
     timeout_s: float = 180.0  # per process, to become healthy
+    insecure: bool = False  # plaintext gRPC and no certificates, instead of mutual TLS
 
     def __post_init__(self) -> None:
         if self.base_port != 0 and not 1024 <= self.base_port <= 65535 - 11 - 2 * len(self.edges):
@@ -150,6 +156,24 @@ def processes(state: dict) -> list[Proc]:
     return [Proc.from_json(p) for p in state["processes"]]
 
 
+def certificates(state: dict) -> ClusterCerts | None:
+    """The cluster's certificates (None for a plaintext cluster, or one started before it had them)."""
+    return ClusterCerts(Path(state["certs"])) if state.get("certs") else None
+
+
+def operator_transport(state: dict) -> Transport:
+    """How operator commands reach the cluster's cloud: the operator's certificate and token (plaintext
+    for a cluster started `insecure`)."""
+    keys = certificates(state)
+    return Transport.load(keys.operator, token=True) if keys else Transport.plaintext()
+
+
+def operator_flags(state: dict) -> str:
+    """The flags an operator command (`prunefleet fleet status --cloud ADDRESS ...`) needs for this cluster."""
+    keys = certificates(state)
+    return f"--certs {keys.operator}" if keys else "--insecure"
+
+
 def _save(state: dict, procs: Sequence[Proc]) -> None:
     atomic_write_json(Path(state["dir"]) / STATE, {**state, "processes": [p.to_json() for p in procs]})
 
@@ -187,12 +211,13 @@ def _start_all(config: ClusterConfig, store: Path, binary: str | None, state: di
     saving the state after each step, so `down` finds whatever did start."""
     shared, placed = placement(config.edges, sorted(os.sched_getaffinity(0)))
     cloud_port, cloud_metrics_port, prometheus_port, edge_ports = _ports(config)
-    procs.append(cluster_start.start_cloud(config, store, cloud_port, cloud_metrics_port, shared))
+    keys = certificates(state)
+    procs.append(cluster_start.start_cloud(config, store, (cloud_port, cloud_metrics_port), shared, keys))
     _save(state, procs)
     cloud = procs[0]
-    procs.extend(cluster_start.start_edges(config, cloud.address, edge_ports, placed))
+    procs.extend(cluster_start.start_edges(config, cloud.address, edge_ports, placed, keys))
     _save(state, procs)
-    procs.append(cluster_start.start_load(config, cloud.address, shared, store))
+    procs.append(cluster_start.start_load(config, cloud.address, shared, store, keys))
     _save(state, procs)
     if binary:
         edges = [p.metrics_address for p in procs if p.role == "edge"]
@@ -202,7 +227,7 @@ def _start_all(config: ClusterConfig, store: Path, binary: str | None, state: di
     if config.slo_ms:
         from cloud.admin import operator_client
 
-        operator_client.set_policy(cloud.address, Transport.plaintext(), slo_ms=config.slo_ms)
+        operator_client.set_policy(cloud.address, operator_transport(state), slo_ms=config.slo_ms)
     _save(state, procs)
 
 
@@ -215,11 +240,15 @@ def up(config: ClusterConfig) -> dict:
     binary = cluster_start.prometheus_binary(config.prometheus)
     if config.prometheus not in ("auto", "off") and not (binary and os.access(binary, os.X_OK)):
         raise ClusterError(f"--prometheus {config.prometheus}: not an executable")
+    keys = None
+    if not config.insecure:
+        keys = cluster_certs.prepare(config.dir / "certs", [e.name for e in config.edges], config.host)
     state = {
         "dir": str(config.dir.resolve()),
         "started": time.time(),
         "portfolio": str(Path(store).resolve()),
         "prometheus_url": "",
+        "certs": str(keys.root.resolve()) if keys else "",
     }
     procs: list[Proc] = []
     try:

@@ -1,7 +1,10 @@
 """`prunefleet cluster load`: closed-loop inference load at every edge the coordinator knows.
 
-Edges are found through the coordinator (the addresses they advertise) and looked up again every round,
-so an edge that joins later gets load too. Inputs are the portfolio's own (`cloud.localfleet.inputs`):
+Edges are found through the coordinator (the addresses they advertise, read with the operator's
+certificate and token) and looked up again every round, so an edge that joins later gets load too; or
+they are given (`edges`), and the coordinator is not asked, so a load generator holding only a client
+certificate needs no operator token (the compose file's). Predicts go with a client certificate and
+never carry the operator token. Inputs are the portfolio's own (`cloud.localfleet.inputs`):
 the test images of the data the store given with `--portfolio` was built on, or, with no store at hand,
 random pixels of the shape of the portfolio the cloud serves (said in the log). After each round the
 client-side p95 latency, request count and answering variant of every edge, per finished unix second,
@@ -39,12 +42,15 @@ class LoadConfig:
     data_dir: Path | None = None
     images: int = 2000  # inputs to draw batches from
     portfolio: Path | None = None  # the store the cloud serves, whose data the inputs come from
+    edges: tuple[tuple[str, str], ...] = ()  # fixed (name, HOST:PORT) to load instead of the coordinator's
 
     def __post_init__(self) -> None:
         if self.clients < 1 or self.batch < 1 or self.images < 1:
             raise ValueError("clients, batch and images must be >= 1")
         if self.think_s < 0 or self.round_s <= 0:
             raise ValueError("think_s must be >= 0 and round_s positive")
+        if len({name for name, _ in self.edges}) != len(self.edges) or not all(a for _, a in self.edges):
+            raise ValueError("fixed edges need unique names and an address each")
 
 
 def discover(cloud: str, transport: Transport) -> dict[str, str]:
@@ -89,7 +95,7 @@ def run(config: LoadConfig, stop: threading.Event, transport: Transport, client:
     edges: dict[str, str] = {}
     generator, pending = None, []
     while not stop.is_set():
-        found = discover(config.cloud, transport) or edges
+        found = dict(config.edges) or discover(config.cloud, transport) or edges
         if found and images is None:
             images = load_inputs(config, transport)
         if found != edges and images is not None:

@@ -8,10 +8,9 @@ from pathlib import Path
 
 from cloud.admin import operator_client
 from cloud.build.store import PortfolioStore
-from cloud.localfleet import cluster_load, demo_report, plots
+from cloud.localfleet import cluster, cluster_load, demo_report, plots
 from cloud.localfleet.detached import Proc
 from common.files import atomic_write_json, short_id
-from common.security import Transport
 
 SETTLED_WINDOW_S = 30.0  # the variant an edge settled on: the one that answered most in this last stretch
 
@@ -58,7 +57,7 @@ def write(state: dict, procs: list[Proc]) -> tuple[Path, str]:
     manifest = PortfolioStore(state["portfolio"]).manifest()
     names = {v.variant_id: v.name for v in manifest.variants}
     accuracy = {v.variant_id: v.accuracy for v in manifest.variants}
-    stub = operator_client.coordinator_stub(cloud.address, Transport.plaintext())
+    stub = operator_client.coordinator_stub(cloud.address, cluster.operator_transport(state))
     fleet = operator_client.fleet(stub)
     switches = _switches(stub, started, names, accuracy)
     series = _series(directory, edges, names, started)

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cloud.localfleet import commands, detached
+from cloud.localfleet import cluster_certs, commands, detached
+from cloud.localfleet.cluster_certs import ClusterCerts
 from cloud.localfleet.detached import DetachedError, Proc, Spawned
 from cloud.localfleet.processes import SERVING
 from common.files import atomic_write_bytes
@@ -46,11 +47,21 @@ def _up_serving(spawned: Spawned, role: str, config: ClusterConfig, **extra) -> 
     )
 
 
-def start_cloud(config: ClusterConfig, store: Path, port: int, metrics_port: int, shared: Sequence[int]) -> Proc:
-    """The cloud process serving the portfolio in `store`, its fleet database in DIR."""
+def start_cloud(
+    config: ClusterConfig, store: Path, ports: tuple[int, int], shared: Sequence[int], keys: ClusterCerts | None
+) -> Proc:
+    """The cloud process serving the portfolio in `store` on its (gRPC, metrics) `ports`, its fleet
+    database in DIR; with `keys`, on the cloud's certificate, renewing edges' with the CA."""
+    renewal = ["--ca", str(keys.ca), "--edge-hosts", *cluster_certs.edge_hosts(config.host)] if keys else []
     args = _python(
         *commands.cloud_args(
-            store, db=config.dir / "fleet.sqlite", certs=None, port=port, metrics_port=metrics_port, host=config.host
+            store,
+            db=config.dir / "fleet.sqlite",
+            certs=keys.cloud if keys else None,
+            port=ports[0],
+            metrics_port=ports[1],
+            host=config.host,
+            extra=renewal,
         )
     )
     return _up_serving(
@@ -58,13 +69,15 @@ def start_cloud(config: ClusterConfig, store: Path, port: int, metrics_port: int
     )
 
 
-def _edge_args(config: ClusterConfig, cloud: str, name: str, ports: tuple[int, int], threads: int) -> list[str]:
+def _edge_args(
+    config: ClusterConfig, cloud: str, name: str, ports: tuple[int, int], threads: int, keys: ClusterCerts | None
+) -> list[str]:
     return _python(
         *commands.edge_args(
             cloud,
             name,
             cache=config.dir / "cache" / name,
-            certs=None,
+            certs=keys.edge(name) if keys else None,
             port=ports[0],
             metrics_port=ports[1],
             threads=threads,
@@ -76,13 +89,17 @@ def _edge_args(config: ClusterConfig, cloud: str, name: str, ports: tuple[int, i
 
 
 def start_edges(
-    config: ClusterConfig, cloud: str, ports: Sequence[tuple[int, int]], placed: Sequence[Placement]
+    config: ClusterConfig,
+    cloud: str,
+    ports: Sequence[tuple[int, int]],
+    placed: Sequence[Placement],
+    keys: ClusterCerts | None,
 ) -> list[Proc]:
-    """Every edge of `config`, each on its (gRPC, metrics) ports and CPU placement; all started before
-    any is awaited, so they come up side by side."""
+    """Every edge of `config`, each on its (gRPC, metrics) ports and CPU placement and, with `keys`, its
+    own certificate; all started before any is awaited, so they come up side by side."""
     spawned = []
     for edge, edge_ports, (affinity, threads) in zip(config.edges, ports, placed):
-        args = _edge_args(config, cloud, edge.name, edge_ports, threads)
+        args = _edge_args(config, cloud, edge.name, edge_ports, threads, keys)
         log = config.dir / "logs" / f"{edge.name}.log"
         env = {"OMP_NUM_THREADS": str(threads)}
         spawned.append((edge, threads, detached.spawn(edge.name, args, log, env=env, affinity=affinity)))
@@ -94,10 +111,11 @@ def start_edges(
         raise
 
 
-def start_load(config: ClusterConfig, cloud: str, shared: Sequence[int], store: Path) -> Proc:
-    """The closed-loop load generator (`prunefleet cluster load`) sending inputs from the data the
-    portfolio in `store` was built on, up once it drives every edge."""
-    args = _python(
+def load_args(config: ClusterConfig, cloud: str, store: Path, keys: ClusterCerts | None) -> list[str]:
+    """`prunefleet cluster load` as the cluster runs it: the fleet read with the operator's certificate
+    and token, Predicts sent with the client certificate `cluster_certs.LOAD_CLIENT` (no token)."""
+    transport = ["--certs", str(keys.operator), "--client-certs", str(keys.client)] if keys else ["--insecure"]
+    return _python(
         "cloud.cli",
         "cluster",
         "load",
@@ -111,11 +129,19 @@ def start_load(config: ClusterConfig, cloud: str, shared: Sequence[int], store: 
         str(config.batch),
         "--out",
         str(config.dir / "load.jsonl"),
-        "--insecure",
+        *transport,
         "--portfolio",
         str(store),
         *(["--data-dir", str(config.data_dir)] if config.data_dir else []),
     )
+
+
+def start_load(
+    config: ClusterConfig, cloud: str, shared: Sequence[int], store: Path, keys: ClusterCerts | None
+) -> Proc:
+    """The closed-loop load generator (`load_args`) sending inputs from the data the portfolio in
+    `store` was built on, up once it drives every edge."""
+    args = load_args(config, cloud, store, keys)
     spawned = detached.spawn("load", args, config.dir / "logs" / "load.log", affinity=shared)
     detached.wait_for_line(spawned, re.compile(rf"driving load at {len(config.edges)} edge"), config.timeout_s)
     return Proc("load", "load", spawned.process.pid, spawned.started, str(spawned.log), affinity=shared)

@@ -30,9 +30,11 @@ def cloud_args(
     port: int = 0,
     metrics_port: int | None = None,
     host: str | None = None,
+    extra: Iterable[str] = (),
 ) -> list[str]:
     """A cloud serving the portfolio in `store`, its fleet database in `db`. Port 0 picks a free port
-    (the process prints the one it took); without `metrics_port` the cloud serves no metrics."""
+    (the process prints the one it took); without `metrics_port` the cloud serves no metrics. `extra`
+    is any further `prunefleet cloud serve` flags, passed as they are."""
     return [
         "cloud.cli",
         "cloud",
@@ -46,6 +48,7 @@ def cloud_args(
         "--db",
         str(db),
         *transport_args(certs),
+        *extra,
     ]
 
 

@@ -1,6 +1,6 @@
 """`prunefleet demo`: the whole path on real data and real processes.
 
-Trains a small CNN on Fashion-MNIST, builds a shifter portfolio, creates certificates, starts the cloud
+Trains a small CNN on Fashion-MNIST, builds a structured portfolio, creates certificates, starts the cloud
 and two edge agents as separate processes on loopback speaking mutual TLS (variants signed, operator
 calls with the token), measures an SLO under load on this machine, drives a light-heavy-light
 load and checks that every edge stepped down under the heavy phase and back up after it.
@@ -19,7 +19,7 @@ import numpy as np
 
 from cloud.admin import certs, operator_client
 from cloud.build import portfolio
-from cloud.build.methods import shifter
+from cloud.build.methods import structured
 from cloud.build.train import TrainConfig
 from cloud.localfleet import commands, demo_report, inputs, loadgen, processes
 from common.files import short_id
@@ -40,16 +40,20 @@ class DemoConfig:
     light_think_s: float = 0.05
 
     def build_config(self) -> portfolio.BuildConfig:
+        """A `structured` portfolio (the method `prunefleet bench frontier` found best: docs/results.md): the
+        dense model and variants at least 3x faster, so that the step down under the heavy load buys at
+        least 3x the capacity; no 1.5x or 2x variant, which the policy would stop at when the heavy load
+        only just breaks the SLO."""
         if self.quick:
             return portfolio.BuildConfig(
                 out=self.out / "portfolio-quick",
                 model="vgg11",
-                width=0.25,
+                width=0.5,  # at 0.25 a CPU's per-layer costs leave little above 2.5x to reach
                 data_dir=self.data_dir,
                 subset=3000,
-                train=TrainConfig(epochs=1, batch_size=64),
-                method="shifter",
-                method_settings=shifter.ShifterConfig(levels=4, rate=0.8),
+                train=TrainConfig(epochs=2, batch_size=64),
+                method="structured",
+                method_settings=structured.StructuredConfig(speedups=(3.0,), finetune_epochs=1),
             )
         return portfolio.BuildConfig(
             out=self.out / "portfolio",
@@ -57,9 +61,9 @@ class DemoConfig:
             width=0.5,
             data_dir=self.data_dir,
             subset=8000,
-            train=TrainConfig(epochs=2),
-            method="shifter",
-            method_settings=shifter.ShifterConfig(levels=5, rate=0.75, rewind_iteration=20),
+            train=TrainConfig(epochs=3),
+            method="structured",
+            method_settings=structured.StructuredConfig(speedups=(3.0, 4.0), finetune_epochs=2),
         )
 
     def phases(self) -> list[loadgen.Phase]:
@@ -189,13 +193,14 @@ def _drive(
         "samples": generator.samples,
         "events": list(events),
         "names": operator_client.variant_names(cloud, transport),
+        "profiles": {e.edge: {p.variant_id: p.p50_ms_batch for p in e.profiles} for e in fleet.edges},
     }
 
 
 def run(config: DemoConfig) -> int:
     run_dir = config.out
     build = config.build_config()
-    print(f"building a shifter portfolio of {build.model} (width {build.width}) on Fashion-MNIST ...", flush=True)
+    print(f"building a {build.method} portfolio of {build.model} (width {build.width}) on Fashion-MNIST", flush=True)
     manifest = portfolio.build(build)
     print(operator_client.portfolio_table(manifest), flush=True)
     keys = certs.init(run_dir / "certs", force=True)

@@ -14,6 +14,8 @@ from cloud.localfleet import plots
 from cloud.localfleet.loadgen import Phase, Sample
 from common.files import atomic_write_json
 
+STEP_COST_PP, STEP_CAPACITY, BACK_UNDER_S = 1.0, 3.0, 10.0  # what a step down must cost, buy, and how soon
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -73,12 +75,64 @@ def switch_timeline(events, names: dict[str, str], accuracy: dict[str, float], s
             "direction": direction(e.event, accuracy),
             "from": names.get(e.event.from_variant, ""),
             "to": names.get(e.event.to_variant, ""),
+            "from_id": e.event.from_variant,
+            "to_id": e.event.to_variant,
             "reason_code": e.event.reason_code,
             "reason": e.event.reason,
             "switch_us": e.event.switch_us,
         }
         for e in events
     ]
+
+
+def heavy_span(phases: Sequence[Phase]) -> tuple[float, float]:
+    """Seconds since the load started at which the first phase with more than one client begins and ends."""
+    start = 0.0
+    for phase in phases:
+        if phase.clients > 1:
+            return start, start + phase.seconds
+        start += phase.seconds
+    return start, start
+
+
+def step_down(
+    timeline: list[dict], rows: list[dict], edge: str, slo_ms: float, known: dict, span: tuple[float, float]
+) -> dict | None:
+    """What an edge's step down under the heavy load cost and bought: from the variant it served before
+    its first step down in the heavy phase to the one it served when the phase ended, the test accuracy
+    given up (points), the capacity gained (the edge's own p50 latency of the one over the other's, from
+    `known["latency"]`) and how long after the first step down the clients' p95 came back under the SLO:
+    the end of the first whole second after it whose p95 is under, None if none in the phase. None when
+    the edge did not step down in the heavy phase."""
+    mine = [e for e in timeline if e["edge"] == edge and span[0] <= e["t"] <= span[1]]
+    downs = [e for e in mine if e["direction"] == "down"]
+    if not downs:
+        return None
+    first, last = downs[0], mine[-1]
+    accuracy, latency = known["accuracy"], known["latency"].get(edge, {})
+    before, after = first["from_id"], last["to_id"]
+    under = [r for r in rows if first["t"] <= r["t"] and r["t"] + 1 <= span[1] and r["p95_ms"] is not None]
+    back = next((r["t"] + 1 - first["t"] for r in under if r["p95_ms"] <= slo_ms), None)
+    return {
+        "from": first["from"],
+        "to": last["to"],
+        "cost_pp": 100 * (accuracy.get(before, 0.0) - accuracy.get(after, 0.0)),
+        "capacity": latency[before] / latency[after] if before in latency and after in latency else None,
+        "back_under_slo_s": back,
+        "under_slo_share": sum(r["p95_ms"] <= slo_ms for r in under) / len(under) if under else None,
+    }
+
+
+def worth_it(step: dict | None) -> bool:
+    """The step down an operator takes: at most `STEP_COST_PP` points for at least `STEP_CAPACITY` times
+    the capacity, the clients back under the SLO within `BACK_UNDER_S` seconds."""
+    return (
+        step is not None
+        and step["cost_pp"] <= STEP_COST_PP
+        and (step["capacity"] or 0.0) >= STEP_CAPACITY
+        and step["back_under_slo_s"] is not None
+        and step["back_under_slo_s"] <= BACK_UNDER_S
+    )
 
 
 def _plot(
@@ -111,7 +165,11 @@ def write(run_dir: Path, manifest: Manifest, outcome: dict, phases: Sequence[Pha
     samples = outcome["samples"]
     failed = sum(1 for s in samples if s.code != "OK")
     checks = {edge: _steps(timeline, edge) for edge in edges}
-    ok = all(c["down"] >= 1 and c["up_after_down"] >= 1 for c in checks.values()) and failed == 0
+    known = {"accuracy": accuracy, "latency": outcome.get("profiles", {})}
+    span = heavy_span(phases)
+    steps = {edge: step_down(timeline, series[edge], edge, outcome["slo_ms"], known, span) for edge in edges}
+    recovered = all(c["down"] >= 1 and c["up_after_down"] >= 1 for c in checks.values())
+    ok = recovered and all(worth_it(s) for s in steps.values()) and failed == 0
     atomic_write_json(
         run_dir / "report.json",
         {
@@ -123,6 +181,7 @@ def write(run_dir: Path, manifest: Manifest, outcome: dict, phases: Sequence[Pha
             "requests": len(samples),
             "failed_requests": failed,
             "checks": checks,
+            "step_down": steps,
             "ok": ok,
         },
     )
@@ -139,4 +198,18 @@ def write(run_dir: Path, manifest: Manifest, outcome: dict, phases: Sequence[Pha
     for edge, c in checks.items():
         verdict = "ok" if c["down"] and c["up_after_down"] else "MISSING a step down and a recovery"
         lines.append(f"{edge}: {c['down']} switch(es) down, {c['up_after_down']} back up after it -> {verdict}")
+    for edge, step in steps.items():
+        lines.append(f"{edge}: {_step_text(step)} -> {'ok' if worth_it(step) else 'NOT WORTH IT'}")
     return Verdict(ok, "\n".join(lines))
+
+
+def _step_text(step: dict | None) -> str:
+    if step is None:
+        return "no step down under the heavy load"
+    capacity = f"{step['capacity']:.2f}x" if step["capacity"] else "unknown"
+    back = f"{step['back_under_slo_s']:.0f} s" if step["back_under_slo_s"] is not None else "never"
+    return (
+        f"heavy load: {step['from']} -> {step['to']}, {step['cost_pp']:.2f} points for {capacity} the capacity "
+        f"(targets <= {STEP_COST_PP:g}, >= {STEP_CAPACITY:g}x); clients' p95 back under the SLO {back} after the "
+        f"step down (target <= {BACK_UNDER_S:g} s)"
+    )

@@ -2,7 +2,7 @@
 
 Roles (mutual TLS only; `common.identity` reads them from the caller's certificate):
     operator methods (`OPERATOR_METHODS`)   the operator's certificate (and the token, `common.token_check`)
-    Register, Connect                       an edge's certificate (its name is checked by the coordinator)
+    Register, Connect, Renew                an edge's certificate (its name is checked by the servicer)
     ListVariants, FetchVariant              an edge's or the operator's certificate
     health, reflection                      any certificate of the CA
 Anything else is PERMISSION_DENIED naming the method, the roles it takes and the caller's identity;
@@ -29,7 +29,8 @@ from common.identity import Identity, peer_identity
 
 COORDINATOR, PORTFOLIO = "/prunefleet.v1.CoordinatorService/", "/prunefleet.v1.PortfolioService/"
 FETCH = PORTFOLIO + "FetchVariant"
-EDGE_ROLES = {COORDINATOR + "Register": ("edge",), COORDINATOR + "Connect": ("edge",)}
+ENROLMENT = "/prunefleet.v1.EnrolmentService/"
+EDGE_ROLES = {COORDINATOR + "Register": ("edge",), COORDINATOR + "Connect": ("edge",), ENROLMENT + "Renew": ("edge",)}
 DOWNLOAD_ROLES = {PORTFOLIO + "ListVariants": ("edge", "operator"), FETCH: ("edge", "operator")}
 
 

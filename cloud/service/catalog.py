@@ -1,27 +1,39 @@
 """Every portfolio the cloud serves: the one it started with and every one deployed since.
 
 Portfolios are recorded in the fleet database (id -> store directory), so a restarted cloud still
-serves the variants its edges were told to hold. A store is checked before it is added: every variant
-file must hash to its id and have its recorded size, since the cloud signs what it serves.
+serves the variants its edges were told to hold, once each store is hashed again. A store is checked
+before it is added (`cloud.service.store_checks`): no symlink in it, bounded sizes, every file
+hashing to its id with its recorded size, and the portfolio id computed from the members, since the
+cloud signs what it serves and edges hold portfolios by id.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from cloud.build.store import Manifest, PortfolioStore, StoreError, VariantEntry
 from cloud.service.fleet_db import FleetDB
-from common.files import sha256_file
+from cloud.service.store_checks import Progress, StoreLimits, check_files, read_manifest, served_id
 from common.security import Signer
 from protos import portfolio_pb2
 
 log = logging.getLogger(__name__)
 CURRENT = "portfolio"  # settings key: the portfolio new edges get
+LIMITS = StoreLimits()
 
 
 def variant_info(entry: VariantEntry, signer: Signer | None) -> portfolio_pb2.VariantInfo:
+    """A member as the listing names it: its own file (the safetensors file of a float32 variant, the
+    ONNX file of an int8 member) and its ONNX file, each with its size and the cloud's signature, and
+    its precision and parent (`protos/portfolio.proto` says how the fields read for each kind)."""
+
+    def sign(file_id: str | None) -> bytes:
+        return signer.sign(file_id) if signer and file_id else b""
+
     return portfolio_pb2.VariantInfo(
         variant_id=entry.variant_id,
         sha256=entry.variant_id,
@@ -36,40 +48,48 @@ def variant_info(entry: VariantEntry, signer: Signer | None) -> portfolio_pb2.Va
         latency_ms_b1=entry.latency_ms_b1,
         level=entry.level,
         params_ratio=entry.params_ratio,
-        signature=signer.sign(entry.variant_id) if signer else b"",
+        signature=sign(entry.variant_id),
+        onnx_id=entry.onnx_id or "",
+        onnx_size_bytes=entry.onnx_bytes or 0,
+        onnx_signature=sign(entry.onnx_id),
+        precision=entry.precision,
+        parent_id=entry.parent or "",
     )
 
 
-def _check_file(path: Path, size: int, file_id: str) -> None:
-    if not path.is_file() or path.stat().st_size != size:
-        raise StoreError(f"{path} is missing or not {size} bytes")
-    if sha256_file(path) != file_id:
-        raise StoreError(f"{path} does not hash to its id")
-
-
-def check_store(store: PortfolioStore) -> Manifest:
-    """The portfolio as edges are served it (`Manifest.served`: its variant files), once every file of
-    every member (variant files, ONNX files, int8 members) is there with the recorded size and hash."""
-    manifest = store.manifest()
-    for entry in manifest.variants:
-        _check_file(store.member_path(entry), entry.size_bytes, entry.variant_id)
-        if entry.onnx_id and entry.onnx_id != entry.variant_id:
-            _check_file(store.onnx_path(entry.onnx_id), entry.onnx_bytes, entry.onnx_id)
-    return manifest.served()
+def check_store(
+    store: PortfolioStore, limits: StoreLimits = LIMITS, progress: Progress | None = None, claimed: str = ""
+) -> Manifest:
+    """The portfolio as edges are served it (`Manifest.served`), under the id its members make, once
+    every file of every member (variant files, ONNX files, int8 members) is a regular file in the store
+    with the recorded size and hash (`cloud.service.store_checks`). `claimed`: the id it must make (a
+    catalogued store's), else the one its manifest claims; either way a mismatch names both."""
+    manifest = check_files(store, limits, progress)
+    return replace(manifest.served(), portfolio_id=served_id(manifest, claimed))
 
 
 class Catalog:
-    def __init__(self, db: FleetDB, signer: Signer | None = None):
-        self._db, self._signer = db, signer
+    """Every catalogued store is hashed again when the catalog is made (a restarted cloud): one whose
+    files changed is not served, and stays in `withdrawn` with the reason (GetFleet reports it).
+    Hashing holds no lock but the catalog's own, and that only to record what it found, so a deploy
+    being hashed never holds up a rollback; `progress` hears of every MiB a deploy hashes."""
+
+    def __init__(
+        self, db: FleetDB, signer: Signer | None = None, limits: StoreLimits = LIMITS, progress: Progress | None = None
+    ):
+        self._db, self._signer, self._limits, self._progress = db, signer, limits, progress
         self._lock = threading.Lock()
         self._manifests: dict[str, Manifest] = {}
         self._files: dict[str, tuple[VariantEntry, Path]] = {}
         self._listings: dict[str, portfolio_pb2.ListVariantsResponse] = {}
+        self._withdrawn: dict[str, str] = {}  # portfolio id -> why it is no longer served
         for portfolio_id, root in db.portfolios():
             try:
-                self._index(PortfolioStore(Path(root)), PortfolioStore(Path(root)).manifest().served())
+                store = PortfolioStore(Path(root))
+                self._index(store, check_store(store, limits, claimed=portfolio_id))
             except StoreError as err:
-                log.error("portfolio %s in %s can no longer be served: %s", portfolio_id, root, err)
+                self._withdrawn[portfolio_id] = f"{root}: {err}"
+                log.error("portfolio %s in %s is no longer served: %s", portfolio_id, root, err)
 
     def _index(self, store: PortfolioStore, manifest: Manifest) -> None:
         listing = portfolio_pb2.ListVariantsResponse(
@@ -78,17 +98,26 @@ class Catalog:
         with self._lock:
             self._manifests[manifest.portfolio_id] = manifest
             self._listings[manifest.portfolio_id] = listing
-            for entry in manifest.variants:
-                self._files[entry.variant_id] = (entry, store.variant_path(entry.variant_id))
+            for entry in manifest.variants:  # each file by its id: the member's own, and its ONNX file
+                self._files[entry.variant_id] = (entry, store.member_path(entry))
+                if entry.onnx_id and entry.onnx_id != entry.variant_id:
+                    self._files[entry.onnx_id] = (entry, store.onnx_path(entry.onnx_id))
 
     def add(self, root: Path) -> Manifest:
-        """Check and record a store; its portfolio can be served and deployed from now on."""
-        store = PortfolioStore(Path(root).resolve())
-        manifest = check_store(store)
+        """Check and record a store; its portfolio can be served and deployed from now on. A portfolio
+        already served keeps its listing: the same members in another store are not hashed again, and
+        what that store's manifest says of them is not taken (a listing changes only by a new id)."""
+        store = PortfolioStore(Path(os.path.realpath(root)))
+        claimed = served_id(read_manifest(store, self._limits))
+        if self.known(claimed):
+            return self.manifest(claimed)
+        manifest = check_store(store, self._limits, self._progress)
         if not manifest.variants:
             raise StoreError(f"portfolio {manifest.portfolio_id} in {root} has no variants")
         self._index(store, manifest)
         self._db.add_portfolio(manifest.portfolio_id, str(store.root))
+        with self._lock:
+            self._withdrawn.pop(manifest.portfolio_id, None)
         return manifest
 
     def start_with(self, root: Path) -> None:
@@ -96,6 +125,11 @@ class Catalog:
         manifest = self.add(root)
         if not self.current() or self.current() not in self._manifests:
             self._db.set_setting(CURRENT, manifest.portfolio_id)
+
+    def withdrawn(self) -> dict[str, str]:
+        """The catalogued portfolios no longer served (their files changed since), each with why."""
+        with self._lock:
+            return dict(self._withdrawn)
 
     def current(self) -> str:
         return self._db.setting(CURRENT)
@@ -124,5 +158,17 @@ class Catalog:
         return listing
 
     def file(self, variant_id: str) -> tuple[VariantEntry, Path] | None:
+        """A member of a portfolio this cloud knows, by its id, with the path of its own file."""
         with self._lock:
-            return self._files.get(variant_id)
+            found = self._files.get(variant_id)
+        return found if found is not None and found[0].variant_id == variant_id else None
+
+    def artifact(self, file_id: str) -> tuple[Path, int] | None:
+        """Any file a listing names, by its id (a member's own file or its ONNX file): its path and
+        recorded size, for FetchVariant."""
+        with self._lock:
+            found = self._files.get(file_id)
+        if found is None:
+            return None
+        entry, path = found
+        return path, entry.size_bytes if file_id == entry.variant_id else entry.onnx_bytes

@@ -21,9 +21,9 @@ from concurrent.futures import Executor
 
 import grpc
 
-from cloud.build.store import StoreError
 from cloud.service.callers import impersonation
 from cloud.service.catalog import Catalog
+from cloud.service.deploys import DeployConfig, Deploys
 from cloud.service.edge_streams import CLOSE, EdgeStreams, Outbox
 from cloud.service.fleet_db import FleetDB
 from cloud.service.fleet_view import EventsQueryError, events_page, fleet_page
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 MAX_ROLLOUTS = 1000
 OPERATOR_METHODS = tuple(
     f"/prunefleet.v1.CoordinatorService/{m}"
-    for m in ("GetFleet", "SetPolicy", "ListEvents", "Deploy", "Rollback", "ListRollouts", "Pin")
+    for m in ("GetFleet", "SetPolicy", "ListEvents", "Deploy", "Rollback", "ListRollouts", "Pin", "UploadPortfolio")
 )
 HEARTBEAT_S = 5.0  # an idle Connect stream carries an empty Directive this often: the edge hears the link is alive
 BIND_TIMEOUT_S = 10.0  # a Connect stream without a first report is closed after this long
@@ -64,6 +64,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         heartbeat_s: float = HEARTBEAT_S,
         refused: Callable[[str], None] | None = None,
         bind_timeout_s: float = BIND_TIMEOUT_S,
+        deploys: DeployConfig | None = None,
     ):
         self._heartbeat_s, self._refused = heartbeat_s, refused or (lambda kind: None)
         self._bind_timeout_s = bind_timeout_s
@@ -77,6 +78,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         if db.policy() is None:
             db.save_policy(DEFAULT_POLICY)
         self.rollouts = Rollouts(db, catalog, db.policy, self.push, clock)
+        self.deploys = Deploys(catalog, self.rollouts, deploys or DeployConfig(), clock)  # the stores deploys name
 
     def _desired(self, edge: str) -> portfolio_pb2.ListVariantsResponse:
         """The portfolio `edge` should hold: its desired one, else (a new edge) the current one."""
@@ -225,9 +227,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
     def GetFleet(self, request, context):
         self._reports.flush()  # every report an edge sent before this call is in the answer
         try:
-            return fleet_page(self._db, request, self._streams.connected(), self._catalog.current())
+            page = fleet_page(self._db, request, self._streams.connected(), self._catalog.current())
         except PageTokenError as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        page.withdrawn_portfolios.extend(f"{pid}: {why}"[:1000] for pid, why in self._catalog.withdrawn().items())
+        return page
 
     def SetPolicy(self, request, context):
         try:
@@ -252,15 +256,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         except (PageTokenError, EventsQueryError) as err:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
-    def Deploy(self, request, context):
-        if len(request.portfolio) > 4096 or len(request.edges) > 4096:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "portfolio and edges must be at most 4096 characters")
-        try:
-            return coordinator_pb2.DeployResponse(rollout=self.rollouts.deploy(request))
-        except RolloutConflict as err:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
-        except (RolloutError, StoreError) as err:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+    def Deploy(self, request, context):  # a known id, or a store under the portfolio root: cloud.service.deploys
+        return self.deploys.deploy(request, context)
+
+    def UploadPortfolio(self, request_iterator, context):
+        return self.deploys.upload(request_iterator, context)
 
     def Rollback(self, request, context):
         if request.rollout_id < 0 or len(request.reason) > 1000:

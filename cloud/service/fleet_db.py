@@ -9,6 +9,15 @@ them to `cloud.service.report_writer.ReportWriter`, which stores a tick's worth 
 
 Policy versions are numbered here, in the transaction that stores them, never by callers: operator
 calls that arrive at once each get their own version, and the history keeps every one.
+
+Durability. The database runs in WAL mode with `synchronous=NORMAL`: a commit is on disk once the
+WAL is checkpointed, so a power cut may lose the last reports, which edges send again anyway. What
+the coordinator tells edges is different: rollout changes (`transaction(durable=True)`) and policy
+versions (`set_policy`, `pin`, `save_policy`) commit with `synchronous=FULL`, the WAL synced before
+the commit returns, and only then does any directive go out. Otherwise a coordinator restarted after
+a power cut could have forgotten a rollout its canaries already act on (and never roll it back), or
+hand out a policy version number again with other contents, which an edge that applied the first
+would take for the one it holds.
 """
 
 from __future__ import annotations
@@ -76,21 +85,28 @@ class FleetDB:
             return self._db.execute(sql, args).fetchall()
 
     @contextmanager
-    def _immediate(self) -> Iterator[sqlite3.Connection]:
+    def _immediate(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
         """The connection inside one write transaction, taken before the first read (`BEGIN IMMEDIATE`),
-        so what is read in it cannot change before the commit, in this process or another."""
+        so what is read in it cannot change before the commit, in this process or another. `durable`:
+        the commit is synced to disk before this returns (`synchronous=FULL`, see the module's doc)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if durable:  # a connection's setting, which SQLite lets change only between transactions
+                self._db.execute("PRAGMA synchronous=FULL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if durable:
+                    self._db.execute("PRAGMA synchronous=NORMAL")
 
-    def transaction(self, statements: list[tuple[str, tuple]]) -> None:
-        """Several writes that land together or not at all."""
-        with self._immediate() as db:
+    def transaction(self, statements: list[tuple[str, tuple]], durable: bool = False) -> None:
+        """Several writes that land together or not at all; `durable`: synced before this returns."""
+        with self._immediate(durable) as db:
             for sql, args in statements:
                 db.execute(sql, args)
 
@@ -145,6 +161,7 @@ class FleetDB:
 
     # --- desired state ---------------------------------------------------------------------------------
     def set_desired(self, edges: list[str], portfolio_id: str) -> None:
+        """Not synchronous: it gives a new edge the current portfolio, which it would get again after a loss."""
         self.transaction([("UPDATE edges SET desired_portfolio = ? WHERE name = ?", (portfolio_id, e)) for e in edges])
 
     def desired(self, edge: str) -> str:
@@ -156,6 +173,11 @@ class FleetDB:
 
     def edge_names(self) -> list[str]:
         return [row[0] for row in self._read("SELECT name FROM edges ORDER BY name")]
+
+    def registrations(self) -> list[tuple[str, float]]:
+        """(name, first registered at) of every edge, in the order they first registered (registering
+        again keeps an edge's place; the name never decides it)."""
+        return self._read("SELECT name, registered_at FROM edges ORDER BY registered_at, rowid")
 
     def setting(self, key: str) -> str:
         rows = self._read("SELECT value FROM settings WHERE key = ?", (key,))
@@ -188,7 +210,7 @@ class FleetDB:
         """Store `policy` with the version it carries as the current one and in the history: for seeding
         the first policy. Changes of a running fleet go through `set_policy` and `pin`, which number them."""
         blob = policy.SerializeToString()
-        with self._immediate() as db:
+        with self._immediate(durable=True) as db:
             db.execute("INSERT OR REPLACE INTO policy (id, policy) VALUES (1, ?)", (blob,))
             db.execute(
                 "INSERT OR REPLACE INTO policies (version, saved_at, policy) VALUES (?, ?, ?)",
@@ -197,14 +219,14 @@ class FleetDB:
 
     def set_policy(self, policy: coordinator_pb2.Policy) -> coordinator_pb2.Policy:
         """Store `policy` as the next version and make it current; the stored policy, with its version."""
-        with self._immediate() as db:
+        with self._immediate(durable=True) as db:
             return self._store_next(db, policy)
 
     def pin(self, edges: list[str], variant_id: str) -> coordinator_pb2.Policy:
         """Pin `edges` to `variant_id` (unpin them when it is "") and store the current policy again as
         the next version, in one transaction: edges report the version they apply, so the coordinator
         sees which edges have taken the pin. The stored policy, with its new version."""
-        with self._immediate() as db:
+        with self._immediate(durable=True) as db:
             for sql, args in pin_statements(edges, variant_id, self._clock()):
                 db.execute(sql, args)
             return self._store_next(db, None)

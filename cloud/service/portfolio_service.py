@@ -1,8 +1,10 @@
-"""PortfolioService: lists the current portfolio and streams variant files in chunks, resumable by offset.
+"""PortfolioService: lists the current portfolio and streams its files in chunks, resumable by offset.
 
-Any variant of any portfolio the cloud knows can be fetched (an edge being rolled back needs the old
-ones). A bad id is refused before the file system is touched. `ListVariants` is a plain function (the
-server runs it in its thread pool); `FetchVariant` a coroutine on the server's event loop.
+Any file of any portfolio the cloud knows can be fetched by its id (an edge being rolled back needs the
+old ones): a member's own file (a float32 variant's safetensors file, an int8 member's ONNX file) and
+a member's ONNX file, so an edge fetches what its backend serves and nothing else. A bad id is
+refused before the file system is touched. `ListVariants` is a plain function (the server runs it in
+its thread pool); `FetchVariant` a coroutine on the server's event loop.
 
 `FetchVariant` yields each chunk already in `VariantChunk`'s wire format (`common.chunks.encode_chunk`),
 registered with a pass-through serializer (`add_to_server`): the file's bytes are copied once into the
@@ -55,21 +57,22 @@ class PortfolioServicer(portfolio_pb2_grpc.PortfolioServiceServicer):
                 f"variant_id {request.variant_id[:80]!r} is not a sha256 hex string (64 lowercase hex digits)",
             )
         loop = asyncio.get_running_loop()
-        found = await loop.run_in_executor(self._blocking, self._catalog.file, request.variant_id)
+        found = await loop.run_in_executor(self._blocking, self._catalog.artifact, request.variant_id)
         if found is None:
             await context.abort(
-                grpc.StatusCode.NOT_FOUND, f"variant {request.variant_id} is in no portfolio of this cloud"
+                grpc.StatusCode.NOT_FOUND,
+                f"variant_id {request.variant_id}: no variant or ONNX file of this cloud's portfolios has this id",
             )
-        entry, path = found
-        if not 0 <= request.offset <= entry.size_bytes:
+        path, size = found
+        if not 0 <= request.offset <= size:
             await context.abort(
-                grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is outside the file (0..{entry.size_bytes})"
+                grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is outside the file (0..{size})"
             )
         with open(path, "rb") as f:
             f.seek(request.offset)
             offset = request.offset
             while data := await loop.run_in_executor(self._blocking, f.read, self._chunk_bytes):
-                yield encode_chunk(offset, data, entry.size_bytes, entry.variant_id)
+                yield encode_chunk(offset, data, size, request.variant_id)
                 self._on_bytes_sent(len(data))  # gRPC took the message: its flow control let it through
                 offset += len(data)
 

@@ -1,7 +1,11 @@
 """Rollouts: a new portfolio goes to a few canary edges first, and to the rest only if they stay healthy.
 
     deploy    record the rollout and each covered edge's previous portfolio, make the canaries' desired
-              portfolio the new one and push it to them (an offline canary gets it when it registers)
+              portfolio the new one and push it to them (an offline canary gets it when it registers).
+              The portfolio is one the catalog already holds, checked and hashed before (by
+              `cloud.service.deploys`, without this module's lock). Canaries are the edges the
+              operator names, else the covered edges registered earliest (before the deploy began):
+              a name registered just before a deploy, however it sorts, never takes the place.
     tick      once the canaries report holding it, judge the telemetry windows they report on it: SLO
               attainment (share of windows with p95 <= the policy's SLO) and error rate. Past a threshold
               the rollout rolls back on its own; once every canary has `min_windows` healthy windows it
@@ -9,8 +13,9 @@
               (a refused signature, a failed download) also roll it back.
     rollback  every covered edge's desired portfolio goes back to what it was, and is pushed.
 
-Everything is in the fleet database, so a restarted coordinator carries on with the rollout it was judging.
-Windows without requests carry no evidence and are not counted.
+Everything is in the fleet database, so a restarted coordinator carries on with the rollout it was judging;
+each change of a rollout commits fully synchronously (`FleetDB.transaction(durable=True)`) before any
+edge is told of it. Windows without requests carry no evidence and are not counted.
 """
 
 from __future__ import annotations
@@ -20,9 +25,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from cloud.build.store import StoreError
 from cloud.service.catalog import Catalog
 from cloud.service.fleet_db import FleetDB
 from common.errors import PrunefleetError
@@ -62,12 +65,20 @@ def select(names: list[str], selector: str) -> list[str]:
     return sorted(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
 
 
-def _is_dir(path: str) -> bool:
-    """False for anything that is not a directory here, a name the OS refuses (too long) included."""
-    try:
-        return Path(path).is_dir()
-    except (OSError, ValueError):
-        return False
+def canaries(edges: list[str], named: str, count: int, registered: list[tuple[str, float]], began: float) -> list[str]:
+    """The canaries of a rollout covering `edges`: those `named` (comma-separated, each one of them),
+    else the first `count` (at least 1) of `edges` by registration (`registered`: (name, time) in the
+    order the edges registered), among those registered before `began` when there are any."""
+    if named.strip():
+        chosen = list(dict.fromkeys(n.strip() for n in named.split(",") if n.strip()))
+        outside = [n for n in chosen if n not in edges]
+        if outside:
+            raise RolloutError(f"canaries {', '.join(outside)[:200]!r} are not among the edges the rollout covers")
+        return chosen
+    covered = set(edges)
+    order = [name for name, at in registered if name in covered]
+    earlier = [name for name, at in registered if name in covered and at < began]
+    return (earlier or order)[: max(1, count)]
 
 
 @dataclass(frozen=True)
@@ -126,7 +137,8 @@ class Rollouts:
                     (rollout.state, rollout.SerializeToString(), rollout.id),
                 ),
                 *extra,
-            ]
+            ],
+            durable=True,
         )
 
     def get(self, rollout_id: int = 0) -> coordinator_pb2.Rollout | None:
@@ -156,21 +168,14 @@ class Rollouts:
             self._push(edge, listing)
 
     # --- operations -------------------------------------------------------------------------------------
-    def _resolve(self, portfolio: str) -> str:
-        if self._catalog.known(portfolio):
-            return portfolio
-        if not portfolio or not _is_dir(portfolio):
-            raise RolloutError(
-                f"portfolio {portfolio[:200]!r} is neither a known portfolio id nor a store directory on the cloud host"
-            )
-        try:
-            return self._catalog.add(Path(portfolio)).portfolio_id
-        except StoreError as err:
-            raise RolloutError(f"cannot deploy {portfolio[:200]}: {err}") from err
-
-    def deploy(self, request: coordinator_pb2.DeployRequest) -> coordinator_pb2.Rollout:
+    def deploy(self, request: coordinator_pb2.DeployRequest, began: float | None = None) -> coordinator_pb2.Rollout:
+        """Start a rollout of `request.portfolio`, a portfolio id the catalog holds; `began`: when the
+        operator's deploy began (default now), which edges must have registered before to be chosen
+        as canaries."""
+        if not self._catalog.known(request.portfolio):
+            raise RolloutError(f"portfolio {request.portfolio[:200]!r} is not a portfolio id known to this cloud")
         with self._lock:
-            return self._deploy(request)
+            return self._deploy(request, self._clock() if began is None else began)
 
     def rollback(self, rollout_id: int = 0, reason: str = "rolled back by an operator") -> coordinator_pb2.Rollout:
         with self._lock:
@@ -181,27 +186,27 @@ class Rollouts:
         with self._lock:
             return self._tick()
 
-    def _deploy(self, request: coordinator_pb2.DeployRequest) -> coordinator_pb2.Rollout:
+    def _deploy(self, request: coordinator_pb2.DeployRequest, began: float) -> coordinator_pb2.Rollout:
         limits = thresholds(request.thresholds)
         if request.canary < 0:
             raise RolloutError("canary must be >= 0")
         running = self.active()
         if running is not None:
             raise RolloutConflict(f"rollout {running.id} is still in its canary phase; wait or roll it back")
-        portfolio_id = self._resolve(request.portfolio)
+        portfolio_id = request.portfolio
         edges = select(self._db.edge_names(), request.edges)
         if not edges:
             raise RolloutError(f"selector {request.edges[:200]!r} matches no registered edge")
-        canaries = edges[: max(1, request.canary)]
+        chosen = canaries(edges, request.canaries, request.canary, self._db.registrations(), began)
         current = self._catalog.current()
         now = self._clock()
         rollout = coordinator_pb2.Rollout(
             portfolio_id=portfolio_id,
             selector=request.edges or "*",
-            canary_edges=canaries,
+            canary_edges=chosen,
             edges=edges,
             state=CANARY,
-            reason=f"waiting for {len(canaries)} canary edge(s) to hold it",
+            reason=f"waiting for {len(chosen)} canary edge(s) to hold it",
             created_at=now,
             updated_at=now,
             thresholds=limits,
@@ -212,7 +217,7 @@ class Rollouts:
         covered = [
             (
                 "INSERT INTO rollout_edges (rollout_id, edge, previous, canary) VALUES (?, ?, ?, ?)",
-                (rollout.id, e, previous[e], int(e in canaries)),
+                (rollout.id, e, previous[e], int(e in chosen)),
             )
             for e in edges
         ]
@@ -223,11 +228,12 @@ class Rollouts:
                     (rollout.id, CANARY, rollout.SerializeToString()),
                 ),
                 *covered,
-                *self._send(canaries, portfolio_id),
-            ]
+                *self._send(chosen, portfolio_id),
+            ],
+            durable=True,
         )
-        self._push_all(canaries, portfolio_id)
-        log.info("rollout %d: portfolio %s to canaries %s", rollout.id, portfolio_id, ", ".join(canaries))
+        self._push_all(chosen, portfolio_id)
+        log.info("rollout %d: portfolio %s to canaries %s", rollout.id, portfolio_id, ", ".join(chosen))
         return rollout
 
     def _rollback(self, rollout_id: int, reason: str) -> coordinator_pb2.Rollout:

@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cloud.service.durations import parse_duration
 from cloud.service.retention import RetentionConfig
 from common import security
 
@@ -49,6 +50,71 @@ def _add_retention(serve: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_enrolment(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("edge certificates", "enrolment and renewal (cloud.service.enrolment)")
+    group.add_argument(
+        "--enrol-port",
+        type=int,
+        default=None,
+        help="serve EnrolmentService.Enrol on this port (TLS, no client certificate; 0 picks one)",
+    )
+    group.add_argument(
+        "--ca",
+        type=Path,
+        default=None,
+        help="the CA directory the cloud signs edge certificates with, enabling renewal "
+        "(default with --enrol-port: the 'ca' directory beside --certs)",
+    )
+    group.add_argument("--cert-lifetime", default="7d", help="lifetime of the certificates it signs (default 7d)")
+    group.add_argument(
+        "--edge-hosts", nargs="*", default=["localhost", "127.0.0.1"], help="DNS/IP names of edge certificates"
+    )
+
+
+def _enrolment(args: argparse.Namespace):
+    from cloud.service.enrolment import STATE_FILE, EnrolmentConfig
+
+    ca = args.ca
+    if ca is None and args.enrol_port is not None and args.certs is not None:
+        ca = Path(args.certs).parent / "ca"
+    if ca is None or args.insecure:
+        return None
+    return EnrolmentConfig(
+        ca_dir=ca,
+        state=Path(args.certs or ca) / STATE_FILE,
+        port=args.enrol_port,
+        lifetime_s=parse_duration(args.cert_lifetime, "cert lifetime"),
+        edge_hosts=tuple(args.edge_hosts),
+        revoked=_revoked(args),
+    )
+
+
+def _add_deploys(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("deploys", "where the stores operators deploy come from (cloud.service.deploys)")
+    group.add_argument(
+        "--portfolio-root",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="'prunefleet deploy PATH' names a store under DIR (nothing outside it); without it only uploads",
+    )
+    group.add_argument(
+        "--uploads-dir", type=Path, default=None, metavar="DIR", help="uploaded stores (default: 'uploads' beside --db)"
+    )
+    group.add_argument("--max-upload-mib", type=float, default=4096, help="largest upload (default %(default)s)")
+
+
+def _deploys(args: argparse.Namespace):
+    from cloud.service.deploys import DeployConfig
+
+    database = args.db or args.store / "fleet.sqlite"
+    return DeployConfig(
+        portfolio_root=args.portfolio_root,
+        uploads_dir=args.uploads_dir or Path(database).parent / "uploads",
+        max_upload_bytes=int(args.max_upload_mib * (1 << 20)),
+    )
+
+
 def add_arguments(serve: argparse.ArgumentParser, environ) -> None:
     """Every flag of `prunefleet cloud serve`."""
     serve.add_argument("--store", type=Path, required=True)
@@ -81,6 +147,8 @@ def add_arguments(serve: argparse.ArgumentParser, environ) -> None:
         help="revocation list of 'prunefleet certs revoke', reread when it changes (default: DIR/revoked of --certs)",
     )
     _add_retention(serve)
+    _add_deploys(serve)
+    _add_enrolment(serve)
     security.add_arguments(serve, token=True, environ=environ)
 
 
@@ -110,6 +178,8 @@ def config(args: argparse.Namespace) -> CloudConfig:
         max_rpcs=args.max_rpcs,
         operator_rpcs=args.operator_rpcs,
         revoked=_revoked(args),
+        enrolment=_enrolment(args),
+        deploys=_deploys(args),
         retention=RetentionConfig(
             keep_profiles=args.keep_profiles,
             event_retention_days=args.event_retention_days,

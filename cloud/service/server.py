@@ -31,6 +31,8 @@ from prometheus_client import (
 from cloud.service.callers import CallerLimits, CheckCallers
 from cloud.service.catalog import Catalog
 from cloud.service.coordinator import BIND_TIMEOUT_S, HEARTBEAT_S, OPERATOR_METHODS, CoordinatorServicer
+from cloud.service.deploys import DeployConfig
+from cloud.service.enrolment import EnrolListener, EnrolmentConfig, servicers
 from cloud.service.fleet_db import FleetDB
 from cloud.service.interceptors import ParseRequests
 from cloud.service.portfolio_service import PortfolioServicer, add_to_server
@@ -41,7 +43,7 @@ from common.escaping import escape_logs
 from common.security import SecurityError, Signer, Transport
 from common.token_check import RequireTokenAsync
 from common.wire import SERVER_OPTIONS
-from protos import coordinator_pb2, coordinator_pb2_grpc, portfolio_pb2
+from protos import coordinator_pb2, coordinator_pb2_grpc, enrolment_pb2_grpc, portfolio_pb2
 
 log = logging.getLogger(__name__)
 ROLLOUT_TICK_S = 1.0
@@ -67,6 +69,8 @@ class CloudConfig:
     heartbeat_s: float = HEARTBEAT_S  # an idle edge stream carries an empty directive this often
     retention: RetentionConfig = RetentionConfig()  # what the fleet database keeps (cloud.service.retention)
     revoked: Path | None = None  # the revocation list (cloud.service.revocations), reread when it changes
+    deploys: DeployConfig = DeployConfig()  # portfolio root, uploads and store bounds (cloud.service.deploys)
+    enrolment: EnrolmentConfig | None = None  # edge certificates: enrolment port and renewal (TLS only)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -100,10 +104,13 @@ class CloudServer:
     thread: threading.Thread
     pool: futures.ThreadPoolExecutor
     retention: Retention | None = None
+    enrol: EnrolListener | None = None  # the enrolment port, when the cloud has one
 
     def stop(self, grace: float = 2.0) -> None:
         """Stop serving (streams get `grace` seconds), store the reports still queued, close the database."""
         self.stopping.set()
+        if self.enrol is not None:
+            self.enrol.stop(grace)
         if self.retention is not None:
             self.retention.stop()
         try:
@@ -188,6 +195,7 @@ async def _serve(
     sent: Counter,
     pool: futures.ThreadPoolExecutor,
     revocations: Revocations,
+    renewal=None,
 ) -> tuple[grpc.aio.Server, int]:
     """Build and start the gRPC server on the running loop; (server, 0) when the port cannot be bound."""
     tls = not config.transport.insecure
@@ -200,6 +208,8 @@ async def _serve(
     portfolios = PortfolioServicer(catalog, on_bytes_sent=sent.inc, blocking=pool)
     add_to_server(portfolios, server)
     coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(coordinator, server)
+    if renewal is not None:
+        enrolment_pb2_grpc.add_EnrolmentServiceServicer_to_server(renewal, server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(_service_names(), server)
@@ -218,7 +228,7 @@ def start(config: CloudConfig, registry: CollectorRegistry) -> CloudServer:
         config.db or config.store / "fleet.sqlite", clock=time.time, keep_profiles=config.retention.keep_profiles
     )
     signer = Signer.load(config.signing_key) if config.signing_key else None
-    catalog = Catalog(db, signer)
+    catalog = Catalog(db, signer, config.deploys.limits)
     catalog.start_with(config.store)  # fail now, with the store's message, when there is no portfolio
     sent = Counter("prunefleet_cloud_variant_bytes_sent_total", "Variant bytes streamed to edges", registry=registry)
     pool = futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc")
@@ -233,6 +243,7 @@ def start(config: CloudConfig, registry: CollectorRegistry) -> CloudServer:
         heartbeat_s=config.heartbeat_s,
         refused=lambda kind: refused.labels(kind).inc(),
         bind_timeout_s=config.bind_timeout_s,
+        deploys=config.deploys,
     )
     Gauge("prunefleet_cloud_streams", "Edge streams open now", registry=registry).set_function(
         lambda: coordinator.streams
@@ -244,7 +255,8 @@ def start(config: CloudConfig, registry: CollectorRegistry) -> CloudServer:
     thread.start()
     revocations = Revocations(config.revoked)
     revocations.reload()
-    serving = _serve(config, catalog, coordinator, sent, pool, revocations)
+    renewal, enrol = servicers(config.enrolment, config.transport)
+    serving = _serve(config, catalog, coordinator, sent, pool, revocations, renewal)
     server, port = asyncio.run_coroutine_threadsafe(serving, loop).result(60)
     stopping = threading.Event()
     cloud = CloudServer(port, db, coordinator, reports, stopping, loop, server, thread, pool)
@@ -258,6 +270,7 @@ def start(config: CloudConfig, registry: CollectorRegistry) -> CloudServer:
         target=_watch_revocations, args=(revocations, coordinator, stopping), daemon=True, name="revocations"
     ).start()
     cloud.retention = Retention(db, config.retention, coordinator.connected).start()
+    cloud.enrol = EnrolListener.start(enrol, config.transport, config.host, pool, loop)
     return cloud
 
 
@@ -272,7 +285,8 @@ def serve(config: CloudConfig) -> None:
         http, _ = start_http_server(config.metrics_port, config.host, registry=registry)
         metrics = f" metrics on {config.host}:{http.server_port}"
     mode = "plaintext (--insecure)" if config.transport.insecure else "mutual TLS"
-    print(f"prunefleet cloud serving on {config.host}:{cloud.port}{metrics} ({mode})", flush=True)
+    enrol = f", enrolment on {config.host}:{cloud.enrol.port}" if cloud.enrol else ""
+    print(f"prunefleet cloud serving on {config.host}:{cloud.port}{metrics} ({mode}{enrol})", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

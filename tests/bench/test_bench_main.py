@@ -71,3 +71,15 @@ def test_a_suite_that_refuses_its_input_exits_2_naming_it_without_a_trace(tmp_pa
     assert done.returncode == 2, done.stderr
     assert "prunefleet bench frontier: error: Fashion-MNIST file" in done.stderr and str(empty) in done.stderr
     assert "Traceback" not in done.stderr and not out.exists()
+
+
+def test_only_is_refused_for_a_suite_without_parts(tmp_path):
+    out = tmp_path / "out.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "surgery", "--only", "attacks", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "surgery has no parts to choose with --only" in done.stderr
+    assert not out.exists()

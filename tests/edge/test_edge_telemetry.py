@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from helpers import spec_for
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
 from edge import link as links
@@ -151,12 +152,15 @@ def test_link_config_backoff_is_bounded_and_jittered():
 def test_interleaved_profiles_rank_a_bigger_model_slower():
     from common import models
     from edge.profiler import profile_interleaved
+    from edge.variants import VariantInfo, loaded
 
     kwargs = {"in_channels": 1, "input_size": 28, "num_classes": 10}
-    pair = {
-        "big": (models.build("vgg11", dict(kwargs, width=0.5)), (1, 28, 28)),
-        "tiny": (models.build("vgg11", dict(kwargs, width=0.0625)), (1, 28, 28)),
-    }
+
+    def forward(width: float):
+        spec = spec_for("vgg11", dict(kwargs, width=width))
+        return loaded(VariantInfo("", "", 0.0, 0, 0), spec, models.build("vgg11", spec.kwargs)).forward
+
+    pair = {"big": (forward(0.5), (1, 28, 28)), "tiny": (forward(0.0625), (1, 28, 28))}
     profiles = profile_interleaved(pair, batch=8, iters=10, warmup=2)
     assert set(profiles) == {"big", "tiny"}
     assert all(p.batch == 8 and 0 < p.p50_ms <= p.p95_ms for p in profiles.values())

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 COMPOSE = ROOT / "docker-compose.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "prunefleet.json"
-SERVICES = {"trainer", "cloud", "policy", "edge-1", "edge-2", "edge-3", "loadgen", "prometheus", "grafana"}
+SERVICES = {"certs", "trainer", "cloud", "policy", "edge-1", "edge-2", "edge-3", "loadgen", "prometheus", "grafana"}
+EDGES = ("edge-1", "edge-2", "edge-3")
 LONG_RUNNING = {"cloud", "edge-1", "edge-2", "edge-3", "prometheus", "grafana"}
 
 
@@ -59,6 +60,44 @@ def test_docker_compose_config_validates_the_topology(rendered):
     assert "service_completed_successfully" in blocks["cloud"] and "service_healthy" in blocks["loadgen"]
 
 
+def _mounts(block: str) -> dict[str, str]:
+    """Named volume -> where the service mounts it (bind mounts of ./ paths are left out)."""
+    return dict(re.findall(r"^\s+- ([a-z][\w-]*):(/[^\s:]*)", block, flags=re.M))
+
+
+def test_every_holder_mounts_only_its_own_certificates(rendered):
+    blocks = _blocks(rendered)
+    mounts = {name: _mounts(block) for name, block in blocks.items()}
+    certificates = {name: {v for v in found if v.startswith("certs-")} for name, found in mounts.items()}
+    for edge in EDGES:
+        assert certificates[edge] == {f"certs-{edge}"}, f"{edge} mounts {certificates[edge]}"
+        assert f"--name\n    - {edge}\n" in blocks[edge] and "--certs" in blocks[edge]
+    issued = re.search(r"for edge in ([\w .-]+); do prunefleet certs issue edge \$+edge", blocks["certs"])
+    assert issued and set(issued.group(1).split()) == set(EDGES), "the certs job issues every edge its own"
+    assert certificates["cloud"] == {"certs-cloud"} and certificates["loadgen"] == {"certs-loadgen"}
+    assert certificates["policy"] == {"certs-operator"}
+    # the operator token is in the operator's directory and the cloud's (which checks it): no edge, no
+    # load generator gets either; the CA's key only the job that issues certificates
+    holders = {
+        volume: {name for name, found in certificates.items() if volume in found} for volume in certificates["certs"]
+    }
+    assert holders["certs-operator"] == {"certs", "policy"}
+    assert holders["certs-cloud"] == {"certs", "cloud"}
+    assert holders["certs-ca"] == {"certs"}
+    assert ":ro" in re.search(r"certs-loadgen:\S+", blocks["loadgen"]).group(0)
+
+
+def test_every_grpc_service_speaks_mutual_tls_and_the_load_needs_no_operator(rendered):
+    blocks = _blocks(rendered)
+    assert "--insecure" not in rendered
+    for name in ("cloud", "loadgen", *EDGES):
+        assert "- --certs\n" in blocks[name], f"{name} runs without --certs"
+    assert "PRUNEFLEET_CERTS: /var/lib/prunefleet/certs/operator" in blocks["policy"]
+    for edge in EDGES:  # the load generator calls each edge by the name its certificate carries
+        assert f"- {edge}={edge}:50061\n" in blocks["loadgen"]
+    assert re.search(r"certs:\n\s+condition: service_completed_successfully", blocks["cloud"])
+
+
 def test_the_compose_file_holds_no_secrets():
     text = COMPOSE.read_text()
     assert not re.search(r"(?i)(password|secret|token|api_key|private_key)\s*[:=]", text)
@@ -73,8 +112,10 @@ def test_the_edge_image_installs_no_cloud_extra():
     assert "torch-pruning" in extras and "matplotlib" in extras
     edge = (DEPLOY / "edge.Dockerfile").read_text()
     installs = [line for line in edge.splitlines() if "pip install" in line]
-    assert any(re.search(r"pip install \.$", line) for line in installs)
-    assert not any("[" in line or "matplotlib" in line or "pruning" in line for line in installs)
+    assert any(re.search(r'pip install "\.\[edge\]"$', line) for line in installs)
+    assert not any("cloud" in line or "matplotlib" in line or "pruning" in line for line in installs)
+    slim = [line for line in (DEPLOY / "Dockerfile.edge-onnx").read_text().splitlines() if "pip install" in line]
+    assert any('pip install ".[edge-onnx]"' in line for line in slim) and not any("torch==" in line for line in slim)
     assert 'pip install ".[cloud]"' in (DEPLOY / "cloud.Dockerfile").read_text()
 
 

@@ -214,19 +214,19 @@ def test_canary_rollouts_roll_back_on_their_own_and_by_hand_and_survive_a_coordi
         )
         wait_for(lambda: fleet.holding(["edge-1", "edge-2"], first), 60, "both edges on the first portfolio", 0.5)
 
-        # a healthy canary: promoted to the other edge
+        # a healthy canary: promoted to the other edge (the store uploaded: this cloud has no --portfolio-root)
         out = _cli(
             "deploy",
             str(tmp_path / "second"),
-            "--canary",
-            "1",
+            "--canaries",
+            "edge-1",
             "--min-windows",
             "3",
             "--adopt-timeout-s",
             "90",
             *operator_flags,
         )
-        assert "rollout 1 " in out and "canary edge-1" in out
+        assert f"uploaded portfolio {second} " in out and "rollout 1 " in out and "canary edge-1" in out
         wait_for(lambda: fleet.holding(["edge-1"], second), 60, "the canary on the new portfolio", 0.5)
         assert fleet.edges()["edge-2"].reported_portfolio_id == first  # the rest wait for the verdict
         done = _judged_under_load(fleet, 1, edge_1, good=True)
@@ -238,7 +238,7 @@ def test_canary_rollouts_roll_back_on_their_own_and_by_hand_and_survive_a_coordi
         # an unhealthy canary: rolled back on its own
         again = fleet.stub().Deploy(
             coordinator_pb2.DeployRequest(
-                portfolio=first, canary=1, thresholds=coordinator_pb2.RolloutThresholds(min_windows=3)
+                portfolio=first, canaries="edge-1", thresholds=coordinator_pb2.RolloutThresholds(min_windows=3)
             ),
             timeout=30,
         )

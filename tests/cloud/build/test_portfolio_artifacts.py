@@ -86,8 +86,8 @@ def test_int8_members_have_their_own_ids_measured_accuracy_and_parent(built, fas
     by_id = {e.variant_id: e for e in manifest.variants}
     int8 = [e for e in manifest.variants if e.precision == INT8]
     assert [e.name for e in int8] == ["vgg11-L0-int8", "vgg11-L1-int8"]
-    # the id is that of the members an edge serves (the variant files), not of the int8 ONNX members
-    assert manifest.portfolio_id == portfolio_id(v for v in by_id if by_id[v].precision != INT8)
+    # the id is that of every member the cloud lists, the int8 ONNX members included
+    assert manifest.portfolio_id == portfolio_id(by_id)
     for entry in int8:
         path, parent = store.member_path(entry), by_id[entry.parent]
         assert path.suffix == ".onnx" and sha256_file(path) == entry.variant_id == entry.onnx_id
@@ -119,20 +119,20 @@ def test_every_figure_comes_from_the_same_rounds_and_says_its_backend(built):
             assert entry.ort_latency_ms_b32_q1 <= entry.ort_latency_ms_b32 <= entry.ort_latency_ms_b32_q3
 
 
-def test_the_cloud_checks_every_file_and_serves_the_variant_files_of_an_int8_portfolio(built, tmp_path):
-    """No edge serves int8 members yet: the cloud lists the variant files, under the portfolio id edges
-    compute from what they hold, after checking every member's file; a damaged int8 file is refused."""
+def test_the_cloud_checks_every_file_and_lists_every_member_of_an_int8_portfolio(built, tmp_path):
+    """The cloud lists every member, float32 and int8 (each edge takes those its backend serves), under the
+    id of all of them, after checking every member's file; a damaged int8 file is refused."""
     import time
 
     from cloud.service.catalog import Catalog
     from cloud.service.fleet_db import FleetDB
 
     manifest = PortfolioStore(built).manifest()
-    fp32 = [e.variant_id for e in manifest.variants if e.precision != INT8]
-    assert 0 < len(fp32) < len(manifest.variants)
+    members = [e.variant_id for e in manifest.variants]
+    assert any(e.precision == INT8 for e in manifest.variants)
     served = Catalog(FleetDB(tmp_path / "fleet.sqlite", clock=time.time)).add(built)
-    assert sorted(e.variant_id for e in served.variants) == sorted(fp32)
-    assert served.portfolio_id == manifest.portfolio_id == portfolio_id(fp32)
+    assert sorted(e.variant_id for e in served.variants) == sorted(members)
+    assert served.portfolio_id == manifest.portfolio_id == portfolio_id(members)
     shutil.copytree(built, tmp_path / "p")
     damaged = PortfolioStore(tmp_path / "p")
     int8 = next(e for e in manifest.variants if e.precision == INT8)

@@ -32,6 +32,22 @@ def test_the_cloud_command_line_reads_every_setting_given():
     assert (parsed.host, parsed.port, parsed.metrics_port, parsed.insecure) == ("0.0.0.0", 5001, 5002, False)
 
 
+def test_further_cloud_flags_are_passed_on_after_the_transport():
+    args = commands.cloud_args(
+        Path("store"),
+        db=Path("fleet.sqlite"),
+        certs=Path("certs/cloud"),
+        extra=("--ca", "certs/ca", "--edge-hosts", "h"),
+    )
+    parsed = _parse_cloud(args)
+    assert (parsed.certs, parsed.ca, parsed.edge_hosts, parsed.insecure) == (
+        Path("certs/cloud"),
+        Path("certs/ca"),
+        ["h"],
+        False,
+    )
+
+
 def test_a_cloud_setting_not_given_keeps_the_cloud_default_and_no_certs_means_plaintext():
     args = commands.cloud_args(Path("store"), db=Path("fleet.sqlite"), certs=None)
     parsed, defaults = _parse_cloud(args), _parse_cloud(["cloud.cli", "cloud", "serve", "--store", "s"])

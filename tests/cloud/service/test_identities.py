@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from cloud.admin import certs, predict_client
 from cloud.localfleet import cluster_load
 from cloud.service import server
+from cloud.service.deploys import DeployConfig
 from common.identity import CLOUD_NAME, Identity, certificate_identity
 from common.security import SecurityError, Transport
 from protos import (
@@ -238,7 +239,8 @@ def test_one_stream_per_edge_and_a_stream_that_never_binds_is_closed(keys, cloud
 
 def test_idle_edge_streams_cannot_lock_the_operator_out(tmp_path, never):
     """Eight Connect streams that never report fill `max_rpcs` 8; the operator still lists and rolls back."""
-    running = _start(tmp_path / "c", Transport.plaintext(), workers=4, max_rpcs=8, bind_timeout_s=60)
+    deploys = DeployConfig(portfolio_root=tmp_path)
+    running = _start(tmp_path / "c", Transport.plaintext(), workers=4, max_rpcs=8, bind_timeout_s=60, deploys=deploys)
     address = f"127.0.0.1:{running.port}"
     try:
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(Transport.plaintext().channel(address))

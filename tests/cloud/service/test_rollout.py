@@ -3,7 +3,7 @@
 import pytest
 from helpers import variant_store as _store
 
-from cloud.build.store import Manifest, PortfolioStore
+from cloud.build.store import Manifest, PortfolioStore, portfolio_id
 from cloud.service.catalog import Catalog
 from cloud.service.fleet_db import FleetDB
 from cloud.service.rollout import (
@@ -64,7 +64,9 @@ def fleet(tmp_path):
     second = PortfolioStore(tmp_path / "second")  # the same files, one variant fewer: another portfolio
     entry = manifest.variants[0]
     second.put_variant(first.variant_path(entry.variant_id).read_bytes())
-    second.write_manifest(Manifest("second-portfolio", "vgg11", "fashion-mnist", "shifter", 0.0, {}, (entry,)))
+    second.write_manifest(
+        Manifest(portfolio_id([entry.variant_id]), "vgg11", "fashion-mnist", "shifter", 0.0, {}, (entry,))
+    )
     now = [1000.0]
     db = FleetDB(tmp_path / "fleet.sqlite", clock=lambda: now[0])
     db.save_policy(coordinator_pb2.Policy(slo_ms=10.0, version=1))
@@ -74,7 +76,7 @@ def fleet(tmp_path):
         db.register(coordinator_pb2.RegisterRequest(edge=name))
     pushed = Pushed()
     rollouts = Rollouts(db, catalog, db.policy, pushed, lambda: now[0])
-    yield db, catalog, rollouts, pushed, now, manifest.portfolio_id, second.root
+    yield db, catalog, rollouts, pushed, now, manifest.portfolio_id, catalog.add(second.root).portfolio_id
     db.close()
 
 
@@ -88,9 +90,9 @@ def _report(db, edge, portfolio_id, at, p95=5.0, requests=10, errors=0):
 
 
 def test_a_healthy_canary_is_promoted_to_every_selected_edge(fleet):
-    db, catalog, rollouts, pushed, now, first, second_root = fleet
+    db, catalog, rollouts, pushed, now, first, second = fleet
     rollout = rollouts.deploy(
-        coordinator_pb2.DeployRequest(portfolio=str(second_root), edges="edge-*", canary=1, thresholds=LIMITS)
+        coordinator_pb2.DeployRequest(portfolio=second, edges="edge-*", canary=1, thresholds=LIMITS)
     )
     new = rollout.portfolio_id
     assert (rollout.state, list(rollout.canary_edges), list(rollout.edges)) == (
@@ -112,8 +114,8 @@ def test_a_healthy_canary_is_promoted_to_every_selected_edge(fleet):
 
 
 def test_an_unhealthy_canary_rolls_back_on_its_own(fleet):
-    db, catalog, rollouts, pushed, now, first, second_root = fleet
-    rollout = rollouts.deploy(coordinator_pb2.DeployRequest(portfolio=str(second_root), canary=2, thresholds=LIMITS))
+    db, catalog, rollouts, pushed, now, first, second = fleet
+    rollout = rollouts.deploy(coordinator_pb2.DeployRequest(portfolio=second, canary=2, thresholds=LIMITS))
     for edge in rollout.canary_edges:
         _report(db, edge, first, 1001.0, errors=10)  # windows on another portfolio are not the canary's
         _report(db, edge, rollout.portfolio_id, 1002.0, errors=4)
@@ -127,14 +129,14 @@ def test_an_unhealthy_canary_rolls_back_on_its_own(fleet):
 
 
 def test_canaries_that_never_hold_it_roll_back_after_the_timeout_and_by_hand_too(fleet):
-    db, catalog, rollouts, pushed, now, first, second_root = fleet
-    rollouts.deploy(coordinator_pb2.DeployRequest(portfolio=str(second_root), thresholds=LIMITS))
+    db, catalog, rollouts, pushed, now, first, second = fleet
+    rollouts.deploy(coordinator_pb2.DeployRequest(portfolio=second, thresholds=LIMITS))
     now[0] = 1031.0
     done = rollouts.tick()
     assert done.state == "rolled_back" and "did not hold" in done.reason
     again = rollouts.deploy(coordinator_pb2.DeployRequest(portfolio=done.portfolio_id, thresholds=LIMITS))
     assert rollouts.rollback(0, "by hand").reason == "by hand" and rollouts.get(again.id).state == "rolled_back"
-    with pytest.raises(RolloutError, match="neither"):
+    with pytest.raises(RolloutError, match="not a portfolio id known"):
         rollouts.deploy(coordinator_pb2.DeployRequest(portfolio="/no/such/store"))
     with pytest.raises(RolloutError, match="matches no"):
         rollouts.deploy(coordinator_pb2.DeployRequest(portfolio=first, edges="ghost-*"))
