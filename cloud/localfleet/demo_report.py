@@ -206,10 +206,15 @@ def write(run_dir: Path, manifest: Manifest, outcome: dict, phases: Sequence[Pha
 def _step_text(step: dict | None) -> str:
     if step is None:
         return "no step down under the heavy load"
-    capacity = f"{step['capacity']:.2f}x" if step["capacity"] else "unknown"
+    capacity = f"{step['capacity']:.2f}x the capacity" if step["capacity"] else "a capacity not profiled"
     back = f"{step['back_under_slo_s']:.0f} s" if step["back_under_slo_s"] is not None else "never"
+    share = (
+        f", under it in {100 * step['under_slo_share']:.0f}% of the phase's seconds after"
+        if step["under_slo_share"] is not None
+        else ""
+    )
     return (
-        f"heavy load: {step['from']} -> {step['to']}, {step['cost_pp']:.2f} points for {capacity} the capacity "
+        f"heavy load: {step['from']} -> {step['to']}, {step['cost_pp']:.2f} points for {capacity} "
         f"(targets <= {STEP_COST_PP:g}, >= {STEP_CAPACITY:g}x); clients' p95 back under the SLO {back} after the "
-        f"step down (target <= {BACK_UNDER_S:g} s)"
+        f"step down (target <= {BACK_UNDER_S:g} s){share}"
     )
