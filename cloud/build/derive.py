@@ -51,9 +51,10 @@ def check_images(context: BuildContext) -> torch.Tensor:
     return datasets.normalize(datasets.head(data.test, context.config.check_images), data.info.mean, data.info.std)
 
 
-def _spec(
-    sparse: SparseModel, context: BuildContext, sparsity: float, accuracy: float, sparse_accuracy: float
-) -> variant.VariantSpec:
+def variant_spec(context: BuildContext, **fields) -> variant.VariantSpec:
+    """The spec of a variant of this build: what the build says of every variant (architecture, input,
+    classes, normalization, method) and `fields` (name, level, sparsity, accuracy, extra) of this one.
+    Nothing run-dependent goes in, so ids repeat."""
     config, info = context.config, context.data.info
     return variant.VariantSpec(
         arch=config.model,
@@ -63,13 +64,22 @@ def _spec(
         mean=info.mean,
         std=info.std,
         method=config.method,
+        classes=info.classes,
+        **fields,
+    )
+
+
+def _spec(
+    sparse: SparseModel, context: BuildContext, sparsity: float, accuracy: float, sparse_accuracy: float
+) -> variant.VariantSpec:
+    return variant_spec(
+        context,
         sparsity=sparsity,
         accuracy=accuracy,
-        name=sparse.name or f"{config.model}-L{sparse.level}",
+        name=sparse.name or f"{context.config.model}-L{sparse.level}",
         level=sparse.level,
         extra={"sparse_accuracy": sparse_accuracy},
-        classes=info.classes,
-    )  # nothing run-dependent: ids repeat
+    )
 
 
 def rebuilt(encoded: bytes, trained: nn.Module, check: torch.Tensor, name: str, arch: str) -> tuple[nn.Module, float]:

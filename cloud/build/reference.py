@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from cloud.build import distributed
+from cloud.build import derive, distributed
 from cloud.build.methods.base import BuildContext, SparseModel
 from cloud.build.store import DenseEntry
 from cloud.build.train import evaluate, train
@@ -52,21 +52,13 @@ class Reference:
 
 def _spec(entry: DenseEntry, context: BuildContext) -> variant.VariantSpec:
     """The dense model's spec, as a level's would be (nothing run-dependent, so its id repeats)."""
-    config, info = context.config, context.data.info
-    return variant.VariantSpec(
-        arch=config.model,
-        kwargs=context.model_kwargs(),
-        input_shape=info.input_shape,
-        num_classes=info.num_classes,
-        mean=info.mean,
-        std=info.std,
-        method=config.method,
+    return derive.variant_spec(
+        context,
         sparsity=0.0,
         accuracy=entry.accuracy,
         name=entry.name,
         level=entry.level or 0,
         extra={"dense_source": entry.source},
-        classes=info.classes,
     )
 
 

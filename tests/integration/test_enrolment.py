@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from helpers import variant_store as _store
 from helpers import wait_for
 
+from bench.attacks.calls import code
 from cloud.admin import certs, certs_enrol, operator_client
 from cloud.localfleet import commands, processes
 from cloud.localfleet.cluster import free_port
@@ -31,14 +32,6 @@ def _connected(fleet_stub, name: str) -> bool:
 
 def _not_after(path: Path) -> float:
     return x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc.timestamp()
-
-
-def _code(call) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as err:
-        return err.code()
-    return grpc.StatusCode.OK
 
 
 def _start(tmp_path: Path, keys) -> tuple[processes.Child, processes.Child, int, Path]:
@@ -86,7 +79,7 @@ def test_an_edge_enrols_renews_over_the_link_and_is_refused_within_seconds_once_
         held = Transport.load(tmp_path / "edge-e")
         renew = enrolment_pb2_grpc.EnrolmentServiceStub(held.channel(cloud.address))
         request = enrolment_pb2.RenewRequest(csr_pem=csr_pem(ec.generate_private_key(ec.SECP256R1()), "edge-e"))
-        assert _code(lambda: renew.Renew(request, timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
+        assert code(lambda: renew.Renew(request, timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
         channel = grpc.secure_channel(
             f"127.0.0.1:{enrol_port}",
             grpc.ssl_channel_credentials(root_certificates=held.ca),
@@ -96,7 +89,7 @@ def test_an_edge_enrols_renews_over_the_link_and_is_refused_within_seconds_once_
             token=token.read_text().strip(), csr_pem=csr_pem(ec.generate_private_key(ec.SECP256R1()), "edge-e")
         )
         again = enrolment_pb2_grpc.EnrolmentServiceStub(channel)
-        assert _code(lambda: again.Enrol(enrol, timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
+        assert code(lambda: again.Enrol(enrol, timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
         # the edge's own renewal, due two thirds into its certificate's life, is refused too
         wait_for(lambda: "renewal failed: PERMISSION_DENIED" in edge.log_path.read_text(), LIFETIME_S, "a refusal", 0.5)
         assert "certificate renewed" in edge.log_path.read_text()

@@ -20,6 +20,7 @@ from helpers import variant_store as _store
 from helpers import wait_for
 from prometheus_client import CollectorRegistry
 
+from bench.attacks.calls import code
 from cloud.admin import certs, certs_enrol
 from cloud.service import serve_command, server
 from cloud.service.durations import parse_duration
@@ -78,14 +79,6 @@ def _enrol_channel(keys, cloud) -> grpc.Channel:
 
 def _enrol_stub(keys, cloud):
     return enrolment_pb2_grpc.EnrolmentServiceStub(_enrol_channel(keys, cloud))
-
-
-def _code(call) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as err:
-        return err.code()
-    return grpc.StatusCode.OK
 
 
 def _token(keys, name=None, ttl_s=60.0):
@@ -158,17 +151,17 @@ def test_a_token_is_single_use_bound_to_its_name_and_expires(keys, cloud):
     again = stub.Enrol(enrolment_pb2.EnrolRequest(token=token, csr_pem=_csr("edge-once", key)), timeout=5)
     assert again.certificate_pem == first.certificate_pem  # the same key collects the same certificate
 
-    def code(token, csr):
-        return _code(lambda: stub.Enrol(enrolment_pb2.EnrolRequest(token=token, csr_pem=csr), timeout=5))
+    def enrol(token, csr):
+        return code(lambda: stub.Enrol(enrolment_pb2.EnrolRequest(token=token, csr_pem=csr), timeout=5))
 
-    assert code(token, _csr("edge-once")) == grpc.StatusCode.PERMISSION_DENIED  # used, by another key
+    assert enrol(token, _csr("edge-once")) == grpc.StatusCode.PERMISSION_DENIED  # used, by another key
     _, bound = _token(keys, "edge-x")
-    assert code(bound, _csr("edge-y")) == grpc.StatusCode.PERMISSION_DENIED  # bound to another name
-    assert code(token[:-2] + "zz", _csr("edge-once")) == grpc.StatusCode.UNAUTHENTICATED  # a wrong secret
-    assert code("", _csr("edge-once")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert enrol(bound, _csr("edge-y")) == grpc.StatusCode.PERMISSION_DENIED  # bound to another name
+    assert enrol(token[:-2] + "zz", _csr("edge-once")) == grpc.StatusCode.UNAUTHENTICATED  # a wrong secret
+    assert enrol("", _csr("edge-once")) == grpc.StatusCode.INVALID_ARGUMENT
     store = EnrolmentStore(keys["cloud"] / STATE_FILE, lambda: time.time() - 3600)  # made an hour ago
     expired = store.create_token("edge-late", 60)
-    assert code(expired, _csr("edge-late")) == grpc.StatusCode.UNAUTHENTICATED
+    assert enrol(expired, _csr("edge-late")) == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_only_the_key_and_name_of_a_csr_reach_the_certificate(keys, cloud):
@@ -188,30 +181,29 @@ def test_only_the_key_and_name_of_a_csr_reach_the_certificate(keys, cloud):
     assert names.get_values_for_type(x509.DNSName) == ["localhost"]
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
 
-    def code(csr):
+    def enrol(csr):
         _, token = _token(keys)
-        return _code(lambda: stub.Enrol(enrolment_pb2.EnrolRequest(token=token, csr_pem=csr), timeout=5))
+        return code(lambda: stub.Enrol(enrolment_pb2.EnrolRequest(token=token, csr_pem=csr), timeout=5))
 
-    assert code(b"not a csr") == grpc.StatusCode.INVALID_ARGUMENT
-    assert code(_csr("../etc")) == grpc.StatusCode.INVALID_ARGUMENT
-    assert code(_csr("edge-r", rsa.generate_private_key(65537, 1024))) == grpc.StatusCode.INVALID_ARGUMENT
-    assert code(_csr("edge-e", ec.generate_private_key(ec.SECP521R1()))) == grpc.StatusCode.INVALID_ARGUMENT
+    assert enrol(b"not a csr") == grpc.StatusCode.INVALID_ARGUMENT
+    assert enrol(_csr("../etc")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert enrol(_csr("edge-r", rsa.generate_private_key(65537, 1024))) == grpc.StatusCode.INVALID_ARGUMENT
+    assert enrol(_csr("edge-e", ec.generate_private_key(ec.SECP521R1()))) == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_the_enrolment_port_bounds_messages_and_rates_and_serves_nothing_else(keys, cloud):
     stub = _enrol_stub(keys, cloud)
     big = enrolment_pb2.EnrolRequest(token="x" * 10, csr_pem=b"x" * (64 << 10))
-    assert _code(lambda: stub.Enrol(big, timeout=5)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert code(lambda: stub.Enrol(big, timeout=5)) == grpc.StatusCode.RESOURCE_EXHAUSTED
     renew = enrolment_pb2.RenewRequest(csr_pem=_csr("edge-pre"))
-    assert _code(lambda: stub.Renew(renew, timeout=5)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code(lambda: stub.Renew(renew, timeout=5)) == grpc.StatusCode.FAILED_PRECONDITION
     garbage = _enrol_channel(keys, cloud).unary_unary("/prunefleet.v1.EnrolmentService/Enrol")
-    assert _code(lambda: garbage(b"\xff\xff\xff", timeout=5)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code(lambda: garbage(b"\xff\xff\xff", timeout=5)) == grpc.StatusCode.INVALID_ARGUMENT
     coordinator = coordinator_pb2_grpc.CoordinatorServiceStub(_enrol_channel(keys, cloud))
     register = coordinator_pb2.RegisterRequest(edge="edge-pre")
-    assert _code(lambda: coordinator.Register(register, timeout=5)) == grpc.StatusCode.UNIMPLEMENTED
+    assert code(lambda: coordinator.Register(register, timeout=5)) == grpc.StatusCode.UNIMPLEMENTED
     codes = [
-        _code(lambda: stub.Enrol(enrolment_pb2.EnrolRequest(token="0000.x", csr_pem=b"x"), timeout=5))
-        for _ in range(80)
+        code(lambda: stub.Enrol(enrolment_pb2.EnrolRequest(token="0000.x", csr_pem=b"x"), timeout=5)) for _ in range(80)
     ]
     assert set(codes) == {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert codes[:50] == [grpc.StatusCode.INVALID_ARGUMENT] * 50  # within the burst
@@ -231,16 +223,16 @@ def test_renewal_takes_the_edges_own_certificate_and_a_revoked_one_gets_nothing(
     cert = x509.load_pem_x509_certificate(reply.certificate_pem)
     assert cert.public_key() == key.public_key()
     assert certificate_identity(reply.certificate_pem) == Identity("edge", "edge-renew")
-    assert _code(lambda: _renew(edge, cloud, "edge-other")) == grpc.StatusCode.PERMISSION_DENIED
-    assert _code(lambda: _renew(keys["client"], cloud, "default")) == grpc.StatusCode.PERMISSION_DENIED
+    assert code(lambda: _renew(edge, cloud, "edge-other")) == grpc.StatusCode.PERMISSION_DENIED
+    assert code(lambda: _renew(keys["client"], cloud, "default")) == grpc.StatusCode.PERMISSION_DENIED
     on_mtls = enrolment_pb2_grpc.EnrolmentServiceStub(Transport.load(edge).channel(f"localhost:{cloud.port}"))
     _, token = _token(keys, "edge-renew")
     enrol_there = enrolment_pb2.EnrolRequest(token=token, csr_pem=_csr("edge-renew"))
-    assert _code(lambda: on_mtls.Enrol(enrol_there, timeout=5)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code(lambda: on_mtls.Enrol(enrol_there, timeout=5)) == grpc.StatusCode.FAILED_PRECONDITION
     token_file, _ = _token(keys, "edge-renew")  # made before the revocation: never good afterwards
     time.sleep(0.01)
     certs.revoke(root, "edge", "edge-renew")
-    wait_for(lambda: _code(lambda: _renew(edge, cloud, "edge-renew")) == grpc.StatusCode.PERMISSION_DENIED, 5)
+    wait_for(lambda: code(lambda: _renew(edge, cloud, "edge-renew")) == grpc.StatusCode.PERMISSION_DENIED, 5)
     with pytest.raises(EnrolmentError, match="PERMISSION_DENIED"):
         enrol(_edge_config(keys, cloud, "edge-renew", token_file, tmp_path / "again"), threading.Event())
 

@@ -13,6 +13,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from helpers import variant_store as _store
 from prometheus_client import CollectorRegistry
 
+from bench.attacks.calls import code
 from cloud.admin import certs, predict_client
 from cloud.localfleet import cluster_load
 from cloud.service import server
@@ -57,14 +58,6 @@ def _coordinator(directory, address, token=False):
     return coordinator_pb2_grpc.CoordinatorServiceStub(Transport.load(directory, token=token).channel(address))
 
 
-def _code(call) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as err:
-        return err.code()
-    return grpc.StatusCode.OK
-
-
 def _x509(directory) -> x509.Certificate:
     return x509.load_pem_x509_certificate((directory / "cert.pem").read_bytes())
 
@@ -96,10 +89,10 @@ def test_each_role_names_itself_and_has_only_its_key_usages(keys):
 
 def test_an_edge_registers_and_reports_only_under_its_own_name(keys, cloud):
     mine = _coordinator(keys["edge-a"], cloud)
-    assert _code(lambda: mine.Register(coordinator_pb2.RegisterRequest(edge="edge-a"), timeout=5)) == grpc.StatusCode.OK
+    assert code(lambda: mine.Register(coordinator_pb2.RegisterRequest(edge="edge-a"), timeout=5)) == grpc.StatusCode.OK
     for name in ("edge-b", "-", "edge-a2"):
         forged = coordinator_pb2.RegisterRequest(edge=name, address="evil:1")
-        err = _code(lambda forged=forged: mine.Register(forged, timeout=5))
+        err = code(lambda forged=forged: mine.Register(forged, timeout=5))
         assert err == DENIED, name
     assert _coordinator(keys["edge-b"], cloud).Register(coordinator_pb2.RegisterRequest(edge="edge-b"), timeout=5)
 
@@ -109,24 +102,24 @@ def test_an_edge_registers_and_reports_only_under_its_own_name(keys, cloud):
     # edge-b is registered, but edge-a's certificate cannot report for it, neither first nor after binding
     for sent in ([report("edge-b")], [report("edge-a"), report("edge-b")]):
         call = mine.Connect(iter(sent), timeout=5)
-        assert _code(lambda call=call: list(call)) == DENIED
+        assert code(lambda call=call: list(call)) == DENIED
 
 
 def test_downloads_and_listings_take_an_edge_or_operator_certificate_only(keys, cloud):
     def listing(directory):
         stub = portfolio_pb2_grpc.PortfolioServiceStub(Transport.load(directory).channel(cloud))
-        return _code(lambda: stub.ListVariants(portfolio_pb2.ListVariantsRequest(), timeout=5))
+        return code(lambda: stub.ListVariants(portfolio_pb2.ListVariantsRequest(), timeout=5))
 
     assert listing(keys["edge-a"]) == grpc.StatusCode.OK
     assert listing(keys["operator"]) == grpc.StatusCode.OK
     client = Transport.load(keys["client"])
     stub = portfolio_pb2_grpc.PortfolioServiceStub(Transport.holding(client.ca, client.cert, client.key).channel(cloud))
     fetch = stub.FetchVariant(portfolio_pb2.FetchVariantRequest(variant_id="a" * 64), timeout=5)
-    assert _code(lambda: list(fetch)) == DENIED
+    assert code(lambda: list(fetch)) == DENIED
     registering = coordinator_pb2_grpc.CoordinatorServiceStub(
         Transport.load(keys["operator"], token=True).channel(cloud)
     )
-    assert _code(lambda: registering.Register(coordinator_pb2.RegisterRequest(edge="x"), timeout=5)) == DENIED
+    assert code(lambda: registering.Register(coordinator_pb2.RegisterRequest(edge="x"), timeout=5)) == DENIED
 
 
 def test_operator_methods_need_the_operator_certificate_as_well_as_the_token(keys, cloud):
@@ -136,9 +129,9 @@ def test_operator_methods_need_the_operator_certificate_as_well_as_the_token(key
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(
             Transport(held.ca, held.cert, held.key, token, CLOUD_NAME).channel(cloud)
         )
-        assert _code(lambda stub=stub: stub.GetFleet(coordinator_pb2.GetFleetRequest(), timeout=5)) == DENIED, role
+        assert code(lambda stub=stub: stub.GetFleet(coordinator_pb2.GetFleetRequest(), timeout=5)) == DENIED, role
         pin = coordinator_pb2.PinRequest(edges="edge-b", variant_id="")
-        assert _code(lambda stub=stub, pin=pin: stub.Pin(pin, timeout=5)) == DENIED, role
+        assert code(lambda stub=stub, pin=pin: stub.Pin(pin, timeout=5)) == DENIED, role
     operator = _coordinator(keys["operator"], cloud, token=True)
     assert operator.GetFleet(coordinator_pb2.GetFleetRequest(), timeout=5).portfolio_id
 
@@ -151,12 +144,11 @@ def test_a_server_holding_an_edge_certificate_is_refused_as_the_cloud(keys, tmp_
         address = f"localhost:{impostor.port}"
         operator = _coordinator(keys["operator"], address, token=True)
         assert (
-            _code(lambda: operator.GetFleet(coordinator_pb2.GetFleetRequest(), timeout=5))
-            == grpc.StatusCode.UNAVAILABLE
+            code(lambda: operator.GetFleet(coordinator_pb2.GetFleetRequest(), timeout=5)) == grpc.StatusCode.UNAVAILABLE
         )
         edge = _coordinator(keys["edge-a"], address)
         register = coordinator_pb2.RegisterRequest(edge="edge-a")
-        assert _code(lambda: edge.Register(register, timeout=5)) == grpc.StatusCode.UNAVAILABLE
+        assert code(lambda: edge.Register(register, timeout=5)) == grpc.StatusCode.UNAVAILABLE
     finally:
         impostor.stop(0)
 
@@ -230,9 +222,9 @@ def test_one_stream_per_edge_and_a_stream_that_never_binds_is_closed(keys, cloud
     next(older)  # the first directive: the stream is open
     newer = edge.Connect(never(), timeout=10)
     next(newer)
-    assert _code(lambda: list(older)) == grpc.StatusCode.ABORTED  # replaced by the newer one
+    assert code(lambda: list(older)) == grpc.StatusCode.ABORTED  # replaced by the newer one
     started = time.monotonic()
-    assert _code(lambda: list(newer)) == grpc.StatusCode.DEADLINE_EXCEEDED  # no report within bind_timeout_s
+    assert code(lambda: list(newer)) == grpc.StatusCode.DEADLINE_EXCEEDED  # no report within bind_timeout_s
     assert time.monotonic() - started < 8
     assert "no report" in (newer.details() or "")
 
@@ -252,7 +244,7 @@ def test_idle_edge_streams_cannot_lock_the_operator_out(tmp_path, never):
         for stream in idle:
             next(stream)
         extra = stub.Connect(never(), timeout=5)
-        assert _code(lambda: next(extra)) == grpc.StatusCode.RESOURCE_EXHAUSTED  # the fleet's pool is full
+        assert code(lambda: next(extra)) == grpc.StatusCode.RESOURCE_EXHAUSTED  # the fleet's pool is full
         listed = stub.ListRollouts(coordinator_pb2.ListRolloutsRequest(), timeout=5).rollouts
         assert rollout.id in [r.id for r in listed]
         back = stub.Rollback(coordinator_pb2.RollbackRequest(rollout_id=rollout.id), timeout=5).rollout
@@ -297,9 +289,9 @@ def test_a_revoked_edge_is_refused_within_seconds_whatever_it_holds(keys, tmp_pa
         next(connected)  # bound and served
         certs.revoke(root, "edge", "edge-r")
         started = time.monotonic()
-        assert _code(lambda: list(connected)) == DENIED  # the open stream ends
+        assert code(lambda: list(connected)) == DENIED  # the open stream ends
         assert time.monotonic() - started < 5
-        assert _code(lambda: stub.Register(coordinator_pb2.RegisterRequest(edge="edge-r"), timeout=5)) == DENIED
+        assert code(lambda: stub.Register(coordinator_pb2.RegisterRequest(edge="edge-r"), timeout=5)) == DENIED
         other = _coordinator(keys["edge-a"], address)  # other edges are not affected
         assert other.Register(coordinator_pb2.RegisterRequest(edge="edge-a"), timeout=5)
         time.sleep(1.1)  # certificates carry whole seconds: one issued after the revocation works again
