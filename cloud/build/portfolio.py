@@ -174,20 +174,26 @@ def select_levels(compressions: list[float], targets: tuple[float, ...]) -> set[
     return {min(range(len(compressions)), key=lambda i: (abs(math.log(compressions[i] / t)), i)) for t in targets}
 
 
+def changed_settings(config: BuildConfig) -> list[str]:
+    """The settings in which the build started in `config.out` differs from `config` (none there: [])."""
+    path = PortfolioStore(config.out).work_dir / "settings.json"
+    if not path.exists():
+        return []
+    before, settings = json.loads(path.read_text()), config.settings()
+    return sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
+
+
 def _check_settings(config: BuildConfig, store: PortfolioStore) -> None:
     """A resumed build must use the settings it started with."""
+    changed = changed_settings(config)
+    if changed:
+        raise SettingsError(
+            f"{store.root} holds a build with other settings ({', '.join(changed)}); "
+            "use another --out or remove its work/ folder"
+        )
     path = store.work_dir / "settings.json"
-    settings = config.settings()
-    if path.exists():
-        before = json.loads(path.read_text())
-        if before != settings:
-            changed = sorted(k for k in settings if settings.get(k) != before.get(k))
-            raise SettingsError(
-                f"{store.root} holds a build with other settings ({', '.join(changed)}); "
-                "use another --out or remove its work/ folder"
-            )
-    else:
-        atomic_write_json(path, settings)
+    if not path.exists():
+        atomic_write_json(path, config.settings())
 
 
 def _log(entry: VariantEntry) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -202,6 +203,10 @@ def _drive(
 def run(config: DemoConfig) -> int:
     run_dir = config.out
     build = config.build_config()
+    changed = portfolio.changed_settings(build)
+    if changed:  # the demo's own store, from another recipe: start it again rather than refuse
+        print(f"{build.out} was built with other settings ({', '.join(changed)}): building it again", flush=True)
+        shutil.rmtree(build.out)
     print(f"building a {build.method} portfolio of {build.model} (width {build.width}) on Fashion-MNIST", flush=True)
     manifest = portfolio.build(build)
     print(operator_client.portfolio_table(manifest), flush=True)

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from cloud.build import settings
+from cloud.build import portfolio, settings
+from cloud.build.methods.structured import StructuredConfig
 from cloud.build.settings import SettingsError
+from common.files import atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -112,3 +114,13 @@ def test_a_flag_taken_by_another_owner_is_refused_with_both_named():
 
     with pytest.raises(SettingsError, match="flag --no-on of the other clashes with --no-on of the example"):
         settings.add_arguments(parser, Other, "the other", taken)
+
+
+def test_a_store_names_the_settings_it_was_built_with_that_differ(tmp_path):
+    config = portfolio.BuildConfig(out=tmp_path, method="structured", method_settings=StructuredConfig())
+    assert portfolio.changed_settings(config) == []  # nothing built there yet
+    before = config.settings()
+    atomic_write_json(tmp_path / "work" / "settings.json", {**before, "subset": 123})
+    assert portfolio.changed_settings(config) == ["subset"]
+    atomic_write_json(tmp_path / "work" / "settings.json", before)
+    assert portfolio.changed_settings(config) == []
