@@ -10,14 +10,9 @@ timed alone on this CPU, `latency_table`), measures the pruned model served as a
 until the measurement, not the table, says the step's goal is reached (`chain`). It then fine-tunes
 with knowledge distillation from the dense model (`--distill-alpha`, `--distill-temperature`).
 
-Budget: the chain fine-tunes for `--variant-epochs` (default `--epochs`) per variant in all, so the
-whole chain trains the dense epochs plus that per variant, what `shifter` spends for as many levels.
-The levels share it in proportion to how far each prunes (the log of its target over the one before,
-`level_epochs`), at least one epoch each; a level's epochs are split over its steps (targets further
-than `--step-speedup` from the previous one take several). Split evenly instead, a level reached by a
-small step after a large one came out more accurate than the level before it (targets 3x and 4x, 4
-epochs each: 3x -1.61 points, 4x -0.78 against the dense model), so the portfolio's accuracy did not
-fall with its speed.
+Budget: a level's fine-tuning epochs (`--variant-epochs`, default `--epochs`) are split over its steps
+(targets further than `--step-speedup` from the previous one take several), so the whole chain trains
+the dense epochs plus `--variant-epochs` per variant, what `shifter` spends for as many levels.
 
 The defaults were chosen by experiment: vgg11 at width 0.5, 12000 Fashion-MNIST images, 4 epochs
 dense (88.70% test accuracy); one step pruned to a latency-table speedup of 3.3x, then 1 epoch of
@@ -131,21 +126,6 @@ def planned_steps(settings: StructuredConfig, level: int, budget: int) -> int:
     return max(1, min(wanted, budget))
 
 
-def level_epochs(speedups: tuple[float, ...], per_variant: int) -> tuple[int, ...]:
-    """Fine-tuning epochs of each level: `per_variant` times the number of levels in all, shared in
-    proportion to the log of each level's target over the one before (level 1: over 1), at least 1
-    each, the epochs left by rounding down going to the largest remainders."""
-    total = per_variant * len(speedups)
-    sizes = [math.log(t / s) for t, s in zip(speedups, (1.0, *speedups[:-1]), strict=True)]
-    ideal = [total * size / sum(sizes) if sum(sizes) > 0 else per_variant for size in sizes]
-    epochs = [max(1, math.floor(x)) for x in ideal]
-    while sum(epochs) > total:  # the floor of 1 took more than rounding down left
-        epochs[max((i for i in range(len(epochs)) if epochs[i] > 1), key=lambda i: epochs[i] - ideal[i])] -= 1
-    for i in sorted(range(len(epochs)), key=lambda i: (epochs[i] - ideal[i], i))[: total - sum(epochs)]:
-        epochs[i] += 1
-    return tuple(epochs)
-
-
 def _weights(model: nn.Module) -> int:
     return sum(layer.weight.numel() for layer in prunable_layers(model).values())
 
@@ -257,10 +237,10 @@ def levels(context: BuildContext, settings: StructuredConfig) -> Iterator[Sparse
     model, name = dense, context.config.model
     # the build gets copies: whatever it does to them, the chain goes on from its own models
     yield SparseModel(0, served.copy_of(dense), {}, compression=1.0, name=f"{name}-dense", compact=True)
-    budgets = level_epochs(settings.speedups, settings.finetune_epochs or context.config.train.epochs)
+    budget = settings.finetune_epochs or context.config.train.epochs
     records, history, dense_weights = [], [(steps.predicted(dense), 1.0)], _weights(dense)
     for level, target in enumerate(settings.speedups, 1):
-        model = _reach(steps, model, level, records, history, budgets[level - 1])
+        model = _reach(steps, model, level, records, history, budget)
         log.info("structured %gx: step %d measured %.2fx", target, len(records), records[-1].speedup)
         compression = dense_weights / _weights(model)
         yield SparseModel(

@@ -177,21 +177,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize(
-    ("speedups", "per_variant", "expected"),
-    [
-        ((3.0, 4.0), 4, (6, 2)),  # the large first prune gets most of the budget
-        ((2.0, 4.0, 8.0), 3, (3, 3, 3)),  # equal steps share it evenly
-        ((2.0, 3.0, 4.0, 6.0), 2, (3, 2, 1, 2)),
-        ((1.01, 8.0), 1, (1, 1)),  # every level gets at least one epoch
-        ((3.0,), 5, (5,)),
-    ],
-)
-def test_levels_share_the_fine_tuning_budget_by_how_far_each_prunes(speedups, per_variant, expected):
-    epochs = structured.level_epochs(speedups, per_variant)
-    assert epochs == expected and sum(epochs) == per_variant * len(speedups)
-
-
 def test_a_tiny_chain_shrinks_at_every_level_and_resumes_where_it_stopped(fashion_mnist, tmp_path, one_thread):
     settings = structured.StructuredConfig(speedups=(1.5, 2.0))
     config = portfolio.BuildConfig(
