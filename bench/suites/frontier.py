@@ -19,9 +19,11 @@ Per variant: accuracy on the full test split and its delta in points against the
 by seed where there are seeds: the dense model and the baselines train from every seed of the plan,
 the methods from the first), served latency at batch 1, 8 and 32 (BatchNorm folded, channels-last, as
 an edge serves it) timed interleaved with every other variant of the model and the dense model in one
-run, parameters, MACs, and the speedup over the dense model. How the summary reads them is
-`bench.suites.frontier_summary`. Every trained model and finished point is kept in the work
-directory, so a rerun of the same plan trains nothing again.
+run, parameters, MACs, and the speedup over the dense model; and the same latencies served by ONNX
+Runtime (each model exported as a build exports a variant), with the method's figures again on them
+(`_ort` keys: reported beside the targets, which judge torch serving, the edge's default). How the
+summary reads them is `bench.suites.frontier_summary`. Every trained model and finished point is
+kept in the work directory, so a rerun of the same plan trains nothing again.
 
 A method the plan names that is not registered is an error before any work. A build the method
 refuses (a target it cannot reach on this model or CPU) is recorded with the method's message, no
@@ -203,7 +205,7 @@ def _model(plan: Plan, model_plan: ModelPlan, data: datasets.Dataset, work: Path
         loaders |= {point["key"]: parts.loader(name, point["value"]) for point in groups[name]}
         first_seed = [seeds[0] for seeds in runs.values()]
         spent[name] = frontier_summary.spent(first_seed, name == frontier_train.TORCH_PRUNING, parts.steps_per_epoch)
-    timing = workdir.cached(work, "timing", lambda: parts.time_together(loaders))
+    timing = workdir.cached(work, "served-timing", lambda: parts.time_together(loaders))
     result = frontier_summary.model_result(
         model_plan.model, model_plan.width, dense, groups, spent, timing, parts.steps_per_epoch
     )

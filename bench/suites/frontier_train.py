@@ -17,6 +17,7 @@ Baselines, from the same training subset and recipe (SGD, the build's defaults):
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -34,17 +35,21 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from bench import workdir
+from cloud.build import onnx_export
+from cloud.build.timing import OrtServed
 from cloud.build.train import TrainConfig, evaluate, load_state, save_state, train
 from common import datasets, models
 from common.files import atomic_write_bytes, atomic_write_json
 from common.inference import for_inference
 from common.profiling import count_macs, measure_interleaved
+from common.variant_spec import VariantSpec
 
 if TYPE_CHECKING:
     from bench.suites.frontier import Plan
 
 log = logging.getLogger(__name__)
 TORCH_PRUNING, NARROW = "torch-pruning", "narrow"
+ORT = "onnxruntime:"  # the name under which a model served by ONNX Runtime is timed
 
 
 def counted(work: Path, key: str, compute: Callable[[], dict]) -> dict:
@@ -195,18 +200,33 @@ class Parts:
         key = f"{baseline}-{value:g}-seed{seed}"
         return lambda: self._final(key, self._baseline_model(baseline, value, seed))
 
+    def _onnx_served(self, model: nn.Module, key: str) -> nn.Module:
+        """`model` exported as a build exports a variant (opset, dynamic batch, BatchNorm folded) and
+        served by ONNX Runtime as an `onnxruntime` edge serves it, on as many threads as torch."""
+        info = self.data.info
+        kwargs = models.zoo_kwargs(self.shape, info.num_classes, self.width)
+        spec = VariantSpec(self.model, kwargs, info.input_shape, info.num_classes, info.mean, info.std, key, 0.0, 0.0)
+        onnx_bytes = onnx_export.export(model, spec, hashlib.sha256(key.encode()).hexdigest())
+        return OrtServed(onnx_export.session(onnx_bytes, threads=torch.get_num_threads()))
+
     def time_together(self, loaders: dict[str, Callable[[], nn.Module]]) -> dict[str, dict]:
-        """Every model as an edge serves it (BatchNorm folded, channels-last), timed at each batch of
-        the plan in the same interleaved rounds: p50 over rounds and the quartiles, `b{batch}_ms`."""
-        served = {key: for_inference(load(), self.shape) for key, load in loaders.items()}
-        out: dict[str, dict] = {key: {} for key in served}
+        """Every model served both ways an edge serves it, timed at each batch of the plan in the same
+        interleaved rounds: by torch (BatchNorm folded, channels-last; `b{batch}_ms`, p50 over rounds,
+        and the quartiles) and by ONNX Runtime (`ort_b{batch}_ms`, and its quartiles)."""
+        served: dict[str, nn.Module] = {}
+        for key, load in loaders.items():
+            model = load()
+            served[key] = for_inference(model, self.shape)
+            served[ORT + key] = self._onnx_served(model, key)
+        out: dict[str, dict] = {key: {} for key in loaders}
         for batch, iters in zip(self.plan.batches, self.plan.iters):
             log.info("%s: timing %d models at batch %d", self.model, len(served), batch)
             spreads = measure_interleaved(served, self.shape, batch, iters=iters, rounds=self.plan.rounds)
-            for key, spread in spreads.items():
+            for name, spread in spreads.items():
+                prefix, key = ("ort_", name[len(ORT) :]) if name.startswith(ORT) else ("", name)
                 out[key] |= {
-                    f"b{batch}_ms": spread.p50_ms,
-                    f"b{batch}_q1_ms": spread.q1_ms,
-                    f"b{batch}_q3_ms": spread.q3_ms,
+                    f"{prefix}b{batch}_ms": spread.p50_ms,
+                    f"{prefix}b{batch}_q1_ms": spread.q1_ms,
+                    f"{prefix}b{batch}_q3_ms": spread.q3_ms,
                 }
         return out

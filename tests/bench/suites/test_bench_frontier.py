@@ -62,10 +62,15 @@ def test_a_tiny_frontier_benchmark_runs_end_to_end_and_resumes(tmp_path, monkeyp
         assert len(method["variants"]) == TINY.variants, name  # every method's variants, the dense level left out
         for point in method["variants"]:
             for batch in TINY.batches:  # speedups from this run's own dense latency
-                assert point[f"speedup_b{batch}"] == dense[f"b{batch}_ms"] / point[f"b{batch}_ms"]
-                assert point[f"b{batch}_q1_ms"] <= point[f"b{batch}_ms"] <= point[f"b{batch}_q3_ms"]
+                for served in ("", "ort_"):  # by torch, and by ONNX Runtime in the same rounds
+                    ms = point[f"{served}b{batch}_ms"]
+                    assert point[f"speedup_{served}b{batch}"] == dense[f"{served}b{batch}_ms"] / ms
+                    assert point[f"{served}b{batch}_q1_ms"] <= ms <= point[f"{served}b{batch}_q3_ms"]
             assert point["macs"] < dense["macs"] or name not in frontier.BASELINES
             assert point["speedup_per_macs"] == point["speedup_b32"] / (dense["macs"] / point["macs"])
+            assert point["speedup_per_macs_ort"] == point["speedup_ort_b32"] / (dense["macs"] / point["macs"])
+        ort_fastest = max(method["variants"], key=lambda p: p["speedup_ort_b32"])
+        assert method["figures"]["fastest_speedup_ort"] == ort_fastest["speedup_ort_b32"]
     assert measured["methods"]["shifter"]["dropped"] == ["vgg11-L0"]  # level 0 is the dense model as given
     for name in frontier.BASELINES:  # paired by seed with the dense model
         for point in measured["methods"][name]["variants"]:
@@ -86,9 +91,11 @@ def test_a_tiny_frontier_benchmark_runs_end_to_end_and_resumes(tmp_path, monkeyp
     assert steps == spe * (baselines + methods + reference) + structured
     summary = result["summary"]
     assert summary["by_model"]["vgg11"]["narrow"]["epochs"] == equal
+    structured_figures = measured["methods"]["structured"]["figures"]
+    assert summary["onnxruntime"] == {key: structured_figures[key] for key in frontier_summary.ORT_KEYS}
     assert (tmp_path / "frontier-vgg11.png").stat().st_size > 0
     finished = _finished(tmp_path / "frontier.work")
-    assert {"vgg11/timing.json", "vgg11/dense-seed1.json", "vgg11/build-shifter.json"} <= set(finished)
+    assert {"vgg11/served-timing.json", "vgg11/dense-seed1.json", "vgg11/build-shifter.json"} <= set(finished)
     assert _steps_taken(lambda: main(args)) == 0  # a rerun resumes: nothing trains again
     assert _finished(tmp_path / "frontier.work") == finished  # nor measures or builds again
     assert json.loads(out.read_text())["models"] == result["models"]
