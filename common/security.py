@@ -6,12 +6,15 @@ every peer's) or, only when asked for with `--insecure`, in plaintext. A role di
 
     ca.pem  cert.pem  key.pem     every role: the CA, this role's certificate and private key
     token                         cloud and operator: the bearer token of operator RPCs
-    signing.key                   cloud: Ed25519 private key that signs variants
-    signing.pub                   edge: the matching public key; unsigned or wrongly signed variants are refused
+    signing.key                   cloud: Ed25519 private key that signs variants and listings
+    signing.pub                   edge: the matching public key; unsigned or wrongly signed variants and
+                                  listings are refused
 
 Operator RPCs carry `authorization: Bearer TOKEN` metadata (`BearerToken` adds it to a channel); the
 server's check, in constant time, is `common.token_check`.
-A variant's signature is Ed25519 over the 32-byte sha256 digest of its file (its id).
+A variant's signature is Ed25519 over the 32-byte sha256 digest of its file (its id); a listing's is
+Ed25519 over its canonical bytes (`common.listing`), which are longer and start with their own tag, so
+neither can pass as the other.
 
 Every certificate names its role and holder (`common.identity`). A channel from an edge or operator
 certificate expects the cloud's certificate (`CLOUD_NAME`, gRPC's target-name override), so no other
@@ -208,6 +211,10 @@ class Signer:
     def sign(self, variant_id: str) -> bytes:
         return self._key.sign(_digest(variant_id))
 
+    def sign_message(self, message: bytes) -> bytes:
+        """A signature over `message` (a signed listing's canonical bytes, `common.listing`)."""
+        return self._key.sign(message)
+
     def public_pem(self) -> bytes:
         return self._key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -238,6 +245,14 @@ class Verifier:
             self._key.verify(signature, _digest(variant_id))
         except InvalidSignature:
             raise SecurityError(f"variant {short_id(variant_id)} has a wrong signature") from None
+
+    def verifies(self, message: bytes, signature: bytes) -> bool:
+        """Is `signature` the cloud's over `message` (a listing's canonical bytes, `common.listing`)?"""
+        try:
+            self._key.verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True
 
 
 # --- command-line flags, the same on every command ----------------------------------------------------

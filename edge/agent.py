@@ -6,6 +6,7 @@ up in load is answered after `MIN_WINDOW_S` rather than at the window's end. It 
 coordinator: with the cloud unreachable the agent keeps serving and switching under its last policy
 (the `Link` buffers the switch events meanwhile). Every decision carries a `ReasonCode` of the policy
 contract (`common.policy_contract`), which the events and the switch counter report as its string.
+Every listing given goes through its `ListingGuard` (`edge.listing_guard`) first: a refused one changes nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from edge import policy as policies
 from edge.backends.base import Backend
 from edge.config import AgentConfig
 from edge.link import Link, Outbox
+from edge.listing_guard import ListingGuard, registered_listing
 from edge.metrics import EdgeMetrics
 from edge.portfolio_sync import PortfolioSync
 from edge.runtime import Runtime
@@ -54,17 +56,16 @@ class Agent:
         wall_clock: Callable[[], float] = time.time,
         verifier: Verifier | None = None,
         backend: Backend | None = None,
+        listings: ListingGuard | None = None,
     ):
-        self.config, self.runtime, self.metrics = config, runtime, metrics
-        self._health = health
-        self._outbox, self.stopping = outbox, stopping
-        self._clock, self._wall_clock = clock, wall_clock
+        self.config, self.runtime, self.metrics, self._health = config, runtime, metrics, health
+        self._outbox, self.stopping, self._clock, self._wall_clock = outbox, stopping, clock, wall_clock
+        self.listings = listings or ListingGuard(verifier, config.cache_dir, wall_clock=wall_clock)
         self._sync = PortfolioSync(config, runtime, metrics, portfolio_stub, outbox, stopping, verifier, backend)
         self.policy = policies.PolicyConfig(
             slo_ms=config.slo_ms, window_s=config.window_s, memory_budget_bytes=config.memory_budget_bytes
         )
-        self._state: policies.PolicyState | None = None
-        self._decided_at: float | None = None
+        self._state, self._decided_at = None, None  # policy state; when the loop last decided
         self.windows = PolicyWindows(
             window,
             process,
@@ -130,15 +131,17 @@ class Agent:
     # --- the coordinator's side of the link (edge.link.LinkHandler) ------------------------------
     def registered(self, reply: coordinator_pb2.RegisterResponse) -> None:
         self.set_policy(reply.policy)
-        changed = self._sync.servable(reply.variants) != set(self.runtime.variants())
+        if not self.listings.admit(listing := registered_listing(reply)):
+            return
+        changed = self._sync.servable(listing.variants) != set(self.runtime.variants())
         if changed and not self._sync.busy():  # a load in progress gets its turn first
-            self._in_background(self.adopt_portfolio, list(reply.variants))
+            self._in_background(self.adopt_portfolio, list(listing.variants))
 
     def directive(self, directive: coordinator_pb2.Directive) -> None:
         kind = directive.WhichOneof("body")
         if kind == "policy":
             self.set_policy(directive.policy)
-        elif kind == "portfolio":
+        elif kind == "portfolio" and self.listings.admit(directive.portfolio):
             self._in_background(self.adopt_portfolio, list(directive.portfolio.variants))
 
     def hello(self) -> list[coordinator_pb2.EdgeReport]:
@@ -285,10 +288,11 @@ def initial_portfolio(agent: Agent, link: Link) -> bool:
         try:
             reply = link.register()
             agent.set_policy(reply.policy)
-            agent.sync_portfolio(reply.variants)
+            if agent.listings.admit(listing := registered_listing(reply)):
+                agent.sync_portfolio(listing.variants)
             if agent.options():
                 return True
-            log.warning("no usable variant in portfolio %r yet", reply.portfolio_id)
+            log.warning("no usable variant in portfolio %r yet", listing.portfolio_id)
         except grpc.RpcError as err:
             log.warning("cannot register with %s: %s %s", agent.config.cloud, err.code().name, err.details())
         attempt += 1

@@ -4,7 +4,8 @@
 starting the servers (the InferenceService NOT_SERVING until the agent starts serving) but no loop:
 the command line (`edge.cli`) runs the loops, and the same wiring can run inside another process.
 The cache directory is locked first (`edge.cache.CacheLock`): a second agent on it refuses to start
-before it binds a port. `Node.close` stops what `assemble` started and releases the lock.
+before it binds a port. `Node.close` stops what `assemble` started and releases the lock. The agent's
+`ListingGuard` (`edge.listing_guard`) counts the listings it refuses on the agent's registry.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from common.security import Transport, Verifier
 from edge.agent import Agent
@@ -23,6 +24,7 @@ from edge.cache import CacheLock
 from edge.config import AgentConfig
 from edge.fetcher import portfolio_stub
 from edge.link import Link, LinkConfig, Outbox
+from edge.listing_guard import ListingGuard
 from edge.metrics import EdgeMetrics
 from edge.runtime import Runtime, RuntimeConfig
 from edge.server import InferenceServicer, make_server, set_serving
@@ -72,9 +74,21 @@ def assemble(config: AgentConfig, stopping: threading.Event, transport: Transpor
         raise
 
 
+def _listing_guard(config: AgentConfig, verifier: Verifier | None, registry: CollectorRegistry) -> ListingGuard:
+    """The agent's check of listings, its refusals counted by reason on the agent's registry."""
+    refused = Counter(
+        "prunefleet_edge_listings_refused_total",
+        "Portfolio listings refused: unsigned, bad signature, expired, older version, ...",
+        ["edge", "reason"],
+        registry=registry,
+    )
+    return ListingGuard(verifier, config.cache_dir, lambda reason: refused.labels(config.name, reason).inc())
+
+
 def _wire(config: AgentConfig, stopping: threading.Event, transport: Transport, cache_lock: CacheLock) -> Node:
     verifier = Verifier.load(config.verify_key) if config.verify_key else None
     registry = CollectorRegistry()
+    listings = _listing_guard(config, verifier, registry)
     metrics = EdgeMetrics(registry, config.name, slo_s=config.slo_ms / 1e3)
     http, _ = start_http_server(config.metrics_port, config.host, registry=registry)
     metrics.budget(config.memory_budget_bytes)
@@ -117,6 +131,7 @@ def _wire(config: AgentConfig, stopping: threading.Event, transport: Transport, 
         outbox,
         stopping,
         verifier=verifier,
+        listings=listings,
     )
     link = Link(link_config, coordinator_pb2_grpc.CoordinatorServiceStub(channel), outbox, stopping)
     return Node(agent, link, server, health, http, channel, address, metrics_address, batcher, cache_lock)

@@ -44,14 +44,16 @@ class RegisterRequest(_message.Message):
     def __init__(self, edge: _Optional[str] = ..., address: _Optional[str] = ..., metrics_address: _Optional[str] = ..., threads: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("policy", "variants", "portfolio_id")
+    __slots__ = ("policy", "variants", "portfolio_id", "portfolio")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     PORTFOLIO_ID_FIELD_NUMBER: _ClassVar[int]
+    PORTFOLIO_FIELD_NUMBER: _ClassVar[int]
     policy: Policy
     variants: _containers.RepeatedCompositeFieldContainer[_portfolio_pb2.VariantInfo]
     portfolio_id: str
-    def __init__(self, policy: _Optional[_Union[Policy, _Mapping]] = ..., variants: _Optional[_Iterable[_Union[_portfolio_pb2.VariantInfo, _Mapping]]] = ..., portfolio_id: _Optional[str] = ...) -> None: ...
+    portfolio: _portfolio_pb2.ListVariantsResponse
+    def __init__(self, policy: _Optional[_Union[Policy, _Mapping]] = ..., variants: _Optional[_Iterable[_Union[_portfolio_pb2.VariantInfo, _Mapping]]] = ..., portfolio_id: _Optional[str] = ..., portfolio: _Optional[_Union[_portfolio_pb2.ListVariantsResponse, _Mapping]] = ...) -> None: ...
 
 class VariantProfile(_message.Message):
     __slots__ = ("variant_id", "p50_ms_b1", "p95_ms_b1", "batch", "p50_ms_batch", "p95_ms_batch")

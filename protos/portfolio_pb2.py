@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/portfolio.proto\x12\rprunefleet.v1\"\xf1\x02\n\x0bVariantInfo\x12\x12\n\nvariant_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06params\x18\x04 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x05 \x01(\x01\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x0c\n\x04name\x18\x07 \x01(\t\x12\x0c\n\x04\x61rch\x18\x08 \x01(\t\x12\x10\n\x08sparsity\x18\t \x01(\x01\x12\x13\n\x0b\x63ompression\x18\n \x01(\x01\x12\x15\n\rlatency_ms_b1\x18\x0b \x01(\x01\x12\r\n\x05level\x18\x0c \x01(\x05\x12\x14\n\x0cparams_ratio\x18\r \x01(\x01\x12\x11\n\tsignature\x18\x0e \x01(\x0c\x12\x0f\n\x07onnx_id\x18\x0f \x01(\t\x12\x17\n\x0fonnx_size_bytes\x18\x10 \x01(\x03\x12\x16\n\x0eonnx_signature\x18\x11 \x01(\x0c\x12\x11\n\tprecision\x18\x12 \x01(\t\x12\x11\n\tparent_id\x18\x13 \x01(\t\"\x15\n\x13ListVariantsRequest\"Z\n\x14ListVariantsResponse\x12,\n\x08variants\x18\x01 \x03(\x0b\x32\x1a.prunefleet.v1.VariantInfo\x12\x14\n\x0cportfolio_id\x18\x02 \x01(\t\"9\n\x13\x46\x65tchVariantRequest\x12\x12\n\nvariant_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"P\n\x0cVariantChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t2\xbe\x01\n\x10PortfolioService\x12W\n\x0cListVariants\x12\".prunefleet.v1.ListVariantsRequest\x1a#.prunefleet.v1.ListVariantsResponse\x12Q\n\x0c\x46\x65tchVariant\x12\".prunefleet.v1.FetchVariantRequest\x1a\x1b.prunefleet.v1.VariantChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/portfolio.proto\x12\rprunefleet.v1\"\xf1\x02\n\x0bVariantInfo\x12\x12\n\nvariant_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06params\x18\x04 \x01(\x03\x12\x10\n\x08\x61\x63\x63uracy\x18\x05 \x01(\x01\x12\x0e\n\x06method\x18\x06 \x01(\t\x12\x0c\n\x04name\x18\x07 \x01(\t\x12\x0c\n\x04\x61rch\x18\x08 \x01(\t\x12\x10\n\x08sparsity\x18\t \x01(\x01\x12\x13\n\x0b\x63ompression\x18\n \x01(\x01\x12\x15\n\rlatency_ms_b1\x18\x0b \x01(\x01\x12\r\n\x05level\x18\x0c \x01(\x05\x12\x14\n\x0cparams_ratio\x18\r \x01(\x01\x12\x11\n\tsignature\x18\x0e \x01(\x0c\x12\x0f\n\x07onnx_id\x18\x0f \x01(\t\x12\x17\n\x0fonnx_size_bytes\x18\x10 \x01(\x03\x12\x16\n\x0eonnx_signature\x18\x11 \x01(\x0c\x12\x11\n\tprecision\x18\x12 \x01(\t\x12\x11\n\tparent_id\x18\x13 \x01(\t\"\x15\n\x13ListVariantsRequest\"\x97\x01\n\x14ListVariantsResponse\x12,\n\x08variants\x18\x01 \x03(\x0b\x32\x1a.prunefleet.v1.VariantInfo\x12\x14\n\x0cportfolio_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x17\n\x0f\x65xpires_at_unix\x18\x04 \x01(\x03\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"9\n\x13\x46\x65tchVariantRequest\x12\x12\n\nvariant_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"P\n\x0cVariantChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t2\xbe\x01\n\x10PortfolioService\x12W\n\x0cListVariants\x12\".prunefleet.v1.ListVariantsRequest\x1a#.prunefleet.v1.ListVariantsResponse\x12Q\n\x0c\x46\x65tchVariant\x12\".prunefleet.v1.FetchVariantRequest\x1a\x1b.prunefleet.v1.VariantChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,12 +35,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VARIANTINFO']._serialized_end=411
   _globals['_LISTVARIANTSREQUEST']._serialized_start=413
   _globals['_LISTVARIANTSREQUEST']._serialized_end=434
-  _globals['_LISTVARIANTSRESPONSE']._serialized_start=436
-  _globals['_LISTVARIANTSRESPONSE']._serialized_end=526
-  _globals['_FETCHVARIANTREQUEST']._serialized_start=528
-  _globals['_FETCHVARIANTREQUEST']._serialized_end=585
-  _globals['_VARIANTCHUNK']._serialized_start=587
-  _globals['_VARIANTCHUNK']._serialized_end=667
-  _globals['_PORTFOLIOSERVICE']._serialized_start=670
-  _globals['_PORTFOLIOSERVICE']._serialized_end=860
+  _globals['_LISTVARIANTSRESPONSE']._serialized_start=437
+  _globals['_LISTVARIANTSRESPONSE']._serialized_end=588
+  _globals['_FETCHVARIANTREQUEST']._serialized_start=590
+  _globals['_FETCHVARIANTREQUEST']._serialized_end=647
+  _globals['_VARIANTCHUNK']._serialized_start=649
+  _globals['_VARIANTCHUNK']._serialized_end=729
+  _globals['_PORTFOLIOSERVICE']._serialized_start=732
+  _globals['_PORTFOLIOSERVICE']._serialized_end=922
 # @@protoc_insertion_point(module_scope)

@@ -53,12 +53,18 @@ class ListVariantsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListVariantsResponse(_message.Message):
-    __slots__ = ("variants", "portfolio_id")
+    __slots__ = ("variants", "portfolio_id", "version", "expires_at_unix", "signature")
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     PORTFOLIO_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     variants: _containers.RepeatedCompositeFieldContainer[VariantInfo]
     portfolio_id: str
-    def __init__(self, variants: _Optional[_Iterable[_Union[VariantInfo, _Mapping]]] = ..., portfolio_id: _Optional[str] = ...) -> None: ...
+    version: int
+    expires_at_unix: int
+    signature: bytes
+    def __init__(self, variants: _Optional[_Iterable[_Union[VariantInfo, _Mapping]]] = ..., portfolio_id: _Optional[str] = ..., version: _Optional[int] = ..., expires_at_unix: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class FetchVariantRequest(_message.Message):
     __slots__ = ("variant_id", "offset")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import grpc
 import torch
 from helpers import wait_for  # noqa: F401  (re-exported for the edge tests)
 
+from common import listing as listings
 from common import models, variant
+from common.files import portfolio_id
 from common.variant import VariantSpec
 from edge.variants import LoadedVariant, VariantInfo, loaded
 from protos import (
@@ -56,10 +59,11 @@ def load_variant(path: Path, sha: str, name: str) -> LoadedVariant:
 
 class FakeCloud(coordinator_pb2_grpc.CoordinatorServiceServicer, portfolio_pb2_grpc.PortfolioServiceServicer):
     """A coordinator and portfolio service in one in-process server, recording what edges send.
-    `files` maps variant id -> bytes served for it (which may be wrong on purpose)."""
+    `files` maps variant id -> bytes served for it (which may be wrong on purpose). With a `signer`,
+    Register also gives the listing of `infos` signed under `version` (`listing`), as the cloud does."""
 
-    def __init__(self, files: dict[str, bytes], infos: list[portfolio_pb2.VariantInfo], policy=None):
-        self.files, self.infos = files, infos
+    def __init__(self, files: dict[str, bytes], infos: list[portfolio_pb2.VariantInfo], policy=None, signer=None):
+        self.files, self.infos, self.signer, self.version = files, infos, signer, 1
         self.policy = policy or coordinator_pb2.Policy(slo_ms=1000.0, dwell_s=0.0, version=1)
         self.registrations: list[coordinator_pb2.RegisterRequest] = []
         self.reports: list[coordinator_pb2.EdgeReport] = []
@@ -70,7 +74,19 @@ class FakeCloud(coordinator_pb2_grpc.CoordinatorServiceServicer, portfolio_pb2_g
 
     def Register(self, request, context):
         self.registrations.append(request)
-        return coordinator_pb2.RegisterResponse(policy=self.policy, variants=self.infos, portfolio_id="p1")
+        reply = coordinator_pb2.RegisterResponse(policy=self.policy, variants=self.infos, portfolio_id="p1")
+        if self.signer is not None:
+            reply.portfolio.CopyFrom(self.listing())
+        return reply
+
+    def listing(self, infos=None, version=None, expires_at=None) -> portfolio_pb2.ListVariantsResponse:
+        """`infos` (default: the cloud's) listed under `version` (default: the cloud's), signed by its signer."""
+        infos = self.infos if infos is None else infos
+        base = portfolio_pb2.ListVariantsResponse(
+            variants=infos, portfolio_id=portfolio_id(v.variant_id for v in infos)
+        )
+        expires_at = int(time.time()) + 3600 if expires_at is None else expires_at
+        return listings.signed(base, self.version if version is None else version, expires_at, self.signer)
 
     def Connect(self, request_iterator, context):
         stream: list = []

@@ -24,8 +24,6 @@ from bench.attacks.arena import Arena
 from bench.attacks.records import Attack, attempt, summarize
 from common.files import atomic_write_json
 
-SIGNED_LISTINGS = "signed portfolio listings with a rising version (not built yet)"
-
 _ATTACKS = (
     Attack(
         "impersonation",
@@ -135,10 +133,12 @@ _ATTACKS = (
     Attack(
         "replayed_listing",
         "edge-c holds a newer portfolio; a server holding the cloud's TLS certificate (not its signing key) "
-        "replays the older portfolio's listing, with the signatures the cloud once gave its variants",
-        "the edge refuses a listing older than the one it holds: no window of it names the older portfolio",
+        "replays the older portfolio's signed listing to the restarted edge (Register) and the serving edge "
+        "(Connect), sends the held listing with a member's accuracy raised, and one signed by the cloud's key "
+        "that expired an hour ago",
+        "each listing refused and counted by its reason (older_version twice, bad_signature, expired); every "
+        "window of the edge names the held portfolio, none the older one",
         replay.replayed_listing,
-        SIGNED_LISTINGS,
     ),
 )
 ATTACKS = {attack.name: attack for attack in _ATTACKS}

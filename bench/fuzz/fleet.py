@@ -21,6 +21,7 @@ from common.files import sha256_file
 from common.security import Transport
 from common.variant import VariantSpec
 from edge.cache import LOCK_NAME
+from edge.listing_guard import STATE_NAME
 from protos import coordinator_pb2, coordinator_pb2_grpc
 
 INPUT_SHAPE = (1, 28, 28)
@@ -152,7 +153,7 @@ def cache_problems(cache: Path) -> list[str]:
     file of the agent using it)."""
     problems = []
     for path in sorted(cache.iterdir()) if cache.is_dir() else ():
-        if path.name == LOCK_NAME:
+        if path.name in (LOCK_NAME, STATE_NAME):
             continue
         if path.suffix != ".safetensors" or sha256_file(path) != path.stem:
             problems.append(f"{path.name} in the edge cache is not a verified variant file")

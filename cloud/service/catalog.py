@@ -5,6 +5,14 @@ serves the variants its edges were told to hold, once each store is hashed again
 before it is added (`cloud.service.store_checks`): no symlink in it, bounded sizes, every file
 hashing to its id with its recorded size, and the portfolio id computed from the members, since the
 cloud signs what it serves and edges hold portfolios by id.
+
+Listings go out signed as a whole (`common.listing`) under the cloud's current listing version and
+expiry, both in the fleet database: `issue` moves to the next version (every deploy, promotion,
+rollback and refresh, in the same durable transaction as the change it announces; one above the last
+and at least the unix second, so it rises even past a lost database) with a new expiry `validity_s`
+ahead; `due` says when half of that has passed and the listings must be issued again, so a connected
+edge never holds an expired one. A restarted cloud signs the same bytes again for the
+same version (Ed25519 signatures are deterministic), so an edge sees nothing new.
 """
 
 from __future__ import annotations
@@ -17,13 +25,17 @@ from pathlib import Path
 
 from cloud.build.store import Manifest, PortfolioStore, StoreError, VariantEntry
 from cloud.service.fleet_db import FleetDB
+from cloud.service.fleet_schema import LISTING_EXPIRES, LISTING_VERSION, issue_statements
 from cloud.service.store_checks import Progress, StoreLimits, check_files, read_manifest, served_id
+from common import listing as listings
 from common.security import Signer
 from protos import portfolio_pb2
 
 log = logging.getLogger(__name__)
 CURRENT = "portfolio"  # settings key: the portfolio new edges get
 LIMITS = StoreLimits()
+VALIDITY_S = 7 * 86400.0  # how long a listing is valid (`prunefleet cloud serve --listing-validity`)
+MIN_VALIDITY_S, MAX_VALIDITY_S = 600.0, 366 * 86400.0
 
 
 def variant_info(entry: VariantEntry, signer: Signer | None) -> portfolio_pb2.VariantInfo:
@@ -83,6 +95,11 @@ class Catalog:
         self._files: dict[str, tuple[VariantEntry, Path]] = {}
         self._listings: dict[str, portfolio_pb2.ListVariantsResponse] = {}
         self._withdrawn: dict[str, str] = {}  # portfolio id -> why it is no longer served
+        self._signed: dict[str, portfolio_pb2.ListVariantsResponse] = {}  # under the current version
+        self.validity_s = VALIDITY_S
+        self._epoch = self._read_epoch()
+        if not self._epoch[0]:
+            self.issue()
         for portfolio_id, root in db.portfolios():
             try:
                 store = PortfolioStore(Path(root))
@@ -149,13 +166,65 @@ class Catalog:
         return manifest
 
     def listing(self, portfolio_id: str = "") -> portfolio_pb2.ListVariantsResponse:
-        """The variants of a portfolio (default: the current one), signed when the cloud has a key."""
+        """The listing of a portfolio (default: the current one) under the current version and expiry,
+        signed when the cloud has a key."""
         portfolio_id = portfolio_id or self.current()
         with self._lock:
-            listing = self._listings.get(portfolio_id)
+            signed, listing, (version, expires_at) = (
+                self._signed.get(portfolio_id),
+                self._listings.get(portfolio_id),
+                self._epoch,
+            )
         if listing is None:
             raise StoreError(f"portfolio {portfolio_id!r} is not known to this cloud")
-        return listing
+        if signed is None or signed.version != version:
+            signed = listings.signed(listing, version, expires_at, self._signer)
+            with self._lock:
+                self._signed[portfolio_id] = signed
+        return signed
+
+    def desired(self, edges: list[str], connected: set[str]) -> list[tuple[str, portfolio_pb2.ListVariantsResponse]]:
+        """(edge, listing of the portfolio it should hold: its desired one, else the current) of each of
+        `edges` in `connected`, in order, leaving out any whose portfolio this cloud no longer serves."""
+        current, desired = self.current(), dict(self._db.query("SELECT name, desired_portfolio FROM edges"))
+        wanted = [(edge, desired.get(edge) or current) for edge in edges if edge in connected]
+        return [(edge, self.listing(pid)) for edge, pid in wanted if self.known(pid)]
+
+    # --- listing versions ----------------------------------------------------------------------------
+    def set_validity(self, validity_s: float) -> None:
+        """How long listings issued from now on are valid (a value outside the bounds is refused); the
+        listings are issued again at once if they are due under it (a cloud restarted late) or valid for
+        longer than it (a shorter validity than they were issued with)."""
+        if not MIN_VALIDITY_S <= validity_s <= MAX_VALIDITY_S:
+            raise ValueError(
+                f"listing validity must be in [{MIN_VALIDITY_S:g}, {MAX_VALIDITY_S:g}] s, got {validity_s}"
+            )
+        self.validity_s = validity_s
+        if self.due() or self._epoch[1] > self._db.clock() + validity_s:
+            self.issue()
+
+    def _read_epoch(self) -> tuple[int, int]:
+        return int(self._db.setting(LISTING_VERSION) or 0), int(self._db.setting(LISTING_EXPIRES) or 0)
+
+    @property
+    def version(self) -> int:
+        """The version of the listings the cloud issues now."""
+        return self._epoch[0]
+
+    def issue(self, statements: list[tuple[str, tuple]] = ()) -> int:
+        """Commit `statements` (the change the new listings announce) and the next listing version, with
+        an expiry `validity_s` from now, in one durable transaction; the new version. Push after it."""
+        now = self._db.clock()
+        self._db.transaction([*statements, *issue_statements(now, int(now + self.validity_s))], durable=True)
+        epoch = self._read_epoch()
+        with self._lock:
+            self._epoch, self._signed = epoch, {}
+        log.info("listing version %d, valid until unix %d", epoch[0], epoch[1])
+        return epoch[0]
+
+    def due(self) -> bool:
+        """Has half of the validity gone by (or more), so the listings must be issued again?"""
+        return self._db.clock() >= self._epoch[1] - self.validity_s / 2
 
     def file(self, variant_id: str) -> tuple[VariantEntry, Path] | None:
         """A member of a portfolio this cloud knows, by its id, with the path of its own file."""

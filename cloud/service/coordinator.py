@@ -29,6 +29,7 @@ from cloud.service.fleet_db import FleetDB
 from cloud.service.fleet_view import EventsQueryError, events_page, fleet_page
 from cloud.service.interceptors import BadRequest
 from cloud.service.paging import PageTokenError
+from cloud.service.report_pace import ReportPace
 from cloud.service.report_writer import ReportWriter
 from cloud.service.rollout import RolloutConflict, RolloutError, Rollouts, select
 from cloud.service.validation import DEFAULT_POLICY, PolicyError, register_problem, report_problem, validate_policy
@@ -65,20 +66,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         refused: Callable[[str], None] | None = None,
         bind_timeout_s: float = BIND_TIMEOUT_S,
         deploys: DeployConfig | None = None,
+        pace: ReportPace | None = None,
     ):
         self._heartbeat_s, self._refused = heartbeat_s, refused or (lambda kind: None)
-        self._bind_timeout_s = bind_timeout_s
-        self._db = db
-        self._catalog = catalog
-        self._clock = clock
-        self._reports = reports
-        self._blocking = blocking
+        self._bind_timeout_s, self._db, self._catalog, self._clock = bind_timeout_s, db, catalog, clock
+        self._reports, self._blocking = reports, blocking
         self._broadcasting = threading.Lock()  # policy broadcasts one at a time: the newest goes out last
-        self._streams = EdgeStreams()
+        self._streams = EdgeStreams(pace)  # one stream per edge, each read at its edge's pace
         if db.policy() is None:
             db.save_policy(DEFAULT_POLICY)
-        self.rollouts = Rollouts(db, catalog, db.policy, self.push, clock)
-        self.deploys = Deploys(catalog, self.rollouts, deploys or DeployConfig(), clock)  # the stores deploys name
+        deploys = deploys or DeployConfig()
+        catalog.set_validity(deploys.listing_validity_s)
+        self.rollouts = Rollouts(db, catalog, db.policy, self.push, clock, self._streams.connected)
+        self.deploys = Deploys(catalog, self.rollouts, deploys, clock)  # the stores deploys name
 
     def _desired(self, edge: str) -> portfolio_pb2.ListVariantsResponse:
         """The portfolio `edge` should hold: its desired one, else (a new edge) the current one."""
@@ -127,9 +127,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self._db.register(request)
         log.info("edge %s registered at %s", request.edge, escaped(request.address))
         portfolio = self._desired(request.edge)
-        return coordinator_pb2.RegisterResponse(
-            policy=self._policy_for(request.edge), variants=portfolio.variants, portfolio_id=portfolio.portfolio_id
-        )
+        older = {"variants": portfolio.variants, "portfolio_id": portfolio.portfolio_id}  # for older edges
+        return coordinator_pb2.RegisterResponse(policy=self._policy_for(request.edge), portfolio=portfolio, **older)
 
     async def _run_blocking(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self._blocking, function, *args)
@@ -144,6 +143,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 if refusal:
                     outbox.put(refusal)
                     return
+                await self._streams.paced(report.edge)  # the next report waits its turn
         except BadRequest as err:
             outbox.put((grpc.StatusCode.INVALID_ARGUMENT, str(err)))
         except grpc.RpcError:

@@ -25,7 +25,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from cloud.build.store import StoreError
-from cloud.service.catalog import Catalog
+from cloud.service.catalog import MAX_VALIDITY_S, MIN_VALIDITY_S, VALIDITY_S, Catalog
 from cloud.service.rollout import RolloutConflict, RolloutError, Rollouts
 from cloud.service.store_checks import StoreLimits, path_problem, resolve_under
 from cloud.service.uploads import UploadError, Uploads
@@ -38,18 +38,25 @@ _PORTFOLIO_ID = re.compile(r"[0-9a-f]{16}")
 
 @dataclass(frozen=True)
 class DeployConfig:
-    """Where deployed stores may come from and how large they may be."""
+    """Where deployed stores may come from, how large they may be, and how long the listings that
+    announce them are valid (`cloud.service.catalog`; edges refuse a listing past it)."""
 
     portfolio_root: Path | None = None  # deploy by path names a store under it; None: by path is refused
     uploads_dir: Path | None = None  # where uploaded stores go; None: uploads are refused
     max_upload_bytes: int = 4 << 30  # one upload, manifest and every member file
     limits: StoreLimits = field(default_factory=StoreLimits)
+    listing_validity_s: float = VALIDITY_S  # issued again when half of it has passed
 
     def __post_init__(self) -> None:
         if self.portfolio_root is not None and not Path(self.portfolio_root).is_dir():
             raise ValueError(f"portfolio_root {self.portfolio_root} is not a directory")
         if not 1 << 20 <= self.max_upload_bytes <= 1 << 44:
             raise ValueError(f"max_upload_bytes must be in [1 MiB, 16 TiB], got {self.max_upload_bytes}")
+        if not MIN_VALIDITY_S <= self.listing_validity_s <= MAX_VALIDITY_S:
+            raise ValueError(
+                f"listing validity must be in [{MIN_VALIDITY_S:g} s, {MAX_VALIDITY_S / 86400:g} d], "
+                f"got {self.listing_validity_s:g} s"
+            )
 
 
 class Deploys:

@@ -8,6 +8,9 @@ One stream per edge: a stream opened by an edge's certificate (its `owner`) repl
 stream of the same certificate, and a stream bound to an edge replaces every older one bound to it.
 The newer wins because an edge that reconnects after a broken link must not wait for the cloud to
 notice the old stream is dead; the replaced stream ends with `REPLACED` (ABORTED).
+
+Each stream's reports are read at its identity's pace (`cloud.service.report_pace`): `paced` waits for
+the next one's turn.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import threading
 from collections.abc import Iterator
 
 import grpc
+
+from cloud.service.report_pace import ReportPace
 
 CLOSE = object()  # put into an outbox: the stream ends
 REPLACED = (grpc.StatusCode.ABORTED, "replaced by a newer Connect stream of the same edge")
@@ -42,7 +47,8 @@ class EdgeStreams:
     """Every open stream by id, with the edge it is bound to ('' until its first report) and the
     certificate name that opened it ('' in plaintext); thread-safe."""
 
-    def __init__(self):
+    def __init__(self, pace: ReportPace | None = None):
+        self._pace = ReportPace() if pace is None else pace  # (an empty one has length 0)
         self._lock = threading.Lock()
         self._streams: dict[int, tuple[str, Outbox]] = {}
         self._owners: dict[int, str] = {}
@@ -61,6 +67,11 @@ class EdgeStreams:
                 self._owners[stream_id] = owner
                 self._replace(stream_id, lambda other: self._owners.get(other) == owner)
         return stream_id
+
+    async def paced(self, identity: str) -> None:
+        """Wait until the next report of `identity` may be read (at once while under its rate)."""
+        if wait := self._pace.delay(identity):
+            await asyncio.sleep(wait)
 
     def close(self, stream_id: int) -> None:
         with self._lock:

@@ -1,4 +1,4 @@
-"""The fleet database's tables, and the statements that store what edges report.
+"""The fleet database's tables, and the statements that store what edges report and the listing version.
 
 Kept apart from `cloud.service.fleet_db.FleetDB` (which runs them) so the layout of the data reads
 in one place. Protobuf messages are stored as their serialized bytes, never pickled.
@@ -95,3 +95,19 @@ def keep_profiles_statement(edge: str, keep: int) -> tuple[str, tuple]:
         "(SELECT rowid FROM profiles WHERE edge = ? ORDER BY rowid DESC LIMIT ?)",
         (edge, edge, keep),
     )
+
+
+LISTING_VERSION, LISTING_EXPIRES = "listing_version", "listing_expires_at"  # settings: the listings issued last
+
+
+def issue_statements(now: float, expires_at: int) -> list[tuple[str, tuple]]:
+    """The next listing version and the expiry its listings carry, in the settings. The version is one
+    above the last, and at least the unix second `now`: it rises even after the database is lost."""
+    return [
+        (
+            "INSERT INTO settings (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = MAX(CAST(value AS INTEGER) + 1, CAST(excluded.value AS INTEGER))",
+            (LISTING_VERSION, int(now)),
+        ),
+        ("INSERT OR REPLACE INTO settings (key, value) VALUES (?, ?)", (LISTING_EXPIRES, str(int(expires_at)))),
+    ]

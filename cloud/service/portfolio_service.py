@@ -1,5 +1,8 @@
 """PortfolioService: lists the current portfolio and streams its files in chunks, resumable by offset.
 
+`ListVariants` answers the current portfolio's listing as the catalog signs it (`Catalog.listing`:
+under the listing version and expiry, the whole listing signed when the cloud has a key).
+
 Any file of any portfolio the cloud knows can be fetched by its id (an edge being rolled back needs the
 old ones): a member's own file (a float32 variant's safetensors file, an int8 member's ONNX file) and
 a member's ONNX file, so an edge fetches what its backend serves and nothing else. A bad id is

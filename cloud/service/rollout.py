@@ -12,6 +12,11 @@
               is promoted to every covered edge. Canaries that do not hold it within `adopt_timeout_s`
               (a refused signature, a failed download) also roll it back.
     rollback  every covered edge's desired portfolio goes back to what it was, and is pushed.
+    refresh   when half of the listings' validity has passed (`Catalog.due`), issued again.
+
+Each of these issues a new listing version (`Catalog.issue`, in the change's transaction) and pushes
+every connected edge its listing under it, changed or not: each holds the newest version, unexpired (a
+rollback is a new version, which edges accept; the older listing replayed, they refuse).
 
 Everything is in the fleet database, so a restarted coordinator carries on with the rollout it was judging;
 each change of a rollout commits fully synchronously (`FleetDB.transaction(durable=True)`) before any
@@ -123,23 +128,18 @@ class Rollouts:
         policy: Callable[[], coordinator_pb2.Policy],
         push: Push,
         clock: Callable[[], float],
+        connected: Callable[[], set[str]] | None = None,
     ):
         self._db, self._catalog, self._policy, self._push, self._clock = db, catalog, policy, push, clock
+        self._connected = connected or (lambda: set(db.edge_names()))  # whom pushes reach
         self._lock = threading.RLock()  # deploy, rollback and tick one at a time
 
     # --- storage ---------------------------------------------------------------------------------------
     def _save(self, rollout: coordinator_pb2.Rollout, extra: list[tuple[str, tuple]] = ()) -> None:
+        """Store the rollout with `extra` and a new listing version, durably (`Catalog.issue`)."""
         rollout.updated_at = self._clock()
-        self._db.transaction(
-            [
-                (
-                    "UPDATE rollouts SET state = ?, rollout = ? WHERE id = ?",
-                    (rollout.state, rollout.SerializeToString(), rollout.id),
-                ),
-                *extra,
-            ],
-            durable=True,
-        )
+        update = "UPDATE rollouts SET state = ?, rollout = ? WHERE id = ?"
+        self._catalog.issue([(update, (rollout.state, rollout.SerializeToString(), rollout.id)), *extra])
 
     def get(self, rollout_id: int = 0) -> coordinator_pb2.Rollout | None:
         sql = "SELECT rollout FROM rollouts " + ("WHERE id = ?" if rollout_id else "ORDER BY id DESC LIMIT 1")
@@ -162,9 +162,11 @@ class Rollouts:
         """Statements making `portfolio_id` the desired portfolio of `edges`; pushed after they commit."""
         return [("UPDATE edges SET desired_portfolio = ? WHERE name = ?", (portfolio_id, e)) for e in edges]
 
-    def _push_all(self, edges: list[str], portfolio_id: str) -> None:
-        listing = self._catalog.listing(portfolio_id)
-        for edge in edges:
+    def _push_all(self, changed: list[str] = ()) -> None:
+        """Push every connected edge the listing it should hold, under the current version: the edges in
+        `changed` (whose portfolio changed) first."""
+        connected = self._connected()
+        for edge, listing in self._catalog.desired([*changed, *sorted(connected - set(changed))], connected):
             self._push(edge, listing)
 
     # --- operations -------------------------------------------------------------------------------------
@@ -221,7 +223,7 @@ class Rollouts:
             )
             for e in edges
         ]
-        self._db.transaction(
+        self._catalog.issue(
             [
                 (
                     "INSERT INTO rollouts (id, state, rollout) VALUES (?, ?, ?)",
@@ -229,10 +231,9 @@ class Rollouts:
                 ),
                 *covered,
                 *self._send(chosen, portfolio_id),
-            ],
-            durable=True,
+            ]
         )
-        self._push_all(chosen, portfolio_id)
+        self._push_all(chosen)
         log.info("rollout %d: portfolio %s to canaries %s", rollout.id, portfolio_id, ", ".join(chosen))
         return rollout
 
@@ -256,9 +257,7 @@ class Rollouts:
             )
         rollout.state, rollout.reason = ROLLED_BACK, reason
         self._save(rollout, statements)
-        for portfolio_id, edges in by_portfolio.items():
-            if self._catalog.known(portfolio_id):
-                self._push_all(edges, portfolio_id)
+        self._push_all(sorted(previous))
         log.warning("rollout %d rolled back: %s", rollout.id, reason)
         return rollout
 
@@ -271,10 +270,12 @@ class Rollouts:
             )
         rollout.state, rollout.reason = COMPLETE, f"canaries healthy: {reason}"
         self._save(rollout, statements)
-        self._push_all(rest, rollout.portfolio_id)
+        self._push_all(rest)
         log.info("rollout %d promoted to %d edge(s): %s", rollout.id, len(rest), reason)
 
     def _tick(self) -> coordinator_pb2.Rollout | None:
+        if self._catalog.due() and self._catalog.issue():  # refreshed before the edges' listings expire
+            self._push_all()
         rollout = self.active()
         if rollout is None:
             return None

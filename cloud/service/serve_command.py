@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cloud.service.durations import parse_duration
+from cloud.service.report_pace import PaceConfig
 from cloud.service.retention import RetentionConfig
 from common import security
 
@@ -102,6 +103,11 @@ def _add_deploys(serve: argparse.ArgumentParser) -> None:
         "--uploads-dir", type=Path, default=None, metavar="DIR", help="uploaded stores (default: 'uploads' beside --db)"
     )
     group.add_argument("--max-upload-mib", type=float, default=4096, help="largest upload (default %(default)s)")
+    group.add_argument(
+        "--listing-validity",
+        default="7d",
+        help="how long a signed portfolio listing is valid; issued again when half has passed (default 7d)",
+    )
 
 
 def _deploys(args: argparse.Namespace):
@@ -112,6 +118,7 @@ def _deploys(args: argparse.Namespace):
         portfolio_root=args.portfolio_root,
         uploads_dir=args.uploads_dir or Path(database).parent / "uploads",
         max_upload_bytes=int(args.max_upload_mib * (1 << 20)),
+        listing_validity_s=parse_duration(args.listing_validity, "listing validity"),
     )
 
 
@@ -146,6 +153,10 @@ def add_arguments(serve: argparse.ArgumentParser, environ) -> None:
         default=None,
         help="revocation list of 'prunefleet certs revoke', reread when it changes (default: DIR/revoked of --certs)",
     )
+    serve.add_argument(
+        "--report-rate", type=float, default=50.0, help="reports a second read from each edge (default %(default)s)"
+    )
+    serve.add_argument("--report-burst", type=int, default=200, help="reports read at once first (default %(default)s)")
     _add_retention(serve)
     _add_deploys(serve)
     _add_enrolment(serve)
@@ -180,6 +191,7 @@ def config(args: argparse.Namespace) -> CloudConfig:
         revoked=_revoked(args),
         enrolment=_enrolment(args),
         deploys=_deploys(args),
+        pace=PaceConfig(args.report_rate, args.report_burst),
         retention=RetentionConfig(
             keep_profiles=args.keep_profiles,
             event_retention_days=args.event_retention_days,

@@ -36,6 +36,7 @@ from cloud.service.enrolment import EnrolListener, EnrolmentConfig, servicers
 from cloud.service.fleet_db import FleetDB
 from cloud.service.interceptors import ParseRequests
 from cloud.service.portfolio_service import PortfolioServicer, add_to_server
+from cloud.service.report_pace import PaceConfig, ReportPace
 from cloud.service.report_writer import ReportWriter, WriterConfig
 from cloud.service.retention import Retention, RetentionConfig
 from cloud.service.revocations import Revocations
@@ -47,6 +48,7 @@ from protos import coordinator_pb2, coordinator_pb2_grpc, enrolment_pb2_grpc, po
 
 log = logging.getLogger(__name__)
 ROLLOUT_TICK_S = 1.0
+_PACED = ("prunefleet_cloud_reports_paced_total", "Edge reports that waited their turn under report pacing")
 MAX_RPCS = 10_000  # the bound on edges per coordinator (each holds one stream); operator calls have their own
 
 
@@ -71,6 +73,7 @@ class CloudConfig:
     revoked: Path | None = None  # the revocation list (cloud.service.revocations), reread when it changes
     deploys: DeployConfig = DeployConfig()  # portfolio root, uploads and store bounds (cloud.service.deploys)
     enrolment: EnrolmentConfig | None = None  # edge certificates: enrolment port and renewal (TLS only)
+    pace: PaceConfig = PaceConfig()  # each edge's reports read at most at this rate (cloud.service.report_pace)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -134,8 +137,12 @@ def _service_names() -> tuple[str, ...]:
     )
 
 
-def _portfolio_gauges(catalog: Catalog, registry: CollectorRegistry) -> None:
-    """What an edge must hold to have the whole portfolio: the dashboard's transfer progress."""
+def _portfolio_gauges(catalog: Catalog, registry: CollectorRegistry, coordinator: CoordinatorServicer) -> None:
+    """The edge streams open now, and what an edge must hold to have the whole portfolio: the
+    dashboard's transfer progress."""
+    Gauge("prunefleet_cloud_streams", "Edge streams open now", registry=registry).set_function(
+        lambda: coordinator.streams
+    )
     Gauge(
         "prunefleet_cloud_portfolio_variants", "Variants in the portfolio being served", registry=registry
     ).set_function(lambda: len(catalog.manifest().variants))
@@ -244,11 +251,9 @@ def start(config: CloudConfig, registry: CollectorRegistry) -> CloudServer:
         refused=lambda kind: refused.labels(kind).inc(),
         bind_timeout_s=config.bind_timeout_s,
         deploys=config.deploys,
+        pace=ReportPace(config.pace, on_paced=Counter(*_PACED, registry=registry).inc),
     )
-    Gauge("prunefleet_cloud_streams", "Edge streams open now", registry=registry).set_function(
-        lambda: coordinator.streams
-    )
-    _portfolio_gauges(catalog, registry)
+    _portfolio_gauges(catalog, registry, coordinator)
     ProcessCollector(registry=registry)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True, name="grpc-loop")

@@ -88,7 +88,7 @@ def agents(listing, tmp_path):
     started = []
 
     def start(backend: str, listed=None, **settings):
-        cloud = FakeCloud(files, listed if listed is not None else infos)
+        cloud = FakeCloud(files, listed if listed is not None else infos, signer=Signer(key))  # listings signed too
         stopping = threading.Event()
         config = AgentConfig(
             cloud=cloud.start(), name=f"edge-{backend}", cache_dir=tmp_path / backend, profile_iters=3, batch=4,

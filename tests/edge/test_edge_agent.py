@@ -4,6 +4,7 @@ decisions while the cloud is away, and flushing buffered switch events on reconn
 import contextlib
 import dataclasses
 import threading
+import urllib.request
 
 import grpc
 import numpy as np
@@ -17,6 +18,7 @@ from common.wire import to_proto
 from edge.agent import initial_portfolio
 from edge.cache import LOCK_NAME
 from edge.config import AgentConfig
+from edge.listing_guard import STATE_NAME, load_accepted
 from edge.node import assemble
 from protos import coordinator_pb2, inference_pb2, inference_pb2_grpc, portfolio_pb2
 
@@ -212,7 +214,7 @@ def test_an_edge_with_the_cloud_key_loads_only_variants_signed_by_it(portfolio, 
     unsigned.CopyFrom(big)
     forged.CopyFrom(big)
     forged.signature = Signer.load(other["cloud"] / "signing.key").sign(big.variant_id)
-    cloud = FakeCloud(files, [signed, unsigned, forged])
+    cloud = FakeCloud(files, [signed, unsigned, forged], signer=Signer.load(keys["cloud"] / "signing.key"))
     address = cloud.start()
     stopping = threading.Event()
     config = AgentConfig(
@@ -228,12 +230,34 @@ def test_an_edge_with_the_cloud_key_loads_only_variants_signed_by_it(portfolio, 
     try:
         assert initial_portfolio(node.agent, node.link)
         assert set(node.agent.runtime.variants()) == {small.variant_id}
-        held = {p.name for p in (tmp_path / "cache").iterdir() if p.name != LOCK_NAME}
+        held = {p.name for p in (tmp_path / "cache").iterdir() if p.name not in (LOCK_NAME, STATE_NAME)}
         assert held == {f"{small.variant_id}.safetensors"}  # the others never fetched
+        assert node.agent.listings.accepted.version == 1
+        _refuses_what_the_cloud_did_not_sign(cloud, node, signed)
     finally:
         stopping.set()
         node.close()
         cloud.stop()
+
+
+def _refuses_what_the_cloud_did_not_sign(cloud, node, signed):
+    """Directives with a listing changed, older, unsigned or expired are refused, each counted by its
+    reason on the metrics endpoint; a newer one (an operator's rollback) is taken and stored."""
+    raised = portfolio_pb2.VariantInfo()
+    raised.CopyFrom(signed)
+    raised.accuracy = 0.99
+    tampered, unsigned = cloud.listing(), cloud.listing()
+    tampered.variants[0].accuracy = 0.99
+    unsigned.signature = b""
+    for listing in (tampered, cloud.listing(version=0), unsigned, cloud.listing([raised], version=2, expires_at=1)):
+        node.agent.directive(coordinator_pb2.Directive(portfolio=listing))
+    assert node.agent.listings.accepted.version == 1
+    with urllib.request.urlopen(f"http://{node.metrics_address}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    for reason in ("bad_signature", "older_version", "unsigned", "expired"):
+        assert f'prunefleet_edge_listings_refused_total{{edge="edge-s",reason="{reason}"}} 1.0' in text
+    node.agent.directive(coordinator_pb2.Directive(portfolio=cloud.listing(version=2)))
+    assert node.agent.listings.accepted.version == 2 == load_accepted(node.agent.config.cache_dir / STATE_NAME).version
 
 
 def test_a_stale_telemetry_window_falls_back_to_the_smallest_and_reports_why(wired):

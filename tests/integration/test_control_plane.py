@@ -26,10 +26,12 @@ from common import variant
 from common.security import Transport
 from common.wire import to_proto
 from edge.fetcher import RetryConfig, fetch
+from edge.listing_guard import STATE_NAME, load_accepted
 from protos import (
     coordinator_pb2,
     inference_pb2,
     inference_pb2_grpc,
+    portfolio_pb2,
     portfolio_pb2_grpc,
 )
 
@@ -136,6 +138,11 @@ class Fleet:
         known = self.edges()
         return all(e in known and known[e].reported_portfolio_id == portfolio for e in edges)
 
+    def listing(self):
+        """The listing the cloud serves now (the operator may list too)."""
+        stub = portfolio_pb2_grpc.PortfolioServiceStub(self.transport.channel(self.address))
+        return stub.ListVariants(portfolio_pb2.ListVariantsRequest(), timeout=10)
+
     def rollout(self, rollout_id: int):
         rollouts = self.stub().ListRollouts(coordinator_pb2.ListRolloutsRequest(), timeout=10).rollouts
         return next(r for r in rollouts if r.id == rollout_id)
@@ -179,6 +186,11 @@ def _requests_between(db: Path, edge: str, start: float, end: float) -> int:
             ).fetchone()[0]
             or 0
         )
+
+
+def _accepted(run: Path) -> dict[str, int]:
+    """The newest listing version each edge accepted, as its cache holds it."""
+    return {name: load_accepted(run / "cache" / name / STATE_NAME).version for name in ("edge-1", "edge-2")}
 
 
 def _cli(*args) -> str:
@@ -250,6 +262,9 @@ def test_canary_rollouts_roll_back_on_their_own_and_by_hand_and_survive_a_coordi
         # by hand: the first rollout
         assert "rolled_back" in _cli("rollback", "--rollout", "1", "--reason", "by hand", *operator_flags)
         wait_for(lambda: fleet.holding(["edge-1", "edge-2"], first), 60, "the manual rollback", 0.5)
+        # every deploy, promotion and rollback was a new listing version, and each edge took the newest
+        version = fleet.listing().version
+        assert version >= 6 and _accepted(tmp_path) == {"edge-1": version, "edge-2": version}
         before = (
             fleet.edges(),
             fleet.stub().GetFleet(coordinator_pb2.GetFleetRequest(), timeout=10),
@@ -283,6 +298,9 @@ def test_canary_rollouts_roll_back_on_their_own_and_by_hand_and_survive_a_coordi
             rollouts
         )
         wait_for(lambda: all(e.connected for e in fleet.edges().values()), 60, "the edges back on the link", 0.5)
+        # the restarted cloud signs the same listing again: nothing refused, nothing new to take
+        assert fleet.listing().version == version and _accepted(tmp_path) == {"edge-1": version, "edge-2": version}
+        assert not any("listing refused" in (tmp_path / "logs" / f"{e}.log").read_text() for e in ("edge-1", "edge-2"))
         assert (
             wait_for(
                 lambda: _requests_between(tmp_path / "fleet.sqlite", "edge-1", down_at, up_at),

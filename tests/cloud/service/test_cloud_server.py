@@ -10,6 +10,7 @@ from helpers import variant_store as _store
 from prometheus_client import CollectorRegistry
 
 from cloud.service import server
+from cloud.service.report_pace import PaceConfig
 from common.security import Transport
 from protos import (
     coordinator_pb2,
@@ -232,6 +233,46 @@ def test_an_idle_edge_stream_carries_empty_heartbeat_directives(tmp_path):
         beats = [next(stream) for _ in range(3)]
         assert all(b.WhichOneof("body") is None and b.ByteSize() == 0 for b in beats)  # nothing to apply
         assert 0.3 <= time.monotonic() - start <= 1.5  # one about every heartbeat_s, not more often
+    finally:
+        channel.close()
+        running.stop(0)
+
+
+def test_a_flooding_edge_is_read_at_its_pace_and_slows_no_other(tmp_path):
+    """Edge-1 sends reports as fast as it can: the coordinator reads its burst, then about `rate` a
+    second, losing none (the stream is slowed, not closed); edge-2's few reports go through at once."""
+    store, registry = _store(tmp_path / "store"), CollectorRegistry()
+    pace = PaceConfig(rate=20.0, burst=10)
+    config = server.CloudConfig(store=store.root, transport=Transport.plaintext(), db=tmp_path / "f.sqlite", pace=pace)
+    running = server.start(config, registry)
+    channel = grpc.insecure_channel(f"127.0.0.1:{running.port}")
+    try:
+        stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+        _register(stub, "edge-1"), _register(stub, "edge-2")
+
+        def reports(edge: str, count: int):
+            for i in range(count):
+                yield coordinator_pb2.EdgeReport(edge=edge, telemetry=coordinator_pb2.Telemetry(timestamp=1.0 + i))
+            time.sleep(5.0)
+
+        def stored() -> float:
+            return registry.get_sample_value("prunefleet_cloud_reports_stored_total") or 0.0
+
+        flood = stub.Connect(reports("edge-1", 60), timeout=10)
+        next(flood)
+        time.sleep(1.0)
+        after_one_second = stored()
+        assert 10 <= after_one_second <= 10 + 20 * 1.5  # the burst, then the rate
+        assert registry.get_sample_value("prunefleet_cloud_reports_paced_total") >= 10
+        other = stub.Connect(reports("edge-2", 3), timeout=10)
+        next(other)
+        time.sleep(0.5)
+        assert stored() - after_one_second >= 3 + 5  # edge-2's three at once, edge-1 going on at its pace
+        deadline = time.monotonic() + 5
+        while stored() < 63 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert stored() == 63  # nothing lost: every report of the flood was read in the end
+        flood.cancel(), other.cancel()
     finally:
         channel.close()
         running.stop(0)

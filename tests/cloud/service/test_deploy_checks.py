@@ -132,10 +132,11 @@ def test_rollouts_and_policies_commit_synchronously_before_a_directive_goes_out(
         db, catalog, db.policy, lambda e, p: (seen_at_push.append(len(statements)), pushed(e, p)), lambda: now[0]
     )
     rollout = rollouts.deploy(coordinator_pb2.DeployRequest(portfolio=second))
-    assert list(rollout.canary_edges) == ["edge-a"] and pushed == [("edge-a", second)]
+    assert list(rollout.canary_edges) == ["edge-a"] and pushed[0] == ("edge-a", second)
     trace = statements[: seen_at_push[0]]
     full, begin, commit = (trace.index(s) for s in ("PRAGMA synchronous=FULL", "BEGIN IMMEDIATE", "COMMIT"))
     assert full < begin < commit and any("INSERT INTO rollouts" in s for s in trace[begin:commit])
+    assert any("listing_version" in s for s in trace[begin:commit])  # the new listing version commits with it
     statements.clear()
     db.set_policy(coordinator_pb2.Policy(slo_ms=20.0))
     assert statements[0] == "PRAGMA synchronous=FULL" and statements[-1] == "PRAGMA synchronous=NORMAL"

@@ -53,8 +53,15 @@ def test_the_canary_verdict(windows, outcome):
 
 
 class Pushed(list):
+    """Every push: (edge, portfolio id); `versions` the listing version of each."""
+
+    def __init__(self):
+        super().__init__()
+        self.versions = []
+
     def __call__(self, edge, listing):
         self.append((edge, listing.portfolio_id))
+        self.versions.append(listing.version)
 
 
 @pytest.fixture
@@ -100,7 +107,10 @@ def test_a_healthy_canary_is_promoted_to_every_selected_edge(fleet):
         ["edge-1"],
         ["edge-1", "edge-2", "edge-3"],
     )
-    assert pushed == [("edge-1", new)] and db.desired("edge-1") == new and db.desired("edge-2") in ("", first)
+    # the canary gets the new portfolio, every other edge its own again, all under one new listing version
+    assert pushed == [("edge-1", new), ("edge-2", first), ("edge-3", first)]
+    assert pushed.versions == [1001] * 3 and catalog.version == 1001  # the first: 1000, the clock's second
+    assert db.desired("edge-1") == new and db.desired("edge-2") in ("", first)
     with pytest.raises(RolloutConflict):
         rollouts.deploy(coordinator_pb2.DeployRequest(portfolio=first))
     assert rollouts.tick() is None  # the canary does not hold it yet
@@ -109,7 +119,7 @@ def test_a_healthy_canary_is_promoted_to_every_selected_edge(fleet):
     now[0] = 1003.0
     assert rollouts.tick().state == "complete"
     assert [db.desired(e) for e in ("edge-1", "edge-2", "edge-3")] == [new] * 3
-    assert pushed[1:] == [("edge-2", new), ("edge-3", new)]
+    assert pushed[3:] == [("edge-2", new), ("edge-3", new), ("edge-1", new)] and pushed.versions[3:] == [1003] * 3
     assert catalog.current() == first  # chosen by a selector: edges that register later get the fleet's
 
 
@@ -122,7 +132,8 @@ def test_an_unhealthy_canary_rolls_back_on_its_own(fleet):
     done = rollouts.tick()
     assert done.state == "rolled_back" and "error rate 40.0%" in done.reason
     assert [db.desired(e) for e in ("edge-1", "edge-2")] == [first, first]
-    assert sorted(pushed[2:]) == [("edge-1", first), ("edge-2", first), ("edge-3", first)]
+    assert pushed[3:] == [("edge-1", first), ("edge-2", first), ("edge-3", first)]
+    assert pushed.versions[3:] == [1002] * 3  # the rollback is a new version, above the deploy's
     assert catalog.current() == first
     with pytest.raises(RolloutConflict):
         rollouts.rollback(done.id)
