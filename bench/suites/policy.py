@@ -30,6 +30,9 @@ sends the load, share the others, since on the same cores the load generator's o
 as the edge's. A request is timed from when it was due, and the sender records how late it sent each
 one (`late_at_send`).
 
+The same is then run on ONNX Runtime edges (`bench.suites.policy_ort`): the adaptive policy on the
+portfolio's float32 members, and again with every variant's int8 member added, under one SLO and trace.
+
 Reported per run: SLO attainment (share of requests answered within the SLO, client side), effective
 accuracy (the answering variant's test accuracy averaged over all requests, a late or failed request
 counting as wrong) and the switches the edge made during the trace (from `ListEvents`). The figures of
@@ -142,7 +145,7 @@ def timeline(outcomes, slo_ms: float) -> list[dict]:
     ]
 
 
-def _replay(cloud, edge, stub, request, phases, plan, pin: str, accuracy, slo_ms) -> dict:
+def replay_trace(cloud, edge, stub, request, phases, plan, pin: str, accuracy, slo_ms) -> dict:
     """One replay of the trace, pinned to `pin` or (when empty) with the policy deciding, scored from both ends."""
     if pin:
         policy_parts.pin(cloud, stub, request, pin)
@@ -170,7 +173,7 @@ def _replay(cloud, edge, stub, request, phases, plan, pin: str, accuracy, slo_ms
     return result
 
 
-def _variant_rows(variants, profiles: dict) -> list[dict]:
+def variant_rows(variants, profiles: dict) -> list[dict]:
     """Each variant as the report lists it: its accuracy and size, and the edge's profile of it."""
     return [
         {
@@ -203,7 +206,7 @@ def _experiment(cloud, edge, store, plan: dict, data_dir) -> dict:
     }
     phases = trace(plan, mu[largest.variant_id], mu[smallest.variant_id])
     runs = {
-        name: _replay(cloud, edge, stub, request, phases, plan, pin, accuracy, slo_ms)
+        name: replay_trace(cloud, edge, stub, request, phases, plan, pin, accuracy, slo_ms)
         for name, pin in (
             ("adaptive", ""),
             ("fixed_largest", largest.variant_id),
@@ -220,7 +223,7 @@ def _experiment(cloud, edge, store, plan: dict, data_dir) -> dict:
             "largest": phases[1].rate / mu[largest.variant_id],
             "smallest": phases[1].rate / mu[smallest.variant_id],
         },
-        "variants": _variant_rows(variants, profiles),
+        "variants": variant_rows(variants, profiles),
         "largest": largest.name,
         "smallest": smallest.name,
     }
@@ -250,21 +253,25 @@ def placement(cpus: list[int]) -> tuple[list[int], list[int]]:
     return (cpus[-1:], cpus[:-1]) if len(cpus) > 1 else (cpus, cpus)
 
 
-def _fresh_fleet(work: Path) -> Path:
+def fresh_fleet(work: Path, name: str = "fleet") -> Path:
     """The coordinator's state and the edge's cache, empty: an earlier run's portfolio or policy must not
     carry over into this one."""
-    fleet = work / "fleet"
+    fleet = work / name
     shutil.rmtree(fleet, ignore_errors=True)
     fleet.mkdir(parents=True)
     return fleet
 
 
 def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
-    """The suite: the portfolio (built or reused), a fresh cloud and edge placed on their CPUs, the experiment."""
+    """The suite: the portfolio (built or reused), a fresh cloud and edge placed on their CPUs, the
+    experiment; then the same on ONNX Runtime edges with and without int8 members (`policy_ort`)
+    unless the plan says `"ort": False`."""
+    from bench.suites import policy_ort  # it builds on this module
+
     plan = QUICK if quick else FULL
     work = Path(work or "runs/bench-policy.work")
     store = policy_parts.build_portfolio(plan, work, data_dir)
-    fleet = _fresh_fleet(work)
+    fleet = fresh_fleet(work)
     edge_cpus, others = placement(list(os.sched_getaffinity(0)))
     with policy_parts.cloud_and_edge(store, fleet, work / "logs", plan["batch"], edge_cpus, others) as (cloud, edge):
         placed = {
@@ -276,4 +283,7 @@ def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
     result["policy"] = dict(POLICY)
     result["placement"] = placed  # as the edge process and this one ran
     result["summary"] = summarize(result)
+    if plan.get("ort", True):
+        result["onnxruntime"] = policy_ort.experiment(store, plan, work, data_dir, edge_cpus, others)
+        result["summary"].update(policy_ort.summarize(result["onnxruntime"]))
     return result

@@ -64,15 +64,17 @@ def build_portfolio(plan: dict, work: Path, data_dir) -> PortfolioStore:
 
 
 def _launches(
-    store: PortfolioStore, fleet: Path, batch: int, edge_cpus: list[int], others: list[int]
+    store: PortfolioStore, fleet: Path, batch: int, edge_cpus: list[int], others: list[int], backend: str | None
 ) -> tuple[processes.Launch, Callable[[str], list[processes.Launch]]]:
     """The plaintext cloud on `store` (its database in `fleet`) on `others`, and the edges it serves:
-    one, `EDGE`, on one thread of `edge_cpus`, its cache in `fleet`."""
+    one, `EDGE`, on one thread of `edge_cpus`, its cache in `fleet`, serving with `backend` (None: the
+    agent's default)."""
     cloud_args = commands.cloud_args(store.root, db=fleet / "fleet.sqlite", certs=None, metrics_port=0)
     cloud = processes.Launch("cloud", cloud_args, affinity=tuple(others))
 
     def edges(address: str) -> list[processes.Launch]:
-        args = commands.edge_args(address, EDGE, cache=fleet / "cache", certs=None, threads=1, batch=batch)
+        extra = ("--backend", backend) if backend else ()
+        args = commands.edge_args(address, EDGE, cache=fleet / "cache", certs=None, threads=1, batch=batch, extra=extra)
         return [processes.Launch("edge", args, timeout_s=600, affinity=tuple(edge_cpus))]
 
     return cloud, edges
@@ -80,14 +82,21 @@ def _launches(
 
 @contextlib.contextmanager
 def cloud_and_edge(
-    store: PortfolioStore, fleet: Path, logs: Path, batch: int, edge_cpus: list[int], others: list[int]
+    store: PortfolioStore,
+    fleet: Path,
+    logs: Path,
+    batch: int,
+    edge_cpus: list[int],
+    others: list[int],
+    backend: str | None = None,
 ) -> Iterator[tuple[processes.Child, processes.Child]]:
-    """A cloud and an edge for the length of the block: the edge on `edge_cpus`, the cloud and this
-    process on `others`. Both stop, and this process is unpinned again, however the block ends."""
+    """A cloud and an edge for the length of the block: the edge on `edge_cpus` (serving with `backend`;
+    None: the agent's default), the cloud and this process on `others`. Both stop, and this process is
+    unpinned again, however the block ends."""
     before = processes.pin_this_process(others)
     children = []
     try:
-        children = processes.start_cluster(*_launches(store, fleet, batch, edge_cpus, others), logs)
+        children = processes.start_cluster(*_launches(store, fleet, batch, edge_cpus, others, backend), logs)
         yield children[0], children[1]
     finally:
         processes.stop_all(children)

@@ -13,14 +13,18 @@ sparse dense-shaped files (the pruned zeros kept), for the memory comparison. Ca
     (`bench.probes.memory`), next to the parameter bytes each holds, served optimized as an agent does
     by default and, beside it, as loaded; and under a memory budget, the
     peak during each switch (on-demand loads included) above the RSS just before it;
-(d) Predict over gRPC against the same model called in process, batch 1, alternating blocks.
+(d) Predict over gRPC against the same model called in process, batch 1, alternating blocks, and
+    where a Predict's time goes beyond its forward pass, step by step (`bench.suites.grpc_steps`).
 
-Inference runs on `threads` intra-op threads (1, the edge agent's default).
+(a), (b) and (d) run on both of the edge's backends: torch (summary keys as they were) and ONNX
+Runtime (the same compact variants exported and checked as the cloud does, `cloud.build.onnx_export`,
+served by `edge.backends.ort`; keys suffixed `_ort`). (c) is torch's: `prunefleet bench backends`
+measures an ONNX Runtime agent's memory. Inference runs on `threads` intra-op threads (1, the edge
+agent's default), the gRPC server on the agent's 16 worker threads.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import subprocess
@@ -31,14 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.suites.switching_parts import Served, percentiles
-from cloud.build.compaction import surgery
-from cloud.build.methods import masks as masking
-from cloud.build.train import apply_masks
-from common import models, variant
-from common.files import atomic_write_json, sha256_file, short_id
+from bench.suites import grpc_steps
+from bench.suites.switching_parts import SHAPE, Served, build_portfolio, loaders, onnx_files, percentiles
+from common import variant
+from common.files import atomic_write_json
 from common.wire import to_proto
-from edge.loading import cache_loader
+from edge.backends import ONNXRUNTIME, TORCH
 from edge.runtime import Runtime, RuntimeConfig
 from edge.variants import VariantInfo, loaded
 from protos import inference_pb2
@@ -68,79 +70,35 @@ QUICK = {
     "peak_switches": 4,
     "threads": 1,
 }
-SHAPE = (3, 32, 32)
 ROUNDS = 5
 
 
-def _spec(plan: dict, sparsity: float, method: str) -> variant.VariantSpec:
-    kwargs = {"in_channels": 3, "input_size": 32, "num_classes": 10, "width": plan["width"]}
-    return variant.VariantSpec(
-        arch=plan["model"],
-        kwargs=kwargs,
-        input_shape=SHAPE,
-        num_classes=10,
-        mean=(0.5,) * 3,
-        std=(0.25,) * 3,
-        method=method,
-        sparsity=sparsity,
-        accuracy=0.0,
-        name=f"{plan['model']}-s{sparsity}",
-    )
-
-
-def build_portfolio(plan: dict, work: Path) -> list[dict]:
-    """Compact and sparse variant files per sparsity, cached in `work` for the same plan."""
-    index = work / "portfolio.json"
-    if index.exists():
-        cached = json.loads(index.read_text())
-        if cached["plan"] == json.loads(json.dumps(plan)) and all(
-            Path(p).exists() for e in cached["variants"] for p in (e["compact"], e["sparse"])
-        ):
-            return cached["variants"]
-    work.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    dense = models.build(plan["model"], _spec(plan, 0.0, "dense").kwargs).eval()
-    example = torch.randn(1, *SHAPE)
-    pairs = masking.conv_batchnorm_pairs(dense, example)
-    entries = []
-    for sparsity in plan["sparsities"]:
-        masks = masking.prune_global_magnitude(dense, masking.dense_masks(dense), sparsity)
-        sparse = copy.deepcopy(dense)
-        apply_masks(sparse, masking.with_batchnorm_masks(masks, pairs))
-        compact, report = surgery.compact(sparse, example, check_inputs=torch.randn(16, *SHAPE))
-        paths = {}
-        for kind, model in (("compact", compact), ("sparse", sparse)):
-            tmp = work / f"{kind}-{sparsity}.tmp"
-            sha = variant.save(model, _spec(plan, sparsity, "magnitude" if kind == "compact" else "sparse"), tmp)
-            paths[kind] = str(tmp.rename(work / f"{sha}.safetensors"))
-        entries.append(
-            {
-                "sparsity": sparsity,
-                **paths,
-                "params_compact": report.params_after,
-                "params_sparse": models.count_params(sparse),
-                "max_abs_diff": report.max_abs_diff,
-            }
-        )
-        log.info("sparsity %.3f: %d -> %d params", sparsity, entries[-1]["params_sparse"], report.params_after)
-    atomic_write_json(index, {"plan": plan, "variants": entries})
-    return entries
-
-
-def _runtime(entries: list[dict], kind: str = "compact", slots: int = 1) -> Runtime:
+def _runtime(entries: list[dict], plan: dict, backend: str = TORCH, kind: str = "compact", slots: int = 1) -> Runtime:
     runtime = Runtime(RuntimeConfig(slots=slots))
-    for entry in entries:
-        path = Path(entry[kind])
-        info = VariantInfo(sha256_file(path), short_id(path.stem), 0.0, path.stat().st_size, entry[f"params_{kind}"])
-        runtime.add(cache_loader(info, path)())
+    for _, loader in loaders(entries, backend, plan["threads"], kind):
+        runtime.add(loader())
     runtime.switch(next(iter(runtime.variants())), "start")
     return runtime
 
 
-def switch_vs_reload(entries: list[dict], plan: dict) -> dict:
+def _reload(entries: list[dict], plan: dict, backend: str) -> list:
+    """What a reload from disk does, per variant: torch reads the file, rebuilds the model and loads
+    its weights, served as loaded (optimizing would make the baseline slower, the speedup larger);
+    ONNX Runtime opens the file, checks it and warms a session up, as an on-demand load does."""
+    if backend != TORCH:
+        return [loader for _, loader in loaders(entries, backend, plan["threads"])]
+
+    def reload(path: Path):
+        held = variant.load(path)
+        return loaded(VariantInfo("", "", 0.0, 0, 0), held.spec, held.model, optimize=False)
+
+    return [lambda path=Path(e["compact"]): reload(path) for e in entries]
+
+
+def switch_vs_reload(entries: list[dict], plan: dict, backend: str = TORCH) -> dict:
     """(a): in-memory switches and reloads from disk, in alternating blocks."""
-    runtime = _runtime(entries)
-    ids, paths = list(runtime.variants()), [Path(e["compact"]) for e in entries]
+    runtime = _runtime(entries, plan, backend)
+    ids, reloads = list(runtime.variants()), _reload(entries, plan, backend)
     switch_us, reload_ms = [], []
     for _ in range(ROUNDS):
         for i in range(plan["switches"] // ROUNDS):
@@ -149,9 +107,7 @@ def switch_vs_reload(entries: list[dict], plan: dict) -> dict:
             switch_us.append((time.perf_counter() - start) * 1e6)
         for i in range(plan["reloads"] // ROUNDS):
             start = time.perf_counter()
-            held = variant.load(paths[i % len(paths)])  # read the file, rebuild, load the weights
-            # ready to serve, as loaded (optimizing would make the baseline slower, the speedup larger)
-            active = loaded(VariantInfo("", "", 0.0, 0, 0), held.spec, held.model, optimize=False)
+            active = reloads[i % len(reloads)]()
             reload_ms.append((time.perf_counter() - start) * 1e3)
             del active
     return {
@@ -162,9 +118,9 @@ def switch_vs_reload(entries: list[dict], plan: dict) -> dict:
     }
 
 
-def switches_under_load(entries: list[dict], plan: dict) -> dict:
+def switches_under_load(entries: list[dict], plan: dict, backend: str = TORCH) -> dict:
     """(b): switches while clients send Predicts over gRPC; any failure or mixed answer counts."""
-    runtime = _runtime(entries, slots=plan["clients"])
+    runtime = _runtime(entries, plan, backend, slots=plan["clients"])
     pixels = np.random.default_rng(0).integers(0, 256, (1, *SHAPE), dtype=np.uint8)
     expected = {}
     for variant_id in runtime.variants():
@@ -218,30 +174,62 @@ def memory(entries: list[dict], plan: dict) -> dict:
     }
 
 
-def grpc_overhead(entries: list[dict], plan: dict) -> dict:
+def grpc_overhead(entries: list[dict], plan: dict, backend: str = TORCH) -> dict:
     """(d): Predict over gRPC vs in process, batch 1, on the smallest compact variant (the overhead is
-    what is measured; a short forward pass keeps the machine's noise on it small)."""
-    runtime = _runtime(entries)
-    runtime.switch(min(runtime.resident().values(), key=lambda v: v.memory_bytes).variant_id, "bench")
+    what is measured; a short forward pass keeps the machine's noise on it small), in alternating
+    blocks. `overhead_p50_ms` is per request: its round trip less its own forward pass (timed inside
+    the server), the p50 over requests; `overhead_vs_loop_p50_ms` the round trips' p50 less the p50 of
+    the same call in a tight loop, whose forward passes run warmer than those between round trips.
+    Then each step apart (`bench.suites.grpc_steps`)."""
+    runtime = _runtime(entries, plan, backend)
+    smallest = min(runtime.resident().values(), key=lambda v: v.memory_bytes)
+    forwards: list[tuple[float, float]] = []
+    runtime.add(grpc_steps.timed(smallest, forwards))
+    runtime.switch(smallest.variant_id, "bench")
     pixels = np.random.default_rng(1).integers(0, 256, (1, *SHAPE), dtype=np.uint8)
     request = inference_pb2.PredictRequest(input=to_proto(pixels))
-    remote_ms, local_ms = [], []
+    remote_ms, overhead_ms, local_ms = [], [], []
+    block = max(1, plan["grpc_requests"] // (4 * ROUNDS))
     with Served(runtime) as served:
         for _ in range(4 * ROUNDS):
-            for _ in range(plan["grpc_requests"] // (4 * ROUNDS)):
+            for _ in range(block):
+                forwards.clear()
                 start = time.perf_counter()
                 served.stub.Predict(request, timeout=30)
                 remote_ms.append((time.perf_counter() - start) * 1e3)
-            for _ in range(plan["grpc_requests"] // (4 * ROUNDS)):
+                overhead_ms.append(remote_ms[-1] - (forwards[0][1] - forwards[0][0]) * 1e3)
+            for _ in range(block):
                 start = time.perf_counter()
                 runtime.predict(pixels)
                 local_ms.append((time.perf_counter() - start) * 1e3)
-    grpc_p, local_p = percentiles(remote_ms), percentiles(local_ms)
-    return {"grpc_ms": grpc_p, "in_process_ms": local_p, "overhead_p50_ms": grpc_p["p50"] - local_p["p50"]}
+    runtime.add(smallest)
+    runtime.switch(smallest.variant_id, "bench")
+    grpc_p, local_p, overhead_p = percentiles(remote_ms), percentiles(local_ms), percentiles(overhead_ms)
+    return {
+        "grpc_ms": grpc_p,
+        "in_process_ms": local_p,
+        "overhead_ms": overhead_p,
+        "overhead_p50_ms": overhead_p["p50"],
+        "overhead_vs_loop_p50_ms": grpc_p["p50"] - local_p["p50"],
+        "steps": grpc_steps.study(runtime, request, plan["grpc_requests"]),
+    }
 
 
 def summarize(a: dict, b: dict, c: dict, d: dict) -> dict:
     return {
+        **_backend_summary(a, b, d),
+        "memory_ratio": c["memory_ratio"],
+        "param_bytes_ratio": c["param_bytes_ratio"],
+        "memory_ratio_of_ideal": c["memory_ratio"] / c["param_bytes_ratio"],
+        "memory_ratio_of_ideal_as_loaded": c["memory_ratio_as_loaded"] / c["param_bytes_ratio"],
+        "switch_peak_over_two_variants": c["switch_peak_over_two_variants"],
+        "switch_peak_over_serving_two_variants": c["switch_peak_over_serving_two_variants"],
+    }
+
+
+def _backend_summary(a: dict, b: dict, d: dict, suffix: str = "") -> dict:
+    """The figures each backend has, under today's names (torch) or suffixed (`_ort`)."""
+    figures = {
         "switch_p50_us": a["switch_us"]["p50"],
         "switch_p99_us": a["switch_us"]["p99"],
         "reload_p50_ms": a["reload_ms"]["p50"],
@@ -249,14 +237,20 @@ def summarize(a: dict, b: dict, c: dict, d: dict) -> dict:
         "failed_requests": b["failed"],
         "wrong_answers": b["wrong"],
         "requests_during_switches": b["answered"],
-        "memory_ratio": c["memory_ratio"],
-        "param_bytes_ratio": c["param_bytes_ratio"],
-        "memory_ratio_of_ideal": c["memory_ratio"] / c["param_bytes_ratio"],
-        "memory_ratio_of_ideal_as_loaded": c["memory_ratio_as_loaded"] / c["param_bytes_ratio"],
-        "switch_peak_over_two_variants": c["switch_peak_over_two_variants"],
-        "switch_peak_over_serving_two_variants": c["switch_peak_over_serving_two_variants"],
         "grpc_overhead_p50_ms": d["overhead_p50_ms"],
+        "grpc_overhead_vs_loop_p50_ms": d["overhead_vs_loop_p50_ms"],
     }
+    return {f"{name}{suffix}": value for name, value in figures.items()}
+
+
+def _ort(entries: list[dict], plan: dict, work: Path) -> dict:
+    """(a), (b) and (d) on the ONNX Runtime backend: the same compact variants, exported and checked."""
+    onnx_files(entries, work)
+    a = switch_vs_reload(entries, plan, ONNXRUNTIME)
+    log.info("ort: switch %s us, reload %s ms", a["switch_us"], a["reload_ms"])
+    b = switches_under_load(entries, plan, ONNXRUNTIME)
+    log.info("ort under load: %s", b)
+    return {"switching": a, "under_load": b, "grpc": grpc_overhead(entries, plan, ONNXRUNTIME)}
 
 
 def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
@@ -271,6 +265,8 @@ def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
     c = memory(entries, plan)
     log.info("memory: compact %s, sparse %s", c["compact"], c["sparse"])
     d = grpc_overhead(entries, plan)
+    ort = _ort(entries, plan, work)
+    atomic_write_json(work / "portfolio.json", {"plan": plan, "variants": entries})  # with the ONNX files
     return {
         "note": "random-init weights: accuracy is not measured here, only sizes and times",
         "plan": dict(plan),
@@ -279,5 +275,9 @@ def run(quick: bool, data_dir=None, work: Path | None = None) -> dict:
         "under_load": b,
         "memory": c,
         "grpc": d,
-        "summary": summarize(a, b, c, d),
+        "onnxruntime": ort,
+        "summary": {
+            **summarize(a, b, c, d),
+            **_backend_summary(ort["switching"], ort["under_load"], ort["grpc"], "_ort"),
+        },
     }

@@ -1,6 +1,7 @@
 """The micro-batcher: answers equal to unbatched ones, requests really share passes, bad input fails alone."""
 
 import threading
+import time
 from concurrent import futures
 
 import numpy as np
@@ -89,3 +90,35 @@ def test_bad_input_fails_alone_and_a_batch_is_answered_by_one_variant(runtime, p
     finally:
         batcher.close()
     assert failures == []
+
+
+def test_a_lone_request_runs_in_place_at_once_not_held_for_company(runtime):
+    threads, sizes = [], []
+    batcher = MicroBatcher(
+        runtime,
+        BatchConfig(max_delay_ms=1000, max_batch=64),
+        on_batch=lambda n: (sizes.append(n), threads.append(threading.current_thread())),
+    )
+    try:
+        start = time.perf_counter()
+        logits, _ = batcher.predict(_inputs(1)[0])
+        assert time.perf_counter() - start < 0.5  # not held for the 1 s bound: nobody to share with
+        assert threads == [threading.current_thread()] and sizes == [1]
+        np.testing.assert_allclose(logits, runtime.predict(_inputs(1)[0])[0], atol=1e-5)
+    finally:
+        batcher.close()
+
+
+def test_with_two_workers_neither_dies_when_the_other_takes_the_batch_it_waited_for(runtime):
+    batcher = MicroBatcher(runtime, BatchConfig(max_delay_ms=0.5, max_batch=4, workers=2))
+
+    def ask():
+        return [batcher.predict(_inputs(1)[0])[1] for _ in range(150)]
+
+    try:
+        with futures.ThreadPoolExecutor(8) as pool:
+            answers = [f.result(timeout=60) for f in [pool.submit(ask) for _ in range(8)]]
+        assert [len(a) for a in answers] == [150] * 8
+        assert all(worker.is_alive() for worker in batcher._workers)  # an empty queue once killed one
+    finally:
+        batcher.close()

@@ -32,6 +32,7 @@ KEYS = {
     "switches",
     "load_steps",
 }
+ORT_KEYS = {f"ort_{name}_{figure}" for name in ("fp32", "int8") for figure in ("effective_accuracy", "attainment")}
 
 
 def test_the_trace_steps_from_what_the_largest_serves_to_what_only_the_smallest_serves():
@@ -87,3 +88,12 @@ def test_a_tiny_policy_benchmark_runs_three_replays_on_a_real_edge(tmp_path, mon
     step = result["step_up_load"]  # whichever bound is lower
     assert step["smallest"] <= policy.MAX_UTILIZATION + 1e-9 and step["largest"] <= policy.OVER_LARGEST + 1e-9
     assert min(abs(step["smallest"] - policy.MAX_UTILIZATION), abs(step["largest"] - policy.OVER_LARGEST)) < 1e-9
+    ort = result["onnxruntime"]  # the same portfolio on ONNX Runtime edges, without and with int8 members
+    assert ORT_KEYS <= set(result["summary"]) and set(ort["runs"]) == {"fp32", "int8"}
+    fp32, int8 = ort["runs"]["fp32"]["variants"], ort["runs"]["int8"]["variants"]
+    assert {v["precision"] for v in fp32} == {"float32"} and len(fp32) == 2
+    assert {v["precision"] for v in int8} == {"float32", "int8"} and len(int8) == 4
+    assert all(0 < v["accuracy"] < 1 and v["p50_ms_batch"] > 0 for v in int8)  # every member measured and profiled
+    for run in ort["runs"].values():
+        assert run["requests"] > 0 and 0 <= run["slo_attainment"] <= 1 and 0 <= run["effective_accuracy"] <= 1
+    assert ort["slo_ms"] > 0 and [p["name"] for p in ort["trace"]] == ["steady", "step up", "burst", "step down"]
