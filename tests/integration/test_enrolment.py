@@ -23,7 +23,7 @@ from edge.enrolment import csr_pem
 from protos import enrolment_pb2, enrolment_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.integration
-LIFETIME_S = 30
+LIFETIME_S = 20
 
 
 def _connected(fleet_stub, name: str) -> bool:

@@ -14,14 +14,14 @@ TINY = {
     "epochs": 1,
     "method": "reconvene",
     "compressions": (1, 16),
-    "phase_s": 1.5,
-    "warmup_s": 0.5,
+    "phase_s": 0.8,
+    "warmup_s": 0.3,
     "batch": 4,
     "slo_factor": 5.0,
     "steady": 0.35,
     "burst": 1.1,
     "window_s": 0.25,
-    "capacity_s": 1.0,
+    "capacity_s": 0.6,
 }
 KEYS = {
     "slo_attainment",
