@@ -11,8 +11,9 @@ expiry, both in the fleet database: `issue` moves to the next version (every dep
 rollback and refresh, in the same durable transaction as the change it announces; one above the last
 and at least the unix second, so it rises even past a lost database) with a new expiry `validity_s`
 ahead; `due` says when half of that has passed and the listings must be issued again, so a connected
-edge never holds an expired one. A restarted cloud signs the same bytes again for the
-same version (Ed25519 signatures are deterministic), so an edge sees nothing new.
+edge never holds an expired one. A cloud issues a new version when it starts: what it lists under
+the version stored may have changed while it was down (another signing key, a store withdrawn), and
+an edge refuses other bytes under a version it already accepted.
 """
 
 from __future__ import annotations
@@ -98,8 +99,7 @@ class Catalog:
         self._signed: dict[str, portfolio_pb2.ListVariantsResponse] = {}  # under the current version
         self.validity_s = VALIDITY_S
         self._epoch = self._read_epoch()
-        if not self._epoch[0]:
-            self.issue()
+        self.issue()  # on every start (the module docstring says why)
         for portfolio_id, root in db.portfolios():
             try:
                 store = PortfolioStore(Path(root))

@@ -298,8 +298,10 @@ def test_canary_rollouts_roll_back_on_their_own_and_by_hand_and_survive_a_coordi
             rollouts
         )
         wait_for(lambda: all(e.connected for e in fleet.edges().values()), 60, "the edges back on the link", 0.5)
-        # the restarted cloud signs the same listing again: nothing refused, nothing new to take
-        assert fleet.listing().version == version and _accepted(tmp_path) == {"edge-1": version, "edge-2": version}
+        # the restarted cloud issues a new version, which each edge takes: nothing refused
+        again = fleet.listing().version
+        assert again > version
+        wait_for(lambda: _accepted(tmp_path) == {"edge-1": again, "edge-2": again}, 30, "the new listing held", 0.5)
         assert not any("listing refused" in (tmp_path / "logs" / f"{e}.log").read_text() for e in ("edge-1", "edge-2"))
         assert (
             wait_for(

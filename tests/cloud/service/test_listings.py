@@ -1,5 +1,5 @@
 """The cloud's signed listings: a version that rises with every deploy, promotion, rollback and refresh
-and survives a restart (the same bytes again), an expiry issued afresh before it passes, and an edge's
+and rises again at every start of the cloud, an expiry issued afresh before it passes, and an edge's
 guard that takes an operator's rollback and refuses the deploy's listing replayed after it."""
 
 import argparse
@@ -36,7 +36,7 @@ def _cloud(tmp_path, stores, now):
     return db, catalog
 
 
-def test_versions_rise_persist_and_sign_the_same_bytes_after_a_restart(tmp_path, stores):
+def test_versions_rise_persist_and_rise_again_at_a_restart(tmp_path, stores):
     now = [1_800_000_000.0]
     db, catalog = _cloud(tmp_path, stores, now)
     first = catalog.listing()  # the first version: the unix second it was issued
@@ -44,8 +44,12 @@ def test_versions_rise_persist_and_sign_the_same_bytes_after_a_restart(tmp_path,
     assert listings.problem(first, Verifier(KEY.public_key()), now[0], listings.Accepted()) is None
     assert catalog.issue() == first.version + 1 and (before := catalog.listing()).version == first.version + 1
     db.close()
-    db, again = _cloud(tmp_path, stores, now)  # a restarted cloud
-    assert again.listing() == before  # version, expiry and signature: the same bytes
+    db, again = _cloud(tmp_path, stores, now)  # a restarted cloud issues a new version
+    assert again.listing().version == before.version + 1
+    db.close()
+    rekeyed = Signer(Ed25519PrivateKey.generate())  # a cloud restarted with another key: a new version again
+    db = FleetDB(tmp_path / "fleet.sqlite", clock=lambda: now[0])
+    assert Catalog(db, rekeyed).listing().version == before.version + 2
     db.close()
     for lost_file in tmp_path.glob("fleet.sqlite*"):  # the fleet database lost: versions still rise, by the clock
         lost_file.unlink()
