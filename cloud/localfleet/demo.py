@@ -8,6 +8,7 @@ load and checks that every edge stepped down under the heavy phase and back up a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -30,7 +31,7 @@ from protos import coordinator_pb2
 log = logging.getLogger(__name__)
 EDGES = ("edge-a", "edge-b")
 BATCH = 8
-OVERLOAD = 1.3  # the heavy load's requests a second over what the most accurate variant serves, per edge
+OVERLOAD = 1.3  # the heavy load asks each edge for this many times what its most accurate variant serves
 
 
 @dataclass(frozen=True)
@@ -79,18 +80,6 @@ class DemoConfig:
         ]
 
 
-def heavy_think_s(clients: int, batch_ms: float, overload: float = OVERLOAD) -> float:
-    """The pause between a heavy client's requests that makes `clients` of them ask an edge for
-    `overload` times what it serves at `batch_ms` a batch (its profile of the most accurate variant).
-
-    A heavy load without pauses is closed-loop at its limit: whatever the edge serves, the clients ask
-    for more, so on a faster variant the clients, the edges and the cloud, sharing the machine's cores,
-    only run hotter and the clients' p95 stays at the SLO. With pauses, the load is a rate: over what
-    the most accurate variant serves, so its queue grows, and well within what a variant several times
-    faster serves, so the step down brings the clients' p95 back under the SLO and keeps it there."""
-    return max(0.0, batch_ms / 1e3 * (clients / overload - 1.0))
-
-
 def _wait_for_profiles(
     cloud: str, transport: Transport, n_variants: int, timeout_s: float = 180.0
 ) -> coordinator_pb2.GetFleetResponse:
@@ -122,32 +111,47 @@ def _edge_p95s(cloud: str, transport: Transport, variant_id: str, seen: dict) ->
             seen[(edge.edge, t.timestamp)] = t.p95_ms
 
 
-def calibrate_slo_ms(
-    cloud: str, transport: Transport, generator: loadgen.LoadGenerator, heavy: loadgen.Phase, ends: tuple[str, str]
-) -> float:
-    """Pin each end of the frontier in turn under the heavy load and measure its p95 on this machine,
-    as the edges report it (the policy decides on the edges' own windows, not on what clients see).
+def _pinned(
+    cloud: str, transport: Transport, generator: loadgen.LoadGenerator, load: loadgen.Phase, variant_id: str
+) -> tuple[float, float]:
+    """Under `load`, every edge pinned to `variant_id`: the median p95 of the edges' own windows and the
+    requests answered a second per edge."""
+    operator_client.set_policy(cloud, transport, pinned_variant=variant_id)
+    time.sleep(1.5)  # one decision window for the pin to take effect
+    seen: dict = {}
+    before = len(generator.samples)
+    run = threading.Thread(target=generator.run, args=([load],), daemon=True)
+    run.start()
+    time.sleep(1.5)  # skip the window in which the load starts
+    while run.is_alive():
+        _edge_p95s(cloud, transport, variant_id, seen)
+        time.sleep(0.5)
+    run.join()
+    if not seen:
+        raise RuntimeError(f"no telemetry window on {short_id(variant_id)} during calibration")
+    answered = sum(s.code == "OK" for s in generator.samples[before:])
+    return float(np.median(list(seen.values()))), answered / load.seconds / len(EDGES)
 
-    The SLO is the geometric mean of the two medians: the heavy load breaks it on the most accurate
-    variant and leaves the fastest inside it, with the same margin on both sides.
+
+def calibrate(
+    cloud: str, transport: Transport, generator: loadgen.LoadGenerator, heavy: loadgen.Phase, ends: tuple[str, str]
+) -> tuple[float, float]:
+    """The SLO (ms) and the heavy clients' pause between requests (s), measured on this machine.
+
+    The heavy clients without pauses, every edge pinned to the most accurate variant: its p95 (as the
+    edges report it: the policy decides on the edges' own windows) and the requests a second it
+    answers with the whole machine busy. The pause makes the heavy clients ask for `OVERLOAD` times
+    that: a rate, not a closed loop, for a closed loop without pauses asks for more whatever an edge
+    serves, so on a faster variant the clients, edges and cloud sharing the cores only run hotter and
+    the clients' p95 stays at the SLO. Then the fastest variant's p95 under that rate. The SLO is the
+    geometric mean of the two: the heavy load breaks it on the most accurate variant and leaves the
+    fastest inside it, with the same margin on both sides.
     """
-    p95s = []
-    for variant_id in ends:
-        operator_client.set_policy(cloud, transport, pinned_variant=variant_id)
-        time.sleep(1.5)  # one decision window for the pin to take effect
-        seen: dict = {}
-        load = threading.Thread(target=generator.run, args=([heavy],), daemon=True)
-        load.start()
-        time.sleep(1.5)  # skip the window in which the load starts
-        while load.is_alive():
-            _edge_p95s(cloud, transport, variant_id, seen)
-            time.sleep(0.5)
-        load.join()
-        if not seen:
-            raise RuntimeError(f"no telemetry window on {short_id(variant_id)} during calibration")
-        p95s.append(float(np.median(list(seen.values()))))
+    slow_p95, served = _pinned(cloud, transport, generator, heavy, ends[0])
+    think_s = heavy.clients / (OVERLOAD * served)
+    fast_p95, _ = _pinned(cloud, transport, generator, dataclasses.replace(heavy, think_s=think_s), ends[1])
     operator_client.set_policy(cloud, transport, pinned_variant="")
-    return round(math.sqrt(p95s[0] * p95s[1]), 1)
+    return round(math.sqrt(slow_p95 * fast_p95), 1), think_s
 
 
 def _start_cluster(store: Path, run_dir: Path, keys: dict[str, Path]) -> list[processes.Child]:
@@ -180,18 +184,15 @@ def _drive(
     fleet = _wait_for_profiles(cloud, transport, len(manifest.variants))
     images = inputs.portfolio_inputs(config.build_config().out, 2000, data_dir=config.data_dir)
     generator = loadgen.LoadGenerator({c.name: c.address for c in children[1:]}, images, BATCH, client)
-    most_accurate = max(manifest.variants, key=lambda v: v.accuracy).variant_id
-    slowest_ms = max(p.p50_ms_batch for e in fleet.edges for p in e.profiles if p.variant_id == most_accurate)
-    think_s = heavy_think_s(config.heavy_clients, slowest_ms)
-    heavy = loadgen.Phase("calibration", 4 if config.quick else 6, config.heavy_clients, think_s)
-    slo_ms = calibrate_slo_ms(cloud, transport, generator, heavy, _frontier_ends(manifest, fleet))
+    heavy = loadgen.Phase("calibration", 4 if config.quick else 6, config.heavy_clients)
+    slo_ms, think_s = calibrate(cloud, transport, generator, heavy, _frontier_ends(manifest, fleet))
     policy = operator_client.set_policy(
         cloud, transport, slo_ms=slo_ms, down_windows=2, up_windows=3, up_headroom=0.7, dwell_s=3.0, window_s=1.0
     )
     print(
         f"policy v{policy.version}: SLO p95 <= {slo_ms:.1f} ms per batch of {BATCH} "
         f"(measured under heavy load on this machine: {config.heavy_clients} clients per edge, "
-        f"{1e3 * think_s:.1f} ms between requests, {OVERLOAD:g}x what the most accurate variant serves)",
+        f"{1e3 * think_s:.1f} ms between requests: {OVERLOAD:g}x what the most accurate variant serves)",
         flush=True,
     )
     time.sleep(2 * policy.window_s)
