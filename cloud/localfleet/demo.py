@@ -31,7 +31,7 @@ from protos import coordinator_pb2
 log = logging.getLogger(__name__)
 EDGES = ("edge-a", "edge-b")
 BATCH = 8
-OVERLOAD = 1.3  # the heavy load asks each edge for this many times what its most accurate variant serves
+OVERLOAD = 1.6  # the heavy load asks each edge for this many times what its most accurate variant serves
 
 
 @dataclass(frozen=True)
