@@ -130,6 +130,8 @@ def _pinned(
     if not seen:
         raise RuntimeError(f"no telemetry window on {short_id(variant_id)} during calibration")
     answered = sum(s.code == "OK" for s in generator.samples[before:])
+    if not answered:
+        raise RuntimeError(f"no request answered on {short_id(variant_id)} during calibration")
     return float(np.median(list(seen.values()))), answered / load.seconds / len(EDGES)
 
 
