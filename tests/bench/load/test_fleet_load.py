@@ -12,9 +12,9 @@ pytestmark = pytest.mark.integration
 SMALL = {
     "edges": 60,
     "procs": 2,
-    "ramp_s": 4.0,
+    "ramp_s": 2.0,
     "fleet_s": 5,
-    "predict_s": 4.0,
+    "predict_s": 2.5,
     "warmup_s": 1.0,
     "clients": 6,
     "agent_threads": 1,
