@@ -39,6 +39,11 @@ VALIDITY_S = 7 * 86400.0  # how long a listing is valid (`prunefleet cloud serve
 MIN_VALIDITY_S, MAX_VALIDITY_S = 600.0, 366 * 86400.0
 
 
+def _check_validity(validity_s: float) -> None:
+    if not MIN_VALIDITY_S <= validity_s <= MAX_VALIDITY_S:
+        raise ValueError(f"listing validity must be in [{MIN_VALIDITY_S:g}, {MAX_VALIDITY_S:g}] s, got {validity_s}")
+
+
 def variant_info(entry: VariantEntry, signer: Signer | None) -> portfolio_pb2.VariantInfo:
     """A member as the listing names it: its own file (the safetensors file of a float32 variant, the
     ONNX file of an int8 member) and its ONNX file, each with its size and the cloud's signature, and
@@ -88,7 +93,12 @@ class Catalog:
     being hashed never holds up a rollback; `progress` hears of every MiB a deploy hashes."""
 
     def __init__(
-        self, db: FleetDB, signer: Signer | None = None, limits: StoreLimits = LIMITS, progress: Progress | None = None
+        self,
+        db: FleetDB,
+        signer: Signer | None = None,
+        limits: StoreLimits = LIMITS,
+        progress: Progress | None = None,
+        validity_s: float = VALIDITY_S,
     ):
         self._db, self._signer, self._limits, self._progress = db, signer, limits, progress
         self._lock = threading.Lock()
@@ -97,9 +107,10 @@ class Catalog:
         self._listings: dict[str, portfolio_pb2.ListVariantsResponse] = {}
         self._withdrawn: dict[str, str] = {}  # portfolio id -> why it is no longer served
         self._signed: dict[str, portfolio_pb2.ListVariantsResponse] = {}  # under the current version
-        self.validity_s = VALIDITY_S
+        _check_validity(validity_s)
+        self.validity_s = validity_s
         self._epoch = self._read_epoch()
-        self.issue()  # on every start (the module docstring says why)
+        self.issue()  # on every start (the module docstring says why), valid for the validity it starts with
         for portfolio_id, root in db.portfolios():
             try:
                 store = PortfolioStore(Path(root))
@@ -195,10 +206,7 @@ class Catalog:
         """How long listings issued from now on are valid (a value outside the bounds is refused); the
         listings are issued again at once if they are due under it (a cloud restarted late) or valid for
         longer than it (a shorter validity than they were issued with)."""
-        if not MIN_VALIDITY_S <= validity_s <= MAX_VALIDITY_S:
-            raise ValueError(
-                f"listing validity must be in [{MIN_VALIDITY_S:g}, {MAX_VALIDITY_S:g}] s, got {validity_s}"
-            )
+        _check_validity(validity_s)
         self.validity_s = validity_s
         if self.due() or self._epoch[1] > self._db.clock() + validity_s:
             self.issue()

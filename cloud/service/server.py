@@ -235,7 +235,7 @@ def start(config: CloudConfig, registry: CollectorRegistry) -> CloudServer:
         config.db or config.store / "fleet.sqlite", clock=time.time, keep_profiles=config.retention.keep_profiles
     )
     signer = Signer.load(config.signing_key) if config.signing_key else None
-    catalog = Catalog(db, signer, config.deploys.limits)
+    catalog = Catalog(db, signer, config.deploys.limits, validity_s=config.deploys.listing_validity_s)
     catalog.start_with(config.store)  # fail now, with the store's message, when there is no portfolio
     sent = Counter("prunefleet_cloud_variant_bytes_sent_total", "Variant bytes streamed to edges", registry=registry)
     pool = futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc")

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from bench.__main__ import INSTALL_HINT, REQUIREMENTS, SUITES
+from bench.__main__ import INSTALL_HINT, REQUIREMENTS, SUITES, main
 
 
 def test_a_missing_dependency_is_named_with_what_to_install(tmp_path):
@@ -58,28 +58,28 @@ def test_every_suite_module_has_a_run_function():
         assert callable(importlib.import_module(module).run)
 
 
-def test_a_suite_that_refuses_its_input_exits_2_naming_it_without_a_trace(tmp_path):
+def _main(argv: list[str], capsys) -> tuple[int, str]:
+    """`prunefleet bench ARGV` in this process: its exit code and what it printed to stderr."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # refused by the parser
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def test_a_suite_that_refuses_its_input_exits_2_naming_it_without_a_trace(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the suite's default work directory is relative
     empty = tmp_path / "no-data"
     empty.mkdir()
     out = tmp_path / "out.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "frontier", "--quick", "--json", str(out), "--data-dir", str(empty)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 2, done.stderr
-    assert "prunefleet bench frontier: error: Fashion-MNIST file" in done.stderr and str(empty) in done.stderr
-    assert "Traceback" not in done.stderr and not out.exists()
+    code, err = _main(["frontier", "--quick", "--json", str(out), "--data-dir", str(empty)], capsys)
+    assert code == 2, err
+    assert "prunefleet bench frontier: error: Fashion-MNIST file" in err and str(empty) in err
+    assert "Traceback" not in err and not out.exists()
 
 
-def test_only_is_refused_for_a_suite_without_parts(tmp_path):
+def test_only_is_refused_for_a_suite_without_parts(tmp_path, capsys):
     out = tmp_path / "out.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "surgery", "--only", "attacks", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 2 and "surgery has no parts to choose with --only" in done.stderr
+    code, err = _main(["surgery", "--only", "attacks", "--json", str(out)], capsys)
+    assert code == 2 and "surgery has no parts to choose with --only" in err
     assert not out.exists()

@@ -59,6 +59,22 @@ def test_versions_rise_persist_and_rise_again_at_a_restart(tmp_path, stores):
     db.close()
 
 
+def test_a_cloud_started_with_a_shorter_validity_issues_one_version_valid_for_it(tmp_path, stores):
+    now = [1_800_000_000.0]
+    db, catalog = _cloud(tmp_path, stores, now)
+    before = catalog.listing()
+    db.close()
+    db = FleetDB(tmp_path / "fleet.sqlite", clock=lambda: now[0])
+    shorter = Catalog(db, Signer(KEY), validity_s=3600.0)
+    shorter.start_with(stores[0])
+    shorter.set_validity(3600.0)  # as the coordinator does: nothing left to issue
+    again = shorter.listing()
+    assert again.version == before.version + 1 and again.expires_at_unix == int(now[0] + 3600.0)
+    db.close()
+    with pytest.raises(ValueError, match="listing validity"):
+        Catalog(FleetDB(tmp_path / "other.sqlite", clock=lambda: now[0]), validity_s=1.0)
+
+
 def test_listings_are_issued_again_before_they_expire_and_at_once_after_a_late_restart(tmp_path, stores):
     now = [1_800_000_000.0]
     db, catalog = _cloud(tmp_path, stores, now)

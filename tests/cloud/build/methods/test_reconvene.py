@@ -2,9 +2,6 @@
 composite model's fixed masks, and a portfolio built with it."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +12,10 @@ from cloud.build.compaction import channels
 from cloud.build.methods import reconvene, sensitivity
 from cloud.build.store import PortfolioStore
 from cloud.build.train import TrainConfig, train
+from cloud.cli.main import main
 from common import datasets, models, variant
 
 KW28 = {"in_channels": 1, "input_size": 28, "num_classes": 10}
-PRUNEFLEET = str(Path(sys.executable).parent / "prunefleet")
 
 
 def _example(shape=(1, 28, 28)) -> torch.Tensor:
@@ -199,25 +196,14 @@ def test_layer_collapse_is_refused_before_training():
         (["--sensitivity-coverage", "1.5"], "coverage is a share in [0, 1]"),
     ],
 )
-def test_bad_reconvene_requests_fail_before_any_training(tmp_path, args, needle):
-    result = subprocess.run(
-        [
-            PRUNEFLEET,
-            "portfolio",
-            "build",
-            "--method",
-            "reconvene",
-            "--subset",
-            "64",
-            "--out",
-            str(tmp_path / "p"),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2 and needle in result.stderr, result.stderr
+def test_bad_reconvene_requests_fail_before_any_training(tmp_path, capsys, args, needle):
+    argv = ["portfolio", "build", "--method", "reconvene", "--subset", "64", "--out", str(tmp_path / "p"), *args]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # refused by the parser
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err, err
     assert not list((tmp_path / "p").glob("work/reconvene-*.pt"))
 
 
