@@ -59,7 +59,8 @@ def test_synflow_scores_are_conserved_layer_by_layer():
 
 
 def _plain_synflow(model, compression, input_shape, rounds):
-    """SynFlow as the paper states it, with no bookkeeping tricks: the reference for `scorers.synflow`."""
+    """SynFlow as the paper states it, with no bookkeeping tricks: the reference for `scorers.synflow`.
+    Its scores are over R, as the scorer's are: one scale for every weight, which ranks them the same."""
     net = scorers._linearized(model)
     weights = scorers._weights(net)
     magnitudes = {n: w.detach().clone() for n, w in weights.items()}
@@ -70,7 +71,8 @@ def _plain_synflow(model, compression, input_shape, rounds):
             for n, w in weights.items():
                 w.copy_(magnitudes[n] * masks[n])
         net.zero_grad()
-        net(torch.ones(1, *input_shape, dtype=torch.float64)).sum().backward()
+        flow = net(torch.ones(1, *input_shape, dtype=torch.float64)).sum()
+        (flow / flow.detach()).backward()
         scores = {n: (w * w.grad).float() for n, w in weights.items()}
         keep = max(1, int(round(total / compression ** (k / rounds))))
         live = torch.cat([scores[n][masks[n]] for n in weights])
@@ -89,6 +91,16 @@ def test_synflow_matches_the_plain_algorithm(compression, rounds):
     assert list(masks) == list(want_masks)
     assert all(torch.equal(masks[n], want_masks[n]) for n in masks)
     assert all(torch.equal(scores[n], want_scores[n]) for n in scores)
+
+
+def test_synflow_prunes_a_deep_network_at_full_width_whose_flow_overflows_float32():
+    """ResNet-56 at width 1.0: R is about 4e50, past float32; scores over R stay finite and rank."""
+    torch.manual_seed(0)
+    model = models.build("resnet56", {**KWARGS, "width": 1.0})
+    scores, masks = scorers.synflow(model, 4.0, (1, 28, 28), rounds=20)
+    assert all(bool(torch.isfinite(s).all()) for s in scores.values())
+    kept, total = _total(masks)
+    assert abs(kept - total / 4) <= 1 and all(int(m.sum()) > 0 for m in masks.values())
 
 
 def test_synflow_keeps_pruned_weights_pruned_when_live_scores_tie_at_zero():
