@@ -52,7 +52,6 @@ class ReportPace:
         self._lock = threading.Lock()
         self._buckets: dict[str, tuple[float, float]] = {}  # identity -> (tokens, when counted)
         self._swept = clock()
-        self.paced = 0  # reports that had to wait
 
     def delay(self, identity: str) -> float:
         """Seconds the next report of `identity` waits before it is handled (0: at once); it takes
@@ -66,8 +65,7 @@ class ReportPace:
             self._buckets[identity] = (tokens, now)
             if tokens >= 0:
                 return 0.0
-            self.paced += 1
-        self._on_paced()
+        self._on_paced()  # a report had to wait
         return -tokens / rate
 
     def _sweep(self, now: float) -> None:

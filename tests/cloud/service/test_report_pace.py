@@ -14,12 +14,12 @@ class Clock:
 
 
 def test_a_burst_passes_then_reports_wait_their_turn_at_the_rate():
-    clock = Clock()
-    pace = ReportPace(PaceConfig(rate=10.0, burst=3), clock)
+    clock, paced = Clock(), []
+    pace = ReportPace(PaceConfig(rate=10.0, burst=3), clock, on_paced=lambda: paced.append(1))
     assert [pace.delay("edge-a") for _ in range(3)] == [0.0, 0.0, 0.0]
     assert pace.delay("edge-a") == pytest.approx(0.1)  # the fourth waits one token's time
     assert pace.delay("edge-a") == pytest.approx(0.2)  # and the one behind it its own turn after it
-    assert pace.paced == 2
+    assert len(paced) == 2  # the reports that had to wait
     clock.now += 0.2  # the reader slept its 0.2 s: both debts are paid
     assert pace.delay("edge-a") == pytest.approx(0.1)
     clock.now += 10.0  # refilled, but never beyond the burst
