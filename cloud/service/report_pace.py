@@ -40,7 +40,8 @@ class PaceConfig:
 
 
 class ReportPace:
-    """Token buckets by identity; `delay` says how long a report must wait for its turn. Thread-safe."""
+    """Token buckets by identity; `delay` says how long a report must wait for its turn, and calls
+    `on_paced` for every report that has to wait (the cloud counts them in a metric). Thread-safe."""
 
     def __init__(
         self,
