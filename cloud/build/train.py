@@ -13,6 +13,7 @@ runs on the same device, in eval mode and without gradients, on the same batches
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from common.errors import PrunefleetError
 from common.files import atomic_write_bytes
 
 Masks = dict[str, torch.Tensor]
+
+log = logging.getLogger(__name__)
 
 
 class MaskError(PrunefleetError, ValueError):
@@ -155,10 +158,14 @@ def _save_checkpoint(path: Path, model: nn.Module, parts: dict, epoch: int) -> N
 
 def _resume(path: Path | None, model: nn.Module, parts: dict) -> int:
     """Load a checkpoint into the model and the optimizer, scheduler (and scaler, when saved with one);
-    the optimizer moves its state to the parameters' device itself."""
+    the optimizer moves its state to the parameters' device itself. One of other shapes (another pruning
+    of this model) is not loaded, even in part: training starts over and overwrites it."""
     if path is None or not path.exists():
         return 0
     state = load_state(path)
+    if {k: v.shape for k, v in state["model"].items()} != {k: v.shape for k, v in model.state_dict().items()}:
+        log.warning("checkpoint %s holds a model of other shapes than this one: training it from the start", path)
+        return 0
     model.load_state_dict(state["model"])
     for name, part in parts.items():
         if name in state:
