@@ -5,7 +5,9 @@ build` would run it.
 A method that can start from trained weights (its `weights_refusal` is None: shifter, and structured
 when it is registered so) is given the suite's dense model (`--weights`) and fine-tunes each variant
 for F epochs (`--epochs`, and its `finetune_epochs` where its settings have one); it is charged the
-dense model's D epochs. One that cannot (reconvene) trains each variant for B/K epochs. The level a
+dense model's D epochs. One that cannot (reconvene) trains each variant for B/K epochs, and is given
+the suite's dense model as the one to compare with (`--reference-weights`), so nothing trains only
+for that. The level a
 method yields that is the dense model as given (compression 1, nothing removed) is the dense model,
 not a variant: it is left out and listed under `dropped`.
 """
@@ -113,6 +115,7 @@ class Build:
             model=self.model_plan.model,
             width=self.model_plan.width,
             weights=weights if self.from_dense else None,
+            reference_weights=None if self.from_dense else weights,  # compared with the suite's dense model
             data_dir=data_dir,
             subset=plan.subset,
             threads=torch.get_num_threads(),

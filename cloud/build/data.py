@@ -28,7 +28,7 @@ from common.datasets import Dataset, DatasetInfo
 from common.registry import UnknownNameError, is_import_path, parse_import_path
 
 if TYPE_CHECKING:
-    from cloud.build.portfolio import BuildConfig
+    from cloud.build.config import BuildConfig
 
 IMAGE_FOLDER = "imagefolder"
 NAMES = (*sorted(datasets.LOADERS), IMAGE_FOLDER)

@@ -6,7 +6,8 @@ of the portfolio. Otherwise (reconvene prunes before any training, so it never t
 the build trains the dense architecture itself from the build's seed with the build's recipe: the
 dense model the same training budget buys. That run is resumable by its epoch checkpoint
 (`work/dense-reference.pt`) and trains data-parallel under torchrun like any other; with
-`--weights` the given model is the reference and nothing trains.
+`--weights`, or `--reference-weights` for a method that prunes at initialization (a dense model
+trained elsewhere, to compare with), the given model is the reference and nothing trains.
 
 The reference is measured as a variant is: accuracy on the test split, params, MACs, and served as an
 edge serves it (`common.inference.for_inference`), timed in the same interleaved rounds as the
@@ -109,13 +110,14 @@ def from_level(
 
 
 def trained(context: BuildContext) -> Reference | None:
-    """For a method whose level 0 is no dense model: the given `--weights`, or the dense architecture
-    trained from the build's seed with its recipe (every torchrun process trains its shard; resumed
-    from the checkpoint). Measured on rank 0, which gets the Reference; the other ranks get None."""
+    """For a method whose level 0 is no dense model: the given `--weights` or `--reference-weights`, or
+    the dense architecture trained from the build's seed with its recipe (every torchrun process trains
+    its shard; resumed from the checkpoint). Measured on rank 0, which gets the Reference; the other ranks get None."""
     config, data = context.config, context.data
-    given = context.trained_model()
-    if given is not None:
-        return measure(given, context, "the given --weights") if distributed.is_main() else None
+    for path, flag in ((config.weights, "--weights"), (config.reference_weights, "--reference-weights")):
+        given = context.trained_model(path) if path is not None else None
+        if given is not None:
+            return measure(given, context, f"the given {flag}") if distributed.is_main() else None
     epochs = config.train.epochs
     log.info(
         "training the dense %s to compare the variants with (%d epochs, seed %d)", config.model, epochs, config.seed

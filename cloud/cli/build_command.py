@@ -15,8 +15,8 @@ import dataclasses
 
 from cloud.admin import operator_client
 from cloud.build import portfolio, settings
+from cloud.build.config import ONNX_PACKAGES, BuildConfig
 from cloud.build.methods import METHODS
-from cloud.build.portfolio import BuildConfig
 from cloud.build.settings import SettingsError
 from cloud.build.train import TrainConfig
 from cloud.cli import BUILD_HELP
@@ -80,7 +80,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     try:
         from cloud.build import int8_members
     except ImportError as err:
-        if err.name not in portfolio.ONNX_PACKAGES:
+        if err.name not in ONNX_PACKAGES:
             raise
         raise MissingExtraError(f"{err.name} is not installed: pip install 'prunefleet[onnx]'") from None
     settings = int8_members.QuantizeSettings(args.store, args.data_dir, args.threads)

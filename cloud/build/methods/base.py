@@ -27,7 +27,7 @@ from common.datasets import Dataset
 from common.errors import PrunefleetError
 
 if TYPE_CHECKING:
-    from cloud.build.portfolio import BuildConfig
+    from cloud.build.config import BuildConfig
     from cloud.build.store import PortfolioStore
 
 _NAME = re.compile(r"[a-z][a-z0-9-]*")
@@ -82,12 +82,13 @@ class BuildContext:
         """A freshly initialized dense model of the build's architecture (from torch's current seed)."""
         return models.build(self.config.model, self.model_kwargs(), allowed=(self.config.model,))
 
-    def trained_model(self) -> nn.Module | None:
-        """The dense model holding the user's trained weights (`--weights`), refused with a
-        `WeightsError` unless they fit the build's architecture; None without `--weights`."""
-        if self.config.weights is None:
+    def trained_model(self, path: Path | None = None) -> nn.Module | None:
+        """The dense model holding the user's trained weights (`path`, default `--weights`), refused
+        with a `WeightsError` unless they fit the build's architecture; None without them."""
+        path = self.config.weights if path is None else path
+        if path is None:
             return None
-        trained = weights.read(self.config.weights)
+        trained = weights.read(path)
         model = self.new_model()
         weights.fit(model, trained, self.config.model, self.model_kwargs())
         return model

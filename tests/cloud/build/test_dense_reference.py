@@ -3,14 +3,18 @@ as it was trained: its variant file must rebuild it exactly, or the build refuse
 build runs for real on Fashion-MNIST with `narrow` (tests/narrow_method.py), whose levels are the
 architecture at narrower widths."""
 
+import dataclasses
+
 import narrow_method
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from cloud.build import derive, portfolio, reference
 from cloud.build.methods import METHODS
 from cloud.build.methods.base import BuildContext, MethodError, SparseModel
+from cloud.build.settings import SettingsError
 from cloud.build.store import PortfolioStore
 from cloud.build.train import TrainConfig, evaluate, load_state
 from common import datasets, models, variant
@@ -134,6 +138,22 @@ def test_the_trained_reference_resumes_from_its_checkpoint(tmp_path, small_data)
     written = checkpoint.stat().st_mtime_ns
     again = reference.trained(context)
     assert again.entry == first.entry and checkpoint.stat().st_mtime_ns == written  # resumed: nothing trained
+
+
+def test_given_reference_weights_are_the_dense_model_compared_with_and_nothing_trains(tmp_path, small_data):
+    base = portfolio.BuildConfig(out=tmp_path / "p", method="reconvene", model="vgg11", width=0.125, train=QUICK)
+    torch.manual_seed(5)
+    dense = BuildContext(base, small_data, PortfolioStore(tmp_path / "p")).new_model().eval()
+    save_file(dense.state_dict(), tmp_path / "dense.safetensors")
+    config = dataclasses.replace(base, reference_weights=tmp_path / "dense.safetensors")
+    given = reference.trained(BuildContext(config, small_data, PortfolioStore(tmp_path / "p")))
+    assert given.entry.source == "the given --reference-weights"
+    assert (given.entry.trained_by_build, given.entry.epochs) == (False, 0)
+    assert given.entry.accuracy == evaluate(dense, small_data.info, small_data.test)
+    assert not (tmp_path / "p" / "work" / reference.CHECKPOINT).exists()  # nothing trained
+    assert config.settings()["reference_weights"] is not None and base.settings()["reference_weights"] is None
+    with pytest.raises(SettingsError, match="--reference-weights is for a method that prunes at initialization"):
+        dataclasses.replace(config, method="shifter", method_settings=None)
 
 
 def test_a_level_0_that_is_not_dense_is_refused(tmp_path, small_data):

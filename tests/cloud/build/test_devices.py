@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from cloud.build import devices, distributed
+from cloud.build.config import BuildConfig
 from cloud.build.methods import scorers, shifter
-from cloud.build.portfolio import BuildConfig
 from cloud.build.settings import SettingsError
 from cloud.build.store import PortfolioStore
 from cloud.build.train import TrainConfig, train

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 from cloud.build import weights
+from cloud.build.config import BuildConfig
 from cloud.build.methods import shifter
-from cloud.build.portfolio import BuildConfig
 from cloud.build.settings import SettingsError
 from cloud.build.store import PortfolioStore
 from cloud.build.train import TrainConfig, evaluate, train

@@ -12,9 +12,9 @@ import pytest
 import torch
 import toy_method
 
+from cloud.build.config import BuildConfig
 from cloud.build.methods import METHODS, reconvene, shifter
 from cloud.build.methods.base import Method
-from cloud.build.portfolio import BuildConfig
 from cloud.build.settings import SettingsError
 from cloud.build.store import PortfolioStore
 from cloud.build.train import TrainConfig, evaluate
