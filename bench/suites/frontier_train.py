@@ -50,26 +50,35 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 TORCH_PRUNING, NARROW = "torch-pruning", "narrow"
 ORT = "onnxruntime:"  # the name under which a model served by ONNX Runtime is timed
+FLUSH_STEPS = 20  # steps counted between writes of a build's partial count (a SIGKILL skips `finally`)
 
 
 def counted(work: Path, key: str, compute: Callable[[], dict]) -> dict:
     """`compute()`'s record with the optimizer `steps` it took and its wall time (`seconds`), kept in
-    `work` as a finished point (a rerun reads it back and trains nothing)."""
+    `work` as a finished point (a rerun reads it back and trains nothing). The count so far is written
+    every `FLUSH_STEPS` steps, so an interrupted build resumed later is charged what it trained before."""
 
     def measured() -> dict:
         partial = work / f"{key}.partial.json"
         before = json.loads(partial.read_text()) if partial.exists() else {"steps": 0, "seconds": 0.0}
-        steps = [0]
-        handle = register_optimizer_step_post_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))
-        started = time.perf_counter()
+        steps, started = [0], time.perf_counter()
+
+        def spent() -> dict:
+            return {"steps": before["steps"] + steps[0], "seconds": before["seconds"] + time.perf_counter() - started}
+
+        def step(*_) -> None:
+            steps[0] += 1
+            if steps[0] % FLUSH_STEPS == 0:  # a killed run loses fewer steps than this from the count
+                atomic_write_json(partial, spent())
+
+        handle = register_optimizer_step_post_hook(step)
         try:
             record = compute()
         finally:
             handle.remove()
-            spent = {"steps": before["steps"] + steps[0], "seconds": before["seconds"] + time.perf_counter() - started}
-            atomic_write_json(partial, spent)
+            atomic_write_json(partial, spent())
         partial.unlink()
-        return {**record, **spent}
+        return {**record, **spent()}
 
     return workdir.cached(work, key, measured)
 

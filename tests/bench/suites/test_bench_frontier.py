@@ -6,10 +6,11 @@ import dataclasses
 import json
 
 import pytest
+import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from bench.__main__ import main
-from bench.suites import frontier, frontier_builds, frontier_summary
+from bench.suites import frontier, frontier_builds, frontier_summary, frontier_train
 from cloud.build.methods import METHODS
 
 # structured is benchmarked here as soon as it is registered; the suite's own plans always name it
@@ -195,3 +196,29 @@ def test_a_refused_subject_misses_its_targets_and_an_absent_one_is_not_judged():
 def test_a_plan_that_cannot_give_equal_budgets_is_refused_naming_the_setting(change, named):
     with pytest.raises(frontier.PlanError, match=named):
         dataclasses.replace(TINY, **change)
+
+
+def test_a_build_killed_mid_way_is_charged_what_it_trained_before(tmp_path):
+    """The count is on disk every few steps: a SIGKILL (no `finally`) loses fewer than FLUSH_STEPS."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    n = 2 * frontier_train.FLUSH_STEPS + 5
+    seen = {}
+
+    def killed() -> dict:
+        for _ in range(n):
+            optimizer.step()
+        seen.update(json.loads((tmp_path / "build-x.partial.json").read_text()))
+        raise KeyboardInterrupt  # stands for the kill: the partial was written before it
+
+    with pytest.raises(KeyboardInterrupt):
+        frontier_train.counted(tmp_path, "build-x", killed)
+    assert seen["steps"] == 2 * frontier_train.FLUSH_STEPS
+
+    def resumed() -> dict:
+        for _ in range(3):
+            optimizer.step()
+        return {"done": True}
+
+    record = frontier_train.counted(tmp_path, "build-x", resumed)
+    assert record["steps"] == n + 3 and record["done"] and not (tmp_path / "build-x.partial.json").exists()
