@@ -8,7 +8,8 @@ each group, greedily by importance lost per millisecond saved, from a latency ta
 timed alone on this CPU, `latency_table`), measures the pruned model served as an edge serves it
 (BatchNorm folded, channels-last, batch `--latency-batch`) against the dense model, and prunes more
 until the measurement, not the table, says the step's goal is reached (`chain`). It then fine-tunes
-with knowledge distillation from the dense model (`--distill-alpha`, `--distill-temperature`).
+with knowledge distillation from the dense model (`--distill-alpha`, `--distill-temperature`). A
+variant that loses more than `--max-drop` points of validation accuracy ends the chain (`collapsed`).
 
 Budget: a level's fine-tuning epochs (`--variant-epochs`, default `--epochs`) are split over its steps
 (targets further than `--step-speedup` from the previous one take several), so the whole chain trains
@@ -47,7 +48,7 @@ from cloud.build.methods import allocation, chain, latency_table, served, topolo
 from cloud.build.methods.base import BuildContext, Method, SparseModel
 from cloud.build.methods.importance import IMPORTANCES, NORMALIZATIONS
 from cloud.build.settings import SettingsError
-from cloud.build.train import train
+from cloud.build.train import evaluate, train
 from common.files import atomic_write_json
 from common.models import prunable_layers
 
@@ -90,6 +91,13 @@ class StructuredConfig:
     min_channels: int = field(default=4, metadata={"help": "fewest channels a group keeps"})
     importance_batches: int = field(default=8, metadata={"help": "batches of 64 the taylor importance averages"})
     latency_batch: int = field(default=32, metadata={"help": "batch size speedups are measured at"})
+    max_drop: float = field(
+        default=10.0,
+        metadata={
+            "help": "points of validation accuracy a variant may lose against the dense model: one that loses more "
+            "ends the chain, and it and the targets after it are left out (0: keep every variant)"
+        },
+    )
 
     def __post_init__(self) -> None:
         s = self.speedups
@@ -107,6 +115,8 @@ class StructuredConfig:
             raise SettingsError("finetune_epochs (--variant-epochs) and finetune_lr must be >= 0")
         if not self.step_speedup > 1.0:
             raise SettingsError(f"step_speedup must be > 1, got {self.step_speedup}")
+        if not self.max_drop >= 0:
+            raise SettingsError(f"max_drop must be >= 0 points, got {self.max_drop}")
         for name in ("channel_multiple", "min_channels", "importance_batches", "latency_batch"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -221,8 +231,36 @@ def _reach(steps: chain.Chain, parent: nn.Module, level: int, records: list, his
         history.append((record.predicted_ms, 1.0 / record.speedup))
 
 
+def _validation_accuracy(context: BuildContext, model: nn.Module) -> float | None:
+    """`model`'s accuracy on the build's validation split (None when it has none)."""
+    data = context.data
+    return evaluate(model, data.info, data.val, device=context.device) if len(data.val) else None
+
+
+def collapsed(
+    context: BuildContext, settings: StructuredConfig, dense_accuracy: float | None, model: nn.Module, level: int
+) -> bool:
+    """Whether level `level`'s model loses more than `max_drop` points of validation accuracy against
+    the dense model's (`dense_accuracy`; None: no validation split, nothing to judge): then the chain
+    ends, with a warning naming the targets left out. The test split decides nothing here."""
+    accuracy = None if dense_accuracy is None else _validation_accuracy(context, model)
+    if accuracy is None or 100 * (dense_accuracy - accuracy) <= settings.max_drop:
+        return False
+    log.warning(
+        "structured: leaving out %s: the %gx variant scores %.2f%% on the validation split, %.2f points below the "
+        "dense model's %.2f%% (--max-drop %g)",
+        ", ".join(f"{t:g}x" for t in settings.speedups[level - 1 :]),
+        settings.speedups[level - 1],
+        100 * accuracy,
+        100 * (dense_accuracy - accuracy),
+        100 * dense_accuracy,
+        settings.max_drop,
+    )
+    return True
+
+
 def levels(context: BuildContext, settings: StructuredConfig) -> Iterator[SparseModel]:
-    """The dense model, then one chain variant per target speedup."""
+    """The dense model, then one chain variant per target speedup, up to one that collapses."""
     (context.work_dir / "structured").mkdir(parents=True, exist_ok=True)
     ladder = functools.partial(
         latency_table.channel_ladder, multiple=settings.channel_multiple, minimum=settings.min_channels
@@ -239,9 +277,12 @@ def levels(context: BuildContext, settings: StructuredConfig) -> Iterator[Sparse
     yield SparseModel(0, served.copy_of(dense), {}, compression=1.0, name=f"{name}-dense", compact=True)
     budget = settings.finetune_epochs or context.config.train.epochs
     records, history, dense_weights = [], [(steps.predicted(dense), 1.0)], _weights(dense)
+    dense_accuracy = _validation_accuracy(context, dense) if settings.max_drop else None
     for level, target in enumerate(settings.speedups, 1):
         model = _reach(steps, model, level, records, history, budget)
         log.info("structured %gx: step %d measured %.2fx", target, len(records), records[-1].speedup)
+        if collapsed(context, settings, dense_accuracy, model, level):
+            break
         compression = dense_weights / _weights(model)
         yield SparseModel(
             level, served.copy_of(model), {}, compression=compression, name=f"{name}-{target:g}x", compact=True

@@ -42,6 +42,7 @@ EXAMPLE = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
         ({"channel_multiple": 0}, "channel_multiple must be >= 1"),
         ({"min_channels": 0}, "min_channels must be >= 1"),
         ({"latency_batch": 0}, "latency_batch must be >= 1"),
+        ({"max_drop": -1.0}, "max_drop must be >= 0 points"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_setting(changes, named):
@@ -252,3 +253,18 @@ def test_targets_beyond_the_fastest_pruning_are_left_out_and_none_left_is_refuse
     assert structured.reachable_targets(settings, 8.3, "vgg11") == settings
     with pytest.raises(SettingsError, match="speedups: 1.5x is beyond vgg11 on this CPU"):
         structured.reachable_targets(settings, 1.5, "vgg11")  # a target counts as reached only past it
+
+
+def test_a_variant_that_loses_more_than_max_drop_on_validation_ends_the_chain(fashion_mnist, tmp_path, caplog):
+    settings = structured.StructuredConfig(speedups=(1.5, 2.0, 8.0))
+    config = portfolio.BuildConfig(out=tmp_path, model="vgg11", width=0.125, method="structured")
+    data = _tiny(fashion_mnist)
+    context = BuildContext(config, data, PortfolioStore(tmp_path))
+    torch.manual_seed(0)
+    untrained = context.new_model()
+    accuracy = evaluate(untrained, data.info, data.val)
+    with caplog.at_level(logging.WARNING):
+        assert structured.collapsed(context, settings, accuracy + 0.5, untrained, 2)  # 50 points below
+    assert "leaving out 2x, 8x: the 2x variant scores" in caplog.text and "(--max-drop 10)" in caplog.text
+    assert not structured.collapsed(context, settings, accuracy + 0.05, untrained, 2)  # 5 points: kept
+    assert not structured.collapsed(context, settings, None, untrained, 2)  # no validation split
