@@ -12,7 +12,6 @@ runs on the same device, in eval mode and without gradients, on the same batches
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,10 +23,10 @@ from torch import nn
 from tqdm import tqdm
 
 from cloud.build import distributed
+from cloud.build.checkpoints import load_state, save_state
 from cloud.build.settings import SettingsError
 from common.datasets import DatasetInfo, Split, StreamSplit, batches
 from common.errors import PrunefleetError
-from common.files import atomic_write_bytes
 
 Masks = dict[str, torch.Tensor]
 
@@ -126,29 +125,6 @@ def _mask(model: nn.Module, masks: Masks | None) -> None:
         for name, tensor in model.state_dict(keep_vars=True).items():
             if name in masks:
                 tensor.mul_(masks[name].to(tensor.dtype))
-
-
-def on_cpu(value):
-    """A copy of a state dict (nested dicts, lists and tuples of tensors and plain values) on the CPU."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {key: on_cpu(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(on_cpu(item) for item in value)
-    return value
-
-
-def save_state(path: Path, state: dict) -> None:
-    """Write a checkpoint atomically, from CPU copies: the weights of a GPU run resume anywhere."""
-    buffer = io.BytesIO()
-    torch.save(on_cpu(state), buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def load_state(path: Path) -> dict:
-    """A checkpoint this build wrote (a local, trusted file), onto the CPU."""
-    return torch.load(path, weights_only=True, map_location="cpu")
 
 
 def _save_checkpoint(path: Path, model: nn.Module, parts: dict, epoch: int) -> None:

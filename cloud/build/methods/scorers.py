@@ -141,6 +141,14 @@ def _flat_buffers(weights: dict[str, nn.Parameter]) -> tuple[torch.Tensor, torch
     return flat_weights, flat_scores, flat_mask, views
 
 
+def _flow_backward(net: nn.Module, ones: torch.Tensor) -> None:
+    """dR/dw over R into every weight's grad: one scale for all scores ranks them alike, and fits float32,
+    which R overflows on a deep network at full width (ResNet-56 at width 1.0: R ~ 4e50, scores inf)."""
+    net.zero_grad(set_to_none=True)
+    flow = net(ones).sum()
+    (flow / flow.detach() if flow.detach() > 0 else flow).backward()
+
+
 def synflow(
     model: nn.Module,
     compression: float,
@@ -165,14 +173,7 @@ def synflow(
     ones = torch.ones(1, *input_shape, dtype=torch.float64, device=flat_weights.device)
     alive = total
     for k in range(1, rounds + 1):
-        net.zero_grad(set_to_none=True)
-        flow = net(ones).sum()
-        # Scores rank weights, so one scale over all of them changes nothing: over R they fit the float32
-        # score buffer, which R alone overflows on a deep network at full width (ResNet-56 at width 1.0
-        # on 28x28: R ~ 4e50, every score inf, nothing pruned).
-        if flow.detach() > 0:
-            flow = flow / flow.detach()
-        flow.backward()
+        _flow_backward(net, ones)
         if k == 1 and not any(bool(w.grad.any()) for w in weights.values()):
             raise PaIError(
                 f"SynFlow scores of {type(model).__name__} are all zero: its output does not depend on "

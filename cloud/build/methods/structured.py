@@ -240,9 +240,8 @@ def _validation_accuracy(context: BuildContext, model: nn.Module) -> float | Non
 def collapsed(
     context: BuildContext, settings: StructuredConfig, dense_accuracy: float | None, model: nn.Module, level: int
 ) -> bool:
-    """Whether level `level`'s model loses more than `max_drop` points of validation accuracy against
-    the dense model's (`dense_accuracy`; None: no validation split, nothing to judge): then the chain
-    ends, with a warning naming the targets left out. The test split decides nothing here."""
+    """Whether level `level`'s model loses more than `max_drop` points of validation accuracy (never
+    the test split's) against `dense_accuracy` (None: no validation split); if so, warns naming the targets left out."""
     accuracy = None if dense_accuracy is None else _validation_accuracy(context, model)
     if accuracy is None or 100 * (dense_accuracy - accuracy) <= settings.max_drop:
         return False
