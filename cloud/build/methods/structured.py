@@ -92,10 +92,10 @@ class StructuredConfig:
     importance_batches: int = field(default=8, metadata={"help": "batches of 64 the taylor importance averages"})
     latency_batch: int = field(default=32, metadata={"help": "batch size speedups are measured at"})
     max_drop: float = field(
-        default=10.0,
+        default=0.0,
         metadata={
             "help": "points of validation accuracy a variant may lose against the dense model: one that loses more "
-            "ends the chain, and it and the targets after it are left out (0: keep every variant)"
+            "ends the chain, and it and the targets after it are left out (0, the default: keep every variant)"
         },
     )
 

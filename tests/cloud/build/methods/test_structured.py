@@ -256,7 +256,7 @@ def test_targets_beyond_the_fastest_pruning_are_left_out_and_none_left_is_refuse
 
 
 def test_a_variant_that_loses_more_than_max_drop_on_validation_ends_the_chain(fashion_mnist, tmp_path, caplog):
-    settings = structured.StructuredConfig(speedups=(1.5, 2.0, 8.0))
+    settings = structured.StructuredConfig(speedups=(1.5, 2.0, 8.0), max_drop=10.0)
     config = portfolio.BuildConfig(out=tmp_path, model="vgg11", width=0.125, method="structured")
     data = _tiny(fashion_mnist)
     context = BuildContext(config, data, PortfolioStore(tmp_path))
