@@ -11,7 +11,7 @@ demo: setup data
 	$(BIN)/prunefleet demo
 
 test: setup data tools lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20  # the slowest, against the 15-minute budget
 
 # Lint, format and the architecture's import rules (import-linter contracts in pyproject.toml).
 lint: setup

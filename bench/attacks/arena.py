@@ -26,6 +26,8 @@ from protos import coordinator_pb2, coordinator_pb2_grpc, inference_pb2_grpc, po
 EDGES = ("edge-a", "edge-b", "edge-c")  # edge-c is the real agent some attacks need (`Arena.edge`)
 CLIENT = "app"
 MAX_RPCS = 16  # the fleet's pool of the arena's cloud: the flood opens more streams than this
+BIND_TIMEOUT_S = 3.0  # the arena's cloud closes a stream that has not reported within this (--bind-timeout)
+DEFAULT_BIND_TIMEOUT_S = 10.0  # a cloud without --bind-timeout closes them after this
 RPC_S = 10.0
 
 
@@ -73,7 +75,11 @@ class Arena:
         self.children: list[processes.Child] = []
         self._channels: list[grpc.Channel] = []
         self._edge: processes.Child | None = None
-        self.cloud = self.start_cloud("cloud", self.holder("cloud"), ["--max-rpcs", str(MAX_RPCS), "--workers", "8"])
+        flags = ["--max-rpcs", str(MAX_RPCS), "--workers", "8"]
+        self.bind_timeout_s = DEFAULT_BIND_TIMEOUT_S
+        if "--bind-timeout" in self.flags:
+            flags, self.bind_timeout_s = [*flags, "--bind-timeout", str(BIND_TIMEOUT_S)], BIND_TIMEOUT_S
+        self.cloud = self.start_cloud("cloud", self.holder("cloud"), flags)
 
     # --- certificates ----------------------------------------------------------------------------------
     def holder(self, who: str) -> Path:

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from bench.attacks import crowd, deploys, edges, flood, identity, replay, spy, strings
-from bench.attacks.arena import Arena
+from bench.attacks.arena import BIND_TIMEOUT_S, Arena
 from bench.attacks.records import Attack, attempt, summarize
 from common.files import atomic_write_json
 
@@ -75,7 +75,7 @@ _ATTACKS = (
         f"{flood.STREAMS} Connect streams (the cloud's --max-rpcs is {flood.MAX_RPCS}), each with an edge "
         "certificate of its own, that never report, while the operator deploys, lists rollouts and rolls back",
         "the operator's calls succeed; streams past the fleet's pool are RESOURCE_EXHAUSTED; every idle stream "
-        f"is closed DEADLINE_EXCEEDED within the bind bound ({flood.BIND_BOUND_S:g} s, measured)",
+        f"is closed DEADLINE_EXCEEDED within the cloud's --bind-timeout ({BIND_TIMEOUT_S:g} s), measured",
         flood.idle_stream_flood,
     ),
     Attack(

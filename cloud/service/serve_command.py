@@ -157,6 +157,12 @@ def add_arguments(serve: argparse.ArgumentParser, environ) -> None:
         "--report-rate", type=float, default=50.0, help="reports a second read from each edge (default %(default)s)"
     )
     serve.add_argument("--report-burst", type=int, default=200, help="reports read at once first (default %(default)s)")
+    serve.add_argument(
+        "--bind-timeout",
+        type=float,
+        default=10.0,  # server.BIND_TIMEOUT_S
+        help="seconds an edge stream may stay open without its first report before it is closed (default %(default)s)",
+    )
     _add_retention(serve)
     _add_deploys(serve)
     _add_enrolment(serve)
@@ -192,6 +198,7 @@ def config(args: argparse.Namespace) -> CloudConfig:
         enrolment=_enrolment(args),
         deploys=_deploys(args),
         pace=PaceConfig(args.report_rate, args.report_burst),
+        bind_timeout_s=args.bind_timeout,
         retention=RetentionConfig(
             keep_profiles=args.keep_profiles,
             event_retention_days=args.event_retention_days,

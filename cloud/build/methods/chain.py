@@ -31,7 +31,7 @@ from cloud.build.compaction import channels
 from cloud.build.methods import allocation, importance, served, topology
 from cloud.build.methods.base import BuildContext
 from cloud.build.methods.latency_table import LatencyTable
-from cloud.build.train import Teacher, train
+from cloud.build.train import Teacher, evaluate, train
 from common import variant
 from common.batching import batches
 from common.files import atomic_write_bytes, atomic_write_json
@@ -81,6 +81,7 @@ class Chain:
         self.example = torch.randn(1, *self.shape, generator=torch.Generator().manual_seed(0))
         self.dense_served = for_inference(served.copy_of(dense), self.shape)
         self.dense_ms = self.predicted(dense)
+        self.dense_counts = dict(topology.build(analysis(dense, self.example)).groups)
         self.teacher = Teacher(served.copy_of(dense), settings.distill_alpha, settings.distill_temperature)
 
     def path(self, step: int, part: str) -> Path:
@@ -149,32 +150,35 @@ class Chain:
         balance = self.settings.balance
         return topology.build(traced), scores if balance == "log" else importance.normalized(scores, balance)
 
-    def decide(self, parent: nn.Module, step: int, goal: float, history: list) -> tuple[nn.Module, dict, list]:
-        """Prune a copy of `parent` until its measured speedup reaches `goal` (or nothing is left to
-        remove, or the attempts run out). The first goal of the table is proportional from the parent
-        (`history[-1]`, measured when it was made), the next ones follow the step's own measurements.
-        Returns the pruned model, its counts and its attempts."""
+    def decide(self, parent: nn.Module, step: int, goal: float, history: list) -> tuple[nn.Module, dict, list, int]:
+        """Prune copies of `parent` until one's measured speedup reaches `goal` without going far past
+        it (`allocation.next_goal`), or nothing more is left to remove, or the attempts run out. Each
+        attempt allocates from the parent's own counts toward a goal of the table's prediction: the
+        first proportional from the parent (`history[-1]`, measured when it was made), the next ones
+        from the step's own measurements. Returns the kept model, its counts, every attempt and the
+        index of the kept one (`allocation.kept_attempt`)."""
         found, scores = self.scores(parent, step)
-        counts, points, attempts, model = dict(found.groups), history[-1:], [], None
-        for _ in range(MAX_ATTEMPTS):
-            goal_ms = allocation.goal_for(points, goal)
-            by_log = self.settings.balance == "log"
-            chosen = allocation.allocate(found, self.table, scores, goal_ms, counts, self.ladder, by_log)
-            if chosen == counts and model is not None:
-                break  # nothing more saves time
-            counts = chosen
-            model = allocation.prune(served.copy_of(parent), self.example, scores, counts)
+        tried, attempts, models = [], [], []
+        by_log, share = self.settings.balance == "log", self.settings.uniform_floor
+        goal_ms = allocation.goal_for(history[-1:], goal)
+        while goal_ms is not None and len(attempts) < MAX_ATTEMPTS:
+            floors = allocation.uniform_floors(found, self.table, self.dense_counts, goal_ms, self.ladder, share)
+            start = dict(found.groups)
+            counts = allocation.allocate(found, self.table, scores, goal_ms, start, self.ladder, by_log, floors)
+            if counts in tried:
+                break  # nothing new: no more saves time, or the search has closed in on the ladder's steps
+            tried.append(counts)
+            models.append(allocation.prune(served.copy_of(parent), self.example, scores, counts))
             predicted = self.table.predict(found, counts)
-            speedup = self.measure(model, predicted, 1.0 / history[-1][1])
+            speedup = self.measure(models[-1], predicted, 1.0 / history[-1][1])
             attempts.append((predicted, speedup))
-            points.append((predicted, 1.0 / speedup))
-            table = self.dense_ms / predicted
             log.info(
-                "step %d: table %.2fx (%.3f ms), measured %.2fx, goal %.2fx", step, table, predicted, speedup, goal
-            )
-            if served.reaches(speedup, goal):
-                break
-        return model, counts, attempts
+                "step %d: table %.2fx (%.3f ms), measured %.2fx, goal %.2fx",
+                step, self.dense_ms / predicted, predicted, speedup, goal,
+            )  # fmt: skip
+            goal_ms = allocation.next_goal(history[-1], attempts, goal, served.reaches)
+        kept = allocation.kept_attempt(attempts, goal, served.reaches)
+        return models[kept], tried[kept], attempts, kept
 
     def finetune(self, model: nn.Module, step: int, epochs: int) -> nn.Module:
         """Fine-tune a pruned model with distillation from the dense one, resumable by epoch."""
@@ -201,8 +205,8 @@ class Chain:
         if done.exists():
             return load_model(self.context, done), load_step(record_path)
         if distributed.is_main() and not pruned_path.exists():
-            model, counts, attempts = self.decide(parent, plan.step, plan.goal, history)
-            predicted, speedup = attempts[-1]
+            model, counts, attempts, kept = self.decide(parent, plan.step, plan.goal, history)
+            predicted, speedup = attempts[kept]
             final = served.reaches(speedup, plan.target) or plan.remaining == 1
             epochs = plan.epochs if final else plan.epochs // plan.remaining
             record = Step(plan.step, plan.level, plan.goal, counts, predicted, speedup, tuple(attempts), epochs, final)
@@ -217,6 +221,31 @@ class Chain:
             self.path(plan.step, ".train.pt").unlink(missing_ok=True)
         distributed.barrier()
         return model, record
+
+
+def validation_accuracy(context: BuildContext, model: nn.Module) -> float | None:
+    """`model`'s accuracy on the build's validation split (None when it has none)."""
+    data = context.data
+    return evaluate(model, data.info, data.val, device=context.device) if len(data.val) else None
+
+
+def collapsed(context: BuildContext, settings, dense_accuracy: float | None, model: nn.Module, level: int) -> bool:
+    """Whether level `level`'s model loses more than `max_drop` points of validation accuracy (never
+    the test split's) against `dense_accuracy` (None: no validation split); if so, warns naming the targets left out."""
+    accuracy = None if dense_accuracy is None else validation_accuracy(context, model)
+    if accuracy is None or 100 * (dense_accuracy - accuracy) <= settings.max_drop:
+        return False
+    log.warning(
+        "structured: leaving out %s: the %gx variant scores %.2f%% on the validation split, %.2f points below the "
+        "dense model's %.2f%% (--max-drop %g)",
+        ", ".join(f"{t:g}x" for t in settings.speedups[level - 1 :]),
+        settings.speedups[level - 1],
+        100 * accuracy,
+        100 * (dense_accuracy - accuracy),
+        100 * dense_accuracy,
+        settings.max_drop,
+    )
+    return True
 
 
 def analysis(model: nn.Module, example: torch.Tensor) -> channels.Analysis:

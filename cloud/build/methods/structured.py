@@ -9,7 +9,7 @@ timed alone on this CPU, `latency_table`), measures the pruned model served as a
 (BatchNorm folded, channels-last, batch `--latency-batch`) against the dense model, and prunes more
 until the measurement, not the table, says the step's goal is reached (`chain`). It then fine-tunes
 with knowledge distillation from the dense model (`--distill-alpha`, `--distill-temperature`). A
-variant that loses more than `--max-drop` points of validation accuracy ends the chain (`collapsed`).
+variant that loses more than `--max-drop` points of validation accuracy ends the chain (`chain.collapsed`).
 
 Budget: a level's fine-tuning epochs (`--variant-epochs`, default `--epochs`) are split over its steps
 (targets further than `--step-speedup` from the previous one take several), so the whole chain trains
@@ -28,6 +28,16 @@ sums 86.81% against 81.57%. Channel counts are multiples of 16 (then halvings, d
 `--min-channels`): on this AVX-512 CPU a conv with 17 to 32 output channels takes about the time of
 32 (3x3, 32 input channels at 14x14, batch 32: 16 channels 0.17 ms, 20 channels 0.33 ms, 32 channels
 0.29 ms).
+
+`--uniform-floor` (each group keeps at least that share of its channels in a uniform width multiplier
+as fast as the step's goal), chosen on the frontier benchmark's full plan for VGG-11 (its dense model
+of seed 0, 88.68%; 6000 images, 2 epochs a variant, targets 1.5 to 8x), test accuracy delta in points
+of the 3x and 5x variants, two builds each (the latency table and the measurements are timed anew in
+every build, so builds of the same settings differ): 0 (no floor) -2.98 and -1.46 at 3x, -2.91 and
+-6.15 at 5x; 0.75 -2.08 and -0.14, -3.14 and -4.51. Before a group could skip the flat rungs of its
+layers' times (`allocation`), the same plan's builds with no floor cut the first four convolutions to
+8 to 16 channels and kept the late ones nearly whole (3x variant: -7.58); with the floor at 0.75,
+-1.52, -3.62 and -1.59.
 """
 
 from __future__ import annotations
@@ -48,7 +58,7 @@ from cloud.build.methods import allocation, chain, latency_table, served, topolo
 from cloud.build.methods.base import BuildContext, Method, SparseModel
 from cloud.build.methods.importance import IMPORTANCES, NORMALIZATIONS
 from cloud.build.settings import SettingsError
-from cloud.build.train import evaluate, train
+from cloud.build.train import train
 from common.files import atomic_write_json
 from common.models import prunable_layers
 
@@ -89,6 +99,13 @@ class StructuredConfig:
     )
     channel_multiple: int = field(default=16, metadata={"help": "channel counts are multiples of this (CPU blocks)"})
     min_channels: int = field(default=4, metadata={"help": "fewest channels a group keeps"})
+    uniform_floor: float = field(
+        default=0.75,
+        metadata={
+            "help": "share of its channels in a uniform width multiplier as fast as the step's goal that a group keeps "
+            "at least (0: no floor, 1: never narrower than that multiplier)"
+        },
+    )
     importance_batches: int = field(default=8, metadata={"help": "batches of 64 the taylor importance averages"})
     latency_batch: int = field(default=32, metadata={"help": "batch size speedups are measured at"})
     max_drop: float = field(
@@ -115,6 +132,8 @@ class StructuredConfig:
             raise SettingsError("finetune_epochs (--variant-epochs) and finetune_lr must be >= 0")
         if not self.step_speedup > 1.0:
             raise SettingsError(f"step_speedup must be > 1, got {self.step_speedup}")
+        if not 0.0 <= self.uniform_floor <= 1.0:
+            raise SettingsError(f"uniform_floor must be in [0, 1], got {self.uniform_floor}")
         if not self.max_drop >= 0:
             raise SettingsError(f"max_drop must be >= 0 points, got {self.max_drop}")
         for name in ("channel_multiple", "min_channels", "importance_batches", "latency_batch"):
@@ -231,33 +250,6 @@ def _reach(steps: chain.Chain, parent: nn.Module, level: int, records: list, his
         history.append((record.predicted_ms, 1.0 / record.speedup))
 
 
-def _validation_accuracy(context: BuildContext, model: nn.Module) -> float | None:
-    """`model`'s accuracy on the build's validation split (None when it has none)."""
-    data = context.data
-    return evaluate(model, data.info, data.val, device=context.device) if len(data.val) else None
-
-
-def collapsed(
-    context: BuildContext, settings: StructuredConfig, dense_accuracy: float | None, model: nn.Module, level: int
-) -> bool:
-    """Whether level `level`'s model loses more than `max_drop` points of validation accuracy (never
-    the test split's) against `dense_accuracy` (None: no validation split); if so, warns naming the targets left out."""
-    accuracy = None if dense_accuracy is None else _validation_accuracy(context, model)
-    if accuracy is None or 100 * (dense_accuracy - accuracy) <= settings.max_drop:
-        return False
-    log.warning(
-        "structured: leaving out %s: the %gx variant scores %.2f%% on the validation split, %.2f points below the "
-        "dense model's %.2f%% (--max-drop %g)",
-        ", ".join(f"{t:g}x" for t in settings.speedups[level - 1 :]),
-        settings.speedups[level - 1],
-        100 * accuracy,
-        100 * (dense_accuracy - accuracy),
-        100 * dense_accuracy,
-        settings.max_drop,
-    )
-    return True
-
-
 def levels(context: BuildContext, settings: StructuredConfig) -> Iterator[SparseModel]:
     """The dense model, then one chain variant per target speedup, up to one that collapses."""
     (context.work_dir / "structured").mkdir(parents=True, exist_ok=True)
@@ -276,11 +268,11 @@ def levels(context: BuildContext, settings: StructuredConfig) -> Iterator[Sparse
     yield SparseModel(0, served.copy_of(dense), {}, compression=1.0, name=f"{name}-dense", compact=True)
     budget = settings.finetune_epochs or context.config.train.epochs
     records, history, dense_weights = [], [(steps.predicted(dense), 1.0)], _weights(dense)
-    dense_accuracy = _validation_accuracy(context, dense) if settings.max_drop else None
+    dense_accuracy = chain.validation_accuracy(context, dense) if settings.max_drop else None
     for level, target in enumerate(settings.speedups, 1):
         model = _reach(steps, model, level, records, history, budget)
         log.info("structured %gx: step %d measured %.2fx", target, len(records), records[-1].speedup)
-        if collapsed(context, settings, dense_accuracy, model, level):
+        if chain.collapsed(context, settings, dense_accuracy, model, level):
             break
         compression = dense_weights / _weights(model)
         yield SparseModel(

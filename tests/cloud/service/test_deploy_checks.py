@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from cloud.build.store import PortfolioStore, StoreError
 from cloud.service import serve_command, server
 from cloud.service.catalog import Catalog, check_store
-from cloud.service.coordinator import CoordinatorServicer
+from cloud.service.coordinator import BIND_TIMEOUT_S, CoordinatorServicer
 from cloud.service.deploys import DeployConfig
 from cloud.service.fleet_db import FleetDB
 from cloud.service.report_writer import ReportWriter
@@ -243,3 +243,13 @@ def test_the_deploy_flags_make_the_settings_and_bad_values_name_the_setting(tmp_
             serve_command.config(parser.parse_args([*flags, *bad]))
     with pytest.raises(ValueError, match="max_manifest_bytes"):
         StoreLimits(max_manifest_bytes=10)
+
+
+def test_the_bind_timeout_flag_sets_how_long_a_silent_stream_stays_open(tmp_path):
+    parser = argparse.ArgumentParser()
+    serve_command.add_arguments(parser, environ={})
+    flags = ["--store", str(tmp_path), "--insecure"]
+    assert serve_command.config(parser.parse_args(flags)).bind_timeout_s == BIND_TIMEOUT_S
+    assert serve_command.config(parser.parse_args([*flags, "--bind-timeout", "2.5"])).bind_timeout_s == 2.5
+    with pytest.raises(ValueError, match="bind_timeout_s must be in"):
+        serve_command.config(parser.parse_args([*flags, "--bind-timeout", "0"]))

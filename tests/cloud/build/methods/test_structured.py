@@ -43,6 +43,7 @@ EXAMPLE = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
         ({"min_channels": 0}, "min_channels must be >= 1"),
         ({"latency_batch": 0}, "latency_batch must be >= 1"),
         ({"max_drop": -1.0}, "max_drop must be >= 0 points"),
+        ({"uniform_floor": 1.5}, "uniform_floor must be in"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_setting(changes, named):
@@ -151,6 +152,38 @@ def test_the_weighted_log_shrinks_every_group_where_the_knapsack_empties_the_che
     assert weighted["3"] < 8 and table.predict(found, weighted) <= 3.0
 
 
+def test_a_group_whose_next_rung_saves_nothing_still_shrinks_to_one_that_does():
+    net, found = _two_groups()
+    counts = tuple(range(1, 9))  # conv 0: 0.5 ms per channel; conv 3: flat from 5 to 8 channels, then far less
+    first = Table(Shape("conv"), (1,), counts, (tuple(0.5 * c for c in counts),))
+    flat = tuple(3.0 if c > 4 else 0.5 for c in counts)
+    table = LatencyTable(32, 1, "cpu", {"0": 0, "3": 1}, (first, Table(Shape("conv"), (1, 8), counts, (flat, flat))))
+    equal = {"0": torch.ones(8, dtype=torch.float64), "3": torch.ones(8, dtype=torch.float64)}
+    ladder = lambda c: channel_ladder(c, 2, 2)  # noqa: E731
+    # 8 -> 6 channels of group 3 saves nothing, 8 -> 4 saves 2.5 ms: cheaper per ms than any cut of group 0
+    assert allocation.allocate(found, table, equal, 4.5, dict(found.groups), ladder) == {"0": 8, "3": 4}
+
+
+def test_a_uniform_floor_keeps_the_cheapest_group_from_being_emptied():
+    net, found = _two_groups()
+    counts = tuple(range(1, 9))  # as above: the knapsack empties group 0 on its own
+    first = Table(Shape("conv"), (1,), counts, (tuple(0.5 * c for c in counts),))
+    second = Table(Shape("conv"), counts, counts, tuple(tuple(0.5 * i * o / 8 for o in counts) for i in counts))
+    table = LatencyTable(32, 1, "cpu", {"0": 0, "3": 1}, (first, second))
+    flat = {"0": torch.ones(8, dtype=torch.float64), "3": torch.ones(8, dtype=torch.float64)}
+    ladder = lambda c: channel_ladder(c, 2, 2)  # noqa: E731
+    dense = dict(found.groups)
+    # at 3 ms the widest uniform multiplier is a half (4 and 4 channels: 2 + 1 ms)
+    assert allocation.uniform_floors(found, table, dense, 3.0, ladder, 1.0) == {"0": 4, "3": 4}
+    assert allocation.uniform_floors(found, table, dense, 3.0, ladder, 0.5) == {"0": 2, "3": 2}
+    floors = allocation.uniform_floors(found, table, dense, 3.0, ladder, 1.0)
+    assert allocation.allocate(found, table, flat, 3.0, dict(dense), ladder, floors=floors) == {"0": 4, "3": 4}
+    # a goal not even the narrowest model meets sets no floor; a group already below its floor stays as it is
+    assert allocation.uniform_floors(found, table, dense, 0.1, ladder, 1.0) == {}
+    narrowed = topology.Topology({"0": 2, "3": 8}, found.links)
+    assert allocation.uniform_floors(narrowed, table, dense, 3.0, ladder, 1.0)["0"] == 2
+
+
 def test_the_goal_follows_the_measurements_within_bounds():
     assert allocation.goal_for([(10.0, 1.0)], 2.0, margin=1.0) == pytest.approx(5.0)  # proportional
     # measured short of the goal: the secant of the last two points says how much further to go
@@ -158,6 +191,23 @@ def test_the_goal_follows_the_measurements_within_bounds():
     # a measurement that says nothing was gained moves the goal at most MAX_CUT below the last prediction
     low = allocation.goal_for([(10.0, 1.0), (5.0, 0.99)], 2.0, margin=1.0)
     assert low == pytest.approx((1 - allocation.MAX_CUT) * 5.0)
+
+
+def test_a_step_that_jumps_far_past_its_goal_is_pruned_less_again():
+    reaches = lambda speedup, goal: speedup >= 1.03 * goal  # noqa: E731
+    parent, short = (10.0, 1.0), (6.0, 1.8)
+    # short of the goal: on down the secant, as goal_for has it
+    assert allocation.next_goal(parent, [short], 2.0, reaches) == allocation.goal_for([parent, (6.0, 1 / 1.8)], 2.0)
+    assert allocation.next_goal(parent, [short, (5.0, 2.1)], 2.0, reaches) is None  # reached, not far past: done
+    # 3x for a goal of 2x: halfway back toward the attempt that fell short, then between the two that bound it
+    assert allocation.next_goal(parent, [short, (4.0, 3.0)], 2.0, reaches) == pytest.approx(5.0)
+    assert allocation.next_goal(parent, [short, (4.0, 3.0), (5.0, 1.9)], 2.0, reaches) == pytest.approx(4.5)
+    assert allocation.next_goal(parent, [(4.0, 3.0)], 2.0, reaches) == pytest.approx(7.0)  # or toward the parent
+    assert allocation.next_goal(parent, [(5.0, 1.9), (4.95, 3.0)], 2.0, reaches) is None  # too close to split
+    # the step keeps the least pruned attempt that reaches its goal, else its last
+    assert allocation.kept_attempt([short, (4.0, 3.0), (5.0, 2.1)], 2.0, reaches) == 2
+    assert allocation.kept_attempt([short, (4.0, 3.0), (5.0, 1.9)], 2.0, reaches) == 1
+    assert allocation.kept_attempt([short, (5.5, 1.9)], 2.0, reaches) == 1
 
 
 def _tiny(data: Dataset) -> Dataset:
@@ -264,7 +314,7 @@ def test_a_variant_that_loses_more_than_max_drop_on_validation_ends_the_chain(fa
     untrained = context.new_model()
     accuracy = evaluate(untrained, data.info, data.val)
     with caplog.at_level(logging.WARNING):
-        assert structured.collapsed(context, settings, accuracy + 0.5, untrained, 2)  # 50 points below
+        assert chain.collapsed(context, settings, accuracy + 0.5, untrained, 2)  # 50 points below
     assert "leaving out 2x, 8x: the 2x variant scores" in caplog.text and "(--max-drop 10)" in caplog.text
-    assert not structured.collapsed(context, settings, accuracy + 0.05, untrained, 2)  # 5 points: kept
-    assert not structured.collapsed(context, settings, None, untrained, 2)  # no validation split
+    assert not chain.collapsed(context, settings, accuracy + 0.05, untrained, 2)  # 5 points: kept
+    assert not chain.collapsed(context, settings, None, untrained, 2)  # no validation split
