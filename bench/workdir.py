@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from cloud.build.data import TEST_SUBSET_SEED
 from common import datasets
 from common.files import atomic_write_json
 
@@ -31,8 +32,10 @@ def cached(work: Path, key: str, compute: Callable[[], dict]) -> dict:
 
 
 def start(plan: dict, work: Path | None, default: str, data_dir: Path | None) -> tuple[Path, datasets.Dataset]:
-    """The suite's work directory (kept for the same plan) and Fashion-MNIST cut to the plan's subset."""
+    """The suite's work directory (kept for the same plan) and Fashion-MNIST cut to the plan's subset
+    (and its test split to the plan's `test_subset`, if it has one, as a build's `--test-subset` cuts it)."""
     work = Path(work or default)
     fresh_if_changed(work, plan)
     data = datasets.load("fashion-mnist", data_dir)
-    return work, datasets.Dataset(data.info, data.train.subset(plan["subset"], 0), data.val, data.test)
+    test = data.test.subset(plan.get("test_subset", 0), TEST_SUBSET_SEED)
+    return work, datasets.Dataset(data.info, data.train.subset(plan["subset"], 0), data.val, test)

@@ -33,6 +33,7 @@ def small_portfolio(tmp_path_factory) -> Path:
             model="vgg11",
             width=0.125,
             subset=2000,
+            test_subset=2000,
             check_images=64,
             train=TrainConfig(epochs=1, batch_size=64, progress=False),
             method="shifter",

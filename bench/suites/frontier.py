@@ -88,6 +88,7 @@ class Plan:
     rounds: int = 15
     batch_size: int = 128
     extra_settings: dict = field(default_factory=dict)  # method name -> more fields of its settings
+    test_subset: int = 0  # test images every accuracy is measured on (0: all), the same for every method
 
     def __post_init__(self) -> None:
         k = len(self.speedups)

@@ -118,6 +118,7 @@ class Build:
             reference_weights=None if self.from_dense else weights,  # compared with the suite's dense model
             data_dir=data_dir,
             subset=plan.subset,
+            test_subset=plan.test_subset,
             threads=torch.get_num_threads(),
             device="cpu",
             onnx=False,  # the suite times each variant as torch serves it; ONNX files change no variant

@@ -53,6 +53,7 @@ def build_portfolio(plan: dict, work: Path, data_dir) -> PortfolioStore:
             model="vgg11",
             width=plan["width"],
             subset=plan["subset"],
+            test_subset=plan.get("test_subset", 0),
             data_dir=data_dir,
             check_images=64,
             threads=1,

@@ -66,6 +66,13 @@ class BuildConfig:
     )
     workers: int = field(default=2, metadata={"help": "DataLoader worker processes reading a streamed dataset"})
     subset: int = field(default=0, metadata={"help": "training examples to use (0: all)"})
+    test_subset: int = field(
+        default=0,
+        metadata={
+            "help": "test images every accuracy is measured on (0: all; else a seeded subset, the same for every "
+            "level): a quicker build of a large test split, its accuracies as noisy as the subset is small"
+        },
+    )
     threads: int = field(default=2, metadata={"help": "CPU threads of this process"})
     device: str = field(
         default="auto",
@@ -100,8 +107,8 @@ class BuildConfig:
     def __post_init__(self) -> None:
         method = lookup(METHODS, "method", self.method)
         models.resolve(self.model, allowed=(self.model,))  # the operator typed it: an import path is allowed
-        if self.subset < 0 or self.threads <= 0 or self.check_images <= 0 or self.workers < 0:
-            raise SettingsError("subset and workers must be >= 0; threads and check_images positive")
+        if min(self.subset, self.test_subset, self.workers) < 0 or self.threads <= 0 or self.check_images <= 0:
+            raise SettingsError("subset, test_subset and workers must be >= 0; threads and check_images positive")
         build_data.check(self.dataset, self.data_dir, self.input_size)
         devices.check_form(self.device)
         if self.train.amp and self.device == "cpu":

@@ -83,11 +83,17 @@ def load(
     return imported.load(name, data_dir, allowed=(name,) if allowed is None else allowed, **options)
 
 
+TEST_SUBSET_SEED = 0
+
+
 def for_build(config: BuildConfig) -> Dataset:
     """A build's data: its dataset at its input size, read by its workers, the training split cut to
-    its `--subset` (seeded)."""
+    its `--subset` (seeded by `--seed`) and the test split to its `--test-subset` (the same images
+    whatever the seed, as `bench.workdir` cuts it: builds of other seeds are measured alike)."""
     data = load(config.dataset, config.data_dir, input_size=config.input_size, seed=config.seed, workers=config.workers)
-    return Dataset(data.info, data.train.subset(config.subset, config.seed), data.val, data.test)
+    train = data.train.subset(config.subset, config.seed)
+    test = data.test.subset(config.test_subset, TEST_SUBSET_SEED)
+    return Dataset(data.info, train, data.val, test)
 
 
 def check_model_input(name: str, new_model: Callable[[], nn.Module], info: DatasetInfo) -> None:

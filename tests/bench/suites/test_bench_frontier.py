@@ -28,6 +28,7 @@ TINY = frontier.Plan(
     width_multipliers=(0.7, 0.4),
     iters=(2, 1, 1),
     rounds=4,
+    test_subset=1000,
 )
 ALL = (*METHODS_HERE, *frontier.BASELINES)
 

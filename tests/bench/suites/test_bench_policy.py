@@ -11,6 +11,7 @@ from bench.suites import policy
 TINY = {
     "width": 0.125,
     "subset": 256,
+    "test_subset": 1000,
     "epochs": 1,
     "method": "reconvene",
     "compressions": (1, 16),

@@ -12,6 +12,7 @@ TINY = {
     "model": "vgg11",
     "width": 0.125,
     "subset": 256,
+    "test_subset": 1000,
     "epochs": 1,
     "rounds": 10,
     "iters": 2,

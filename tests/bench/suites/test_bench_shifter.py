@@ -9,6 +9,7 @@ TINY = {
     "model": "vgg11",
     "width": 0.125,
     "subset": 256,
+    "test_subset": 1000,
     "epochs": 1,
     "levels": 2,
     "rate": 0.8,

@@ -56,6 +56,18 @@ def test_build_config_carries_what_loads_the_same_data_but_not_the_workers(tmp_p
         portfolio.BuildConfig(out=tmp_path, input_size=(32, 32))
 
 
+def test_a_test_subset_is_a_seeded_subset_of_the_test_split_and_zero_is_all_of_it(tmp_path, fashion_mnist):
+    whole = data.for_build(portfolio.BuildConfig(out=tmp_path))
+    assert len(whole.test) == len(fashion_mnist.test) == 10_000
+    cut = data.for_build(portfolio.BuildConfig(out=tmp_path, test_subset=500, seed=3))
+    assert len(cut.test) == 500 and len(cut.train) == len(whole.train)  # the training split as it was
+    again = data.for_build(portfolio.BuildConfig(out=tmp_path, test_subset=500, seed=3))
+    assert torch.equal(cut.test.images, again.test.images) and torch.equal(cut.test.labels, again.test.labels)
+    assert portfolio.BuildConfig(out=tmp_path, test_subset=500).settings()["test_subset"] == 500  # in the manifest
+    with pytest.raises(SettingsError, match="test_subset"):
+        portfolio.BuildConfig(out=tmp_path, test_subset=-1)
+
+
 def test_an_input_size_the_model_cannot_take_is_refused_naming_model_shape_and_why():
     info = datasets.DatasetInfo("imagefolder", (3, 28, 36), 10, (0.5,) * 3, (0.25,) * 3)
     kwargs = models.zoo_kwargs(info.input_shape, 10, 0.125)

@@ -275,6 +275,7 @@ def test_a_portfolio_built_with_structured_stores_variants_that_load_as_they_wer
         model="vgg11",
         width=0.25,
         subset=300,
+        test_subset=1000,
         threads=1,
         check_images=32,
         onnx=False,
