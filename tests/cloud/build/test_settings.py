@@ -2,7 +2,7 @@
 the dataclass default, and a bad value is an argparse error that names the flag."""
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -124,3 +124,8 @@ def test_a_store_names_the_settings_it_was_built_with_that_differ(tmp_path):
     assert portfolio.changed_settings(config) == ["subset"]
     atomic_write_json(tmp_path / "work" / "settings.json", before)
     assert portfolio.changed_settings(config) == []
+    # a store made before --test-subset existed measured on the whole test split: it resumes at 0, not at 500
+    older = {k: v for k, v in before.items() if k != "test_subset"}
+    atomic_write_json(tmp_path / "work" / "settings.json", older)
+    assert portfolio.changed_settings(config) == []
+    assert portfolio.changed_settings(replace(config, test_subset=500)) == ["test_subset"]
