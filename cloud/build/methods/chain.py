@@ -3,9 +3,11 @@
 A step scores the parent's channels (`importance`), lets the latency table allocate removals toward a
 goal of its own prediction (`allocation`), prunes a copy and measures it served as an edge serves it
 (`served`: BatchNorm folded, channels-last, batch `latency_batch`) against the dense model served the
-same way, in interleaved rounds. Short of the goal, the prediction's goal is corrected from what was measured
-(the secant of `allocation.goal_for`) and more is removed, up to `MAX_ATTEMPTS` times. The measured
-speedup decides; the table only proposes.
+same way, in interleaved rounds. Short of the goal, the prediction's goal is corrected from what was
+measured (the secant of `allocation.goal_for`) and more is removed; far past it, less (halfway back,
+`allocation.next_goal`); up to `MAX_ATTEMPTS` attempts, each allocated afresh from the parent. The
+step keeps the least pruned attempt that reached the goal. The measured speedup decides; the table
+only proposes.
 
 Every step is checkpointed in `work/structured/`: `step-K.json` (the decision and its measurements),
 `step-K.pruned.safetensors` (the pruned model, before fine-tuning), then `step-K.safetensors` (after);
