@@ -8,12 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cloud.build.data import TEST_SUBSET_SEED
+from cloud.build.portfolio import SETTINGS_ADDED
 from common import datasets
 from common.files import atomic_write_json
 
 # Plan keys added after work directories were kept, each at what a plan without it did: a work
-# directory of such a plan is the same plan's.
-ADDED = {"test_subset": 0}
+# directory of such a plan is the same plan's. Every one so far is a build setting a plan passes on
+# as it is, added to the builds at the same time and at the same value.
+ADDED = SETTINGS_ADDED
 
 
 def fresh_if_changed(work: Path, plan: dict) -> None:

@@ -20,6 +20,7 @@ import grpc
 
 from bench.fuzz.fleet import variant_bytes, write_store
 from cloud.localfleet import commands, processes
+from cloud.service.coordinator import BIND_TIMEOUT_S as DEFAULT_BIND_TIMEOUT_S  # a cloud without --bind-timeout
 from common.security import Transport
 from protos import coordinator_pb2, coordinator_pb2_grpc, inference_pb2_grpc, portfolio_pb2_grpc
 
@@ -27,7 +28,6 @@ EDGES = ("edge-a", "edge-b", "edge-c")  # edge-c is the real agent some attacks 
 CLIENT = "app"
 MAX_RPCS = 16  # the fleet's pool of the arena's cloud: the flood opens more streams than this
 BIND_TIMEOUT_S = 3.0  # the arena's cloud closes a stream that has not reported within this (--bind-timeout)
-DEFAULT_BIND_TIMEOUT_S = 10.0  # a cloud without --bind-timeout closes them after this
 RPC_S = 10.0
 
 

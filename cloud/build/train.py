@@ -12,6 +12,7 @@ runs on the same device, in eval mode and without gradients, on the same batches
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ class TrainConfig:
     weight_decay: float = field(default=5e-4, metadata={"help": "L2 weight decay"})
     milestones: tuple[float, ...] = field(
         default=(0.5, 0.75),
-        metadata={"help": "step schedule: fractions of the epochs where the rate drops by --gamma"},
+        metadata={"help": "step schedule: fractions of all the optimizer steps where the rate drops by --gamma"},
     )
     gamma: float = field(default=0.1, metadata={"help": "factor of the learning rate at each milestone"})
     seed: int = field(default=0, metadata={"cli": False, "help": "data order; the build passes its own --seed"})
@@ -133,7 +134,7 @@ def _save_checkpoint(path: Path, model: nn.Module, parts: dict, epoch: int) -> N
 
 
 def _resume(path: Path | None, model: nn.Module, parts: dict) -> int:
-    """Load a checkpoint into the model and the optimizer, scheduler (and scaler, when saved with one);
+    """Load a checkpoint into the model and the optimizer (and scaler, when saved with one);
     the optimizer moves its state to the parameters' device itself. One of other shapes (another pruning
     of this model) is not loaded, even in part: training starts over and overwrites it."""
     if path is None or not path.exists():
@@ -172,14 +173,22 @@ def _epoch(net: nn.Module, steps, parts: tuple, step_done: Callable[[], None], d
 
 
 def _optimizing(model: nn.Module, config: TrainConfig, device: torch.device) -> tuple:
-    """The optimizer, its schedule and the gradient scaler (disabled, a pass-through, without amp) for
-    a model already on `device`."""
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
-    milestones = sorted({max(1, round(m * config.epochs)) for m in config.milestones})
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=config.gamma)
-    return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=config.amp)
+    """The optimizer and the gradient scaler (a pass-through without amp) for a model already on `device`."""
+    sgd = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return sgd, torch.amp.GradScaler(device.type, enabled=config.amp)
+
+
+def step_milestones(config: TrainConfig, steps_per_epoch: int) -> list[int]:
+    """The optimizer steps after which the rate drops by `gamma`: each milestone's fraction of all the
+    training's steps, so a one-epoch fine-tune drops its rate within its epoch like a long run does
+    (counted in epochs, a milestone of a one-epoch run would fall at its end and never apply)."""
+    total = config.epochs * steps_per_epoch
+    return sorted({min(total - 1, max(1, round(m * total))) for m in config.milestones if total > 1})
+
+
+def learning_rate(config: TrainConfig, milestones: list[int], step: int) -> float:
+    """The rate of optimizer step `step` (from 0): `lr` times `gamma` for every milestone passed."""
+    return config.lr * config.gamma ** bisect.bisect_right(milestones, step)
 
 
 def train(
@@ -195,8 +204,9 @@ def train(
     workers: int | None = None,
     teacher: Teacher | None = None,
 ) -> nn.Module:
-    """SGD with momentum and a step schedule on `device` (default: the CPU), masked entries kept zero, resumed
-    from `checkpoint`, distilled from `teacher` if given (left on `device`); returned on the CPU in eval mode.
+    """SGD with momentum and a step schedule (`learning_rate`) on `device` (default: the CPU), masked entries
+    kept zero, resumed from `checkpoint`, distilled from `teacher` if given (left on `device`); returned on
+    the CPU in eval mode.
     Under torchrun each process trains on its shard of every batch (DDP); only rank 0 writes the checkpoint
     and calls `after_step` (model on `device`). A streamed split is read by `workers` DataLoader processes."""
     device = torch.device("cpu") if device is None else torch.device(device)
@@ -206,28 +216,37 @@ def train(
     if masks:
         check_masks(model, masks)  # once; they are reapplied unchecked after every step
         masks = {name: mask.to(device) for name, mask in masks.items()}
-    optimizer, scheduler, scaler = _optimizing(model.to(device), config, device)
-    parts = {"optimizer": optimizer, "scheduler": scheduler, **({"scaler": scaler} if config.amp else {})}
+    optimizer, scaler = _optimizing(model.to(device), config, device)
+    parts = {"optimizer": optimizer, **({"scaler": scaler} if config.amp else {})}
     start = _resume(checkpoint, model, parts)
     _mask(model, masks)
     net, shard, main = distributed.wrap(model, device), (distributed.rank(), distributed.world()), distributed.is_main()
+    per_epoch = -(-len(split) // config.batch_size)  # every process takes this many steps (index_batches)
+    milestones, done = step_milestones(config, per_epoch), start * per_epoch
+
+    def set_rate() -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, milestones, done)
 
     def step_done() -> None:
+        nonlocal done
+        done += 1
+        set_rate()
         _mask(model, masks)
         if after_step is not None and main:
             after_step(model)
 
+    set_rate()  # also over a resumed optimizer's saved rate: the schedule is a function of the step alone
     for epoch in range(start, config.epochs):
         seed = config.seed * 1000 + epoch
         steps = tqdm(
             batches(split, info, config.batch_size, shuffle_seed=seed, shard=shard, train=True, workers=workers),
-            total=-(-len(split) // config.batch_size),
+            total=per_epoch,
             desc=f"{desc} epoch {epoch + 1}/{config.epochs}",
             disable=not (config.progress and main),
             leave=False,
         )
         _epoch(net, steps, (optimizer, scaler, teacher), step_done, device)
-        scheduler.step()
         if checkpoint is not None and main:
             _save_checkpoint(checkpoint, model, parts, epoch + 1)
         distributed.barrier()
