@@ -54,7 +54,11 @@ def test_bad_settings_are_refused_naming_the_setting(changes, named):
 def test_the_ladder_steps_down_by_channel_blocks_then_halves():
     assert channel_ladder(64, 16, 4) == [64, 48, 32, 16, 8, 4]
     assert channel_ladder(100, 16, 4)[:3] == [100, 96, 80] and channel_ladder(100, 16, 4)[-3:] == [16, 8, 4]
-    assert channel_ladder(12, 16, 4) == [12, 6]
+    assert channel_ladder(12, 16, 4) == [12, 8, 4]  # two blocks or fewer: quarter blocks
+    assert channel_ladder(16, 16, 4) == [16, 12, 8, 4]
+    assert channel_ladder(32, 16, 4) == [32, 28, 24, 20, 16, 12, 8, 4]
+    assert channel_ladder(33, 16, 4) == [33, 32, 16, 8, 4]
+    assert channel_ladder(10, 2, 2) == [10, 8, 6, 4, 2]
     assert channel_ladder(4, 16, 4) == [4]
     assert channel_ladder(40, 1, 38) == [40, 39, 38]
 
