@@ -12,7 +12,6 @@ runs on the same device, in eval mode and without gradients, on the same batches
 
 from __future__ import annotations
 
-import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from cloud.build import distributed
 from cloud.build.checkpoints import load_state, save_state
+from cloud.build.schedule import StepSchedule
 from cloud.build.settings import SettingsError
 from common.datasets import DatasetInfo, Split, StreamSplit, batches
 from common.errors import PrunefleetError
@@ -150,9 +150,19 @@ def _resume(path: Path | None, model: nn.Module, parts: dict) -> int:
     return int(state["epoch"])
 
 
-def _check_amp(config: TrainConfig, device: torch.device) -> None:
+def _on_device(
+    config: TrainConfig, device: torch.device, masks: Masks | None, model: nn.Module, teacher
+) -> Masks | None:
+    """Check what training on `device` needs; move the teacher there; the masks, checked once (they are
+    reapplied unchecked after every step), on it."""
     if config.amp and device.type != "cuda":
         raise SettingsError(f"mixed precision (--amp) needs a CUDA device; this build trains on {device}")
+    if teacher is not None:
+        teacher.model.to(device).eval()
+    if masks:
+        check_masks(model, masks)
+        masks = {name: mask.to(device) for name, mask in masks.items()}
+    return masks
 
 
 def _epoch(net: nn.Module, steps, parts: tuple, step_done: Callable[[], None], device: torch.device) -> None:
@@ -178,19 +188,6 @@ def _optimizing(model: nn.Module, config: TrainConfig, device: torch.device) -> 
     return sgd, torch.amp.GradScaler(device.type, enabled=config.amp)
 
 
-def step_milestones(config: TrainConfig, steps_per_epoch: int) -> list[int]:
-    """The optimizer steps after which the rate drops by `gamma`: each milestone's fraction of all the
-    training's steps, so a one-epoch fine-tune drops its rate within its epoch like a long run does
-    (counted in epochs, a milestone of a one-epoch run would fall at its end and never apply)."""
-    total = config.epochs * steps_per_epoch
-    return sorted({min(total - 1, max(1, round(m * total))) for m in config.milestones if total > 1})
-
-
-def learning_rate(config: TrainConfig, milestones: list[int], step: int) -> float:
-    """The rate of optimizer step `step` (from 0): `lr` times `gamma` for every milestone passed."""
-    return config.lr * config.gamma ** bisect.bisect_right(milestones, step)
-
-
 def train(
     model: nn.Module,
     info: DatasetInfo,
@@ -204,39 +201,28 @@ def train(
     workers: int | None = None,
     teacher: Teacher | None = None,
 ) -> nn.Module:
-    """SGD with momentum and a step schedule (`learning_rate`) on `device` (default: the CPU), masked entries
+    """SGD with momentum and a step schedule (`StepSchedule`) on `device` (default: the CPU), masked entries
     kept zero, resumed from `checkpoint`, distilled from `teacher` if given (left on `device`); returned on
     the CPU in eval mode.
     Under torchrun each process trains on its shard of every batch (DDP); only rank 0 writes the checkpoint
     and calls `after_step` (model on `device`). A streamed split is read by `workers` DataLoader processes."""
     device = torch.device("cpu") if device is None else torch.device(device)
-    _check_amp(config, device)
-    if teacher is not None:
-        teacher.model.to(device).eval()
-    if masks:
-        check_masks(model, masks)  # once; they are reapplied unchecked after every step
-        masks = {name: mask.to(device) for name, mask in masks.items()}
+    masks = _on_device(config, device, masks, model, teacher)
     optimizer, scaler = _optimizing(model.to(device), config, device)
     parts = {"optimizer": optimizer, **({"scaler": scaler} if config.amp else {})}
     start = _resume(checkpoint, model, parts)
     _mask(model, masks)
     net, shard, main = distributed.wrap(model, device), (distributed.rank(), distributed.world()), distributed.is_main()
     per_epoch = -(-len(split) // config.batch_size)  # every process takes this many steps (index_batches)
-    milestones, done = step_milestones(config, per_epoch), start * per_epoch
-
-    def set_rate() -> None:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, milestones, done)
+    schedule = StepSchedule(config.lr, config.gamma, config.milestones, config.epochs, per_epoch, start * per_epoch)
+    schedule.apply(optimizer)  # over a resumed optimizer's rate too
 
     def step_done() -> None:
-        nonlocal done
-        done += 1
-        set_rate()
+        schedule.advance(optimizer)
         _mask(model, masks)
         if after_step is not None and main:
             after_step(model)
 
-    set_rate()  # also over a resumed optimizer's saved rate: the schedule is a function of the step alone
     for epoch in range(start, config.epochs):
         seed = config.seed * 1000 + epoch
         steps = tqdm(

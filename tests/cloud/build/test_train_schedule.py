@@ -4,24 +4,20 @@ a resumed run trains on the rates the uninterrupted one did."""
 import pytest
 import torch
 
-from cloud.build.train import TrainConfig, learning_rate, step_milestones, train
+from cloud.build.schedule import StepSchedule
+from cloud.build.train import TrainConfig, train
 from common import models
 
 KWARGS = {"in_channels": 1, "input_size": 28, "num_classes": 10, "width": 0.125}
 
 
 def test_milestones_are_fractions_of_all_the_steps():
-    one_epoch = TrainConfig(epochs=1, milestones=(0.5, 0.75))
-    assert step_milestones(one_epoch, 10) == [5, 8]  # round(7.5) == 8
-    assert step_milestones(TrainConfig(epochs=4, milestones=(0.5, 0.75)), 10) == [20, 30]
-    assert step_milestones(TrainConfig(epochs=1, milestones=(0.01, 0.999)), 10) == [
-        1,
-        9,
-    ]  # after the first, before the end
-    assert step_milestones(TrainConfig(epochs=1), 1) == []  # a single step has nothing to drop after
-    config = TrainConfig(epochs=1, lr=0.1, gamma=0.5, milestones=(0.5, 0.75))
-    rates = [learning_rate(config, [5, 8], step) for step in range(10)]
-    assert rates == pytest.approx([0.1] * 5 + [0.05] * 3 + [0.025] * 2)
+    assert StepSchedule(0.1, 0.1, (0.5, 0.75), 1, 10).milestones == [5, 8]  # round(7.5) == 8
+    assert StepSchedule(0.1, 0.1, (0.5, 0.75), 4, 10).milestones == [20, 30]
+    assert StepSchedule(0.1, 0.1, (0.01, 0.999), 1, 10).milestones == [1, 9]  # after the first, before the end
+    assert StepSchedule(0.1, 0.1, (0.5,), 1, 1).milestones == []  # a single step has nothing to drop after
+    schedule = StepSchedule(0.1, 0.5, (0.5, 0.75), 1, 10)
+    assert [schedule.rate(step) for step in range(10)] == pytest.approx([0.1] * 5 + [0.05] * 3 + [0.025] * 2)
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
