@@ -151,7 +151,7 @@ def _resume(path: Path | None, model: nn.Module, parts: dict) -> int:
 
 
 def _on_device(
-    config: TrainConfig, device: torch.device, masks: Masks | None, model: nn.Module, teacher
+    config: TrainConfig, device: torch.device, masks: Masks | None, model: nn.Module, teacher: Teacher | None
 ) -> Masks | None:
     """Check what training on `device` needs; move the teacher there; the masks, checked once (they are
     reapplied unchecked after every step), on it."""
