@@ -213,7 +213,7 @@ def train(
     start = _resume(checkpoint, model, parts)
     _mask(model, masks)
     net, shard, main = distributed.wrap(model, device), (distributed.rank(), distributed.world()), distributed.is_main()
-    per_epoch = -(-len(split) // config.batch_size)  # every process takes this many steps (index_batches)
+    per_epoch = -(-len(split) // config.batch_size)  # the steps of an epoch (a torchrun shard's: about as many)
     schedule = StepSchedule(config.lr, config.gamma, config.milestones, config.epochs, per_epoch, start * per_epoch)
     schedule.apply(optimizer)  # over a resumed optimizer's rate too
 
